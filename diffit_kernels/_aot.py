@@ -1,0 +1,165 @@
+"""Ahead-of-time compile report: every shipped kernel config, built for sm_80 and sm_90a, no GPU.
+
+Each op module exposes `aot_specs()`, the configs its launchers can pick. Here each one goes
+through `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`; then ptxas -v
+(spill bytes) and cuobjdump (registers, SASS tensor-core instruction counts) read the result.
+Must run in a process without TRITON_INTERPRET (the interpreter replaces the compiler).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence
+
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory per block (A100, H100)
+ARCH_NAME = {80: "sm_80", 90: "sm_90a"}
+
+
+@dataclasses.dataclass
+class AotSpec:
+    kernel: str                  # the @triton.jit function's name
+    fn: Any                      # the JITFunction
+    signature: Dict[str, str]    # runtime arg -> Triton type ("*bf16", "i32", "fp32", ...)
+    constexprs: Dict[str, Any]   # constexpr arg -> value
+    num_warps: int
+    num_stages: int
+    config: str                  # short label: which launch this is ("bf16 D=72 BM=64 BN=64")
+    uses_dot: bool               # built on tl.dot with fp16/bf16 operands: tensor cores expected
+    archs: Sequence[int] = (80, 90)
+
+
+@dataclasses.dataclass
+class AotRow:
+    kernel: str
+    config: str
+    arch: str
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    hmma: int
+    hgmma: int
+    uses_dot: bool
+    error: Optional[str] = None
+
+    @property
+    def problems(self) -> List[str]:
+        out = []
+        if self.error:
+            return [self.error]
+        if self.spill_bytes:
+            out.append(f"{self.spill_bytes} bytes spilled")
+        limit = SMEM_LIMIT[80 if self.arch == "sm_80" else 90]
+        if self.shared_bytes > limit:
+            out.append(f"shared memory {self.shared_bytes} B > {limit} B")
+        if self.uses_dot and self.hmma + self.hgmma == 0:
+            out.append("no tensor-core instruction (HMMA/HGMMA) in the SASS")
+        return out
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if os.path.exists(path):
+        return path
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found: it ships with the triton wheel under "
+                           "triton/backends/nvidia/bin")
+    return found
+
+
+def _full_signature(spec: AotSpec) -> Dict[str, str]:
+    sig = {}
+    for name in spec.fn.arg_names:
+        if name in spec.constexprs:
+            sig[name] = "constexpr"
+        elif name in spec.signature:
+            sig[name] = spec.signature[name]
+        else:
+            raise ValueError(f"{spec.kernel}: argument {name!r} missing from the AOT signature")
+    return sig
+
+
+def compile_spec(spec: AotSpec, arch: int) -> AotRow:
+    """Compile one config for one arch and read its resource usage."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    row = AotRow(spec.kernel, spec.config, ARCH_NAME[arch], spec.num_warps, spec.num_stages,
+                 0, 0, 0, 0, 0, spec.uses_dot)
+    sig = _full_signature(spec)
+    # pointers are 16-byte aligned, as the JIT specialises torch allocations
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
+             if t.startswith("*")}
+    try:
+        src = ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs)
+        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    except Exception as e:  # report the failure as a row; the aot test fails on it
+        row.error = f"compile failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        return row
+    row.shared_bytes = int(getattr(ck.metadata, "shared", 0) or 0)
+    with tempfile.TemporaryDirectory() as d:
+        ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(ck.asm["ptx"])
+        with open(cubin, "wb") as f:
+            f.write(ck.asm["cubin"])
+        log = subprocess.run([_tool("ptxas"), "-v", f"--gpu-name={ARCH_NAME[arch]}", ptx, "-o",
+                              os.path.join(d, "again.cubin")], capture_output=True, text=True)
+        text = log.stdout + log.stderr
+        row.spill_bytes = sum(int(a) + int(b) for a, b in re.findall(
+            r"(\d+) bytes spill stores, (\d+) bytes spill loads", text))
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin],
+                               capture_output=True, text=True).stdout
+        m = re.search(r"REG:(\d+)", usage)
+        row.registers = int(m.group(1)) if m else -1
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True,
+                              text=True).stdout
+        row.hgmma = len(re.findall(r"\bHGMMA\.", sass))
+        row.hmma = len(re.findall(r"\bHMMA\.", sass))
+    return row
+
+
+def all_specs() -> List[AotSpec]:
+    from . import OP_MODULES
+
+    specs: List[AotSpec] = []
+    for mod in OP_MODULES:
+        specs.extend(mod.aot_specs())
+    return specs
+
+
+def run_report(specs: Optional[Sequence[AotSpec]] = None, archs: Sequence[int] = (80, 90),
+               printer=print) -> List[AotRow]:
+    """Compile every spec for every arch, print a table and return the rows."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("the compile report needs a process without TRITON_INTERPRET=1")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    specs = all_specs() if specs is None else specs
+    rows = []
+    head = (f"{'kernel':34} {'config':34} {'arch':7} {'warps':>5} {'stg':>3} {'regs':>4} "
+            f"{'spill':>5} {'smem KiB':>8} {'HMMA':>5} {'HGMMA':>5}  status")
+    printer(head)
+    printer("-" * len(head))
+    for spec in specs:
+        for arch in archs:
+            if arch not in spec.archs:
+                continue
+            r = compile_spec(spec, arch)
+            rows.append(r)
+            status = "ok" if not r.problems else "FAIL: " + "; ".join(r.problems)
+            printer(f"{r.kernel[:34]:34} {r.config[:34]:34} {r.arch:7} {r.num_warps:5d} "
+                    f"{r.num_stages:3d} {r.registers:4d} {r.spill_bytes:5d} "
+                    f"{r.shared_bytes / 1024:8.1f} {r.hmma:5d} {r.hgmma:5d}  {status}")
+    bad = sum(1 for r in rows if r.problems)
+    printer(f"{len(rows)} kernel builds, {bad} with problems")
+    return rows

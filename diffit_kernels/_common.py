@@ -1,0 +1,149 @@
+"""Small helpers shared by the ops: backend choice, input checks, dtype maps, allocation.
+
+Nothing here queries a GPU at import time: `import diffit_kernels` must work on a CPU-only
+machine, and `TRITON_INTERPRET` is read when a call is made, not when the module loads.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Set by diffit_kernels.testing.nan_fill(): launchers then fill every fully-written output
+# with NaN before the kernel runs, so an element the kernel forgets to write fails the test.
+_NAN_FILL = False
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton is a hard requirement, but be kind
+        return False
+    return True
+
+
+def resolve_backend(backend: Optional[str], *tensors: Optional[torch.Tensor]) -> str:
+    """Turn the per-call `backend` argument into "triton" or "torch".
+
+    "auto" (the default) takes DIFFIT_KERNELS_BACKEND when it is set, else Triton when the
+    tensors are on CUDA or TRITON_INTERPRET=1, else the plain-PyTorch reference. Asking for
+    "triton" where it cannot run is a RuntimeError, never a silent fallback.
+    """
+    if backend is None:
+        backend = "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("DIFFIT_KERNELS_BACKEND", "auto").strip().lower() or "auto"
+        if env not in BACKENDS:
+            raise ValueError(f"DIFFIT_KERNELS_BACKEND must be one of {BACKENDS}, got {env!r}")
+        backend = env
+    devices = {t.device.type for t in tensors if t is not None}
+    if backend == "auto":
+        if devices and devices <= {"cuda"} and triton_importable():
+            return "triton"
+        if interpreting() and devices <= {"cpu"}:
+            return "triton"
+        return "torch"
+    if backend == "triton":
+        if not triton_importable():
+            raise RuntimeError("backend='triton' needs the triton package, which cannot be imported")
+        if devices <= {"cuda"} and devices:
+            return "triton"
+        if devices <= {"cpu"} and interpreting():
+            return "triton"
+        raise RuntimeError(
+            f"backend='triton' cannot run on tensors on {sorted(devices)}: Triton kernels need CUDA "
+            "tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported; "
+            "use backend='torch' or 'auto' for the plain-PyTorch path"
+        )
+    return "torch"
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: Optional[int] = None,
+    shape: Optional[Sequence[Optional[int]]] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device] = None,
+    float_only: bool = True,
+) -> None:
+    """Raise a TypeError / ValueError naming `name` when `t` is not what the op expects.
+
+    `shape` entries that are None match any size.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if float_only and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {describe(t)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} like the other inputs, got {describe(t)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} like the other inputs, got {describe(t)}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got {describe(t)}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(e is not None and e != s for e, s in zip(shape, t.shape)):
+            want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
+            raise ValueError(f"{name} must have shape {want}, got {describe(t)}")
+
+
+def check_same(name_ref: str, ref: torch.Tensor, named: Iterable[tuple]) -> None:
+    """Every (name, tensor) in `named` (None skipped) shares `ref`'s dtype and device."""
+    for name, t in named:
+        if t is None:
+            continue
+        check_tensor(name, t, dtype=ref.dtype, device=ref.device)
+
+
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """Copy only a tensor whose last dim is not contiguous; strided views pass through."""
+    if t.dim() and t.stride(-1) != 1 and t.shape[-1] > 1:
+        return t.contiguous()
+    return t
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Output buffer the kernel writes completely (NaN-filled under testing.nan_fill())."""
+    if _NAN_FILL and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """The interpreter's bf16 `tl.dot` is silently wrong: kernels upcast their operands then."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def row_warps(block: int) -> int:
+    """Warps ladder for row-wise kernels: one warp per ~256 elements of the row, 1..16."""
+    return max(1, min(16, block // 256))

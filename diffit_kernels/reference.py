@@ -1,0 +1,270 @@
+"""The spec: plain-PyTorch versions of every op (DESIGN.md sections 1 and 3).
+
+These functions are the CPU path, the test oracle and the benchmarks' eager baseline. They
+favour clarity over speed. Each takes `upcast`: False computes in the inputs' own dtype (what
+eager PyTorch would do), True computes in float32 and casts the results back to the input dtype.
+Autograd flows through them, so their gradients are the reference gradients too.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._common import check_tensor, describe
+
+__all__ = ["adaln_norm", "time_qkv", "tmsa_attention", "relative_position_index"]
+
+
+def _up(t: Optional[torch.Tensor], upcast: bool) -> Optional[torch.Tensor]:
+    return t.float() if (upcast and t is not None) else t
+
+
+def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim without affine parameters; statistics in float32."""
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf - mean).pow(2).mean(-1, keepdim=True)
+    return ((xf - mean) * torch.rsqrt(var + eps)).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+def adaln_norm(
+    x: torch.Tensor,
+    shift: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    *,
+    residual: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    activation: Optional[str] = None,
+    upcast: bool = False,
+):
+    """Residual add, LayerNorm without affine, per-sample modulation, optional SiLU.
+
+        h = residual + gate[b] * x      (with residual; gate optional)      else h = x
+        y = LN(h) * (1 + scale[b]) + shift[b]                             (each optional)
+        y = SiLU(y)                                                        (activation="silu")
+
+    Args:
+        x, residual: [B, N, C].
+        shift, scale, gate: [B, C] per-sample vectors (strided views are fine).
+    Returns:
+        y [B, N, C], or (y, h) when `residual` is given (h is the new residual stream).
+    """
+    check_tensor("x", x, ndim=3)
+    B, N, C = x.shape
+    for name, t in (("shift", shift), ("scale", scale), ("gate", gate)):
+        if t is not None:
+            check_tensor(name, t, shape=(B, C), dtype=x.dtype, device=x.device)
+    if residual is not None:
+        check_tensor("residual", residual, shape=(B, N, C), dtype=x.dtype, device=x.device)
+    if gate is not None and residual is None:
+        raise ValueError("gate scales the branch added to the residual stream: pass residual= too")
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    dtype = x.dtype
+    x, residual, shift, scale, gate = (_up(t, upcast) for t in (x, residual, shift, scale, gate))
+
+    h = x
+    if residual is not None:
+        h = residual + (gate[:, None, :] * x if gate is not None else x)
+    y = _layer_norm(h, eps)
+    if scale is not None:
+        y = y * (1 + scale[:, None, :])
+    if shift is not None:
+        y = y + shift[:, None, :]
+    if activation == "silu":
+        y = F.silu(y)
+    y = y.to(dtype)
+    return (y, h.to(dtype)) if residual is not None else y
+
+
+# --------------------------------------------------------------------------------------------
+def time_qkv(
+    x: torch.Tensor,
+    temb: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    temb_weight: Optional[torch.Tensor],
+    temb_bias: Optional[torch.Tensor],
+    num_heads: int,
+    *,
+    norm_eps: Optional[float] = None,
+    upcast: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TMSA's projection: spatial tokens plus the time token, split into heads.
+
+        xn = LN(x) (no affine, when norm_eps is a float) else x
+        qkv = xn W^T + b + (temb W_t^T + b_t)[b]            [B, N, 3C']
+        q, k, v = qkv viewed as [B, N, 3, H, d] -> [3, B, H, N, d]
+
+    Args:
+        x: [B, N, C] spatial tokens.  temb: [B, Ct] time token, or None (no time term).
+        weight: [3C', C], bias: [3C'] or None; temb_weight: [3C', Ct], temb_bias: [3C'] or None.
+        num_heads: H, dividing C'.
+    Returns:
+        q, k, v [B, H, N, C'/H], views of one buffer.
+    """
+    check_tensor("x", x, ndim=3)
+    B, N, C = x.shape
+    check_tensor("weight", weight, ndim=2, dtype=x.dtype, device=x.device)
+    if weight.shape[1] != C or weight.shape[0] % 3:
+        raise ValueError(f"weight must have shape [3*C', C={C}], got {describe(weight)}")
+    C3 = weight.shape[0]
+    if not isinstance(num_heads, int) or num_heads <= 0 or (C3 // 3) % num_heads:
+        raise ValueError(f"num_heads={num_heads!r} must be a positive int dividing C'={C3 // 3}")
+    if bias is not None:
+        check_tensor("bias", bias, shape=(C3,), dtype=x.dtype, device=x.device)
+    if temb is None:
+        if temb_weight is not None or temb_bias is not None:
+            raise ValueError("temb_weight / temb_bias given without temb")
+    else:
+        check_tensor("temb", temb, ndim=2, dtype=x.dtype, device=x.device)
+        if temb.shape[0] != B:
+            raise ValueError(f"temb must have shape [B={B}, Ct], got {describe(temb)}")
+        if temb_weight is None:
+            raise ValueError("temb needs temb_weight [3C', Ct]")
+        check_tensor("temb_weight", temb_weight, shape=(C3, temb.shape[1]), dtype=x.dtype,
+                     device=x.device)
+        if temb_bias is not None:
+            check_tensor("temb_bias", temb_bias, shape=(C3,), dtype=x.dtype, device=x.device)
+    dtype = x.dtype
+    x, temb, weight, bias, temb_weight, temb_bias = (
+        _up(t, upcast) for t in (x, temb, weight, bias, temb_weight, temb_bias))
+
+    xn = _layer_norm(x, norm_eps) if norm_eps is not None else x
+    qkv = F.linear(xn, weight, bias)                                    # [B, N, 3C']
+    if temb is not None:
+        qkv = qkv + F.linear(temb, temb_weight, temb_bias)[:, None, :]  # + [B, 1, 3C']
+    H = num_heads
+    qkv = qkv.to(dtype).view(B, N, 3, H, C3 // (3 * H)).permute(2, 0, 3, 1, 4)  # [3, B, H, N, d]
+    return qkv[0], qkv[1], qkv[2]
+
+
+# --------------------------------------------------------------------------------------------
+@lru_cache(maxsize=64)
+def _relative_position_index_cpu(gh: int, gw: int) -> torch.Tensor:
+    i = torch.arange(gh).repeat_interleave(gw)  # row of token a = i*gw + j
+    j = torch.arange(gw).repeat(gh)
+    di = i[:, None] - i[None, :] + gh - 1
+    dj = j[:, None] - j[None, :] + gw - 1
+    return di * (2 * gw - 1) + dj
+
+
+def relative_position_index(gh: int, gw: int) -> torch.Tensor:
+    """Swin's relative position index for a gh x gw window: LongTensor [gh*gw, gh*gw].
+
+    index[a, b] = (i_a - i_b + gh - 1) * (2gw - 1) + (j_a - j_b + gw - 1), tokens row-major.
+    """
+    if int(gh) != gh or int(gw) != gw or gh < 1 or gw < 1:
+        raise ValueError(f"window (gh, gw) must be positive ints, got ({gh!r}, {gw!r})")
+    return _relative_position_index_cpu(int(gh), int(gw)).clone()
+
+
+def check_attention_inputs(q, k, v, table, grid, window, bias) -> Tuple[int, int, int, int]:
+    """Validate tmsa_attention's inputs (shared by the reference and the kernel launcher).
+
+    Returns (gh, gw, Gh, Gw): the attention window and the token grid ((1, N, 1, N) style
+    values are never needed: without table/window the grid is unused and (0, 0, 0, 0) is returned).
+    """
+    check_tensor("q", q, ndim=4)
+    B, H, N, D = q.shape
+    check_tensor("k", k, shape=(B, H, N, D), dtype=q.dtype, device=q.device)
+    check_tensor("v", v, shape=(B, H, N, D), dtype=q.dtype, device=q.device)
+    if N < 1 or D < 1 or B < 1 or H < 1:
+        raise ValueError(f"q must have non-empty [B, H, N, D], got {describe(q)}")
+    if table is not None and bias is not None:
+        raise ValueError("table and bias are exclusive: pass the learnable table or a dense bias")
+    if grid is None:
+        if table is not None or window is not None:
+            raise ValueError(f"table / window need grid=(Gh, Gw) with Gh*Gw == N={N}")
+        return 0, 0, 0, 0
+    if len(grid) != 2 or any(int(g) != g or g < 1 for g in grid):
+        raise ValueError(f"grid must be two positive ints (Gh, Gw), got {grid!r}")
+    Gh, Gw = int(grid[0]), int(grid[1])
+    if Gh * Gw != N:
+        raise ValueError(f"grid={tuple(grid)} has {Gh * Gw} tokens but q has N={N} ({describe(q)})")
+    if window is None:
+        gh, gw = Gh, Gw
+    else:
+        if len(window) != 2 or any(int(w) != w or w < 1 for w in window):
+            raise ValueError(f"window must be two positive ints (gh, gw), got {window!r}")
+        gh, gw = int(window[0]), int(window[1])
+        if Gh % gh or Gw % gw:
+            raise ValueError(f"window={tuple(window)} must divide grid={tuple(grid)}")
+        if bias is not None:
+            raise ValueError("a dense bias is [H, N, N] over the whole grid: use table= with window")
+    if table is not None:
+        rows = (2 * gh - 1) * (2 * gw - 1)
+        check_tensor("table", table, shape=(rows, H), device=q.device)
+    if bias is not None:
+        check_tensor("bias", bias, device=q.device)
+        if tuple(bias.shape) not in ((H, N, N), (B, H, N, N)):
+            raise ValueError(f"bias must have shape [H={H}, N={N}, N] or [B={B}, H, N, N], "
+                             f"got {describe(bias)}")
+    return gh, gw, Gh, Gw
+
+
+def _window_partition(t: torch.Tensor, Gh: int, Gw: int, gh: int, gw: int) -> torch.Tensor:
+    """[B, H, Gh*Gw, D] -> [B, H, nW, gh*gw, D] (windows row-major, tokens row-major inside)."""
+    B, H, N, D = t.shape
+    t = t.reshape(B, H, Gh // gh, gh, Gw // gw, gw, D).permute(0, 1, 2, 4, 3, 5, 6)
+    return t.reshape(B, H, (Gh // gh) * (Gw // gw), gh * gw, D)
+
+
+def _window_reverse(t: torch.Tensor, Gh: int, Gw: int, gh: int, gw: int) -> torch.Tensor:
+    B, H, nW, n, D = t.shape
+    t = t.reshape(B, H, Gh // gh, Gw // gw, gh, gw, D).permute(0, 1, 2, 4, 3, 5, 6)
+    return t.reshape(B, H, Gh * Gw, D)
+
+
+def tmsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    table: Optional[torch.Tensor] = None,
+    grid: Optional[Sequence[int]] = None,
+    window: Optional[Sequence[int]] = None,
+    bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Multi-head attention with a relative-position bias table, global or windowed.
+
+        O = softmax(q k^T * scale + B_rel) v,   B_rel[h, a, b] = table[index[a, b], h]
+
+    Args:
+        q, k, v: [B, H, N, D].
+        table: [(2gh-1)(2gw-1), H] with grid=(Gh, Gw), Gh*Gw == N; window=(gh, gw) restricts
+            attention to non-overlapping windows (all sharing the table); None = whole grid.
+        bias: dense additive bias [H, N, N] or [B, H, N, N] (exclusive with table).
+        scale: defaults to D ** -0.5.
+    Returns:
+        o [B, H, N, D] in q's dtype.
+    """
+    gh, gw, Gh, Gw = check_attention_inputs(q, k, v, table, grid, window, bias)
+    B, H, N, D = q.shape
+    dtype = q.dtype
+    scale = D ** -0.5 if scale is None else float(scale)
+    q, k, v, table, bias = (_up(t, upcast) for t in (q, k, v, table, bias))
+    windowed = grid is not None and (gh, gw) != (Gh, Gw)
+    if windowed:
+        q, k, v = (_window_partition(t, Gh, Gw, gh, gw) for t in (q, k, v))  # [B, H, nW, n, D]
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale                         # [..., n, n]
+    if table is not None:
+        idx = relative_position_index(gh, gw).to(table.device)
+        rel = table[idx.view(-1)].view(gh * gw, gh * gw, H).permute(2, 0, 1)  # [H, n, n]
+        rel = rel[:, None] if windowed else rel                              # broadcast windows
+        s = s + rel.to(s.dtype)
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    p = torch.softmax(s, dim=-1)
+    o = torch.matmul(p, v)
+    if windowed:
+        o = _window_reverse(o, Gh, Gw, gh, gw)
+    return o.to(dtype)
+

@@ -1,0 +1,211 @@
+"""Parity machinery shared by the tests and `python -m diffit_kernels check`.
+
+The numerics rule (DESIGN.md section 5, FlashAttention's): for fp16/bf16, with `ref` the
+reference in float32 on the same (rounded) inputs, `pt` the reference in the low precision and
+`out` the kernel,
+
+    max|out - ref| <= k * max|pt - ref| + k * max|(ref + 0.3 - 0.3) - ref|     (k = 2; 3 for grads)
+
+where the second term is the rounding of the low-precision dtype near the data. For float32 the
+bound is tight and fixed (no TF32). Outputs are NaN-filled before every kernel call
+(`nan_fill`), and under the interpreter every masked load / store is checked against the
+memory of the tensors passed to the kernel (`interpreter_bounds_guard`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import _common
+
+FP32_RTOL = 2e-4  # relative to max|ref| of the tensor: summation order only, no TF32
+
+
+@dataclasses.dataclass
+class ParityRow:
+    name: str          # "y", "dx", "d_table", ...
+    dtype: str
+    err: float         # max|out - ref|
+    bound: float       # what the rule allows
+    pt_err: float      # max|pt - ref| (eager PyTorch in the same dtype)
+
+    @property
+    def ok(self) -> bool:
+        return self.err == self.err and self.err <= self.bound  # NaN fails
+
+
+def rule_bound(ref: torch.Tensor, pt: torch.Tensor, dtype: torch.dtype, factor: float) -> float:
+    """The FlashAttention bound for one tensor (see the module docstring)."""
+    ref = ref.float()
+    if dtype == torch.float32:
+        return FP32_RTOL * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    if ref.numel() == 0:
+        return 0.0
+    pt_err = (pt.float() - ref).abs().max().item()
+    rounding = ((ref.to(dtype) + 0.3 - 0.3).float() - ref).abs().max().item()
+    return factor * pt_err + factor * rounding
+
+
+def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if out.numel() == 0:
+        return 0.0
+    d = (out.float() - ref.float()).abs()
+    if torch.isnan(d).any():
+        return float("nan")
+    return d.max().item()
+
+
+@contextlib.contextmanager
+def nan_fill(enabled: bool = True):
+    """Launchers NaN-fill every output they allocate while this is active."""
+    old = _common._NAN_FILL
+    _common._NAN_FILL = enabled
+    try:
+        yield
+    finally:
+        _common._NAN_FILL = old
+
+
+def _flatten(out) -> List[torch.Tensor]:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def parity(
+    op: Callable,
+    ref_op: Callable,
+    leaves: Dict[str, torch.Tensor],
+    build: Callable[[Dict[str, torch.Tensor]], dict],
+    *,
+    dtype: torch.dtype,
+    out_names: Sequence[str],
+    grad_leaves: Sequence[str] = (),
+    op_kwargs: Optional[dict] = None,
+    seed: int = 0,
+) -> List[ParityRow]:
+    """Compare `op` with `ref_op` on the same inputs, outputs and gradients.
+
+    leaves: float32 tensors (fresh random values) that become the inputs after a cast to
+        `dtype`; build(leaves) -> the keyword arguments of the call, so inputs may be strided
+        views of a leaf (q, k, v sliced from one packed buffer, shift/scale chunks).
+    grad_leaves: names of the leaves whose gradients are compared (as "d<name>").
+    op_kwargs: extra keywords only `op` takes (backend="triton", deterministic=...).
+    """
+    op_kwargs = op_kwargs or {}
+
+    def run(fn, cast, extra):
+        ls = {k: v.detach().to(cast).requires_grad_(k in grad_leaves) for k, v in rounded.items()}
+        with nan_fill():
+            outs = _flatten(fn(**build(ls), **extra))
+        return ls, outs
+
+    # the inputs every provider sees: the float32 leaves rounded to `dtype`
+    rounded = {k: v.to(dtype) if v.is_floating_point() else v for k, v in leaves.items()}
+    gen = torch.Generator().manual_seed(seed + 1)
+    l_out, outs = run(op, dtype, op_kwargs)
+    l_ref, refs = run(ref_op, torch.float32, {})
+    l_pt, pts = run(ref_op, dtype, {})
+    if len(outs) != len(out_names):
+        raise AssertionError(f"op returned {len(outs)} outputs, expected {out_names}")
+    dys = [torch.randn(r.shape, generator=gen).to(r.device) for r in refs]
+    rows = [ParityRow(n, str(dtype).split(".")[-1], max_err(o, r), rule_bound(r, p, dtype, 2.0),
+                      max_err(p, r)) for n, o, r, p in zip(out_names, outs, refs, pts)]
+    if grad_leaves:
+        def grads(ls, os_, cast):
+            want = [ls[g] for g in grad_leaves]
+            pairs = [(o, dy.to(cast)) for o, dy in zip(os_, dys) if o.requires_grad]
+            gs = torch.autograd.grad([o for o, _ in pairs], want, [d for _, d in pairs],
+                                     allow_unused=True)
+            return [torch.zeros_like(w) if g is None else g for g, w in zip(gs, want)]
+
+        g_out = grads(l_out, outs, dtype)
+        g_ref = grads(l_ref, refs, torch.float32)
+        g_pt = grads(l_pt, pts, dtype)
+        for name, o, r, p in zip(grad_leaves, g_out, g_ref, g_pt):
+            rows.append(ParityRow("d" + name, str(dtype).split(".")[-1], max_err(o, r),
+                                  rule_bound(r, p, dtype, 3.0), max_err(p, r)))
+    return rows
+
+
+def assert_parity(rows: Sequence[ParityRow]) -> None:
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        lines = [f"{r.name} ({r.dtype}): max err {r.err:.3e} > bound {r.bound:.3e} "
+                 f"(eager {r.dtype} err {r.pt_err:.3e})" for r in bad]
+        raise AssertionError("parity with the reference failed:\n  " + "\n  ".join(lines))
+
+
+# ---- interpreter out-of-bounds guard --------------------------------------------------------
+class OutOfBoundsAccess(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def interpreter_bounds_guard():
+    """Check every masked load / store of the Triton interpreter against the kernel's tensors.
+
+    The interpreter returns garbage for an out-of-bounds load instead of faulting; this guard
+    records the byte ranges of the storages passed to each launch and raises
+    OutOfBoundsAccess when an enabled lane touches memory outside all of them.
+    """
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    builder_cls = interp.InterpreterBuilder
+    ranges: List[tuple] = []
+    orig_init = interp.GridExecutor._init_args_hst
+    orig_load = builder_cls.create_masked_load
+    orig_store = builder_cls.create_masked_store
+
+    def init_args(self, args_dev, kwargs):
+        args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
+        ranges.clear()
+
+        def visit(a):
+            if isinstance(a, (tuple, list)):
+                for b in a:
+                    visit(b)
+            elif hasattr(a, "untyped_storage"):
+                s = interp._unwrap_tensor(a).untyped_storage()
+                ranges.append((s.data_ptr(), s.data_ptr() + s.nbytes()))
+            elif hasattr(a, "base") and hasattr(a.base, "untyped_storage"):
+                visit(a.base)
+
+        visit(list(args_hst) + list(kwargs_hst.values()))
+        return args_hst, kwargs_hst
+
+    def check(ptrs, mask, what):
+        addr = np.asarray(ptrs.data).astype(np.uint64)
+        m = np.broadcast_to(np.asarray(mask.data).astype(bool), addr.shape)
+        live = addr[m]
+        if live.size == 0:
+            return
+        width = np.uint64(ptrs.get_element_ty().primitive_bitwidth // 8)
+        ok = np.zeros(live.shape, dtype=bool)
+        for lo, hi in ranges:
+            ok |= (live >= np.uint64(lo)) & (live + width <= np.uint64(hi))
+        if not ok.all():
+            bad = int(live[~ok][0])
+            raise OutOfBoundsAccess(
+                f"interpreter {what} touched address {bad:#x}, outside every tensor passed to "
+                f"the kernel ({len(ranges)} storages; {int((~ok).sum())} bad lanes)")
+
+    def load(self, ptrs, mask, other, *a, **kw):
+        check(ptrs, mask, "load")
+        return orig_load(self, ptrs, mask, other, *a, **kw)
+
+    def store(self, ptrs, value, mask, *a, **kw):
+        check(ptrs, mask, "store")
+        return orig_store(self, ptrs, value, mask, *a, **kw)
+
+    interp.GridExecutor._init_args_hst = init_args
+    builder_cls.create_masked_load = load
+    builder_cls.create_masked_store = store
+    try:
+        yield
+    finally:
+        interp.GridExecutor._init_args_hst = orig_init
+        builder_cls.create_masked_load = orig_load
+        builder_cls.create_masked_store = orig_store

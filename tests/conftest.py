@@ -1,0 +1,42 @@
+"""Test processes: plain CPU tests, `interpreter` tests (TRITON_INTERPRET=1 set before triton is
+imported, so they run in their own pytest process) and `aot` tests (no TRITON_INTERPRET).
+tests/run.sh runs the three processes; a marker run in the wrong process is skipped with why."""
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "interpreter" in item.keywords and not INTERPRET:
+            item.add_marker(pytest.mark.skip(
+                reason="interpreter test: run with TRITON_INTERPRET=1 (tests/run.sh does)"))
+        if "aot" in item.keywords and INTERPRET:
+            item.add_marker(pytest.mark.skip(
+                reason="aot test: needs a process without TRITON_INTERPRET"))
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible"))
+
+
+@pytest.fixture(autouse=True)
+def _guards(request):
+    """Interpreter tests: every masked load / store is bounds-checked; seeds are fresh per test
+    but reproducible from the test id."""
+    import zlib
+
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    if INTERPRET and "interpreter" in request.keywords:
+        from diffit_kernels.testing import interpreter_bounds_guard
+
+        with interpreter_bounds_guard():
+            yield
+    else:
+        yield
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

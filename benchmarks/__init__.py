@@ -1,0 +1,1 @@
+"""Benchmarks for diffit-kernels: `python -m benchmarks` (see benchmarks/__main__.py)."""

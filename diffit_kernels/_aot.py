@@ -75,6 +75,16 @@ def _tool(name: str) -> str:
     return found
 
 
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself uses for `arch` (newer Tritons pick a newer one for sm_90+)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError):
+        return _tool("ptxas")
+
+
 def _full_signature(spec: AotSpec) -> Dict[str, str]:
     sig = {}
     for name in spec.fn.arg_names:
@@ -113,9 +123,12 @@ def compile_spec(spec: AotSpec, arch: int) -> AotRow:
             f.write(ck.asm["ptx"])
         with open(cubin, "wb") as f:
             f.write(ck.asm["cubin"])
-        log = subprocess.run([_tool("ptxas"), "-v", f"--gpu-name={ARCH_NAME[arch]}", ptx, "-o",
+        log = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={ARCH_NAME[arch]}", ptx, "-o",
                               os.path.join(d, "again.cubin")], capture_output=True, text=True)
         text = log.stdout + log.stderr
+        if log.returncode != 0:
+            row.error = "ptxas -v failed: " + text.strip().splitlines()[-1][:300]
+            return row
         row.spill_bytes = sum(int(a) + int(b) for a, b in re.findall(
             r"(\d+) bytes spill stores, (\d+) bytes spill loads", text))
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin],

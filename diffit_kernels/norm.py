@@ -1,0 +1,503 @@
+"""adaln_norm: residual add + LayerNorm (no affine) + per-sample shift/scale/gate + SiLU, fused.
+
+Forward, per row r = (b, n) of C channels, statistics in float32:
+    h = residual + gate[b] * x           (with residual; gate optional)     else h = x
+    xhat = (h - mean(h)) * rstd,  rstd = 1 / sqrt(var(h) + eps)
+    z = xhat * (1 + scale[b]) + shift[b];   y = SiLU(z) if activation == "silu" else z
+Backward, with g = dy * SiLU'(z) (or dy) and gx = g * (1 + scale[b]):
+    dh = rstd * (gx - mean(gx) - xhat * mean(gx * xhat)) + dh_out      (dh_out: grad of h)
+    dresidual = dh,  dx = gate[b] * dh,  dgate[b] = sum_n dh * x
+    dshift[b] = sum_n g,  dscale[b] = sum_n g * xhat
+The per-sample sums are deterministic: each backward program owns a run of rows of one sample
+and writes fp32 partials [B, P, C]; they are summed over P in a fixed order afterwards.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import reference
+from ._common import (check_tensor, dot_upcast, empty, interpreting, next_power_of_2,  # noqa: F401
+                      resolve_backend, row_warps, unit_last_stride, cdiv)
+
+MAX_C = 8192
+BWD_BLOCK_C = 2048  # backward row chunk: wider rows spill when rebuilt in one piece
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a requirement; the torch path still works
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _adaln_norm_fwd_kernel(
+        X,      # [B, N, C] branch input (strided rows, unit channel stride)
+        RES,    # [B, N, C] residual stream (HAS_RES)
+        GATE,   # [B, C] gate (HAS_GATE), rows strided
+        SHIFT,  # [B, C] shift (HAS_SHIFT)
+        SCALE,  # [B, C] scale (HAS_SCALE)
+        Y,      # [B, N, C] output, contiguous
+        H,      # [B, N, C] new residual stream h, contiguous (HAS_RES)
+        MEAN,   # [B * N] fp32 row means, for the backward
+        RSTD,   # [B * N] fp32 row 1/std
+        N, C, eps,
+        stride_x_b, stride_x_n,
+        stride_r_b, stride_r_n,
+        stride_g_b, stride_sh_b, stride_sc_b,
+        HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        HAS_SCALE: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        b = row // N
+        n = row % N
+        offs_c = tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        h = tl.load(X + b * stride_x_b + n * stride_x_n + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        if HAS_RES:
+            if HAS_GATE:
+                h *= tl.load(GATE + b * stride_g_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            h += tl.load(RES + b * stride_r_b + n * stride_r_n + offs_c, mask=mask_c,
+                         other=0.0).to(tl.float32)
+            tl.store(H + row * C + offs_c, h.to(H.dtype.element_ty), mask=mask_c)
+        mean = tl.sum(h, axis=0) / C
+        d = tl.where(mask_c, h - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
+        z = d * rstd
+        if HAS_SCALE:
+            z *= 1.0 + tl.load(SCALE + b * stride_sc_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            z += tl.load(SHIFT + b * stride_sh_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        if SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(Y + row * C + offs_c, z.to(Y.dtype.element_ty), mask=mask_c)
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _adaln_norm_bwd_chunk(
+        DY, X, RES, GATE, SHIFT, SCALE, b, n, mean, rstd, offs_c, mask_c,
+        stride_dy_b, stride_dy_n, stride_x_b, stride_x_n, stride_r_b, stride_r_n,
+        stride_g_b, stride_sh_b, stride_sc_b,
+        HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        HAS_SCALE: tl.constexpr, SILU: tl.constexpr,
+    ):
+        """Rebuild one chunk of a row: x, gate, xhat, g = dy * SiLU'(z), gx = g * (1 + scale)."""
+        x = tl.load(X + b * stride_x_b + n * stride_x_n + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        gate = tl.full(x.shape, 1.0, tl.float32)
+        h = x
+        if HAS_RES:
+            if HAS_GATE:
+                gate = tl.load(GATE + b * stride_g_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+                h = x * gate
+            h += tl.load(RES + b * stride_r_b + n * stride_r_n + offs_c, mask=mask_c,
+                         other=0.0).to(tl.float32)
+        xhat = tl.where(mask_c, (h - mean) * rstd, 0.0)
+        g = tl.load(DY + b * stride_dy_b + n * stride_dy_n + offs_c, mask=mask_c,
+                    other=0.0).to(tl.float32)
+        scale1 = tl.full(x.shape, 1.0, tl.float32)
+        if HAS_SCALE:
+            scale1 += tl.load(SCALE + b * stride_sc_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        if SILU:
+            z = xhat * scale1
+            if HAS_SHIFT:
+                z += tl.load(SHIFT + b * stride_sh_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(z)
+            g = g * sig * (1.0 + z * (1.0 - sig))
+        return x, gate, xhat, g, g * scale1
+
+    @triton.jit
+    def _adaln_norm_bwd_store(
+        DH_OUT, DX, DRES, b, n, row, C, offs_c, mask_c, xhat, gx, gate, rstd, c1, c2,
+        stride_dh_b, stride_dh_n, HAS_RES: tl.constexpr, HAS_DH_OUT: tl.constexpr,
+    ):
+        """dh = rstd * (gx - xhat * c1 - c2) (+ grad of h); store dresidual = dh, dx = gate * dh."""
+        dh = tl.where(mask_c, (gx - (xhat * c1 + c2)) * rstd, 0.0)
+        if HAS_DH_OUT:
+            dh += tl.load(DH_OUT + b * stride_dh_b + n * stride_dh_n + offs_c, mask=mask_c,
+                          other=0.0).to(tl.float32)
+        if HAS_RES:
+            tl.store(DRES + row * C + offs_c, dh.to(DRES.dtype.element_ty), mask=mask_c)
+        tl.store(DX + row * C + offs_c, (dh * gate).to(DX.dtype.element_ty), mask=mask_c)
+        return dh
+
+    @triton.jit
+    def _adaln_norm_bwd_kernel(
+        DY,        # [B, N, C] grad of y (strided rows)
+        DH_OUT,    # [B, N, C] grad of the returned h (HAS_DH_OUT, strided rows)
+        X,         # [B, N, C] forward input x
+        RES,       # [B, N, C] forward residual (HAS_RES)
+        GATE,      # [B, C] (HAS_GATE)
+        SHIFT,     # [B, C] (HAS_SHIFT, needed to rebuild z for SiLU')
+        SCALE,     # [B, C] (HAS_SCALE)
+        MEAN,      # [B * N] fp32
+        RSTD,      # [B * N] fp32
+        DX,        # [B, N, C] out, contiguous
+        DRES,      # [B, N, C] out, contiguous (HAS_RES)
+        DSHIFT_P,  # [B, P, C] fp32 partial sums (HAS_SHIFT); zeroed when NUM_CHUNKS > 1
+        DSCALE_P,  # [B, P, C] fp32 partial sums (HAS_SCALE)
+        DGATE_P,   # [B, P, C] fp32 partial sums (HAS_GATE)
+        N, C, ROWS, P,
+        stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n,
+        stride_x_b, stride_x_n, stride_r_b, stride_r_n,
+        stride_g_b, stride_sh_b, stride_sc_b,
+        HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        HAS_SCALE: tl.constexpr, SILU: tl.constexpr, HAS_DH_OUT: tl.constexpr,
+        NUM_CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        # A row of C <= BLOCK_C is one chunk: rebuilt once, the three per-sample accumulators
+        # in registers. Wider rows (C > 2048) would spill, so they are walked in NUM_CHUNKS
+        # chunks twice (row sums, then gradients) and the accumulators live in this program's
+        # own zeroed partial rows, which keeps the sums deterministic.
+        p = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        offs = tl.arange(0, BLOCK_C)
+        acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+        acc_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
+        acc_gate = tl.zeros([BLOCK_C], dtype=tl.float32)
+        n_end = tl.minimum(p * ROWS + ROWS, N)
+        for n in range(p * ROWS, n_end):
+            row = b * N + n
+            mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            if NUM_CHUNKS == 1:
+                mask_c = offs < C
+                x, gate, xhat, g, gx = _adaln_norm_bwd_chunk(
+                    DY, X, RES, GATE, SHIFT, SCALE, b, n, mean, rstd, offs, mask_c,
+                    stride_dy_b, stride_dy_n, stride_x_b, stride_x_n, stride_r_b, stride_r_n,
+                    stride_g_b, stride_sh_b, stride_sc_b,
+                    HAS_RES, HAS_GATE, HAS_SHIFT, HAS_SCALE, SILU)
+                c1 = tl.sum(gx * xhat, axis=0) / C
+                c2 = tl.sum(gx, axis=0) / C
+                dh = _adaln_norm_bwd_store(DH_OUT, DX, DRES, b, n, row, C, offs, mask_c, xhat, gx,
+                                           gate, rstd, c1, c2, stride_dh_b, stride_dh_n,
+                                           HAS_RES, HAS_DH_OUT)
+                acc_shift += g
+                acc_scale += g * xhat
+                acc_gate += dh * x
+            else:
+                c1 = 0.0
+                c2 = 0.0
+                for ci in range(tl.cdiv(C, BLOCK_C)):
+                    offs_c = ci * BLOCK_C + offs
+                    x, gate, xhat, g, gx = _adaln_norm_bwd_chunk(
+                        DY, X, RES, GATE, SHIFT, SCALE, b, n, mean, rstd, offs_c, offs_c < C,
+                        stride_dy_b, stride_dy_n, stride_x_b, stride_x_n, stride_r_b, stride_r_n,
+                        stride_g_b, stride_sh_b, stride_sc_b,
+                        HAS_RES, HAS_GATE, HAS_SHIFT, HAS_SCALE, SILU)
+                    c1 += tl.sum(gx * xhat, axis=0)
+                    c2 += tl.sum(gx, axis=0)
+                c1 = c1 / C
+                c2 = c2 / C
+                for ci in range(tl.cdiv(C, BLOCK_C)):
+                    offs_c = ci * BLOCK_C + offs
+                    mask_c = offs_c < C
+                    x, gate, xhat, g, gx = _adaln_norm_bwd_chunk(
+                        DY, X, RES, GATE, SHIFT, SCALE, b, n, mean, rstd, offs_c, mask_c,
+                        stride_dy_b, stride_dy_n, stride_x_b, stride_x_n, stride_r_b, stride_r_n,
+                        stride_g_b, stride_sh_b, stride_sc_b,
+                        HAS_RES, HAS_GATE, HAS_SHIFT, HAS_SCALE, SILU)
+                    dh = _adaln_norm_bwd_store(DH_OUT, DX, DRES, b, n, row, C, offs_c, mask_c, xhat,
+                                               gx, gate, rstd, c1, c2, stride_dh_b, stride_dh_n,
+                                               HAS_RES, HAS_DH_OUT)
+                    part = (b * P + p) * C + offs_c
+                    if HAS_SHIFT:
+                        tl.store(DSHIFT_P + part, tl.load(DSHIFT_P + part, mask=mask_c) + g, mask=mask_c)
+                    if HAS_SCALE:
+                        tl.store(DSCALE_P + part, tl.load(DSCALE_P + part, mask=mask_c) + g * xhat,
+                                 mask=mask_c)
+                    if HAS_GATE:
+                        tl.store(DGATE_P + part, tl.load(DGATE_P + part, mask=mask_c) + dh * x,
+                                 mask=mask_c)
+        if NUM_CHUNKS == 1:
+            part = (b * P + p) * C + offs
+            if HAS_SHIFT:
+                tl.store(DSHIFT_P + part, acc_shift, mask=offs < C)
+            if HAS_SCALE:
+                tl.store(DSCALE_P + part, acc_scale, mask=offs < C)
+            if HAS_GATE:
+                tl.store(DGATE_P + part, acc_gate, mask=offs < C)
+
+
+# ---------------------------------------------------------------------------------------------
+def _row_stride(t: Optional[torch.Tensor]) -> Tuple[int, int]:
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def _vec_stride(t: Optional[torch.Tensor]) -> int:
+    return t.stride(0) if t is not None else 0
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _bwd_rows_per_program(B: int, N: int, device: torch.device) -> int:
+    """Rows per backward program: enough programs to fill the card (~4 per SM), but as many
+    rows as possible per program so the fp32 partials stay small."""
+    if device.type != "cuda":
+        return max(1, cdiv(N, 2))  # interpreter: two programs per sample exercise the reduction
+    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    per_sample = max(1, min(N, target // max(B, 1)))
+    return cdiv(N, per_sample)
+
+
+def _bwd_warps(block: int) -> int:
+    """The backward keeps ~10 row vectors live: twice the forward's warps to avoid spills."""
+    return max(1, min(16, block // 128))
+
+
+def _check_c(C: int) -> int:
+    if C > MAX_C:
+        raise NotImplementedError(f"adaln_norm's Triton kernel handles C <= {MAX_C} channels in "
+                                  f"one row block, got C={C}; use backend='torch'")
+    return next_power_of_2(C)
+
+
+def _adaln_norm_fwd(x, shift, scale, residual, gate, eps: float, silu: bool):
+    B, N, C = x.shape
+    BLOCK_C = _check_c(C)
+    y = empty((B, N, C), x.dtype, x.device)
+    h = empty((B, N, C), x.dtype, x.device) if residual is not None else x.new_empty(0)
+    mean = torch.empty(B * N, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(B * N, dtype=torch.float32, device=x.device)
+    if B * N:
+        dummy = x
+        _adaln_norm_fwd_kernel[(B * N,)](
+            x, residual if residual is not None else dummy, gate if gate is not None else dummy,
+            shift if shift is not None else dummy, scale if scale is not None else dummy,
+            y, h if residual is not None else dummy, mean, rstd,
+            N, C, eps,
+            x.stride(0), x.stride(1), *_row_stride(residual),
+            _vec_stride(gate), _vec_stride(shift), _vec_stride(scale),
+            HAS_RES=residual is not None, HAS_GATE=gate is not None,
+            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, SILU=silu,
+            BLOCK_C=BLOCK_C, num_warps=row_warps(BLOCK_C),
+        )
+    return y, h, mean, rstd
+
+
+def _adaln_norm_bwd(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, silu: bool):
+    B, N, C = x.shape
+    BLOCK_C = _check_c(C)
+    dy = unit_last_stride(dy)
+    dh_out = unit_last_stride(dh_out) if dh_out is not None else None
+    ROWS = _bwd_rows_per_program(B, N, x.device)
+    P = cdiv(N, ROWS)
+    dx = empty((B, N, C), x.dtype, x.device)
+    dres = empty((B, N, C), x.dtype, x.device) if residual is not None else None
+
+    block = min(BLOCK_C, BWD_BLOCK_C)
+    chunks = cdiv(C, block)
+
+    def partial(flag):
+        alloc = torch.zeros if chunks > 1 else torch.empty
+        return alloc((B, P, C), dtype=torch.float32, device=x.device) if flag else None
+
+    dshift_p, dscale_p, dgate_p = partial(shift is not None), partial(scale is not None), \
+        partial(gate is not None)
+    dummy = dx
+    _adaln_norm_bwd_kernel[(P, B)](
+        dy, dh_out if dh_out is not None else dummy, x,
+        residual if residual is not None else dummy, gate if gate is not None else dummy,
+        shift if shift is not None else dummy, scale if scale is not None else dummy,
+        mean, rstd, dx, dres if dres is not None else dummy,
+        dshift_p if dshift_p is not None else mean, dscale_p if dscale_p is not None else mean,
+        dgate_p if dgate_p is not None else mean,
+        N, C, ROWS, P,
+        dy.stride(0), dy.stride(1), *_row_stride(dh_out), x.stride(0), x.stride(1),
+        *_row_stride(residual), _vec_stride(gate), _vec_stride(shift), _vec_stride(scale),
+        HAS_RES=residual is not None, HAS_GATE=gate is not None, HAS_SHIFT=shift is not None,
+        HAS_SCALE=scale is not None, SILU=silu, HAS_DH_OUT=dh_out is not None,
+        NUM_CHUNKS=chunks, BLOCK_C=block, num_warps=_bwd_warps(block),
+    )
+
+    def reduce(t):  # fixed-order sum over the P partials: deterministic
+        return t.sum(1).to(x.dtype) if t is not None else None
+
+    return dx, dres, reduce(dshift_p), reduce(dscale_p), reduce(dgate_p)
+
+
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("diffit_kernels::adaln_norm_fwd", mutates_args=())
+def _adaln_norm_fwd_op(x: torch.Tensor, shift: Optional[torch.Tensor],
+                       scale: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                       gate: Optional[torch.Tensor], eps: float,
+                       silu: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _adaln_norm_fwd(x, shift, scale, residual, gate, eps, silu)
+
+
+@_adaln_norm_fwd_op.register_fake
+def _(x, shift, scale, residual, gate, eps, silu):
+    B, N, C = x.shape
+    h = x.new_empty((B, N, C)) if residual is not None else x.new_empty(0)
+    stats = x.new_empty(B * N, dtype=torch.float32)
+    return x.new_empty((B, N, C)), h, stats, stats.clone()
+
+
+@torch.library.custom_op("diffit_kernels::adaln_norm_bwd", mutates_args=())
+def _adaln_norm_bwd_op(dy: torch.Tensor, dh_out: Optional[torch.Tensor], x: torch.Tensor,
+                       shift: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                       residual: Optional[torch.Tensor], gate: Optional[torch.Tensor],
+                       mean: torch.Tensor, rstd: torch.Tensor, silu: bool) -> List[torch.Tensor]:
+    outs = _adaln_norm_bwd(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, silu)
+    return [t if t is not None else x.new_empty(0) for t in outs]
+
+
+@_adaln_norm_bwd_op.register_fake
+def _(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, silu):
+    B, N, C = x.shape
+
+    def vec(t):
+        return x.new_empty((B, C)) if t is not None else x.new_empty(0)
+
+    dres = x.new_empty((B, N, C)) if residual is not None else x.new_empty(0)
+    return [x.new_empty((B, N, C)), dres, vec(shift), vec(scale), vec(gate)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, shift, scale, residual, gate, eps, silu = inputs
+    _, _, mean, rstd = output
+    ctx.save_for_backward(x, shift, scale, residual, gate, mean, rstd)
+    ctx.silu = silu
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, dh_out, _dmean, _drstd):
+    x, shift, scale, residual, gate, mean, rstd = ctx.saved_tensors
+    if residual is None or dh_out is None or dh_out.numel() == 0:
+        dh_out = None
+    if dy is None:
+        dy = torch.zeros_like(x)
+    dx, dres, dshift, dscale, dgate = _adaln_norm_bwd_op(
+        dy, dh_out, x, shift, scale, residual, gate, mean, rstd, ctx.silu)
+    keep = lambda g, t: g if t is not None else None  # noqa: E731
+    return (dx, keep(dshift, shift), keep(dscale, scale), keep(dres, residual), keep(dgate, gate),
+            None, None)
+
+
+_adaln_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+def adaln_norm(
+    x: torch.Tensor,
+    shift: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    *,
+    residual: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    activation: Optional[str] = None,
+    backend: str = "auto",
+):
+    """Fused residual add + LayerNorm (no affine) + per-sample modulation + optional SiLU.
+
+        h = residual + gate[b] * x  (when residual is given; gate optional)   else h = x
+        y = LN(h) * (1 + scale[b]) + shift[b],  then SiLU(y) if activation == "silu"
+
+    Args:
+        x: [B, N, C] float32 / float16 / bfloat16; rows may be strided (unit channel stride).
+        shift, scale: optional [B, C] per-sample modulation (chunks of one projection are fine).
+        residual: optional [B, N, C] residual stream; gate: optional [B, C], needs residual.
+        eps: LayerNorm epsilon (1e-6 in DiffiT).
+        activation: None or "silu".
+        backend: "auto" | "triton" | "torch" (see diffit_kernels._common.resolve_backend).
+    Returns:
+        y [B, N, C] in x's dtype, or (y, h) when residual is given (h: the new residual stream).
+        Gradients flow to x, shift, scale, residual and gate (statistics in float32; the
+        per-sample sums of the backward are deterministic).
+    """
+    # validation is the spec's: same errors on either backend
+    check_tensor("x", x, ndim=3)
+    B, N, C = x.shape
+    for name, t in (("shift", shift), ("scale", scale), ("gate", gate)):
+        if t is not None:
+            check_tensor(name, t, shape=(B, C), dtype=x.dtype, device=x.device)
+    if residual is not None:
+        check_tensor("residual", residual, shape=(B, N, C), dtype=x.dtype, device=x.device)
+    if gate is not None and residual is None:
+        raise ValueError("gate scales the branch added to the residual stream: pass residual= too")
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if resolve_backend(backend, x, shift, scale, residual, gate) == "torch":
+        return reference.adaln_norm(x, shift, scale, residual=residual, gate=gate, eps=eps,
+                                    activation=activation)
+    _check_c(C)
+    x, residual = unit_last_stride(x), unit_last_stride(residual) if residual is not None else None
+    shift, scale, gate = (unit_last_stride(t) if t is not None else None for t in (shift, scale, gate))
+    y, h, _, _ = _adaln_norm_fwd_op(x, shift, scale, residual, gate, float(eps), activation == "silu")
+    return (y, h) if residual is not None else y
+
+
+# ---------------------------------------------------------------------------------------------
+def aot_specs():
+    """Every config the launchers pick: one per (dtype, BLOCK_C bucket, feature set)."""
+    from ._aot import AotSpec
+
+    specs = []
+    for dt in ("bf16", "fp16", "fp32"):
+        for C in (64, 1152, 4096, 8192):
+            block = next_power_of_2(C)
+            for full in (False, True):
+                flags = dict(HAS_RES=full, HAS_GATE=full, HAS_SHIFT=full, HAS_SCALE=full, SILU=full)
+                label = f"{dt} C<={block} " + ("res+gate+mod+silu" if full else "plain")
+                fwd_sig = {"X": f"*{dt}", "RES": f"*{dt}", "GATE": f"*{dt}", "SHIFT": f"*{dt}",
+                           "SCALE": f"*{dt}", "Y": f"*{dt}", "H": f"*{dt}", "MEAN": "*fp32",
+                           "RSTD": "*fp32", "N": "i32", "C": "i32", "eps": "fp32",
+                           **{s: "i64" for s in ("stride_x_b", "stride_x_n", "stride_r_b",
+                                                 "stride_r_n", "stride_g_b", "stride_sh_b",
+                                                 "stride_sc_b")}}
+                specs.append(AotSpec("_adaln_norm_fwd_kernel", _adaln_norm_fwd_kernel, fwd_sig,
+                                     {**flags, "BLOCK_C": block}, row_warps(block), 3, label, False))
+                bwd_sig = {"DY": f"*{dt}", "DH_OUT": f"*{dt}", "X": f"*{dt}", "RES": f"*{dt}",
+                           "GATE": f"*{dt}", "SHIFT": f"*{dt}", "SCALE": f"*{dt}", "MEAN": "*fp32",
+                           "RSTD": "*fp32", "DX": f"*{dt}", "DRES": f"*{dt}", "DSHIFT_P": "*fp32",
+                           "DSCALE_P": "*fp32", "DGATE_P": "*fp32", "N": "i32", "C": "i32",
+                           "ROWS": "i32", "P": "i32",
+                           **{s: "i64" for s in ("stride_dy_b", "stride_dy_n", "stride_dh_b",
+                                                 "stride_dh_n", "stride_x_b", "stride_x_n",
+                                                 "stride_r_b", "stride_r_n", "stride_g_b",
+                                                 "stride_sh_b", "stride_sc_b")}}
+                specs.append(AotSpec("_adaln_norm_bwd_kernel", _adaln_norm_bwd_kernel, bwd_sig,
+                                     {**flags, "HAS_DH_OUT": full,
+                                      "BLOCK_C": min(block, BWD_BLOCK_C),
+                                      "NUM_CHUNKS": cdiv(C, min(block, BWD_BLOCK_C))},
+                                     _bwd_warps(min(block, BWD_BLOCK_C)), 3, label, False))
+    return specs
+
+
+def check_cases(device: torch.device):
+    """Shapes for `python -m diffit_kernels check`: DiffiT's C = 1152 with every feature."""
+    from ._check import CheckCase
+
+    def leaves(B, N, C, mod):
+        def make():
+            g = {"x": torch.randn(B, N, C, device=device),
+                 "res": torch.randn(B, N, C, device=device)}
+            if mod:
+                g["mod"] = torch.randn(B, 3 * C, device=device) * 0.5
+            return g
+        return make
+
+    def build_full(C):
+        def build(t):
+            shift, scale, gate = t["mod"].chunk(3, dim=1)  # strided views of one projection
+            return dict(x=t["x"], shift=shift, scale=scale, residual=t["res"], gate=gate,
+                        activation="silu")
+        return build
+
+    return [
+        CheckCase("adaln_norm", "B2 N7 C1152 res+gate+shift+scale+silu", adaln_norm,
+                  reference.adaln_norm, leaves(2, 7, 1152, True), build_full(1152),
+                  ("y", "h"), ("x", "res", "mod")),
+        CheckCase("adaln_norm", "B3 N5 C200 plain LN", adaln_norm, reference.adaln_norm,
+                  leaves(3, 5, 200, False), lambda t: dict(x=t["x"]), ("y",), ("x",)),
+    ]

@@ -10,15 +10,19 @@ Importing this package queries no GPU.
 from . import reference
 from . import norm as _norm
 from .norm import adaln_norm
+from . import projection as _projection
+from .projection import time_qkv
 from .reference import relative_position_index
 
 # op modules, each with aot_specs() and check_cases(): the compile report and `check` walk them
 OP_MODULES = (
     _norm,
+    _projection,
 )
 
 __all__ = [
     "adaln_norm",
+    "time_qkv",
     "relative_position_index",
     "reference",
 ]

@@ -147,8 +147,9 @@ def time_qkv(
 # --------------------------------------------------------------------------------------------
 @lru_cache(maxsize=64)
 def _relative_position_index_cpu(gh: int, gw: int) -> torch.Tensor:
-    i = torch.arange(gh).repeat_interleave(gw)  # row of token a = i*gw + j
-    j = torch.arange(gw).repeat(gh)
+    # explicit device: under `with torch.device("meta")` the cache would otherwise keep meta tensors
+    i = torch.arange(gh, device="cpu").repeat_interleave(gw)  # row of token a = i*gw + j
+    j = torch.arange(gw, device="cpu").repeat(gh)
     di = i[:, None] - i[None, :] + gh - 1
     dj = j[:, None] - j[None, :] + gw - 1
     return di * (2 * gw - 1) + dj

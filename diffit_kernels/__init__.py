@@ -12,17 +12,21 @@ from . import norm as _norm
 from .norm import adaln_norm
 from . import projection as _projection
 from .projection import time_qkv
+from . import attention as _attention
+from .attention import tmsa_attention
 from .reference import relative_position_index
 
 # op modules, each with aot_specs() and check_cases(): the compile report and `check` walk them
 OP_MODULES = (
     _norm,
     _projection,
+    _attention,
 )
 
 __all__ = [
     "adaln_norm",
     "time_qkv",
+    "tmsa_attention",
     "relative_position_index",
     "reference",
 ]

@@ -11,7 +11,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton kernels take
+FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)                 # the reference also takes fp64
 
 # Set by diffit_kernels.testing.nan_fill(): launchers then fill every fully-written output
 # with NaN before the kernel runs, so an element the kernel forgets to write fails the test.
@@ -90,7 +91,8 @@ def check_tensor(
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if float_only and t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {describe(t)}")
+        raise TypeError(f"{name} must be float32, float16, bfloat16 (or float64 on the torch "
+                        f"backend), got {describe(t)}")
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype} like the other inputs, got {describe(t)}")
     if device is not None and t.device != device:
@@ -101,6 +103,13 @@ def check_tensor(
         if t.dim() != len(shape) or any(e is not None and e != s for e, s in zip(shape, t.shape)):
             want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
             raise ValueError(f"{name} must have shape {want}, got {describe(t)}")
+
+
+def check_kernel_dtype(name: str, t: torch.Tensor) -> None:
+    """The Triton kernels take float32 / float16 / bfloat16; float64 stays on the reference."""
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the Triton kernels take float32, float16 or bfloat16; {name} has "
+                        f"{describe(t)} (use backend='torch' for it)")
 
 
 def check_same(name_ref: str, ref: torch.Tensor, named: Iterable[tuple]) -> None:

@@ -19,8 +19,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import reference
-from ._common import (check_tensor, dot_upcast, empty, interpreting, next_power_of_2,  # noqa: F401
-                      resolve_backend, row_warps, unit_last_stride, cdiv)
+from ._common import (cdiv, check_kernel_dtype, check_tensor, empty, next_power_of_2,
+                      resolve_backend, row_warps, unit_last_stride)
 
 MAX_C = 8192
 BWD_BLOCK_C = 2048  # backward row chunk: wider rows spill when rebuilt in one piece
@@ -430,6 +430,7 @@ def adaln_norm(
     if resolve_backend(backend, x, shift, scale, residual, gate) == "torch":
         return reference.adaln_norm(x, shift, scale, residual=residual, gate=gate, eps=eps,
                                     activation=activation)
+    check_kernel_dtype("x", x)
     _check_c(C)
     x, residual = unit_last_stride(x), unit_last_stride(residual) if residual is not None else None
     shift, scale, gate = (unit_last_stride(t) if t is not None else None for t in (shift, scale, gate))

@@ -23,8 +23,8 @@ def _up(t: Optional[torch.Tensor], upcast: bool) -> Optional[torch.Tensor]:
 
 
 def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dim without affine parameters; statistics in float32."""
-    xf = x.float()
+    """LayerNorm over the last dim without affine parameters; statistics in float32 (or fp64)."""
+    xf = x if x.dtype == torch.float64 else x.float()
     mean = xf.mean(-1, keepdim=True)
     var = (xf - mean).pow(2).mean(-1, keepdim=True)
     return ((xf - mean) * torch.rsqrt(var + eps)).to(x.dtype)

@@ -1,0 +1,231 @@
+"""adaln_norm: the fused kernel against the reference, every output and gradient."""
+import itertools
+
+import pytest
+import torch
+
+import diffit_kernels
+from diffit_kernels import norm, reference
+from diffit_kernels.testing import assert_parity, nan_fill, parity
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FEATURES = [  # (residual, gate, shift, scale, silu): every combination (gate needs residual)
+    f for f in itertools.product([False, True], repeat=5) if not (f[1] and not f[0])
+]
+
+
+def _case(B, N, C, residual, gate, shift, scale, silu, strided_x=False):
+    """float32 leaves and a builder: shift/scale/gate are chunks of one [B, 3C] projection
+    (strided views), x optionally a slice of a wider buffer."""
+    leaves = {"x": torch.randn(B, N, C + (5 if strided_x else 0)) * 2 + 0.5,
+              "mod": torch.randn(B, 3 * C) * 0.6}
+    if residual:
+        leaves["res"] = torch.randn(B, N, C)
+
+    def build(t):
+        sh, sc, g = t["mod"].chunk(3, dim=1)
+        return dict(x=t["x"][..., :C] if strided_x else t["x"], shift=sh if shift else None,
+                    scale=sc if scale else None, residual=t.get("res"), gate=g if gate else None,
+                    activation="silu" if silu else None)
+
+    grads = ["x"] + (["res"] if residual else []) + (["mod"] if (gate or shift or scale) else [])
+    outs = ("y", "h") if residual else ("y",)
+    return leaves, build, outs, grads
+
+
+def _run(dtype, *case_args, **kw):
+    leaves, build, outs, grads = _case(*case_args, **kw)
+    rows = parity(diffit_kernels.adaln_norm, reference.adaln_norm, leaves, build, dtype=dtype,
+                  out_names=outs, grad_leaves=grads, op_kwargs={"backend": "triton"})
+    assert_parity(rows)
+    return rows
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("feat", FEATURES, ids=lambda f: "".join(
+    n for n, on in zip(["res", "+gate", "+shift", "+scale", "+silu"], f) if on) or "plain")
+def test_every_feature_combination(feat, dtype):
+    _run(dtype, 3, 5, 64, *feat)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("B,N,C", [pytest.param(B, N, C, id=f"B{B}-N{N}-C{C}")
+                                   for C in (64, 1000, 1152) for N in (1, 63) for B in (1, 3)])
+def test_shapes_full_features(B, N, C, dtype):
+    _run(dtype, B, N, C, True, True, True, True, True, strided_x=True)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_chunked_backward_for_wide_rows(monkeypatch, dtype):
+    # rows wider than the backward's chunk are walked twice with accumulators in memory;
+    # shrink the chunk so the interpreter exercises that path at a small C
+    monkeypatch.setattr(norm, "BWD_BLOCK_C", 64)
+    _run(dtype, 2, 9, 200, True, True, True, True, True)
+    _run(dtype, 2, 9, 200, False, False, True, False, False)
+
+
+@pytest.mark.interpreter
+def test_rows_with_large_mean_and_tiny_variance():
+    leaves, build, outs, grads = _case(2, 7, 1152, True, True, True, True, False)
+    leaves["x"] = leaves["x"] * 0.01 + 30.0
+    rows = parity(diffit_kernels.adaln_norm, reference.adaln_norm, leaves, build,
+                  dtype=torch.float32, out_names=outs, grad_leaves=grads,
+                  op_kwargs={"backend": "triton"})
+    assert_parity(rows)
+
+
+@pytest.mark.interpreter
+def test_non_unit_channel_stride_is_copied_and_correct():
+    x = torch.randn(2, 64, 6).transpose(1, 2)  # [2, 6, 64], channel stride 6
+    y = diffit_kernels.adaln_norm(x, backend="triton")
+    torch.testing.assert_close(y, reference.adaln_norm(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
+def test_backward_is_deterministic():
+    leaves, build, _, _ = _case(3, 17, 96, True, True, True, True, True)
+    dy = torch.randn(3, 17, 96)
+
+    def grads():
+        ls = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        y, h = diffit_kernels.adaln_norm(**build(ls), backend="triton")
+        return torch.autograd.grad((y * dy).sum() + h.sum(), list(ls.values()))
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.interpreter
+def test_nan_in_input_propagates_to_its_row_only():
+    x = torch.randn(2, 4, 64)
+    x[1, 2, 5] = float("nan")
+    with nan_fill():
+        y = diffit_kernels.adaln_norm(x, backend="triton")
+    assert torch.isnan(y[1, 2]).all()
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 2] = False
+    assert torch.isfinite(y[mask]).all()
+
+
+@pytest.mark.interpreter
+def test_opcheck_forward_and_backward_ops():
+    x, res = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
+    sh, sc, g = torch.randn(2, 192).chunk(3, dim=1)
+    args = (x.requires_grad_(), sh, sc, res, g, 1e-6, True)
+    torch.library.opcheck(norm._adaln_norm_fwd_op, args)
+
+
+@pytest.mark.interpreter
+@pytest.mark.filterwarnings("ignore:Input #")
+def test_gradcheck_kernel_fp32():
+    # the kernel computes in float32 (fp64 is not a kernel dtype); a float32 gradcheck with
+    # finite-difference tolerances still catches a wrong formula
+    def f(x, res, mod):
+        sh, sc, g = mod.chunk(3, dim=1)
+        y, h = diffit_kernels.adaln_norm(x, sh, sc, residual=res, gate=g, activation="silu",
+                                         backend="triton")
+        return y, h
+
+    inputs = (torch.randn(2, 2, 8, requires_grad=True), torch.randn(2, 2, 8, requires_grad=True),
+              (torch.randn(2, 24) * 0.5).requires_grad_())
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-2, atol=5e-2, rtol=5e-2)
+
+
+def test_gradcheck_reference_fp64():
+    def f(x, res, mod):
+        sh, sc, g = mod.chunk(3, dim=1)
+        return reference.adaln_norm(x, sh, sc, residual=res, gate=g, activation="silu")
+
+    inputs = tuple(t.double().requires_grad_() for t in
+                   (torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 24)))
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.interpreter
+def test_torch_compile_fullgraph_forward_backward():
+    def f(x, res, mod):
+        sh, sc, g = mod.chunk(3, dim=1)
+        y, h = diffit_kernels.adaln_norm(x, sh, sc, residual=res, gate=g, activation="silu",
+                                         backend="triton")
+        return (y * 1.5).sum() + h.square().sum()
+
+    inputs = [torch.randn(2, 3, 64, requires_grad=True), torch.randn(2, 3, 64, requires_grad=True),
+              torch.randn(2, 192, requires_grad=True)]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(*inputs)
+    g_c = torch.autograd.grad(loss_c, inputs)
+    loss_e = f(*inputs)
+    g_e = torch.autograd.grad(loss_e, inputs)
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.interpreter
+def test_float64_is_refused_by_the_kernel_with_a_pointer_to_the_torch_backend():
+    with pytest.raises(TypeError, match="backend='torch'"):
+        diffit_kernels.adaln_norm(torch.randn(1, 2, 8, dtype=torch.float64), backend="triton")
+
+
+@pytest.mark.interpreter
+def test_channels_beyond_the_kernel_limit_raise():
+    x = torch.randn(1, 1, norm.MAX_C + 1)
+    with pytest.raises(NotImplementedError, match="C <= 8192"):
+        diffit_kernels.adaln_norm(x, backend="triton")
+
+
+# ---- plain CPU: the torch path, validation, backend choice -----------------------------------
+def test_torch_backend_is_the_reference():
+    x, res, mod = torch.randn(2, 3, 32), torch.randn(2, 3, 32), torch.randn(2, 96)
+    sh, sc, g = mod.chunk(3, 1)
+    y, h = diffit_kernels.adaln_norm(x, sh, sc, residual=res, gate=g, backend="torch")
+    y_ref, h_ref = reference.adaln_norm(x, sh, sc, residual=res, gate=g)
+    assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(x=torch.randn(2, 3)), ValueError, r"x must have 3 dims"),
+    (dict(x=torch.randn(2, 3, 4), shift=torch.randn(2, 5)), ValueError, r"shift must have shape \[2, 4\]"),
+    (dict(x=torch.randn(2, 3, 4), scale=torch.randn(3, 4)), ValueError, r"scale must have shape"),
+    (dict(x=torch.randn(2, 3, 4), residual=torch.randn(2, 3, 5)), ValueError, r"residual must have shape"),
+    (dict(x=torch.randn(2, 3, 4), gate=torch.randn(2, 4)), ValueError, r"pass residual= too"),
+    (dict(x=torch.randn(2, 3, 4), shift=torch.randn(2, 4).half()), TypeError, r"shift must have dtype torch.float32"),
+    (dict(x=torch.randint(0, 3, (2, 3, 4))), TypeError, r"x must be float32, float16, bfloat16"),
+    (dict(x=torch.randn(2, 3, 4), shift=torch.randn(2, 4, device="meta")), ValueError, r"shift must be on cpu"),
+    (dict(x=torch.randn(2, 3, 4), activation="gelu"), ValueError, r"activation must be None or 'silu'"),
+    (dict(x=[1.0, 2.0]), TypeError, r"x must be a torch.Tensor"),
+], ids=["x-2d", "shift-shape", "scale-batch", "residual-shape", "gate-no-residual", "mixed-dtype",
+        "int-dtype", "mixed-device", "activation", "not-a-tensor"])
+def test_bad_inputs_raise_clear_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        diffit_kernels.adaln_norm(**kwargs, backend="torch")
+
+
+def test_triton_backend_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        diffit_kernels.adaln_norm(torch.randn(1, 2, 8), backend="triton")
+
+
+def test_backend_env_variable(monkeypatch):
+    monkeypatch.setenv("DIFFIT_KERNELS_BACKEND", "torch")
+    x = torch.randn(1, 2, 8)
+    assert torch.equal(diffit_kernels.adaln_norm(x), reference.adaln_norm(x))
+    monkeypatch.setenv("DIFFIT_KERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="DIFFIT_KERNELS_BACKEND"):
+        diffit_kernels.adaln_norm(x)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        diffit_kernels.adaln_norm(x, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_cuda_parity_and_determinism(dtype):
+    leaves, build, outs, grads = _case(4, 256, 1152, True, True, True, True, True)
+    leaves = {k: v.cuda() for k, v in leaves.items()}
+    rows = parity(diffit_kernels.adaln_norm, reference.adaln_norm, leaves, build, dtype=dtype,
+                  out_names=outs, grad_leaves=grads, op_kwargs={"backend": "triton"})
+    assert_parity(rows)

@@ -50,7 +50,8 @@ def _public(dk, name):
     def pending(*args, backend="auto", **kwargs):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if dk._common.resolve_backend(backend, *tensors) == "triton":
-            raise RuntimeError(f"diffit_kernels.{name} is not available yet: use backend='torch'")
+            raise NotImplementedError(f"diffit_kernels.{name} is not available yet: "
+                                      "use backend='torch'")
         return ref(*args, **kwargs)
 
     return pending

@@ -1,17 +1,922 @@
-"""tmsa_attention: flash attention with a learnable relative-position bias table (first version:
-validation and the reference path; the Triton kernels land next)."""
+"""tmsa_attention: flash attention with a learnable relative-position bias table, fwd + bwd.
+
+Per head, with scale c = d^-1/2 (or the user's), logits in log2 units for exp2:
+    s[a, b] = q_a . k_b * c + B[a, b],   B = table[index(a, b), h] or a dense bias
+    p = softmax_b(s),  o = p v,  lse_a = log2 sum_b 2^(s log2e)      (saved: O(N) memory)
+Backward (FlashAttention 2), delta_a = sum_d do[a] * o[a]:
+    dp = do v^T,  ds = p * (dp - delta)   (the gradient of s, natural units)
+    dv = p^T do,  dk = ds^T q * c,  dq = ds k * c,  dB = ds,  dtable[r, h] = sum_{index(a,b)=r} ds
+Windows: with window=(gh, gw) over grid=(Gh, Gw) the kernels walk tokens in a window-major
+*virtual* order v = w * n + t (n = gh*gw) and map v to its row of the [B, H, N, D] tensors
+((w // nWw * gh + t // gw) * Gw + w % nWw * gw + t % gw), so no partition / reverse copy is
+made; a tile may hold several small windows, masked block-diagonally. The relative index is
+code(a) - code(b) + const with code(t) = (t // gw) * (2gw - 1) + t % gw: no [N, N] index exists.
+
+Head dims: tl.arange needs powers of two, so d is covered by one power-of-two chunk D0 or by
+D0 + D1 (e.g. 72 = 64 + 16 with 8 columns masked: 10% padding where 128 would waste 44%);
+the worst case over d = 16, 24, ..., 128 is 25% (d = 24 -> 32). Every dot over d is two dots.
+
+Deterministic dtable (no atomics): ds must be summed along relative offsets, which no tile
+order can do elementwise, so the table gradient is accumulated where the element -> offset
+map is the same on every iteration of a program and reduced once at the end:
+  * spans of <= 64 tokens (image-space windows, small grids): one fused kernel does the whole
+    backward of a window group (dq, dk, dv: 5 dots, no recompute) and sums ds over all the
+    (batch, window) units it owns into a [64, 64] fp32 register tile;
+  * larger spans: FlashAttention-2 dK/dV and dQ kernels, plus a kernel that recomputes p and
+    dp for the tile pairs of one "slot" (a tile pair, or a whole tile diagonal when gw divides
+    the tile so every pair on it shares offsets) over the batch, and sums ds elementwise.
+Each program writes one fp32 [BM, BN] partial; torch then sums partials and gathers them by
+relative offset in a fixed order (a padded [rows, k] index). Memory: O(programs * BM * BN).
+The dense [H, N, N] bias gradient takes the same route (slot = tile pair), never [B, H, N, N].
+"""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+import math
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from . import reference
-from ._common import resolve_backend
+from ._common import (cdiv, check_kernel_dtype, describe, dot_upcast, empty, interpreting,
+                      next_power_of_2, resolve_backend, unit_last_stride)
 
 HEAD_DIMS = tuple(range(16, 129, 8))
+FUSED_MAX_SPAN = 64   # attention spans up to this many tokens take the fused backward
+LOG2E = 1.4426950408889634
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a requirement; the torch path still works
+    triton = None
 
 
+if triton is not None:
+    _LOG2E = tl.constexpr(LOG2E)
+
+    @triton.jit
+    def _tokens(offs, n_win, gh, gw, Gw, nWw, WINDOWED: tl.constexpr, HAS_TABLE: tl.constexpr):
+        """Virtual token index -> (row in the [N] token axis, relative-position code, window)."""
+        if WINDOWED:
+            w = offs // n_win
+            t = offs - w * n_win
+            i = t // gw
+            wr = w // nWw
+            row = (wr * gh + i) * Gw + (w - wr * nWw) * gw + (t - i * gw)
+            code = t + i * (gw - 1)              # i * (2gw - 1) + j
+        else:
+            w = offs * 0
+            row = offs
+            if HAS_TABLE:
+                code = offs + (offs // gw) * (gw - 1)
+            else:
+                code = offs * 0
+        return row, code, w
+
+    @triton.jit
+    def _load_rows(PTR, rows, mask, stride_n, D, D0: tl.constexpr, D1: tl.constexpr,
+                   HAS_D1: tl.constexpr):
+        """[len(rows), D] rows of a strided tensor as two column chunks (D0, then D1)."""
+        offs0 = tl.arange(0, D0)
+        ptrs = PTR + rows[:, None] * stride_n
+        x0 = tl.load(ptrs + offs0[None, :], mask=mask[:, None] & (offs0[None, :] < D), other=0.0)
+        x1 = x0
+        if HAS_D1:
+            offs1 = D0 + tl.arange(0, D1)
+            x1 = tl.load(ptrs + offs1[None, :], mask=mask[:, None] & (offs1[None, :] < D),
+                         other=0.0)
+        return x0, x1
+
+    @triton.jit
+    def _store_rows(PTR, rows, mask, stride_n, D, x0, x1, D0: tl.constexpr, D1: tl.constexpr,
+                    HAS_D1: tl.constexpr):
+        offs0 = tl.arange(0, D0)
+        ptrs = PTR + rows[:, None] * stride_n
+        tl.store(ptrs + offs0[None, :], x0.to(PTR.dtype.element_ty),
+                 mask=mask[:, None] & (offs0[None, :] < D))
+        if HAS_D1:
+            offs1 = D0 + tl.arange(0, D1)
+            tl.store(ptrs + offs1[None, :], x1.to(PTR.dtype.element_ty),
+                     mask=mask[:, None] & (offs1[None, :] < D))
+
+    @triton.jit
+    def _mm(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        # the interpreter's bf16 dot is wrong: upcast there (values already rounded to bf16)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+    @triton.jit
+    def _mm_nt(a0, a1, b0, b1, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
+               PRECISION: tl.constexpr):
+        """a @ b^T over the split head dim: [R, D] x [C, D] -> [R, C] fp32."""
+        s = _mm(a0, tl.trans(b0), None, UPCAST, PRECISION)
+        if HAS_D1:
+            s = _mm(a1, tl.trans(b1), s, UPCAST, PRECISION)
+        return s
+
+    @triton.jit
+    def _logits(a0, a1, b0, b1, TAB_H, BIAS_BH, row_a, code_a, win_a, mask_a, row_b, code_b,
+                win_b, mask_b, stride_bias_a, stride_bias_b, rel_off, qk_scale,
+                HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_MASK: tl.constexpr,
+                KEYS_FIRST: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
+        """Logits (log2 units) of a [rows a, cols b] tile and the mask of pairs that attend.
+        KEYS_FIRST: the rows are keys (the transposed tile of the dK/dV kernel)."""
+        # [A, B]
+        s = _mm_nt(a0, a1, b0, b1, HAS_D1, UPCAST, PRECISION) * qk_scale
+        valid = mask_a[:, None] & mask_b[None, :]
+        if WIN_MASK:
+            valid = valid & (win_a[:, None] == win_b[None, :])
+        if HAS_TABLE:
+            if KEYS_FIRST:
+                idx = code_b[None, :] - code_a[:, None] + rel_off
+            else:
+                idx = code_a[:, None] - code_b[None, :] + rel_off
+            s += tl.load(TAB_H + idx, mask=valid, other=0.0)
+        if HAS_BIAS:
+            bias = tl.load(BIAS_BH + row_a[:, None] * stride_bias_a + row_b[None, :] * stride_bias_b,
+                           mask=valid, other=0.0)
+            s += bias.to(tl.float32) * _LOG2E
+        return s, valid
+
+    @triton.jit
+    def _span(start, BLOCK: tl.constexpr, N, n_win, WINDOWED: tl.constexpr):
+        """[lo, hi): the virtual tokens that the tile [start, start + BLOCK) attends to."""
+        if WINDOWED:
+            lo = (start // n_win) * n_win
+            hi = ((tl.minimum(start + BLOCK, N) - 1) // n_win + 1) * n_win
+        else:
+            lo = start * 0
+            hi = N
+        return lo, hi
+
+    @triton.jit
+    def _tmsa_attention_fwd_kernel(
+        Q,      # [B, H, N, D] strided, unit last stride
+        K,      # [B, H, N, D]
+        V,      # [B, H, N, D]
+        TAB,    # [H, R] fp32 table * log2(e) (HAS_TABLE)
+        BIAS,   # [B or 1, H, N, N] dense bias, any strides (HAS_BIAS)
+        O,      # [B, H, N, D] out, contiguous
+        LSE,    # [B, H, N] fp32 out: log2 of the softmax denominators
+        stride_q_b, stride_q_h, stride_q_n,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+        H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale,
+        N_BUCKET, SPAN_BUCKET,  # autotune keys only
+        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+        HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1).to(tl.int64)
+        b = pid_bh // H
+        h = pid_bh % H
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        row_m, code_m, win_m = _tokens(offs_m, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+        lo, hi = _span(start_m, BLOCK_M, N, n_win, WINDOWED)
+        q0, q1 = _load_rows(Q + b * stride_q_b + h * stride_q_h, row_m, mask_m, stride_q_n, D,
+                            D0, D1, HAS_D1)
+        K_BH = K + b * stride_k_b + h * stride_k_h
+        V_BH = V + b * stride_v_b + h * stride_v_h
+        TAB_H = TAB + h * R
+        BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
+        acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < hi
+            row_n, code_n, win_n = _tokens(offs_n, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+            k0, k1 = _load_rows(K_BH, row_n, mask_n, stride_k_n, D, D0, D1, HAS_D1)
+            v0, v1 = _load_rows(V_BH, row_n, mask_n, stride_v_n, D, D0, D1, HAS_D1)
+            # [BLOCK_M, BLOCK_N]
+            s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
+                               row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
+                               rel_off, qk_scale, HAS_TABLE, HAS_BIAS, WINDOWED, False, HAS_D1,
+                               UPCAST, PRECISION)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with nothing to attend to yet (tile of another window) keeps p = 0
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            pv = p.to(Q.dtype.element_ty)
+            acc0 = _mm(pv, v0, acc0 * alpha[:, None], UPCAST, PRECISION)
+            if HAS_D1:
+                acc1 = _mm(pv, v1, acc1 * alpha[:, None], UPCAST, PRECISION)
+            m_i = m_new
+        # rows past N attend to nothing (l = 0); NaN stays NaN
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
+        inv = 1.0 / l_i
+        _store_rows(O + pid_bh * N * D, row_m, mask_m, D, D, acc0 * inv[:, None],
+                    acc1 * inv[:, None], D0, D1, HAS_D1)
+        tl.store(LSE + pid_bh * N + row_m, m_i + tl.math.log2(l_i), mask=mask_m)
+
+    @triton.jit
+    def _tmsa_attention_bwd_kernel_delta(
+        O,      # [B, H, N, D] contiguous forward output
+        DO,     # [B, H, N, D] strided, unit last stride
+        DELTA,  # [B, H, N] fp32 out: rowsum(do * o)
+        stride_do_b, stride_do_h, stride_do_n,
+        H, N, D,
+        BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(1).to(tl.int64)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        o0, o1 = _load_rows(O + pid_bh * N * D, offs_m, mask_m, D, D, D0, D1, HAS_D1)
+        do0, do1 = _load_rows(DO + (pid_bh // H) * stride_do_b + (pid_bh % H) * stride_do_h,
+                              offs_m, mask_m, stride_do_n, D, D0, D1, HAS_D1)
+        delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+        if HAS_D1:
+            delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+        tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
+
+    @triton.jit
+    def _tmsa_attention_bwd_kernel_dkdv(
+        Q, K, V,  # [B, H, N, D] strided
+        DO,       # [B, H, N, D] strided grad of o
+        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE)
+        BIAS,     # [B or 1, H, N, N] dense bias (HAS_BIAS)
+        LSE,      # [B, H, N] fp32
+        DELTA,    # [B, H, N] fp32
+        DK, DV,   # [B, H, N, D] out, contiguous
+        DBIAS,    # [B, H, N, N] out, contiguous (STORE_DS: the per-sample dense bias gradient)
+        stride_q_b, stride_q_h, stride_q_n,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_do_b, stride_do_h, stride_do_n,
+        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+        H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
+        N_BUCKET, SPAN_BUCKET,
+        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DS: tl.constexpr,
+        WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(1).to(tl.int64)
+        b = pid_bh // H
+        h = pid_bh % H
+        start_n = tl.program_id(0) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        row_n, code_n, win_n = _tokens(offs_n, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+        lo, hi = _span(start_n, BLOCK_N, N, n_win, WINDOWED)
+        k0, k1 = _load_rows(K + b * stride_k_b + h * stride_k_h, row_n, mask_n, stride_k_n, D,
+                            D0, D1, HAS_D1)
+        v0, v1 = _load_rows(V + b * stride_v_b + h * stride_v_h, row_n, mask_n, stride_v_n, D,
+                            D0, D1, HAS_D1)
+        Q_BH = Q + b * stride_q_b + h * stride_q_h
+        DO_BH = DO + b * stride_do_b + h * stride_do_h
+        TAB_H = TAB + h * R
+        BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
+        dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
+        dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
+        dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
+        dv1 = tl.zeros([BLOCK_N, D1], tl.float32)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < hi
+            row_m, code_m, win_m = _tokens(offs_m, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+            q0, q1 = _load_rows(Q_BH, row_m, mask_m, stride_q_n, D, D0, D1, HAS_D1)
+            do0, do1 = _load_rows(DO_BH, row_m, mask_m, stride_do_n, D, D0, D1, HAS_D1)
+            lse = tl.load(LSE + pid_bh * N + row_m, mask=mask_m, other=0.0)
+            delta = tl.load(DELTA + pid_bh * N + row_m, mask=mask_m, other=0.0)
+            # [BLOCK_N, BLOCK_M]: keys are rows
+            sT, valid = _logits(k0, k1, q0, q1, TAB_H, BIAS_BH, row_n, code_n, win_n, mask_n,
+                                row_m, code_m, win_m, mask_m, stride_bias_n, stride_bias_m,
+                                rel_off, qk_scale, HAS_TABLE, HAS_BIAS, WINDOWED, True, HAS_D1,
+                                UPCAST, PRECISION)
+            pT = tl.where(valid, tl.math.exp2(sT - lse[None, :]), 0.0)
+            pTc = pT.to(Q.dtype.element_ty)
+            dv0 = _mm(pTc, do0, dv0, UPCAST, PRECISION)
+            if HAS_D1:
+                dv1 = _mm(pTc, do1, dv1, UPCAST, PRECISION)
+            dsT = pT * (_mm_nt(v0, v1, do0, do1, HAS_D1, UPCAST, PRECISION) - delta[None, :])
+            dsTc = dsT.to(Q.dtype.element_ty)
+            dk0 = _mm(dsTc, q0, dk0, UPCAST, PRECISION)
+            if HAS_D1:
+                dk1 = _mm(dsTc, q1, dk1, UPCAST, PRECISION)
+            if STORE_DS:
+                tl.store(DBIAS + pid_bh * N * N + row_m[None, :] * N + row_n[:, None],
+                         dsT.to(DBIAS.dtype.element_ty), mask=valid)
+        _store_rows(DK + pid_bh * N * D, row_n, mask_n, D, D, dk0 * sm_scale, dk1 * sm_scale,
+                    D0, D1, HAS_D1)
+        _store_rows(DV + pid_bh * N * D, row_n, mask_n, D, D, dv0, dv1, D0, D1, HAS_D1)
+
+    @triton.jit
+    def _tmsa_attention_bwd_kernel_dq(
+        Q, K, V,  # [B, H, N, D] strided
+        DO,       # [B, H, N, D] strided grad of o
+        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE)
+        BIAS,     # [B or 1, H, N, N] (HAS_BIAS)
+        LSE,      # [B, H, N] fp32
+        DELTA,    # [B, H, N] fp32
+        DQ,       # [B, H, N, D] out, contiguous
+        stride_q_b, stride_q_h, stride_q_n,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_do_b, stride_do_h, stride_do_n,
+        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+        H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
+        N_BUCKET, SPAN_BUCKET,
+        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+        HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(1).to(tl.int64)
+        b = pid_bh // H
+        h = pid_bh % H
+        start_m = tl.program_id(0) * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        row_m, code_m, win_m = _tokens(offs_m, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+        lo, hi = _span(start_m, BLOCK_M, N, n_win, WINDOWED)
+        q0, q1 = _load_rows(Q + b * stride_q_b + h * stride_q_h, row_m, mask_m, stride_q_n, D,
+                            D0, D1, HAS_D1)
+        do0, do1 = _load_rows(DO + b * stride_do_b + h * stride_do_h, row_m, mask_m, stride_do_n,
+                              D, D0, D1, HAS_D1)
+        lse = tl.load(LSE + pid_bh * N + row_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + pid_bh * N + row_m, mask=mask_m, other=0.0)
+        K_BH = K + b * stride_k_b + h * stride_k_h
+        V_BH = V + b * stride_v_b + h * stride_v_h
+        TAB_H = TAB + h * R
+        BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
+        dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
+        dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < hi
+            row_n, code_n, win_n = _tokens(offs_n, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+            k0, k1 = _load_rows(K_BH, row_n, mask_n, stride_k_n, D, D0, D1, HAS_D1)
+            v0, v1 = _load_rows(V_BH, row_n, mask_n, stride_v_n, D, D0, D1, HAS_D1)
+            # [BLOCK_M, BLOCK_N]
+            s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
+                               row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
+                               rel_off, qk_scale, HAS_TABLE, HAS_BIAS, WINDOWED, False, HAS_D1,
+                               UPCAST, PRECISION)
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+            ds = p * (_mm_nt(do0, do1, v0, v1, HAS_D1, UPCAST, PRECISION) - delta[:, None])
+            dsc = ds.to(Q.dtype.element_ty)
+            dq0 = _mm(dsc, k0, dq0, UPCAST, PRECISION)
+            if HAS_D1:
+                dq1 = _mm(dsc, k1, dq1, UPCAST, PRECISION)
+        _store_rows(DQ + pid_bh * N * D, row_m, mask_m, D, D, dq0 * sm_scale, dq1 * sm_scale,
+                    D0, D1, HAS_D1)
+
+    @triton.jit
+    def _tmsa_attention_bwd_kernel_dbias(
+        Q, K, V, DO,  # [B, H, N, D] strided
+        TAB,          # [H, R] fp32 * log2(e) (HAS_TABLE)
+        BIAS,         # [B or 1, H, N, N] (HAS_BIAS)
+        LSE, DELTA,   # [B, H, N] fp32
+        PLAN,         # [P, 3] int32: slot, first iteration, end iteration of each program
+        SLOTS,        # [S, 3] int32: first query tile, first key tile, tile pairs in the slot
+        PARTIAL,      # [H, P, BLOCK_M, BLOCK_N] fp32 out: ds summed over the program's pairs
+        stride_q_b, stride_q_h, stride_q_n,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_do_b, stride_do_h, stride_do_n,
+        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+        H, N, D, R, n_win, nW, gh, gw, Gw, nWw, rel_off, qk_scale, P,
+        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+        HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # Every (query tile, key tile) pair of a slot maps its [BLOCK_M, BLOCK_N] elements to
+        # the same bias entries, so ds is summed elementwise over pairs, windows and batch in
+        # a fixed order: deterministic, and one partial tile per program.
+        prog = tl.program_id(0)
+        h = tl.program_id(1).to(tl.int64)
+        slot = tl.load(PLAN + prog * 3)
+        it0 = tl.load(PLAN + prog * 3 + 1)
+        it1 = tl.load(PLAN + prog * 3 + 2)
+        i0 = tl.load(SLOTS + slot * 3)
+        j0 = tl.load(SLOTS + slot * 3 + 1)
+        npairs = tl.load(SLOTS + slot * 3 + 2)
+        TAB_H = TAB + h * R
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for it in range(it0, it1):
+            pair = it % npairs
+            w = (it // npairs) % nW
+            b = (it // (npairs * nW)).to(tl.int64)
+            ta = (i0 + pair) * BLOCK_M + tl.arange(0, BLOCK_M)
+            tc = (j0 + pair) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_a = ta < n_win
+            mask_c = tc < n_win
+            row_a, code_a, win_a = _tokens(w * n_win + ta, n_win, gh, gw, Gw, nWw, WINDOWED,
+                                           HAS_TABLE)
+            row_c, code_c, win_c = _tokens(w * n_win + tc, n_win, gh, gw, Gw, nWw, WINDOWED,
+                                           HAS_TABLE)
+            q0, q1 = _load_rows(Q + b * stride_q_b + h * stride_q_h, row_a, mask_a, stride_q_n,
+                                D, D0, D1, HAS_D1)
+            do0, do1 = _load_rows(DO + b * stride_do_b + h * stride_do_h, row_a, mask_a,
+                                  stride_do_n, D, D0, D1, HAS_D1)
+            k0, k1 = _load_rows(K + b * stride_k_b + h * stride_k_h, row_c, mask_c, stride_k_n,
+                                D, D0, D1, HAS_D1)
+            v0, v1 = _load_rows(V + b * stride_v_b + h * stride_v_h, row_c, mask_c, stride_v_n,
+                                D, D0, D1, HAS_D1)
+            lse = tl.load(LSE + (b * H + h) * N + row_a, mask=mask_a, other=0.0)
+            delta = tl.load(DELTA + (b * H + h) * N + row_a, mask=mask_a, other=0.0)
+            # [BLOCK_M, BLOCK_N]
+            s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS + b * stride_bias_b + h * stride_bias_h,
+                               row_a, code_a, win_a, mask_a, row_c, code_c, win_c, mask_c,
+                               stride_bias_m, stride_bias_n, rel_off, qk_scale, HAS_TABLE,
+                               HAS_BIAS, False, False, HAS_D1, UPCAST, PRECISION)
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+            acc += p * (_mm_nt(do0, do1, v0, v1, HAS_D1, UPCAST, PRECISION) - delta[:, None])
+        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(PARTIAL + (h * P + prog) * (BLOCK_M * BLOCK_N) + offs, acc)
+
+    @triton.jit
+    def _tmsa_attention_bwd_kernel_window(
+        Q, K, V,  # [B, H, N, D] strided
+        O,        # [B, H, N, D] contiguous forward output
+        DO,       # [B, H, N, D] strided grad of o
+        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE)
+        BIAS,     # [B or 1, H, N, N] (HAS_BIAS; global spans only)
+        LSE,      # [B, H, N] fp32
+        DQ, DK, DV,  # [B, H, N, D] out, contiguous
+        DBIAS,    # [B, H, N, N] out, contiguous (STORE_DS)
+        PARTIAL,  # [H, P, BLOCK, BLOCK] fp32 out: ds summed over the program's units (ACC_DS)
+        stride_q_b, stride_q_h, stride_q_n,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_do_b, stride_do_h, stride_do_n,
+        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+        H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
+        units, groups, group_tokens, UPP, P,
+        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DS: tl.constexpr,
+        STORE_DS: tl.constexpr, WINDOWED: tl.constexpr, BLOCK: tl.constexpr,
+        D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # One unit = the windows packed in one tile of one (sample, head): all their queries
+        # and keys fit, so dq, dk and dv need no recompute and no cross-program reduction.
+        prog = tl.program_id(0)
+        h = tl.program_id(1).to(tl.int64)
+        TAB_H = TAB + h * R
+        acc = tl.zeros([BLOCK, BLOCK], tl.float32)
+        for u in range(prog * UPP, tl.minimum(prog * UPP + UPP, units)):
+            b = (u // groups).to(tl.int64)
+            start = (u % groups) * group_tokens
+            offs = start + tl.arange(0, BLOCK)
+            mask = (offs < start + group_tokens) & (offs < N)
+            row, code, win = _tokens(offs, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+            bh = b * H + h
+            q0, q1 = _load_rows(Q + b * stride_q_b + h * stride_q_h, row, mask, stride_q_n, D,
+                                D0, D1, HAS_D1)
+            k0, k1 = _load_rows(K + b * stride_k_b + h * stride_k_h, row, mask, stride_k_n, D,
+                                D0, D1, HAS_D1)
+            v0, v1 = _load_rows(V + b * stride_v_b + h * stride_v_h, row, mask, stride_v_n, D,
+                                D0, D1, HAS_D1)
+            do0, do1 = _load_rows(DO + b * stride_do_b + h * stride_do_h, row, mask, stride_do_n,
+                                  D, D0, D1, HAS_D1)
+            o0, o1 = _load_rows(O + bh * N * D, row, mask, D, D, D0, D1, HAS_D1)
+            delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+            if HAS_D1:
+                delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+            lse = tl.load(LSE + bh * N + row, mask=mask, other=0.0)
+            # [BLOCK, BLOCK]
+            s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS + b * stride_bias_b + h * stride_bias_h,
+                               row, code, win, mask, row, code, win, mask, stride_bias_m,
+                               stride_bias_n, rel_off, qk_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
+                               False, HAS_D1, UPCAST, PRECISION)
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+            pT = tl.trans(p.to(Q.dtype.element_ty))
+            dv0 = _mm(pT, do0, None, UPCAST, PRECISION)
+            dv1 = dv0
+            if HAS_D1:
+                dv1 = _mm(pT, do1, None, UPCAST, PRECISION)
+            _store_rows(DV + bh * N * D, row, mask, D, D, dv0, dv1, D0, D1, HAS_D1)
+            ds = p * (_mm_nt(do0, do1, v0, v1, HAS_D1, UPCAST, PRECISION) - delta[:, None])
+            dsc = ds.to(Q.dtype.element_ty)
+            dq0 = _mm(dsc, k0, None, UPCAST, PRECISION)
+            dq1 = dq0
+            if HAS_D1:
+                dq1 = _mm(dsc, k1, None, UPCAST, PRECISION)
+            _store_rows(DQ + bh * N * D, row, mask, D, D, dq0 * sm_scale, dq1 * sm_scale,
+                        D0, D1, HAS_D1)
+            dsT = tl.trans(dsc)
+            dk0 = _mm(dsT, q0, None, UPCAST, PRECISION)
+            dk1 = dk0
+            if HAS_D1:
+                dk1 = _mm(dsT, q1, None, UPCAST, PRECISION)
+            _store_rows(DK + bh * N * D, row, mask, D, D, dk0 * sm_scale, dk1 * sm_scale,
+                        D0, D1, HAS_D1)
+            if ACC_DS:
+                acc += ds
+            if STORE_DS:
+                tl.store(DBIAS + bh * N * N + row[:, None] * N + row[None, :],
+                         ds.to(DBIAS.dtype.element_ty), mask=valid)
+        if ACC_DS:
+            offs2 = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+            tl.store(PARTIAL + (h * P + prog) * (BLOCK * BLOCK) + offs2, acc)
+
+
+# ---------------------------------------------------------------------------------------------
+# host side: geometry, launch configs, the deterministic reduction plans, launchers
+class _Geom:
+    """Where each virtual token lives and how its relative-position code is formed."""
+
+    def __init__(self, N: int, geometry: Sequence[int], has_table: bool):
+        self.N = N
+        if len(geometry) == 4:
+            Gh, Gw, gh, gw = (int(g) for g in geometry)
+        else:
+            Gh, Gw, gh, gw = 1, N, 1, N
+        self.windowed = (gh, gw) != (Gh, Gw)
+        self.gh, self.gw, self.Gw = gh, gw, Gw
+        self.n_win = gh * gw if self.windowed else N     # tokens one query attends over
+        self.nW = N // self.n_win
+        self.nWw = Gw // gw if self.windowed else 1
+        self.R = (2 * gh - 1) * (2 * gw - 1)
+        self.rel_off = (gh - 1) * (2 * gw - 1) + gw - 1
+        self.has_table = has_table
+
+    def args(self):
+        return (self.n_win, self.gh, self.gw, self.Gw, self.nWw)
+
+
+def _head_split(D: int) -> Tuple[int, int, bool]:
+    """(D0, D1, HAS_D1): one power-of-two chunk, or two (D0 + D1 >= D) when that pads less.
+    D1 >= 16 because a dot's reduction dim must be >= 16 on the tensor cores."""
+    one = next_power_of_2(D)
+    d0 = one // 2
+    d1 = max(16, next_power_of_2(D - d0)) if D > d0 else 0
+    if d1 and d0 >= 16 and d0 + d1 < one:
+        return d0, d1, True
+    return one, 16, False
+
+
+def _check_head_dim(D: int) -> None:
+    if D not in HEAD_DIMS:
+        raise NotImplementedError(
+            f"tmsa_attention's Triton kernels take head dims 16, 24, ..., 128 (multiples of 8), "
+            f"got D={D}; use backend='torch' for it")
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # interpreter: a couple of programs exercise the partial reduction
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 is exact (ieee) unless the user opted into TF32 for CUDA matmuls."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+# Launch configs: (BLOCK_M, BLOCK_N, num_warps, num_stages). The first of each list is what the
+# interpreter runs (one config only: multi-config autotune crashes there).
+_INTERP = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}
+
+
+def _configs(kind: str, span: int, D0: int, D1: int, HAS_D1: bool, elt: int) -> List[tuple]:
+    """Pruned lists keyed on the attention span, the head-dim chunks and the element size."""
+    if interpreting():
+        return [_INTERP[kind]]
+    width = D0 + (D1 if HAS_D1 else 0)
+    big = width * elt > 2 * 128  # fp32 or d > 128-wide chunks: halve the tiles
+    if kind == "fwd":
+        if span <= 64:
+            return [(64, 64, 4, 2), (32, 32, 4, 2)]
+        if big:
+            return [(64, 32, 4, 2), (64, 64, 4, 2)]
+        return [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
+    if kind == "dkdv":
+        if big:
+            return [(32, 64, 4, 2), (16, 64, 4, 2)]
+        return [(32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2)]
+    if big:  # dq
+        return [(64, 32, 4, 2), (32, 32, 4, 2)]
+    return [(64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2)]
+
+
+def _fused_config(D0: int, D1: int, HAS_D1: bool, elt: int) -> Tuple[int, int]:
+    """(num_warps, num_stages) of the fused window kernel: one tile of 5 dots, no reuse."""
+    width = D0 + (D1 if HAS_D1 else 0)
+    return (8, 1) if width * elt > 2 * 64 else (4, 1)
+
+
+DBIAS_BLOCK = 64
+
+
+def _dbias_block() -> int:
+    return 32 if interpreting() else DBIAS_BLOCK
+
+
+_TUNERS: dict = {}
+
+
+def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwargs: dict):
+    """One config: launch it. Several (CUDA only): a cached autotuner over exactly that list,
+    keyed on the sequence-length bucket, span bucket, head dim and windowing (plus dtypes)."""
+    if len(configs) == 1:
+        bm, bn, w, s = configs[0]
+        kernel[grid_of(bm, bn)](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
+                                num_stages=s)
+        return
+    key = (kind, tuple(configs))
+    tuner = _TUNERS.get(key)
+    if tuner is None:
+        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                for bm, bn, w, s in configs]
+        tuner = triton.autotune(cfgs, key=["N_BUCKET", "SPAN_BUCKET", "D", "WINDOWED"])(kernel)
+        _TUNERS[key] = tuner
+    tuner[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
+
+
+def _dummy(t: torch.Tensor) -> torch.Tensor:
+    return t  # stands in for an absent pointer argument; never dereferenced
+
+
+def _strides3(t: torch.Tensor) -> Tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _bias_strides(bias: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
+    if bias is None:
+        return 0, 0, 0, 0
+    if bias.dim() == 3:
+        return (0,) + tuple(bias.stride())
+    return tuple(bias.stride())
+
+
+def _prep_table(table: Optional[torch.Tensor], H: int, like: torch.Tensor) -> torch.Tensor:
+    # [R, H] any dtype -> [H, R] fp32 in log2 units: tiny, and gathered per element in-kernel
+    if table is None:
+        return like
+    return (table.float() * LOG2E).t().contiguous()
+
+
+def _common_kwargs(q, geom: _Geom, table, bias):
+    D0, D1, HAS_D1 = _head_split(q.shape[-1])
+    return dict(HAS_TABLE=table is not None, HAS_BIAS=bias is not None, WINDOWED=geom.windowed,
+                D0=D0, D1=D1, HAS_D1=HAS_D1, UPCAST=dot_upcast(q.dtype),
+                PRECISION=_precision(q.dtype, q.device))
+
+
+def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
+    B, H, N, D = q.shape
+    geom = _Geom(N, geometry, table is not None)
+    o = empty((B, H, N, D), q.dtype, q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    tab = _prep_table(table, H, q)
+    kw = _common_kwargs(q, geom, table, bias)
+    args = (q, k, v, tab, bias if bias is not None else _dummy(q), o, lse,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_bias_strides(bias),
+            H, N, D, geom.R, *geom.args(), geom.rel_off, float(scale) * LOG2E,
+            next_power_of_2(N), next_power_of_2(geom.n_win))
+    configs = _configs("fwd", geom.n_win, kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size())
+    _launch(_tmsa_attention_fwd_kernel, "fwd", configs,
+            lambda bm, bn: (cdiv(N, bm), B * H), args, kw)
+    return o, lse
+
+
+# ---- deterministic reduction plans (cached host-side index tensors) ----
+def _code(t: torch.Tensor, gw: int) -> torch.Tensor:
+    return (t // gw) * (2 * gw - 1) + t % gw
+
+
+def _bin_gather_index(ta: torch.Tensor, tc: torch.Tensor, valid: torch.Tensor, geom_key):
+    """Padded [R, k] index into a flat partial (+ one trailing zero slot) listing, per table
+    row, the partial elements whose (query, key) tokens sit at that relative offset."""
+    gh, gw = geom_key
+    R = (2 * gh - 1) * (2 * gw - 1)
+    bins = _code(ta, gw) - _code(tc, gw) + (gh - 1) * (2 * gw - 1) + gw - 1
+    keep = valid.flatten()
+    bins, flat = bins[keep], torch.arange(bins.numel())[keep]
+    order = torch.sort(bins, stable=True).indices
+    bins, flat = bins[order], flat[order]
+    counts = torch.bincount(bins, minlength=R)
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(bins.numel()) - start[bins]
+    index = torch.full((R, max(1, int(counts.max()))), valid.numel(), dtype=torch.long)
+    index[bins, pos] = flat
+    return index
+
+
+@functools.lru_cache(maxsize=64)
+def _fused_bins(n_win: int, G: int, BLOCK: int, gh: int, gw: int, device: str) -> torch.Tensor:
+    """Bins of a fused-kernel partial: G windows of n_win tokens packed block-diagonally."""
+    a = torch.arange(BLOCK)
+    ta, tc = (a % n_win)[:, None].expand(BLOCK, BLOCK), (a % n_win)[None, :].expand(BLOCK, BLOCK)
+    valid = ((a // n_win)[:, None] == (a // n_win)[None, :]) & (a < G * n_win)[:, None] & \
+        (a < G * n_win)[None, :]
+    return _bin_gather_index(ta.flatten(), tc.flatten(), valid, (gh, gw)).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _dbias_plan(n_win: int, nW: int, B: int, BM: int, BN: int, group_diagonals: bool,
+                target: int, table_gh_gw: Optional[Tuple[int, int]], device: str):
+    """Slots (tile pairs, or whole tile diagonals when every pair on one shares offsets),
+    programs (contiguous runs of one slot's iterations), and the index tensors that reduce the
+    per-program partials: programs -> slots (sum), slots -> table rows (gather + sum)."""
+    Tm, Tn = cdiv(n_win, BM), cdiv(n_win, BN)
+    if group_diagonals:
+        slots = [(max(t, 0), max(-t, 0), min(Tm - max(t, 0), Tn - max(-t, 0)))
+                 for t in range(-(Tn - 1), Tm)]
+    else:
+        slots = [(i, j, 1) for i in range(Tm) for j in range(Tn)]
+    iters = [p * nW * B for _, _, p in slots]
+    per = max(1, cdiv(sum(iters), max(target, len(slots))))
+    plan, members = [], []
+    for s, total in enumerate(iters):
+        ids = []
+        for it0 in range(0, total, per):
+            ids.append(len(plan))
+            plan.append((s, it0, min(it0 + per, total)))
+        members.append(ids)
+    P = len(plan)
+    width = max(len(m) for m in members)
+    slot_index = torch.full((len(slots), width), P, dtype=torch.long)  # P: the zero row
+    for s, ids in enumerate(members):
+        slot_index[s, :len(ids)] = torch.tensor(ids)
+    bins = None
+    if table_gh_gw is not None:
+        i0 = torch.tensor([s[0] for s in slots])[:, None, None]
+        j0 = torch.tensor([s[1] for s in slots])[:, None, None]
+        ta = (i0 * BM + torch.arange(BM)[None, :, None]).expand(len(slots), BM, BN)
+        tc = (j0 * BN + torch.arange(BN)[None, None, :]).expand(len(slots), BM, BN)
+        valid = (ta < n_win) & (tc < n_win)
+        bins = _bin_gather_index(ta.flatten(), tc.flatten(), valid, table_gh_gw).to(device)
+    return (torch.tensor(plan, dtype=torch.int32).to(device),
+            torch.tensor(slots, dtype=torch.int32).to(device), slot_index.to(device), bins, P)
+
+
+def _gather_bins(part: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """[H, E] fp32 partial sums -> [R, H] table gradient, summed in a fixed order."""
+    part = torch.cat([part, part.new_zeros(part.shape[0], 1)], dim=1)
+    return part[:, bins].sum(-1).t()
+
+
+def _programs_per_head(device: torch.device, H: int) -> int:
+    return max(1, cdiv(_target_programs(device), H)) if device.type == "cuda" else 2
+
+
+def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_extra):
+    B, H, N, D = q.shape
+    geom = _Geom(N, geometry, table is not None)
+    do = unit_last_stride(do)
+    dev = q.device
+    dq, dk, dv = (empty((B, H, N, D), q.dtype, dev) for _ in range(3))
+    tab = _prep_table(table, H, q)
+    kw = _common_kwargs(q, geom, table, bias)
+    acc_table = table is not None and need_extra
+    acc_dense = bias is not None and bias.dim() == 3 and need_extra   # [H, N, N]: sum over B
+    store_ds = bias is not None and bias.dim() == 4 and need_extra    # [B, H, N, N]: as it is
+    dbias = empty((B, H, N, N), bias.dtype, dev) if store_ds else None
+    bias_arg = bias if bias is not None else q
+    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_bias_strides(bias))
+    geo = (H, N, D, geom.R, *geom.args(), geom.rel_off, float(scale) * LOG2E)
+    dextra = q.new_empty(0)
+
+    if geom.n_win <= FUSED_MAX_SPAN:
+        n = geom.n_win
+        G = max(1, min(FUSED_MAX_SPAN // n, geom.nW))   # windows packed per tile
+        BLOCK = max(16, next_power_of_2(G * n))
+        groups = cdiv(geom.nW, G)
+        units = B * groups
+        acc = acc_table or acc_dense
+        P = min(units, _programs_per_head(dev, H)) if acc else units
+        UPP = cdiv(units, P)
+        P = cdiv(units, UPP)
+        partial = torch.empty((H, P, BLOCK, BLOCK), dtype=torch.float32, device=dev) if acc else q
+        warps, stages = _fused_config(kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size())
+        _tmsa_attention_bwd_kernel_window[(P, H)](
+            q, k, v, o, do, tab, bias_arg, lse, dq, dk, dv,
+            dbias if dbias is not None else q, partial, *strides, *geo, float(scale),
+            units, groups, G * n, UPP, P, ACC_DS=acc, STORE_DS=store_ds, BLOCK=BLOCK,
+            num_warps=warps, num_stages=stages, **kw)
+        if acc_table:
+            part = partial.sum(1).reshape(H, BLOCK * BLOCK)
+            dextra = _gather_bins(part, _fused_bins(n, G, BLOCK, geom.gh, geom.gw, str(dev)))
+        elif acc_dense:
+            dextra = partial.sum(1)[:, :N, :N]
+    else:
+        delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
+        _tmsa_attention_bwd_kernel_delta[(cdiv(N, 64), B * H)](
+            o, do, delta, *_strides3(do), H, N, D, BLOCK_M=64, D0=kw["D0"], D1=kw["D1"],
+            HAS_D1=kw["HAS_D1"], num_warps=4)
+        buckets = (next_power_of_2(N), next_power_of_2(geom.n_win))
+        elt = q.element_size()
+        _launch(_tmsa_attention_bwd_kernel_dkdv, "dkdv",
+                _configs("dkdv", geom.n_win, kw["D0"], kw["D1"], kw["HAS_D1"], elt),
+                lambda bm, bn: (cdiv(N, bn), B * H),
+                (q, k, v, do, tab, bias_arg, lse, delta, dk, dv,
+                 dbias if dbias is not None else q, *strides, *geo, float(scale), *buckets),
+                dict(kw, STORE_DS=store_ds))
+        _launch(_tmsa_attention_bwd_kernel_dq, "dq",
+                _configs("dq", geom.n_win, kw["D0"], kw["D1"], kw["HAS_D1"], elt),
+                lambda bm, bn: (cdiv(N, bm), B * H),
+                (q, k, v, do, tab, bias_arg, lse, delta, dq, *strides, *geo, float(scale),
+                 *buckets), kw)
+        if acc_table or acc_dense:
+            BM = BN = _dbias_block()
+            group = acc_table and BM % geom.gw == 0
+            plan, slots, slot_index, bins, P = _dbias_plan(
+                geom.n_win, geom.nW, B, BM, BN, group, _programs_per_head(dev, H),
+                (geom.gh, geom.gw) if acc_table else None, str(dev))
+            partial = torch.empty((H, P, BM, BN), dtype=torch.float32, device=dev)
+            warps = 8 if kw["D0"] + (kw["D1"] if kw["HAS_D1"] else 0) > 64 else 4
+            _tmsa_attention_bwd_kernel_dbias[(P, H)](
+                q, k, v, do, tab, bias_arg, lse, delta, plan, slots, partial, *strides,
+                H, N, D, geom.R, geom.n_win, geom.nW, geom.gh, geom.gw, geom.Gw, geom.nWw,
+                geom.rel_off, float(scale) * LOG2E, P, BLOCK_M=BM, BLOCK_N=BN,
+                num_warps=warps, num_stages=2, **kw)
+            part = torch.cat([partial.reshape(H, P, BM * BN),
+                              partial.new_zeros(H, 1, BM * BN)], dim=1)
+            per_slot = part[:, slot_index].sum(2)                     # [H, S, BM * BN]
+            S = per_slot.shape[1]
+            if acc_table:
+                dextra = _gather_bins(per_slot.reshape(H, S * BM * BN), bins)
+            else:
+                Tm, Tn = cdiv(N, BM), cdiv(N, BN)
+                dextra = per_slot.reshape(H, Tm, Tn, BM, BN).permute(0, 1, 3, 2, 4).reshape(
+                    H, Tm * BM, Tn * BN)[:, :N, :N]
+    if acc_table:
+        dextra = dextra.to(table.dtype).contiguous()
+    elif acc_dense:
+        dextra = dextra.to(bias.dtype).contiguous()
+    elif store_ds:
+        dextra = dbias
+    return dq, dk, dv, dextra
+
+
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("diffit_kernels::tmsa_attention_fwd", mutates_args=())
+def _tmsa_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           table: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                           geometry: List[int], scale: float,
+                           deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale)
+
+
+@_tmsa_attention_fwd_op.register_fake
+def _(q, k, v, table, bias, geometry, scale, deterministic):
+    B, H, N, D = q.shape
+    return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("diffit_kernels::tmsa_attention_bwd", mutates_args=())
+def _tmsa_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           o: torch.Tensor, lse: torch.Tensor, table: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], geometry: List[int], scale: float,
+                           need_extra: bool, deterministic: bool) -> List[torch.Tensor]:
+    # deterministic=False takes the same fixed-order path: no atomic variant is shipped
+    return list(_tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale,
+                                    need_extra))
+
+
+@_tmsa_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, table, bias, geometry, scale, need_extra, deterministic):
+    extra = q.new_empty(0)
+    if need_extra and table is not None:
+        extra = table.new_empty(table.shape)
+    elif need_extra and bias is not None:
+        extra = bias.new_empty(bias.shape)
+    return [q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), extra]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, table, bias, geometry, scale, deterministic = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, table, bias)
+    ctx.geometry, ctx.scale, ctx.deterministic = list(geometry), scale, deterministic
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, table, bias = ctx.saved_tensors
+    need_extra = bool(ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+    dq, dk, dv, dextra = _tmsa_attention_bwd_op(do, q, k, v, o, lse, table, bias, ctx.geometry,
+                                                ctx.scale, need_extra, ctx.deterministic)
+    dtable = dextra if (table is not None and ctx.needs_input_grad[3]) else None
+    dbias = dextra if (bias is not None and ctx.needs_input_grad[4]) else None
+    return dq, dk, dv, dtable, dbias, None, None, None
+
+
+_tmsa_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
 def tmsa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -25,18 +930,45 @@ def tmsa_attention(
     deterministic: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """O = softmax(q k^T * scale + B_rel) v per head, B_rel gathered from `table` (DESIGN.md 3)."""
-    reference.check_attention_inputs(q, k, v, table, grid, window, bias)
+    """TMSA attention: O = softmax(q k^T * scale + B_rel) v per head, flash-style.
+
+    B_rel[h, a, b] = table[index(a, b), h] with Swin's relative index over a gh x gw window,
+    gathered in-kernel from token coordinates; or a dense additive `bias`.
+
+    Args:
+        q, k, v: [B, H, N, D] float32 / float16 / bfloat16, the same dtype and device; any
+            strides with a unit last-dim stride (views of one packed qkv buffer are not copied).
+            The Triton path takes D = 16, 24, ..., 128.
+        table: [(2gh-1)(2gw-1), H] learnable relative-position table (any float dtype; its
+            gradient is accumulated in float32). Needs grid.
+        grid: (Gh, Gw) token grid, Gh * Gw == N, tokens row-major.
+        window: (gh, gw) non-overlapping attention windows dividing the grid, all sharing the
+            table; None = the whole grid (global attention).
+        bias: dense additive bias [H, N, N] or [B, H, N, N], exclusive with table; its gradient
+            has its own shape ([H, N, N] is reduced over the batch without a [B, H, N, N] buffer).
+        scale: logit scale, default D ** -0.5.
+        deterministic: bitwise-reproducible gradients (the default; every path is
+            deterministic, the flag is kept for API stability).
+        backend: "auto" | "triton" | "torch" (see diffit_kernels._common.resolve_backend).
+    Returns:
+        o [B, H, N, D] in q's dtype, differentiable w.r.t. q, k, v, table and bias.
+    """
+    gh, gw, Gh, Gw = reference.check_attention_inputs(q, k, v, table, grid, window, bias)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     if resolve_backend(backend, q, k, v, table, bias) == "torch":
-        return reference.tmsa_attention(q, k, v, table=table, grid=grid, window=window, bias=bias,
-                                        scale=scale)
-    raise NotImplementedError("tmsa_attention's Triton kernels are not in this commit yet: "
-                              "use backend='torch'")
-
-
-def aot_specs():
-    return []
-
-
-def check_cases(device: torch.device):
-    return []
+        return reference.tmsa_attention(q, k, v, table=table, grid=grid, window=window,
+                                        bias=bias, scale=scale)
+    check_kernel_dtype("q", q)
+    for name, t in (("table", table), ("bias", bias)):
+        if t is not None:
+            check_kernel_dtype(name, t)
+    _check_head_dim(q.shape[-1])
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else float(scale)
+    geometry = [Gh, Gw, gh, gw] if (grid is not None and (table is not None or window is not None)) \
+        else []
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
+    o, _ = _tmsa_attention_fwd_op(q, k, v, table, bias, geometry, scale, bool(deterministic))
+    return o

@@ -1,34 +1,656 @@
-"""time_qkv: TMSA's QKV projection with the time token, LayerNorm folded in (first version:
-validation and the reference path; the Triton kernels land next)."""
+"""time_qkv: TMSA's QKV projection, time token and LayerNorm fused, written head-split.
+
+Forward, rows m = (b, n) of x [B, N, C], columns j of W [3C', C] (q | k | v, head h = j // d):
+    y[m, j] = rstd_m * (x_m . W_j - mean_m * wsum_j) + cb[b, j]          (LayerNorm folded)
+    y[m, j] = x_m . W_j + cb[b, j]                                        (norm_eps=None)
+    wsum_j = sum_c W[j, c] (fp32, cached per weight version), cb = bias + temb W_t^T + b_t (fp32)
+mean/rstd come from the same pass over x that feeds the GEMM (fp32 sums shifted by x[m, 0],
+so a large |mean| does not cancel), no normalised copy of x is written, and the epilogue stores
+straight into one [3, B, H, N, d] buffer whose q, k, v views tmsa_attention reads as they are.
+Backward, with g = [dq | dk | dv] read head-split through each gradient's own strides:
+    dxn = g W   (Triton GEMM),  dx = rstd * (dxn - mean_c(dxn) - xhat * mean_c(dxn * xhat))
+    dW = g^T LN(x)  (Triton GEMM over rows, LN(x) rebuilt per tile, fixed-order split-K)
+    S[b] = sum_n g[b, n]   ->  dbias = dtemb_bias = sum_b S,  dW_t = S^T temb,  dtemb = S W_t
+S comes from the dW kernel (fp32 per row block, summed in a fixed order) or torch.sum:
+deterministic, and no [B, N, 3C'] temporary: dq, dk, dv are never concatenated.
+"""
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Optional, Tuple
 
 import torch
 
 from . import reference
-from ._common import check_tensor, describe, resolve_backend
+from ._common import (cdiv, check_kernel_dtype, check_tensor, describe, dot_upcast, empty,
+                      interpreting, next_power_of_2, resolve_backend, row_warps,
+                      unit_last_stride)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a requirement; the torch path still works
+    triton = None
+
+DW_BLOCK_K = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}  # rows per dW step
+LN_BLOCK_C = 4096  # LayerNorm-backward row chunk: wider rows are walked twice
 
 
+if triton is not None:
+
+    @triton.jit
+    def _grouped(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        """Grouped tile order: GROUP_M row tiles sweep the columns together (L2 reuse of W)."""
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+    @triton.jit
+    def _head_cols(offs_j, stride_h, D: tl.constexpr, VEC: tl.constexpr):
+        """Offsets of columns j (inside q, k or v) in a [.., H, .., D] head-split tensor: runs of
+        VEC (dividing D and every stride) stay in one head, so loads / stores vectorise."""
+        col = (offs_j // D).to(tl.int64) * stride_h + offs_j % D
+        return tl.max_contiguous(tl.multiple_of(col, VEC), VEC)
+
+    @triton.jit
+    def _dot(a, b, acc, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+        if UPCAST:  # the interpreter's bf16 tl.dot is wrong: fp32 operands there
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PREC)
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+    @triton.jit
+    def _time_qkv_fwd_kernel(
+        X,       # [B, N, C] tokens (rows strided, unit channel stride)
+        W,       # [3C', C] spatial weight, rows q | k | v
+        WSUM,    # [3C'] fp32 row sums of W: the LayerNorm fold (HAS_LN)
+        CB,      # [B, 3C'] fp32 per-sample bias = bias + temb W_t^T + b_t (HAS_CB; stride 0 on B ok)
+        OUT,     # [3, B, H, N, D] q | k | v, written through its strides
+        MEAN,    # [B * N] fp32 row means, for the backward (HAS_LN)
+        RSTD,    # [B * N] fp32 row 1/std (HAS_LN)
+        M, N, C, CP, eps,
+        stride_x_b, stride_x_n,
+        stride_w_j, stride_w_c,
+        stride_cb_b,
+        stride_o_s, stride_o_b, stride_o_h, stride_o_n,
+        D: tl.constexpr, VEC: tl.constexpr, XVEC: tl.constexpr, WVEC: tl.constexpr,
+        HAS_LN: tl.constexpr, HAS_CB: tl.constexpr, CENTER: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        tiles_seg = tl.cdiv(CP, BLOCK_N)  # column tiles never straddle q | k | v
+        pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), 3 * tiles_seg, GROUP_M)
+        seg = pid_n // tiles_seg
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_j = (pid_n - seg * tiles_seg) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_j = offs_j < CP
+        b = offs_m // N
+        n = offs_m - b * N
+        x_row = tl.multiple_of(b * stride_x_b + n * stride_x_n, XVEC)
+        # [BLOCK_M, BLOCK_K]
+        x_ptrs = X + x_row[:, None] + offs_k[None, :]
+        # [BLOCK_K, BLOCK_N]: W^T
+        w_row = tl.multiple_of((seg * CP + offs_j).to(tl.int64) * stride_w_j, WVEC)
+        w_ptrs = W + w_row[None, :] + offs_k[:, None] * stride_w_c
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        shift = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if HAS_LN:
+            # the row's first element: shifted sums keep var = E[(x-s)^2] - E[x-s]^2 exact-ish
+            shift = tl.load(X + x_row, mask=mask_m, other=0.0).to(tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            mask_k = offs_k < C - k0
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=mask_j[None, :], other=0.0)
+            else:
+                x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_j[None, :], other=0.0)
+            if HAS_LN:
+                # [BLOCK_M, BLOCK_K]
+                xc = tl.where(mask_k[None, :], x.to(tl.float32) - shift[:, None], 0.0)
+                s1 += tl.sum(xc, axis=1)
+                s2 += tl.sum(xc * xc, axis=1)
+                if CENTER:  # fp32: the GEMM runs on x - shift, no cancellation in the fold
+                    x = xc
+            acc = _dot(x, w, acc, UPCAST, DOT_PREC)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_w_c
+        # [BLOCK_M, BLOCK_N]
+        if HAS_LN:
+            mean_c = s1 / C
+            rstd = 1.0 / tl.sqrt(tl.maximum(s2 / C - mean_c * mean_c, 0.0) + eps)
+            wsum = tl.load(WSUM + seg * CP + offs_j, mask=mask_j, other=0.0)
+            if CENTER:
+                sub = mean_c
+            else:
+                sub = shift + mean_c
+            acc = (acc - sub[:, None] * wsum[None, :]) * rstd[:, None]
+            if pid_n == 0:
+                tl.store(MEAN + offs_m, shift + mean_c, mask=mask_m)
+                tl.store(RSTD + offs_m, rstd, mask=mask_m)
+        mask = mask_m[:, None] & mask_j[None, :]
+        if HAS_CB:
+            acc += tl.load(CB + (b * stride_cb_b)[:, None] + (seg * CP + offs_j)[None, :],
+                           mask=mask, other=0.0)
+        o_row = tl.multiple_of(b * stride_o_b + n * stride_o_n, VEC)
+        o_ptrs = OUT + seg.to(tl.int64) * stride_o_s + o_row[:, None] \
+            + _head_cols(offs_j, stride_o_h, D, VEC)[None, :]
+        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dx_segment(acc, G, g_row, stride_g_h, mask_m, W, j0, CP, offs_c, mask_c,
+                    stride_w_j, stride_w_c, D: tl.constexpr, VEC: tl.constexpr, WVEC: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+        """acc += g [BLOCK_M, C'] @ W[j0 : j0 + C', offs_c] for one of q | k | v."""
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, CP, BLOCK_K):
+            offs_j = k0 + offs_k
+            mask_j = offs_j < CP
+            # [BLOCK_M, BLOCK_K]
+            g = tl.load(G + g_row[:, None] + _head_cols(offs_j, stride_g_h, D, VEC)[None, :],
+                        mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+            # [BLOCK_K, BLOCK_N]
+            w_row = tl.multiple_of((j0 + offs_j).to(tl.int64) * stride_w_j, WVEC)
+            w = tl.load(W + w_row[:, None] + offs_c[None, :] * stride_w_c,
+                        mask=mask_j[:, None] & mask_c[None, :], other=0.0)
+            acc = _dot(g, w, acc, UPCAST, DOT_PREC)
+        return acc
+
+    @triton.jit
+    def _time_qkv_bwd_kernel_dx(
+        GQ, GK, GV,  # [B, H, N, D] gradients of q, k, v (own strides, unit last stride)
+        W,           # [3C', C]
+        DX,          # [B * N, C] out: grad of LN(x) (HAS_LN: the row kernel finishes it) or x
+        M, N, C, CP,
+        stride_gq_b, stride_gq_h, stride_gq_n,
+        stride_gk_b, stride_gk_h, stride_gk_n,
+        stride_gv_b, stride_gv_h, stride_gv_n,
+        stride_w_j, stride_w_c,
+        D: tl.constexpr, VEC: tl.constexpr, WVEC: tl.constexpr, UPCAST: tl.constexpr,
+        DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        pid_m, pid_c = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_N),
+                                GROUP_M)
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_c = offs_c < C
+        b = offs_m // N
+        n = offs_m - b * N
+        # [BLOCK_M, BLOCK_N]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _dx_segment(acc, GQ, tl.multiple_of(b * stride_gq_b + n * stride_gq_n, VEC),
+                          stride_gq_h, mask_m, W, 0, CP, offs_c, mask_c, stride_w_j, stride_w_c,
+                          D, VEC, WVEC, UPCAST, DOT_PREC, BLOCK_K)
+        acc = _dx_segment(acc, GK, tl.multiple_of(b * stride_gk_b + n * stride_gk_n, VEC),
+                          stride_gk_h, mask_m, W, CP, CP, offs_c, mask_c, stride_w_j, stride_w_c,
+                          D, VEC, WVEC, UPCAST, DOT_PREC, BLOCK_K)
+        acc = _dx_segment(acc, GV, tl.multiple_of(b * stride_gv_b + n * stride_gv_n, VEC),
+                          stride_gv_h, mask_m, W, 2 * CP, CP, offs_c, mask_c, stride_w_j,
+                          stride_w_c, D, VEC, WVEC, UPCAST, DOT_PREC, BLOCK_K)
+        tl.store(DX + offs_m[:, None] * C + offs_c[None, :], acc.to(DX.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_c[None, :])
+
+    @triton.jit
+    def _time_qkv_bwd_kernel_dw(
+        GQ, GK, GV,  # [B, H, N, D] gradients of q, k, v
+        X,           # [B, N, C] forward input
+        MEAN,        # [B * N] fp32 (HAS_LN)
+        RSTD,        # [B * N] fp32 (HAS_LN)
+        DW,          # [SPLIT, 3C', C] out: fp32 partials when SPLIT > 1, else dweight itself
+        SPART,       # [B * TPS, 3C'] out: fp32 sums of g over each row block (PER_SAMPLE)
+        M, N, C, CP, T, TPS,
+        stride_gq_b, stride_gq_h, stride_gq_n,
+        stride_gk_b, stride_gk_h, stride_gk_n,
+        stride_gv_b, stride_gv_h, stride_gv_n,
+        stride_x_b, stride_x_n,
+        stride_dw_s, stride_dw_j,
+        D: tl.constexpr, VEC: tl.constexpr, XVEC: tl.constexpr,
+        HAS_LN: tl.constexpr, PER_SAMPLE: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # K loop over row blocks t. PER_SAMPLE: t = (b, n-block), rows never straddle samples
+        # (no per-row division, and sum(g) per block is the per-sample sum S); else flat rows.
+        tiles_seg = tl.cdiv(CP, BLOCK_N)
+        num_c = tl.cdiv(C, BLOCK_C)
+        pid = tl.program_id(0)
+        pid_j = pid // num_c
+        pid_c = pid - pid_j * num_c
+        seg = pid_j // tiles_seg
+        offs_j = (pid_j - seg * tiles_seg) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_r = tl.arange(0, BLOCK_K)
+        mask_j = offs_j < CP
+        mask_c = offs_c < C
+        G = tl.where(seg == 0, GQ, tl.where(seg == 1, GK, GV))
+        stride_g_b = tl.where(seg == 0, stride_gq_b, tl.where(seg == 1, stride_gk_b, stride_gv_b))
+        stride_g_h = tl.where(seg == 0, stride_gq_h, tl.where(seg == 1, stride_gk_h, stride_gv_h))
+        stride_g_n = tl.where(seg == 0, stride_gq_n, tl.where(seg == 1, stride_gk_n, stride_gv_n))
+        g_cols = _head_cols(offs_j, stride_g_h, D, VEC)
+        per_split = tl.cdiv(T, tl.num_programs(1))
+        t0 = tl.program_id(1) * per_split
+        t1 = tl.minimum(t0 + per_split, T)
+        # [BLOCK_C, BLOCK_N]: dW^T tile
+        acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
+        for t in range(t0, t1):
+            t64 = tl.cast(t, tl.int64)
+            if PER_SAMPLE:
+                b = (t // TPS).to(tl.int64)
+                n = (t - b * TPS) * BLOCK_K + offs_r
+                mask_r = n < N
+            else:
+                rows = t64 * BLOCK_K + offs_r
+                mask_r = rows < M
+                b = rows // N
+                n = rows - b * N
+            # [BLOCK_K, BLOCK_N]
+            g_row = tl.multiple_of(b * stride_g_b + n * stride_g_n, VEC)
+            g = tl.load(G + g_row[:, None] + g_cols[None, :],
+                        mask=mask_r[:, None] & mask_j[None, :], other=0.0)
+            # [BLOCK_K, BLOCK_C]
+            x_row = tl.multiple_of(b * stride_x_b + n * stride_x_n, XVEC)
+            x = tl.load(X + x_row[:, None] + offs_c[None, :],
+                        mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+            if HAS_LN:
+                # LN(x) rebuilt and rounded to the input dtype, as the GEMM it replaces saw it
+                mean = tl.load(MEAN + b * N + n, mask=mask_r, other=0.0)
+                rstd = tl.load(RSTD + b * N + n, mask=mask_r, other=0.0)
+                x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None]).to(X.dtype.element_ty)
+            if PER_SAMPLE:
+                if pid_c == 0:
+                    tl.store(SPART + t64 * (3 * CP) + seg * CP + offs_j,
+                             tl.sum(g.to(tl.float32), axis=0), mask=mask_j)
+            acc = _dot(tl.trans(x), g, acc, UPCAST, DOT_PREC)
+        dw_ptrs = DW + tl.program_id(1).to(tl.int64) * stride_dw_s \
+            + ((seg * CP + offs_j).to(tl.int64) * stride_dw_j)[None, :] + offs_c[:, None]
+        tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=mask_c[:, None] & mask_j[None, :])
+
+    @triton.jit
+    def _time_qkv_bwd_kernel_ln(
+        DX,      # [B * N, C] in: grad of LN(x); out: grad of x (in place, row by row)
+        X,       # [B, N, C] forward input
+        MEAN,    # [B * N] fp32
+        RSTD,    # [B * N] fp32
+        N, C,
+        stride_x_b, stride_x_n,
+        NUM_CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        b = row // N
+        x_row = X + b * stride_x_b + (row - b * N) * stride_x_n
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        offs = tl.arange(0, BLOCK_C)
+        if NUM_CHUNKS == 1:
+            mask_c = offs < C
+            dxn = tl.load(DX + row * C + offs, mask=mask_c, other=0.0).to(tl.float32)
+            xhat = tl.where(mask_c, (tl.load(x_row + offs, mask=mask_c, other=0.0)
+                                     .to(tl.float32) - mean) * rstd, 0.0)
+            c1 = tl.sum(dxn * xhat, axis=0) / C
+            c2 = tl.sum(dxn, axis=0) / C
+            tl.store(DX + row * C + offs, ((dxn - xhat * c1 - c2) * rstd).to(DX.dtype.element_ty),
+                     mask=mask_c)
+        else:  # wide rows: sums over chunks first, then a second walk writes dx
+            c1 = 0.0
+            c2 = 0.0
+            for ci in range(NUM_CHUNKS):
+                offs_c = ci * BLOCK_C + offs
+                mask_c = offs_c < C
+                dxn = tl.load(DX + row * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+                xhat = tl.where(mask_c, (tl.load(x_row + offs_c, mask=mask_c, other=0.0)
+                                         .to(tl.float32) - mean) * rstd, 0.0)
+                c1 += tl.sum(dxn * xhat, axis=0)
+                c2 += tl.sum(dxn, axis=0)
+            c1 = c1 / C
+            c2 = c2 / C
+            for ci in range(NUM_CHUNKS):
+                offs_c = ci * BLOCK_C + offs
+                mask_c = offs_c < C
+                dxn = tl.load(DX + row * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+                xhat = (tl.load(x_row + offs_c, mask=mask_c, other=0.0).to(tl.float32) - mean) \
+                    * rstd
+                tl.store(DX + row * C + offs_c, ((dxn - xhat * c1 - c2) * rstd)
+                         .to(DX.dtype.element_ty), mask=mask_c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). 16-bit tiles target the
+# tensor cores (128x128x64, 3-4 stages fit sm_80's 163 KiB and sm_90a's 227 KiB); fp32 runs
+# IEEE FMA dots (no TF32), so its tiles are smaller. The interpreter gets exactly one config.
+FWD_CONFIGS = {"16": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+                      (64, 128, 64, 4, 4)],
+               "32": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]}
+DX_CONFIGS = {"16": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)],
+              "32": [(64, 64, 32, 4, 3)]}
+# dW: (BLOCK_N over q|k|v columns, BLOCK_C over channels, rows per step, warps, stages)
+DW_CONFIGS = {"16": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)],
+              "32": [(64, 64, 32, 4, 3)]}
+INTERP_CONFIG = (32, 32, 32, 4, 1)
+INTERP_DW_BLOCK_K = 16  # short row steps: the interpreter's tests cover several per sample
+GROUP_M = 8
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "32" if dtype == torch.float32 else "16"
+
+
+def _configs(table, kind: str, interp: bool):
+    rows = [INTERP_CONFIG] if interp else table[kind]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
+                          num_stages=s) for bm, bn, bk, w, s in rows]
+
+
+def _prune_mn(m_arg: str, n_arg: str):
+    """Drop tiles far larger than the problem (a batch-1 call need not time 128-row tiles)."""
+    def prune(configs, named_args, **kwargs):
+        m = max(16, next_power_of_2(named_args[m_arg]))
+        n = max(16, next_power_of_2(named_args[n_arg]))
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m)
+                and c.kwargs["BLOCK_N"] <= max(64, n)]
+        return keep or configs[-1:]
+    return prune
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(which: str, kind: str, interp: bool):
+    """The autotuned launcher, built on first use (no GPU query at import)."""
+    if which == "fwd":
+        fn = triton.heuristics({"EVEN_K": lambda a: a["C"] % a["BLOCK_K"] == 0})(
+            _time_qkv_fwd_kernel)
+        return triton.autotune(_configs(FWD_CONFIGS, kind, interp),
+                               key=["M", "C", "CP", "HAS_LN"],
+                               prune_configs_by={"early_config_prune": _prune_mn("M", "CP")})(fn)
+    if which == "dx":
+        return triton.autotune(_configs(DX_CONFIGS, kind, interp), key=["M", "C", "CP"],
+                               prune_configs_by={"early_config_prune": _prune_mn("M", "C")}
+                               )(_time_qkv_bwd_kernel_dx)
+    rows = [INTERP_CONFIG] if interp else DW_CONFIGS[kind]
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_C": bc}, num_warps=w, num_stages=s)
+               for bn, bc, _, w, s in rows]
+    return triton.autotune(configs, key=["M", "C", "CP", "HAS_LN", "PER_SAMPLE"])(
+        _time_qkv_bwd_kernel_dw)
+
+
+def _dw_block_k(dtype: torch.dtype) -> int:
+    return INTERP_DW_BLOCK_K if interpreting() else DW_BLOCK_K[dtype]
+
+
+def _vec(elsize: int, *sizes: int) -> int:
+    """Largest power of two <= 16 bytes of elements dividing every size and stride given."""
+    v = 16 // elsize
+    while v > 1 and any(s % v for s in sizes):
+        v //= 2
+    return v
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _dw_split(T: int, CP: int, C: int, device: torch.device) -> int:
+    """Row splits of the dW GEMM (fixed-order fp32 partials): only when its 128x128 output
+    tiles cannot fill the card (narrow layers), keeping >= 16 row steps per split."""
+    if device.type != "cuda":
+        return 2 if T >= 4 else 1  # the interpreter exercises the partial reduction
+    tiles = 3 * cdiv(CP, 128) * cdiv(C, 128)
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if tiles >= sms:
+        return 1
+    return max(1, min(cdiv(sms, tiles), T // 16))
+
+
+# colsum(W) per weight version: identity (weakref), storage pointer and version counter must all
+# match. In-place writes through `.data` bypass the version counter: call clear_weight_cache()
+# after those. Never cached while a CUDA graph is being captured (the replay must recompute).
+_WSUM_CACHE: dict = {}
+
+
+def clear_weight_cache() -> None:
+    """Forget the cached row sums of W (needed only after in-place edits through `.data`)."""
+    _WSUM_CACHE.clear()
+
+
+def _weight_rowsum(weight: torch.Tensor) -> torch.Tensor:
+    try:
+        version = weight._version
+    except RuntimeError:  # inference tensors have no version counter: never cache them
+        version = None
+    capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = id(weight)
+    hit = _WSUM_CACHE.get(key)
+    if hit is not None and version is not None and not capturing:
+        ref, ptr, ver, val = hit
+        if ref() is weight and ptr == weight.data_ptr() and ver == version:
+            return val
+    val = weight.sum(dim=1, dtype=torch.float32)
+    if version is not None and not capturing:
+        if len(_WSUM_CACHE) >= 256:
+            _WSUM_CACHE.clear()
+        _WSUM_CACHE[key] = (weakref.ref(weight, lambda _r, k=key: _WSUM_CACHE.pop(k, None)),
+                            weight.data_ptr(), version, val)
+    return val
+
+
+def _per_sample_bias(temb, bias, temb_weight, temb_bias) -> Tuple[Optional[torch.Tensor], int]:
+    """cb = bias + temb W_t^T + b_t in fp32: one tiny GEMM per call, not per token."""
+    if temb is None:
+        return (None, 0) if bias is None else (bias.float().contiguous()[None], 0)
+    cb = torch.matmul(temb.float(), temb_weight.float().t())                # [B, 3C']
+    for t in (temb_bias, bias):
+        if t is not None:
+            cb = cb + t.float()
+    return cb, cb.stride(0)
+
+
+def _time_qkv_fwd(x, temb, weight, bias, temb_weight, temb_bias, num_heads: int,
+                  norm_eps: Optional[float]):
+    B, N, C = x.shape
+    C3 = weight.shape[0]
+    CP, H = C3 // 3, num_heads
+    D, M = CP // H, B * N
+    has_ln = norm_eps is not None
+    out = empty((3, B, H, N, D), x.dtype, x.device)
+    mean = empty((M if has_ln else 0,), torch.float32, x.device)
+    rstd = empty((M if has_ln else 0,), torch.float32, x.device)
+    if M == 0:
+        return out, mean, rstd
+    cb, stride_cb_b = _per_sample_bias(temb, bias, temb_weight, temb_bias)
+    wsum = _weight_rowsum(weight) if has_ln else None
+    dummy = mean if has_ln else torch.empty(1, dtype=torch.float32, device=x.device)
+    el = x.element_size()
+    so = out.stride()
+    kernel = _tuned("fwd", _kind(x.dtype), interpreting())
+    grid = lambda META: (cdiv(M, META["BLOCK_M"]) * 3 * cdiv(CP, META["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](
+        x, weight, wsum if wsum is not None else dummy, cb if cb is not None else dummy, out,
+        mean if has_ln else dummy, rstd if has_ln else dummy,
+        M, N, C, CP, float(norm_eps) if has_ln else 0.0,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), stride_cb_b,
+        so[0], so[1], so[2], so[3],
+        D=D, VEC=_vec(el, D, *so[:4]), XVEC=_vec(el, x.stride(0), x.stride(1)),
+        WVEC=_vec(el, weight.stride(0)), HAS_LN=has_ln, HAS_CB=cb is not None,
+        CENTER=has_ln and x.dtype == torch.float32, UPCAST=dot_upcast(x.dtype), DOT_PREC="ieee",
+        GROUP_M=GROUP_M,
+    )
+    return out, mean, rstd
+
+
+def _token_sums(grads, B: int, CP: int) -> torch.Tensor:
+    """S[b, j] = sum_n g[b, n, j] in fp32 (torch's reduction: deterministic)."""
+    return torch.cat([g.sum(dim=2, dtype=torch.float32).reshape(B, CP) for g in grads], dim=1)
+
+
+def _time_qkv_bwd(dq, dk, dv, x, weight, mean, rstd, has_ln: bool, need_dx: bool,
+                  need_dw: bool):
+    B, N, C = x.shape
+    C3 = weight.shape[0]
+    CP, D, M = C3 // 3, dq.shape[3], B * N
+    grads = [unit_last_stride(g.to(x.dtype)) for g in (dq, dk, dv)]
+    gs = [s for g in grads for s in g.stride()[:3]]
+    el = x.element_size()
+    VEC = _vec(el, D, *gs)
+    upcast = dot_upcast(x.dtype)
+    kind = _kind(x.dtype)
+    dx = empty((B, N, C) if need_dx else (0,), x.dtype, x.device)
+    dw = empty((C3, C) if need_dw else (0,), x.dtype, x.device)
+    if M == 0:
+        if need_dw:
+            dw.zero_()
+        return dx, dw, torch.zeros(B, C3, dtype=torch.float32, device=x.device)
+    if need_dx:
+        grid = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(C, META["BLOCK_N"]),)  # noqa: E731
+        _tuned("dx", kind, interpreting())[grid](
+            *grads, weight, dx, M, N, C, CP, *gs, weight.stride(0), weight.stride(1),
+            D=D, VEC=VEC, WVEC=_vec(el, weight.stride(0)), UPCAST=upcast, DOT_PREC="ieee",
+            GROUP_M=GROUP_M)
+        if has_ln:
+            block = min(next_power_of_2(C), LN_BLOCK_C)
+            _time_qkv_bwd_kernel_ln[(M,)](dx, x, mean, rstd, N, C, x.stride(0), x.stride(1),
+                                          NUM_CHUNKS=cdiv(C, block), BLOCK_C=block,
+                                          num_warps=row_warps(block))
+    S = None
+    if need_dw:
+        bk = _dw_block_k(x.dtype)
+        per_sample = N % bk == 0 or N >= 8 * bk
+        tps = cdiv(N, bk)
+        T = B * tps if per_sample else cdiv(M, bk)
+        split = _dw_split(T, CP, C, x.device)
+        part = dw[None] if split == 1 else empty((split, C3, C), torch.float32, x.device)
+        spart = empty((T, C3) if per_sample else (1,), torch.float32, x.device)
+        dummy = mean if has_ln else spart
+        grid = lambda META: (3 * cdiv(CP, META["BLOCK_N"]) * cdiv(C, META["BLOCK_C"]),  # noqa
+                             split)
+        _tuned("dw", kind, interpreting())[grid](
+            *grads, x, mean if has_ln else dummy, rstd if has_ln else dummy, part, spart,
+            M, N, C, CP, T, tps, *gs, x.stride(0), x.stride(1), part.stride(0), part.stride(1),
+            D=D, VEC=VEC, XVEC=_vec(el, x.stride(0), x.stride(1)), HAS_LN=has_ln,
+            PER_SAMPLE=per_sample, UPCAST=upcast, DOT_PREC="ieee", BLOCK_K=bk)
+        if split > 1:
+            dw = part.sum(0).to(x.dtype)  # fixed order over the splits
+        if per_sample:
+            S = spart.view(B, tps, C3).sum(1)
+    if S is None:
+        S = _token_sums(grads, B, CP)
+    return dx, dw, S
+
+
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("diffit_kernels::time_qkv_fwd", mutates_args=())
+def _time_qkv_fwd_op(x: torch.Tensor, temb: Optional[torch.Tensor], weight: torch.Tensor,
+                     bias: Optional[torch.Tensor], temb_weight: Optional[torch.Tensor],
+                     temb_bias: Optional[torch.Tensor], num_heads: int,
+                     norm_eps: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _time_qkv_fwd(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps)
+
+
+@_time_qkv_fwd_op.register_fake
+def _(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps):
+    B, N, C = x.shape
+    CP = weight.shape[0] // 3
+    stats = x.new_empty((B * N if norm_eps is not None else 0,), dtype=torch.float32)
+    return x.new_empty((3, B, num_heads, N, CP // num_heads)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("diffit_kernels::time_qkv_bwd", mutates_args=())
+def _time_qkv_bwd_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, x: torch.Tensor,
+                     weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, has_ln: bool,
+                     need_dx: bool, need_dw: bool
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _time_qkv_bwd(dq, dk, dv, x, weight, mean, rstd, has_ln, need_dx, need_dw)
+
+
+@_time_qkv_bwd_op.register_fake
+def _(dq, dk, dv, x, weight, mean, rstd, has_ln, need_dx, need_dw):
+    B = x.shape[0]
+    dx = x.new_empty(x.shape if need_dx else (0,))
+    dw = weight.new_empty(weight.shape if need_dw else (0,))
+    return dx, dw, x.new_empty((B, weight.shape[0]), dtype=torch.float32)
+
+
+def _save(ctx, x, temb, weight, bias, temb_weight, temb_bias, norm_eps, mean, rstd):
+    ctx.save_for_backward(x, temb, weight, temb_weight, mean, rstd)
+    ctx.has_ln = norm_eps is not None
+    ctx.has_bias = bias is not None
+    ctx.has_temb_bias = temb_bias is not None
+
+
+def _input_grads(ctx, dq, dk, dv):
+    """(dx, dtemb, dweight, dbias, dtemb_weight, dtemb_bias) from the three head gradients."""
+    x, temb, weight, temb_weight, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw, S = _time_qkv_bwd_op(dq, dk, dv, x, weight, mean, rstd, ctx.has_ln, need[0], need[2])
+    dt = x.dtype
+    ssum = S.sum(0)                                                          # [3C'] fp32
+    dbias = ssum.to(dt) if ctx.has_bias and need[3] else None
+    dtemb = dtw = dtb = None
+    if temb is not None:
+        dtemb = torch.matmul(S, temb_weight.float()).to(dt) if need[1] else None   # [B, Ct]
+        dtw = torch.matmul(S.t(), temb.float()).to(dt) if need[4] else None       # [3C', Ct]
+        dtb = ssum.to(dt) if ctx.has_temb_bias and need[5] else None
+    return (dx if need[0] else None, dtemb, dw if need[2] else None, dbias, dtw, dtb)
+
+
+def _setup_context(ctx, inputs, output):
+    x, temb, weight, bias, temb_weight, temb_bias, _num_heads, norm_eps = inputs
+    _, mean, rstd = output
+    _save(ctx, x, temb, weight, bias, temb_weight, temb_bias, norm_eps, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _op_backward(ctx, dqkv, _dmean, _drstd):
+    return _input_grads(ctx, dqkv[0], dqkv[1], dqkv[2]) + (None, None)
+
+
+_time_qkv_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _TimeQKV(torch.autograd.Function):
+    """The public path: q, k, v leave as three views of one buffer, so autograd hands their
+    gradients over separately and they are never stacked into a [3, B, H, N, d] copy (the op's
+    own autograd above receives the stacked gradient of its single output instead)."""
+
+    @staticmethod
+    def forward(ctx, x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps):
+        qkv, mean, rstd = _time_qkv_fwd_op(x, temb, weight, bias, temb_weight, temb_bias,
+                                           num_heads, norm_eps)
+        _save(ctx, x, temb, weight, bias, temb_weight, temb_bias, norm_eps, mean, rstd)
+        return qkv[0], qkv[1], qkv[2]
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        return _input_grads(ctx, dq, dk, dv) + (None, None)
+
+
+# ---------------------------------------------------------------------------------------------
 def _check_inputs(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps):
-    """Validate like the spec, with messages naming the argument, its shape/dtype/device."""
+    """The spec's validation, with messages naming the argument, its shape/dtype/device."""
     check_tensor("x", x, ndim=3)
     B, N, C = x.shape
     check_tensor("weight", weight, ndim=2, dtype=x.dtype, device=x.device)
     if weight.shape[1] != C or weight.shape[0] % 3 or weight.shape[0] == 0:
-        raise ValueError(f"weight must have shape [3*C', C={C}] (q | k | v rows), got {describe(weight)}")
+        raise ValueError(f"weight must have shape [3*C', C={C}] (rows q | k | v), "
+                         f"got {describe(weight)}")
     C3 = weight.shape[0]
-    CP = C3 // 3
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    if CP % num_heads:
-        raise ValueError(f"num_heads={num_heads} must divide C'={CP} (weight {describe(weight)})")
+    if (C3 // 3) % num_heads:
+        raise ValueError(f"num_heads={num_heads} must divide C'={C3 // 3} "
+                         f"(weight {describe(weight)})")
     if bias is not None:
         check_tensor("bias", bias, shape=(C3,), dtype=x.dtype, device=x.device)
     if temb is None:
         if temb_weight is not None or temb_bias is not None:
-            raise ValueError("temb_weight / temb_bias given without temb: pass temb [B, Ct] or "
-                             "leave all three None (no time term)")
+            raise ValueError("temb_weight / temb_bias given without temb: pass temb [B, Ct], "
+                             "or None for all three (no time term)")
     else:
         check_tensor("temb", temb, ndim=2, dtype=x.dtype, device=x.device)
         if temb.shape[0] != B:
@@ -40,7 +662,7 @@ def _check_inputs(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm
         if temb_bias is not None:
             check_tensor("temb_bias", temb_bias, shape=(C3,), dtype=x.dtype, device=x.device)
     if norm_eps is not None and (isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float))
-                                 or norm_eps < 0):
+                                 or not norm_eps >= 0):
         raise ValueError(f"norm_eps must be None or a non-negative float, got {norm_eps!r}")
 
 
@@ -56,18 +678,35 @@ def time_qkv(
     norm_eps: Optional[float] = None,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TMSA's QKV projection: q, k, v = split_heads(LN?(x) W^T + b + (temb W_t^T + b_t)[b])."""
+    """TMSA's QKV projection with the time token (and LayerNorm) fused, split into heads.
+
+        xn = LN(x) without affine (norm_eps a float) else x
+        q | k | v = xn W^T + bias + (temb W_t^T + temb_bias)[b]       [B, N, 3C'] -> heads
+
+    Args:
+        x: [B, N, C] float32 / float16 / bfloat16; rows may be strided (e.g. a channel slice of
+            a wider tensor), the channel stride should be 1 (else x is copied once).
+        temb: [B, Ct] time token, or None: no time term (then temb_weight / temb_bias are None).
+        weight: [3C', C] (rows q | k | v; head h = rows h*d:(h+1)*d of each third).
+        bias: [3C'] or None.  temb_weight: [3C', Ct].  temb_bias: [3C'] or None.
+        num_heads: H, dividing C'; d = C' / H.
+        norm_eps: None = x is used as is; a float = LayerNorm (no affine) with this epsilon,
+            folded into the GEMM (statistics in fp32, no normalised copy of x).
+        backend: "auto" | "triton" | "torch" (see diffit_kernels._common.resolve_backend).
+    Returns:
+        q, k, v [B, H, N, d]: views of one [3, B, H, N, d] buffer (Triton) with unit last
+        stride, which tmsa_attention reads without a copy. Gradients flow to x, temb, weight,
+        bias, temb_weight and temb_bias; the backward is deterministic. Do not modify q, k, v
+        in place (they are outputs of one autograd node).
+    """
     _check_inputs(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps)
-    if resolve_backend(backend, x, temb, weight, bias, temb_weight, temb_bias) == "torch":
-        return reference.time_qkv(x, temb, weight, bias, temb_weight, temb_bias, num_heads,
-                                  norm_eps=norm_eps)
-    raise NotImplementedError("time_qkv's Triton kernels are not in this commit yet: "
-                              "use backend='torch'")
-
-
-def aot_specs():
-    return []
-
-
-def check_cases(device: torch.device):
-    return []
+    tensors = (x, temb, weight, bias, temb_weight, temb_bias)
+    if resolve_backend(backend, *tensors) == "torch":
+        return reference.time_qkv(*tensors, num_heads, norm_eps=norm_eps)
+    check_kernel_dtype("x", x)
+    x = unit_last_stride(x)
+    eps = None if norm_eps is None else float(norm_eps)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _TimeQKV.apply(x, temb, weight, bias, temb_weight, temb_bias, num_heads, eps)
+    qkv, _, _ = _time_qkv_fwd_op(x, temb, weight, bias, temb_weight, temb_bias, num_heads, eps)
+    return qkv[0], qkv[1], qkv[2]

@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import (LN_EPS, AdaLNBlock, DiffiTBlock, TimestepEmbedder, _check_backend, _ops,
+from diffit_kernels import adaln_norm, relative_position_index
+
+from .layers import (LN_EPS, AdaLNBlock, DiffiTBlock, TimestepEmbedder, _check_backend,
                      get_2d_sincos_pos_embed)
 
 CONDITIONINGS = ("tmsa", "adaln")
@@ -142,7 +144,6 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        adaln_norm, _, _ = _ops()
         y = adaln_norm(x, eps=LN_EPS, activation="silu", backend=self.backend)  # [B, N, C]
         return self.linear(y)                                           # [B, N, p*p*out]
 
@@ -358,8 +359,6 @@ def check_state_dict_against(expected: Mapping[str, torch.Tensor],
             mismatched.append((k, tuple(v.shape), tuple(e.shape)))
         elif k.endswith("relative_position_index"):
             # the kernels derive the index from the window shape: the stored one must agree
-            from diffit_kernels import relative_position_index
-
             n = math.isqrt(e.shape[0])
             if v.dtype.is_floating_point or not torch.equal(v.cpu().long(),
                                                             relative_position_index(n, n)):

@@ -21,8 +21,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffit_kernels import adaln_norm, relative_position_index, time_qkv, tmsa_attention
+from diffit_kernels._common import BACKENDS as _BACKENDS
 
-_BACKENDS = ("auto", "triton", "torch")
 LN_EPS = 1e-6
 
 
@@ -30,31 +31,6 @@ def _check_backend(backend: str) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     return backend
-
-
-def _ops():
-    """The public ops, imported on first use so that importing diffit stays cheap."""
-    import diffit_kernels as dk
-
-    return dk.adaln_norm, _public(dk, "time_qkv"), _public(dk, "tmsa_attention")
-
-
-def _public(dk, name):
-    # Transitional (issue 5): time_qkv / tmsa_attention are landing in diffit_kernels; until
-    # they are exported, the torch backend runs the reference and "triton" says it is missing.
-    fn = getattr(dk, name, None)
-    if fn is not None:
-        return fn
-    ref = getattr(dk.reference, name)
-
-    def pending(*args, backend="auto", **kwargs):
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if dk._common.resolve_backend(backend, *tensors) == "triton":
-            raise NotImplementedError(f"diffit_kernels.{name} is not available yet: "
-                                      "use backend='torch'")
-        return ref(*args, **kwargs)
-
-    return pending
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -179,8 +155,6 @@ class TMSAttention(nn.Module):
         self.backend = _check_backend(backend)
         gh, gw = self.window_size
 
-        from diffit_kernels import relative_position_index
-
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * gh - 1) * (2 * gw - 1), num_heads))
         self.register_buffer("relative_position_index", relative_position_index(gh, gw),
@@ -215,7 +189,6 @@ class TMSAttention(nn.Module):
             applied first, fused into the QKV projection; None (the official contract) = x is
             already normalised.
         """
-        _, time_qkv, tmsa_attention = _ops()
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [B, N, C={self.dim}], got shape {tuple(x.shape)}")
         B, N, C = x.shape
@@ -312,7 +285,6 @@ class DiffiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid=None) -> torch.Tensor:
         """x [B, N, C] residual stream, c [B, temb_dim] time token -> [B, N, C]."""
-        adaln_norm, _, _ = _ops()
         a = self.attn(x, c, grid, norm_eps=LN_EPS)                      # [B, N, C]
         y, x = adaln_norm(a.to(x.dtype), residual=x, eps=LN_EPS,
                           backend=self.backend)                         # x += a; y = LN(x)
@@ -341,7 +313,6 @@ class AdaLNBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid=None) -> torch.Tensor:
         """x [B, N, C] residual stream, c [B, temb_dim] -> [B, N, C]."""
-        adaln_norm, _, _ = _ops()
         mod = self.adaLN_modulation(c).to(x.dtype)                      # [B, 6C]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)  # 6 x [B, C] views
         y = adaln_norm(x, shift1, scale1, eps=LN_EPS, backend=self.backend)  # [B, N, C]

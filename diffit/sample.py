@@ -30,11 +30,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="official-layout checkpoint (.safetensors or .pt)")
     src.add_argument("--random-init", action="store_true",
                      help="no checkpoint: a randomly initialised --model (smoke tests)")
-    src.add_argument("--model", default="DiffiT-XL/2",
-                     help="preset for --random-init, or to check the checkpoint against "
-                          "(default: inferred from the checkpoint)")
+    src.add_argument("--model", default=None,
+                     help="preset (DiffiT-XL/2, -L/2, -B/2, -S/2, DiffiT-tiny): the model for "
+                          "--random-init, or what the checkpoint must match (default: inferred "
+                          "from the checkpoint)")
     src.add_argument("--num-classes", type=int, default=None,
-                     help="classes of a --random-init model (default: the preset's)")
+                     help="number of classes (default: the checkpoint's or the preset's)")
     src.add_argument("--image-size", type=int, default=256,
                      help="image side in pixels; the latent side is image-size / 8 (released: "
                           "256, 512)")
@@ -166,10 +167,14 @@ def _save_npz(path: Path, **arrays) -> None:
 
 
 def _build_model(args, latent: int):
-    from .latent import DiffiT, PRESETS
+    from .latent import DiffiT, preset_config
 
+    over = dict(backend=args.backend)
+    if args.num_classes is not None:
+        over["num_classes"] = args.num_classes
     if args.checkpoint is not None:
-        model = DiffiT.from_pretrained(args.checkpoint, backend=args.backend)
+        config = None if args.model is None else preset_config(args.model, input_size=latent)
+        model = DiffiT.from_pretrained(args.checkpoint, config, **over)
         if model.input_size != latent:
             raise ValueError(
                 f"--image-size {args.image_size} needs latent size {latent}, but "
@@ -179,12 +184,9 @@ def _build_model(args, latent: int):
     if not args.random_init:
         raise ValueError("pass --checkpoint PATH (an official-layout DiffiT checkpoint), or "
                          "--random-init with a small --model preset for a smoke test")
-    if args.model not in PRESETS:
-        raise ValueError(f"unknown --model {args.model!r}; presets: {sorted(PRESETS)}")
-    over = dict(input_size=latent, backend=args.backend)
-    if args.num_classes is not None:
-        over["num_classes"] = args.num_classes
-    return DiffiT.from_preset(args.model, **over)
+    if args.model is None:
+        raise ValueError("--random-init needs --model (a preset such as DiffiT-tiny)")
+    return DiffiT(config=preset_config(args.model, input_size=latent, **over))
 
 
 def run(args) -> int:

@@ -15,6 +15,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 LATENT_SCALE = 0.18215
@@ -244,6 +245,7 @@ def run(args) -> int:
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     mine = list(range(rank, N, world))
     outs = []
+    start = time.perf_counter()
     for b0 in range(0, len(mine), args.batch_size):
         idx = mine[b0: b0 + args.batch_size]
         y = labels[idx].to(device)
@@ -277,8 +279,11 @@ def run(args) -> int:
         local = torch.empty(shape, dtype=torch.uint8 if vae is not None else torch.float32,
                             device=device)
     allx = _gather(local, N, rank, world)
+    elapsed = time.perf_counter() - start
 
     if rank == 0:
+        print(f"{N} samples in {elapsed:.1f} s ({N / elapsed:.3g} samples/s, {world} rank(s), "
+              f"{diffusion.num_timesteps} steps{', guided' if guided else ''})")
         arr = allx.cpu().numpy()
         lab = labels.numpy().astype(np.int64)
         args.out.mkdir(parents=True, exist_ok=True)

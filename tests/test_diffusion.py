@@ -132,7 +132,6 @@ def test_training_losses_oracle_and_gradient_routing():
     x0 = torch.rand(4, 3, 4, 4) * 2 - 1
     t = torch.tensor([1, 20, 500, 999])
     noise = torch.randn_like(x0)
-    x_t = d.q_sample(x0, t, noise)
     a = d.alphas_cumprod[t].float().view(-1, 1, 1, 1)
 
     def perfect(x, tt, **kw):    # exact eps for this x0 and the posterior variance
@@ -152,7 +151,6 @@ def test_training_losses_oracle_and_gradient_routing():
     assert g[:, 3:].abs().max() == 0
     t0 = d.training_losses(lambda x, tt, **kw: out, x0, torch.zeros(4, dtype=torch.long))
     assert torch.isfinite(t0["vb"]).all() and (t0["vb"] > 0).all()    # decoder NLL at t = 0
-    del x_t
 
 
 @pytest.mark.parametrize("var", ["fixed_small", "fixed_large"])

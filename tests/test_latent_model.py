@@ -429,7 +429,8 @@ def test_mismatched_checkpoint_loads_nothing():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     model.load_checkpoint(good)
-    assert torch.equal(model.state_dict()["final_layer.linear.bias"], good["final_layer.linear.bias"])
+    assert torch.equal(model.state_dict()["final_layer.linear.bias"],
+                       good["final_layer.linear.bias"])
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

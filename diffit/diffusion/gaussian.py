@@ -4,7 +4,8 @@ DDIM, Song et al. 2021) as used by ADM, DiT and latent DiffiT.
 Forward process with betas b_t, a_t = 1 - b_t, abar_t = prod_{s<=t} a_s:
     q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
     q(x_{t-1} | x_t, x_0) = N(c0_t x_0 + ct_t x_t, bt_t I)
-        c0_t = b_t sqrt(abar_{t-1}) / (1 - abar_t),  ct_t = (1 - abar_{t-1}) sqrt(a_t) / (1 - abar_t)
+        c0_t = b_t sqrt(abar_{t-1}) / (1 - abar_t)
+        ct_t = (1 - abar_{t-1}) sqrt(a_t) / (1 - abar_t)
         bt_t = b_t (1 - abar_{t-1}) / (1 - abar_t)          (abar_{-1} = 1)
 The model predicts eps; x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t). With learned-range
 variance it also outputs v in [-1, 1] per element and

@@ -1,0 +1,358 @@
+"""Model benchmarks: latent DiffiT-XL/2 at 256 and 512 px, the ffhq64 image-space U-Net.
+
+Passes per model:
+    fwd              eval-mode forward under no_grad
+    fwd+bwd+adamw    one training step: forward, MSE against a fixed random target, backward,
+                     fused AdamW step (the loss is negligible next to the network)
+    guided sampling  latent model only: a full DDIM loop of classifier-free guided steps
+                     (forward_with_cfg on the [cond | uncond] batch), images/s counts images out
+Providers:
+    ours     backend="triton": the fused kernels
+    eager    backend="torch": the plain-PyTorch reference ops
+    compile  torch.compile of the eager model: its whole forward in a full run; in --quick the
+             repeated blocks only (regional compilation: one graph serves all 28 blocks, the
+             same kernels inside each), as compiling the whole model would eat most of the
+             10-minute budget
+All providers run fp32 weights under autocast to the run's dtype (fp32: no autocast) with the
+same seed, inputs and optimizer. The U-Net runs channels_last for every provider.
+
+Columns: ms (do_bench median, warm-up / compile / autotune excluded), images_per_s, tflops
+(FLOPs counted by torch.utils.flop_counter on the eager model on the meta device: every matmul
+and conv; the optimizer step is not counted), peak_mb (torch.cuda.max_memory_allocated during
+one call, weights and optimizer state included) and activations_mb (that peak minus what was
+allocated before the call).
+
+    python -m benchmarks.bench_model [--quick] [--dtype bf16] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import itertools
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import bench, cuda_or_explain, environment, plot, results_dir, write_csv
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PASSES = ("fwd", "fwd+bwd+adamw", "guided sampling")
+PROVIDERS = ("ours", "eager", "compile")
+RING = 3  # input sets cycled between calls
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+    model: str                      # preset: "DiffiT-XL/2" (latent) or "ffhq64" (U-Net)
+    kind: str                       # "latent" | "unet"
+    image_size: int                 # pixels; the latent model works at image_size / 8
+    batch: int                      # images per call (guided sampling: before doubling)
+    pass_: str                      # one of PASSES
+    providers: Tuple[str, ...]      # subset of PROVIDERS, in run order
+    steps: int = 0                  # DDIM steps of the guided sampling loop
+    rep_ms: int = 100               # do_bench time budget
+
+    @property
+    def name(self) -> str:
+        label = self.model if self.kind == "latent" else f"{self.model} U-Net"
+        steps = f" DDIM{self.steps}" if self.steps else ""
+        return f"{label} {self.image_size}px B{self.batch}{steps}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.name} {self.pass_}".replace("/", "").replace(" ", "-")
+
+
+def cases(quick: bool = False, tiny_cpu: bool = False) -> List[ModelCase]:
+    """The case list, shared by run() and the pytest-benchmark tests."""
+    if tiny_cpu:  # the harness on CPU: tiny presets, reference provider, every code path once
+        e = ("eager",)
+        return [ModelCase("DiffiT-tiny", "latent", 32, 2, "fwd", e, rep_ms=1),
+                ModelCase("DiffiT-tiny", "latent", 32, 2, "fwd+bwd+adamw", e, rep_ms=1),
+                ModelCase("tiny", "unet", 8, 2, "fwd+bwd+adamw", e, rep_ms=1),
+                ModelCase("DiffiT-tiny", "latent", 32, 2, "guided sampling", e, steps=2,
+                          rep_ms=1)]
+    full, some = PROVIDERS, ("ours", "eager")
+    rep = 400 if quick else 1500
+    out = []
+    for pass_ in ("fwd", "fwd+bwd+adamw"):
+        out += [ModelCase("DiffiT-XL/2", "latent", 256, 32, pass_, full, rep_ms=rep),
+                ModelCase("DiffiT-XL/2", "latent", 512, 8, pass_, some if quick else full,
+                          rep_ms=rep),
+                ModelCase("ffhq64", "unet", 64, 64, pass_, some if quick else full, rep_ms=rep)]
+    out.append(ModelCase("DiffiT-XL/2", "latent", 256, 16 if quick else 32, "guided sampling",
+                         some if quick else full, steps=10 if quick else 50, rep_ms=rep))
+    if not quick:
+        out.append(ModelCase("DiffiT-XL/2", "latent", 512, 8, "guided sampling", full,
+                             steps=50, rep_ms=rep))
+    return out
+
+
+# ---- building ---------------------------------------------------------------------------------
+def build_model(case: ModelCase, backend: str, device) -> torch.nn.Module:
+    from diffit.latent import DiffiT
+    from diffit.unet import DiffiTUNet
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        if case.kind == "latent":
+            return DiffiT.from_preset(case.model, input_size=case.image_size // 8,
+                                      backend=backend)
+        return DiffiTUNet.from_preset(case.model, backend=backend)
+
+
+def _regional_compile(model: torch.nn.Module) -> None:
+    """torch.compile each repeated block in place: one compiled graph serves every instance."""
+    from diffit.layers import DiffiTBlock
+    from diffit.unet import DiffiTResBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, DiffiTResBlock)] or \
+        [m for m in model.modules() if isinstance(m, DiffiTBlock)]
+    if not blocks:
+        raise RuntimeError(f"no DiffiT blocks to compile in {type(model).__name__}")
+    for blk in blocks:
+        blk.compile()
+
+
+def _inputs(case: ModelCase, model, device, gen: torch.Generator):
+    """One input set: (x, t, y) for the latent model, (x, c_noise) for the U-Net."""
+    B = case.batch
+    if case.kind == "unet":
+        cfg = model.config
+        x = torch.randn(B, cfg.in_channels, case.image_size, case.image_size, generator=gen)
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        sigma = (torch.randn(B, generator=gen) * 1.2 - 1.2).exp()     # EDM's training sigmas
+        return x, (sigma.log() / 4).to(device), None
+    I = case.image_size // 8
+    x = torch.randn(B, model.in_channels, I, I, generator=gen).to(device)
+    t = torch.randint(0, 1000, (B,), generator=gen).to(device)
+    y = (torch.randint(0, model.num_classes, (B,), generator=gen).to(device)
+         if model.num_classes else None)
+    return x, t, y
+
+
+def _amp(dtype: str, device):
+    dt = DTYPES[dtype]
+    if dt == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dt)
+
+
+def _call(model, x, t, y):
+    return model(x, t) if y is None else model(x, t, y)
+
+
+def make_step(case: ModelCase, model, dtype: str, device) -> Callable[[], object]:
+    """The timed callable of `case` on an already built (and possibly compiled) model."""
+    gen = torch.Generator().manual_seed(1)
+    sets = [_inputs(case, model, device, gen) for _ in range(RING)]
+    nxt = itertools.cycle(sets).__next__
+
+    if case.pass_ == "fwd":
+        model.eval()
+
+        def fwd():
+            x, t, y = nxt()
+            with torch.no_grad(), _amp(dtype, device):
+                return _call(model, x, t, y)
+        return fwd
+
+    if case.pass_ == "fwd+bwd+adamw":
+        model.train()
+        x0 = sets[0][0]
+        target = torch.randn(x0.shape[0], model.out_channels, *x0.shape[2:], device=device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0,
+                                fused=torch.device(device).type == "cuda")
+
+        def train_step():
+            x, t, y = nxt()
+            with _amp(dtype, device):
+                out = _call(model, x, t, y)
+            F.mse_loss(out.float(), target).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return train_step
+
+    if case.pass_ == "guided sampling":
+        from diffit.diffusion import create_diffusion
+
+        if case.kind != "latent":
+            raise ValueError(f"guided sampling is benchmarked for the latent model, not {case}")
+        model.eval()
+        diffusion = create_diffusion(f"ddim{case.steps}", learn_sigma=model.learn_sigma)
+        # the guidance scale sample.py uses by default at this resolution
+        cfg_scale = 4.4 if case.image_size <= 256 else 1.49
+        null = torch.full((case.batch,), model.num_classes, dtype=torch.long, device=device)
+
+        def sample():
+            z, _, y = nxt()
+            z2, y2 = torch.cat([z, z]), torch.cat([y, null])
+            with torch.no_grad(), _amp(dtype, device):
+                return diffusion.ddim_sample_loop(
+                    model.forward_with_cfg, z2.shape, noise=z2, device=device,
+                    model_kwargs=dict(y=y2, cfg_scale=cfg_scale))
+        return sample
+
+    raise ValueError(f"pass must be one of {PASSES}, got {case.pass_!r}")
+
+
+@contextlib.contextmanager
+def prepared(case: ModelCase, provider: str, dtype: str, device, quick: bool
+             ) -> Iterator[Callable[[], object]]:
+    """Build the provider's model, warm it up (compile, autotune, optimizer state), yield the
+    timed callable; free everything afterwards so the next provider's peak memory is its own."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    model = build_model(case, "triton" if provider == "ours" else "torch", device)
+    if case.kind == "unet":
+        model = model.to(memory_format=torch.channels_last)
+    try:
+        if provider == "compile":
+            if quick:
+                _regional_compile(model)
+            else:
+                # the bound forward, not the module: forward_with_cfg calls self.forward
+                model.forward = torch.compile(model.forward)
+        fn = make_step(case, model, dtype, device)
+        fn()
+        if torch.device(device).type == "cuda":
+            fn()  # AdamW state exists and every input set has passed the compiled graph's guards
+        _sync(device)
+        yield fn
+    finally:
+        del model
+        if provider == "compile":
+            torch._dynamo.reset()
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _memory(fn: Callable[[], object], device) -> Tuple[float, float]:
+    """(peak MB during one call, that peak minus MB allocated before it); NaN without CUDA."""
+    if torch.device(device).type != "cuda":
+        return float("nan"), float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return peak / 2 ** 20, (peak - before) / 2 ** 20
+
+
+_FLOPS: Dict[Tuple, float] = {}
+
+
+def count_flops(case: ModelCase) -> float:
+    """FLOPs of one call of the case's pass, counted on the eager model on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    key = (case.model, case.kind, case.image_size, case.batch, case.pass_, case.steps)
+    if key in _FLOPS:
+        return _FLOPS[key]
+    fwd_case = dataclasses.replace(case, pass_="fwd",
+                                   batch=case.batch * (2 if case.steps else 1))
+    model = build_model(fwd_case, "torch", "meta")
+    x, t, y = _inputs(fwd_case, model, "meta", torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        out = _call(model, x, t, y)
+        if case.pass_ == "fwd+bwd+adamw":
+            out.float().square().mean().backward()
+    flops = float(counter.get_total_flops()) * (case.steps or 1)
+    _FLOPS[key] = flops
+    return flops
+
+
+def _error(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
+
+
+def measure(case: ModelCase, provider: str, dtype: str, device, quick: bool) -> dict:
+    """One CSV row: time, throughput and memory of `provider` on `case`."""
+    with prepared(case, provider, dtype, device, quick) as fn:
+        peak_mb, act_mb = _memory(fn, device)
+        ms = bench(fn, rep=case.rep_ms)
+    flops = count_flops(case)
+    return dict(ms=_sig(ms), images_per_s=_sig(case.batch / (ms * 1e-3)),
+                tflops=_sig(flops / (ms * 1e-3) / 1e12), peak_mb=round(peak_mb, 1),
+                activations_mb=round(act_mb, 1))
+
+
+def _sig(x: float, digits: int = 5) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
+        tiny_cpu: bool = False) -> List[dict]:
+    """Time every (case, provider); write model.csv + model.png; return the rows.
+
+    On CUDA a provider that fails (out of memory, kernels not available) gets a row with its
+    error and no numbers; with tiny_cpu (the CI harness check) failures raise."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if tiny_cpu:
+        device = torch.device("cpu")
+    else:
+        if not cuda_or_explain("bench_model"):
+            return []
+        device = torch.device("cuda")
+    env = environment()
+    nan = float("nan")
+    rows = []
+    for case in cases(quick, tiny_cpu):
+        for provider in case.providers:
+            row = dict(op="model", case=case.name, model=case.model, image_size=case.image_size,
+                       batch=case.batch, steps=case.steps, provider=provider, dtype=dtype,
+                       **{"pass": case.pass_},
+                       compile_scope=("blocks" if quick else "model")
+                       if provider == "compile" else "")
+            try:
+                row.update(measure(case, provider, dtype, device, quick))
+                row["error"] = ""
+            except Exception as e:  # noqa: BLE001 - recorded in the row, the run goes on
+                if tiny_cpu:
+                    raise
+                row.update(ms=nan, images_per_s=nan, tflops=nan, peak_mb=nan,
+                           activations_mb=nan, error=_error(e))
+                gc.collect()
+                torch.cuda.empty_cache()
+            row.update(card=env["card"], torch=env["torch"], triton=env["triton"])
+            rows.append(row)
+            if row["error"]:
+                print(f"model {case.name:34} {provider:8} {case.pass_:16} {row['error']}")
+            else:
+                print(f"model {case.name:34} {provider:8} {case.pass_:16} {row['ms']:10.3f} ms "
+                      f"{row['images_per_s']:9.1f} img/s {row['tflops']:7.1f} TFLOP/s "
+                      f"{row['peak_mb']:9.0f} MB peak")
+    d = results_dir(out_dir)
+    write_csv(d / "model.csv", rows)
+    plot(d / "model.png", rows, x="case", y="images_per_s", line="provider", panel="pass",
+         title=f"DiffiT models, {dtype} ({env['card']})", ylabel="images/s")
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="fewer providers at 512 px / U-Net, shorter sampling, regional compile")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--out", default=None, help="output folder (default results/<gpu>/)")
+    a = p.parse_args(argv)
+    run(a.quick, a.dtype, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

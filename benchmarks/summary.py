@@ -1,0 +1,284 @@
+"""summary.md from a results folder's CSVs, and the README's benchmark section from summary.md.
+
+    python -m benchmarks.summary [DIR]              rebuild DIR/summary.md (default: every
+                                                    benchmarks/results/<gpu>/ with a run.json)
+    python -m benchmarks.summary --readme [DIR...]  rewrite README.md between
+                                                    <!-- bench:start --> and <!-- bench:end -->
+                                                    from those folders' summary.md
+
+summary.md is headed with the card, driver, CUDA, PyTorch and Triton versions and the exact
+command (from run.json, written by `python -m benchmarks`); then one table per CSV with ms,
+the CSV's rates (GB/s, TFLOP/s, images/s) and each rate as a fraction of the peak measured in
+the same run (peak.csv: copy bandwidth for GB/s, the GEMM rate for TFLOP/s), and how many times
+faster `ours` is than each baseline at the same case and pass. Nothing is typed by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent.parent / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+# CSV column -> (header, which measured peak it is a fraction of)
+RATES: Dict[str, Tuple[str, Optional[str]]] = {
+    "gbps": ("GB/s", "gbps"),
+    "tflops": ("TFLOP/s", "tflops"),
+    "images_per_s": ("images/s", None),
+}
+OURS = ("ours",)
+
+
+def load_csv(path: Path) -> List[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(v) -> Optional[float]:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _fmt(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:#.3g}"  # three significant digits, trailing zeros kept: 12.3, 1.50, 0.0533
+
+
+def measured_peaks(rows: List[dict]) -> Dict[str, float]:
+    from benchmarks.peak import measured_peaks as _mp
+
+    return _mp(rows)
+
+
+def _cell(v) -> str:
+    return str(v if v is not None else "").replace("|", "/").replace("\n", " ")
+
+
+def _provider(r: dict) -> str:
+    scope = (r.get("compile_scope") or "").strip()
+    return f"{r.get('provider', '')} ({scope})" if scope else str(r.get("provider", ""))
+
+
+def _group_key(r: dict) -> tuple:
+    return (r.get("case"), r.get("pass"), r.get("dtype"))
+
+
+def table(rows: List[dict], peaks: Dict[str, float]) -> str:
+    """A markdown table of one CSV's rows; rate columns only where the CSV has them."""
+    if not rows:
+        return "_no rows_\n"
+    cols = rows[0].keys()
+    rates = [c for c in RATES if c in cols and any(_num(r.get(c)) is not None for r in rows)]
+    ours_ms = {}
+    for r in rows:
+        if r.get("provider") in OURS and _num(r.get("ms")) is not None:
+            ours_ms.setdefault(_group_key(r), []).append(_num(r["ms"]))
+    has_speedup = any(len(v) == 1 for v in ours_ms.values()) and \
+        any(r.get("provider") not in OURS for r in rows)
+    has_mem = "peak_mb" in cols and any(_num(r.get("peak_mb")) is not None for r in rows)
+    has_err = "error" in cols and any((r.get("error") or "").strip() for r in rows)
+
+    head = ["case", "pass", "provider", "ms"]
+    for c in rates:
+        name, peak = RATES[c]
+        head.append(name)
+        if peak and peak in peaks:
+            head.append(f"% of peak {name}")
+    if has_mem:
+        head.append("peak MB")
+    if has_speedup:
+        head.append("ours speed-up")
+    if has_err:
+        head.append("error")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [_cell(r.get("case")), _cell(r.get("pass")), _cell(_provider(r)),
+                 _fmt(_num(r.get("ms")))]
+        for c in rates:
+            name, peak = RATES[c]
+            v = _num(r.get(c))
+            cells.append(_fmt(v))
+            if peak and peak in peaks:
+                cells.append("-" if v is None else f"{100 * v / peaks[peak]:.0f}%")
+        if has_mem:
+            cells.append(_fmt(_num(r.get("peak_mb"))))
+        if has_speedup:
+            mine, ours = _num(r.get("ms")), ours_ms.get(_group_key(r), [])
+            show = (r.get("provider") not in OURS and mine is not None and len(ours) == 1)
+            cells.append(f"{mine / ours[0]:.2f}x" if show else "")
+        if has_err:
+            cells.append(_cell(r.get("error")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_summary(out: Path) -> str:
+    """The text of summary.md for a results folder (run.json + the CSVs it lists)."""
+    out = Path(out)
+    meta = {}
+    if (out / "run.json").exists():
+        meta = json.loads((out / "run.json").read_text())
+    env = meta.get("environment", {})
+    entries = meta.get("benchmarks")
+    if entries is None:  # a folder of CSVs without run.json: take them all
+        entries = [dict(name=p.stem, csv=[p.name], status="ok")
+                   for p in sorted(out.glob("*.csv"))]
+    csvs = {e["name"]: [out / c for c in e.get("csv", []) if (out / c).exists()]
+            for e in entries}
+    peak_rows = [r for p in csvs.get("peak", []) for r in load_csv(p)]
+    peaks = measured_peaks(peak_rows)
+    if not env:  # no run.json: fall back on what every row carries
+        first = next((rows[0] for ps in csvs.values() for rows in map(load_csv, ps) if rows), {})
+        env = {k: first[k] for k in ("card", "torch", "triton") if k in first}
+
+    dtype = meta.get("dtype", "?")
+    L = [f"# diffit-kernels benchmarks: {env.get('card', '?')}", ""]
+    if meta.get("tiny_cpu"):
+        L += ["**Harness check on CPU at tiny sizes (`--tiny-cpu`): these are not benchmark "
+              "results.**", ""]
+    L += ["| | |", "|---|---|"]
+    for label, value in (("card", env.get("card")), ("driver", env.get("driver")),
+                         ("CUDA", env.get("cuda")), ("PyTorch", env.get("torch")),
+                         ("Triton", env.get("triton")), ("Python", env.get("python")),
+                         ("dtype", dtype), ("commit", meta.get("git")),
+                         ("date", meta.get("started"))):
+        L.append(f"| {label} | {value if value else '-'} |")
+    cmd = meta.get("command") or env.get("command")
+    L.append(f"| command | `{cmd}` |" if cmd else "| command | - |")
+    L.append("")
+    if peaks:
+        parts = []
+        if "gbps" in peaks:
+            parts.append(f"device-to-device copy **{peaks['gbps']:,.0f} GB/s**")
+        if "tflops" in peaks:
+            parts.append(f"{dtype} GEMM (torch.matmul) **{peaks['tflops']:,.1f} TFLOP/s**")
+        L += ["Peaks measured in this run: " + ", ".join(parts) + ". A \"% of peak\" column "
+              "is a row's rate as a fraction of these.", ""]
+    L += ["Times are medians of `triton.testing.do_bench` (warm-up, compilation and autotuning "
+          "excluded, L2 flushed between calls). TFLOP/s for attention use FlashAttention's "
+          "convention (forward 4·B·H·N²·d, backward 2.5x that). \"ours speed-up\" is a "
+          "row's ms divided by `ours`' ms at the same case and pass (above 1: ours is "
+          "faster). Each benchmark's CSV holds every column.", ""]
+    for e in entries:
+        name = e["name"]
+        L.append(f"## {name}")
+        L.append("")
+        if e.get("status", "ok") != "ok":
+            L += [f"Status: {e['status']}", ""]
+        for p in csvs.get(name, []):
+            rows = load_csv(p)
+            L.append(table(rows, peaks))
+            png = p.with_suffix(".png")
+            if png.exists():
+                L += [f"![{p.stem}]({png.name})", ""]
+            L += [f"Data: [{p.name}]({p.name})", ""]
+    if any("seconds" in e for e in entries):
+        L += ["## Wall time", "", "| benchmark | status | seconds |", "|---|---|---|"]
+        for e in entries:
+            L.append(f"| {e['name']} | {e.get('status', '')} | {e.get('seconds', '-')} |")
+        if "seconds" in meta:
+            L.append(f"| all | | {meta['seconds']} |")
+        L.append("")
+    return "\n".join(L)
+
+
+def write_summary(out: Path) -> Path:
+    out = Path(out)
+    text = build_summary(out)
+    path = out / "summary.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def result_dirs(root: Path = RESULTS) -> List[Path]:
+    """Committed results folders: benchmarks/results/<gpu>/ holding a summary.md."""
+    if not root.exists():
+        return []
+    return sorted(d for d in root.iterdir()
+                  if d.is_dir() and not d.name.startswith("_tmp") and (d / "summary.md").exists())
+
+
+def readme_section(dirs: Sequence[Path], readme: Path) -> str:
+    """The generated text between the markers: every summary.md, headings two levels down and
+    links made relative to the README."""
+    parts = []
+    for d in dirs:
+        rel = os.path.relpath(d, readme.parent).replace(os.sep, "/")
+        text = (d / "summary.md").read_text()
+        text = re.sub(r"^(#+) ", lambda m: "#" * min(len(m.group(1)) + 2, 6) + " ", text,
+                      flags=re.M)
+        text = re.sub(r"\]\(([^)/:#]+\.(?:png|csv))\)", lambda m: f"]({rel}/{m.group(1)})", text)
+        parts.append(f"<!-- generated by `python -m benchmarks.summary --readme` from "
+                     f"{rel}/summary.md: do not edit by hand -->\n\n{text.strip()}\n")
+    return "\n".join(parts)
+
+
+def update_readme(readme: Path, dirs: Sequence[Path]) -> bool:
+    """Replace the text between the markers; True when the README changed."""
+    readme = Path(readme)
+    if not readme.exists():
+        raise FileNotFoundError(f"{readme} does not exist")
+    if not dirs:
+        raise ValueError("no benchmarks/results/<gpu>/summary.md to quote: run "
+                         "`python -m benchmarks` on a CUDA GPU first")
+    text = readme.read_text()
+    i, j = text.find(START), text.find(END)
+    if i < 0 or j < 0 or j < i or text.count(START) != 1 or text.count(END) != 1:
+        raise ValueError(f"{readme} must hold exactly one {START} followed by one {END}")
+    new = text[:i + len(START)] + "\n" + readme_section(dirs, readme) + text[j:]
+    if new == text:
+        return False
+    tmp = readme.with_suffix(readme.suffix + ".tmp")
+    tmp.write_text(new)
+    os.replace(tmp, readme)
+    return True
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.summary", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dirs", nargs="*", type=Path,
+                   help="results folders (default: every benchmarks/results/<gpu>/)")
+    p.add_argument("--readme", action="store_true",
+                   help="rewrite the README's benchmark section from the folders' summary.md")
+    p.add_argument("--readme-file", type=Path, default=README, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.readme:
+        dirs = a.dirs or result_dirs()
+        try:
+            changed = update_readme(a.readme_file, dirs)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"python -m benchmarks.summary --readme: {e}", file=sys.stderr)
+            return 1
+        print(f"{a.readme_file}: benchmark section {'rewritten' if changed else 'unchanged'} "
+              f"from {', '.join(str(d / 'summary.md') for d in dirs)}")
+        return 0
+    dirs = a.dirs or [d for d in (RESULTS.iterdir() if RESULTS.exists() else [])
+                      if d.is_dir() and (d / "run.json").exists()]
+    if not dirs:
+        print("no results folder with a run.json: run `python -m benchmarks` first",
+              file=sys.stderr)
+        return 1
+    for d in dirs:
+        print(f"wrote {write_summary(d)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

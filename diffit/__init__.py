@@ -10,9 +10,11 @@ from .latent import (PRESETS, CheckpointMismatchError, DiffiT, DiffiT_B_2, Diffi
                      DiffiT_S_2, DiffiT_XL_2, DiffiTConfig, preset_config)
 from .layers import (AdaLNBlock, DiffiTBlock, Mlp, TimestepEmbedder, TMSAttention,
                      get_2d_sincos_pos_embed, timestep_embedding)
+from .unet import PRESETS as UNET_PRESETS, DiffiTUNet, DiffiTUNetConfig
 
 __all__ = [
     "AdaLNBlock", "CheckpointMismatchError", "DiffiT", "DiffiTBlock", "DiffiTConfig",
     "DiffiT_B_2", "DiffiT_L_2", "DiffiT_S_2", "DiffiT_XL_2", "Mlp", "PRESETS", "TMSAttention",
     "TimestepEmbedder", "get_2d_sincos_pos_embed", "preset_config", "timestep_embedding",
+    "DiffiTUNet", "DiffiTUNetConfig", "UNET_PRESETS",
 ]

@@ -8,7 +8,8 @@ chosen benchmark's run(quick, dtype, out_dir, tiny_cpu), and writes into
 benchmarks/results/<gpu-slug>/ (or --out): one CSV and one plot per benchmark, run.json (the
 environment, the exact command, what ran and how long it took) and summary.md, built from the
 CSVs by benchmarks/summary.py with every rate also stated as a fraction of the measured peaks.
-`--quick` keeps the whole run under 10 minutes on an H100.
+`--quick` is sized to finish in under 10 minutes on an H100 (run.json and summary.md record
+the wall time each benchmark took).
 
 Without CUDA nothing can be timed: the command says so, runs the compile report instead
 (`python -m diffit_kernels report`: every kernel config built for sm_80 and sm_90a) and exits
@@ -62,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of: " + ", ".join(BENCHMARKS)
                    + " (default: all); the speed-of-light rows always run")
     p.add_argument("--quick", action="store_true",
-                   help="fewer sizes and providers: under 10 minutes on an H100")
+                   help="fewer sizes and providers (sized for under 10 minutes on an H100)")
     p.add_argument("--dtype", default="bf16", choices=DTYPES,
                    help="input dtype of the ops; autocast dtype of the models (default bf16)")
     p.add_argument("--out", default=None,
@@ -138,7 +139,9 @@ def run_benchmark(name: str, modname: str, out: Path, quick: bool, dtype: str,
              panel="pass" if "pass" in rows[0] else None, title=f"{name}, {dtype}")
         written = [f"{name}.csv"]
     failed = [r for r in rows if str(r.get("error") or "").strip()]
-    if failed:
+    if not rows:
+        entry["status"] = "error: run() returned no rows"
+    elif failed:
         entry["status"] = f"error: {len(failed)} of {len(rows)} rows failed"
     entry.update(csv=written, rows=len(rows), seconds=round(time.perf_counter() - t0, 1))
     return entry

@@ -269,8 +269,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{a.readme_file}: benchmark section {'rewritten' if changed else 'unchanged'} "
               f"from {', '.join(str(d / 'summary.md') for d in dirs)}")
         return 0
-    dirs = a.dirs or [d for d in (RESULTS.iterdir() if RESULTS.exists() else [])
-                      if d.is_dir() and (d / "run.json").exists()]
+    dirs = a.dirs or [d for d in (sorted(RESULTS.iterdir()) if RESULTS.exists() else [])
+                      if d.is_dir() and not d.name.startswith("_tmp")
+                      and (d / "run.json").exists()]
     if not dirs:
         print("no results folder with a run.json: run `python -m benchmarks` first",
               file=sys.stderr)

@@ -261,3 +261,47 @@ def test_pytest_benchmark_cases_are_the_run_cases(tmp_path):
     with mc[0].open() as fn:
         out = fn()
     assert isinstance(out, torch.Tensor) and torch.isfinite(out).all()
+
+
+def _fake_module(monkeypatch, name, run):
+    import importlib.machinery
+    import types
+
+    mod = types.ModuleType(name)
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    mod.run = run
+    monkeypatch.setitem(sys.modules, name, mod)
+    return name
+
+
+def test_driver_adapts_to_each_benchmark_module(tmp_path, monkeypatch):
+    """A module that writes no CSV gets one (and a plot) from its rows; one that raises, has no
+    tiny_cpu mode or returns nothing is an error in run.json, and the others still run."""
+    from benchmarks.__main__ import run_benchmark
+
+    def rows_only(quick, dtype, out_dir, tiny_cpu=False):
+        return [dict(op="f", case=f"n{n}", provider=p, **{"pass": "fwd"}, ms=float(n),
+                     tflops=2.0 * n) for n in (1, 2) for p in ("eager", "ours")]
+
+    name = _fake_module(monkeypatch, "benchmarks._fake_rows", rows_only)
+    e = run_benchmark("fake", name, tmp_path, quick=True, dtype="bf16", tiny_cpu=True)
+    assert e["status"] == "ok" and e["csv"] == ["fake.csv"] and e["rows"] == 4
+    assert len(_rows(tmp_path / "fake.csv")) == 4
+    assert (tmp_path / "fake.png").read_bytes()[:8] == PNG_MAGIC
+
+    def raises(quick, dtype, out_dir, tiny_cpu=False):
+        raise RuntimeError("kernel exploded")
+
+    e = run_benchmark("bad", _fake_module(monkeypatch, "benchmarks._fake_raise", raises),
+                      tmp_path, True, "bf16", False)
+    assert e["status"] == "error: RuntimeError: kernel exploded"
+    e = run_benchmark("old", _fake_module(monkeypatch, "benchmarks._fake_old",
+                                          lambda quick, dtype, out_dir: rows_only(1, 2, 3)),
+                      tmp_path, True, "bf16", tiny_cpu=True)
+    assert e["status"] == "error: run() has no tiny_cpu mode"
+    e = run_benchmark("empty", _fake_module(monkeypatch, "benchmarks._fake_empty",
+                                            lambda quick, dtype, out_dir, tiny_cpu: []),
+                      tmp_path, True, "bf16", tiny_cpu=True)
+    assert e["status"] == "error: run() returned no rows"
+    e = run_benchmark("gone", "benchmarks._no_such_bench", tmp_path, True, "bf16", True)
+    assert e["status"].startswith("missing")

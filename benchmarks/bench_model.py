@@ -207,6 +207,8 @@ def prepared(case: ModelCase, provider: str, dtype: str, device, quick: bool
     timed callable; free everything afterwards so the next provider's peak memory is its own."""
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    _release(device)  # whatever an earlier case's caller still held
+    fn = None
     model = build_model(case, "triton" if provider == "ours" else "torch", device)
     if case.kind == "unet":
         model = model.to(memory_format=torch.channels_last)
@@ -224,12 +226,16 @@ def prepared(case: ModelCase, provider: str, dtype: str, device, quick: bool
         _sync(device)
         yield fn
     finally:
-        del model
+        fn = model = None  # noqa: F841 - the step closure holds the model and the optimizer
         if provider == "compile":
             torch._dynamo.reset()
-        gc.collect()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+        _release(device)
+
+
+def _release(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _sync(device) -> None:
@@ -283,6 +289,7 @@ def measure(case: ModelCase, provider: str, dtype: str, device, quick: bool) -> 
     with prepared(case, provider, dtype, device, quick) as fn:
         peak_mb, act_mb = _memory(fn, device)
         ms = bench(fn, rep=case.rep_ms)
+        del fn  # so that leaving the block frees the model before the next provider builds
     flops = count_flops(case)
     return dict(ms=_sig(ms), images_per_s=_sig(case.batch / (ms * 1e-3)),
                 tflops=_sig(flops / (ms * 1e-3) / 1e12), peak_mb=round(peak_mb, 1),
@@ -325,8 +332,8 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
                     raise
                 row.update(ms=nan, images_per_s=nan, tflops=nan, peak_mb=nan,
                            activations_mb=nan, error=_error(e))
-                gc.collect()
-                torch.cuda.empty_cache()
+                del e  # its traceback holds the failed case's tensors
+                _release(device)
             row.update(card=env["card"], torch=env["torch"], triton=env["triton"])
             rows.append(row)
             if row["error"]:

@@ -100,12 +100,13 @@ def _write(path: Path, rows):
 def test_summary_fractions_of_peak_and_speedups(tmp_path):
     from benchmarks import summary
 
+    fwd = {"pass": "fwd"}
     _write(tmp_path / "peak.csv", [
-        dict(op="peak", case="copy 1024 MiB", kind="copy", provider="torch copy_", **{"pass": "fwd"},
+        dict(op="peak", case="copy 1024 MiB", kind="copy", provider="torch copy_", **fwd,
              ms=1.0, gbps=3000.0, tflops=""),
-        dict(op="peak", case="copy 256 MiB", kind="copy", provider="torch copy_", **{"pass": "fwd"},
+        dict(op="peak", case="copy 256 MiB", kind="copy", provider="torch copy_", **fwd,
              ms=0.3, gbps=2500.0, tflops=""),
-        dict(op="peak", case="gemm 8192", kind="gemm", provider="torch.matmul", **{"pass": "fwd"},
+        dict(op="peak", case="gemm 8192", kind="gemm", provider="torch.matmul", **fwd,
              ms=2.0, gbps="", tflops=800.0)])
     _write(tmp_path / "op.csv", [
         dict(op="x", case="c1", provider="ours", **{"pass": "fwd"}, dtype="bf16", ms=0.5,

@@ -1,12 +1,20 @@
 """time_qkv: TMSA's QKV projection, time token and LayerNorm fused, written head-split.
 
-Forward, rows m = (b, n) of x [B, N, C], columns j of W [3C', C] (q | k | v, head h = j // d):
-    y[m, j] = rstd_m * (x_m . W_j - mean_m * wsum_j) + cb[b, j]          (LayerNorm folded)
-    y[m, j] = x_m . W_j + cb[b, j]                                        (norm_eps=None)
+Forward, rows m = (b, n) of x [B, N, C], columns j of W [3C', C] (q | k | v, head h = j // d),
+s_m = x[m, 0] the row's first element:
+    y[m, j] = rstd_m * ((x_m - s_m) . W_j - (mean_m - s_m) * wsum_j) + cb[b, j]   (LayerNorm)
+    y[m, j] = x_m . W_j + cb[b, j]                                                (norm_eps=None)
     wsum_j = sum_c W[j, c] (fp32, cached per weight version), cb = bias + temb W_t^T + b_t (fp32)
-mean/rstd come from the same pass over x that feeds the GEMM (fp32 sums shifted by x[m, 0],
-so a large |mean| does not cancel), no normalised copy of x is written, and the epilogue stores
-straight into one [3, B, H, N, d] buffer whose q, k, v views tmsa_attention reads as they are.
+mean/rstd come from the same pass over x that feeds the GEMM (fp32 sums of x - s_m), no
+normalised copy of x is written, and the epilogue stores straight into one [3, B, H, N, d]
+buffer whose q, k, v views tmsa_attention reads as they are.
+Why the MMA sees x - s_m, not x: the plain fold rstd * (x . W - mean * wsum) lets the tensor
+cores read x straight from shared memory, but its fp32 accumulator then carries |mean| * |W|
+and loses ~|mean|/std * 2^-24 * sqrt(C) relative precision, amplified by rstd. Measured under
+the interpreter: bf16 rows of mean 2000 (some constant after rounding, std -> 0) came out 0.49
+off vs 0.009 for eager bf16. x - s_m is exact for values near s_m (Sterbenz) and otherwise one
+rounding, like the reference's own rounding of LN(x); the statistics need the tile in registers
+anyway. (fp16 inputs beyond +-32k could overflow x - s_m; LayerNorm inputs are not that large.)
 Backward, with g = [dq | dk | dv] read head-split through each gradient's own strides:
     dxn = g W   (Triton GEMM),  dx = rstd * (dxn - mean_c(dxn) - xhat * mean_c(dxn * xhat))
     dW = g^T LN(x)  (Triton GEMM over rows, LN(x) rebuilt per tile, fixed-order split-K)
@@ -75,8 +83,7 @@ if triton is not None:
         stride_cb_b,
         stride_o_s, stride_o_b, stride_o_h, stride_o_n,
         D: tl.constexpr, VEC: tl.constexpr, XVEC: tl.constexpr, WVEC: tl.constexpr,
-        HAS_LN: tl.constexpr, HAS_CB: tl.constexpr, CENTER: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
+        HAS_LN: tl.constexpr, HAS_CB: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
@@ -112,12 +119,11 @@ if triton is not None:
                 x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_j[None, :], other=0.0)
             if HAS_LN:
-                # [BLOCK_M, BLOCK_K]
+                # [BLOCK_M, BLOCK_K]: x - x[m, 0], the statistics' operand and the MMA's
                 xc = tl.where(mask_k[None, :], x.to(tl.float32) - shift[:, None], 0.0)
                 s1 += tl.sum(xc, axis=1)
                 s2 += tl.sum(xc * xc, axis=1)
-                if CENTER:  # fp32: the GEMM runs on x - shift, no cancellation in the fold
-                    x = xc
+                x = xc.to(X.dtype.element_ty)
             acc = _dot(x, w, acc, UPCAST, DOT_PREC)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_w_c
@@ -126,11 +132,7 @@ if triton is not None:
             mean_c = s1 / C
             rstd = 1.0 / tl.sqrt(tl.maximum(s2 / C - mean_c * mean_c, 0.0) + eps)
             wsum = tl.load(WSUM + seg * CP + offs_j, mask=mask_j, other=0.0)
-            if CENTER:
-                sub = mean_c
-            else:
-                sub = shift + mean_c
-            acc = (acc - sub[:, None] * wsum[None, :]) * rstd[:, None]
+            acc = (acc - mean_c[:, None] * wsum[None, :]) * rstd[:, None]
             if pid_n == 0:
                 tl.store(MEAN + offs_m, shift + mean_c, mask=mask_m)
                 tl.store(RSTD + offs_m, rstd, mask=mask_m)
@@ -478,7 +480,7 @@ def _time_qkv_fwd(x, temb, weight, bias, temb_weight, temb_bias, num_heads: int,
         so[0], so[1], so[2], so[3],
         D=D, VEC=_vec(el, D, *so[:4]), XVEC=_vec(el, x.stride(0), x.stride(1)),
         WVEC=_vec(el, weight.stride(0)), HAS_LN=has_ln, HAS_CB=cb is not None,
-        CENTER=has_ln and x.dtype == torch.float32, UPCAST=dot_upcast(x.dtype), DOT_PREC="ieee",
+        UPCAST=dot_upcast(x.dtype), DOT_PREC="ieee",
         GROUP_M=GROUP_M,
     )
     return out, mean, rstd
@@ -710,3 +712,94 @@ def time_qkv(
         return _TimeQKV.apply(x, temb, weight, bias, temb_weight, temb_bias, num_heads, eps)
     qkv, _, _ = _time_qkv_fwd_op(x, temb, weight, bias, temb_weight, temb_bias, num_heads, eps)
     return qkv[0], qkv[1], qkv[2]
+
+
+# ---------------------------------------------------------------------------------------------
+def aot_specs():
+    """Every config the launchers ship, at DiffiT-XL's layout (C = 1152, 16 heads of d = 72):
+    each autotune entry per dtype with the heaviest feature set, plus the lighter variants."""
+    from ._aot import AotSpec
+
+    specs = []
+    ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
+    for dt, torch_dt in (("bf16", torch.bfloat16), ("fp16", torch.float16),
+                         ("fp32", torch.float32)):
+        kind = _kind(torch_dt)
+        el = torch.tensor([], dtype=torch_dt).element_size()
+        vec = _vec(el, 72, 1152)
+        fwd_sig = {"X": f"*{dt}", "W": f"*{dt}", "WSUM": "*fp32", "CB": "*fp32", "OUT": f"*{dt}",
+                   "MEAN": "*fp32", "RSTD": "*fp32", **ints("M", "N", "C", "CP"), "eps": "fp32",
+                   **ints("stride_x_b", "stride_x_n", "stride_w_j", "stride_cb_b", "stride_o_s",
+                          "stride_o_b", "stride_o_h", "stride_o_n")}
+        common = dict(D=72, VEC=vec, UPCAST=False, DOT_PREC="ieee", stride_w_c=1)
+        for i, (bm, bn, bk, w, s) in enumerate(FWD_CONFIGS[kind]):
+            for ln in ((True, False) if (i == 0 and kind == "16") else (True,)):
+                specs.append(AotSpec(
+                    "_time_qkv_fwd_kernel", _time_qkv_fwd_kernel, fwd_sig,
+                    {**common, "XVEC": vec, "WVEC": vec, "HAS_LN": ln, "HAS_CB": True,
+                     "EVEN_K": True, "BLOCK_M": bm,
+                     "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M},
+                    w, s, f"{dt} {'LN ' if ln else ''}{bm}x{bn}x{bk} w{w} s{s}", kind == "16"))
+        dx_sig = {"GQ": f"*{dt}", "GK": f"*{dt}", "GV": f"*{dt}", "W": f"*{dt}", "DX": f"*{dt}",
+                  **ints("M", "N", "C", "CP", "stride_w_j",
+                         *(f"stride_g{t}_{a}" for t in "qkv" for a in "bhn"))}
+        for bm, bn, bk, w, s in DX_CONFIGS[kind]:
+            specs.append(AotSpec(
+                "_time_qkv_bwd_kernel_dx", _time_qkv_bwd_kernel_dx, dx_sig,
+                {**common, "WVEC": vec, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                 "GROUP_M": GROUP_M}, w, s, f"{dt} {bm}x{bn}x{bk} w{w} s{s}", kind == "16"))
+        dw_sig = {"GQ": f"*{dt}", "GK": f"*{dt}", "GV": f"*{dt}", "X": f"*{dt}", "MEAN": "*fp32",
+                  "RSTD": "*fp32", "DW": f"*{dt}", "SPART": "*fp32",
+                  **ints("M", "N", "C", "CP", "T", "TPS", "stride_x_b", "stride_x_n",
+                         "stride_dw_s", "stride_dw_j",
+                         *(f"stride_g{t}_{a}" for t in "qkv" for a in "bhn"))}
+        common.pop("stride_w_c")
+        for i, (bn, bc, bk, w, s) in enumerate(DW_CONFIGS[kind]):
+            for per_sample in ((True, False) if i == 0 else (True,)):
+                specs.append(AotSpec(
+                    "_time_qkv_bwd_kernel_dw", _time_qkv_bwd_kernel_dw, dw_sig,
+                    {**common, "XVEC": vec, "HAS_LN": True, "PER_SAMPLE": per_sample,
+                     "BLOCK_N": bn, "BLOCK_C": bc, "BLOCK_K": bk},
+                    w, s, f"{dt} LN {'per-sample' if per_sample else 'flat'} {bn}x{bc}x{bk} "
+                    f"w{w} s{s}", kind == "16"))
+        for C in (1152, 8192):
+            block = min(next_power_of_2(C), LN_BLOCK_C)
+            specs.append(AotSpec(
+                "_time_qkv_bwd_kernel_ln", _time_qkv_bwd_kernel_ln,
+                {"DX": f"*{dt}", "X": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32",
+                 **ints("N", "C", "stride_x_b", "stride_x_n")},
+                {"NUM_CHUNKS": cdiv(C, block), "BLOCK_C": block}, row_warps(block), 3,
+                f"{dt} C{C} BLOCK_C{block}", False))
+    return specs
+
+
+def check_cases(device: torch.device):
+    """Shapes for `python -m diffit_kernels check`: small, with every input and option."""
+    from ._check import CheckCase
+
+    def leaves(B, N, C, H, Ct, wide):
+        def make():
+            return {"x": torch.randn(B, N, C + wide, device=device) * 2 + 0.5,
+                    "temb": torch.randn(B, Ct, device=device),
+                    "w": torch.randn(3 * C, C, device=device) / C ** 0.5,
+                    "b": torch.randn(3 * C, device=device) * 0.5,
+                    "tw": torch.randn(3 * C, Ct, device=device) / Ct ** 0.5,
+                    "tb": torch.randn(3 * C, device=device) * 0.5}
+        return make
+
+    def build(C, H, ln, temb):
+        def b(t):
+            return dict(x=t["x"][..., :C], temb=t["temb"] if temb else None, weight=t["w"],
+                        bias=t["b"], temb_weight=t["tw"] if temb else None,
+                        temb_bias=t["tb"] if temb else None, num_heads=H,
+                        norm_eps=1e-6 if ln else None)
+        return b
+
+    return [
+        CheckCase("time_qkv", "B2 N20 C144 H2 (d72) Ct40 LN+temb+bias", time_qkv,
+                  reference.time_qkv, leaves(2, 20, 144, 2, 40, 0), build(144, 2, True, True),
+                  ("q", "k", "v"), ("x", "temb", "w", "b", "tw", "tb")),
+        CheckCase("time_qkv", "B1 N33 C200 H4 strided x, no LN/temb", time_qkv,
+                  reference.time_qkv, leaves(1, 33, 200, 4, 8, 5), build(200, 4, False, False),
+                  ("q", "k", "v"), ("x", "w", "b")),
+    ]

@@ -1,0 +1,313 @@
+"""time_qkv: the fused projection against the reference, every output and all six gradients."""
+import pytest
+import torch
+
+import diffit_kernels
+from diffit_kernels import projection, reference
+from diffit_kernels.testing import assert_parity, nan_fill, parity
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GRADS = ("x", "temb", "w", "b", "tw", "tb")
+
+
+def _case(B, N, C, H, Ct=24, *, ln=True, temb=True, bias=True, temb_bias=True, strided_x=False,
+          mean=0.0, std=1.0, CP=None):
+    """float32 leaves and a builder; x optionally a channel slice of a wider buffer."""
+    CP = CP or C
+    leaves = {"x": torch.randn(B, N, C + (7 if strided_x else 0)) * std + mean,
+              "w": torch.randn(3 * CP, C) / C ** 0.5}
+    if bias:
+        leaves["b"] = torch.randn(3 * CP) * 0.5
+    if temb:
+        leaves["temb"] = torch.randn(B, Ct)
+        leaves["tw"] = torch.randn(3 * CP, Ct) / Ct ** 0.5
+        if temb_bias:
+            leaves["tb"] = torch.randn(3 * CP) * 0.5
+
+    def build(t):
+        return dict(x=t["x"][..., :C] if strided_x else t["x"], temb=t.get("temb"),
+                    weight=t["w"], bias=t.get("b"), temb_weight=t.get("tw"),
+                    temb_bias=t.get("tb"), num_heads=H, norm_eps=1e-6 if ln else None)
+
+    return leaves, build, [g for g in GRADS if g in leaves]
+
+
+def _run(dtype, *args, **kw):
+    leaves, build, grads = _case(*args, **kw)
+    rows = parity(diffit_kernels.time_qkv, reference.time_qkv, leaves, build, dtype=dtype,
+                  out_names=("q", "k", "v"), grad_leaves=grads, op_kwargs={"backend": "triton"})
+    assert_parity(rows)
+    return rows
+
+
+# (B, N, C, H, Ct, options): DiffiT's d = 72, odd widths, batch 1, N = 1, Ct != C, no biases,
+# no time token, row counts that take the dW kernel's per-sample and flat row walks
+SHAPES = [
+    pytest.param(2, 20, 48, 2, 24, {}, id="B2-N20-C48-H2-ln"),
+    pytest.param(2, 20, 48, 2, 24, {"ln": False}, id="B2-N20-C48-H2-noln"),
+    pytest.param(1, 33, 144, 2, 40, {}, id="B1-N33-C144-H2-d72"),
+    pytest.param(3, 1, 200, 4, 24, {"bias": False, "temb_bias": False}, id="B3-N1-C200-H4-nobias"),
+    pytest.param(2, 32, 40, 4, 16, {"temb": False, "strided_x": True}, id="B2-N32-C40-H4-notemb-strided"),
+    pytest.param(1, 130, 24, 3, 8, {"ln": False, "strided_x": True}, id="B1-N130-C24-H3-strided"),
+    pytest.param(2, 16, 64, 4, 24, {"CP": 32}, id="B2-N16-C64-CP32-H4"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("B,N,C,H,Ct,opts", SHAPES)
+def test_outputs_and_all_six_gradients(B, N, C, H, Ct, opts, dtype):
+    _run(dtype, B, N, C, H, Ct, **opts)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_rows_with_a_large_mean_keep_layernorm_precision(dtype):
+    # |mean| / std = 50: the fold subtracts mean * colsum(W) from x W^T; fp32 sums shifted by
+    # x[m, 0] (statistics) and fp32 accumulation keep it within the numerics rule
+    _run(dtype, 2, 17, 96, 2, 24, mean=50.0, std=1.0)
+
+
+@pytest.mark.interpreter
+def test_near_constant_rows_far_from_zero():
+    # bf16 rows of mean 2000 are constant after rounding (std 0, rstd = 1/sqrt(eps)): the MMA
+    # runs on x - x[m, 0], exactly 0 there, so the output is the bias + time term as in eager
+    _run(torch.bfloat16, 2, 17, 96, 2, 24, mean=2000.0, std=1.0)
+    _run(torch.float16, 2, 17, 96, 2, 24, mean=2000.0, std=1.0)
+    # fp32: the kernel tracks a float64 evaluation more closely than the fp32 reference does
+    leaves, build, _ = _case(2, 17, 96, 2, 24, mean=2000.0, std=1.0)
+    out = diffit_kernels.time_qkv(**build(leaves), backend="triton")
+    exact = reference.time_qkv(**build({k: v.double() for k, v in leaves.items()}))
+    for o, e in zip(out, exact):
+        assert (o.double() - e).abs().max().item() <= 2e-5 * e.abs().max().item()
+
+
+@pytest.mark.interpreter
+def test_diffit_xl_heads_fp32(monkeypatch):
+    # C = 1152, 16 heads of d = 72 (tiles straddle heads), a handful of rows; wider
+    # interpreter tiles keep the program count (and the time) down
+    monkeypatch.setattr(projection, "INTERP_CONFIG", (128, 128, 128, 4, 1))
+    projection._tuned.cache_clear()
+    try:
+        _run(torch.float32, 1, 3, 1152, 16, 32)
+    finally:
+        projection._tuned.cache_clear()
+
+
+@pytest.mark.interpreter
+def test_qkv_are_views_of_one_buffer_that_tmsa_attention_takes_as_they_are():
+    leaves, build, _ = _case(2, 5, 48, 4)
+    q, k, v = diffit_kernels.time_qkv(**build(leaves), backend="triton")
+    assert q.shape == k.shape == v.shape == (2, 4, 5, 12)
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() \
+        == v.untyped_storage().data_ptr()
+    step = q.numel() * q.element_size()
+    assert k.data_ptr() - q.data_ptr() == step and v.data_ptr() - k.data_ptr() == step
+    for t in (q, k, v):  # unit last stride: attention's launchers copy nothing
+        assert t.stride(-1) == 1 and t.is_contiguous()
+
+
+@pytest.mark.interpreter
+def test_backward_is_deterministic_and_does_not_stack_the_head_gradients(monkeypatch):
+    leaves, build, grads = _case(2, 32, 48, 2)
+    seen = []
+    real = projection._time_qkv_bwd
+
+    def spy(dq, dk, dv, *a):
+        seen.append((dq.data_ptr(), dk.data_ptr(), dv.data_ptr()))
+        return real(dq, dk, dv, *a)
+
+    monkeypatch.setattr(projection, "_time_qkv_bwd", spy)
+    gq, gk, gv = (torch.randn(2, 2, 32, 24) for _ in range(3))
+
+    def run():
+        ls = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        q, k, v = diffit_kernels.time_qkv(**build(ls), backend="triton")
+        return torch.autograd.grad([q, k, v], [ls[g] for g in grads], [gq, gk, gv])
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+    # the incoming gradients reach the kernels as the caller's own tensors, no stacked copy
+    assert seen[0] == (gq.data_ptr(), gk.data_ptr(), gv.data_ptr())
+
+
+@pytest.mark.interpreter
+def test_partial_requires_grad():
+    leaves, build, _ = _case(2, 16, 32, 2)
+    for wanted in (["x"], ["w"], ["temb"], ["b", "tb"]):
+        ls = {k: v.clone().requires_grad_(k in wanted) for k, v in leaves.items()}
+        ref = {k: v.clone().requires_grad_(k in wanted) for k, v in leaves.items()}
+        out = diffit_kernels.time_qkv(**build(ls), backend="triton")
+        exp = reference.time_qkv(**build(ref))
+        dy = [torch.randn_like(o) for o in out]
+        got = torch.autograd.grad(out, [ls[k] for k in wanted], dy)
+        want = torch.autograd.grad(exp, [ref[k] for k in wanted], dy)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.interpreter
+def test_in_place_weight_update_invalidates_the_cached_colsum():
+    leaves, build, _ = _case(1, 6, 32, 2, temb=False)
+    kw = build(leaves)
+    first = diffit_kernels.time_qkv(**kw, backend="triton")
+    with torch.no_grad():
+        kw["weight"].mul_(-2.0).add_(0.1)
+    second = diffit_kernels.time_qkv(**kw, backend="triton")
+    for a, b in zip(second, reference.time_qkv(**kw)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(first[0], second[0])
+
+
+@pytest.mark.interpreter
+def test_nan_in_a_row_stays_in_that_row():
+    leaves, build, _ = _case(2, 4, 32, 2)
+    leaves["x"][1, 2, 5] = float("nan")
+    with nan_fill():
+        q, k, v = diffit_kernels.time_qkv(**build(leaves), backend="triton")
+    for t in (q, k, v):
+        assert torch.isnan(t[1, :, 2]).all()
+        mask = torch.ones(2, 4, dtype=torch.bool)
+        mask[1, 2] = False
+        assert torch.isfinite(t.permute(0, 2, 1, 3)[mask]).all()
+
+
+@pytest.mark.interpreter
+def test_empty_token_set():
+    leaves, build, _ = _case(2, 0, 16, 2)
+    q, k, v = diffit_kernels.time_qkv(**build(leaves), backend="triton")
+    assert q.shape == (2, 2, 0, 8)
+
+
+@pytest.mark.interpreter
+def test_op_level_autograd_matches_the_public_path():
+    # torch.ops.diffit_kernels.time_qkv_fwd carries its own autograd (stacked gradient)
+    leaves, build, grads = _case(2, 8, 32, 2)
+    kw = build({k: v.clone().requires_grad_() for k, v in leaves.items()})
+    qkv, _, _ = torch.ops.diffit_kernels.time_qkv_fwd(
+        kw["x"], kw["temb"], kw["weight"], kw["bias"], kw["temb_weight"], kw["temb_bias"], 2, 1e-6)
+    dy = torch.randn_like(qkv)
+    ins = [kw[k] for k in ("x", "temb", "weight", "bias", "temb_weight", "temb_bias")]
+    got = torch.autograd.grad(qkv, ins, dy)
+    kw2 = build({k: v.clone().requires_grad_() for k, v in leaves.items()})
+    out = diffit_kernels.time_qkv(**kw2, backend="triton")
+    ins2 = [kw2[k] for k in ("x", "temb", "weight", "bias", "temb_weight", "temb_bias")]
+    want = torch.autograd.grad(out, ins2, list(dy.unbind(0)))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.interpreter
+def test_opcheck_forward_and_backward_ops():
+    leaves, build, _ = _case(2, 5, 32, 2)
+    kw = build({k: v.clone().requires_grad_() for k, v in leaves.items()})
+    args = (kw["x"], kw["temb"], kw["weight"], kw["bias"], kw["temb_weight"], kw["temb_bias"],
+            2, 1e-6)
+    torch.library.opcheck(projection._time_qkv_fwd_op, args)
+    torch.library.opcheck(projection._time_qkv_fwd_op,
+                          (kw["x"], None, kw["weight"], None, None, None, 4, None))
+    qkv, mean, rstd = projection._time_qkv_fwd_op(*(a.detach() if torch.is_tensor(a) else a
+                                                    for a in args))
+    g = torch.randn_like(qkv)
+    torch.library.opcheck(projection._time_qkv_bwd_op,
+                          (g[0], g[1], g[2], kw["x"].detach(), kw["weight"].detach(), mean, rstd,
+                           True, True, True))
+
+
+@pytest.mark.interpreter
+def test_torch_compile_fullgraph_forward_backward():
+    leaves, build, grads = _case(2, 6, 32, 2)
+
+    def f(**kw):
+        q, k, v = diffit_kernels.time_qkv(**kw, backend="triton")
+        return (q * k).sum() + v.square().sum()
+
+    ls = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(**build(ls))
+    g_c = torch.autograd.grad(loss_c, [ls[g] for g in grads])
+    loss_e = f(**build(ls))
+    g_e = torch.autograd.grad(loss_e, [ls[g] for g in grads])
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.interpreter
+def test_float64_is_refused_by_the_kernel_with_a_pointer_to_the_torch_backend():
+    x, w = torch.randn(1, 2, 8, dtype=torch.float64), torch.randn(24, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend='torch'"):
+        diffit_kernels.time_qkv(x, None, w, None, None, None, 2, backend="triton")
+
+
+# ---- plain CPU: the torch path, validation -------------------------------------------------
+def test_torch_backend_is_the_reference():
+    leaves, build, _ = _case(2, 3, 16, 2)
+    for a, b in zip(diffit_kernels.time_qkv(**build(leaves), backend="torch"),
+                    reference.time_qkv(**build(leaves))):
+        assert torch.equal(a, b)
+
+
+def _bad(**over):
+    kw = dict(x=torch.randn(2, 3, 8), temb=torch.randn(2, 5), weight=torch.randn(24, 8),
+              bias=torch.randn(24), temb_weight=torch.randn(24, 5), temb_bias=torch.randn(24),
+              num_heads=2)
+    kw.update(over)
+    return kw
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (_bad(x=torch.randn(2, 8)), ValueError, r"x must have 3 dims"),
+    (_bad(weight=torch.randn(24, 9)), ValueError, r"weight must have shape \[3\*C', C=8\]"),
+    (_bad(weight=torch.randn(25, 8)), ValueError, r"weight must have shape \[3\*C', C=8\]"),
+    (_bad(num_heads=3), ValueError, r"num_heads=3 must divide C'=8"),
+    (_bad(num_heads=0), ValueError, r"num_heads must be a positive int"),
+    (_bad(num_heads=2.0), ValueError, r"num_heads must be a positive int"),
+    (_bad(bias=torch.randn(23)), ValueError, r"bias must have shape \[24\]"),
+    (_bad(temb=torch.randn(3, 5)), ValueError, r"temb must have shape \[B=2, Ct\]"),
+    (_bad(temb_weight=torch.randn(24, 6)), ValueError, r"temb_weight must have shape \[24, 5\]"),
+    (_bad(temb_weight=None), ValueError, r"temb needs temb_weight"),
+    (_bad(temb=None), ValueError, r"temb_weight / temb_bias given without temb"),
+    (_bad(temb_bias=torch.randn(12)), ValueError, r"temb_bias must have shape \[24\]"),
+    (_bad(weight=torch.randn(24, 8).half()), TypeError, r"weight must have dtype torch.float32"),
+    (_bad(temb=torch.randn(2, 5).bfloat16()), TypeError, r"temb must have dtype torch.float32"),
+    (_bad(bias=torch.randn(24, device="meta")), ValueError, r"bias must be on cpu"),
+    (_bad(weight=torch.randn(24, 8, device="meta")), ValueError, r"weight must be on cpu"),
+    (_bad(x=torch.randint(0, 3, (2, 3, 8))), TypeError, r"x must be float32, float16, bfloat16"),
+    (_bad(x=[1.0]), TypeError, r"x must be a torch.Tensor"),
+    (dict(_bad(), norm_eps=-1.0), ValueError, r"norm_eps must be None or a non-negative float"),
+], ids=["x-2d", "weight-C", "weight-not-3C", "heads-divide", "heads-zero", "heads-float",
+        "bias-shape", "temb-batch", "temb-weight-Ct", "temb-without-weight",
+        "weight-without-temb", "temb-bias-shape", "weight-dtype", "temb-dtype", "bias-device",
+        "weight-device", "x-int", "x-list", "eps-negative"])
+def test_bad_inputs_raise_clear_errors(kwargs, exc, match):
+    for backend in ("torch", "auto"):
+        with pytest.raises(exc, match=match):
+            diffit_kernels.time_qkv(**kwargs, backend=backend)
+
+
+def test_triton_backend_on_cpu_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run"):
+        diffit_kernels.time_qkv(**_bad(), backend="triton")
+
+
+def test_gradcheck_reference_fp64():
+    def f(x, temb, w, b, tw, tb):
+        return reference.time_qkv(x, temb, w, b, tw, tb, 2, norm_eps=1e-5)
+
+    inputs = tuple(t.double().requires_grad_() for t in
+                   (torch.randn(2, 3, 8), torch.randn(2, 5), torch.randn(24, 8), torch.randn(24),
+                    torch.randn(24, 5), torch.randn(24)))
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_aot_specs_and_check_cases_cover_the_kernels():
+    specs = projection.aot_specs()
+    kernels = {s.kernel for s in specs}
+    assert kernels == {"_time_qkv_fwd_kernel", "_time_qkv_bwd_kernel_dx",
+                       "_time_qkv_bwd_kernel_dw", "_time_qkv_bwd_kernel_ln"}
+    labels = [s.config for s in specs]
+    assert len(labels) == len(set((s.kernel, s.config) for s in specs))
+    cases = projection.check_cases(torch.device("cpu"))
+    assert cases and all(c.op == "time_qkv" for c in cases)

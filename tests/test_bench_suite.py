@@ -234,8 +234,29 @@ def test_ops_option():
         parser().parse_args(["--ops", "adaln,model"])
 
 
-def test_pytest_benchmark_cases_are_the_run_cases(tmp_path):
-    """The recorder behind `pytest benchmarks --benchmark-only`, on CPU at tiny sizes."""
+def _recorded_modules():
+    from benchmarks.__main__ import BENCHMARKS, PEAK
+
+    return [PEAK] + [(n, m) for n, m in BENCHMARKS.items() if n != "model"]
+
+
+@pytest.mark.parametrize("name,modname", _recorded_modules(), ids=lambda v: str(v))
+def test_pytest_benchmark_records_and_replays_every_case(name, modname):
+    """The recorder behind `pytest benchmarks --benchmark-only`, on CPU at tiny sizes: each
+    benchmark's run() yields one replayable callable per row, named after the row."""
+    from benchmarks import test_bench_pytest as tbp
+
+    if importlib.util.find_spec(modname) is None:
+        pytest.skip(f"{modname} does not exist yet")
+    cases = tbp.record_cases(name, modname, quick=False, dtype="fp32", tiny_cpu=True)
+    assert cases and not any(c.error or c.skip for c in cases), [c.error for c in cases]
+    assert len({c.id for c in cases}) == len(cases)
+    assert all(c.id.startswith(name + "-") and c.info.get("provider") for c in cases)
+    for c in cases:
+        c.fn()  # a callable whose tensors the module freed after timing fails here
+
+
+def test_pytest_benchmark_cases_are_the_run_cases():
     from benchmarks import bench_model
     from benchmarks import test_bench_pytest as tbp
 
@@ -243,9 +264,6 @@ def test_pytest_benchmark_cases_are_the_run_cases(tmp_path):
                              tiny_cpu=True)
     assert [c.id for c in cases] == ["peak-copy-1-MiB-torch-copy_-fwd",
                                      "peak-gemm-64x64x64-torch.matmul-fwd"]
-    assert all(c.fn is not None and not c.error for c in cases)
-    for c in cases:
-        c.fn()
     assert tbp.record_cases("nope", "benchmarks.bench_nope", False, "fp32")[0].skip
 
     # a case recorded under no_grad replays under no_grad

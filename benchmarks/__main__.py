@@ -98,8 +98,8 @@ def _git_revision() -> str:
     return (rev + (" (uncommitted changes)" if dirty else "")) if rev else "unknown"
 
 
-def _csv_state(out: Path) -> Dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in out.glob("*.csv")}
+def _files(out: Path, ext: str) -> Dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("*." + ext)}
 
 
 def run_benchmark(name: str, modname: str, out: Path, quick: bool, dtype: str,
@@ -107,9 +107,10 @@ def run_benchmark(name: str, modname: str, out: Path, quick: bool, dtype: str,
     """Run one benchmark module; return its run.json entry (status, CSVs written, seconds).
 
     A module that writes no CSV of its own gets <name>.csv and a plot from its rows here."""
+    from benchmarks import summary
     from benchmarks.common import plot, write_csv
 
-    entry = dict(name=name, module=modname, status="ok", csv=[], rows=0, seconds=0.0)
+    entry = dict(name=name, module=modname, status="ok", csv=[], png=[], rows=0, seconds=0.0)
     if importlib.util.find_spec(modname) is None:
         entry["status"] = f"missing: {modname.replace('.', '/')}.py does not exist"
         return entry
@@ -122,7 +123,7 @@ def run_benchmark(name: str, modname: str, out: Path, quick: bool, dtype: str,
     kwargs = dict(quick=quick, dtype=dtype, out_dir=str(out))
     if "tiny_cpu" in params:
         kwargs["tiny_cpu"] = tiny_cpu
-    before = _csv_state(out)
+    before = {ext: _files(out, ext) for ext in ("csv", "png")}
     try:
         rows = mod.run(**kwargs) or []
     except Exception as e:  # noqa: BLE001 - the other benchmarks still run; the exit code says it
@@ -130,20 +131,24 @@ def run_benchmark(name: str, modname: str, out: Path, quick: bool, dtype: str,
         entry.update(status=f"error: {type(e).__name__}: {str(e).strip()[:300]}",
                      seconds=round(time.perf_counter() - t0, 1))
         return entry
-    after = _csv_state(out)
-    written = sorted(n for n, m in after.items() if before.get(n) != m)
-    if rows and not written:
+    written = {ext: sorted(n for n, m in _files(out, ext).items() if before[ext].get(n) != m)
+               for ext in ("csv", "png")}
+    if rows and not written["csv"]:
         write_csv(out / f"{name}.csv", rows)
-        y = next((c for c in ("tflops", "gbps", "images_per_s") if c in rows[0]), "ms")
-        plot(out / f"{name}.png", rows, x="case", y=y, line="provider",
-             panel="pass" if "pass" in rows[0] else None, title=f"{name}, {dtype}")
-        written = [f"{name}.csv"]
+        written["csv"] = [f"{name}.csv"]
+    if rows and not written["png"]:
+        norm = [summary.normalize(r, name) for r in rows]
+        y = next((c for c in ("tflops", "gbps", "images_per_s") if c in norm[0]), "ms")
+        plot(out / f"{name}.png", norm, x="case", y=y, line="provider", panel="pass",
+             title=f"{name}, {dtype}")
+        written["png"] = [f"{name}.png"]
     failed = [r for r in rows if str(r.get("error") or "").strip()]
     if not rows:
         entry["status"] = "error: run() returned no rows"
     elif failed:
         entry["status"] = f"error: {len(failed)} of {len(rows)} rows failed"
-    entry.update(csv=written, rows=len(rows), seconds=round(time.perf_counter() - t0, 1))
+    entry.update(csv=written["csv"], png=written["png"], rows=len(rows),
+                 seconds=round(time.perf_counter() - t0, 1))
     return entry
 
 

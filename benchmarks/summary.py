@@ -34,7 +34,10 @@ RATES: Dict[str, Tuple[str, Optional[str]]] = {
     "tflops": ("TFLOP/s", "tflops"),
     "images_per_s": ("images/s", None),
 }
-OURS = ("ours",)
+# provider names meaning this library's kernels (bench_attention calls its provider "tmsa")
+OURS = ("ours", "tmsa")
+# the row keys every table needs, and the names some benchmarks use for them
+ALIASES = {"case": ("shape",), "pass": ("mode",)}
 
 
 def load_csv(path: Path) -> List[dict]:
@@ -62,6 +65,16 @@ def measured_peaks(rows: List[dict]) -> Dict[str, float]:
     from benchmarks.peak import measured_peaks as _mp
 
     return _mp(rows)
+
+
+def normalize(row: dict, op: str) -> dict:
+    """The row with op / case / pass filled in from the benchmark's name and the aliases."""
+    r = dict(row)
+    r["op"] = r.get("op") or op
+    for key, names in ALIASES.items():
+        if not r.get(key):
+            r[key] = next((r[n] for n in names if r.get(n)), "")
+    return r
 
 
 def _cell(v) -> str:
@@ -180,12 +193,12 @@ def build_summary(out: Path) -> str:
         if e.get("status", "ok") != "ok":
             L += [f"Status: {e['status']}", ""]
         for p in csvs.get(name, []):
-            rows = load_csv(p)
-            L.append(table(rows, peaks))
-            png = p.with_suffix(".png")
-            if png.exists():
-                L += [f"![{p.stem}]({png.name})", ""]
-            L += [f"Data: [{p.name}]({p.name})", ""]
+            L.append(table([normalize(r, name) for r in load_csv(p)], peaks))
+            pngs = [q for q in e.get("png", []) if (out / q).exists()] if "png" in e else \
+                sorted(q.name for q in out.glob(p.stem + "*.png"))
+            mine = [q for q in pngs if len(csvs[name]) == 1 or Path(q).stem.startswith(p.stem)]
+            L += [f"![{Path(q).stem}]({q})" for q in mine]
+            L += ["", f"Data: [{p.name}]({p.name})", ""]
     if any("seconds" in e for e in entries):
         L += ["## Wall time", "", "| benchmark | status | seconds |", "|---|---|---|"]
         for e in entries:

@@ -97,8 +97,10 @@ def record_cases(name: str, modname: str, quick: bool, dtype: str,
         return [BenchCase(id=name, error=f"{modname}.run() timed nothing through "
                                          "benchmarks.common.bench")]
     if len(rows) == len(recorded):
-        for c, r in zip(recorded, rows):
-            c.id = _id(f"{name}-{r.get('case', '')}-{r.get('provider', '')}-{r.get('pass', '')}")
+        from benchmarks.summary import normalize
+
+        for c, r in zip(recorded, map(normalize, rows, [name] * len(rows))):
+            c.id = _id(f"{name}-{r['case']}-{r.get('provider', '')}-{r['pass']}")
             c.info = {k: r[k] for k in ("op", "case", "provider", "pass", "dtype") if k in r}
     else:
         for i, c in enumerate(recorded):

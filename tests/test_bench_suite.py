@@ -36,6 +36,7 @@ def _finite_positive(v) -> bool:
 @pytest.mark.slow
 def test_tiny_cpu_run_writes_every_benchmark(tmp_path, capsys):
     from benchmarks.__main__ import BENCHMARKS, main
+    from benchmarks.summary import normalize
 
     rc = main(["--tiny-cpu", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
@@ -54,9 +55,11 @@ def test_tiny_cpu_run_writes_every_benchmark(tmp_path, capsys):
     for e in meta["benchmarks"]:
         if e["status"] != "ok":
             continue
-        assert e["csv"] and e["rows"] > 0, e
+        assert e["csv"] and e["png"] and e["rows"] > 0, e
+        for png in e["png"]:
+            assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC, png
         for name in e["csv"]:
-            rows = _rows(tmp_path / name)
+            rows = [normalize(r, e["name"]) for r in _rows(tmp_path / name)]
             assert len(rows) >= 1
             for r in rows:
                 assert {"op", "case", "provider", "pass", "ms"} <= set(r), (name, list(r))
@@ -65,8 +68,6 @@ def test_tiny_cpu_run_writes_every_benchmark(tmp_path, capsys):
                 assert any(_finite_positive(r.get(c)) for c in RATE_COLUMNS), (name, r)
                 if e["name"] not in ("peak",):
                     assert r["provider"] == "eager", (name, r)  # the reference, on CPU
-            png = (tmp_path / name).with_suffix(".png")
-            assert png.read_bytes()[:8] == PNG_MAGIC, png
 
     peak = _rows(tmp_path / "peak.csv")
     assert {r["kind"] for r in peak} == {"copy", "gemm"}
@@ -85,8 +86,8 @@ def test_tiny_cpu_run_writes_every_benchmark(tmp_path, capsys):
     for name in status:
         assert f"## {name}\n" in summary
     for e in meta["benchmarks"]:
-        for name in e["csv"]:
-            assert f"]({name})" in summary and f"]({Path(name).stem}.png)" in summary
+        for name in e["csv"] + e["png"]:
+            assert f"]({name})" in summary, name
     assert "| case | pass | provider | ms |" in summary
     assert "% of peak GB/s" in summary  # adaln_norm / peak rows against the measured copy rate
 
@@ -304,7 +305,8 @@ def test_driver_adapts_to_each_benchmark_module(tmp_path, monkeypatch):
 
     name = _fake_module(monkeypatch, "benchmarks._fake_rows", rows_only)
     e = run_benchmark("fake", name, tmp_path, quick=True, dtype="bf16", tiny_cpu=True)
-    assert e["status"] == "ok" and e["csv"] == ["fake.csv"] and e["rows"] == 4
+    assert e["status"] == "ok" and e["csv"] == ["fake.csv"] and e["png"] == ["fake.png"]
+    assert e["rows"] == 4
     assert len(_rows(tmp_path / "fake.csv")) == 4
     assert (tmp_path / "fake.png").read_bytes()[:8] == PNG_MAGIC
 

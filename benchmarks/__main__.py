@@ -98,6 +98,18 @@ def _git_revision() -> str:
     return (rev + (" (uncommitted changes)" if dirty else "")) if rev else "unknown"
 
 
+def _release() -> None:
+    """Free what one benchmark left (compiled graphs, cached blocks) before the next runs."""
+    import gc
+
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _files(out: Path, ext: str) -> Dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in out.glob("*." + ext)}
 
@@ -131,6 +143,8 @@ def run_benchmark(name: str, modname: str, out: Path, quick: bool, dtype: str,
         entry.update(status=f"error: {type(e).__name__}: {str(e).strip()[:300]}",
                      seconds=round(time.perf_counter() - t0, 1))
         return entry
+    finally:
+        _release()
     written = {ext: sorted(n for n, m in _files(out, ext).items() if before[ext].get(n) != m)
                for ext in ("csv", "png")}
     if rows and not written["csv"]:

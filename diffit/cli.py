@@ -14,6 +14,9 @@ from typing import List, Optional
 # add a command: append its module here ("diffit.train", "diffit.encode", "diffit.demo", ...)
 COMMANDS: List[str] = [
     "diffit.sample",
+    "diffit.train",
+    "diffit.encode",
+    "diffit.demo",
 ]
 
 

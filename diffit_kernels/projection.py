@@ -6,8 +6,8 @@ s_m = x[m, 0] the row's first element:
     y[m, j] = x_m . W_j + cb[b, j]                                                (norm_eps=None)
     wsum_j = sum_c W[j, c] (fp32, cached per weight version), cb = bias + temb W_t^T + b_t (fp32)
 mean/rstd come from the same pass over x that feeds the GEMM (fp32 sums of x - s_m), no
-normalised copy of x is written, and the epilogue stores straight into one [3, B, H, N, d]
-buffer whose q, k, v views tmsa_attention reads as they are.
+normalised copy of x is written, and the epilogue stores straight into one [B, N, 3C'] buffer
+(row-major tiles) whose head-split q, k, v views [B, H, N, d] tmsa_attention reads as they are.
 Why the MMA sees x - s_m, not x: the plain fold rstd * (x . W - mean * wsum) lets the tensor
 cores read x straight from shared memory, but its fp32 accumulator then carries |mean| * |W|
 and loses ~|mean|/std * 2^-24 * sqrt(C) relative precision, amplified by rstd. Measured under
@@ -41,7 +41,6 @@ try:
 except ImportError:  # pragma: no cover - triton is a requirement; the torch path still works
     triton = None
 
-DW_BLOCK_K = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}  # rows per dW step
 LN_BLOCK_C = 4096  # LayerNorm-backward row chunk: wider rows are walked twice
 
 
@@ -74,16 +73,15 @@ if triton is not None:
         W,       # [3C', C] spatial weight, rows q | k | v
         WSUM,    # [3C'] fp32 row sums of W: the LayerNorm fold (HAS_LN)
         CB,      # [B, 3C'] fp32 per-sample bias = bias + temb W_t^T + b_t (HAS_CB; stride 0 on B ok)
-        OUT,     # [3, B, H, N, D] q | k | v, written through its strides
+        OUT,     # [B * N, 3C'] = [B, N, 3, H, D]: q, k, v are strided views of it
         MEAN,    # [B * N] fp32 row means, for the backward (HAS_LN)
         RSTD,    # [B * N] fp32 row 1/std (HAS_LN)
         M, N, C, CP, eps,
         stride_x_b, stride_x_n,
         stride_w_j, stride_w_c,
         stride_cb_b,
-        stride_o_s, stride_o_b, stride_o_h, stride_o_n,
-        D: tl.constexpr, VEC: tl.constexpr, XVEC: tl.constexpr, WVEC: tl.constexpr,
-        HAS_LN: tl.constexpr, HAS_CB: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
+        OVEC: tl.constexpr, XVEC: tl.constexpr, WVEC: tl.constexpr,
+        HAS_LN: tl.constexpr, HAS_CB: tl.constexpr, CB_ROWS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
@@ -138,12 +136,26 @@ if triton is not None:
                 tl.store(RSTD + offs_m, rstd, mask=mask_m)
         mask = mask_m[:, None] & mask_j[None, :]
         if HAS_CB:
-            acc += tl.load(CB + (b * stride_cb_b)[:, None] + (seg * CP + offs_j)[None, :],
-                           mask=mask, other=0.0)
-        o_row = tl.multiple_of(b * stride_o_b + n * stride_o_n, VEC)
-        o_ptrs = OUT + seg.to(tl.int64) * stride_o_s + o_row[:, None] \
-            + _head_cols(offs_j, stride_o_h, D, VEC)[None, :]
-        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+            # Each [BLOCK_N] row of cb costs ~32 values + 32 addresses per thread in the MMA
+            # layout, so the gather is avoided where the tile's samples are known: one sample
+            # (N % BLOCK_M == 0, DiffiT's token counts), two (N > BLOCK_M), else a 2-D gather.
+            cb_col = seg * CP + offs_j
+            b_lo = (pid_m.to(tl.int64) * BLOCK_M) // N
+            if CB_ROWS == 1:
+                acc += tl.load(CB + b_lo * stride_cb_b + cb_col, mask=mask_j, other=0.0)[None, :]
+            elif CB_ROWS == 2:
+                cb_lo = tl.load(CB + b_lo * stride_cb_b + cb_col, mask=mask_j, other=0.0)
+                b_hi = tl.minimum(b_lo + 1, (M - 1) // N)
+                cb_hi = tl.load(CB + b_hi * stride_cb_b + cb_col, mask=mask_j, other=0.0)
+                acc += tl.where((b == b_lo)[:, None], cb_lo[None, :], cb_hi[None, :])
+            else:
+                acc += tl.load(CB + (b * stride_cb_b)[:, None] + cb_col[None, :], mask=mask,
+                               other=0.0)
+        # a plain row-major store: a head-split [3, B, H, N, D] address per element kept ~64
+        # 64-bit addresses live across the main loop and spilled (compile report)
+        o_row = tl.multiple_of(offs_m * (3 * CP), OVEC)
+        tl.store(OUT + o_row[:, None] + (seg * CP + offs_j)[None, :], acc.to(OUT.dtype.element_ty),
+                 mask=mask)
 
     @triton.jit
     def _dx_segment(acc, G, g_row, stride_g_h, mask_m, W, j0, CP, offs_c, mask_c,
@@ -327,14 +339,18 @@ if triton is not None:
 # Launch configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). 16-bit tiles target the
 # tensor cores (128x128x64, 3-4 stages fit sm_80's 163 KiB and sm_90a's 227 KiB); fp32 runs
 # IEEE FMA dots (no TF32), so its tiles are smaller. The interpreter gets exactly one config.
-FWD_CONFIGS = {"16": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-                      (64, 128, 64, 4, 4)],
-               "32": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]}
+# 128-row forward tiles run only where each tile lies in one sample (the per-sample bias is one
+# row of cb): their LayerNorm path sits at 255 registers, and a 2-row select or 2-D gather of cb
+# on top spills. 64-row tiles take any N. (128x256 and 4-warp 128x128 spill with LayerNorm.)
+FWD_CONFIGS = {"16": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 8, 3),
+                      (64, 64, 64, 4, 4)],
+               "32": [(64, 64, 32, 8, 3), (64, 128, 32, 8, 3)]}
 DX_CONFIGS = {"16": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)],
-              "32": [(64, 64, 32, 4, 3)]}
-# dW: (BLOCK_N over q|k|v columns, BLOCK_C over channels, rows per step, warps, stages)
+              "32": [(64, 64, 16, 8, 3)]}
+# dW: (BLOCK_N over q|k|v columns, BLOCK_C over channels, rows per step, warps, stages); the
+# rows per step are fixed per dtype (the launcher sizes the per-sample partial sums by them)
 DW_CONFIGS = {"16": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)],
-              "32": [(64, 64, 32, 4, 3)]}
+              "32": [(64, 64, 16, 4, 3)]}
 INTERP_CONFIG = (32, 32, 32, 4, 1)
 INTERP_DW_BLOCK_K = 16  # short row steps: the interpreter's tests cover several per sample
 GROUP_M = 8
@@ -350,26 +366,35 @@ def _configs(table, kind: str, interp: bool):
                           num_stages=s) for bm, bn, bk, w, s in rows]
 
 
-def _prune_mn(m_arg: str, n_arg: str):
-    """Drop tiles far larger than the problem (a batch-1 call need not time 128-row tiles)."""
+def _prune_mn(m_arg: str, n_arg: str, fwd: bool = False):
+    """Drop tiles far larger than the problem (a batch-1 call need not time 128-row tiles),
+    and in the forward 128-row tiles whose rows would span samples (see FWD_CONFIGS)."""
     def prune(configs, named_args, **kwargs):
         m = max(16, next_power_of_2(named_args[m_arg]))
         n = max(16, next_power_of_2(named_args[n_arg]))
         keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m)
-                and c.kwargs["BLOCK_N"] <= max(64, n)]
-        return keep or configs[-1:]
+                and c.kwargs["BLOCK_N"] <= max(64, n)
+                and not (fwd and c.kwargs["BLOCK_M"] > 64 and named_args["HAS_CB"]
+                         and _cb_rows(named_args["N"], c.kwargs["BLOCK_M"]) != 1)]
+        return keep or [c for c in configs if c.kwargs["BLOCK_M"] <= 64][-1:]
     return prune
+
+
+def _cb_rows(N: int, block_m: int) -> int:
+    """Samples one forward row tile can touch: 1, 2, or 0 meaning many (a 2-D gather)."""
+    return 1 if N % block_m == 0 else (2 if N > block_m else 0)
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned(which: str, kind: str, interp: bool):
     """The autotuned launcher, built on first use (no GPU query at import)."""
     if which == "fwd":
-        fn = triton.heuristics({"EVEN_K": lambda a: a["C"] % a["BLOCK_K"] == 0})(
+        fn = triton.heuristics({"EVEN_K": lambda a: a["C"] % a["BLOCK_K"] == 0,
+                                "CB_ROWS": lambda a: _cb_rows(a["N"], a["BLOCK_M"])})(
             _time_qkv_fwd_kernel)
         return triton.autotune(_configs(FWD_CONFIGS, kind, interp),
                                key=["M", "C", "CP", "HAS_LN"],
-                               prune_configs_by={"early_config_prune": _prune_mn("M", "CP")})(fn)
+                               prune_configs_by={"early_config_prune": _prune_mn("M", "CP", fwd=True)})(fn)
     if which == "dx":
         return triton.autotune(_configs(DX_CONFIGS, kind, interp), key=["M", "C", "CP"],
                                prune_configs_by={"early_config_prune": _prune_mn("M", "C")}
@@ -382,7 +407,7 @@ def _tuned(which: str, kind: str, interp: bool):
 
 
 def _dw_block_k(dtype: torch.dtype) -> int:
-    return INTERP_DW_BLOCK_K if interpreting() else DW_BLOCK_K[dtype]
+    return INTERP_DW_BLOCK_K if interpreting() else DW_CONFIGS[_kind(dtype)][0][2]
 
 
 def _vec(elsize: int, *sizes: int) -> int:
@@ -457,10 +482,9 @@ def _time_qkv_fwd(x, temb, weight, bias, temb_weight, temb_bias, num_heads: int,
                   norm_eps: Optional[float]):
     B, N, C = x.shape
     C3 = weight.shape[0]
-    CP, H = C3 // 3, num_heads
-    D, M = CP // H, B * N
+    CP, M = C3 // 3, B * N
     has_ln = norm_eps is not None
-    out = empty((3, B, H, N, D), x.dtype, x.device)
+    out = empty((B, N, C3), x.dtype, x.device)
     mean = empty((M if has_ln else 0,), torch.float32, x.device)
     rstd = empty((M if has_ln else 0,), torch.float32, x.device)
     if M == 0:
@@ -469,7 +493,6 @@ def _time_qkv_fwd(x, temb, weight, bias, temb_weight, temb_bias, num_heads: int,
     wsum = _weight_rowsum(weight) if has_ln else None
     dummy = mean if has_ln else torch.empty(1, dtype=torch.float32, device=x.device)
     el = x.element_size()
-    so = out.stride()
     kernel = _tuned("fwd", _kind(x.dtype), interpreting())
     grid = lambda META: (cdiv(M, META["BLOCK_M"]) * 3 * cdiv(CP, META["BLOCK_N"]),)  # noqa: E731
     kernel[grid](
@@ -477,8 +500,7 @@ def _time_qkv_fwd(x, temb, weight, bias, temb_weight, temb_bias, num_heads: int,
         mean if has_ln else dummy, rstd if has_ln else dummy,
         M, N, C, CP, float(norm_eps) if has_ln else 0.0,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), stride_cb_b,
-        so[0], so[1], so[2], so[3],
-        D=D, VEC=_vec(el, D, *so[:4]), XVEC=_vec(el, x.stride(0), x.stride(1)),
+        OVEC=_vec(el, C3), XVEC=_vec(el, x.stride(0), x.stride(1)),
         WVEC=_vec(el, weight.stride(0)), HAS_LN=has_ln, HAS_CB=cb is not None,
         UPCAST=dot_upcast(x.dtype), DOT_PREC="ieee",
         GROUP_M=GROUP_M,
@@ -559,7 +581,7 @@ def _(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps):
     B, N, C = x.shape
     CP = weight.shape[0] // 3
     stats = x.new_empty((B * N if norm_eps is not None else 0,), dtype=torch.float32)
-    return x.new_empty((3, B, num_heads, N, CP // num_heads)), stats, torch.empty_like(stats)
+    return x.new_empty((B, N, 3 * CP)), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("diffit_kernels::time_qkv_bwd", mutates_args=())
@@ -576,6 +598,12 @@ def _(dq, dk, dv, x, weight, mean, rstd, has_ln, need_dx, need_dw):
     dx = x.new_empty(x.shape if need_dx else (0,))
     dw = weight.new_empty(weight.shape if need_dw else (0,))
     return dx, dw, x.new_empty((B, weight.shape[0]), dtype=torch.float32)
+
+
+def _split_heads(qkv: torch.Tensor, H: int):
+    """[B, N, 3C'] -> q, k, v [B, H, N, d] views (strides (N*3C', d, 3C', 1))."""
+    B, N, C3 = qkv.shape
+    return qkv.view(B, N, 3, H, C3 // (3 * H)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def _save(ctx, x, temb, weight, bias, temb_weight, temb_bias, norm_eps, mean, rstd):
@@ -605,11 +633,12 @@ def _setup_context(ctx, inputs, output):
     x, temb, weight, bias, temb_weight, temb_bias, _num_heads, norm_eps = inputs
     _, mean, rstd = output
     _save(ctx, x, temb, weight, bias, temb_weight, temb_bias, norm_eps, mean, rstd)
+    ctx.num_heads = _num_heads
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _op_backward(ctx, dqkv, _dmean, _drstd):
-    return _input_grads(ctx, dqkv[0], dqkv[1], dqkv[2]) + (None, None)
+    return _input_grads(ctx, *_split_heads(dqkv, ctx.num_heads)) + (None, None)
 
 
 _time_qkv_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -617,15 +646,15 @@ _time_qkv_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 class _TimeQKV(torch.autograd.Function):
     """The public path: q, k, v leave as three views of one buffer, so autograd hands their
-    gradients over separately and they are never stacked into a [3, B, H, N, d] copy (the op's
-    own autograd above receives the stacked gradient of its single output instead)."""
+    gradients over separately and they are never stacked into a [B, N, 3C'] copy (the op's
+    own autograd above receives the gradient of its single output buffer instead)."""
 
     @staticmethod
     def forward(ctx, x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps):
         qkv, mean, rstd = _time_qkv_fwd_op(x, temb, weight, bias, temb_weight, temb_bias,
                                            num_heads, norm_eps)
         _save(ctx, x, temb, weight, bias, temb_weight, temb_bias, norm_eps, mean, rstd)
-        return qkv[0], qkv[1], qkv[2]
+        return _split_heads(qkv, num_heads)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
@@ -696,8 +725,8 @@ def time_qkv(
             folded into the GEMM (statistics in fp32, no normalised copy of x).
         backend: "auto" | "triton" | "torch" (see diffit_kernels._common.resolve_backend).
     Returns:
-        q, k, v [B, H, N, d]: views of one [3, B, H, N, d] buffer (Triton) with unit last
-        stride, which tmsa_attention reads without a copy. Gradients flow to x, temb, weight,
+        q, k, v [B, H, N, d]: views of one [B, N, 3C'] buffer (on either backend; strides
+        (N*3C', d, 3C', 1)), which tmsa_attention reads without a copy. Gradients flow to x, temb, weight,
         bias, temb_weight and temb_bias; the backward is deterministic. Do not modify q, k, v
         in place (they are outputs of one autograd node).
     """
@@ -711,7 +740,7 @@ def time_qkv(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _TimeQKV.apply(x, temb, weight, bias, temb_weight, temb_bias, num_heads, eps)
     qkv, _, _ = _time_qkv_fwd_op(x, temb, weight, bias, temb_weight, temb_bias, num_heads, eps)
-    return qkv[0], qkv[1], qkv[2]
+    return _split_heads(qkv, num_heads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,17 +758,20 @@ def aot_specs():
         vec = _vec(el, 72, 1152)
         fwd_sig = {"X": f"*{dt}", "W": f"*{dt}", "WSUM": "*fp32", "CB": "*fp32", "OUT": f"*{dt}",
                    "MEAN": "*fp32", "RSTD": "*fp32", **ints("M", "N", "C", "CP"), "eps": "fp32",
-                   **ints("stride_x_b", "stride_x_n", "stride_w_j", "stride_cb_b", "stride_o_s",
-                          "stride_o_b", "stride_o_h", "stride_o_n")}
+                   **ints("stride_x_b", "stride_x_n", "stride_w_j", "stride_cb_b")}
         common = dict(D=72, VEC=vec, UPCAST=False, DOT_PREC="ieee", stride_w_c=1)
-        for i, (bm, bn, bk, w, s) in enumerate(FWD_CONFIGS[kind]):
-            for ln in ((True, False) if (i == 0 and kind == "16") else (True,)):
+        for bm, bn, bk, w, s in FWD_CONFIGS[kind]:
+            # the cb layouts each tile size may meet: 1 row (128-row tiles), else any
+            variants = [(True, 1), (False, 1)] if bm > 64 else [(True, 2), (True, 0), (False, 0)]
+            for ln, rows in variants:
                 specs.append(AotSpec(
                     "_time_qkv_fwd_kernel", _time_qkv_fwd_kernel, fwd_sig,
-                    {**common, "XVEC": vec, "WVEC": vec, "HAS_LN": ln, "HAS_CB": True,
-                     "EVEN_K": True, "BLOCK_M": bm,
-                     "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M},
-                    w, s, f"{dt} {'LN ' if ln else ''}{bm}x{bn}x{bk} w{w} s{s}", kind == "16"))
+                    {"OVEC": vec, "XVEC": vec, "WVEC": vec, "UPCAST": False, "DOT_PREC": "ieee",
+                     "stride_w_c": 1, "HAS_LN": ln, "HAS_CB": True, "CB_ROWS": rows,
+                     "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                     "GROUP_M": GROUP_M},
+                    w, s, f"{dt} {'LN' if ln else 'noLN'} cb{rows} {bm}x{bn}x{bk} w{w} s{s}",
+                    kind == "16"))
         dx_sig = {"GQ": f"*{dt}", "GK": f"*{dt}", "GV": f"*{dt}", "W": f"*{dt}", "DX": f"*{dt}",
                   **ints("M", "N", "C", "CP", "stride_w_j",
                          *(f"stride_g{t}_{a}" for t in "qkv" for a in "bhn"))}

@@ -96,15 +96,22 @@ def test_diffit_xl_heads_fp32(monkeypatch):
 
 @pytest.mark.interpreter
 def test_qkv_are_views_of_one_buffer_that_tmsa_attention_takes_as_they_are():
-    leaves, build, _ = _case(2, 5, 48, 4)
+    leaves, build, _ = _case(2, 5, 64, 4)
     q, k, v = diffit_kernels.time_qkv(**build(leaves), backend="triton")
-    assert q.shape == k.shape == v.shape == (2, 4, 5, 12)
+    assert q.shape == k.shape == v.shape == (2, 4, 5, 16)
+    # one [B, N, 3C'] buffer: q | k | v side by side in every token row
     assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() \
         == v.untyped_storage().data_ptr()
-    step = q.numel() * q.element_size()
+    step = 64 * q.element_size()
     assert k.data_ptr() - q.data_ptr() == step and v.data_ptr() - k.data_ptr() == step
     for t in (q, k, v):  # unit last stride: attention's launchers copy nothing
-        assert t.stride(-1) == 1 and t.is_contiguous()
+        assert t.stride() == (5 * 192, 16, 192, 1)
+    # the same layout as the reference's views, so the two backends are interchangeable
+    ref = reference.time_qkv(**build(leaves))
+    assert [t.stride() for t in ref] == [t.stride() for t in (q, k, v)]
+    if hasattr(diffit_kernels, "tmsa_attention"):
+        o = diffit_kernels.tmsa_attention(q, k, v, backend="triton")
+        torch.testing.assert_close(o, reference.tmsa_attention(q, k, v), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.interpreter
@@ -181,7 +188,7 @@ def test_empty_token_set():
 
 @pytest.mark.interpreter
 def test_op_level_autograd_matches_the_public_path():
-    # torch.ops.diffit_kernels.time_qkv_fwd carries its own autograd (stacked gradient)
+    # torch.ops.diffit_kernels.time_qkv_fwd carries its own autograd ([B, N, 3C'] gradient)
     leaves, build, grads = _case(2, 8, 32, 2)
     kw = build({k: v.clone().requires_grad_() for k, v in leaves.items()})
     qkv, _, _ = torch.ops.diffit_kernels.time_qkv_fwd(
@@ -192,7 +199,7 @@ def test_op_level_autograd_matches_the_public_path():
     kw2 = build({k: v.clone().requires_grad_() for k, v in leaves.items()})
     out = diffit_kernels.time_qkv(**kw2, backend="triton")
     ins2 = [kw2[k] for k in ("x", "temb", "weight", "bias", "temb_weight", "temb_bias")]
-    want = torch.autograd.grad(out, ins2, list(dy.unbind(0)))
+    want = torch.autograd.grad(out, ins2, list(projection._split_heads(dy, 2)))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 
@@ -208,10 +215,10 @@ def test_opcheck_forward_and_backward_ops():
                           (kw["x"], None, kw["weight"], None, None, None, 4, None))
     qkv, mean, rstd = projection._time_qkv_fwd_op(*(a.detach() if torch.is_tensor(a) else a
                                                     for a in args))
-    g = torch.randn_like(qkv)
+    dq, dk, dv = projection._split_heads(torch.randn_like(qkv), 2)  # strided views
     torch.library.opcheck(projection._time_qkv_bwd_op,
-                          (g[0], g[1], g[2], kw["x"].detach(), kw["weight"].detach(), mean, rstd,
-                           True, True, True))
+                          (dq, dk.contiguous(), dv, kw["x"].detach(), kw["weight"].detach(), mean,
+                           rstd, True, True, True))
 
 
 @pytest.mark.interpreter

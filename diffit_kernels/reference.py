@@ -179,6 +179,11 @@ def check_attention_inputs(q, k, v, table, grid, window, bias) -> Tuple[int, int
         raise ValueError(f"q must have non-empty [B, H, N, D], got {describe(q)}")
     if table is not None and bias is not None:
         raise ValueError("table and bias are exclusive: pass the learnable table or a dense bias")
+    if bias is not None:  # checked before the grid-less early return below
+        check_tensor("bias", bias, device=q.device)
+        if tuple(bias.shape) not in ((H, N, N), (B, H, N, N)):
+            raise ValueError(f"bias must have shape [H={H}, N={N}, N] or [B={B}, H, N, N], "
+                             f"got {describe(bias)}")
     if grid is None:
         if table is not None or window is not None:
             raise ValueError(f"table / window need grid=(Gh, Gw) with Gh*Gw == N={N}")

@@ -17,17 +17,24 @@ D0 + D1 (e.g. 72 = 64 + 16 with 8 columns masked: 10% padding where 128 would wa
 the worst case over d = 16, 24, ..., 128 is 25% (d = 24 -> 32). Every dot over d is two dots.
 
 Deterministic dtable (no atomics): ds must be summed along relative offsets, which no tile
-order can do elementwise, so the table gradient is accumulated where the element -> offset
-map is the same on every iteration of a program and reduced once at the end:
-  * spans of <= 64 tokens (image-space windows, small grids): one fused kernel does the whole
-    backward of a window group (dq, dk, dv: 5 dots, no recompute) and sums ds over all the
-    (batch, window) units it owns into a [64, 64] fp32 register tile;
+order can do elementwise, so it is accumulated where the element -> offset map is the same on
+every iteration of a program and reduced once at the end:
+  * spans of <= 32 tokens (4x4 image-space windows, tiny grids): one fused kernel does the
+    whole backward of a window group (dq, dk, dv: 5 dots, no recompute) and sums ds over all
+    the (batch, window) units it owns in a [32, 32] fp32 register tile (64-token tiles spill);
   * larger spans: FlashAttention-2 dK/dV and dQ kernels, plus a kernel that recomputes p and
-    dp for the tile pairs of one "slot" (a tile pair, or a whole tile diagonal when gw divides
-    the tile so every pair on it shares offsets) over the batch, and sums ds elementwise.
+    dp (2 dots) for the tile pairs of one "slot" (a tile pair, or a whole tile diagonal when
+    gw divides the tile, so every pair on it shares offsets) over windows and batch, summing
+    ds elementwise. In-kernel offset binning would cost a shuffle-heavy diagonal reduction per
+    tile; batch-summed dS of all pairs would be O(H N^2) memory: this costs one extra
+    forward-sized pass and O(programs * tile) memory.
 Each program writes one fp32 [BM, BN] partial; torch then sums partials and gathers them by
-relative offset in a fixed order (a padded [rows, k] index). Memory: O(programs * BM * BN).
-The dense [H, N, N] bias gradient takes the same route (slot = tile pair), never [B, H, N, N].
+relative offset in a fixed order (a padded [rows, k] index). deterministic=False takes the same
+path (no atomic variant is shipped). The dense [H, N, N] bias gradient takes the same route
+(slot = tile pair), never a [B, H, N, N] buffer; a [B, H, N, N] bias gets ds stored by the dQ
+kernel. fp32 inputs use exact (ieee) FMA dots with small tiles; TF32 only when the user enabled
+it for CUDA matmuls. With several windows packed in one tile a NaN key or value can also reach
+the neighbouring window's rows (0 * NaN in the tile's dot); finite inputs are unaffected.
 """
 from __future__ import annotations
 
@@ -38,11 +45,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from ._common import (cdiv, check_kernel_dtype, describe, dot_upcast, empty, interpreting,
+from ._common import (cdiv, check_kernel_dtype, dot_upcast, empty, interpreting,
                       next_power_of_2, resolve_backend, unit_last_stride)
 
 HEAD_DIMS = tuple(range(16, 129, 8))
-FUSED_MAX_SPAN = 64   # attention spans up to this many tokens take the fused backward
+FUSED_MAX_SPAN = 32   # attention spans up to this many tokens take the fused backward
 LOG2E = 1.4426950408889634
 
 try:
@@ -75,11 +82,12 @@ if triton is not None:
         return row, code, w
 
     @triton.jit
-    def _load_rows(PTR, rows, mask, stride_n, D, D0: tl.constexpr, D1: tl.constexpr,
+    def _load_rows(PTR, base, rows, mask, stride_n, D, D0: tl.constexpr, D1: tl.constexpr,
                    HAS_D1: tl.constexpr):
         """[len(rows), D] rows of a strided tensor as two column chunks (D0, then D1)."""
         offs0 = tl.arange(0, D0)
-        ptrs = PTR + rows[:, None] * stride_n
+        # the launcher guarantees strides that are multiples of 8: 16-byte vector loads
+        ptrs = PTR + tl.multiple_of(base + rows[:, None] * stride_n, [8, 1])
         x0 = tl.load(ptrs + offs0[None, :], mask=mask[:, None] & (offs0[None, :] < D), other=0.0)
         x1 = x0
         if HAS_D1:
@@ -89,16 +97,23 @@ if triton is not None:
         return x0, x1
 
     @triton.jit
-    def _store_rows(PTR, rows, mask, stride_n, D, x0, x1, D0: tl.constexpr, D1: tl.constexpr,
-                    HAS_D1: tl.constexpr):
+    def _store_rows(PTR, base, rows, mask, stride_n, D, x0, x1, D0: tl.constexpr,
+                    D1: tl.constexpr, HAS_D1: tl.constexpr):
         offs0 = tl.arange(0, D0)
-        ptrs = PTR + rows[:, None] * stride_n
+        ptrs = PTR + tl.multiple_of(base + rows[:, None] * stride_n, [8, 1])
         tl.store(ptrs + offs0[None, :], x0.to(PTR.dtype.element_ty),
                  mask=mask[:, None] & (offs0[None, :] < D))
         if HAS_D1:
             offs1 = D0 + tl.arange(0, D1)
             tl.store(ptrs + offs1[None, :], x1.to(PTR.dtype.element_ty),
                      mask=mask[:, None] & (offs1[None, :] < D))
+
+    @triton.jit
+    def _store_cols(PTR, base, rows, mask, D, xT, DC: tl.constexpr, first: tl.constexpr):
+        """Store a transposed chunk xT [DC, len(rows)]: columns first..first+DC of the rows."""
+        offs_d = first + tl.arange(0, DC)
+        ptrs = PTR + base + rows[None, :] * D + offs_d[:, None]
+        tl.store(ptrs, xT.to(PTR.dtype.element_ty), mask=mask[None, :] & (offs_d[:, None] < D))
 
     @triton.jit
     def _mm(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -137,8 +152,8 @@ if triton is not None:
                 idx = code_a[:, None] - code_b[None, :] + rel_off
             s += tl.load(TAB_H + idx, mask=valid, other=0.0)
         if HAS_BIAS:
-            bias = tl.load(BIAS_BH + row_a[:, None] * stride_bias_a + row_b[None, :] * stride_bias_b,
-                           mask=valid, other=0.0)
+            bias = tl.load(BIAS_BH + row_a[:, None] * stride_bias_a
+                           + row_b[None, :] * stride_bias_b, mask=valid, other=0.0)
             s += bias.to(tl.float32) * _LOG2E
         return s, valid
 
@@ -172,6 +187,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
+        D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1).to(tl.int64)
         b = pid_bh // H
@@ -181,10 +197,10 @@ if triton is not None:
         mask_m = offs_m < N
         row_m, code_m, win_m = _tokens(offs_m, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
         lo, hi = _span(start_m, BLOCK_M, N, n_win, WINDOWED)
-        q0, q1 = _load_rows(Q + b * stride_q_b + h * stride_q_h, row_m, mask_m, stride_q_n, D,
+        q0, q1 = _load_rows(Q, b * stride_q_b + h * stride_q_h, row_m, mask_m, stride_q_n, D,
                             D0, D1, HAS_D1)
-        K_BH = K + b * stride_k_b + h * stride_k_h
-        V_BH = V + b * stride_v_b + h * stride_v_h
+        k_bh = b * stride_k_b + h * stride_k_h
+        v_bh = b * stride_v_b + h * stride_v_h
         TAB_H = TAB + h * R
         BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -195,8 +211,8 @@ if triton is not None:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < hi
             row_n, code_n, win_n = _tokens(offs_n, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
-            k0, k1 = _load_rows(K_BH, row_n, mask_n, stride_k_n, D, D0, D1, HAS_D1)
-            v0, v1 = _load_rows(V_BH, row_n, mask_n, stride_v_n, D, D0, D1, HAS_D1)
+            k0, k1 = _load_rows(K, k_bh, row_n, mask_n, stride_k_n, D, D0, D1, HAS_D1)
+            v0, v1 = _load_rows(V, v_bh, row_n, mask_n, stride_v_n, D, D0, D1, HAS_D1)
             # [BLOCK_M, BLOCK_N]
             s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
                                row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
@@ -217,7 +233,7 @@ if triton is not None:
         # rows past N attend to nothing (l = 0); NaN stays NaN
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
         inv = 1.0 / l_i
-        _store_rows(O + pid_bh * N * D, row_m, mask_m, D, D, acc0 * inv[:, None],
+        _store_rows(O, pid_bh * N * D, row_m, mask_m, D, D, acc0 * inv[:, None],
                     acc1 * inv[:, None], D0, D1, HAS_D1)
         tl.store(LSE + pid_bh * N + row_m, m_i + tl.math.log2(l_i), mask=mask_m)
 
@@ -230,11 +246,12 @@ if triton is not None:
         H, N, D,
         BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     ):
+        D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
         pid_bh = tl.program_id(1).to(tl.int64)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        o0, o1 = _load_rows(O + pid_bh * N * D, offs_m, mask_m, D, D, D0, D1, HAS_D1)
-        do0, do1 = _load_rows(DO + (pid_bh // H) * stride_do_b + (pid_bh % H) * stride_do_h,
+        o0, o1 = _load_rows(O, pid_bh * N * D, offs_m, mask_m, D, D, D0, D1, HAS_D1)
+        do0, do1 = _load_rows(DO, (pid_bh // H) * stride_do_b + (pid_bh % H) * stride_do_h,
                               offs_m, mask_m, stride_do_n, D, D0, D1, HAS_D1)
         delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
         if HAS_D1:
@@ -250,7 +267,6 @@ if triton is not None:
         LSE,      # [B, H, N] fp32
         DELTA,    # [B, H, N] fp32
         DK, DV,   # [B, H, N, D] out, contiguous
-        DBIAS,    # [B, H, N, N] out, contiguous (STORE_DS: the per-sample dense bias gradient)
         stride_q_b, stride_q_h, stride_q_n,
         stride_k_b, stride_k_h, stride_k_n,
         stride_v_b, stride_v_h, stride_v_n,
@@ -258,11 +274,11 @@ if triton is not None:
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
         H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
         N_BUCKET, SPAN_BUCKET,
-        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DS: tl.constexpr,
-        WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
-        PRECISION: tl.constexpr,
+        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+        HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
+        D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
         pid_bh = tl.program_id(1).to(tl.int64)
         b = pid_bh // H
         h = pid_bh % H
@@ -271,12 +287,12 @@ if triton is not None:
         mask_n = offs_n < N
         row_n, code_n, win_n = _tokens(offs_n, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
         lo, hi = _span(start_n, BLOCK_N, N, n_win, WINDOWED)
-        k0, k1 = _load_rows(K + b * stride_k_b + h * stride_k_h, row_n, mask_n, stride_k_n, D,
+        k0, k1 = _load_rows(K, b * stride_k_b + h * stride_k_h, row_n, mask_n, stride_k_n, D,
                             D0, D1, HAS_D1)
-        v0, v1 = _load_rows(V + b * stride_v_b + h * stride_v_h, row_n, mask_n, stride_v_n, D,
+        v0, v1 = _load_rows(V, b * stride_v_b + h * stride_v_h, row_n, mask_n, stride_v_n, D,
                             D0, D1, HAS_D1)
-        Q_BH = Q + b * stride_q_b + h * stride_q_h
-        DO_BH = DO + b * stride_do_b + h * stride_do_h
+        q_bh = b * stride_q_b + h * stride_q_h
+        do_bh = b * stride_do_b + h * stride_do_h
         TAB_H = TAB + h * R
         BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
         dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
@@ -287,8 +303,8 @@ if triton is not None:
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < hi
             row_m, code_m, win_m = _tokens(offs_m, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
-            q0, q1 = _load_rows(Q_BH, row_m, mask_m, stride_q_n, D, D0, D1, HAS_D1)
-            do0, do1 = _load_rows(DO_BH, row_m, mask_m, stride_do_n, D, D0, D1, HAS_D1)
+            q0, q1 = _load_rows(Q, q_bh, row_m, mask_m, stride_q_n, D, D0, D1, HAS_D1)
+            do0, do1 = _load_rows(DO, do_bh, row_m, mask_m, stride_do_n, D, D0, D1, HAS_D1)
             lse = tl.load(LSE + pid_bh * N + row_m, mask=mask_m, other=0.0)
             delta = tl.load(DELTA + pid_bh * N + row_m, mask=mask_m, other=0.0)
             # [BLOCK_N, BLOCK_M]: keys are rows
@@ -306,12 +322,9 @@ if triton is not None:
             dk0 = _mm(dsTc, q0, dk0, UPCAST, PRECISION)
             if HAS_D1:
                 dk1 = _mm(dsTc, q1, dk1, UPCAST, PRECISION)
-            if STORE_DS:
-                tl.store(DBIAS + pid_bh * N * N + row_m[None, :] * N + row_n[:, None],
-                         dsT.to(DBIAS.dtype.element_ty), mask=valid)
-        _store_rows(DK + pid_bh * N * D, row_n, mask_n, D, D, dk0 * sm_scale, dk1 * sm_scale,
+        _store_rows(DK, pid_bh * N * D, row_n, mask_n, D, D, dk0 * sm_scale, dk1 * sm_scale,
                     D0, D1, HAS_D1)
-        _store_rows(DV + pid_bh * N * D, row_n, mask_n, D, D, dv0, dv1, D0, D1, HAS_D1)
+        _store_rows(DV, pid_bh * N * D, row_n, mask_n, D, D, dv0, dv1, D0, D1, HAS_D1)
 
     @triton.jit
     def _tmsa_attention_bwd_kernel_dq(
@@ -322,6 +335,7 @@ if triton is not None:
         LSE,      # [B, H, N] fp32
         DELTA,    # [B, H, N] fp32
         DQ,       # [B, H, N, D] out, contiguous
+        DBIAS,    # [B, H, N, N] out, contiguous (STORE_DS: the per-sample dense bias gradient)
         stride_q_b, stride_q_h, stride_q_n,
         stride_k_b, stride_k_h, stride_k_n,
         stride_v_b, stride_v_h, stride_v_n,
@@ -329,10 +343,12 @@ if triton is not None:
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
         H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
         N_BUCKET, SPAN_BUCKET,
-        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
+        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DS: tl.constexpr,
+        WINDOWED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
+        D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
         pid_bh = tl.program_id(1).to(tl.int64)
         b = pid_bh // H
         h = pid_bh % H
@@ -341,14 +357,14 @@ if triton is not None:
         mask_m = offs_m < N
         row_m, code_m, win_m = _tokens(offs_m, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
         lo, hi = _span(start_m, BLOCK_M, N, n_win, WINDOWED)
-        q0, q1 = _load_rows(Q + b * stride_q_b + h * stride_q_h, row_m, mask_m, stride_q_n, D,
+        q0, q1 = _load_rows(Q, b * stride_q_b + h * stride_q_h, row_m, mask_m, stride_q_n, D,
                             D0, D1, HAS_D1)
-        do0, do1 = _load_rows(DO + b * stride_do_b + h * stride_do_h, row_m, mask_m, stride_do_n,
+        do0, do1 = _load_rows(DO, b * stride_do_b + h * stride_do_h, row_m, mask_m, stride_do_n,
                               D, D0, D1, HAS_D1)
         lse = tl.load(LSE + pid_bh * N + row_m, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + pid_bh * N + row_m, mask=mask_m, other=0.0)
-        K_BH = K + b * stride_k_b + h * stride_k_h
-        V_BH = V + b * stride_v_b + h * stride_v_h
+        k_bh = b * stride_k_b + h * stride_k_h
+        v_bh = b * stride_v_b + h * stride_v_h
         TAB_H = TAB + h * R
         BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
         dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
@@ -357,8 +373,8 @@ if triton is not None:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < hi
             row_n, code_n, win_n = _tokens(offs_n, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
-            k0, k1 = _load_rows(K_BH, row_n, mask_n, stride_k_n, D, D0, D1, HAS_D1)
-            v0, v1 = _load_rows(V_BH, row_n, mask_n, stride_v_n, D, D0, D1, HAS_D1)
+            k0, k1 = _load_rows(K, k_bh, row_n, mask_n, stride_k_n, D, D0, D1, HAS_D1)
+            v0, v1 = _load_rows(V, v_bh, row_n, mask_n, stride_v_n, D, D0, D1, HAS_D1)
             # [BLOCK_M, BLOCK_N]
             s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
                                row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
@@ -366,11 +382,14 @@ if triton is not None:
                                UPCAST, PRECISION)
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
             ds = p * (_mm_nt(do0, do1, v0, v1, HAS_D1, UPCAST, PRECISION) - delta[:, None])
+            if STORE_DS:
+                tl.store(DBIAS + pid_bh * N * N + row_m[:, None] * N + row_n[None, :],
+                         ds.to(DBIAS.dtype.element_ty), mask=valid)
             dsc = ds.to(Q.dtype.element_ty)
             dq0 = _mm(dsc, k0, dq0, UPCAST, PRECISION)
             if HAS_D1:
                 dq1 = _mm(dsc, k1, dq1, UPCAST, PRECISION)
-        _store_rows(DQ + pid_bh * N * D, row_m, mask_m, D, D, dq0 * sm_scale, dq1 * sm_scale,
+        _store_rows(DQ, pid_bh * N * D, row_m, mask_m, D, D, dq0 * sm_scale, dq1 * sm_scale,
                     D0, D1, HAS_D1)
 
     @triton.jit
@@ -392,6 +411,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
+        D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
         # Every (query tile, key tile) pair of a slot maps its [BLOCK_M, BLOCK_N] elements to
         # the same bias entries, so ds is summed elementwise over pairs, windows and batch in
         # a fixed order: deterministic, and one partial tile per program.
@@ -417,13 +437,13 @@ if triton is not None:
                                            HAS_TABLE)
             row_c, code_c, win_c = _tokens(w * n_win + tc, n_win, gh, gw, Gw, nWw, WINDOWED,
                                            HAS_TABLE)
-            q0, q1 = _load_rows(Q + b * stride_q_b + h * stride_q_h, row_a, mask_a, stride_q_n,
+            q0, q1 = _load_rows(Q, b * stride_q_b + h * stride_q_h, row_a, mask_a, stride_q_n,
                                 D, D0, D1, HAS_D1)
-            do0, do1 = _load_rows(DO + b * stride_do_b + h * stride_do_h, row_a, mask_a,
+            do0, do1 = _load_rows(DO, b * stride_do_b + h * stride_do_h, row_a, mask_a,
                                   stride_do_n, D, D0, D1, HAS_D1)
-            k0, k1 = _load_rows(K + b * stride_k_b + h * stride_k_h, row_c, mask_c, stride_k_n,
+            k0, k1 = _load_rows(K, b * stride_k_b + h * stride_k_h, row_c, mask_c, stride_k_n,
                                 D, D0, D1, HAS_D1)
-            v0, v1 = _load_rows(V + b * stride_v_b + h * stride_v_h, row_c, mask_c, stride_v_n,
+            v0, v1 = _load_rows(V, b * stride_v_b + h * stride_v_h, row_c, mask_c, stride_v_n,
                                 D, D0, D1, HAS_D1)
             lse = tl.load(LSE + (b * H + h) * N + row_a, mask=mask_a, other=0.0)
             delta = tl.load(DELTA + (b * H + h) * N + row_a, mask=mask_a, other=0.0)
@@ -440,7 +460,6 @@ if triton is not None:
     @triton.jit
     def _tmsa_attention_bwd_kernel_window(
         Q, K, V,  # [B, H, N, D] strided
-        O,        # [B, H, N, D] contiguous forward output
         DO,       # [B, H, N, D] strided grad of o
         TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE)
         BIAS,     # [B or 1, H, N, N] (HAS_BIAS; global spans only)
@@ -454,70 +473,70 @@ if triton is not None:
         stride_do_b, stride_do_h, stride_do_n,
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
         H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
-        units, groups, group_tokens, UPP, P,
+        units, groups, group_tokens, per_prog, P,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DS: tl.constexpr,
         STORE_DS: tl.constexpr, WINDOWED: tl.constexpr, BLOCK: tl.constexpr,
         D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
+        D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
         # One unit = the windows packed in one tile of one (sample, head): all their queries
         # and keys fit, so dq, dk and dv need no recompute and no cross-program reduction.
         prog = tl.program_id(0)
         h = tl.program_id(1).to(tl.int64)
-        TAB_H = TAB + h * R
         acc = tl.zeros([BLOCK, BLOCK], tl.float32)
-        for u in range(prog * UPP, tl.minimum(prog * UPP + UPP, units)):
+        for u in range(prog * per_prog, tl.minimum(prog * per_prog + per_prog, units)):
             b = (u // groups).to(tl.int64)
             start = (u % groups) * group_tokens
             offs = start + tl.arange(0, BLOCK)
             mask = (offs < start + group_tokens) & (offs < N)
             row, code, win = _tokens(offs, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
             bh = b * H + h
-            q0, q1 = _load_rows(Q + b * stride_q_b + h * stride_q_h, row, mask, stride_q_n, D,
-                                D0, D1, HAS_D1)
-            k0, k1 = _load_rows(K + b * stride_k_b + h * stride_k_h, row, mask, stride_k_n, D,
-                                D0, D1, HAS_D1)
-            v0, v1 = _load_rows(V + b * stride_v_b + h * stride_v_h, row, mask, stride_v_n, D,
-                                D0, D1, HAS_D1)
-            do0, do1 = _load_rows(DO + b * stride_do_b + h * stride_do_h, row, mask, stride_do_n,
+            do0, do1 = _load_rows(DO, b * stride_do_b + h * stride_do_h, row, mask, stride_do_n,
                                   D, D0, D1, HAS_D1)
-            o0, o1 = _load_rows(O + bh * N * D, row, mask, D, D, D0, D1, HAS_D1)
-            delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
-            if HAS_D1:
-                delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
             lse = tl.load(LSE + bh * N + row, mask=mask, other=0.0)
+            q0, q1 = _load_rows(Q, b * stride_q_b + h * stride_q_h, row, mask, stride_q_n, D,
+                                D0, D1, HAS_D1)
+            k0, k1 = _load_rows(K, b * stride_k_b + h * stride_k_h, row, mask, stride_k_n, D,
+                                D0, D1, HAS_D1)
             # [BLOCK, BLOCK]
-            s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS + b * stride_bias_b + h * stride_bias_h,
-                               row, code, win, mask, row, code, win, mask, stride_bias_m,
-                               stride_bias_n, rel_off, qk_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
-                               False, HAS_D1, UPCAST, PRECISION)
+            s, valid = _logits(q0, q1, k0, k1, TAB + h * R,
+                               BIAS + b * stride_bias_b + h * stride_bias_h, row, code, win, mask,
+                               row, code, win, mask, stride_bias_m, stride_bias_n, rel_off,
+                               qk_scale, HAS_TABLE, HAS_BIAS, WINDOWED, False, HAS_D1, UPCAST,
+                               PRECISION)
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
             pT = tl.trans(p.to(Q.dtype.element_ty))
             dv0 = _mm(pT, do0, None, UPCAST, PRECISION)
             dv1 = dv0
             if HAS_D1:
                 dv1 = _mm(pT, do1, None, UPCAST, PRECISION)
-            _store_rows(DV + bh * N * D, row, mask, D, D, dv0, dv1, D0, D1, HAS_D1)
-            ds = p * (_mm_nt(do0, do1, v0, v1, HAS_D1, UPCAST, PRECISION) - delta[:, None])
+            _store_rows(DV, bh * N * D, row, mask, D, D, dv0, dv1, D0, D1, HAS_D1)
+            v0, v1 = _load_rows(V, b * stride_v_b + h * stride_v_h, row, mask, stride_v_n, D,
+                                D0, D1, HAS_D1)
+            dp = _mm_nt(do0, do1, v0, v1, HAS_D1, UPCAST, PRECISION)
+            # the whole row is in the tile: delta = rowsum(p * dp) as softmax's own backward
+            # (equal to rowsum(do * o), without loading o)
+            ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+            if ACC_DS:
+                acc += ds
+            if STORE_DS:
+                tl.store(DBIAS + bh * N * N + row[:, None] * N + row[None, :],
+                         ds.to(DBIAS.dtype.element_ty), mask=valid)
             dsc = ds.to(Q.dtype.element_ty)
             dq0 = _mm(dsc, k0, None, UPCAST, PRECISION)
             dq1 = dq0
             if HAS_D1:
                 dq1 = _mm(dsc, k1, None, UPCAST, PRECISION)
-            _store_rows(DQ + bh * N * D, row, mask, D, D, dq0 * sm_scale, dq1 * sm_scale,
+            _store_rows(DQ, bh * N * D, row, mask, D, D, dq0 * sm_scale, dq1 * sm_scale,
                         D0, D1, HAS_D1)
             dsT = tl.trans(dsc)
             dk0 = _mm(dsT, q0, None, UPCAST, PRECISION)
             dk1 = dk0
             if HAS_D1:
                 dk1 = _mm(dsT, q1, None, UPCAST, PRECISION)
-            _store_rows(DK + bh * N * D, row, mask, D, D, dk0 * sm_scale, dk1 * sm_scale,
+            _store_rows(DK, bh * N * D, row, mask, D, D, dk0 * sm_scale, dk1 * sm_scale,
                         D0, D1, HAS_D1)
-            if ACC_DS:
-                acc += ds
-            if STORE_DS:
-                tl.store(DBIAS + bh * N * N + row[:, None] * N + row[None, :],
-                         ds.to(DBIAS.dtype.element_ty), mask=valid)
         if ACC_DS:
             offs2 = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
             tl.store(PARTIAL + (h * P + prog) * (BLOCK * BLOCK) + offs2, acc)
@@ -570,10 +589,13 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _target_programs(device: torch.device) -> int:
+def _programs_per_head(device: torch.device, H: int) -> int:
+    """Programs per head of the kernels that write partials: ~4 per SM in all; two under the
+    interpreter, so the partial reduction is exercised."""
     if device.type != "cuda":
-        return 2  # interpreter: a couple of programs exercise the partial reduction
-    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return 2
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, cdiv(4 * sms, H))
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -583,43 +605,76 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
-# Launch configs: (BLOCK_M, BLOCK_N, num_warps, num_stages). The first of each list is what the
-# interpreter runs (one config only: multi-config autotune crashes there).
-_INTERP = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}
+# Launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, dense bias or not,
+# element size and head-dim chunks (D0, D1 or 0). Chosen offline by compiling candidate lists
+# (largest tiles first) for sm_80 and sm_90a and keeping the first spill-free ones; aot_specs()
+# lists exactly these, so the compile report re-checks each. Under the interpreter one config.
+_CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1): list})
+    ('fwd', False, 2): (
+        [(128, 64, 8, 3), (128, 64, 8, 2)],
+        {
+            (128, 0): [(64, 32, 4, 3), (64, 32, 4, 2)],
+        }),
+    ('dkdv', False, 2): (
+        [(32, 128, 8, 2), (32, 64, 4, 3)],
+        {
+            (64, 16): [(32, 64, 4, 3), (32, 64, 4, 2)],
+            (128, 0): [(16, 64, 4, 3), (16, 64, 4, 2)],
+        }),
+    ('dq', False, 2): (
+        [(128, 32, 8, 2), (64, 32, 4, 3)],
+        {}),
+    ('dbias', False, 2): (
+        [(64, 64, 4, 2)],
+        {
+            (64, 0): [(64, 64, 4, 1)],
+            (64, 16): [(32, 32, 2, 2)],
+            (64, 32): [(32, 32, 2, 2)],
+            (128, 0): [(32, 32, 2, 1)],
+        }),
+    ('window', False, 2): (
+        [(32, 32, 2, 1)],
+        {
+            (64, 32): [(16, 16, 1, 1)],
+            (128, 0): [],
+        }),
+    ('fwd', True, 2): (
+        [(64, 32, 4, 3), (64, 32, 4, 2)],
+        {}),
+    ('dkdv', True, 2): (
+        [(16, 64, 4, 3), (16, 64, 4, 2)],
+        {
+            (128, 0): [(32, 64, 4, 3), (32, 64, 4, 2)],
+        }),
+    ('dq', True, 2): (
+        [(64, 16, 4, 3), (32, 16, 2, 2)],
+        {}),
+    ('dbias', True, 2): (
+        [(32, 32, 2, 2)],
+        {}),
+    ('window', True, 2): (
+        [(16, 16, 1, 1)],
+        {}),
+}
+_INTERP = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1),
+           "dbias": (32, 32, 2, 1), "window": (32, 32, 2, 1)}
 
 
-def _configs(kind: str, span: int, D0: int, D1: int, HAS_D1: bool, elt: int) -> List[tuple]:
-    """Pruned lists keyed on the attention span, the head-dim chunks and the element size."""
+def _configs(kind: str, D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> List[tuple]:
+    """The pruned autotune list of one kernel for one (dense bias, dtype size, head dim).
+    kind "fwd-win": the forward over windows of <= 64 tokens (smaller query tiles waste less
+    of each tile on other windows' keys)."""
     if interpreting():
-        return [_INTERP[kind]]
-    width = D0 + (D1 if HAS_D1 else 0)
-    big = width * elt > 2 * 128  # fp32 or d > 128-wide chunks: halve the tiles
-    if kind == "fwd":
-        if span <= 64:
-            return [(64, 64, 4, 2), (32, 32, 4, 2)]
-        if big:
-            return [(64, 32, 4, 2), (64, 64, 4, 2)]
-        return [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
-    if kind == "dkdv":
-        if big:
-            return [(32, 64, 4, 2), (16, 64, 4, 2)]
-        return [(32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2)]
-    if big:  # dq
-        return [(64, 32, 4, 2), (32, 32, 4, 2)]
-    return [(64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2)]
+        return [_INTERP[kind.split("-")[0]]]
+    default, per_shape = _CONFIG_TABLE[(kind, has_bias, elt)]
+    return per_shape.get((D0, D1 if HAS_D1 else 0), default)
 
 
-def _fused_config(D0: int, D1: int, HAS_D1: bool, elt: int) -> Tuple[int, int]:
-    """(num_warps, num_stages) of the fused window kernel: one tile of 5 dots, no reuse."""
-    width = D0 + (D1 if HAS_D1 else 0)
-    return (8, 1) if width * elt > 2 * 64 else (4, 1)
-
-
-DBIAS_BLOCK = 64
-
-
-def _dbias_block() -> int:
-    return 32 if interpreting() else DBIAS_BLOCK
+def _fused_block(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> int:
+    """Largest span the fused backward takes (0: none). Its dots are chained, for which Triton
+    stacks the warps along M, so its configs use one warp per 16 rows."""
+    cfgs = _configs("window", D0, D1, HAS_D1, elt, has_bias)
+    return min(FUSED_MAX_SPAN, cfgs[0][0]) if cfgs else 0
 
 
 _TUNERS: dict = {}
@@ -643,8 +698,13 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
     tuner[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
 
 
-def _dummy(t: torch.Tensor) -> torch.Tensor:
-    return t  # stands in for an absent pointer argument; never dereferenced
+def _rows_aligned(t: torch.Tensor) -> torch.Tensor:
+    """Unit last stride and every other stride (of a dim > 1) a multiple of 8, as the kernels'
+    vector-load hints assume; anything else is copied."""
+    t = unit_last_stride(t)
+    if any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+        t = t.contiguous()
+    return t
 
 
 def _strides3(t: torch.Tensor) -> Tuple[int, int, int]:
@@ -680,11 +740,12 @@ def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     tab = _prep_table(table, H, q)
     kw = _common_kwargs(q, geom, table, bias)
-    args = (q, k, v, tab, bias if bias is not None else _dummy(q), o, lse,
+    args = (q, k, v, tab, bias if bias is not None else q, o, lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *_bias_strides(bias),
             H, N, D, geom.R, *geom.args(), geom.rel_off, float(scale) * LOG2E,
             next_power_of_2(N), next_power_of_2(geom.n_win))
-    configs = _configs("fwd", geom.n_win, kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size())
+    kind = "fwd-win" if geom.windowed and geom.n_win <= 64 else "fwd"
+    configs = _configs(kind, kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size(), bias is not None)
     _launch(_tmsa_attention_fwd_kernel, "fwd", configs,
             lambda bm, bn: (cdiv(N, bm), B * H), args, kw)
     return o, lse
@@ -767,14 +828,10 @@ def _gather_bins(part: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     return part[:, bins].sum(-1).t()
 
 
-def _programs_per_head(device: torch.device, H: int) -> int:
-    return max(1, cdiv(_target_programs(device), H)) if device.type == "cuda" else 2
-
-
 def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_extra):
     B, H, N, D = q.shape
     geom = _Geom(N, geometry, table is not None)
-    do = unit_last_stride(do)
+    do = _rows_aligned(do)
     dev = q.device
     dq, dk, dv = (empty((B, H, N, D), q.dtype, dev) for _ in range(3))
     tab = _prep_table(table, H, q)
@@ -788,22 +845,25 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
     geo = (H, N, D, geom.R, *geom.args(), geom.rel_off, float(scale) * LOG2E)
     dextra = q.new_empty(0)
 
-    if geom.n_win <= FUSED_MAX_SPAN:
+    shape = (kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size(), bias is not None)
+    span = _fused_block(*shape)
+    if geom.n_win <= span:
         n = geom.n_win
-        G = max(1, min(FUSED_MAX_SPAN // n, geom.nW))   # windows packed per tile
+        G = max(1, min(span // n, geom.nW))   # windows packed per tile
         BLOCK = max(16, next_power_of_2(G * n))
         groups = cdiv(geom.nW, G)
         units = B * groups
         acc = acc_table or acc_dense
         P = min(units, _programs_per_head(dev, H)) if acc else units
-        UPP = cdiv(units, P)
-        P = cdiv(units, UPP)
+        per_prog = cdiv(units, P)
+        P = cdiv(units, per_prog)
         partial = torch.empty((H, P, BLOCK, BLOCK), dtype=torch.float32, device=dev) if acc else q
-        warps, stages = _fused_config(kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size())
+        _, _, warps, stages = _configs("window", *shape)[0]
+        warps = max(1, min(warps, BLOCK // 16))
         _tmsa_attention_bwd_kernel_window[(P, H)](
-            q, k, v, o, do, tab, bias_arg, lse, dq, dk, dv,
+            q, k, v, do, tab, bias_arg, lse, dq, dk, dv,
             dbias if dbias is not None else q, partial, *strides, *geo, float(scale),
-            units, groups, G * n, UPP, P, ACC_DS=acc, STORE_DS=store_ds, BLOCK=BLOCK,
+            units, groups, G * n, per_prog, P, ACC_DS=acc, STORE_DS=store_ds, BLOCK=BLOCK,
             num_warps=warps, num_stages=stages, **kw)
         if acc_table:
             part = partial.sum(1).reshape(H, BLOCK * BLOCK)
@@ -816,31 +876,26 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
             o, do, delta, *_strides3(do), H, N, D, BLOCK_M=64, D0=kw["D0"], D1=kw["D1"],
             HAS_D1=kw["HAS_D1"], num_warps=4)
         buckets = (next_power_of_2(N), next_power_of_2(geom.n_win))
-        elt = q.element_size()
-        _launch(_tmsa_attention_bwd_kernel_dkdv, "dkdv",
-                _configs("dkdv", geom.n_win, kw["D0"], kw["D1"], kw["HAS_D1"], elt),
+        _launch(_tmsa_attention_bwd_kernel_dkdv, "dkdv", _configs("dkdv", *shape),
                 lambda bm, bn: (cdiv(N, bn), B * H),
-                (q, k, v, do, tab, bias_arg, lse, delta, dk, dv,
-                 dbias if dbias is not None else q, *strides, *geo, float(scale), *buckets),
-                dict(kw, STORE_DS=store_ds))
-        _launch(_tmsa_attention_bwd_kernel_dq, "dq",
-                _configs("dq", geom.n_win, kw["D0"], kw["D1"], kw["HAS_D1"], elt),
-                lambda bm, bn: (cdiv(N, bm), B * H),
-                (q, k, v, do, tab, bias_arg, lse, delta, dq, *strides, *geo, float(scale),
+                (q, k, v, do, tab, bias_arg, lse, delta, dk, dv, *strides, *geo, float(scale),
                  *buckets), kw)
+        _launch(_tmsa_attention_bwd_kernel_dq, "dq", _configs("dq", *shape),
+                lambda bm, bn: (cdiv(N, bm), B * H),
+                (q, k, v, do, tab, bias_arg, lse, delta, dq, dbias if dbias is not None else q,
+                 *strides, *geo, float(scale), *buckets), dict(kw, STORE_DS=store_ds))
         if acc_table or acc_dense:
-            BM = BN = _dbias_block()
+            BM, BN, warps, stages = _configs("dbias", *shape)[0]
             group = acc_table and BM % geom.gw == 0
             plan, slots, slot_index, bins, P = _dbias_plan(
                 geom.n_win, geom.nW, B, BM, BN, group, _programs_per_head(dev, H),
                 (geom.gh, geom.gw) if acc_table else None, str(dev))
             partial = torch.empty((H, P, BM, BN), dtype=torch.float32, device=dev)
-            warps = 8 if kw["D0"] + (kw["D1"] if kw["HAS_D1"] else 0) > 64 else 4
             _tmsa_attention_bwd_kernel_dbias[(P, H)](
                 q, k, v, do, tab, bias_arg, lse, delta, plan, slots, partial, *strides,
                 H, N, D, geom.R, geom.n_win, geom.nW, geom.gh, geom.gw, geom.Gw, geom.nWw,
                 geom.rel_off, float(scale) * LOG2E, P, BLOCK_M=BM, BLOCK_N=BN,
-                num_warps=warps, num_stages=2, **kw)
+                num_warps=warps, num_stages=stages, **kw)
             part = torch.cat([partial.reshape(H, P, BM * BN),
                               partial.new_zeros(H, 1, BM * BN)], dim=1)
             per_slot = part[:, slot_index].sum(2)                     # [H, S, BM * BN]
@@ -967,8 +1022,136 @@ def tmsa_attention(
     _check_head_dim(q.shape[-1])
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
-    geometry = [Gh, Gw, gh, gw] if (grid is not None and (table is not None or window is not None)) \
-        else []
-    q, k, v = (unit_last_stride(t) for t in (q, k, v))
+    uses_grid = grid is not None and (table is not None or window is not None)
+    geometry = [Gh, Gw, gh, gw] if uses_grid else []
+    q, k, v = (_rows_aligned(t) for t in (q, k, v))
+    bias = unit_last_stride(bias) if bias is not None else None
     o, _ = _tmsa_attention_fwd_op(q, k, v, table, bias, geometry, scale, bool(deterministic))
     return o
+
+
+# ---------------------------------------------------------------------------------------------
+_FP32_PTRS = ("TAB", "LSE", "DELTA", "PARTIAL")
+_I32_PTRS = ("PLAN", "SLOTS")
+_FLOATS = ("qk_scale", "sm_scale")
+_INTS = ("H", "N", "D", "R", "P")
+
+
+def _spec(fn, dt: str, constexprs: dict, warps: int, stages: int, label: str):
+    from ._aot import AotSpec
+
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            continue
+        if name.isupper() and name not in _INTS:
+            sig[name] = "*fp32" if name in _FP32_PTRS else "*i32" if name in _I32_PTRS else f"*{dt}"
+        else:
+            sig[name] = "fp32" if name in _FLOATS else "i32"
+    # fp32 is exact (ieee): FMA, not tensor cores
+    return AotSpec(fn.__name__, fn, sig, constexprs, warps, stages, label, dt != "fp32")
+
+
+_AOT_FLAGS = {  # label -> (HAS_TABLE, HAS_BIAS, WINDOWED, STORE_DS)
+    "table": (True, False, False, False),
+    "table-win": (True, False, True, False),
+    "bias": (False, True, False, True),
+    "plain": (False, False, False, False),
+}
+_KERNELS = {"fwd": "_tmsa_attention_fwd_kernel", "fwd-win": "_tmsa_attention_fwd_kernel",
+            "dkdv": "_tmsa_attention_bwd_kernel_dkdv",
+            "dq": "_tmsa_attention_bwd_kernel_dq", "dbias": "_tmsa_attention_bwd_kernel_dbias",
+            "window": "_tmsa_attention_bwd_kernel_window"}
+_SHAPE_D = {(16, 0): 16, (32, 0): 32, (32, 16): 40, (64, 0): 64, (64, 16): 72, (64, 32): 88,
+            (128, 0): 128}  # one head dim per chunk shape (every D in HEAD_DIMS maps to one)
+
+
+def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple):
+    table, bias, windowed, store = _AOT_FLAGS[flags]
+    D0, D1, HAS_D1 = _head_split(D)
+    bm, bn, w, s = cfg
+    c = dict(HAS_TABLE=table, HAS_BIAS=bias, WINDOWED=windowed, D0=D0, D1=D1, HAS_D1=HAS_D1,
+             UPCAST=False, PRECISION="ieee")
+    if kind == "window":
+        c.update(ACC_DS=table or bias, STORE_DS=store, BLOCK=bm)
+    else:
+        c.update(BLOCK_M=bm, BLOCK_N=bn)
+    if kind == "dq":
+        c.update(STORE_DS=store)
+    if bias:
+        c["stride_bias_n"] = 1  # the launcher makes the bias unit-stride: Triton specialises 1
+    fn = globals()[_KERNELS[kind]]
+    return _spec(fn, dt, c, w, s, f"{dt} D={D} {flags} {bm}x{bn} w{w} s{s}")
+
+
+def _delta_spec(dt: str, D: int):
+    from ._aot import AotSpec
+
+    D0, D1, HAS_D1 = _head_split(D)
+    fn = _tmsa_attention_bwd_kernel_delta
+    sig = {"O": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32", "stride_do_b": "i32",
+           "stride_do_h": "i32", "stride_do_n": "i32", "H": "i32", "N": "i32", "D": "i32"}
+    return AotSpec(fn.__name__, fn, sig, dict(BLOCK_M=64, D0=D0, D1=D1, HAS_D1=HAS_D1), 4, 1,
+                   f"{dt} D={D} 64", False)
+
+
+def aot_specs():
+    """Every launch config the launchers can pick: each (kernel, dense bias or not, dtype size,
+    config) at least once, and every head-dim chunk shape at least once per kernel; bf16 for
+    the 16-bit lists (fp16 builds the same code, added at d = 72), fp32 for the fp32 lists;
+    windowed and bias-free variants at d = 72."""
+    specs, seen = [], set()
+    for (kind, has_bias, elt), (default, per_shape) in _CONFIG_TABLE.items():
+        dts = ("bf16",) if elt == 2 else ("fp32",)
+        for shape in sorted(_SHAPE_D, key=lambda sh: sh != (64, 16)):
+            D, cfgs = _SHAPE_D[shape], per_shape.get(shape, default)
+            for i, cfg in enumerate(cfgs):
+                key = (kind, has_bias, elt, cfg)
+                if key in seen and i > 0:
+                    continue
+                seen.add(key)
+                flags = "bias" if has_bias else ("table-win" if kind in ("window", "fwd-win")
+                                                 else "table")
+                for dt in dts + (("fp16",) if elt == 2 and D == 72 else ()):
+                    specs.append(_kernel_spec(kind, dt, D, flags, cfg))
+                if D == 72 and i == 0 and not has_bias and kind in ("fwd", "dkdv", "dq", "dbias"):
+                    specs.append(_kernel_spec(kind, dts[0], D, "plain", cfg))
+                    if kind != "dbias":
+                        specs.append(_kernel_spec(kind, dts[0], D, "table-win", cfg))
+                if D == 72 and i == 0 and kind == "window" and not has_bias:
+                    specs.append(_kernel_spec(kind, dts[0], D, "table", cfg))
+    for dt in ("bf16", "fp32"):
+        for D in _SHAPE_D.values():
+            specs.append(_delta_spec(dt, D))
+    return specs
+
+
+def check_cases(device: torch.device):
+    """Shapes for `python -m diffit_kernels check`: the latent model's global table (d = 72),
+    image-space windows, and a dense bias; small enough for the interpreter."""
+    from ._check import CheckCase
+
+    def case(label, B, H, N, D, grid=None, window=None, table=False, bias=False):
+        def leaves():
+            t = {n: torch.randn(B, H, N, D, device=device) for n in ("q", "k", "v")}
+            if table:
+                gh, gw = window or grid
+                t["table"] = torch.randn((2 * gh - 1) * (2 * gw - 1), H, device=device)
+            if bias:
+                t["bias"] = torch.randn(H, N, N, device=device)
+            return t
+
+        def build(t):
+            return dict(q=t["q"], k=t["k"], v=t["v"], table=t.get("table"), grid=grid,
+                        window=window, bias=t.get("bias"))
+
+        grads = ("q", "k", "v") + (("table",) if table else ()) + (("bias",) if bias else ())
+        return CheckCase("tmsa_attention", label, tmsa_attention, reference.tmsa_attention,
+                         leaves, build, ("o",), grads)
+
+    return [
+        case("B2 H2 N64 D72 table grid 8x8", 2, 2, 64, 72, grid=(8, 8), table=True),
+        case("B2 H2 N64 D40 table 8x8 win 4x4", 2, 2, 64, 40, grid=(8, 8), window=(4, 4),
+             table=True),
+        case("B2 H2 N17 D16 bias [H,N,N]", 2, 2, 17, 16, bias=True),
+    ]

@@ -1,0 +1,326 @@
+"""tmsa_attention: the Triton kernels against the reference, forward and every gradient."""
+import math
+
+import pytest
+import torch
+
+import diffit_kernels
+from diffit_kernels import attention as A
+from diffit_kernels import reference
+from diffit_kernels.testing import assert_parity, parity
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_IDS = lambda d: str(d)[6:]  # noqa: E731
+
+
+def _case(B, H, N, D, *, grid=None, window=None, table=False, bias=None, packed=False):
+    """float32 leaves and a builder. packed: q, k, v are strided views of one [B, N, 3, H, D]
+    buffer, as time_qkv returns them."""
+    leaves = {}
+    if packed:
+        leaves["qkv"] = torch.randn(B, N, 3, H, D)
+    else:
+        leaves.update(q=torch.randn(B, H, N, D), k=torch.randn(B, H, N, D),
+                      v=torch.randn(B, H, N, D))
+    if table:
+        gh, gw = window or grid
+        leaves["table"] = torch.randn((2 * gh - 1) * (2 * gw - 1), H)
+    if bias == "H":
+        leaves["bias"] = torch.randn(H, N, N)
+    elif bias == "B":
+        leaves["bias"] = torch.randn(B, H, N, N)
+
+    def build(t):
+        if packed:
+            q, k, v = t["qkv"].permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = t["q"], t["k"], t["v"]
+        return dict(q=q, k=k, v=v, table=t.get("table"), grid=grid, window=window,
+                    bias=t.get("bias"))
+
+    return leaves, build, list(leaves)
+
+
+def _check(dtype, B, H, N, D, **kw):
+    leaves, build, grads = _case(B, H, N, D, **kw)
+    rows = parity(diffit_kernels.tmsa_attention, reference.tmsa_attention, leaves, build,
+                  dtype=dtype, out_names=("o",), grad_leaves=grads,
+                  op_kwargs={"backend": "triton"})
+    assert_parity(rows)
+    assert {r.name for r in rows} == {"o"} | {"d" + g for g in grads}
+    return rows
+
+
+def _p(B, N, H, D, tag="", **kw):
+    return pytest.param(B, N, H, D, kw, id=f"B{B}-N{N}-H{H}-D{D}" + (f"-{tag}" if tag else ""))
+
+
+CASES = [
+    # no bias: fused path (N <= 32) and the FlashAttention-2 path
+    _p(1, 1, 2, 16, "plain"),
+    _p(2, 17, 2, 40, "plain"),
+    _p(1, 100, 2, 72, "plain"),
+    # table, global attention over the whole grid
+    _p(2, 64, 2, 72, "table-8x8", grid=(8, 8), table=True),
+    _p(1, 100, 2, 16, "table-10x10", grid=(10, 10), table=True),
+    _p(2, 17, 1, 40, "table-1x17", grid=(1, 17), table=True),
+    _p(1, 1, 2, 16, "table-1x1", grid=(1, 1), table=True),
+    # table, windows: packed small windows, and windows larger than the fused span
+    _p(2, 64, 2, 40, "table-8x8-w2x2", grid=(8, 8), window=(2, 2), table=True),
+    _p(1, 64, 2, 72, "table-8x8-w4x4", grid=(8, 8), window=(4, 4), table=True),
+    _p(2, 24, 2, 16, "table-4x6-w2x3", grid=(4, 6), window=(2, 3), table=True),
+    _p(1, 96, 1, 24, "table-8x12-w8x6", grid=(8, 12), window=(8, 6), table=True),
+    _p(1, 64, 2, 16, "nobias-8x8-w4x4", grid=(8, 8), window=(4, 4)),
+    # dense bias
+    _p(2, 17, 2, 16, "bias-HNN", bias="H"),
+    _p(1, 100, 2, 40, "bias-HNN", bias="H"),
+    _p(2, 17, 2, 72, "bias-BHNN", bias="B"),
+    _p(2, 64, 1, 16, "bias-BHNN", bias="B"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("B,N,H,D,kw", CASES)
+def test_forward_and_gradients(B, N, H, D, kw, dtype):
+    _check(dtype, B, H, N, D, **kw)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("B,N,H,D,kw", [
+    _p(1, 64, 2, 72, "table-8x8-w4x4", grid=(8, 8), window=(4, 4), table=True),
+    _p(2, 24, 1, 16, "table-4x6-w2x3", grid=(4, 6), window=(2, 3), table=True),
+    _p(2, 17, 2, 16, "bias-HNN", bias="H"),
+])
+def test_windows_on_the_flash_path(B, N, H, D, kw, dtype, monkeypatch):
+    """Spans the fused kernel would take, forced through the dK/dV + dQ + dbias kernels."""
+    monkeypatch.setattr(A, "FUSED_MAX_SPAN", 0)
+    _check(dtype, B, H, N, D, **kw)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("B,N,H,D,kw", [
+    _p(2, 64, 2, 72, "table-8x8", grid=(8, 8), table=True),
+    _p(1, 64, 2, 40, "table-8x8-w4x4", grid=(8, 8), window=(4, 4), table=True),
+])
+def test_packed_qkv_views_are_not_copied(B, N, H, D, kw, dtype):
+    qkv = torch.randn(B, N, 3, H, D, dtype=dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    for t in (q, k, v):
+        assert not t.is_contiguous() and A._rows_aligned(t) is t
+    _check(dtype, B, H, N, D, packed=True, **kw)
+
+
+@pytest.mark.interpreter
+def test_non_unit_last_stride_is_copied_and_correct():
+    B, H, N, D = 1, 2, 16, 16
+    q, k, v = (torch.randn(B, H, D, N).transpose(-1, -2) for _ in range(3))
+    assert A._rows_aligned(q) is not q
+    o = diffit_kernels.tmsa_attention(q, k, v, backend="triton")
+    torch.testing.assert_close(o, reference.tmsa_attention(q, k, v), rtol=2e-4, atol=2e-5)
+
+
+def _grads(kw, backend="triton", seed=0, dtype=torch.float32, **shape):
+    torch.manual_seed(seed)
+    B, H, N, D = shape["B"], shape["H"], shape["N"], shape["D"]
+    leaves, build, names = _case(B, H, N, D, **kw)
+    ts = {n: t.to(dtype).requires_grad_() for n, t in leaves.items()}
+    o = diffit_kernels.tmsa_attention(**build(ts), backend=backend)
+    o.backward(torch.randn(o.shape, dtype=dtype))
+    return [ts[n].grad for n in names]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kw,N", [
+    pytest.param(dict(grid=(8, 8), table=True), 64, id="table-8x8-flash"),
+    pytest.param(dict(grid=(8, 8), window=(4, 4), table=True), 64, id="table-8x8-w4x4-fused"),
+    pytest.param(dict(bias="H"), 20, id="bias-HNN-fused"),
+])
+def test_backward_is_bitwise_deterministic(kw, N):
+    first = _grads(kw, B=2, H=2, N=N, D=16, dtype=torch.bfloat16)
+    second = _grads(kw, B=2, H=2, N=N, D=16, dtype=torch.bfloat16)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DT_IDS)
+def test_extreme_logits_stay_finite(dtype):
+    B, H, N, D = 1, 2, 64, 16
+    q = (torch.randn(B, H, N, D) * 30).to(dtype).requires_grad_()
+    k = (torch.randn(B, H, N, D) * 30).to(dtype).requires_grad_()
+    v = torch.randn(B, H, N, D).to(dtype).requires_grad_()
+    table = (torch.randn(225, H) * 1e4).to(dtype).requires_grad_()
+    o = diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(8, 8), backend="triton")
+    o.float().sum().backward()
+    for t in (o, q.grad, k.grad, v.grad, table.grad):
+        assert torch.isfinite(t).all()
+    ref = reference.tmsa_attention(q.float(), k.float(), v.float(), table=table.float(),
+                                   grid=(8, 8))
+    atol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(o.float(), ref, rtol=0, atol=atol)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("window", [None, (5, 4)], ids=["global", "w5x4"])
+def test_nan_input_propagates_without_hang(where, window):
+    """Every output the reference makes NaN is NaN here too (global attention: exactly those).
+    With windows packed in one tile, a NaN key/value may also reach a neighbouring window's
+    rows through 0 * NaN in the tile's dot: finite inputs are unaffected."""
+    B, H, N, D = 1, 1, 40, 16
+    t = {n: torch.randn(B, H, N, D, requires_grad=True) for n in "qkv"}
+    with torch.no_grad():
+        t[where][0, 0, 5, 3] = float("nan")
+    gh, gw = window or (5, 8)
+    table = torch.randn((2 * gh - 1) * (2 * gw - 1), H, requires_grad=True)
+    o = diffit_kernels.tmsa_attention(t["q"], t["k"], t["v"], table=table, grid=(5, 8),
+                                      window=window, backend="triton")
+    ref = reference.tmsa_attention(t["q"], t["k"], t["v"], table=table, grid=(5, 8),
+                                   window=window)
+    assert torch.isnan(ref).any() and not (torch.isnan(ref) & ~torch.isnan(o)).any()
+    if window is None:
+        assert torch.equal(torch.isnan(o), torch.isnan(ref))
+    torch.testing.assert_close(o[~torch.isnan(o)], ref[~torch.isnan(o)], rtol=2e-4, atol=2e-5)
+    o.sum().backward()
+    assert torch.isnan(table.grad).any()
+
+
+@pytest.mark.interpreter
+def test_unsupported_head_dim_is_not_implemented():
+    q = torch.randn(1, 1, 8, 20)
+    with pytest.raises(NotImplementedError, match="D=20"):
+        diffit_kernels.tmsa_attention(q, q, q, backend="triton")
+    with pytest.raises(NotImplementedError, match="D=136"):
+        q = torch.randn(1, 1, 8, 136)
+        diffit_kernels.tmsa_attention(q, q, q, backend="triton")
+
+
+@pytest.mark.interpreter
+@pytest.mark.filterwarnings("ignore:Input #")
+def test_opcheck():
+    q, k, v = (torch.randn(1, 2, 16, 16, requires_grad=True) for _ in range(3))
+    table = torch.randn(49, 2, requires_grad=True)
+    torch.library.opcheck(A._tmsa_attention_fwd_op, (q, k, v, table, None, [4, 4, 4, 4], 0.25,
+                                                     True))
+    bias = torch.randn(2, 16, 16, requires_grad=True)
+    torch.library.opcheck(A._tmsa_attention_fwd_op, (q, k, v, None, bias, [], 0.25, True))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_forward_and_backward(compile_backend):
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 16, 16, requires_grad=True) for _ in range(3))
+    table = torch.randn(49, 2, requires_grad=True)
+
+    def loss(q, k, v, table):
+        o = diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(4, 4), backend="triton")
+        return o.square().sum()
+
+    out = torch.compile(loss, fullgraph=True, backend=compile_backend)(q, k, v, table)
+    got = torch.autograd.grad(out, (q, k, v, table))
+    ref_out = reference.tmsa_attention(q, k, v, table=table, grid=(4, 4)).square().sum()
+    want = torch.autograd.grad(ref_out, (q, k, v, table))
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-4)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.interpreter
+def test_table_in_float32_with_half_inputs_gets_a_float32_gradient():
+    q, k, v = (torch.randn(1, 2, 16, 16).half().requires_grad_() for _ in range(3))
+    table = torch.randn(49, 2, requires_grad=True)
+    o = diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(4, 4), backend="triton")
+    o.float().sum().backward()
+    ref = reference.tmsa_attention(q.float(), k.float(), v.float(), table=table, grid=(4, 4))
+    assert table.grad.dtype == torch.float32 and o.dtype == torch.float16
+    torch.testing.assert_close(o.float(), ref, rtol=0, atol=5e-3)
+
+
+# ---- plain CPU tests: the torch backend and input validation ---------------------------------
+def test_torch_backend_is_the_reference():
+    q, k, v = (torch.randn(2, 2, 16, 8) for _ in range(3))
+    table = torch.randn(49, 2)
+    got = diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(4, 4), backend="torch")
+    assert torch.equal(got, reference.tmsa_attention(q, k, v, table=table, grid=(4, 4)))
+
+
+def test_head_dim_split_pads_at_most_a_quarter():
+    for D in A.HEAD_DIMS:
+        D0, D1, has_d1 = A._head_split(D)
+        width = D0 + (D1 if has_d1 else 0)
+        assert width >= D and (width - D) <= 0.25 * width, D
+        assert D0 & (D0 - 1) == 0 and D1 & (D1 - 1) == 0 and D1 >= 16
+    assert A._head_split(72) == (64, 16, True)
+
+
+def _qkv(B=1, H=2, N=16, D=16, **kw):
+    return tuple(torch.randn(B, H, N, D, **kw) for _ in range(3))
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(table=torch.randn(48, 2), grid=(4, 4)), ValueError, r"table must have shape \[49, 2\]"),
+    (dict(table=torch.randn(49, 3), grid=(4, 4)), ValueError, r"table must have shape \[49, 2\]"),
+    (dict(table=torch.randn(49, 2), grid=(4, 4), window=(2, 2)), ValueError,
+     r"table must have shape \[9, 2\]"),
+    (dict(table=torch.randn(49, 2), grid=(4, 5)), ValueError, "has 20 tokens but q has N=16"),
+    (dict(table=torch.randn(49, 2), grid=(4, 4), window=(3, 2)), ValueError, "must divide grid"),
+    (dict(table=torch.randn(49, 2)), ValueError, "need grid"),
+    (dict(bias=torch.randn(2, 16, 15)), ValueError, "bias must have shape"),
+    (dict(bias=torch.randn(2, 16, 16), table=torch.randn(49, 2), grid=(4, 4)), ValueError,
+     "exclusive"),
+    (dict(scale=float("nan")), ValueError, "scale must be a finite float"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        diffit_kernels.tmsa_attention(*_qkv(), **kwargs)
+
+
+def test_qkv_mismatch_errors_name_the_tensor():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"k must have shape \[1, 2, 16, 16\]"):
+        diffit_kernels.tmsa_attention(q, k[:, :, :8], v)
+    with pytest.raises(TypeError, match="v must have dtype torch.float32"):
+        diffit_kernels.tmsa_attention(q, k, v.half())
+    with pytest.raises(ValueError, match="q must have 4 dims"):
+        diffit_kernels.tmsa_attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="device"):
+        diffit_kernels.tmsa_attention(q, k.to("meta"), v)
+
+
+def test_triton_backend_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the triton backend can run")
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run"):
+        diffit_kernels.tmsa_attention(*_qkv(), backend="triton")
+
+
+def test_check_cases_and_aot_specs_are_listed():
+    cases = A.check_cases(torch.device("cpu"))
+    assert len(cases) >= 3 and all(c.op == "tmsa_attention" for c in cases)
+    specs = A.aot_specs()
+    kernels = {s.kernel for s in specs}
+    assert kernels == {"_tmsa_attention_fwd_kernel", "_tmsa_attention_bwd_kernel_delta",
+                       "_tmsa_attention_bwd_kernel_dkdv", "_tmsa_attention_bwd_kernel_dq",
+                       "_tmsa_attention_bwd_kernel_dbias", "_tmsa_attention_bwd_kernel_window"}
+    labels = " ".join(s.config for s in specs)
+    for dt in ("bf16", "fp16", "fp32"):
+        assert dt in labels
+    assert all(math.isfinite(s.num_warps) for s in specs)
+
+
+# ---- GPU readiness: a few shipped configs compiled for sm_80 / sm_90a ----------------------
+@pytest.mark.aot
+def test_main_configs_compile_without_spills():
+    from diffit_kernels._aot import compile_spec
+
+    specs = [s for s in A.aot_specs() if s.config.startswith("bf16 D=72 table ")][:3]
+    assert specs
+    for spec in specs:
+        for arch in (80, 90):
+            row = compile_spec(spec, arch)
+            assert not row.problems, (spec.kernel, spec.config, row.arch, row.problems)

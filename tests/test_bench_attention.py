@@ -1,0 +1,33 @@
+"""The attention benchmark's code path, on CPU at tiny sizes against the reference provider."""
+import csv
+import math
+
+import torch
+
+from benchmarks import bench_attention
+
+
+def test_tiny_cpu_run_writes_rows_csv_and_plots(tmp_path):
+    rows = bench_attention.run(tiny_cpu=True, dtype=torch.float32, out_dir=str(tmp_path))
+    assert len(rows) == len(bench_attention.TINY_CPU) * len(bench_attention.MODES)
+    for r in rows:
+        assert r["provider"] == "eager" and r["error"] == "", r
+        assert math.isfinite(r["ms"]) and r["ms"] > 0 and r["tflops"] > 0
+    with open(tmp_path / "attention_float32.csv") as f:
+        got = list(csv.DictReader(f))
+    assert [g["mode"] for g in got] == [r["mode"] for r in rows]
+    assert {"env_torch", "env_triton", "env_card"} <= set(got[0])
+    for mode in ("fwd", "bwd", "fwd_bwd"):
+        assert (tmp_path / f"attention_float32_{mode}.png").stat().st_size > 0
+
+
+def test_flops_follow_the_flash_attention_convention():
+    # forward 4 * B * H * N * keys * d; keys = the window's tokens when windowed
+    assert bench_attention._flops(2, 16, (16, 16), None, 72) == 4 * 2 * 16 * 256 * 256 * 72
+    assert bench_attention._flops(2, 16, (32, 32), (4, 4), 72) == 4 * 2 * 16 * 1024 * 16 * 72
+
+
+def test_without_cuda_it_explains_and_returns_nothing(capsys, monkeypatch):
+    monkeypatch.setattr(bench_attention.torch.cuda, "is_available", lambda: False)
+    assert bench_attention.run(quick=True) == []
+    assert "need a CUDA GPU" in capsys.readouterr().out

@@ -1,0 +1,176 @@
+"""time_qkv benchmark: forward, backward, forward+backward at DiffiT-XL's projection shapes.
+
+Providers:
+    ours      diffit_kernels.time_qkv (Triton): LayerNorm folded into one GEMM whose epilogue adds
+              bias + time term and writes the head-split q, k, v; Triton backward GEMMs
+    eager     diffit_kernels.reference.time_qkv: LayerNorm + Linear + Linear + add + permute
+    compile   torch.compile of the eager sequence
+    cublas    the bare GEMMs of the same size, nothing else (speed of light): forward
+              x[M, C] @ W^T, backward g @ W and g^T @ x
+Variants: "ln+temb" (LayerNorm fused, DiffiT's block) and "temb" (x already normalised: the
+official DiffiTAttention contract). TFLOP/s count the projection GEMM only, 2 * M * C * 3C'
+forward and twice that backward, for every provider; the incoming gradients are three separate
+[B, H, N, d] tensors, as an attention backward hands them over.
+
+    python benchmarks/bench_time_qkv.py [--quick] [--dtype bf16|fp16|fp32] [--out DIR]
+Without CUDA it prints why and exits 0; `run(tiny_cpu=True)` runs the same code path on CPU at
+a tiny size against the reference provider only (the harness test).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import (bench, cuda_or_explain, environment, peak_memory_mb,  # noqa: E402
+                               plot, results_dir, write_csv)
+from diffit_kernels import reference, time_qkv  # noqa: E402
+
+# (label, B, N, C, H, Ct): DiffiT-XL/2 at 256 px (32x32 latents, patch 2 -> 256 tokens) and
+# 512 px (1024 tokens), both 65536 rows, plus a smaller batch
+SHAPES = [
+    ("xl256-B256", 256, 256, 1152, 16, 1152),
+    ("xl512-B64", 64, 1024, 1152, 16, 1152),
+    ("xl256-B32", 32, 256, 1152, 16, 1152),
+]
+QUICK = ("xl256-B256",)
+TINY_CPU = [("tiny", 2, 16, 64, 4, 32)]
+VARIANTS = {"ln+temb": 1e-6, "temb": None}  # name -> norm_eps
+PASSES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _inputs(B, N, C, H, Ct, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype) \
+            .requires_grad_()
+
+    t = {"x": r(B, N, C), "temb": r(B, Ct), "weight": r(3 * C, C, scale=C ** -0.5),
+         "bias": r(3 * C, scale=0.02), "temb_weight": r(3 * C, Ct, scale=Ct ** -0.5),
+         "temb_bias": r(3 * C, scale=0.02)}
+    d = C // H
+    dys = [torch.randn(B, H, N, d, generator=g).to(device=device, dtype=dtype) for _ in range(3)]
+    return t, dys
+
+
+def _provider(name: str, H: int, eps: Optional[float]) -> Callable:
+    def ours(t):
+        return time_qkv(**t, num_heads=H, norm_eps=eps, backend="triton")
+
+    def eager(t):
+        return reference.time_qkv(**t, num_heads=H, norm_eps=eps)
+
+    if name == "ours":
+        return ours
+    if name == "eager":
+        return eager
+    if name == "compile":
+        return torch.compile(eager)
+    raise ValueError(name)
+
+
+def _time(fn, t: Dict[str, torch.Tensor], dys, pass_: str) -> Tuple[float, float]:
+    """(median ms, peak MB of one call: fwd+bwd only, NaN otherwise)."""
+    leaves = list(t.values())
+    if pass_ == "fwd":
+        with torch.no_grad():
+            return bench(lambda: fn(t)), float("nan")
+    if pass_ == "bwd":
+        outs = list(fn(t))
+        return bench(lambda: torch.autograd.backward(outs, dys, retain_graph=True),
+                     grad_to_none=leaves), float("nan")
+
+    def step():
+        torch.autograd.backward(list(fn(t)), dys)
+
+    ms = bench(step, grad_to_none=leaves)
+    for v in leaves:
+        v.grad = None
+    return ms, peak_memory_mb(step)
+
+
+def _time_cublas(t, dys, pass_: str) -> float:
+    """The projection's GEMMs alone: x2 [M, C] @ W^T forward; g @ W and g^T @ x2 backward."""
+    x2 = t["x"].detach().reshape(-1, t["x"].shape[-1])
+    w = t["weight"].detach()
+    M = x2.shape[0]
+    g = torch.cat([d.transpose(1, 2).reshape(M, -1) for d in dys], dim=1)  # [M, 3C'] once
+    fwd = lambda: torch.matmul(x2, w.t())  # noqa: E731
+
+    def bwd():
+        torch.matmul(g, w)
+        torch.matmul(g.t(), x2)
+
+    def both():
+        fwd()
+        bwd()
+
+    with torch.no_grad():
+        return bench({"fwd": fwd, "bwd": bwd, "fwd+bwd": both}[pass_])
+
+
+def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
+        tiny_cpu: bool = False) -> List[dict]:
+    """Time every (shape, variant, provider, pass); write CSV + plot; return the rows."""
+    if tiny_cpu:  # the harness on CPU at a tiny size, reference provider only (CI)
+        device, shapes, providers = torch.device("cpu"), TINY_CPU, ["eager"]
+    else:
+        if not cuda_or_explain("bench_time_qkv"):
+            return []
+        device = torch.device("cuda")
+        shapes = [s for s in SHAPES if s[0] in QUICK] if quick else SHAPES
+        providers = ["ours", "eager", "compile", "cublas"]
+    dt = DTYPES[dtype]
+    env = environment()
+    rows = []
+    for label, B, N, C, H, Ct in shapes:
+        M = B * N
+        gemm_flop = 2.0 * M * C * 3 * C
+        for variant, eps in VARIANTS.items():
+            for provider in providers:
+                fn = None if provider == "cublas" else _provider(provider, H, eps)
+                for pass_ in PASSES:
+                    t, dys = _inputs(B, N, C, H, Ct, dt, device)
+                    if provider == "cublas":
+                        ms, peak = _time_cublas(t, dys, pass_), float("nan")
+                    else:
+                        ms, peak = _time(fn, t, dys, pass_)
+                    flop = gemm_flop * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[pass_]
+                    rows.append(dict(
+                        op="time_qkv", case=f"{label} M{M} C{C} H{H}", shape=label, rows=M, C=C,
+                        heads=H, Ct=Ct, variant=variant, provider=provider, dtype=dtype,
+                        **{"pass": pass_}, ms=float(f"{ms:.5g}"),
+                        tflops=float(f"{flop / (ms * 1e-3) / 1e12:.4g}"),
+                        peak_mb=round(peak, 1) if peak == peak else "",
+                        card=env["card"], torch=env["torch"], triton=env["triton"]))
+                    print(f"time_qkv {rows[-1]['case']:32} {variant:8} {provider:8} {pass_:8} "
+                          f"{ms:9.4f} ms {rows[-1]['tflops']:8.2f} TFLOP/s")
+    d = results_dir(out_dir)
+    write_csv(d / "time_qkv.csv", rows)
+    first = shapes[0][0]
+    plot(d / "time_qkv.png", [r for r in rows if r["shape"] == first], x="variant", y="tflops",
+         line="provider", panel="pass",
+         title=f"time_qkv {dtype}, {first} ({env['card']})", ylabel="TFLOP/s (projection GEMM)")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="only the B256 x 256-token shape")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--out", default=None, help="output folder (default results/<gpu>/)")
+    a = p.parse_args(argv)
+    run(a.quick, a.dtype, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

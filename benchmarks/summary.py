@@ -74,7 +74,16 @@ def normalize(row: dict, op: str) -> dict:
     for key, names in ALIASES.items():
         if not r.get(key):
             r[key] = next((r[n] for n in names if r.get(n)), "")
+    # a variant kept in its own column still tells rows apart (bench_time_qkv)
+    variant = str(r.get("variant") or "")
+    if variant and variant not in str(r["case"]).split():
+        r["case"] = f"{r['case']} {variant}"
     return r
+
+
+def _pct(frac: float) -> str:
+    p = 100 * frac
+    return f"{p:.1f}%" if abs(p) < 10 else f"{p:.0f}%"
 
 
 def _cell(v) -> str:
@@ -126,7 +135,7 @@ def table(rows: List[dict], peaks: Dict[str, float]) -> str:
             v = _num(r.get(c))
             cells.append(_fmt(v))
             if peak and peak in peaks:
-                cells.append("-" if v is None else f"{100 * v / peaks[peak]:.0f}%")
+                cells.append("-" if v is None else _pct(v / peaks[peak]))
         if has_mem:
             cells.append(_fmt(_num(r.get("peak_mb"))))
         if has_speedup:

@@ -370,12 +370,13 @@ def _prune_mn(m_arg: str, n_arg: str, fwd: bool = False):
     """Drop tiles far larger than the problem (a batch-1 call need not time 128-row tiles),
     and in the forward 128-row tiles whose rows would span samples (see FWD_CONFIGS)."""
     def prune(configs, named_args, **kwargs):
-        m = max(16, next_power_of_2(named_args[m_arg]))
-        n = max(16, next_power_of_2(named_args[n_arg]))
+        a = {**named_args, **kwargs}  # constexpr flags arrive as keyword arguments
+        m = max(16, next_power_of_2(a[m_arg]))
+        n = max(16, next_power_of_2(a[n_arg]))
         keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m)
                 and c.kwargs["BLOCK_N"] <= max(64, n)
-                and not (fwd and c.kwargs["BLOCK_M"] > 64 and named_args["HAS_CB"]
-                         and _cb_rows(named_args["N"], c.kwargs["BLOCK_M"]) != 1)]
+                and not (fwd and c.kwargs["BLOCK_M"] > 64 and a["HAS_CB"]
+                         and _cb_rows(a["N"], c.kwargs["BLOCK_M"]) != 1)]
         return keep or [c for c in configs if c.kwargs["BLOCK_M"] <= 64][-1:]
     return prune
 

@@ -83,6 +83,14 @@ def test_near_constant_rows_far_from_zero():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_layernorm_backward_over_row_chunks(monkeypatch, dtype):
+    # rows wider than LN_BLOCK_C are walked twice (sums, then dx); shrink the chunk to see it
+    monkeypatch.setattr(projection, "LN_BLOCK_C", 32)
+    _run(dtype, 2, 9, 72, 2, 16)
+
+
+@pytest.mark.interpreter
 def test_diffit_xl_heads_fp32(monkeypatch):
     # C = 1152, 16 heads of d = 72 (tiles straddle heads), a handful of rows; wider
     # interpreter tiles keep the program count (and the time) down
@@ -318,3 +326,20 @@ def test_aot_specs_and_check_cases_cover_the_kernels():
     assert len(labels) == len(set((s.kernel, s.config) for s in specs))
     cases = projection.check_cases(torch.device("cpu"))
     assert cases and all(c.op == "time_qkv" for c in cases)
+
+
+@pytest.mark.parametrize("N,M,has_cb,want", [
+    (256, 65536, True, {(128, 128), (64, 128), (64, 64)}),   # tiles inside one sample
+    (200, 400, True, {(64, 128), (64, 64)}),                 # 128-row tiles would span samples
+    (200, 400, False, {(128, 128), (64, 128), (64, 64)}),    # no per-sample bias: any tile
+    (1, 3, True, {(64, 128), (64, 64)}),                     # tiny problems: no 128-row tiles
+])
+def test_cuda_autotune_pruning(N, M, has_cb, want):
+    # the CUDA autotuners themselves (built without a GPU query), pruning as a launch would
+    tuned = projection._tuned("fwd", "16", False)
+    tuned.nargs = {"M": M, "N": N, "CP": 1152, "C": 1152}
+    kept = tuned.prune_configs({"HAS_CB": has_cb, "HAS_LN": True})
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == want
+    for which in ("dx", "dw"):
+        assert len(projection._tuned(which, "16", False).configs) == 3
+    assert len(projection._tuned("fwd", "16", True).configs) == 1  # the interpreter: one config

@@ -22,5 +22,7 @@ setup(
             "tqdm",
         ],
         "vae": ["diffusers", "safetensors"],
+        # python -m diffit train / demo: digits, image folders, plots, progress bar
+        "train": ["matplotlib", "pillow", "scikit-learn", "tqdm"],
     },
 )

@@ -15,7 +15,6 @@ on whether training was interrupted and resumed, which is what makes `--resume` 
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 from pathlib import Path
@@ -287,10 +286,6 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.start
-
-
-def batches_per_epoch(num_samples: int, batch_per_rank: int) -> int:
-    return math.floor(num_samples / batch_per_rank)
 
 
 def describe(ds: Dataset) -> str:

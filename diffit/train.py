@@ -586,6 +586,9 @@ class Trainer:
         self.model = fam.build(cfg.model, overrides, cfg.grad_checkpointing).to(d.device)
         self.model_config = dataclasses.asdict(self.model.config)
         self.num_classes = int(self.model_config.get("num_classes", 0))
+        if cfg.guidance != 1.0 and not (self.num_classes and cfg.class_dropout > 0):
+            raise ValueError(f"guidance={cfg.guidance} needs a class-conditional model trained "
+                             "with class_dropout > 0 (labelled data, class_cond on); use 1.0")
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
         self.net = self._wrap()
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -1,0 +1,360 @@
+"""diffit.train: exact resume, checkpoint safety, EMA, configuration, DDP on CPU (gloo), encode's
+messages. Everything runs tiny models for a handful of steps on CPU."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffit import cli
+from diffit.ema import EMA
+from diffit.train import (CheckpointError, TrainConfig, Trainer, config_from_args,
+                          latest_checkpoint, list_checkpoints, read_checkpoint, train)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny matrices: a second OpenMP thread only spin-waits on a shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def latent_file(tmp_path_factory):
+    """64 random 4x8x8 'latents' with 3 classes: enough for the ADM path of latent DiffiT."""
+    path = tmp_path_factory.mktemp("latents") / "lat.pt"
+    g = torch.Generator().manual_seed(0)
+    torch.save({"latents": torch.randn(64, 4, 8, 8, generator=g),
+                "labels": torch.arange(64) % 3}, path)
+    return path
+
+
+def _cfg(out, family="image", latent_file=None, **kw):
+    base = dict(out=str(out), batch_size=8, steps=6, lr=1e-3, log_every=1, ckpt_every=0,
+                num_samples=0, progress=False)
+    if family == "image":
+        base.update(model="tiny", data="digits", image_size=8)
+    else:
+        base.update(model="DiffiT-tiny", data="latents", data_path=str(latent_file))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(out):
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(Path(out) / "metrics.jsonl"))]
+
+
+def _final(out):
+    return read_checkpoint(latest_checkpoint(Path(out) / "checkpoints"))
+
+
+# ---- EMA ------------------------------------------------------------------------------------
+def test_ema_update_math():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = EMA(model, decay=0.9, warmup=False)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        model[1].running_mean.add_(1.0)
+    assert ema.update(model, step=0) == 0.9
+    sd, cur = ema.module.state_dict(), model.state_dict()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(sd[name], 0.9 * before[name] + 0.1 * p.detach(),
+                                   rtol=1e-6, atol=1e-7)
+    assert torch.equal(sd["1.running_mean"], cur["1.running_mean"])        # buffers copied
+    assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training
+
+    warm = EMA(model, decay=0.9999, warmup=True)
+    assert [warm.decay_at(s) for s in (0, 10, 10 ** 6)] == [0.1, 11 / 20, 0.9999]
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2)
+    warm.update(model, step=0)                        # decay 0.1: mostly the new weights
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(warm.module.state_dict()[name],
+                                   0.1 * snapshot[name] + 0.9 * p.detach(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="decay"):
+        EMA(model, decay=1.0)
+
+
+# ---- exact resume ---------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["image", "latent"])
+def test_resume_equals_uninterrupted_run(tmp_path, family, latent_file):
+    straight = train(_cfg(tmp_path / "a", family, latent_file))
+    assert straight["step"] == 6
+    train(_cfg(tmp_path / "b", family, latent_file, steps=3))
+    train(_cfg(tmp_path / "b", family, latent_file, steps=6), resume="auto")
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert [s for s, _ in a] == [1, 2, 3, 4, 5, 6]
+    assert a == b                                     # per-step losses, bit for bit
+    assert len({v for _, v in a}) > 1                 # they do change from step to step
+    ca, cb = _final(tmp_path / "a"), _final(tmp_path / "b")
+    for part in ("model", "ema"):
+        assert ca[part].keys() == cb[part].keys()
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
+    assert (ca["step"], ca["epoch"], ca["batch_in_epoch"]) == (cb["step"], cb["epoch"],
+                                                                cb["batch_in_epoch"])
+
+
+def test_resume_across_an_epoch_boundary(tmp_path, latent_file):
+    # 64 latents / batch 24 = 2 batches per epoch: the run stops mid-epoch 1 and ends in epoch 2
+    kw = dict(batch_size=24, steps=5)
+    train(_cfg(tmp_path / "a", "latent", latent_file, **kw))
+    train(_cfg(tmp_path / "b", "latent", latent_file, **{**kw, "steps": 3}))
+    assert (_final(tmp_path / "b")["epoch"], _final(tmp_path / "b")["batch_in_epoch"]) == (1, 1)
+    train(_cfg(tmp_path / "b", "latent", latent_file, **kw), resume="auto")
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    assert (_final(tmp_path / "a")["epoch"], _final(tmp_path / "a")["batch_in_epoch"]) == (2, 1)
+
+
+# ---- checkpoint safety ----------------------------------------------------------------------
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def dying_save(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 2:                           # the step-2 checkpoint dies mid-write
+            real_save(obj, f, *a, **kw)
+            data = Path(f).read_bytes()
+            Path(f).write_bytes(data[: len(data) // 2])
+            raise OSError("simulated crash while writing the checkpoint")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    cfg = _cfg(tmp_path / "r", steps=4, ckpt_every=1, keep_checkpoints=1)
+    with pytest.raises(OSError, match="simulated"):
+        train(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    ckdir = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in ckdir.iterdir()) == ["ckpt_00000001.pt", "latest"]
+    assert latest_checkpoint(ckdir).name == "ckpt_00000001.pt"
+    assert read_checkpoint(ckdir / "ckpt_00000001.pt")["step"] == 1
+    summary = train(cfg, resume="auto")                # and the run continues from it
+    assert summary["step"] == 4 and [s for s, _ in _losses(tmp_path / "r")] == [1, 2, 3, 4]
+    assert [p.name for p in list_checkpoints(ckdir)] == ["ckpt_00000004.pt"]
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    train(_cfg(tmp_path / "r", steps=2, ckpt_every=1, keep_checkpoints=2))
+    ckdir = tmp_path / "r" / "checkpoints"
+    newest = latest_checkpoint(ckdir)
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError) as e:
+        Trainer(_cfg(tmp_path / "r", steps=3), resume="auto")
+    msg = str(e.value)
+    assert "ckpt_00000002.pt" in msg and "cannot be read" in msg
+    assert "ckpt_00000001.pt" in msg                  # it points at the earlier one
+    assert (ckdir / "ckpt_00000001.pt").is_file() and newest.is_file()   # nothing deleted
+    t = Trainer(_cfg(tmp_path / "r", steps=3), resume=str(ckdir / "ckpt_00000001.pt"))
+    assert t.step == 1
+
+
+def test_mismatched_checkpoint_is_a_clear_error(tmp_path, capsys):
+    train(_cfg(tmp_path / "r", steps=1))
+    with pytest.raises(CheckpointError, match="channels"):
+        Trainer(_cfg(tmp_path / "r", model_args={"channels": [8, 16]}), resume="auto")
+    with pytest.raises(CheckpointError, match=r"lr=0\.001 there vs 0\.002 here"):
+        Trainer(_cfg(tmp_path / "r", lr=2e-3), resume="auto")
+    with pytest.raises(CheckpointError, match="not a diffit training checkpoint"):
+        torch.save({"model": {}}, tmp_path / "other.pt")
+        Trainer(_cfg(tmp_path / "r"), resume=str(tmp_path / "other.pt"))
+    with pytest.raises(ValueError, match="--resume"):  # never silently overwrite a run
+        Trainer(_cfg(tmp_path / "r"))
+    rc = cli.main(["train", "--model", "tiny", "--image-size", "8", "--out",
+                   str(tmp_path / "r"), "--resume", "--lr", "0.5", "--no-progress"])
+    assert rc == 2 and "different settings" in capsys.readouterr().err
+
+
+# ---- configuration and schedule -------------------------------------------------------------
+def test_config_file_flags_and_errors(tmp_path, capsys):
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"model": "cifar10", "lr": 3e-4, "steps": 7,
+                                    "model_args": {"dropout": 0.0}}))
+    parser = cli.build_parser()
+    cfg = config_from_args(parser.parse_args(["train", "--config", str(cfg_file),
+                                              "--steps", "9", "--no-flip"]))
+    assert (cfg.model, cfg.lr, cfg.steps, cfg.flip, cfg.batch_size) == ("cifar10", 3e-4, 9,
+                                                                        False, 64)
+    assert cfg.model_args == {"dropout": 0.0}
+    assert cli.main(["train", "--config", str(cfg_file), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 7
+    cfg_file.write_text(json.dumps({"modle": "tiny"}))
+    assert cli.main(["train", "--config", str(cfg_file)]) == 2
+    assert "unknown keys ['modle']" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "DiffiT-Q/3", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown model preset 'DiffiT-Q/3'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.5).validate()
+    for path in sorted((ROOT / "configs").glob("*.json")):   # shipped examples stay valid
+        d = json.loads(path.read_text())
+        d.pop("_comment", None)
+        TrainConfig(**d).validate()
+
+
+def test_lr_schedule(tmp_path):
+    t = Trainer(_cfg(tmp_path / "r", lr=1.0, warmup_steps=4, steps=14, lr_schedule="cosine"))
+    got = [t.lr_at(s) for s in (0, 3, 4, 9, 14)]
+    assert got == pytest.approx([0.25, 1.0, 1.0, 0.5, 0.0], abs=1e-12)
+
+
+@pytest.mark.parametrize("family", ["image", "latent"])
+def test_grad_checkpointing_changes_nothing_but_memory(tmp_path, family, latent_file):
+    train(_cfg(tmp_path / "a", family, latent_file, steps=2))
+    train(_cfg(tmp_path / "b", family, latent_file, steps=2, grad_checkpointing=True))
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    ca, cb = _final(tmp_path / "a"), _final(tmp_path / "b")
+    assert ca["model"].keys() == cb["model"].keys()
+    for k in ca["model"]:
+        torch.testing.assert_close(ca["model"][k], cb["model"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_outputs_and_sample_grid(tmp_path):
+    from PIL import Image
+
+    s = train(_cfg(tmp_path / "r", steps=4, log_every=2, ckpt_every=2, sample_every=2,
+                   num_samples=20, sample_steps=3))
+    out = tmp_path / "r"
+    assert {p.name for p in (out / "samples").iterdir()} == {"step_00000002.png",
+                                                              "step_00000004.png"}
+    grid = Image.open(out / "samples.png")
+    # 20 samples of 10 classes: 10 columns x 2 rows of 64-px tiles (8 px upscaled 8x), 2-px gaps
+    assert grid.size == (10 * 66 + 2, 2 * 66 + 2) and grid.mode == "L"
+    assert Image.open(out / "loss.png").size[0] > 100
+    assert json.loads((out / "config.json").read_text())["steps"] == 4
+    rec = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rec] == [2, 4] and all(r["images_per_s"] > 0 for r in rec)
+    assert s["checkpoint"].name == "ckpt_00000004.pt"
+
+
+# ---- distributed ----------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    t = Trainer(_cfg(out, steps=3, batch_size=16, log_every=1, ckpt_every=0))
+    init = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.fit()
+    torch.save({"init": init, "model": t.model.state_dict(), "ema": t.ema.module.state_dict()},
+               Path(result_dir) / f"rank{rank}.pt")
+    t.close()
+
+
+def test_ddp_two_processes_gloo_identical_parameters(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "run"), str(tmp_path)),
+             nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for part in ("init", "model", "ema"):
+        for k in r0[part]:
+            assert torch.equal(r0[part][k], r1[part][k]), (part, k)
+    assert any(not torch.equal(r0["init"][k], r0["model"][k]) for k in r0["model"])
+    ck = _final(tmp_path / "run")                     # rank 0 wrote the checkpoint
+    assert ck["world_size"] == 2 and len(ck["rng"]) == 2
+    assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])   # per-rank streams
+    assert [s for s, _ in _losses(tmp_path / "run")] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_torchrun_cli_gloo(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port", str(_free_port()), "-m", "diffit", "train", "--model", "tiny",
+           "--image-size", "8", "--batch-size", "16", "--steps", "4", "--log-every", "2",
+           "--ckpt-every", "2", "--num-samples", "10", "--sample-steps", "2", "--no-progress",
+           "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "world 2 on cpu (DDP)" in r.stdout
+    ck = _final(out)
+    assert ck["step"] == 4 and ck["world_size"] == 2
+    assert (out / "samples.png").is_file() and (out / "loss.png").is_file()
+
+
+# ---- encode ---------------------------------------------------------------------------------
+def _folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "a.png")
+    return tmp_path / "imgs"
+
+
+def test_encode_says_what_is_missing(tmp_path, capsys, monkeypatch):
+    imgs = _folder(tmp_path)
+    argv = ["encode", "--data-path", str(imgs), "--out", str(tmp_path / "l.pt"),
+            "--image-size", "16", "--num-workers", "0", "--no-progress"]
+    monkeypatch.setitem(sys.modules, "diffusers", None)            # import fails
+    monkeypatch.setitem(sys.modules, "diffusers.models", None)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "diffusers" in err and "pip install" in err
+
+    def unreachable(name, *a, **kw):
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {name}")
+
+    fake = types.ModuleType("diffusers")
+    fake.models = types.ModuleType("diffusers.models")
+    fake.models.AutoencoderKL = types.SimpleNamespace(from_pretrained=unreachable)
+    monkeypatch.setitem(sys.modules, "diffusers", fake)
+    monkeypatch.setitem(sys.modules, "diffusers.models", fake.models)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "could not load the VAE 'stabilityai/sd-vae-ft-ema'" in err
+    assert "couldn't connect" in err and "--vae" in err
+    assert not (tmp_path / "l.pt").exists()
+    assert cli.main([*argv[:-3], "--image-size", "12"]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_encode_with_a_stand_in_vae(tmp_path, monkeypatch):
+    """The file layout `train --data latents` reads, with a stand-in for diffusers' VAE."""
+    imgs = _folder(tmp_path)
+
+    class Dist:
+        def __init__(self, x):
+            self.mean = torch.nn.functional.avg_pool2d(x, 8).repeat(1, 2, 1, 1)[:, :4] + 1
+
+        def sample(self, generator=None):
+            return self.mean
+
+    class VAE(torch.nn.Module):
+        def encode(self, x):
+            return types.SimpleNamespace(latent_dist=Dist(x))
+
+    fake = types.ModuleType("diffusers")
+    fake.models = types.ModuleType("diffusers.models")
+    fake.models.AutoencoderKL = types.SimpleNamespace(from_pretrained=lambda name: VAE())
+    monkeypatch.setitem(sys.modules, "diffusers", fake)
+    monkeypatch.setitem(sys.modules, "diffusers.models", fake.models)
+    out = tmp_path / "l.pt"
+    assert cli.main(["encode", "--data-path", str(imgs), "--out", str(out), "--image-size",
+                     "16", "--num-workers", "0", "--no-progress", "--flip"]) == 0
+    d = torch.load(out, weights_only=True)
+    assert d["latents"].shape == (2, 4, 2, 2) and d["labels"].tolist() == [0, 0]
+    # black image -> -1 everywhere -> pooled -1 + 1 = 0, times the SD scale
+    assert torch.equal(d["latents"], torch.zeros(2, 4, 2, 2, dtype=torch.float16))
+    assert d["scale"] == 0.18215
+    from diffit.data import LatentDataset
+    assert LatentDataset(out).image_size == 2

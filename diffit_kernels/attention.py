@@ -615,6 +615,11 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
         {
             (128, 0): [(64, 32, 4, 3), (64, 32, 4, 2)],
         }),
+    ('fwd-win', False, 2): (
+        [(64, 64, 4, 3), (64, 64, 4, 2)],
+        {
+            (128, 0): [(16, 16, 1, 1)],
+        }),
     ('dkdv', False, 2): (
         [(32, 128, 8, 2), (32, 64, 4, 3)],
         {
@@ -651,9 +656,52 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
         {}),
     ('dbias', True, 2): (
         [(32, 32, 2, 2)],
-        {}),
+        {
+            (128, 0): [(32, 32, 2, 1)],
+        }),
     ('window', True, 2): (
         [(16, 16, 1, 1)],
+        {}),
+    ('fwd', False, 4): (
+        [(32, 32, 8, 1), (16, 32, 4, 1)],
+        {
+            (128, 0): [(16, 32, 4, 1), (16, 16, 2, 1)],
+        }),
+    ('fwd-win', False, 4): (
+        [(32, 32, 4, 1), (32, 32, 8, 1)],
+        {}),
+    ('dkdv', False, 4): (
+        [(16, 32, 4, 1), (16, 16, 2, 1)],
+        {
+            (128, 0): [(16, 16, 2, 1)],
+        }),
+    ('dq', False, 4): (
+        [(16, 16, 2, 1)],
+        {
+            (128, 0): [(32, 16, 4, 1)],
+        }),
+    ('dbias', False, 4): (
+        [(32, 32, 4, 1)],
+        {}),
+    ('window', False, 4): (
+        [(32, 32, 8, 1)],
+        {
+            (128, 0): [],
+        }),
+    ('fwd', True, 4): (
+        [(32, 32, 4, 1), (32, 32, 8, 1)],
+        {}),
+    ('dkdv', True, 4): (
+        [(32, 32, 8, 1), (16, 32, 4, 1)],
+        {}),
+    ('dq', True, 4): (
+        [(32, 32, 4, 1), (32, 32, 8, 1)],
+        {}),
+    ('dbias', True, 4): (
+        [(32, 32, 4, 1)],
+        {}),
+    ('window', True, 4): (
+        [(32, 32, 8, 1)],
         {}),
 }
 _INTERP = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1),
@@ -668,6 +716,14 @@ def _configs(kind: str, D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool
         return [_INTERP[kind.split("-")[0]]]
     default, per_shape = _CONFIG_TABLE[(kind, has_bias, elt)]
     return per_shape.get((D0, D1 if HAS_D1 else 0), default)
+
+
+def _fused_launch(BLOCK: int, cfg: tuple, elt: int) -> Tuple[int, int]:
+    """(num_warps, num_stages) of the fused kernel at a tile of BLOCK <= cfg's block: spans
+    of <= 16 tokens run a 16-wide tile (one warp for tensor-core dots, two for fp32's FMA)."""
+    if BLOCK == cfg[0]:
+        return cfg[2], cfg[3]
+    return (1 if elt == 2 else 2), 1
 
 
 def _fused_block(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> int:
@@ -858,8 +914,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         per_prog = cdiv(units, P)
         P = cdiv(units, per_prog)
         partial = torch.empty((H, P, BLOCK, BLOCK), dtype=torch.float32, device=dev) if acc else q
-        _, _, warps, stages = _configs("window", *shape)[0]
-        warps = max(1, min(warps, BLOCK // 16))
+        warps, stages = _fused_launch(BLOCK, _configs("window", *shape)[0], q.element_size())
         _tmsa_attention_bwd_kernel_window[(P, H)](
             q, k, v, do, tab, bias_arg, lse, dq, dk, dv,
             dbias if dbias is not None else q, partial, *strides, *geo, float(scale),
@@ -1096,34 +1151,42 @@ def _delta_spec(dt: str, D: int):
 
 
 def aot_specs():
-    """Every launch config the launchers can pick: each (kernel, dense bias or not, dtype size,
-    config) at least once, and every head-dim chunk shape at least once per kernel; bf16 for
-    the 16-bit lists (fp16 builds the same code, added at d = 72), fp32 for the fp32 lists;
-    windowed and bias-free variants at d = 72."""
-    specs, seen = [], set()
+    """The launch configs the launchers can pick, representative but complete: every config
+    of every list at d = 72 (and at d = 128 where its list differs), the first config of the
+    16-bit bias-free lists at every other head-dim chunk shape; fp16 beside bf16, and the
+    bias-free / windowed variants, at d = 72; the fused kernel's 16-token tile at d = 72."""
+    specs = []
     for (kind, has_bias, elt), (default, per_shape) in _CONFIG_TABLE.items():
-        dts = ("bf16",) if elt == 2 else ("fp32",)
-        for shape in sorted(_SHAPE_D, key=lambda sh: sh != (64, 16)):
-            D, cfgs = _SHAPE_D[shape], per_shape.get(shape, default)
-            for i, cfg in enumerate(cfgs):
-                key = (kind, has_bias, elt, cfg)
-                if key in seen and i > 0:
-                    continue
-                seen.add(key)
-                flags = "bias" if has_bias else ("table-win" if kind in ("window", "fwd-win")
-                                                 else "table")
-                for dt in dts + (("fp16",) if elt == 2 and D == 72 else ()):
-                    specs.append(_kernel_spec(kind, dt, D, flags, cfg))
-                if D == 72 and i == 0 and not has_bias and kind in ("fwd", "dkdv", "dq", "dbias"):
-                    specs.append(_kernel_spec(kind, dts[0], D, "plain", cfg))
-                    if kind != "dbias":
-                        specs.append(_kernel_spec(kind, dts[0], D, "table-win", cfg))
-                if D == 72 and i == 0 and kind == "window" and not has_bias:
-                    specs.append(_kernel_spec(kind, dts[0], D, "table", cfg))
+        dt = "bf16" if elt == 2 else "fp32"
+        flags = "bias" if has_bias else ("table-win" if kind in ("window", "fwd-win")
+                                         else "table")
+        for shape, D in _SHAPE_D.items():
+            cfgs = per_shape.get(shape, default)
+            if D == 72 or (D == 128 and shape in per_shape):
+                pick = cfgs
+            elif elt == 2 and not has_bias:
+                pick = cfgs[:1]
+            else:
+                continue
+            for cfg in pick:
+                specs.append(_kernel_spec(kind, dt, D, flags, cfg))
+            if D != 72 or not cfgs:
+                continue
+            if elt == 2:
+                specs.append(_kernel_spec(kind, "fp16", D, flags, cfgs[0]))
+            if kind == "window" and cfgs[0][0] > 16:
+                specs.append(_kernel_spec(kind, dt, D, flags,
+                                          (16, 16) + _fused_launch(16, cfgs[0], elt)))
+            if not has_bias and kind in ("fwd", "dkdv", "dq"):
+                specs.append(_kernel_spec(kind, dt, D, "plain", cfgs[0]))
+                specs.append(_kernel_spec(kind, dt, D, "table-win", cfgs[0]))
+            if not has_bias and kind == "window":
+                specs.append(_kernel_spec(kind, dt, D, "table", cfgs[0]))
     for dt in ("bf16", "fp32"):
-        for D in _SHAPE_D.values():
+        for D in (72, 128):
             specs.append(_delta_spec(dt, D))
-    return specs
+    unique = {(s.kernel, s.config): s for s in specs}  # fwd and fwd-win lists may share one
+    return list(unique.values())
 
 
 def check_cases(device: torch.device):

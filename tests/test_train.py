@@ -239,6 +239,23 @@ def test_outputs_and_sample_grid(tmp_path):
     assert s["checkpoint"].name == "ckpt_00000004.pt"
 
 
+def test_latent_guided_sample_grid_and_sample_cli(tmp_path, latent_file):
+    from PIL import Image
+
+    train(_cfg(tmp_path / "r", "latent", latent_file, steps=2, num_samples=6, sample_steps=3,
+               guidance=2.0))
+    grid = Image.open(tmp_path / "r" / "samples.png")
+    # 6 guided samples of 3 classes, latent channels 0-2 shown as RGB, 8 px upscaled 8x
+    assert grid.size == (3 * 66 + 2, 2 * 66 + 2) and grid.mode == "RGB"
+    # the checkpoint's EMA weights load into `python -m diffit sample`
+    ck = latest_checkpoint(tmp_path / "r" / "checkpoints")
+    assert cli.main(["sample", "--checkpoint", str(ck), "--image-size", "64", "--latents-only",
+                     "--num-samples", "2", "--steps", "ddim2", "--out", str(tmp_path / "s"),
+                     "--no-progress"]) == 0
+    with pytest.raises(ValueError, match="guidance"):
+        Trainer(_cfg(tmp_path / "u", "latent", latent_file, class_cond=False, guidance=2.0))
+
+
 # ---- distributed ----------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

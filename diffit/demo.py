@@ -91,12 +91,12 @@ def _clear_previous(out: Path) -> None:
     import shutil
 
     ckpts = out / "checkpoints"
-    if not ckpts.exists():
-        return
-    if not (out / MARKER).is_file():
+    if ckpts.exists() and not (out / MARKER).is_file():
         raise ValueError(f"{out} holds checkpoints that are not from `diffit demo`; choose "
                          "another --out")
-    shutil.rmtree(ckpts)
+    if (out / MARKER).is_file():
+        for sub in (ckpts, out / "samples"):
+            shutil.rmtree(sub, ignore_errors=True)
 
 
 def run_demo(out, steps: int = DEMO_CONFIG["steps"], batch_size: int = DEMO_CONFIG["batch_size"],

@@ -401,10 +401,12 @@ def list_checkpoints(ckpt_dir: Path) -> List[Path]:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
-    """The file `latest` names, or None when there is no checkpoint yet."""
+    """The file `latest` names (the newest file when a crash came between writing the first
+    checkpoint and its pointer), or None when there is no checkpoint yet."""
     pointer = ckpt_dir / "latest"
     if not pointer.is_file():
-        return None
+        files = list_checkpoints(ckpt_dir)
+        return files[-1] if files else None
     name = pointer.read_text(encoding="utf-8").strip()
     path = ckpt_dir / name
     if not name or not path.is_file():

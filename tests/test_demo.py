@@ -38,6 +38,7 @@ def test_demo_short_run_loss_falls_and_writes_images(tmp_path):
     assert cli.main(["demo", "--out", str(out), "--steps", "2", "--batch-size", "8",
                      "--no-progress"]) == 0
     assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [2]
+    assert [p.name for p in (out / "samples").iterdir()] == ["step_00000002.png"]
 
 
 def test_demo_leaves_other_runs_alone(tmp_path, capsys):

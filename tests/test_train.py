@@ -160,6 +160,8 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     assert (ckdir / "ckpt_00000001.pt").is_file() and newest.is_file()   # nothing deleted
     t = Trainer(_cfg(tmp_path / "r", steps=3), resume=str(ckdir / "ckpt_00000001.pt"))
     assert t.step == 1
+    (ckdir / "latest").unlink()                       # a crash before the first pointer write
+    assert latest_checkpoint(ckdir).name == "ckpt_00000002.pt"
 
 
 def test_mismatched_checkpoint_is_a_clear_error(tmp_path, capsys):

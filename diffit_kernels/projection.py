@@ -72,7 +72,7 @@ if triton is not None:
         X,       # [B, N, C] tokens (rows strided, unit channel stride)
         W,       # [3C', C] spatial weight, rows q | k | v
         WSUM,    # [3C'] fp32 row sums of W: the LayerNorm fold (HAS_LN)
-        CB,      # [B, 3C'] fp32 per-sample bias = bias + temb W_t^T + b_t (HAS_CB; stride 0 on B ok)
+        CB,      # [B, 3C'] fp32 per-sample bias: bias + temb W_t^T + b_t (HAS_CB; B stride 0 ok)
         OUT,     # [B * N, 3C'] = [B, N, 3, H, D]: q, k, v are strided views of it
         MEAN,    # [B * N] fp32 row means, for the backward (HAS_LN)
         RSTD,    # [B * N] fp32 row 1/std (HAS_LN)
@@ -81,7 +81,8 @@ if triton is not None:
         stride_w_j, stride_w_c,
         stride_cb_b,
         OVEC: tl.constexpr, XVEC: tl.constexpr, WVEC: tl.constexpr,
-        HAS_LN: tl.constexpr, HAS_CB: tl.constexpr, CB_ROWS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
+        HAS_LN: tl.constexpr, HAS_CB: tl.constexpr, CB_ROWS: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
@@ -151,8 +152,8 @@ if triton is not None:
             else:
                 acc += tl.load(CB + (b * stride_cb_b)[:, None] + cb_col[None, :], mask=mask,
                                other=0.0)
-        # a plain row-major store: a head-split [3, B, H, N, D] address per element kept ~64
-        # 64-bit addresses live across the main loop and spilled (compile report)
+        # a plain row-major store; q, k, v are strided views of it. (Storing head-split
+        # [3, B, H, N, D] took a 64-bit address per element pair and spilled: compile report)
         o_row = tl.multiple_of(offs_m * (3 * CP), OVEC)
         tl.store(OUT + o_row[:, None] + (seg * CP + offs_j)[None, :], acc.to(OUT.dtype.element_ty),
                  mask=mask)
@@ -395,7 +396,8 @@ def _tuned(which: str, kind: str, interp: bool):
             _time_qkv_fwd_kernel)
         return triton.autotune(_configs(FWD_CONFIGS, kind, interp),
                                key=["M", "C", "CP", "HAS_LN"],
-                               prune_configs_by={"early_config_prune": _prune_mn("M", "CP", fwd=True)})(fn)
+                               prune_configs_by={"early_config_prune":
+                                                 _prune_mn("M", "CP", fwd=True)})(fn)
     if which == "dx":
         return triton.autotune(_configs(DX_CONFIGS, kind, interp), key=["M", "C", "CP"],
                                prune_configs_by={"early_config_prune": _prune_mn("M", "C")}
@@ -693,8 +695,8 @@ def _check_inputs(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm
                      device=x.device)
         if temb_bias is not None:
             check_tensor("temb_bias", temb_bias, shape=(C3,), dtype=x.dtype, device=x.device)
-    if norm_eps is not None and (isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float))
-                                 or not norm_eps >= 0):
+    if norm_eps is not None and (isinstance(norm_eps, bool)
+                                 or not isinstance(norm_eps, (int, float)) or not norm_eps >= 0):
         raise ValueError(f"norm_eps must be None or a non-negative float, got {norm_eps!r}")
 
 
@@ -727,9 +729,11 @@ def time_qkv(
         backend: "auto" | "triton" | "torch" (see diffit_kernels._common.resolve_backend).
     Returns:
         q, k, v [B, H, N, d]: views of one [B, N, 3C'] buffer (on either backend; strides
-        (N*3C', d, 3C', 1)), which tmsa_attention reads without a copy. Gradients flow to x, temb, weight,
-        bias, temb_weight and temb_bias; the backward is deterministic. Do not modify q, k, v
-        in place (they are outputs of one autograd node).
+        (N*3C', d, 3C', 1)), which tmsa_attention reads without a copy. Gradients flow to x,
+        temb, weight, bias, temb_weight and temb_bias; the backward is deterministic and takes
+        dq, dk, dv as they come (no concatenated copy). Do not modify q, k, v in place (they
+        are outputs of one autograd node). The LayerNorm fold caches sum_c W[j, c] per weight
+        version: after editing a weight in place through `.data`, call clear_weight_cache().
     """
     _check_inputs(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps)
     tensors = (x, temb, weight, bias, temb_weight, temb_bias)

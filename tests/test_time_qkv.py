@@ -47,7 +47,8 @@ SHAPES = [
     pytest.param(2, 20, 48, 2, 24, {"ln": False}, id="B2-N20-C48-H2-noln"),
     pytest.param(1, 33, 144, 2, 40, {}, id="B1-N33-C144-H2-d72"),
     pytest.param(3, 1, 200, 4, 24, {"bias": False, "temb_bias": False}, id="B3-N1-C200-H4-nobias"),
-    pytest.param(2, 32, 40, 4, 16, {"temb": False, "strided_x": True}, id="B2-N32-C40-H4-notemb-strided"),
+    pytest.param(2, 32, 40, 4, 16, {"temb": False, "strided_x": True},
+                 id="B2-N32-C40-H4-notemb-strided"),
     pytest.param(1, 130, 24, 3, 8, {"ln": False, "strided_x": True}, id="B1-N130-C24-H3-strided"),
     pytest.param(2, 64, 64, 4, 24, {"CP": 32}, id="B2-N64-C64-CP32-H4"),
 ]

@@ -67,6 +67,8 @@ class TrainConfig:
     data_path: Optional[str] = _opt(None, "image folder, or latent tensor file (.pt/.npz/...)")
     image_size: Optional[int] = _opt(None, "image side (default: the preset's); latents "
                                      "define their own", type=int)
+    channels: Optional[int] = _opt(None, "folder data: 3 reads RGB, 1 grayscale (default: "
+                                   "the preset's)", type=int)
     flip: Optional[bool] = _opt(None, "random horizontal flips (default: on for folders)")
     num_workers: int = _opt(0, "data loader worker processes per rank")
     # optimisation
@@ -568,7 +570,8 @@ class Trainer:
         size, channels = fam.native(cfg.model)
         self.dataset = ds = build_dataset(
             cfg.data, cfg.data_path, image_size=cfg.image_size or size,
-            channels=channels if channels in (1, 3) else 3, flip=cfg.flip, seed=cfg.seed)
+            channels=cfg.channels or (channels if channels in (1, 3) else 3), flip=cfg.flip,
+            seed=cfg.seed)
         if cfg.batch_size % d.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size "
                              f"{d.world}")

@@ -377,3 +377,20 @@ def test_encode_with_a_stand_in_vae(tmp_path, monkeypatch):
     assert d["scale"] == 0.18215
     from diffit.data import LatentDataset
     assert LatentDataset(out).image_size == 2
+
+
+def test_image_folder_training_rgb(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            arr = np.random.default_rng(i).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "imgs" / c / f"{i}.png")
+    t = Trainer(_cfg(tmp_path / "r", data="folder", data_path=str(tmp_path / "imgs"),
+                     channels=3, batch_size=4, steps=2, num_samples=2, sample_steps=2))
+    assert t.model.config.in_channels == 3 and t.model.config.num_classes == 2
+    assert t.dataset.flip                              # folders flip by default
+    t.fit()
+    assert Image.open(tmp_path / "r" / "samples.png").mode == "RGB"

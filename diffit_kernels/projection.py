@@ -395,7 +395,7 @@ def _tuned(which: str, kind: str, interp: bool):
                                 "CB_ROWS": lambda a: _cb_rows(a["N"], a["BLOCK_M"])})(
             _time_qkv_fwd_kernel)
         return triton.autotune(_configs(FWD_CONFIGS, kind, interp),
-                               key=["M", "C", "CP", "HAS_LN"],
+                               key=["M", "N", "C", "CP", "HAS_LN", "HAS_CB"],  # N: CB_ROWS
                                prune_configs_by={"early_config_prune":
                                                  _prune_mn("M", "CP", fwd=True)})(fn)
     if which == "dx":

@@ -67,7 +67,7 @@ def _partition(t, grid, window):
 
 def _dense_bias(table, gh, gw):
     n, H = gh * gw, table.shape[1]
-    idx = reference.relative_position_index(gh, gw).to(table.device)
+    idx = reference.relative_position_index(gh, gw, table.device)
     return table[idx.view(-1)].view(n, n, H).permute(2, 0, 1)[None]          # [1, H, n, n]
 
 

@@ -104,6 +104,7 @@ def write_csv(path: Path, rows: List[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
     os.replace(tmp, path)
 
 
@@ -134,4 +135,5 @@ def plot(path: Path, rows: List[dict], x: str, y: str, line: str, title: str,
     os.close(fd)
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)

@@ -155,14 +155,25 @@ def _relative_position_index_cpu(gh: int, gw: int) -> torch.Tensor:
     return di * (2 * gw - 1) + dj
 
 
-def relative_position_index(gh: int, gw: int) -> torch.Tensor:
+def relative_position_index(gh: int, gw: int, device=None) -> torch.Tensor:
     """Swin's relative position index for a gh x gw window: LongTensor [gh*gw, gh*gw].
 
     index[a, b] = (i_a - i_b + gh - 1) * (2gw - 1) + (j_a - j_b + gw - 1), tokens row-major.
+    `device` (default CPU): the copy is made on that device from a per-device cache, so
+    repeated calls cost no host-to-device transfer.
     """
     if int(gh) != gh or int(gw) != gw or gh < 1 or gw < 1:
         raise ValueError(f"window (gh, gw) must be positive ints, got ({gh!r}, {gw!r})")
-    return _relative_position_index_cpu(int(gh), int(gw)).clone()
+    if device is None:
+        return _relative_position_index_cpu(int(gh), int(gw)).clone()
+    return _relative_position_index_on(int(gh), int(gw), torch.device(device)).clone()
+
+
+@lru_cache(maxsize=64)
+def _relative_position_index_on(gh: int, gw: int, device: torch.device) -> torch.Tensor:
+    """The index on `device`, built once: the eager reference and the baselines built on it
+    must not pay a host-to-device copy per call (it would stall them and flatter the kernels)."""
+    return _relative_position_index_cpu(gh, gw).to(device)
 
 
 def check_attention_inputs(q, k, v, table, grid, window, bias) -> Tuple[int, int, int, int]:
@@ -262,7 +273,7 @@ def tmsa_attention(
         q, k, v = (_window_partition(t, Gh, Gw, gh, gw) for t in (q, k, v))  # [B, H, nW, n, D]
     s = torch.matmul(q, k.transpose(-1, -2)) * scale                         # [..., n, n]
     if table is not None:
-        idx = relative_position_index(gh, gw).to(table.device)
+        idx = _relative_position_index_on(gh, gw, table.device)
         rel = table[idx.view(-1)].view(gh * gw, gh * gw, H).permute(2, 0, 1)  # [H, n, n]
         rel = rel[:, None] if windowed else rel                              # broadcast windows
         s = s + rel.to(s.dtype)

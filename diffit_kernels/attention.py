@@ -610,98 +610,86 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
 # (largest tiles first) for sm_80 and sm_90a and keeping the first spill-free ones; aot_specs()
 # lists exactly these, so the compile report re-checks each. Under the interpreter one config.
 _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1): list})
-    ('fwd', False, 2): (
+    ("fwd", False, 2): (
         [(128, 64, 8, 3), (128, 64, 8, 2)],
-        {
-            (128, 0): [(64, 32, 4, 3), (64, 32, 4, 2)],
-        }),
-    ('fwd-win', False, 2): (
-        [(64, 64, 4, 3), (64, 64, 4, 2)],
-        {
-            (128, 0): [(16, 16, 1, 1)],
-        }),
-    ('dkdv', False, 2): (
+        {(128, 0): [(64, 32, 4, 3), (64, 32, 4, 2)]}),
+    ("fwd-win", False, 2): (
+        [(64, 32, 4, 3)],
+        {(16, 0): [(64, 64, 4, 2)], (64, 0): [(64, 64, 4, 2)],
+         (64, 16): [(64, 64, 4, 3), (64, 64, 4, 2)], (128, 0): [(32, 16, 2, 2)]}),
+    ("dkdv", False, 2): (
         [(32, 128, 8, 2), (32, 64, 4, 3)],
-        {
-            (64, 16): [(32, 64, 4, 3), (32, 64, 4, 2)],
-            (128, 0): [(16, 64, 4, 3), (16, 64, 4, 2)],
-        }),
-    ('dq', False, 2): (
+        {(64, 16): [(32, 64, 4, 3), (32, 64, 4, 2)], (128, 0): [(16, 64, 4, 3), (16, 64, 4, 2)]}),
+    ("dkdv-win", False, 2): (
+        [(32, 64, 4, 2)],
+        {(64, 0): [(16, 64, 4, 3)], (64, 16): [(16, 64, 4, 3)], (128, 0): [(16, 32, 2, 2)]}),
+    ("dq", False, 2): (
         [(128, 32, 8, 2), (64, 32, 4, 3)],
         {}),
-    ('dbias', False, 2): (
+    ("dq-win", False, 2): (
+        [(64, 32, 4, 3)],
+        {(64, 0): [(64, 32, 4, 2)], (64, 16): [(64, 16, 4, 3)], (128, 0): [(64, 16, 4, 3)]}),
+    ("dbias", False, 2): (
         [(64, 64, 4, 2)],
-        {
-            (64, 0): [(64, 64, 4, 1)],
-            (64, 16): [(32, 32, 2, 2)],
-            (64, 32): [(32, 32, 2, 2)],
-            (128, 0): [(32, 32, 2, 1)],
-        }),
-    ('window', False, 2): (
+        {(64, 0): [(64, 64, 4, 1)], (64, 16): [(32, 32, 2, 2)], (64, 32): [(32, 32, 2, 2)],
+         (128, 0): [(32, 32, 2, 1)]}),
+    ("window", False, 2): (
         [(32, 32, 2, 1)],
-        {
-            (64, 32): [(16, 16, 1, 1)],
-            (128, 0): [],
-        }),
-    ('fwd', True, 2): (
+        {(64, 0): [(16, 16, 1, 1)], (128, 0): [(16, 16, 1, 1)]}),
+    ("fwd", True, 2): (
         [(64, 32, 4, 3), (64, 32, 4, 2)],
         {}),
-    ('dkdv', True, 2): (
+    ("dkdv", True, 2): (
         [(16, 64, 4, 3), (16, 64, 4, 2)],
-        {
-            (128, 0): [(32, 64, 4, 3), (32, 64, 4, 2)],
-        }),
-    ('dq', True, 2): (
+        {(128, 0): [(32, 64, 4, 3), (32, 64, 4, 2)]}),
+    ("dq", True, 2): (
         [(64, 16, 4, 3), (32, 16, 2, 2)],
         {}),
-    ('dbias', True, 2): (
+    ("dbias", True, 2): (
         [(32, 32, 2, 2)],
-        {
-            (128, 0): [(32, 32, 2, 1)],
-        }),
-    ('window', True, 2): (
+        {(128, 0): [(32, 32, 2, 1)]}),
+    ("window", True, 2): (
         [(16, 16, 1, 1)],
         {}),
-    ('fwd', False, 4): (
-        [(32, 32, 8, 1), (16, 32, 4, 1)],
-        {
-            (128, 0): [(16, 32, 4, 1), (16, 16, 2, 1)],
-        }),
-    ('fwd-win', False, 4): (
-        [(32, 32, 4, 1), (32, 32, 8, 1)],
+    # fp32 is exact (ieee): FMA dots hold whole head-dim slices per thread, so small tiles
+    ("fwd", False, 4): (
+        [(32, 32, 8, 1)],
         {}),
-    ('dkdv', False, 4): (
-        [(16, 32, 4, 1), (16, 16, 2, 1)],
-        {
-            (128, 0): [(16, 16, 2, 1)],
-        }),
-    ('dq', False, 4): (
+    ("fwd-win", False, 4): (
+        [(32, 32, 8, 1)],
+        {}),
+    ("dkdv", False, 4): (
         [(16, 16, 2, 1)],
-        {
-            (128, 0): [(32, 16, 4, 1)],
-        }),
-    ('dbias', False, 4): (
+        {(32, 0): [(16, 32, 4, 1)], (32, 16): [(32, 32, 8, 1)], (64, 16): [(16, 32, 4, 1)]}),
+    ("dkdv-win", False, 4): (
+        [(16, 16, 2, 1)],
+        {(32, 0): [(16, 32, 4, 1)], (32, 16): [(32, 32, 8, 1)]}),
+    ("dq", False, 4): (
+        [(16, 16, 2, 1)],
+        {(32, 16): [(16, 16, 1, 1)], (128, 0): [(32, 16, 4, 1)]}),
+    ("dq-win", False, 4): (
+        [(16, 16, 2, 1)],
+        {(32, 16): [(16, 16, 1, 1)], (128, 0): [(32, 16, 4, 1)]}),
+    ("dbias", False, 4): (
+        [(16, 16, 2, 1)],
+        {}),
+    ("window", False, 4): (
+        [],
+        {}),
+    ("fwd", True, 4): (
         [(32, 32, 4, 1)],
+        {(32, 16): [(32, 32, 8, 1)], (64, 0): [(32, 32, 8, 1)], (128, 0): [(16, 16, 2, 1)]}),
+    ("dkdv", True, 4): (
+        [(16, 16, 2, 1)],
         {}),
-    ('window', False, 4): (
-        [(32, 32, 8, 1)],
-        {
-            (128, 0): [],
-        }),
-    ('fwd', True, 4): (
-        [(32, 32, 4, 1), (32, 32, 8, 1)],
-        {}),
-    ('dkdv', True, 4): (
-        [(32, 32, 8, 1), (16, 32, 4, 1)],
-        {}),
-    ('dq', True, 4): (
-        [(32, 32, 4, 1), (32, 32, 8, 1)],
-        {}),
-    ('dbias', True, 4): (
+    ("dq", True, 4): (
         [(32, 32, 4, 1)],
+        {(16, 0): [(32, 32, 8, 1)], (128, 0): [(32, 32, 8, 1)]}),
+    ("dbias", True, 4): (
+        [(16, 16, 2, 1)],
         {}),
-    ('window', True, 4): (
-        [(32, 32, 8, 1)],
+    ("window", True, 4): (
+        [],
         {}),
 }
 _INTERP = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1),
@@ -710,8 +698,8 @@ _INTERP = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1),
 
 def _configs(kind: str, D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> List[tuple]:
     """The pruned autotune list of one kernel for one (dense bias, dtype size, head dim).
-    kind "fwd-win": the forward over windows of <= 64 tokens (smaller query tiles waste less
-    of each tile on other windows' keys)."""
+    kinds "fwd-win", "dkdv-win", "dq-win": the windowed variants (their index arithmetic
+    needs registers of its own; small query tiles also waste less on other windows' keys)."""
     if interpreting():
         return [_INTERP[kind.split("-")[0]]]
     default, per_shape = _CONFIG_TABLE[(kind, has_bias, elt)]
@@ -800,7 +788,7 @@ def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
             *_strides3(q), *_strides3(k), *_strides3(v), *_bias_strides(bias),
             H, N, D, geom.R, *geom.args(), geom.rel_off, float(scale) * LOG2E,
             next_power_of_2(N), next_power_of_2(geom.n_win))
-    kind = "fwd-win" if geom.windowed and geom.n_win <= 64 else "fwd"
+    kind = "fwd-win" if geom.windowed else "fwd"
     configs = _configs(kind, kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size(), bias is not None)
     _launch(_tmsa_attention_fwd_kernel, "fwd", configs,
             lambda bm, bn: (cdiv(N, bm), B * H), args, kw)
@@ -931,11 +919,12 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
             o, do, delta, *_strides3(do), H, N, D, BLOCK_M=64, D0=kw["D0"], D1=kw["D1"],
             HAS_D1=kw["HAS_D1"], num_warps=4)
         buckets = (next_power_of_2(N), next_power_of_2(geom.n_win))
-        _launch(_tmsa_attention_bwd_kernel_dkdv, "dkdv", _configs("dkdv", *shape),
+        win = "-win" if geom.windowed else ""
+        _launch(_tmsa_attention_bwd_kernel_dkdv, "dkdv", _configs("dkdv" + win, *shape),
                 lambda bm, bn: (cdiv(N, bn), B * H),
                 (q, k, v, do, tab, bias_arg, lse, delta, dk, dv, *strides, *geo, float(scale),
                  *buckets), kw)
-        _launch(_tmsa_attention_bwd_kernel_dq, "dq", _configs("dq", *shape),
+        _launch(_tmsa_attention_bwd_kernel_dq, "dq", _configs("dq" + win, *shape),
                 lambda bm, bn: (cdiv(N, bm), B * H),
                 (q, k, v, do, tab, bias_arg, lse, delta, dq, dbias if dbias is not None else q,
                  *strides, *geo, float(scale), *buckets), dict(kw, STORE_DS=store_ds))
@@ -1114,6 +1103,7 @@ _AOT_FLAGS = {  # label -> (HAS_TABLE, HAS_BIAS, WINDOWED, STORE_DS)
     "plain": (False, False, False, False),
 }
 _KERNELS = {"fwd": "_tmsa_attention_fwd_kernel", "fwd-win": "_tmsa_attention_fwd_kernel",
+            "dkdv-win": "_tmsa_attention_bwd_kernel_dkdv", "dq-win": "_tmsa_attention_bwd_kernel_dq",
             "dkdv": "_tmsa_attention_bwd_kernel_dkdv",
             "dq": "_tmsa_attention_bwd_kernel_dq", "dbias": "_tmsa_attention_bwd_kernel_dbias",
             "window": "_tmsa_attention_bwd_kernel_window"}
@@ -1127,11 +1117,12 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple):
     bm, bn, w, s = cfg
     c = dict(HAS_TABLE=table, HAS_BIAS=bias, WINDOWED=windowed, D0=D0, D1=D1, HAS_D1=HAS_D1,
              UPCAST=False, PRECISION="ieee")
-    if kind == "window":
+    base = kind.split("-")[0]
+    if base == "window":
         c.update(ACC_DS=table or bias, STORE_DS=store, BLOCK=bm)
     else:
         c.update(BLOCK_M=bm, BLOCK_N=bn)
-    if kind == "dq":
+    if base == "dq":
         c.update(STORE_DS=store)
     if bias:
         c["stride_bias_n"] = 1  # the launcher makes the bias unit-stride: Triton specialises 1
@@ -1158,8 +1149,8 @@ def aot_specs():
     specs = []
     for (kind, has_bias, elt), (default, per_shape) in _CONFIG_TABLE.items():
         dt = "bf16" if elt == 2 else "fp32"
-        flags = "bias" if has_bias else ("table-win" if kind in ("window", "fwd-win")
-                                         else "table")
+        flags = "bias" if has_bias else ("table-win" if kind in ("window", "fwd-win", "dkdv-win",
+                                                                 "dq-win") else "table")
         for shape, D in _SHAPE_D.items():
             cfgs = per_shape.get(shape, default)
             if D == 72 or (D == 128 and shape in per_shape):
@@ -1177,8 +1168,9 @@ def aot_specs():
             if kind == "window" and cfgs[0][0] > 16:
                 specs.append(_kernel_spec(kind, dt, D, flags,
                                           (16, 16) + _fused_launch(16, cfgs[0], elt)))
-            if not has_bias and kind in ("fwd", "dkdv", "dq"):
+            if not has_bias and kind in ("fwd", "dkdv", "dq", "dbias"):
                 specs.append(_kernel_spec(kind, dt, D, "plain", cfgs[0]))
+            if not has_bias and kind == "dbias":
                 specs.append(_kernel_spec(kind, dt, D, "table-win", cfgs[0]))
             if not has_bias and kind == "window":
                 specs.append(_kernel_spec(kind, dt, D, "table", cfgs[0]))

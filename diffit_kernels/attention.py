@@ -19,9 +19,10 @@ the worst case over d = 16, 24, ..., 128 is 25% (d = 24 -> 32). Every dot over d
 Deterministic dtable (no atomics): ds must be summed along relative offsets, which no tile
 order can do elementwise, so it is accumulated where the element -> offset map is the same on
 every iteration of a program and reduced once at the end:
-  * spans of <= 32 tokens (4x4 image-space windows, tiny grids): one fused kernel does the
-    whole backward of a window group (dq, dk, dv: 5 dots, no recompute) and sums ds over all
-    the (batch, window) units it owns in a [32, 32] fp32 register tile (64-token tiles spill);
+  * spans of <= 32 tokens (4x4 image-space windows, tiny grids; 16 at d = 64 and 128, none
+    for fp32): one fused kernel does the whole backward of a window group (dq, dk, dv: 5 dots,
+    no recompute) and sums ds over all the (batch, window) units it owns in a [32, 32] fp32
+    register tile (64-token tiles spill on sm_80);
   * larger spans: FlashAttention-2 dK/dV and dQ kernels, plus a kernel that recomputes p and
     dp (2 dots) for the tile pairs of one "slot" (a tile pair, or a whole tile diagonal when
     gw divides the tile, so every pair on it shares offsets) over windows and batch, summing

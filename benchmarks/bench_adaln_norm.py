@@ -9,12 +9,11 @@ writes dx (+ dresidual). The [B, C] modulation vectors are negligible and not co
 """
 from __future__ import annotations
 
-import argparse
 from typing import List, Optional
 
 import torch
 
-from benchmarks.common import (bench, cuda_or_explain, environment, plot, results_dir,
+from benchmarks.common import (bench, bench_main, cuda_or_explain, environment, plot, results_dir,
                                write_csv)
 
 VARIANTS = {  # name -> (residual, gate, shift+scale, silu)
@@ -127,14 +126,7 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="only the 65536-row shape")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--out", default=None, help="output folder (default results/<gpu>/)")
-    a = p.parse_args(argv)
-    run(a.quick, a.dtype, a.out)
-    return 0
+    return bench_main(run, __doc__, "only the 65536-row shape", DTYPES, argv)
 
 
 if __name__ == "__main__":

@@ -26,17 +26,17 @@ allocated before the call).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import gc
 import itertools
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench, cuda_or_explain, environment, results_dir, write_csv
+from benchmarks.common import (bench, bench_main, cuda_or_explain, environment, results_dir,
+                               write_csv)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PASSES = ("fwd", "fwd+bwd+adamw", "guided sampling")
@@ -387,16 +387,9 @@ def bar_plot(path, rows: List[dict], title: str) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="fewer providers at 512 px / U-Net, shorter sampling, regional compile")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--out", default=None, help="output folder (default results/<gpu>/)")
-    a = p.parse_args(argv)
-    run(a.quick, a.dtype, a.out)
-    return 0
+def main(argv=None) -> int:
+    return bench_main(run, __doc__, "fewer providers at 512 px / U-Net, shorter sampling, "
+                      "regional compile", DTYPES, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ a tiny size against the reference provider only (the harness test).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (bench, cuda_or_explain, environment, peak_memory_mb,  # noqa: E402
+from benchmarks.common import (bench, bench_main, cuda_or_explain, environment, peak_memory_mb,  # noqa: E402
                                plot, results_dir, write_csv)
 from diffit_kernels import reference, time_qkv  # noqa: E402
 
@@ -162,14 +161,7 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="only the B256 x 256-token shape")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--out", default=None, help="output folder (default results/<gpu>/)")
-    a = p.parse_args(argv)
-    run(a.quick, a.dtype, a.out)
-    return 0
+    return bench_main(run, __doc__, "only the B256 x 256-token shape", DTYPES, argv)
 
 
 if __name__ == "__main__":

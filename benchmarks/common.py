@@ -137,3 +137,17 @@ def plot(path: Path, rows: List[dict], x: str, y: str, line: str, title: str,
     plt.close(fig)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+def bench_main(run: Callable, doc: str, quick_help: str, dtypes, argv=None) -> int:
+    """The command line every benchmark module shares: --quick, --dtype, --out, then run()."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--dtype", default="bf16", choices=sorted(dtypes))
+    p.add_argument("--out", default=None, help="output folder (default results/<gpu>/)")
+    a = p.parse_args(argv)
+    run(a.quick, a.dtype, a.out)
+    return 0

@@ -11,12 +11,12 @@ datasheet: a kernel that reaches 90% of what `copy_` reaches on this card is nea
 """
 from __future__ import annotations
 
-import argparse
 from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.common import bench, cuda_or_explain, environment, plot, results_dir, write_csv
+from benchmarks.common import (bench, bench_main, cuda_or_explain, environment, plot,
+                               results_dir, write_csv)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MIB = 2 ** 20
@@ -110,14 +110,7 @@ def measured_peaks(rows: List[dict]) -> Dict[str, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one size of each kind")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--out", default=None, help="output folder (default results/<gpu>/)")
-    a = p.parse_args(argv)
-    run(a.quick, a.dtype, a.out)
-    return 0
+    return bench_main(run, __doc__, "one size of each kind", DTYPES, argv)
 
 
 if __name__ == "__main__":

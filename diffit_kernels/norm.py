@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import reference
-from ._common import (cdiv, check_kernel_dtype, check_tensor, empty, next_power_of_2,
+from ._common import (cdiv, check_kernel_dtype, empty, next_power_of_2,
                       resolve_backend, row_warps, unit_last_stride)
 
 MAX_C = 8192
@@ -413,20 +413,8 @@ def adaln_norm(
         Gradients flow to x, shift, scale, residual and gate (statistics in float32; the
         per-sample sums of the backward are deterministic).
     """
-    # validation is the spec's: same errors on either backend
-    check_tensor("x", x, ndim=3)
+    reference.check_adaln_inputs(x, shift, scale, residual, gate, eps, activation)  # the spec's
     B, N, C = x.shape
-    for name, t in (("shift", shift), ("scale", scale), ("gate", gate)):
-        if t is not None:
-            check_tensor(name, t, shape=(B, C), dtype=x.dtype, device=x.device)
-    if residual is not None:
-        check_tensor("residual", residual, shape=(B, N, C), dtype=x.dtype, device=x.device)
-    if gate is not None and residual is None:
-        raise ValueError("gate scales the branch added to the residual stream: pass residual= too")
-    if activation not in (None, "silu"):
-        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     if resolve_backend(backend, x, shift, scale, residual, gate) == "torch":
         return reference.adaln_norm(x, shift, scale, residual=residual, gate=gate, eps=eps,
                                     activation=activation)

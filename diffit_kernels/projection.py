@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import reference
-from ._common import (cdiv, check_kernel_dtype, check_tensor, describe, dot_upcast, empty,
+from ._common import (cdiv, check_kernel_dtype, dot_upcast, empty,
                       interpreting, next_power_of_2, resolve_backend, row_warps,
                       unit_last_stride)
 
@@ -665,41 +665,6 @@ class _TimeQKV(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-def _check_inputs(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps):
-    """The spec's validation, with messages naming the argument, its shape/dtype/device."""
-    check_tensor("x", x, ndim=3)
-    B, N, C = x.shape
-    check_tensor("weight", weight, ndim=2, dtype=x.dtype, device=x.device)
-    if weight.shape[1] != C or weight.shape[0] % 3 or weight.shape[0] == 0:
-        raise ValueError(f"weight must have shape [3*C', C={C}] (rows q | k | v), "
-                         f"got {describe(weight)}")
-    C3 = weight.shape[0]
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    if (C3 // 3) % num_heads:
-        raise ValueError(f"num_heads={num_heads} must divide C'={C3 // 3} "
-                         f"(weight {describe(weight)})")
-    if bias is not None:
-        check_tensor("bias", bias, shape=(C3,), dtype=x.dtype, device=x.device)
-    if temb is None:
-        if temb_weight is not None or temb_bias is not None:
-            raise ValueError("temb_weight / temb_bias given without temb: pass temb [B, Ct], "
-                             "or None for all three (no time term)")
-    else:
-        check_tensor("temb", temb, ndim=2, dtype=x.dtype, device=x.device)
-        if temb.shape[0] != B:
-            raise ValueError(f"temb must have shape [B={B}, Ct], got {describe(temb)}")
-        if temb_weight is None:
-            raise ValueError(f"temb needs temb_weight [3C'={C3}, Ct={temb.shape[1]}]")
-        check_tensor("temb_weight", temb_weight, shape=(C3, temb.shape[1]), dtype=x.dtype,
-                     device=x.device)
-        if temb_bias is not None:
-            check_tensor("temb_bias", temb_bias, shape=(C3,), dtype=x.dtype, device=x.device)
-    if norm_eps is not None and (isinstance(norm_eps, bool)
-                                 or not isinstance(norm_eps, (int, float)) or not norm_eps >= 0):
-        raise ValueError(f"norm_eps must be None or a non-negative float, got {norm_eps!r}")
-
-
 def time_qkv(
     x: torch.Tensor,
     temb: Optional[torch.Tensor],
@@ -735,7 +700,8 @@ def time_qkv(
         are outputs of one autograd node). The LayerNorm fold caches sum_c W[j, c] per weight
         version: after editing a weight in place through `.data`, call clear_weight_cache().
     """
-    _check_inputs(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps)
+    reference.check_time_qkv_inputs(x, temb, weight, bias, temb_weight, temb_bias, num_heads,
+                                    norm_eps)
     tensors = (x, temb, weight, bias, temb_weight, temb_bias)
     if resolve_backend(backend, *tensors) == "torch":
         return reference.time_qkv(*tensors, num_heads, norm_eps=norm_eps)

@@ -31,6 +31,23 @@ def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+def check_adaln_inputs(x, shift, scale, residual, gate, eps, activation) -> None:
+    """Validate adaln_norm's inputs (shared by the reference and the kernel launcher)."""
+    check_tensor("x", x, ndim=3)
+    B, N, C = x.shape
+    for name, t in (("shift", shift), ("scale", scale), ("gate", gate)):
+        if t is not None:
+            check_tensor(name, t, shape=(B, C), dtype=x.dtype, device=x.device)
+    if residual is not None:
+        check_tensor("residual", residual, shape=(B, N, C), dtype=x.dtype, device=x.device)
+    if gate is not None and residual is None:
+        raise ValueError("gate scales the branch added to the residual stream: pass residual= too")
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
 def adaln_norm(
     x: torch.Tensor,
     shift: Optional[torch.Tensor] = None,
@@ -54,17 +71,7 @@ def adaln_norm(
     Returns:
         y [B, N, C], or (y, h) when `residual` is given (h is the new residual stream).
     """
-    check_tensor("x", x, ndim=3)
-    B, N, C = x.shape
-    for name, t in (("shift", shift), ("scale", scale), ("gate", gate)):
-        if t is not None:
-            check_tensor(name, t, shape=(B, C), dtype=x.dtype, device=x.device)
-    if residual is not None:
-        check_tensor("residual", residual, shape=(B, N, C), dtype=x.dtype, device=x.device)
-    if gate is not None and residual is None:
-        raise ValueError("gate scales the branch added to the residual stream: pass residual= too")
-    if activation not in (None, "silu"):
-        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    check_adaln_inputs(x, shift, scale, residual, gate, eps, activation)
     dtype = x.dtype
     x, residual, shift, scale, gate = (_up(t, upcast) for t in (x, residual, shift, scale, gate))
 
@@ -83,6 +90,42 @@ def adaln_norm(
 
 
 # --------------------------------------------------------------------------------------------
+def check_time_qkv_inputs(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps):
+    """Validate time_qkv's inputs (shared by the reference and the kernel launcher); messages
+    name the argument, its shape / dtype / device and what was expected."""
+    check_tensor("x", x, ndim=3)
+    B, N, C = x.shape
+    check_tensor("weight", weight, ndim=2, dtype=x.dtype, device=x.device)
+    if weight.shape[1] != C or weight.shape[0] % 3 or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape [3*C', C={C}] (rows q | k | v), "
+                         f"got {describe(weight)}")
+    C3 = weight.shape[0]
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if (C3 // 3) % num_heads:
+        raise ValueError(f"num_heads={num_heads} must divide C'={C3 // 3} "
+                         f"(weight {describe(weight)})")
+    if bias is not None:
+        check_tensor("bias", bias, shape=(C3,), dtype=x.dtype, device=x.device)
+    if temb is None:
+        if temb_weight is not None or temb_bias is not None:
+            raise ValueError("temb_weight / temb_bias given without temb: pass temb [B, Ct], "
+                             "or None for all three (no time term)")
+    else:
+        check_tensor("temb", temb, ndim=2, dtype=x.dtype, device=x.device)
+        if temb.shape[0] != B:
+            raise ValueError(f"temb must have shape [B={B}, Ct], got {describe(temb)}")
+        if temb_weight is None:
+            raise ValueError(f"temb needs temb_weight [3C'={C3}, Ct={temb.shape[1]}]")
+        check_tensor("temb_weight", temb_weight, shape=(C3, temb.shape[1]), dtype=x.dtype,
+                     device=x.device)
+        if temb_bias is not None:
+            check_tensor("temb_bias", temb_bias, shape=(C3,), dtype=x.dtype, device=x.device)
+    if norm_eps is not None and (isinstance(norm_eps, bool)
+                                 or not isinstance(norm_eps, (int, float)) or not norm_eps >= 0):
+        raise ValueError(f"norm_eps must be None or a non-negative float, got {norm_eps!r}")
+
+
 def time_qkv(
     x: torch.Tensor,
     temb: Optional[torch.Tensor],
@@ -108,29 +151,9 @@ def time_qkv(
     Returns:
         q, k, v [B, H, N, C'/H], views of one buffer.
     """
-    check_tensor("x", x, ndim=3)
+    check_time_qkv_inputs(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps)
     B, N, C = x.shape
-    check_tensor("weight", weight, ndim=2, dtype=x.dtype, device=x.device)
-    if weight.shape[1] != C or weight.shape[0] % 3:
-        raise ValueError(f"weight must have shape [3*C', C={C}], got {describe(weight)}")
     C3 = weight.shape[0]
-    if not isinstance(num_heads, int) or num_heads <= 0 or (C3 // 3) % num_heads:
-        raise ValueError(f"num_heads={num_heads!r} must be a positive int dividing C'={C3 // 3}")
-    if bias is not None:
-        check_tensor("bias", bias, shape=(C3,), dtype=x.dtype, device=x.device)
-    if temb is None:
-        if temb_weight is not None or temb_bias is not None:
-            raise ValueError("temb_weight / temb_bias given without temb")
-    else:
-        check_tensor("temb", temb, ndim=2, dtype=x.dtype, device=x.device)
-        if temb.shape[0] != B:
-            raise ValueError(f"temb must have shape [B={B}, Ct], got {describe(temb)}")
-        if temb_weight is None:
-            raise ValueError("temb needs temb_weight [3C', Ct]")
-        check_tensor("temb_weight", temb_weight, shape=(C3, temb.shape[1]), dtype=x.dtype,
-                     device=x.device)
-        if temb_bias is not None:
-            check_tensor("temb_bias", temb_bias, shape=(C3,), dtype=x.dtype, device=x.device)
     dtype = x.dtype
     x, temb, weight, bias, temb_weight, temb_bias = (
         _up(t, upcast) for t in (x, temb, weight, bias, temb_weight, temb_bias))

@@ -17,7 +17,6 @@ tiny sizes against the reference provider only (the harness test).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Callable, Dict, List, Optional
@@ -26,8 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (bench, cuda_or_explain, environment, peak_memory_mb,  # noqa: E402
-                               plot, results_dir, write_csv)
+from benchmarks.common import (bench, bench_main, cuda_or_explain, environment,  # noqa: E402
+                               peak_memory_mb, plot, results_dir, write_csv)
 from diffit_kernels import reference  # noqa: E402
 from diffit_kernels import tmsa_attention  # noqa: E402
 
@@ -215,14 +214,8 @@ def run(quick: bool = False, dtype=torch.bfloat16, out_dir: Optional[str] = None
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="two shapes only")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--out", default=None, help="output folder (default results/<gpu>/)")
-    a = p.parse_args(argv)
-    run(quick=a.quick, dtype=DTYPES[a.dtype], out_dir=a.out)
-    return 0
+    return bench_main(run, __doc__, "two shapes only (latent 256 px at B64, 4x4 windows)",
+                      DTYPES, argv)
 
 
 if __name__ == "__main__":

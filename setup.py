@@ -14,6 +14,7 @@ setup(
         "dev": [
             "pytest",
             "pytest-benchmark",
+            "pytest-xdist",
             "matplotlib",
             "packaging",
             "safetensors",

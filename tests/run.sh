@@ -13,7 +13,10 @@ run() {
     if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then status=1; fi
 }
 export TRITON_DEFAULT_FP_FUSION=1
+# the interpreter and the compiler are CPU-bound: spread them over the cores (pytest-xdist)
+par=()
+if python -c "import xdist" 2>/dev/null; then par=(-n "$(python -c 'import os; print(min(4, os.cpu_count() or 1))')"); fi
 run "plain CPU tests" env -u TRITON_INTERPRET python -m pytest -q -m "not interpreter and not aot" "$@"
-run "interpreter tests" env TRITON_INTERPRET=1 python -m pytest -q -m "interpreter" "$@"
-run "aot compile tests" env -u TRITON_INTERPRET python -m pytest -q -m "aot" "$@"
+run "interpreter tests" env TRITON_INTERPRET=1 python -m pytest -q "${par[@]}" -m "interpreter" "$@"
+run "aot compile tests" env -u TRITON_INTERPRET python -m pytest -q "${par[@]}" -m "aot" "$@"
 exit $status

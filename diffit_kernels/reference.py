@@ -213,7 +213,7 @@ def check_attention_inputs(q, k, v, table, grid, window, bias) -> Tuple[int, int
         raise ValueError(f"q must have non-empty [B, H, N, D], got {describe(q)}")
     if table is not None and bias is not None:
         raise ValueError("table and bias are exclusive: pass the learnable table or a dense bias")
-    if bias is not None:  # checked before the grid-less early return below
+    if bias is not None:  # before the grid-less early return below
         check_tensor("bias", bias, device=q.device)
         if tuple(bias.shape) not in ((H, N, N), (B, H, N, N)):
             raise ValueError(f"bias must have shape [H={H}, N={N}, N] or [B={B}, H, N, N], "
@@ -240,11 +240,6 @@ def check_attention_inputs(q, k, v, table, grid, window, bias) -> Tuple[int, int
     if table is not None:
         rows = (2 * gh - 1) * (2 * gw - 1)
         check_tensor("table", table, shape=(rows, H), device=q.device)
-    if bias is not None:
-        check_tensor("bias", bias, device=q.device)
-        if tuple(bias.shape) not in ((H, N, N), (B, H, N, N)):
-            raise ValueError(f"bias must have shape [H={H}, N={N}, N] or [B={B}, H, N, N], "
-                             f"got {describe(bias)}")
     return gh, gw, Gh, Gw
 
 

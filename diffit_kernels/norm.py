@@ -244,7 +244,7 @@ def _bwd_rows_per_program(B: int, N: int, device: torch.device) -> int:
         return max(1, cdiv(N, 2))  # interpreter: two programs per sample exercise the reduction
     target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     per_sample = max(1, min(N, target // max(B, 1)))
-    return cdiv(N, per_sample)
+    return max(1, cdiv(N, per_sample))  # N == 0 (empty rows): the launcher divides by it
 
 
 def _bwd_warps(block: int) -> int:

@@ -6,7 +6,7 @@ machine, and `TRITON_INTERPRET` is read when a call is made, not when the module
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -112,12 +112,6 @@ def check_kernel_dtype(name: str, t: torch.Tensor) -> None:
                         f"{describe(t)} (use backend='torch' for it)")
 
 
-def check_same(name_ref: str, ref: torch.Tensor, named: Iterable[tuple]) -> None:
-    """Every (name, tensor) in `named` (None skipped) shares `ref`'s dtype and device."""
-    for name, t in named:
-        if t is None:
-            continue
-        check_tensor(name, t, dtype=ref.dtype, device=ref.device)
 
 
 def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -134,10 +128,6 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def tl_dtype(dtype: torch.dtype):
-    import triton.language as tl
-
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
 def dot_upcast(dtype: torch.dtype) -> bool:

@@ -534,3 +534,43 @@ def test_autocast_bf16_triton_backend():
             outs[backend, amp] = m.eval()(x, t, y).float()
     ref, pt, out = outs["torch", False], outs["torch", True], outs["triton", True]
     assert max_err(out, ref) <= rule_bound(ref, pt, torch.bfloat16, 2.0)
+
+
+# ---- on a CUDA GPU: DiffiT-XL/2's shapes through the compiled kernels -----------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("input_size", [32, 64], ids=["256px-N256", "512px-N1024"])
+def test_gpu_xl_blocks_bf16_autocast_match_eager(input_size):
+    """DiffiT-XL/2 widths (C 1152, 16 heads, d 72) at two blocks, fp32 weights under bf16
+    autocast as in training: the Triton backend's output and every parameter gradient within
+    the numerics rule against the fp32 eager model, with eager bf16 autocast as the yardstick."""
+    from diffit_kernels.testing import max_err, rule_bound
+
+    torch.manual_seed(0)
+    cfg = dict(input_size=input_size, depth=2)
+    base = DiffiT(config=preset_config("DiffiT-XL/2", backend="torch", **cfg))
+    with torch.no_grad():  # the zero-initialised output layer would hide every other gradient
+        for p in base.final_layer.parameters():
+            p.normal_(0, 0.02)
+    x = torch.randn(2, 4, input_size, input_size, device="cuda")
+    t, y = torch.tensor([17, 640], device="cuda"), torch.tensor([3, 1000], device="cuda")
+    dy = torch.randn(2, 8, input_size, input_size, device="cuda")
+
+    def run(backend, amp):
+        m = DiffiT(config=preset_config("DiffiT-XL/2", backend=backend, **cfg)).cuda()
+        m.load_state_dict(base.state_dict())
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            o = m(x, t, y)
+        o.float().backward(dy)
+        return o.detach().float(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    out, g_out = run("triton", True)
+    ref, g_ref = run("torch", False)
+    pt, g_pt = run("torch", True)
+    assert set(g_out) == set(g_ref)
+    bad = []
+    for name, o, r, p, k in [("out", out, ref, pt, 2.0)] + [
+            ("d" + n, g_out[n], g_ref[n], g_pt[n], 3.0) for n in g_ref]:
+        err, bound = max_err(o, r), rule_bound(r, p, torch.bfloat16, k)
+        if not err <= bound:
+            bad.append(f"{name}: err {err:.3e} > bound {bound:.3e}")
+    assert not bad, "\n".join(bad)

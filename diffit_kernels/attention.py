@@ -110,13 +110,6 @@ if triton is not None:
                      mask=mask[:, None] & (offs1[None, :] < D))
 
     @triton.jit
-    def _store_cols(PTR, base, rows, mask, D, xT, DC: tl.constexpr, first: tl.constexpr):
-        """Store a transposed chunk xT [DC, len(rows)]: columns first..first+DC of the rows."""
-        offs_d = first + tl.arange(0, DC)
-        ptrs = PTR + base + rows[None, :] * D + offs_d[:, None]
-        tl.store(ptrs, xT.to(PTR.dtype.element_ty), mask=mask[None, :] & (offs_d[:, None] < D))
-
-    @triton.jit
     def _mm(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         # the interpreter's bf16 dot is wrong: upcast there (values already rounded to bf16)
         if UPCAST:
@@ -548,8 +541,7 @@ if triton is not None:
 class _Geom:
     """Where each virtual token lives and how its relative-position code is formed."""
 
-    def __init__(self, N: int, geometry: Sequence[int], has_table: bool):
-        self.N = N
+    def __init__(self, N: int, geometry: Sequence[int]):
         if len(geometry) == 4:
             Gh, Gw, gh, gw = (int(g) for g in geometry)
         else:
@@ -561,7 +553,6 @@ class _Geom:
         self.nWw = Gw // gw if self.windowed else 1
         self.R = (2 * gh - 1) * (2 * gw - 1)
         self.rel_off = (gh - 1) * (2 * gw - 1) + gw - 1
-        self.has_table = has_table
 
     def args(self):
         return (self.n_win, self.gh, self.gw, self.Gw, self.nWw)
@@ -765,7 +756,7 @@ def _bias_strides(bias: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
     return tuple(bias.stride())
 
 
-def _prep_table(table: Optional[torch.Tensor], H: int, like: torch.Tensor) -> torch.Tensor:
+def _prep_table(table: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     # [R, H] any dtype -> [H, R] fp32 in log2 units: tiny, and gathered per element in-kernel
     if table is None:
         return like
@@ -781,10 +772,10 @@ def _common_kwargs(q, geom: _Geom, table, bias):
 
 def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
     B, H, N, D = q.shape
-    geom = _Geom(N, geometry, table is not None)
+    geom = _Geom(N, geometry)
     o = empty((B, H, N, D), q.dtype, q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    tab = _prep_table(table, H, q)
+    tab = _prep_table(table, q)
     kw = _common_kwargs(q, geom, table, bias)
     args = (q, k, v, tab, bias if bias is not None else q, o, lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *_bias_strides(bias),
@@ -876,11 +867,11 @@ def _gather_bins(part: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
 
 def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_extra):
     B, H, N, D = q.shape
-    geom = _Geom(N, geometry, table is not None)
+    geom = _Geom(N, geometry)
     do = _rows_aligned(do)
     dev = q.device
     dq, dk, dv = (empty((B, H, N, D), q.dtype, dev) for _ in range(3))
-    tab = _prep_table(table, H, q)
+    tab = _prep_table(table, q)
     kw = _common_kwargs(q, geom, table, bias)
     acc_table = table is not None and need_extra
     acc_dense = bias is not None and bias.dim() == 3 and need_extra   # [H, N, N]: sum over B
@@ -1083,7 +1074,8 @@ _FLOATS = ("qk_scale", "sm_scale")
 _INTS = ("H", "N", "D", "R", "P")
 
 
-def _spec(fn, dt: str, constexprs: dict, warps: int, stages: int, label: str):
+def _spec(fn, dt: str, constexprs: dict, warps: int, stages: int, label: str,
+          dot: bool = True):
     from ._aot import AotSpec
 
     sig = {}
@@ -1095,7 +1087,7 @@ def _spec(fn, dt: str, constexprs: dict, warps: int, stages: int, label: str):
         else:
             sig[name] = "fp32" if name in _FLOATS else "i32"
     # fp32 is exact (ieee): FMA, not tensor cores
-    return AotSpec(fn.__name__, fn, sig, constexprs, warps, stages, label, dt != "fp32")
+    return AotSpec(fn.__name__, fn, sig, constexprs, warps, stages, label, dot and dt != "fp32")
 
 
 _AOT_FLAGS = {  # label -> (HAS_TABLE, HAS_BIAS, WINDOWED, STORE_DS)
@@ -1104,11 +1096,10 @@ _AOT_FLAGS = {  # label -> (HAS_TABLE, HAS_BIAS, WINDOWED, STORE_DS)
     "bias": (False, True, False, True),
     "plain": (False, False, False, False),
 }
-_KERNELS = {"fwd": "_tmsa_attention_fwd_kernel", "fwd-win": "_tmsa_attention_fwd_kernel",
-            "dkdv-win": "_tmsa_attention_bwd_kernel_dkdv", "dq-win": "_tmsa_attention_bwd_kernel_dq",
-            "dkdv": "_tmsa_attention_bwd_kernel_dkdv",
-            "dq": "_tmsa_attention_bwd_kernel_dq", "dbias": "_tmsa_attention_bwd_kernel_dbias",
-            "window": "_tmsa_attention_bwd_kernel_window"}
+_KERNELS = {  # config kind, "-win" stripped -> kernel
+    "fwd": "_tmsa_attention_fwd_kernel", "dkdv": "_tmsa_attention_bwd_kernel_dkdv",
+    "dq": "_tmsa_attention_bwd_kernel_dq", "dbias": "_tmsa_attention_bwd_kernel_dbias",
+    "window": "_tmsa_attention_bwd_kernel_window"}
 _SHAPE_D = {(16, 0): 16, (32, 0): 32, (32, 16): 40, (64, 0): 64, (64, 16): 72, (64, 32): 88,
             (128, 0): 128}  # one head dim per chunk shape (every D in HEAD_DIMS maps to one)
 
@@ -1128,19 +1119,14 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple):
         c.update(STORE_DS=store)
     if bias:
         c["stride_bias_n"] = 1  # the launcher makes the bias unit-stride: Triton specialises 1
-    fn = globals()[_KERNELS[kind]]
+    fn = globals()[_KERNELS[base]]
     return _spec(fn, dt, c, w, s, f"{dt} D={D} {flags} {bm}x{bn} w{w} s{s}")
 
 
 def _delta_spec(dt: str, D: int):
-    from ._aot import AotSpec
-
     D0, D1, HAS_D1 = _head_split(D)
-    fn = _tmsa_attention_bwd_kernel_delta
-    sig = {"O": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32", "stride_do_b": "i32",
-           "stride_do_h": "i32", "stride_do_n": "i32", "H": "i32", "N": "i32", "D": "i32"}
-    return AotSpec(fn.__name__, fn, sig, dict(BLOCK_M=64, D0=D0, D1=D1, HAS_D1=HAS_D1), 4, 1,
-                   f"{dt} D={D} 64", False)
+    return _spec(_tmsa_attention_bwd_kernel_delta, dt, dict(BLOCK_M=64, D0=D0, D1=D1,
+                 HAS_D1=HAS_D1), 4, 1, f"{dt} D={D} 64", dot=False)  # row sums, no dot
 
 
 def aot_specs():

@@ -6,11 +6,11 @@ U-Net (EDM loss), on one device or under torchrun (DDP, or FSDP with --fsdp).
     torchrun --nproc_per_node=8 -m diffit train --config configs/latent_xl2.json --resume
 
 Configuration: dataclass defaults < the JSON file given with --config < flags. The preset picks
-the model family through FAMILIES (the only model-specific code here): latent presets
-("DiffiT-S/2", ..., "DiffiT-XL/2") train with the ADM / DiT Gaussian diffusion loss (eps + learned
-variance) and sample with its ancestral sampler; image-space presets ("tiny", "cifar10", "ffhq64")
-train with EDM's loss and sample with EDM's Heun sampler. The data sets the model's input size,
-channels and (with class_cond) classes.
+the model family through FAMILIES (diffit/train_families.py, the only model-specific code):
+latent presets ("DiffiT-S/2", ..., "DiffiT-XL/2") train with the ADM / DiT Gaussian diffusion
+loss (eps + learned variance) and sample with its ancestral sampler; image-space presets ("tiny",
+"cifar10", "ffhq64") train with EDM's loss and sample with EDM's Heun sampler. The data sets the
+model's input size, channels and (with class_cond) classes.
 
 Outputs under --out (rank 0 writes; every file is written atomically or appended line by line):
     config.json                     the resolved configuration
@@ -33,17 +33,21 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-FORMAT = "diffit-train-1"
-CKPT_PREFIX = "ckpt_"
+# re-exported: diffit.train is where users and tests find the training API
+from .train_families import FAMILIES, Family, family_of
+from .train_feedback import MetricsLog, plot_loss, save_grid
+from .train_state import (CKPT_PREFIX, FORMAT, CheckpointError, DistInfo, barrier,
+                          gather_objects, init_distributed, latest_checkpoint, list_checkpoints,
+                          other_checkpoints_hint, read_checkpoint, rng_state, seed_all,
+                          set_rng_state)
 
 
 # ---- configuration --------------------------------------------------------------------------
@@ -159,389 +163,6 @@ def load_config_file(path) -> Dict[str, Any]:
         raise ValueError(f"config file {path} must hold a JSON object, got {type(d).__name__}")
     d.pop("_comment", None)
     return d
-
-
-# ---- model families: the only model-specific code ---------------------------------------------
-@dataclass(frozen=True)
-class Family:
-    """How to build, train and sample one model family.
-
-    build(preset, overrides, grad_checkpointing) -> raw network
-    native(preset) -> (image_size, channels) the preset was made for
-    data_overrides(dataset, cfg) -> preset-config overrides that fit the model to the data
-    make_loss(model) -> loss(net, x, y) -> per-sample loss [B] (net: the maybe-wrapped model)
-    sample(ema_module, noise, labels, cfg) -> samples shaped like noise (data space)
-    block_types() -> module types that are FSDP units
-    """
-    name: str
-    presets: Callable[[], Sequence[str]]
-    build: Callable[..., Any]
-    native: Callable[[str], Tuple[int, int]]
-    data_overrides: Callable[[Any, TrainConfig], dict]
-    make_loss: Callable[[Any], Callable]
-    sample: Callable[..., Any]
-    block_types: Callable[[], tuple]
-
-
-def _latent_family() -> Family:
-    def presets():
-        from .latent import PRESETS
-        return list(PRESETS)
-
-    def build(preset, overrides, grad_checkpointing):
-        from .latent import DiffiT
-        return DiffiT.from_preset(preset, **overrides, grad_checkpointing=grad_checkpointing)
-
-    def native(preset):
-        from .latent import preset_config
-        c = preset_config(preset)
-        return c.input_size, c.in_channels
-
-    def data_overrides(ds, cfg):
-        classes = ds.num_classes if cfg.class_cond else 0
-        return dict(input_size=ds.image_size, in_channels=ds.channels, num_classes=classes,
-                    class_dropout_prob=cfg.class_dropout if classes else 0.0,
-                    backend=cfg.backend)
-
-    def make_loss(model):
-        from .diffusion import create_diffusion
-        diffusion = create_diffusion(None, learn_sigma=model.learn_sigma)
-
-        def loss(net, x, y):
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
-            kw = {"y": y} if y is not None else {}
-            return diffusion.training_losses(net, x, t, kw)["loss"]           # [B]
-        return loss
-
-    def sample(ema, noise, labels, cfg):
-        from .diffusion import create_diffusion
-        diffusion = create_diffusion(str(cfg.sample_steps or 250), learn_sigma=ema.learn_sigma)
-        gen = torch.Generator(noise.device).manual_seed(cfg.seed)
-        if labels is not None and cfg.guidance != 1.0:
-            null = torch.full_like(labels, ema.num_classes)
-            x = diffusion.p_sample_loop(
-                ema.forward_with_cfg, (2 * noise.shape[0], *noise.shape[1:]),
-                noise=torch.cat([noise, noise]), generator=gen,
-                model_kwargs=dict(y=torch.cat([labels, null]), cfg_scale=cfg.guidance))
-            return x[: noise.shape[0]]
-        kw = {"y": labels} if labels is not None else {}
-        return diffusion.p_sample_loop(ema, noise.shape, noise=noise, model_kwargs=kw,
-                                       generator=gen)
-
-    def block_types():
-        from .layers import AdaLNBlock, DiffiTBlock
-        return (DiffiTBlock, AdaLNBlock)
-
-    return Family("latent", presets, build, native, data_overrides, make_loss, sample,
-                  block_types)
-
-
-def _image_family() -> Family:
-    def presets():
-        from .unet import PRESETS
-        return list(PRESETS)
-
-    def build(preset, overrides, grad_checkpointing):
-        from .unet import DiffiTResBlock, DiffiTUNet
-        model = DiffiTUNet.from_preset(preset, **overrides)
-        if grad_checkpointing:
-            # the U-Net has no switch of its own: wrap each ResBlock in torch's non-reentrant
-            # activation checkpointing (state-dict keys are unchanged by the wrapper)
-            from functools import partial
-
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-                CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
-            apply_activation_checkpointing(
-                model, checkpoint_wrapper_fn=partial(checkpoint_wrapper,
-                                                     checkpoint_impl=CheckpointImpl.NO_REENTRANT),
-                check_fn=lambda m: isinstance(m, DiffiTResBlock))
-        return model
-
-    def native(preset):
-        from .unet import PRESETS
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}")
-        return PRESETS[preset].image_size, PRESETS[preset].in_channels
-
-    def data_overrides(ds, cfg):
-        classes = ds.num_classes if cfg.class_cond else 0
-        return dict(image_size=ds.image_size, in_channels=ds.channels, num_classes=classes,
-                    class_dropout_prob=cfg.class_dropout if classes else 0.0,
-                    backend=cfg.backend)
-
-    def make_loss(model):
-        from .diffusion.edm import EDMLoss, EDMPrecond
-        edm = EDMLoss()
-
-        def loss(net, x, y):
-            return edm(EDMPrecond(net), x, y)                                 # [B]
-        return loss
-
-    def sample(ema, noise, labels, cfg):
-        from .diffusion.edm import EDMPrecond, guided_denoiser, heun_sampler
-        net = EDMPrecond(ema)
-        if labels is not None and cfg.guidance != 1.0:
-            net = guided_denoiser(net, cfg.guidance, ema.config.num_classes)
-        return heun_sampler(net, noise, labels,
-                            num_steps=cfg.sample_steps or ema.config.heun_steps)
-
-    def block_types():
-        from .unet import DiffiTResBlock
-        return (DiffiTResBlock,)
-
-    return Family("image", presets, build, native, data_overrides, make_loss, sample,
-                  block_types)
-
-
-FAMILIES: Dict[str, Callable[[], Family]] = {"latent": _latent_family, "image": _image_family}
-
-
-def family_of(preset: str) -> Family:
-    for make in FAMILIES.values():
-        fam = make()
-        if preset in fam.presets():
-            return fam
-    known = {name: make().presets() for name, make in FAMILIES.items()}
-    raise ValueError(f"unknown model preset {preset!r}; presets: {known}")
-
-
-# ---- distributed ----------------------------------------------------------------------------
-@dataclass
-class DistInfo:
-    rank: int
-    world: int
-    local_rank: int
-    device: Any
-    owns_group: bool        # we initialised the process group, so we destroy it
-
-
-def init_distributed(device_arg: Optional[str]) -> DistInfo:
-    """Rank / world from torchrun's environment; NCCL on CUDA, gloo on CPU."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg:
-        device = torch.device(device_arg)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        owns = True
-    if world > 1:
-        rank, world = dist.get_rank(), dist.get_world_size()
-    return DistInfo(rank, world, local, device, owns)
-
-
-def _barrier(info: DistInfo) -> None:
-    if info.world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-
-
-def _gather_objects(obj, info: DistInfo) -> list:
-    if info.world == 1:
-        return [obj]
-    import torch.distributed as dist
-    out = [None] * info.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# ---- random state ---------------------------------------------------------------------------
-def seed_all(seed: int) -> None:
-    import numpy as np
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def rng_state(device) -> dict:
-    """Every generator a training step draws from, in a form torch.load(weights_only) reads."""
-    import numpy as np
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    st = {"torch": torch.get_rng_state(),
-          "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                    "has_gauss": has_gauss, "cached": cached},
-          "python": random.getstate()}
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def set_rng_state(st: dict, device) -> None:
-    import numpy as np
-    torch.set_rng_state(st["torch"])
-    n = st["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached"]))
-    py = st["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"], device)
-
-
-# ---- checkpoints ----------------------------------------------------------------------------
-class CheckpointError(ValueError):
-    """A training checkpoint cannot be used; nothing was loaded."""
-
-
-def list_checkpoints(ckpt_dir: Path) -> List[Path]:
-    """Complete checkpoint files, oldest first (temporary files start with '.')."""
-    if not ckpt_dir.is_dir():
-        return []
-    files = [p for p in ckpt_dir.glob(f"{CKPT_PREFIX}*.pt") if p.stem[len(CKPT_PREFIX):].isdigit()]
-    return sorted(files, key=lambda p: int(p.stem[len(CKPT_PREFIX):]))
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
-    """The file `latest` names (the newest file when a crash came between writing the first
-    checkpoint and its pointer), or None when there is no checkpoint yet."""
-    pointer = ckpt_dir / "latest"
-    if not pointer.is_file():
-        files = list_checkpoints(ckpt_dir)
-        return files[-1] if files else None
-    name = pointer.read_text(encoding="utf-8").strip()
-    path = ckpt_dir / name
-    if not name or not path.is_file():
-        others = [p.name for p in list_checkpoints(ckpt_dir)]
-        raise CheckpointError(f"{pointer} names {name!r}, which does not exist; checkpoints "
-                              f"present: {others or 'none'} (resume one with --resume PATH)")
-    return path
-
-
-def _other_checkpoints_hint(path: Path) -> str:
-    others = [str(p) for p in list_checkpoints(path.parent) if p.resolve() != path.resolve()]
-    if not others:
-        return ""
-    return f"; other checkpoints in {path.parent}: {others} (resume one with --resume PATH)"
-
-
-def read_checkpoint(path: Path) -> dict:
-    """Load a training checkpoint (CPU tensors) with checks; CheckpointError when unusable."""
-    import torch
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or corrupt?): "
-                              f"{type(e).__name__}: {e}{_other_checkpoints_hint(path)}") from e
-    need = ("format", "step", "epoch", "batch_in_epoch", "model", "ema", "optimizer", "rng",
-            "config", "model_config", "world_size", "dataset_len")
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a diffit training checkpoint "
-                              f"(format {FORMAT!r}){_other_checkpoints_hint(path)}")
-    missing = [k for k in need if k not in obj]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks entries {missing}"
-                              f"{_other_checkpoints_hint(path)}")
-    return obj
-
-
-# ---- feedback -------------------------------------------------------------------------------
-class MetricsLog:
-    """metrics.jsonl: appended one line at a time; on resume, lines past the resumed step (from
-    a run that died after its last checkpoint) are dropped."""
-
-    def __init__(self, path: Path, resume_step: Optional[int]):
-        self.path = path
-        if resume_step is None:
-            if path.exists():
-                path.unlink()
-        elif path.exists():
-            kept = [ln for ln in self.read(path) if ln["step"] <= resume_step]
-            from .checkpoint import atomic_path
-            with atomic_path(path) as tmp:
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-
-    @staticmethod
-    def read(path: Path) -> List[dict]:
-        out = []
-        if path.exists():
-            for ln in path.read_text(encoding="utf-8").splitlines():
-                if ln.strip():
-                    try:
-                        out.append(json.loads(ln))
-                    except json.JSONDecodeError:
-                        break                      # a line cut by a crash ends the record
-        return out
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def plot_loss(metrics: Path, png: Path, title: str = "") -> bool:
-    """loss.png from metrics.jsonl: each logged loss and a smoothed curve; False without
-    matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    from .checkpoint import atomic_path
-    rows = [r for r in MetricsLog.read(metrics) if math.isfinite(r.get("loss", float("nan")))]
-    if not rows:
-        return False
-    steps = [r["step"] for r in rows]
-    loss = [r["loss"] for r in rows]
-    # centred moving average over ~5% of the points: no lag, unlike an exponential average
-    h = max(1, len(loss) // 40)
-    smooth = [sum(loss[max(0, i - h): i + h + 1]) / len(loss[max(0, i - h): i + h + 1])
-              for i in range(len(loss))]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(steps, loss, color="tab:blue", alpha=0.3, lw=1, label="loss (per log interval)")
-    ax.plot(steps, smooth, color="tab:blue", lw=2, label="smoothed")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    if min(loss) > 0:
-        ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return True
-
-
-def save_grid(images, path: Path, nrow: Optional[int] = None, min_tile: int = 64) -> None:
-    """A grid PNG of images [N, C, H, W] in [-1, 1] (C = 1 or 3), tiles upscaled (nearest) to at
-    least min_tile pixels so small images stay visible; 2 px padding."""
-    import numpy as np
-    from PIL import Image
-
-    from .checkpoint import atomic_path
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    N, C, H, W = x.shape
-    f = max(1, math.ceil(min_tile / max(H, W)))
-    if f > 1:
-        x = x.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
-        H, W = H * f, W * f
-    cols = nrow or math.ceil(math.sqrt(N))
-    rows = math.ceil(N / cols)
-    pad = 2
-    grid = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, C), 0, dtype=np.uint8)
-    arr = x.permute(0, 2, 3, 1).numpy()
-    for i in range(N):
-        r, c = divmod(i, cols)
-        grid[pad + r * (H + pad): pad + r * (H + pad) + H,
-             pad + c * (W + pad): pad + c * (W + pad) + W] = arr[i]
-    img = Image.fromarray(grid[..., 0] if C == 1 else grid, mode="L" if C == 1 else "RGB")
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
 
 
 # ---- the trainer ----------------------------------------------------------------------------
@@ -683,7 +304,7 @@ class Trainer:
                 f"checkpoint {path} was written for model {ck['config'].get('model')!r} "
                 f"(this run: {self.cfg.model!r}) with a different configuration "
                 f"({'; '.join(diff) or 'same fields'}); nothing was loaded"
-                f"{_other_checkpoints_hint(path)}")
+                f"{other_checkpoints_hint(path)}")
         try:
             check_state_dict_against(self.model.state_dict(), ck["model"], str(path))
             check_state_dict_against(self.model.state_dict(), ck["ema"], f"{path} (ema)")
@@ -733,7 +354,7 @@ class Trainer:
     def save_checkpoint(self) -> Optional[Path]:
         """Every rank calls this (state gathering is collective); rank 0 writes."""
         from .checkpoint import atomic_path, save_object
-        rng = _gather_objects(rng_state(self.dist.device), self.dist)
+        rng = gather_objects(rng_state(self.dist.device), self.dist)
         model_sd, ema_sd, opt_sd = self._state_dicts()
         path = None
         if self.rank0:
@@ -749,7 +370,7 @@ class Trainer:
             for old in list_checkpoints(self.ckpt_dir)[:-self.cfg.keep_checkpoints]:
                 if old != path:
                     old.unlink(missing_ok=True)
-        _barrier(self.dist)
+        barrier(self.dist)
         return path
 
     @torch.no_grad()
@@ -914,7 +535,7 @@ class Trainer:
             last_ckpt = self.save_checkpoint()
         self.write_plot()
         samples = self.write_samples()
-        _barrier(d)
+        barrier(d)
         summary = {"step": self.step, "out": str(self.out), "checkpoint": last_ckpt,
                    "samples": samples, "loss_png": self.out / "loss.png",
                    "wall_s": time.perf_counter() - t_start}
@@ -923,7 +544,7 @@ class Trainer:
     def close(self) -> None:
         if self.dist.owns_group:
             import torch.distributed as dist
-            _barrier(self.dist)
+            barrier(self.dist)
             dist.destroy_process_group()
             self.dist.owns_group = False
 
@@ -999,3 +620,10 @@ def run(args) -> int:
         print(f"diffit train: {summary['step']} steps in {summary['wall_s']:.1f} s; outputs in "
               f"{summary['out']}")
     return 0
+
+
+__all__ = ["CKPT_PREFIX", "FAMILIES", "FORMAT", "CheckpointError", "DistInfo", "Family",
+           "MetricsLog", "TrainConfig", "Trainer", "add_parser", "config_from_args",
+           "config_from_dict", "family_of", "latest_checkpoint", "list_checkpoints",
+           "load_config_file", "plot_loss", "read_checkpoint", "rng_state", "run", "save_grid",
+           "seed_all", "set_rng_state", "train"]

@@ -1,0 +1,106 @@
+"""What `python -m diffit train` shows while it runs: metrics.jsonl, loss.png and sample grids.
+Every file is written atomically or appended line by line."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+
+class MetricsLog:
+    """metrics.jsonl: appended one line at a time; on resume, lines past the resumed step (from
+    a run that died after its last checkpoint) are dropped."""
+
+    def __init__(self, path: Path, resume_step: Optional[int]):
+        self.path = path
+        if resume_step is None:
+            if path.exists():
+                path.unlink()
+        elif path.exists():
+            kept = [ln for ln in self.read(path) if ln["step"] <= resume_step]
+            from .checkpoint import atomic_path
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+    @staticmethod
+    def read(path: Path) -> List[dict]:
+        out = []
+        if path.exists():
+            for ln in path.read_text(encoding="utf-8").splitlines():
+                if ln.strip():
+                    try:
+                        out.append(json.loads(ln))
+                    except json.JSONDecodeError:
+                        break                      # a line cut by a crash ends the record
+        return out
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_loss(metrics: Path, png: Path, title: str = "") -> bool:
+    """loss.png from metrics.jsonl: each logged loss and a smoothed curve; False without
+    matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    from .checkpoint import atomic_path
+    rows = [r for r in MetricsLog.read(metrics) if math.isfinite(r.get("loss", float("nan")))]
+    if not rows:
+        return False
+    steps = [r["step"] for r in rows]
+    loss = [r["loss"] for r in rows]
+    # centred moving average over ~5% of the points: no lag, unlike an exponential average
+    h = max(1, len(loss) // 40)
+    smooth = [sum(loss[max(0, i - h): i + h + 1]) / len(loss[max(0, i - h): i + h + 1])
+              for i in range(len(loss))]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(steps, loss, color="tab:blue", alpha=0.3, lw=1, label="loss (per log interval)")
+    ax.plot(steps, smooth, color="tab:blue", lw=2, label="smoothed")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    if min(loss) > 0:
+        ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
+
+
+def save_grid(images, path: Path, nrow: Optional[int] = None, min_tile: int = 64) -> None:
+    """A grid PNG of images [N, C, H, W] in [-1, 1] (C = 1 or 3), tiles upscaled (nearest) to at
+    least min_tile pixels so small images stay visible; 2 px padding."""
+    import numpy as np
+    from PIL import Image
+
+    from .checkpoint import atomic_path
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    N, C, H, W = x.shape
+    f = max(1, math.ceil(min_tile / max(H, W)))
+    if f > 1:
+        x = x.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
+        H, W = H * f, W * f
+    cols = nrow or math.ceil(math.sqrt(N))
+    rows = math.ceil(N / cols)
+    pad = 2
+    grid = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, C), 0, dtype=np.uint8)
+    arr = x.permute(0, 2, 3, 1).numpy()
+    for i in range(N):
+        r, c = divmod(i, cols)
+        grid[pad + r * (H + pad): pad + r * (H + pad) + H,
+             pad + c * (W + pad): pad + c * (W + pad) + W] = arr[i]
+    img = Image.fromarray(grid[..., 0] if C == 1 else grid, mode="L" if C == 1 else "RGB")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+

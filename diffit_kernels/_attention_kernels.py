@@ -1,0 +1,493 @@
+"""The @triton.jit kernels of tmsa_attention. diffit_kernels/attention.py holds the math, the
+token geometry and head-dim split these kernels assume, and the launchers that call them.
+
+Conventions shared by every kernel: tokens are walked in the virtual window-major order and
+mapped to rows of the [B, H, N, D] tensors by `_tokens`; the head dim d travels as two
+power-of-two column chunks (D0, then D1 when HAS_D1), so a [rows, d] operand is two tensors and
+a dot over d is two dots; logits are in log2 units (exp2), with the table pre-scaled by log2(e).
+"""
+from __future__ import annotations
+
+LOG2E = 1.4426950408889634
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a requirement; the torch path still works
+    triton = None
+
+
+if triton is not None:
+    _LOG2E = tl.constexpr(LOG2E)
+
+    @triton.jit
+    def _tokens(offs, n_win, gh, gw, Gw, nWw, WINDOWED: tl.constexpr, HAS_TABLE: tl.constexpr):
+        """Virtual token index -> (row in the [N] token axis, relative-position code, window)."""
+        if WINDOWED:
+            w = offs // n_win
+            t = offs - w * n_win
+            i = t // gw
+            wr = w // nWw
+            row = (wr * gh + i) * Gw + (w - wr * nWw) * gw + (t - i * gw)
+            code = t + i * (gw - 1)              # i * (2gw - 1) + j
+        else:
+            w = offs * 0
+            row = offs
+            if HAS_TABLE:
+                code = offs + (offs // gw) * (gw - 1)
+            else:
+                code = offs * 0
+        return row, code, w
+
+    @triton.jit
+    def _load_rows(PTR, base, rows, mask, stride_n, D, D0: tl.constexpr, D1: tl.constexpr,
+                   HAS_D1: tl.constexpr):
+        """[len(rows), D] rows of a strided tensor as two column chunks (D0, then D1)."""
+        offs0 = tl.arange(0, D0)
+        # the launcher guarantees strides that are multiples of 8: 16-byte vector loads
+        ptrs = PTR + tl.multiple_of(base + rows[:, None] * stride_n, [8, 1])
+        x0 = tl.load(ptrs + offs0[None, :], mask=mask[:, None] & (offs0[None, :] < D), other=0.0)
+        x1 = x0
+        if HAS_D1:
+            offs1 = D0 + tl.arange(0, D1)
+            x1 = tl.load(ptrs + offs1[None, :], mask=mask[:, None] & (offs1[None, :] < D),
+                         other=0.0)
+        return x0, x1
+
+    @triton.jit
+    def _store_rows(PTR, base, rows, mask, stride_n, D, x0, x1, D0: tl.constexpr,
+                    D1: tl.constexpr, HAS_D1: tl.constexpr):
+        offs0 = tl.arange(0, D0)
+        ptrs = PTR + tl.multiple_of(base + rows[:, None] * stride_n, [8, 1])
+        tl.store(ptrs + offs0[None, :], x0.to(PTR.dtype.element_ty),
+                 mask=mask[:, None] & (offs0[None, :] < D))
+        if HAS_D1:
+            offs1 = D0 + tl.arange(0, D1)
+            tl.store(ptrs + offs1[None, :], x1.to(PTR.dtype.element_ty),
+                     mask=mask[:, None] & (offs1[None, :] < D))
+
+    @triton.jit
+    def _mm(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        # the interpreter's bf16 dot is wrong: upcast there (values already rounded to bf16)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+    @triton.jit
+    def _mm_nt(a0, a1, b0, b1, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
+               PRECISION: tl.constexpr):
+        """a @ b^T over the split head dim: [R, D] x [C, D] -> [R, C] fp32."""
+        s = _mm(a0, tl.trans(b0), None, UPCAST, PRECISION)
+        if HAS_D1:
+            s = _mm(a1, tl.trans(b1), s, UPCAST, PRECISION)
+        return s
+
+    @triton.jit
+    def _logits(a0, a1, b0, b1, TAB_H, BIAS_BH, row_a, code_a, win_a, mask_a, row_b, code_b,
+                win_b, mask_b, stride_bias_a, stride_bias_b, rel_off, qk_scale,
+                HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_MASK: tl.constexpr,
+                KEYS_FIRST: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
+        """Logits (log2 units) of a [rows a, cols b] tile and the mask of pairs that attend.
+        KEYS_FIRST: the rows are keys (the transposed tile of the dK/dV kernel)."""
+        # [A, B]
+        s = _mm_nt(a0, a1, b0, b1, HAS_D1, UPCAST, PRECISION) * qk_scale
+        valid = mask_a[:, None] & mask_b[None, :]
+        if WIN_MASK:
+            valid = valid & (win_a[:, None] == win_b[None, :])
+        if HAS_TABLE:
+            if KEYS_FIRST:
+                idx = code_b[None, :] - code_a[:, None] + rel_off
+            else:
+                idx = code_a[:, None] - code_b[None, :] + rel_off
+            s += tl.load(TAB_H + idx, mask=valid, other=0.0)
+        if HAS_BIAS:
+            bias = tl.load(BIAS_BH + row_a[:, None] * stride_bias_a
+                           + row_b[None, :] * stride_bias_b, mask=valid, other=0.0)
+            s += bias.to(tl.float32) * _LOG2E
+        return s, valid
+
+    @triton.jit
+    def _span(start, BLOCK: tl.constexpr, N, n_win, WINDOWED: tl.constexpr):
+        """[lo, hi): the virtual tokens that the tile [start, start + BLOCK) attends to."""
+        if WINDOWED:
+            lo = (start // n_win) * n_win
+            hi = ((tl.minimum(start + BLOCK, N) - 1) // n_win + 1) * n_win
+        else:
+            lo = start * 0
+            hi = N
+        return lo, hi
+
+    @triton.jit
+    def _tmsa_attention_fwd_kernel(
+        Q,      # [B, H, N, D] strided, unit last stride
+        K,      # [B, H, N, D]
+        V,      # [B, H, N, D]
+        TAB,    # [H, R] fp32 table * log2(e) (HAS_TABLE)
+        BIAS,   # [B or 1, H, N, N] dense bias, any strides (HAS_BIAS)
+        O,      # [B, H, N, D] out, contiguous
+        LSE,    # [B, H, N] fp32 out: log2 of the softmax denominators
+        stride_q_b, stride_q_h, stride_q_n,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+        H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale,
+        N_BUCKET, SPAN_BUCKET,  # autotune keys only
+        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+        HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1).to(tl.int64)
+        b = pid_bh // H
+        h = pid_bh % H
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        row_m, code_m, win_m = _tokens(offs_m, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+        lo, hi = _span(start_m, BLOCK_M, N, n_win, WINDOWED)
+        q0, q1 = _load_rows(Q, b * stride_q_b + h * stride_q_h, row_m, mask_m, stride_q_n, D,
+                            D0, D1, HAS_D1)
+        k_bh = b * stride_k_b + h * stride_k_h
+        v_bh = b * stride_v_b + h * stride_v_h
+        TAB_H = TAB + h * R
+        BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
+        acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < hi
+            row_n, code_n, win_n = _tokens(offs_n, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+            k0, k1 = _load_rows(K, k_bh, row_n, mask_n, stride_k_n, D, D0, D1, HAS_D1)
+            v0, v1 = _load_rows(V, v_bh, row_n, mask_n, stride_v_n, D, D0, D1, HAS_D1)
+            # [BLOCK_M, BLOCK_N]
+            s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
+                               row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
+                               rel_off, qk_scale, HAS_TABLE, HAS_BIAS, WINDOWED, False, HAS_D1,
+                               UPCAST, PRECISION)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with nothing to attend to yet (tile of another window) keeps p = 0
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            pv = p.to(Q.dtype.element_ty)
+            acc0 = _mm(pv, v0, acc0 * alpha[:, None], UPCAST, PRECISION)
+            if HAS_D1:
+                acc1 = _mm(pv, v1, acc1 * alpha[:, None], UPCAST, PRECISION)
+            m_i = m_new
+        # rows past N attend to nothing (l = 0); NaN stays NaN
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
+        inv = 1.0 / l_i
+        _store_rows(O, pid_bh * N * D, row_m, mask_m, D, D, acc0 * inv[:, None],
+                    acc1 * inv[:, None], D0, D1, HAS_D1)
+        tl.store(LSE + pid_bh * N + row_m, m_i + tl.math.log2(l_i), mask=mask_m)
+
+    @triton.jit
+    def _tmsa_attention_bwd_kernel_delta(
+        O,      # [B, H, N, D] contiguous forward output
+        DO,     # [B, H, N, D] strided, unit last stride
+        DELTA,  # [B, H, N] fp32 out: rowsum(do * o)
+        stride_do_b, stride_do_h, stride_do_n,
+        H, N, D,
+        BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    ):
+        D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
+        pid_bh = tl.program_id(1).to(tl.int64)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        o0, o1 = _load_rows(O, pid_bh * N * D, offs_m, mask_m, D, D, D0, D1, HAS_D1)
+        do0, do1 = _load_rows(DO, (pid_bh // H) * stride_do_b + (pid_bh % H) * stride_do_h,
+                              offs_m, mask_m, stride_do_n, D, D0, D1, HAS_D1)
+        delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+        if HAS_D1:
+            delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+        tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
+
+    @triton.jit
+    def _tmsa_attention_bwd_kernel_dkdv(
+        Q, K, V,  # [B, H, N, D] strided
+        DO,       # [B, H, N, D] strided grad of o
+        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE)
+        BIAS,     # [B or 1, H, N, N] dense bias (HAS_BIAS)
+        LSE,      # [B, H, N] fp32
+        DELTA,    # [B, H, N] fp32
+        DK, DV,   # [B, H, N, D] out, contiguous
+        stride_q_b, stride_q_h, stride_q_n,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_do_b, stride_do_h, stride_do_n,
+        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+        H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
+        N_BUCKET, SPAN_BUCKET,
+        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+        HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
+        pid_bh = tl.program_id(1).to(tl.int64)
+        b = pid_bh // H
+        h = pid_bh % H
+        start_n = tl.program_id(0) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        row_n, code_n, win_n = _tokens(offs_n, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+        lo, hi = _span(start_n, BLOCK_N, N, n_win, WINDOWED)
+        k0, k1 = _load_rows(K, b * stride_k_b + h * stride_k_h, row_n, mask_n, stride_k_n, D,
+                            D0, D1, HAS_D1)
+        v0, v1 = _load_rows(V, b * stride_v_b + h * stride_v_h, row_n, mask_n, stride_v_n, D,
+                            D0, D1, HAS_D1)
+        q_bh = b * stride_q_b + h * stride_q_h
+        do_bh = b * stride_do_b + h * stride_do_h
+        TAB_H = TAB + h * R
+        BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
+        dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
+        dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
+        dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
+        dv1 = tl.zeros([BLOCK_N, D1], tl.float32)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < hi
+            row_m, code_m, win_m = _tokens(offs_m, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+            q0, q1 = _load_rows(Q, q_bh, row_m, mask_m, stride_q_n, D, D0, D1, HAS_D1)
+            do0, do1 = _load_rows(DO, do_bh, row_m, mask_m, stride_do_n, D, D0, D1, HAS_D1)
+            lse = tl.load(LSE + pid_bh * N + row_m, mask=mask_m, other=0.0)
+            delta = tl.load(DELTA + pid_bh * N + row_m, mask=mask_m, other=0.0)
+            # [BLOCK_N, BLOCK_M]: keys are rows
+            sT, valid = _logits(k0, k1, q0, q1, TAB_H, BIAS_BH, row_n, code_n, win_n, mask_n,
+                                row_m, code_m, win_m, mask_m, stride_bias_n, stride_bias_m,
+                                rel_off, qk_scale, HAS_TABLE, HAS_BIAS, WINDOWED, True, HAS_D1,
+                                UPCAST, PRECISION)
+            pT = tl.where(valid, tl.math.exp2(sT - lse[None, :]), 0.0)
+            pTc = pT.to(Q.dtype.element_ty)
+            dv0 = _mm(pTc, do0, dv0, UPCAST, PRECISION)
+            if HAS_D1:
+                dv1 = _mm(pTc, do1, dv1, UPCAST, PRECISION)
+            dsT = pT * (_mm_nt(v0, v1, do0, do1, HAS_D1, UPCAST, PRECISION) - delta[None, :])
+            dsTc = dsT.to(Q.dtype.element_ty)
+            dk0 = _mm(dsTc, q0, dk0, UPCAST, PRECISION)
+            if HAS_D1:
+                dk1 = _mm(dsTc, q1, dk1, UPCAST, PRECISION)
+        _store_rows(DK, pid_bh * N * D, row_n, mask_n, D, D, dk0 * sm_scale, dk1 * sm_scale,
+                    D0, D1, HAS_D1)
+        _store_rows(DV, pid_bh * N * D, row_n, mask_n, D, D, dv0, dv1, D0, D1, HAS_D1)
+
+    @triton.jit
+    def _tmsa_attention_bwd_kernel_dq(
+        Q, K, V,  # [B, H, N, D] strided
+        DO,       # [B, H, N, D] strided grad of o
+        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE)
+        BIAS,     # [B or 1, H, N, N] (HAS_BIAS)
+        LSE,      # [B, H, N] fp32
+        DELTA,    # [B, H, N] fp32
+        DQ,       # [B, H, N, D] out, contiguous
+        DBIAS,    # [B, H, N, N] out, contiguous (STORE_DS: the per-sample dense bias gradient)
+        stride_q_b, stride_q_h, stride_q_n,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_do_b, stride_do_h, stride_do_n,
+        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+        H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
+        N_BUCKET, SPAN_BUCKET,
+        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DS: tl.constexpr,
+        WINDOWED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+        HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
+        pid_bh = tl.program_id(1).to(tl.int64)
+        b = pid_bh // H
+        h = pid_bh % H
+        start_m = tl.program_id(0) * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        row_m, code_m, win_m = _tokens(offs_m, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+        lo, hi = _span(start_m, BLOCK_M, N, n_win, WINDOWED)
+        q0, q1 = _load_rows(Q, b * stride_q_b + h * stride_q_h, row_m, mask_m, stride_q_n, D,
+                            D0, D1, HAS_D1)
+        do0, do1 = _load_rows(DO, b * stride_do_b + h * stride_do_h, row_m, mask_m, stride_do_n,
+                              D, D0, D1, HAS_D1)
+        lse = tl.load(LSE + pid_bh * N + row_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + pid_bh * N + row_m, mask=mask_m, other=0.0)
+        k_bh = b * stride_k_b + h * stride_k_h
+        v_bh = b * stride_v_b + h * stride_v_h
+        TAB_H = TAB + h * R
+        BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
+        dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
+        dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < hi
+            row_n, code_n, win_n = _tokens(offs_n, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+            k0, k1 = _load_rows(K, k_bh, row_n, mask_n, stride_k_n, D, D0, D1, HAS_D1)
+            v0, v1 = _load_rows(V, v_bh, row_n, mask_n, stride_v_n, D, D0, D1, HAS_D1)
+            # [BLOCK_M, BLOCK_N]
+            s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
+                               row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
+                               rel_off, qk_scale, HAS_TABLE, HAS_BIAS, WINDOWED, False, HAS_D1,
+                               UPCAST, PRECISION)
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+            ds = p * (_mm_nt(do0, do1, v0, v1, HAS_D1, UPCAST, PRECISION) - delta[:, None])
+            if STORE_DS:
+                tl.store(DBIAS + pid_bh * N * N + row_m[:, None] * N + row_n[None, :],
+                         ds.to(DBIAS.dtype.element_ty), mask=valid)
+            dsc = ds.to(Q.dtype.element_ty)
+            dq0 = _mm(dsc, k0, dq0, UPCAST, PRECISION)
+            if HAS_D1:
+                dq1 = _mm(dsc, k1, dq1, UPCAST, PRECISION)
+        _store_rows(DQ, pid_bh * N * D, row_m, mask_m, D, D, dq0 * sm_scale, dq1 * sm_scale,
+                    D0, D1, HAS_D1)
+
+    @triton.jit
+    def _tmsa_attention_bwd_kernel_dbias(
+        Q, K, V, DO,  # [B, H, N, D] strided
+        TAB,          # [H, R] fp32 * log2(e) (HAS_TABLE)
+        BIAS,         # [B or 1, H, N, N] (HAS_BIAS)
+        LSE, DELTA,   # [B, H, N] fp32
+        PLAN,         # [P, 3] int32: slot, first iteration, end iteration of each program
+        SLOTS,        # [S, 3] int32: first query tile, first key tile, tile pairs in the slot
+        PARTIAL,      # [H, P, BLOCK_M, BLOCK_N] fp32 out: ds summed over the program's pairs
+        stride_q_b, stride_q_h, stride_q_n,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_do_b, stride_do_h, stride_do_n,
+        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+        H, N, D, R, n_win, nW, gh, gw, Gw, nWw, rel_off, qk_scale, P,
+        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+        HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
+        # Every (query tile, key tile) pair of a slot maps its [BLOCK_M, BLOCK_N] elements to
+        # the same bias entries, so ds is summed elementwise over pairs, windows and batch in
+        # a fixed order: deterministic, and one partial tile per program.
+        prog = tl.program_id(0)
+        h = tl.program_id(1).to(tl.int64)
+        slot = tl.load(PLAN + prog * 3)
+        it0 = tl.load(PLAN + prog * 3 + 1)
+        it1 = tl.load(PLAN + prog * 3 + 2)
+        i0 = tl.load(SLOTS + slot * 3)
+        j0 = tl.load(SLOTS + slot * 3 + 1)
+        npairs = tl.load(SLOTS + slot * 3 + 2)
+        TAB_H = TAB + h * R
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for it in range(it0, it1):
+            pair = it % npairs
+            w = (it // npairs) % nW
+            b = (it // (npairs * nW)).to(tl.int64)
+            ta = (i0 + pair) * BLOCK_M + tl.arange(0, BLOCK_M)
+            tc = (j0 + pair) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_a = ta < n_win
+            mask_c = tc < n_win
+            row_a, code_a, win_a = _tokens(w * n_win + ta, n_win, gh, gw, Gw, nWw, WINDOWED,
+                                           HAS_TABLE)
+            row_c, code_c, win_c = _tokens(w * n_win + tc, n_win, gh, gw, Gw, nWw, WINDOWED,
+                                           HAS_TABLE)
+            q0, q1 = _load_rows(Q, b * stride_q_b + h * stride_q_h, row_a, mask_a, stride_q_n,
+                                D, D0, D1, HAS_D1)
+            do0, do1 = _load_rows(DO, b * stride_do_b + h * stride_do_h, row_a, mask_a,
+                                  stride_do_n, D, D0, D1, HAS_D1)
+            k0, k1 = _load_rows(K, b * stride_k_b + h * stride_k_h, row_c, mask_c, stride_k_n,
+                                D, D0, D1, HAS_D1)
+            v0, v1 = _load_rows(V, b * stride_v_b + h * stride_v_h, row_c, mask_c, stride_v_n,
+                                D, D0, D1, HAS_D1)
+            lse = tl.load(LSE + (b * H + h) * N + row_a, mask=mask_a, other=0.0)
+            delta = tl.load(DELTA + (b * H + h) * N + row_a, mask=mask_a, other=0.0)
+            # [BLOCK_M, BLOCK_N]
+            s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS + b * stride_bias_b + h * stride_bias_h,
+                               row_a, code_a, win_a, mask_a, row_c, code_c, win_c, mask_c,
+                               stride_bias_m, stride_bias_n, rel_off, qk_scale, HAS_TABLE,
+                               HAS_BIAS, False, False, HAS_D1, UPCAST, PRECISION)
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+            acc += p * (_mm_nt(do0, do1, v0, v1, HAS_D1, UPCAST, PRECISION) - delta[:, None])
+        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(PARTIAL + (h * P + prog) * (BLOCK_M * BLOCK_N) + offs, acc)
+
+    @triton.jit
+    def _tmsa_attention_bwd_kernel_window(
+        Q, K, V,  # [B, H, N, D] strided
+        DO,       # [B, H, N, D] strided grad of o
+        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE)
+        BIAS,     # [B or 1, H, N, N] (HAS_BIAS; global spans only)
+        LSE,      # [B, H, N] fp32
+        DQ, DK, DV,  # [B, H, N, D] out, contiguous
+        DBIAS,    # [B, H, N, N] out, contiguous (STORE_DS)
+        PARTIAL,  # [H, P, BLOCK, BLOCK] fp32 out: ds summed over the program's units (ACC_DS)
+        stride_q_b, stride_q_h, stride_q_n,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_do_b, stride_do_h, stride_do_n,
+        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+        H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
+        units, groups, group_tokens, per_prog, P,
+        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DS: tl.constexpr,
+        STORE_DS: tl.constexpr, WINDOWED: tl.constexpr, BLOCK: tl.constexpr,
+        D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
+        # One unit = the windows packed in one tile of one (sample, head): all their queries
+        # and keys fit, so dq, dk and dv need no recompute and no cross-program reduction.
+        prog = tl.program_id(0)
+        h = tl.program_id(1).to(tl.int64)
+        acc = tl.zeros([BLOCK, BLOCK], tl.float32)
+        for u in range(prog * per_prog, tl.minimum(prog * per_prog + per_prog, units)):
+            b = (u // groups).to(tl.int64)
+            start = (u % groups) * group_tokens
+            offs = start + tl.arange(0, BLOCK)
+            mask = (offs < start + group_tokens) & (offs < N)
+            row, code, win = _tokens(offs, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+            bh = b * H + h
+            do0, do1 = _load_rows(DO, b * stride_do_b + h * stride_do_h, row, mask, stride_do_n,
+                                  D, D0, D1, HAS_D1)
+            lse = tl.load(LSE + bh * N + row, mask=mask, other=0.0)
+            q0, q1 = _load_rows(Q, b * stride_q_b + h * stride_q_h, row, mask, stride_q_n, D,
+                                D0, D1, HAS_D1)
+            k0, k1 = _load_rows(K, b * stride_k_b + h * stride_k_h, row, mask, stride_k_n, D,
+                                D0, D1, HAS_D1)
+            # [BLOCK, BLOCK]
+            s, valid = _logits(q0, q1, k0, k1, TAB + h * R,
+                               BIAS + b * stride_bias_b + h * stride_bias_h, row, code, win, mask,
+                               row, code, win, mask, stride_bias_m, stride_bias_n, rel_off,
+                               qk_scale, HAS_TABLE, HAS_BIAS, WINDOWED, False, HAS_D1, UPCAST,
+                               PRECISION)
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+            pT = tl.trans(p.to(Q.dtype.element_ty))
+            dv0 = _mm(pT, do0, None, UPCAST, PRECISION)
+            dv1 = dv0
+            if HAS_D1:
+                dv1 = _mm(pT, do1, None, UPCAST, PRECISION)
+            _store_rows(DV, bh * N * D, row, mask, D, D, dv0, dv1, D0, D1, HAS_D1)
+            v0, v1 = _load_rows(V, b * stride_v_b + h * stride_v_h, row, mask, stride_v_n, D,
+                                D0, D1, HAS_D1)
+            dp = _mm_nt(do0, do1, v0, v1, HAS_D1, UPCAST, PRECISION)
+            # the whole row is in the tile: delta = rowsum(p * dp) as softmax's own backward
+            # (equal to rowsum(do * o), without loading o)
+            ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+            if ACC_DS:
+                acc += ds
+            if STORE_DS:
+                tl.store(DBIAS + bh * N * N + row[:, None] * N + row[None, :],
+                         ds.to(DBIAS.dtype.element_ty), mask=valid)
+            dsc = ds.to(Q.dtype.element_ty)
+            dq0 = _mm(dsc, k0, None, UPCAST, PRECISION)
+            dq1 = dq0
+            if HAS_D1:
+                dq1 = _mm(dsc, k1, None, UPCAST, PRECISION)
+            _store_rows(DQ, bh * N * D, row, mask, D, D, dq0 * sm_scale, dq1 * sm_scale,
+                        D0, D1, HAS_D1)
+            dsT = tl.trans(dsc)
+            dk0 = _mm(dsT, q0, None, UPCAST, PRECISION)
+            dk1 = dk0
+            if HAS_D1:
+                dk1 = _mm(dsT, q1, None, UPCAST, PRECISION)
+            _store_rows(DK, bh * N * D, row, mask, D, D, dk0 * sm_scale, dk1 * sm_scale,
+                        D0, D1, HAS_D1)
+        if ACC_DS:
+            offs2 = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+            tl.store(PARTIAL + (h * P + prog) * (BLOCK * BLOCK) + offs2, acc)

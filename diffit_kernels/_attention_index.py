@@ -1,0 +1,124 @@
+"""Host-side index arithmetic of tmsa_attention, plain torch: the token geometry the kernels
+take as arguments, and the fixed-order plans that reduce the kernels' per-program ds partials
+into the table or dense-bias gradient. diffit_kernels/attention.py gives the math (the virtual
+window-major token order, the relative code, why dtable is reduced this way).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from ._common import cdiv
+
+
+class _Geom:
+    """Where each virtual token lives and how its relative-position code is formed."""
+
+    def __init__(self, N: int, geometry: Sequence[int]):
+        if len(geometry) == 4:
+            Gh, Gw, gh, gw = (int(g) for g in geometry)
+        else:
+            Gh, Gw, gh, gw = 1, N, 1, N
+        self.windowed = (gh, gw) != (Gh, Gw)
+        self.gh, self.gw, self.Gw = gh, gw, Gw
+        self.n_win = gh * gw if self.windowed else N     # tokens one query attends over
+        self.nW = N // self.n_win
+        self.nWw = Gw // gw if self.windowed else 1
+        self.R = (2 * gh - 1) * (2 * gw - 1)
+        self.rel_off = (gh - 1) * (2 * gw - 1) + gw - 1
+
+    def args(self):
+        return (self.n_win, self.gh, self.gw, self.Gw, self.nWw)
+
+
+def _code(t: torch.Tensor, gw: int) -> torch.Tensor:
+    return (t // gw) * (2 * gw - 1) + t % gw
+
+
+def _bin_gather_index(ta: torch.Tensor, tc: torch.Tensor, valid: torch.Tensor, geom_key):
+    """Padded [R, k] index into a flat partial (+ one trailing zero slot) listing, per table
+    row, the partial elements whose (query, key) tokens sit at that relative offset."""
+    gh, gw = geom_key
+    R = (2 * gh - 1) * (2 * gw - 1)
+    bins = _code(ta, gw) - _code(tc, gw) + (gh - 1) * (2 * gw - 1) + gw - 1
+    keep = valid.flatten()
+    bins, flat = bins[keep], torch.arange(bins.numel())[keep]
+    order = torch.sort(bins, stable=True).indices
+    bins, flat = bins[order], flat[order]
+    counts = torch.bincount(bins, minlength=R)
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(bins.numel()) - start[bins]
+    index = torch.full((R, max(1, int(counts.max()))), valid.numel(), dtype=torch.long)
+    index[bins, pos] = flat
+    return index
+
+
+@functools.lru_cache(maxsize=64)
+def _fused_bins(n_win: int, G: int, BLOCK: int, gh: int, gw: int, device: str) -> torch.Tensor:
+    """Bins of a fused-kernel partial: G windows of n_win tokens packed block-diagonally."""
+    a = torch.arange(BLOCK)
+    ta, tc = (a % n_win)[:, None].expand(BLOCK, BLOCK), (a % n_win)[None, :].expand(BLOCK, BLOCK)
+    valid = ((a // n_win)[:, None] == (a // n_win)[None, :]) & (a < G * n_win)[:, None] & \
+        (a < G * n_win)[None, :]
+    return _bin_gather_index(ta.flatten(), tc.flatten(), valid, (gh, gw)).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _dbias_plan(n_win: int, nW: int, B: int, BM: int, BN: int, group_diagonals: bool,
+                target: int, table_gh_gw: Optional[Tuple[int, int]], device: str):
+    """Slots (tile pairs, or whole tile diagonals when every pair on one shares offsets),
+    programs (contiguous runs of one slot's iterations), and the index tensors that reduce the
+    per-program partials: programs -> slots (sum), slots -> table rows (gather + sum)."""
+    Tm, Tn = cdiv(n_win, BM), cdiv(n_win, BN)
+    if group_diagonals:
+        slots = [(max(t, 0), max(-t, 0), min(Tm - max(t, 0), Tn - max(-t, 0)))
+                 for t in range(-(Tn - 1), Tm)]
+    else:
+        slots = [(i, j, 1) for i in range(Tm) for j in range(Tn)]
+    iters = [p * nW * B for _, _, p in slots]
+    per = max(1, cdiv(sum(iters), max(target, len(slots))))
+    plan, members = [], []
+    for s, total in enumerate(iters):
+        ids = []
+        for it0 in range(0, total, per):
+            ids.append(len(plan))
+            plan.append((s, it0, min(it0 + per, total)))
+        members.append(ids)
+    P = len(plan)
+    width = max(len(m) for m in members)
+    slot_index = torch.full((len(slots), width), P, dtype=torch.long)  # P: the zero row
+    for s, ids in enumerate(members):
+        slot_index[s, :len(ids)] = torch.tensor(ids)
+    bins = None
+    if table_gh_gw is not None:
+        i0 = torch.tensor([s[0] for s in slots])[:, None, None]
+        j0 = torch.tensor([s[1] for s in slots])[:, None, None]
+        ta = (i0 * BM + torch.arange(BM)[None, :, None]).expand(len(slots), BM, BN)
+        tc = (j0 * BN + torch.arange(BN)[None, None, :]).expand(len(slots), BM, BN)
+        valid = (ta < n_win) & (tc < n_win)
+        bins = _bin_gather_index(ta.flatten(), tc.flatten(), valid, table_gh_gw).to(device)
+    return (torch.tensor(plan, dtype=torch.int32).to(device),
+            torch.tensor(slots, dtype=torch.int32).to(device), slot_index.to(device), bins, P)
+
+
+def _gather_bins(part: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """[H, E] fp32 partial sums -> [R, H] table gradient, summed in a fixed order."""
+    part = torch.cat([part, part.new_zeros(part.shape[0], 1)], dim=1)
+    return part[:, bins].sum(-1).t()
+
+
+def _reduce_slots(partial: torch.Tensor, slot_index: torch.Tensor, bins: Optional[torch.Tensor],
+                  N: int) -> torch.Tensor:
+    """[H, P, BM, BN] per-program partials of the dbias kernel -> [R, H] table gradient (bins
+    given) or [H, N, N] dense-bias gradient, summed in a fixed order."""
+    H, P, BM, BN = partial.shape
+    part = torch.cat([partial.reshape(H, P, BM * BN), partial.new_zeros(H, 1, BM * BN)], dim=1)
+    per_slot = part[:, slot_index].sum(2)                     # [H, S, BM * BN]
+    S = per_slot.shape[1]
+    if bins is not None:
+        return _gather_bins(per_slot.reshape(H, S * BM * BN), bins)
+    Tm, Tn = cdiv(N, BM), cdiv(N, BN)
+    return per_slot.reshape(H, Tm, Tn, BM, BN).permute(0, 1, 3, 2, 4).reshape(
+        H, Tm * BM, Tn * BN)[:, :N, :N]

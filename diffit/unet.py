@@ -5,7 +5,8 @@
         skip is merged; conv downsampling between encoder levels, conv upsampling between decoder
         levels; GroupNorm-SiLU-Conv3x3 head --> [B, Cout, H, W]
     ResBlock (eqs. 9-10):  h = Conv3x3(SiLU(GroupNorm(x)));  x = DiffiTBlock(h, c, grid=(H, W)) + x
-    time token c [B, 512] = MLP(sinusoidal(noise label)) (+ label embedding), the same for all blocks
+    time token c [B, 512] = MLP(sinusoidal(noise label) + A aug) (+ label embedding), the same for
+        all blocks; aug [B, augment_dim] = augmentation labels (diffit.augment), A bias-free
 
 The DiffiT block sees the feature map as row-major tokens [B, H*W, C] and attends within
 non-overlapping w x w windows through the attention op's own windowing (grid=(H, W)), so no
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import DiffiTBlock, TimestepEmbedder
+from .layers import DiffiTBlock, TimestepEmbedder, timestep_embedding
 
 __all__ = ["DiffiTUNetConfig", "DiffiTUNet", "PRESETS", "diffit_unet", "count_parameters"]
 
@@ -54,6 +55,11 @@ class DiffiTUNetConfig:
         DDPM++'s widening after the first level).
       * time token: 256 sinusoidal frequencies of the noise label -> Linear-SiLU-Linear to 512,
         as the latent model, fed unnormalised to the TMSA of every block.
+      * augmentation conditioning (EDM's recipe; diffit.augment): a bias-free Linear maps the
+        augmentation labels to the 256 frequency features and adds them before the time MLP,
+        the point where EDM adds its augmentation mapping to the noise embedding. Bias-free, so
+        zero labels (no augmentation; what sampling uses) add exactly nothing. The image presets
+        take EDM's 9 labels; the probability is a training setting (EDMLoss(augment=p)).
       * dropout inside each ResBlock, before its Conv3x3 (ADM's placement); the presets take
         EDM's values for these datasets (0.13 CIFAR-10, 0.05 FFHQ-64), as the paper trains with
         EDM's recipe.
@@ -77,6 +83,8 @@ class DiffiTUNetConfig:
     num_classes: int = 0                      # 0 = unconditional; else labels 0..num_classes-1
     class_dropout_prob: float = 0.0           # training-time label drop to the null class (CFG)
     dropout: float = 0.0                      # dropout inside every ResBlock
+    augment_dim: int = 0                      # augmentation-label length (AugmentPipe.label_dim);
+                                              #   0 = no augmentation conditioning (no weights)
     heun_steps: int = 18                      # EDM Heun steps the paper samples this preset with
     backend: str = "auto"                     # diffit_kernels backend: "auto" | "triton" | "torch"
 
@@ -111,15 +119,19 @@ class DiffiTUNetConfig:
                              f"{self.num_classes}, {self.class_dropout_prob}")
         if self.class_dropout_prob and not self.num_classes:
             raise ValueError("class_dropout_prob > 0 needs num_classes > 0")
+        if not isinstance(self.augment_dim, int) or self.augment_dim < 0:
+            raise ValueError(f"augment_dim must be an int >= 0, got {self.augment_dim!r}")
 
 
 PRESETS: Dict[str, DiffiTUNetConfig] = {
-    # CIFAR-10, 32 / 16 / 8, window 4; unconditional as the paper; 18 Heun steps
+    # CIFAR-10, 32 / 16 / 8, window 4; unconditional as the paper; 18 Heun steps; EDM's 9
+    # augmentation labels (train with EDMLoss(augment=0.12))
     "cifar10": DiffiTUNetConfig(image_size=32, channels=(128, 256, 256), window_size=4,
-                                dropout=0.13, heun_steps=18),
-    # FFHQ-64, 128 / 256 / 256 / 256 at 64 / 32 / 16 / 8, window 8 (global at 8x8); 40 Heun steps
+                                dropout=0.13, heun_steps=18, augment_dim=9),
+    # FFHQ-64, 128 / 256 / 256 / 256 at 64 / 32 / 16 / 8, window 8 (global at 8x8); 40 Heun steps;
+    # EDM's 9 augmentation labels (train with EDMLoss(augment=0.15))
     "ffhq64": DiffiTUNetConfig(image_size=64, channels=(128, 256, 256, 256), window_size=8,
-                               dropout=0.05, heun_steps=40),
+                               dropout=0.05, heun_steps=40, augment_dim=9),
     # tests and the demo: 8x8 single-channel images, two levels (8x8 in 2x2 windows, 4x4 global)
     "tiny": DiffiTUNetConfig(image_size=8, in_channels=1, channels=(16, 32), num_res_blocks=1,
                              window_size=4, head_dim=8, norm_groups=8, time_embed_dim=32,
@@ -213,6 +225,9 @@ class DiffiTUNet(nn.Module):
         # row num_classes is the null class: unconditional / dropped labels, guidance
         self.y_embedder = (nn.Embedding(cfg.num_classes + 1, cfg.time_embed_dim)
                            if cfg.num_classes else None)
+        # augmentation labels -> the time MLP's input features; no bias: zero labels add nothing
+        self.aug_embedder = (nn.Linear(cfg.augment_dim, cfg.time_freq_dim, bias=False)
+                             if cfg.augment_dim else None)
 
         self.tokenizer = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
         self.levels = nn.ModuleList(Level(c, cfg) for c in chans)
@@ -265,9 +280,38 @@ class DiffiTUNet(nn.Module):
             y = torch.where(drop, torch.full_like(y, cfg.num_classes), y)
         return y
 
-    def forward(self, x: torch.Tensor, sigma_or_t, y: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
-        """x [B, Cin, H, W]; sigma_or_t: the per-sample noise label, scalar or [B]; y [B] or None.
+    def _time_token(self, t: torch.Tensor, augment_labels: Optional[torch.Tensor]
+                    ) -> torch.Tensor:
+        """t [B] float32, augment_labels [B, augment_dim] or None (= zeros) -> c [B, D_t]."""
+        B = t.shape[0]
+        if self.aug_embedder is None:
+            if augment_labels is not None:
+                raise ValueError("augment_labels given to a model without augmentation "
+                                 "conditioning (augment_dim=0); build it with "
+                                 "augment_dim=AugmentPipe.label_dim")
+            return self.t_embedder(t)                                   # [B, D_t]
+        A = self.config.augment_dim
+        if augment_labels is None:
+            # zeros add exactly nothing; running the Linear anyway gives its weight a (zero)
+            # gradient, which DDP needs from every parameter at every step
+            augment_labels = t.new_zeros(B, A)
+        if (not isinstance(augment_labels, torch.Tensor) or augment_labels.shape != (B, A)
+                or not augment_labels.is_floating_point()):
+            got = (f"shape {tuple(augment_labels.shape)}, dtype {augment_labels.dtype}"
+                   if isinstance(augment_labels, torch.Tensor) else type(augment_labels).__name__)
+            raise ValueError(f"augment_labels must be a floating-point tensor "
+                             f"[B={B}, augment_dim={A}], got {got}")
+        w = self.aug_embedder.weight
+        f = timestep_embedding(t, self.t_embedder.frequency_embedding_size)  # [B, F]
+        a = self.aug_embedder(augment_labels.to(device=w.device, dtype=w.dtype))  # [B, F]
+        mlp = self.t_embedder.mlp
+        return mlp(f.to(mlp[0].weight.dtype) + a.to(mlp[0].weight.dtype))    # [B, D_t]
+
+    def forward(self, x: torch.Tensor, sigma_or_t, y: Optional[torch.Tensor] = None,
+                augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, Cin, H, W]; sigma_or_t: the per-sample noise label, scalar or [B]; y [B] or None;
+        augment_labels [B, augment_dim] (diffit.augment) or None, which means zeros: no
+        augmentation, as sampling uses.
 
         Returns the raw network output [B, Cout, H, W] (no preconditioning).
         """
@@ -279,7 +323,7 @@ class DiffiTUNet(nn.Module):
         if t.shape != (B,):
             raise ValueError(f"sigma_or_t must be a scalar or have shape [B={B}], "
                              f"got shape {tuple(t.shape)}")
-        c = self.t_embedder(t)                                          # [B, D_t]
+        c = self._time_token(t, augment_labels)                         # [B, D_t]
         labels = self._labels(y, B, x.device)
         if labels is not None:
             c = c + self.y_embedder(labels)                             # [B, D_t]
@@ -307,8 +351,8 @@ class DiffiTUNet(nn.Module):
     def summary(self, print_fn=print) -> str:
         """A table of parameters per part and level, with the exact total; printed and returned."""
         cfg = self.config
-        rows = [("time / label embedding", count_parameters(self.t_embedder)
-                 + (count_parameters(self.y_embedder) if self.y_embedder is not None else 0)),
+        rows = [("time / label / augment embedding", count_parameters(self.t_embedder)
+                 + count_parameters(self.y_embedder) + count_parameters(self.aug_embedder)),
                 ("tokenizer", count_parameters(self.tokenizer))]
         for i, (lvl, c, r) in enumerate(zip(self.levels, cfg.channels, cfg.resolutions())):
             heads = c // cfg.head_dim
@@ -320,7 +364,8 @@ class DiffiTUNet(nn.Module):
         width = max(len(name) for name, _ in rows)
         lines = [f"DiffiTUNet(image_size={cfg.image_size}, in={cfg.in_channels}, "
                  f"out={self.out_channels}, window={cfg.window_size}, "
-                 f"classes={cfg.num_classes}, backend={cfg.backend!r})"]
+                 f"classes={cfg.num_classes}, augment_dim={cfg.augment_dim}, "
+                 f"backend={cfg.backend!r})"]
         lines += [f"  {name:<{width}}  {n:>12,}" for name, n in rows]
         lines.append(f"  {'total parameters':<{width}}  {total:>12,}")
         text = "\n".join(lines)

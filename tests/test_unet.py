@@ -1,11 +1,16 @@
-"""Image-space DiffiT U-Net (diffit.unet): presets, shapes, gradients, window checks, class
-conditioning, the EDM wrapper around it, and torch-vs-Triton agreement under the interpreter."""
+"""Image-space DiffiT U-Net (diffit.unet): presets, shapes, gradients, window checks, class and
+augmentation conditioning, the EDM wrapper around it, and torch-vs-Triton agreement under the
+interpreter."""
+import hashlib
+
 import pytest
 import torch
 from torch import nn
 
 import diffit_kernels
+from diffit.augment import AugmentPipe
 from diffit.diffusion.edm import EDMLoss, EDMPrecond, heun_sampler
+from diffit.layers import timestep_embedding
 from diffit.unet import PRESETS, DiffiTUNet, DiffiTUNetConfig, count_parameters
 
 
@@ -42,21 +47,102 @@ def test_presets_follow_the_paper():
     assert f.resolutions() == [64, 32, 16, 8] and f.channels == (128, 256, 256, 256)
     assert f.window_size == 8 and f.heun_steps == 40
     assert c.time_embed_dim == f.time_embed_dim == 512
+    # EDM's augmentation labels (the probability is a training setting: EDMLoss(augment=p))
+    assert c.augment_dim == f.augment_dim == AugmentPipe(0.12).label_dim == 9
+    assert PRESETS["tiny"].augment_dim == 0
 
 
 @pytest.mark.parametrize("preset", ["tiny", "cifar10", "ffhq64"])
 def test_forward_backward(preset):
-    """Every parameter gets a finite, non-zero gradient from the EDM loss (torch backend)."""
+    """Every parameter gets a finite, non-zero gradient from the EDM loss (torch backend), with
+    augmentation where the preset is conditioned on it."""
     model = DiffiTUNet.from_preset(preset, backend="torch").train()
     _randomize_head(model)
     cfg = model.config
     images = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size) * 0.5
-    loss = EDMLoss()(EDMPrecond(model), images).mean()
+    edm = EDMLoss(augment=AugmentPipe(1.0) if cfg.augment_dim else None)
+    loss = edm(EDMPrecond(model), images, generator=torch.Generator().manual_seed(0)).mean()
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+# state dicts of the presets without augmentation conditioning, recorded before augment_dim
+# existed: (keys, parameters, sha256 of "key:shape;..." in state-dict order)
+_OLD_STATE = {"tiny": (82, 78_813, "971872682bfe125f"),
+              "cifar10": (216, 18_826_283, "dcd62f955b7633e3"),
+              "ffhq64": (286, 27_241_659, "de19d4bcb7feabc9")}
+
+
+def _fingerprint(model):
+    sd = model.state_dict()
+    text = ";".join(f"{k}:{tuple(v.shape)}" for k, v in sd.items())
+    return len(sd), model.num_parameters(), hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cifar10", "ffhq64"])
+def test_augment_dim_zero_keeps_the_old_state_dict(preset):
+    """augment_dim=0 has exactly the parameter set of before (old checkpoints load strictly);
+    augment_dim=A adds one bias-free [time_freq_dim, A] weight and nothing else."""
+    old = DiffiTUNet.from_preset(preset, backend="torch", augment_dim=0)
+    assert _fingerprint(old) == _OLD_STATE[preset]
+    aug = DiffiTUNet.from_preset(preset, backend="torch", augment_dim=9)
+    F = aug.config.time_freq_dim
+    assert aug.aug_embedder.bias is None and aug.aug_embedder.weight.shape == (F, 9)
+    assert set(aug.state_dict()) - set(old.state_dict()) == {"aug_embedder.weight"}
+    assert aug.num_parameters() == old.num_parameters() + 9 * F
+    assert "augment embedding" in aug.summary(print_fn=None)
+
+
+def test_augment_labels_none_equals_zeros_and_old_weights_carry_over():
+    tiny = dict(backend="torch")
+    old = DiffiTUNet.from_preset("tiny", **tiny).eval()
+    _randomize_head(old)
+    aug = DiffiTUNet.from_preset("tiny", augment_dim=5, **tiny).eval()
+    missing, unexpected = aug.load_state_dict(old.state_dict(), strict=False)
+    assert missing == ["aug_embedder.weight"] and unexpected == []
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0.2, -0.5, 1.0])
+    with torch.no_grad():
+        ref = old(x, t)
+        none = aug(x, t)
+        zeros = aug(x, t, augment_labels=torch.zeros(3, 5))
+        some = aug(x, t, augment_labels=torch.randn(3, 5))
+    assert torch.equal(none, zeros)
+    assert torch.equal(none, ref)              # zero labels add exactly nothing
+    assert (some - none).abs().amax((1, 2, 3)).min() > 1e-4
+    # EDM's placement: the labels' projection joins the noise features before the time MLP
+    a = torch.randn(3, 5)
+    f = timestep_embedding(t, aug.config.time_freq_dim)
+    torch.testing.assert_close(aug._time_token(t, a),
+                               aug.t_embedder.mlp(f + a @ aug.aug_embedder.weight.T))
+    with pytest.raises(ValueError, match=r"augment_labels must be .*\[B=3, augment_dim=5\]"):
+        aug(x, t, augment_labels=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"augment_labels must be .*dtype torch.int64"):
+        aug(x, t, augment_labels=torch.zeros(3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="augment_dim=0"):
+        old(x, t, augment_labels=torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="augment_dim"):
+        DiffiTUNet.from_preset("tiny", augment_dim=-1)
+
+
+def test_augment_embedding_gets_gradients():
+    """Augmented training reaches the augmentation weights (every label slot's column) and the
+    time MLP through them; without labels the weight still gets a (zero) gradient, as DDP needs."""
+    model = DiffiTUNet.from_preset("tiny", backend="torch", augment_dim=9).train()
+    _randomize_head(model)
+    images = torch.randn(8, 1, 8, 8) * 0.5
+    g = torch.Generator().manual_seed(1)
+    EDMLoss(augment=1.0)(EDMPrecond(model), images, generator=g).mean().backward()
+    grad = model.aug_embedder.weight.grad
+    assert grad is not None and torch.isfinite(grad).all()
+    assert (grad.abs().sum(0) > 0).all()         # each of the 9 label slots was used
+    model.zero_grad(set_to_none=True)
+    EDMLoss()(EDMPrecond(model), images, generator=g).mean().backward()
+    assert model.aug_embedder.weight.grad is not None
+    assert not model.aug_embedder.weight.grad.any()
+    assert model.t_embedder.mlp[0].weight.grad.abs().sum() > 0
 
 
 def test_zero_head_gives_c_skip_denoiser():

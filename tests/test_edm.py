@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffit.augment import AugmentPipe
 from diffit.diffusion.edm import (SIGMA_DATA, EDMLoss, EDMPrecond, edm_sigma_steps,
                                   guided_denoiser, heun_sampler)
 
@@ -124,6 +125,66 @@ def test_exact_denoiser_has_lower_loss_than_perturbed(perturb):
     se = diff.std().item() / math.sqrt(diff.numel())
     assert diff.mean().item() > 5 * se, (diff.mean().item(), se)
     assert l_exact.mean() < l_other.mean()
+
+
+class _AugRecorder(nn.Module):
+    """F(x, c_noise, y, augment_labels=None) = 0, remembering every call's arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.calls = []
+
+    def forward(self, x, c_noise, y, augment_labels=None):
+        self.calls.append((x.detach().clone(), augment_labels))
+        return self.w * x
+
+
+def test_loss_augments_clean_images_and_passes_labels():
+    """With a pipe, the target is the warped image, the network input is warped image + noise,
+    and the labels reach the model; the same generator reproduces the whole draw."""
+    images = torch.rand(6, 3, 8, 8)
+    pipe = AugmentPipe(1.0)
+    sigma = torch.full((6,), 0.7)
+    noise = torch.randn_like(images)
+    seen = {}
+
+    def D(x, s, y=None, augment_labels=None):
+        seen["x"], seen["aug"] = x, augment_labels
+        return torch.zeros_like(x)
+
+    loss = EDMLoss(augment=pipe)
+    g = torch.Generator().manual_seed(0)
+    per_sample = loss(D, images, sigma=sigma, noise=noise, generator=g)
+    aug = seen["aug"]
+    assert aug.shape == (6, 9) and aug.dtype == torch.float32 and aug.abs().sum() > 0
+    warped = pipe.apply(images, aug)
+    torch.testing.assert_close(seen["x"], warped + 0.7 * noise)
+    # D = 0: the loss is lambda(sigma) * mean(warped^2), the warped image being the target
+    torch.testing.assert_close(per_sample, loss.weight(sigma) * warped.pow(2).flatten(1).mean(1))
+    again = loss(D, images, sigma=sigma, noise=noise, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, per_sample) and torch.equal(seen["aug"], aug)
+
+
+def test_augment_argument_and_label_plumbing():
+    assert EDMLoss().augment_pipe is None and EDMLoss(augment=0.0).augment_pipe is None
+    pipe = EDMLoss(augment=0.12).augment_pipe
+    assert isinstance(pipe, AugmentPipe) and pipe.p == 0.12 and pipe.label_dim == 9
+    with pytest.raises(TypeError, match="augment"):
+        EDMLoss(augment="0.12")
+    with pytest.raises(ValueError, match="p must be"):
+        EDMLoss(augment=1.5)
+    # EDMPrecond hands the labels to the model as a keyword; without a pipe nothing is passed
+    net = _AugRecorder()
+    images = torch.randn(4, 2, 4, 4)
+    EDMLoss(augment=AugmentPipe(0.5))(EDMPrecond(net), images)
+    assert net.calls[-1][1].shape == (4, 9)
+    EDMLoss()(EDMPrecond(net), images)
+    assert net.calls[-1][1] is None
+    # sampling never augments: every network call gets no labels
+    net.calls.clear()
+    heun_sampler(EDMPrecond(net), torch.randn(2, 2, 4, 4), num_steps=3)
+    assert len(net.calls) == 5 and all(a is None for _, a in net.calls)
 
 
 def test_loss_input_checks():

@@ -18,9 +18,12 @@ Sampling integrates the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sig
 (Algorithm 1), optionally adding noise before each step ("churn", Algorithm 2: sigma_hat =
 sigma_i (1 + gamma_i), gamma_i = min(S_churn / N, sqrt(2) - 1) for sigma_i in [S_min, S_max]).
 
-Not included: EDM's non-leaking augmentation pipeline (the paper's CIFAR-10 recipe uses it with
-probability 0.12 and feeds the augmentation labels to the network); a trainer that wants it must add
-the augmentation and its conditioning itself.
+Augmentation (EDM's regularisation for small data sets): EDMLoss(augment=p) warps each clean image
+y with diffit.augment.AugmentPipe before noising, trains D on the warped image, and hands the
+transformation's labels to the network (D(x, sigma, y, augment_labels=...)), which learns to
+produce the warped distribution when told so; sampling passes no labels, i.e. zeros, i.e. the data
+as it is. EDM uses p = 0.12 on CIFAR-10 and 0.15 on FFHQ-64, with 9 labels (the network's
+augment_dim).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
+
+from ..augment import AugmentPipe
 
 __all__ = [
     "SIGMA_DATA",
@@ -66,7 +71,9 @@ class EDMPrecond(nn.Module):
             (DiffiTUNet's forward(x, sigma_or_t, y) qualifies).
         sigma_data: expected std of the data.
     Forward:
-        x [B, C, H, W] noisy images, sigma scalar or [B] (or [B, 1, 1, 1]), y labels or None
+        x [B, C, H, W] noisy images, sigma scalar or [B] (or [B, 1, 1, 1]), y labels or None,
+        augment_labels [B, augment_dim] or None (passed to the model as a keyword only when
+        given, so models without augmentation conditioning need not accept it)
         -> D(x; sigma) [B, C, H, W] in float32. The c_* coefficients are computed in float32 and
         the model runs in the dtype of its parameters (or under the caller's autocast).
     """
@@ -87,7 +94,8 @@ class EDMPrecond(nn.Module):
         c_noise = sigma.log() / 4
         return c_skip, c_out, c_in, c_noise
 
-    def forward(self, x: torch.Tensor, sigma, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, y: Optional[torch.Tensor] = None,
+                augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise ValueError(f"x must be a [B, ...] tensor, got {getattr(x, 'shape', type(x))}")
         xf = x.to(torch.float32)
@@ -95,7 +103,8 @@ class EDMPrecond(nn.Module):
         c_skip, c_out, c_in, c_noise = self.coefficients(s)
         param = next(self.model.parameters(), None)
         dtype = param.dtype if param is not None else torch.float32
-        F_x = self.model((c_in * xf).to(dtype), c_noise.flatten(), y)    # [B, C, H, W]
+        kw = {} if augment_labels is None else {"augment_labels": augment_labels}
+        F_x = self.model((c_in * xf).to(dtype), c_noise.flatten(), y, **kw)  # [B, C, H, W]
         if F_x.shape != x.shape:
             raise ValueError(f"the model returned shape {tuple(F_x.shape)} for input shape "
                              f"{tuple(x.shape)}; EDM needs the same shape")
@@ -113,14 +122,27 @@ class EDMLoss:
 
     `sigma` and `noise` may be passed to fix the noise level [B] and the unit-normal noise (tests,
     loss-vs-sigma plots); by default both are drawn here, from `generator` when one is given.
+
+    `augment`: None or 0 = no augmentation; a probability p in (0, 1] = AugmentPipe(p) with EDM's
+    CIFAR-10 transformation set (9 labels); or an AugmentPipe. With augmentation the clean images
+    are warped before noising (from `generator` too) and `net` is called with
+    augment_labels=[B, label_dim], so the network needs augment_dim = label_dim.
     """
 
-    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = SIGMA_DATA):
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = SIGMA_DATA,
+                 augment: Union[None, float, AugmentPipe] = None):
         if not P_std > 0 or not sigma_data > 0:
             raise ValueError(f"P_std and sigma_data must be positive, got {P_std!r}, {sigma_data!r}")
         self.P_mean = float(P_mean)
         self.P_std = float(P_std)
         self.sigma_data = float(sigma_data)
+        if augment is None or isinstance(augment, AugmentPipe):
+            self.augment_pipe = augment
+        elif isinstance(augment, (int, float)) and not isinstance(augment, bool):
+            self.augment_pipe = AugmentPipe(float(augment)) if augment else None
+        else:
+            raise TypeError(f"augment must be None, a probability or an AugmentPipe, "
+                            f"got {type(augment).__name__}")
 
     def sample_sigma(self, batch: int, device=None, generator=None) -> torch.Tensor:
         """ln(sigma) ~ N(P_mean, P_std^2): float32 [batch]."""
@@ -147,7 +169,12 @@ class EDMLoss:
         elif noise.shape != y.shape:
             raise ValueError(f"noise must have the images' shape {tuple(y.shape)}, "
                              f"got {tuple(noise.shape)}")
-        D = net(y + noise.to(torch.float32) * s, s.flatten(), labels)   # [B, C, H, W]
+        if self.augment_pipe is None:
+            D = net(y + noise.to(torch.float32) * s, s.flatten(), labels)   # [B, C, H, W]
+        else:
+            y, aug = self.augment_pipe(y, generator=generator)           # [B, C, H, W], [B, A]
+            D = net(y + noise.to(torch.float32) * s, s.flatten(), labels,
+                    augment_labels=aug)                                  # [B, C, H, W]
         per_elem = self.weight(s) * (D.to(torch.float32) - y) ** 2
         return per_elem.flatten(1).mean(1)                               # [B]
 

@@ -53,6 +53,11 @@ from ._attention_kernels import LOG2E
 from ._common import (cdiv, check_kernel_dtype, dot_upcast, empty, interpreting,
                       next_power_of_2, resolve_backend, unit_last_stride)
 
+try:
+    import triton
+except ImportError:  # pragma: no cover - triton is a requirement; the torch path still works
+    triton = None
+
 HEAD_DIMS = tuple(range(16, 129, 8))
 FUSED_MAX_SPAN = 32   # attention spans up to this many tokens take the fused backward
 
@@ -207,8 +212,6 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
     key = (kind, tuple(configs))
     tuner = _TUNERS.get(key)
     if tuner is None:
-        import triton  # importable: resolve_backend chose the Triton path
-
         cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                 for bm, bn, w, s in configs]
         tuner = triton.autotune(cfgs, key=["N_BUCKET", "SPAN_BUCKET", "D", "WINDOWED"])(kernel)

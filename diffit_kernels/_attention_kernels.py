@@ -1,5 +1,6 @@
-"""The @triton.jit kernels of tmsa_attention. diffit_kernels/attention.py holds the math, the
-token geometry and head-dim split these kernels assume, and the launchers that call them.
+"""The @triton.jit kernels of tmsa_attention. diffit_kernels/attention.py gives their math (the
+window-major token order, the head-dim split, the deterministic dtable) and launches them;
+_attention_index.py builds the geometry arguments and the reduction plans they take.
 
 Conventions shared by every kernel: tokens are walked in the virtual window-major order and
 mapped to rows of the [B, H, N, D] tensors by `_tokens`; the head dim d travels as two

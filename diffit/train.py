@@ -25,6 +25,24 @@ Outputs under --out (rank 0 writes; every file is written atomically or appended
 order and every rank's random state are restored, so on CPU the losses after resuming equal those
 of an uninterrupted run bit for bit. An unreadable or mismatched checkpoint is an error that names
 the file and the earlier checkpoints that remain.
+
+Resuming on another number of ranks works too, with the same global batch_size (each rank takes
+batch_size / world, which must divide): model, EMA and optimizer are saved whole (full state dicts
+under FSDP as well), so any world size, with or without FSDP, loads them; the data continues at the
+same place in the epoch's order (a position counted in global batches; only where an epoch ends
+depends on the world size); a rank the checkpoint holds a random state for restores it, any other
+seeds every generator with fresh_rank_seed(seed, step, rank). Bit-for-bit equality with an
+uninterrupted run is promised only at the same world size.
+
+Stopping (preemption): SIGTERM (what Slurm and Kubernetes send before a kill), SIGUSR1 (Slurm's
+--signal) and SIGINT (Ctrl-C) end the run after the current step. The ranks agree on that step,
+rank 0 writes a complete checkpoint (`latest` moves only once it is), the sample grid is skipped,
+and the process exits with status 75 (EXIT_STOPPED, sysexits' EX_TEMPFAIL: try again later;
+0 = finished, 2 = bad arguments, 1 = crash): run the same command with --resume to continue.
+Further signals while the checkpoint is written are ignored (SIGKILL still ends the process at
+once; the unfinished temporary file is never named `latest`). torchrun forwards SIGTERM and SIGINT
+to its workers (add SIGUSR1 with --signals-to-handle), kills them --shutdown-timeout seconds later
+(30 by default: the checkpoint must be written within that) and exits 1 when a worker exits 75.
 """
 from __future__ import annotations
 
@@ -43,11 +61,17 @@ import torch
 
 # re-exported: diffit.train is where users and tests find the training API
 from .train_families import FAMILIES, Family, family_of
-from .train_feedback import MetricsLog, plot_loss, save_grid
-from .train_state import (CKPT_PREFIX, FORMAT, CheckpointError, DistInfo, barrier,
-                          gather_objects, init_distributed, latest_checkpoint, list_checkpoints,
-                          other_checkpoints_hint, read_checkpoint, rng_state, seed_all,
-                          set_rng_state)
+from .train_feedback import MetricsLog, plot_loss, sample_images, save_grid
+from .train_state import (CKPT_PREFIX, FORMAT, STOP_SIGNALS, CheckpointError, DistInfo,
+                          StopRequest, barrier, check_compatible, fresh_rank_seed,
+                          full_state_dicts, gather_objects, init_distributed, latest_checkpoint,
+                          list_checkpoints, load_training_state, read_checkpoint, rng_state,
+                          seed_all, set_rng_state, wrap_model, write_checkpoint)
+
+# exit status of `python -m diffit train` stopped by a signal with its checkpoint complete:
+# sysexits' EX_TEMPFAIL ("try again later"), so a requeue wrapper can tell it from success (0),
+# bad arguments (2) and crashes (1)
+EXIT_STOPPED = 75
 
 
 # ---- configuration --------------------------------------------------------------------------
@@ -194,7 +218,8 @@ class Trainer:
             channels=cfg.channels or (channels if channels in (1, 3) else 3), flip=cfg.flip,
             seed=cfg.seed)
         if cfg.batch_size % d.world:
-            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size "
+            raise ValueError(f"batch_size {cfg.batch_size} (the global batch, kept when resuming "
+                             f"on another number of ranks) must be divisible by the world size "
                              f"{d.world}")
         self.batch_per_rank = cfg.batch_size // d.world
         self.sampler = ResumableSampler(ds, d.world, d.rank, seed=cfg.seed)
@@ -216,7 +241,8 @@ class Trainer:
             raise ValueError(f"guidance={cfg.guidance} needs a class-conditional model trained "
                              "with class_dropout > 0 (labelled data, class_cond on); use 1.0")
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
-        self.net = self._wrap()
+        self.net = wrap_model(self.model, self.ema.module, d, self.fsdp,
+                              fam.block_types())
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -226,6 +252,7 @@ class Trainer:
                     (cfg.precision == "auto" and d.device.type == "cuda") else None)
         seed_all(cfg.seed * d.world + d.rank)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.saved_step: Optional[int] = None      # the step the newest checkpoint holds
 
         resume_path = self._find_resume(resume)
         if resume_path is not None:
@@ -250,26 +277,6 @@ class Trainer:
     def fsdp(self) -> bool:
         return self.cfg.fsdp and self.dist.world > 1
 
-    def _wrap(self):
-        d = self.dist
-        if d.world == 1:
-            return self.model
-        if self.fsdp:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-            mesh = init_device_mesh(d.device.type, (d.world,))
-            kinds = self.family.block_types()
-            for module in (self.model, self.ema.module):
-                for m in list(module.modules()):
-                    if isinstance(m, kinds):
-                        fully_shard(m, mesh=mesh)
-                fully_shard(module, mesh=mesh)
-            if hasattr(self.ema.module, "forward_with_cfg"):
-                register_fsdp_forward_method(self.ema.module, "forward_with_cfg")
-            return self.model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-
     def _find_resume(self, resume: Optional[str]) -> Optional[Path]:
         if resume in (None, "", "none"):
             if list_checkpoints(self.ckpt_dir):
@@ -283,79 +290,45 @@ class Trainer:
             return path
         return Path(resume)
 
-    def _state_dicts(self):
-        """(model, ema, optimizer) state dicts; full (gathered) ones under FSDP, rank 0 only."""
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
-            o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return (get_model_state_dict(self.model, options=o),
-                    get_model_state_dict(self.ema.module, options=o),
-                    get_optimizer_state_dict(self.model, self.optimizer, options=o))
-        return self.model.state_dict(), self.ema.module.state_dict(), self.optimizer.state_dict()
-
-    def _check_compatible(self, ck: dict, path: Path) -> None:
-        from .latent import CheckpointMismatchError, check_state_dict_against
-        mine, theirs = self.model_config, ck["model_config"]
-        if ck["config"].get("model") != self.cfg.model or theirs != mine:
-            diff = [f"{k}: {theirs.get(k)!r} there vs {mine.get(k)!r} here"
-                    for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
-            raise CheckpointError(
-                f"checkpoint {path} was written for model {ck['config'].get('model')!r} "
-                f"(this run: {self.cfg.model!r}) with a different configuration "
-                f"({'; '.join(diff) or 'same fields'}); nothing was loaded"
-                f"{other_checkpoints_hint(path)}")
-        try:
-            check_state_dict_against(self.model.state_dict(), ck["model"], str(path))
-            check_state_dict_against(self.model.state_dict(), ck["ema"], f"{path} (ema)")
-        except CheckpointMismatchError as e:
-            raise CheckpointError(str(e)) from e
-        if ck["world_size"] != self.dist.world:
-            raise CheckpointError(
-                f"checkpoint {path} was written by {ck['world_size']} ranks and this run has "
-                f"{self.dist.world}: the data order and per-rank random streams cannot continue "
-                "exactly; resume with the same number of processes")
-        if ck["dataset_len"] != len(self.dataset):
-            raise CheckpointError(f"checkpoint {path} was trained on {ck['dataset_len']} items; "
-                                  f"this dataset has {len(self.dataset)}")
-        mine = dataclasses.asdict(self.cfg)
-        free = _RESUME_FREE - ({"steps"} if self.cfg.lr_schedule == "cosine" else set())
-        diff = sorted(k for k in mine if k not in free and ck["config"].get(k) != mine[k])
-        if diff:
-            raise CheckpointError(
-                f"checkpoint {path} was trained with different settings: "
-                + ", ".join(f"{k}={ck['config'].get(k)!r} there vs {mine[k]!r} here" for k in diff)
-                + "; pass the same settings to continue it, or start a new run with another --out")
-
     def _load(self, path: Path) -> None:
+        """Model, EMA, optimizer, step and data position from a checkpoint of any world size;
+        this rank's random state when the checkpoint has one (see the module docstring)."""
+        cfg, d = self.cfg, self.dist
         ck = read_checkpoint(path)
-        self._check_compatible(ck, path)
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
-            o = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, ck["model"], options=o)
-            set_model_state_dict(self.ema.module, ck["ema"], options=o)
-            set_optimizer_state_dict(self.model, self.optimizer, ck["optimizer"], options=o)
-        else:
-            self.model.load_state_dict(ck["model"])
-            self.ema.module.load_state_dict(ck["ema"])
-            try:
-                self.optimizer.load_state_dict(ck["optimizer"])
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"checkpoint {path}: optimizer state does not fit: {e}"
-                                      ) from e
+        free = _RESUME_FREE - ({"steps"} if cfg.lr_schedule == "cosine" else set())
+        check_compatible(ck, path, config=dataclasses.asdict(cfg), free=free,
+                         model_config=self.model_config, model_state=self.model.state_dict(),
+                         dataset_len=len(self.dataset))
+        load_training_state(ck, path, self.model, self.ema.module, self.optimizer, self.fsdp)
         self.step, self.epoch = int(ck["step"]), int(ck["epoch"])
         self.batch_in_epoch = int(ck["batch_in_epoch"])
-        set_rng_state(ck["rng"][self.dist.rank], self.dist.device)
+        if d.rank < len(ck["rng"]):
+            set_rng_state(ck["rng"][d.rank], d.device)
+        else:
+            seed_all(fresh_rank_seed(cfg.seed, self.step, d.rank))
+        saved = int(ck["world_size"])
+        if saved != d.world:
+            # batch_in_epoch counts global batches, so the next one starts at the same place in
+            # the epoch's order at any world size; only where the epoch ends depends on the
+            # world size (DistributedSampler pads every shard to the same length)
+            if self.batch_in_epoch >= self.sampler.num_samples // self.batch_per_rank:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            span = (lambda a, b: f"rank {a}" if a == b else f"ranks {a}-{b}")
+            streams = (f"{span(saved, d.world - 1)} seeded afresh" if d.world > saved else
+                       f"the random streams of {span(d.world, saved - 1)} end")
+            self._log(f"resuming a checkpoint of {saved} ranks on {d.world}: global batch "
+                      f"{cfg.batch_size} as {d.world} x {self.batch_per_rank} (was {saved} x "
+                      f"{cfg.batch_size // saved}); {streams}; the losses will not match a "
+                      f"{saved}-rank run bit for bit")
+        self.saved_step = self.step
         self._log(f"resumed from {path} at step {self.step}")
 
     # ---- checkpoint / samples / plots ----
     def save_checkpoint(self) -> Optional[Path]:
         """Every rank calls this (state gathering is collective); rank 0 writes."""
-        from .checkpoint import atomic_path, save_object
         rng = gather_objects(rng_state(self.dist.device), self.dist)
-        model_sd, ema_sd, opt_sd = self._state_dicts()
+        model_sd, ema_sd, opt_sd = full_state_dicts(self.model, self.ema.module, self.optimizer,
+                                                    self.fsdp)
         path = None
         if self.rank0:
             obj = {"format": FORMAT, "step": self.step, "epoch": self.epoch,
@@ -363,45 +336,19 @@ class Trainer:
                    "optimizer": opt_sd, "rng": rng, "config": dataclasses.asdict(self.cfg),
                    "model_config": self.model_config, "family": self.family.name,
                    "world_size": self.dist.world, "dataset_len": len(self.dataset)}
-            path = self.ckpt_dir / f"{CKPT_PREFIX}{self.step:08d}.pt"
-            save_object(obj, path)
-            with atomic_path(self.ckpt_dir / "latest") as tmp:
-                tmp.write_text(path.name + "\n", encoding="utf-8")
-            for old in list_checkpoints(self.ckpt_dir)[:-self.cfg.keep_checkpoints]:
-                if old != path:
-                    old.unlink(missing_ok=True)
+            path = write_checkpoint(obj, self.ckpt_dir, self.step, self.cfg.keep_checkpoints)
         barrier(self.dist)
+        self.saved_step = self.step
         return path
 
-    @torch.no_grad()
     def sample(self, n: Optional[int] = None) -> Optional[torch.Tensor]:
-        """n samples from the EMA model as images in [-1, 1] (rank 0; every rank under FSDP).
-        The noise and labels are the same every time, so grids are comparable across steps;
-        the training random streams are left untouched."""
+        """n samples from the EMA model as images in [-1, 1] (rank 0; every rank under FSDP),
+        from the same noise and labels every time (see train_feedback.sample_images)."""
         n = self.cfg.num_samples if n is None else n
         if n <= 0 or not (self.rank0 or self.fsdp):
             return None
-        ds, dev = self.dataset, self.dist.device
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        noise = torch.randn((n, ds.channels, ds.image_size, ds.image_size), generator=gen)
-        labels = (torch.arange(n) % self.num_classes).to(dev) if self.num_classes else None
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), \
-                torch.autocast(dev.type, dtype=self.amp or torch.float32,
-                               enabled=self.amp is not None):
-            x = self.family.sample(self.ema.module, noise.to(dev), labels, self.cfg)
-        return self._to_images(x.float())
-
-    def _to_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Samples in data space -> images in [-1, 1] for the grid."""
-        if self.cfg.data != "latents":
-            return x.clamp(-1, 1)
-        if self.cfg.sample_vae:
-            from .encode import LATENT_SCALE, load_vae
-            vae = load_vae(self.cfg.sample_vae, x.device)
-            return vae.decode(x / LATENT_SCALE).sample.float().clamp(-1, 1)
-        # no decoder: show latent channels 0-2 as RGB, scaled by their spread
-        v = x[:, :3] if x.shape[1] >= 3 else x[:, :1]
-        return (v / (3 * v.std().clamp_min(1e-6))).clamp(-1, 1)
+        return sample_images(self.family, self.ema.module, self.dataset, self.cfg,
+                             self.num_classes, self.amp, self.dist.device, n)
 
     def write_samples(self) -> Optional[Path]:
         imgs = self.sample()
@@ -464,6 +411,15 @@ class Trainer:
         return loss.detach(), gn.detach(), lr
 
     def fit(self) -> dict:
+        """Train to cfg.steps; then the final checkpoint, loss plot and sample grid. SIGTERM,
+        SIGUSR1 or SIGINT ends the run after the current step on every rank, with a checkpoint
+        and no sample grid; the summary's `stopped` then names the signal (else None)."""
+        with StopRequest(self.dist) as stop:
+            if not stop.installed:
+                self._log("diffit train: not in the main thread: stop signals are not handled")
+            return self._fit(stop)
+
+    def _fit(self, stop: StopRequest) -> dict:
         cfg, d = self.cfg, self.dist
         dev = d.device
         bar = None
@@ -477,10 +433,10 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         gn_max = torch.zeros((), dtype=torch.float64, device=dev)
         n_in_interval, t_interval, t_start = 0, 0.0, time.perf_counter()
-        last_ckpt, start_step = None, self.step
+        last_ckpt, start_step, stopped = None, self.step, None
         batches = self._batches()
         try:
-            while self.step < cfg.steps:
+            while self.step < cfg.steps and not stopped:
                 t0 = time.perf_counter()
                 x, y = next(batches)
                 self.batch_in_epoch += 1
@@ -496,28 +452,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    if d.world > 1:
-                        import torch.distributed as dist
-                        dist.all_reduce(loss_sum)
-                        dist.all_reduce(gn_max, op=dist.ReduceOp.MAX)
-                    mean_loss = loss_sum.item() / (n_in_interval * d.world)
-                    rec = {"step": self.step, "loss": mean_loss, "lr": lr,
-                           "grad_norm": gn_max.item(),
-                           "images_per_s": n_in_interval * cfg.batch_size / max(t_interval, 1e-9),
-                           "epoch": self.epoch, "time_s": time.perf_counter() - t_start}
-                    if not math.isfinite(mean_loss):
-                        raise FloatingPointError(
-                            f"the loss is {mean_loss} at step {self.step}: lower lr, keep "
-                            f"grad_clip on; the last good checkpoint is "
-                            f"{latest_checkpoint(self.ckpt_dir)}")
-                    if self.rank0:
-                        self.metrics.write(rec)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{mean_loss:.4f}",
-                                            img_s=f"{rec['images_per_s']:.1f}")
-                        else:
-                            print(f"step {self.step}/{cfg.steps} loss {mean_loss:.4f} "
-                                  f"lr {lr:.3g} {rec['images_per_s']:.1f} img/s", flush=True)
+                    self._write_metrics(loss_sum, gn_max, n_in_interval, t_interval, lr,
+                                        time.perf_counter() - t_start, bar)
                     loss_sum.zero_()
                     gn_max.zero_()
                     n_in_interval, t_interval = 0, 0.0
@@ -528,18 +464,57 @@ class Trainer:
                 if cfg.sample_every and self.step % cfg.sample_every == 0 \
                         and self.step < cfg.steps:
                     self.write_samples()
+                stopped = stop.agreed()
         finally:
             if bar is not None:
                 bar.close()
-        if self.step > start_step:
+        if stopped:
+            self._log(f"diffit train: {stopped} received: stopping after step {self.step} of "
+                      f"{cfg.steps}, writing a checkpoint")
+        t_save = time.perf_counter()
+        if self.step > start_step and self.saved_step != self.step:
             last_ckpt = self.save_checkpoint()
         self.write_plot()
-        samples = self.write_samples()
+        # a signal during the final checkpoint skips the sample grid (every rank agrees)
+        stopped = stopped or stop.agreed()
+        samples = None
+        if stopped:
+            self._log(f"diffit train: checkpoint for step {self.step} complete "
+                      f"({time.perf_counter() - t_save:.1f} s"
+                      f"{f', {stop.ignored} later signal(s) ignored' if stop.ignored else ''}); "
+                      f"exiting with status {EXIT_STOPPED}: run the same command with --resume "
+                      "to continue")
+        else:
+            samples = self.write_samples()
         barrier(d)
-        summary = {"step": self.step, "out": str(self.out), "checkpoint": last_ckpt,
-                   "samples": samples, "loss_png": self.out / "loss.png",
-                   "wall_s": time.perf_counter() - t_start}
-        return summary
+        return {"step": self.step, "out": str(self.out), "checkpoint": last_ckpt,
+                "samples": samples, "loss_png": self.out / "loss.png", "stopped": stopped,
+                "wall_s": time.perf_counter() - t_start}
+
+    def _write_metrics(self, loss_sum, gn_max, n: int, t_interval: float, lr: float,
+                       elapsed: float, bar) -> None:
+        """One metrics.jsonl line for the interval that ends now (a collective with world > 1)."""
+        cfg, d = self.cfg, self.dist
+        if d.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(gn_max, op=dist.ReduceOp.MAX)
+        mean_loss = loss_sum.item() / (n * d.world)
+        rec = {"step": self.step, "loss": mean_loss, "lr": lr, "grad_norm": gn_max.item(),
+               "images_per_s": n * cfg.batch_size / max(t_interval, 1e-9),
+               "epoch": self.epoch, "time_s": elapsed}
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"the loss is {mean_loss} at step {self.step}: lower lr, keep grad_clip on; the "
+                f"last good checkpoint is {latest_checkpoint(self.ckpt_dir)}")
+        if not self.rank0:
+            return
+        self.metrics.write(rec)
+        if bar is not None:
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rec['images_per_s']:.1f}")
+        else:
+            print(f"step {self.step}/{cfg.steps} loss {mean_loss:.4f} lr {lr:.3g} "
+                  f"{rec['images_per_s']:.1f} img/s", flush=True)
 
     def close(self) -> None:
         if self.dist.owns_group:
@@ -617,12 +592,14 @@ def run(args) -> int:
         print(f"diffit train: error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"diffit train: {summary['step']} steps in {summary['wall_s']:.1f} s; outputs in "
-              f"{summary['out']}")
-    return 0
+        what = (f"stopped by {summary['stopped']} at step {summary['step']}"
+                if summary["stopped"] else f"{summary['step']} steps")
+        print(f"diffit train: {what} in {summary['wall_s']:.1f} s; outputs in {summary['out']}")
+    return EXIT_STOPPED if summary["stopped"] else 0
 
 
-__all__ = ["CKPT_PREFIX", "FAMILIES", "FORMAT", "CheckpointError", "DistInfo", "Family",
+__all__ = ["CKPT_PREFIX", "EXIT_STOPPED", "FAMILIES", "FORMAT", "STOP_SIGNALS",
+           "CheckpointError", "DistInfo", "Family", "StopRequest",
            "MetricsLog", "TrainConfig", "Trainer", "add_parser", "config_from_args",
            "config_from_dict", "family_of", "latest_checkpoint", "list_checkpoints",
            "load_config_file", "plot_loss", "read_checkpoint", "rng_state", "run", "save_grid",

@@ -1,5 +1,5 @@
-"""What `python -m diffit train` shows while it runs: metrics.jsonl, loss.png and sample grids.
-Every file is written atomically or appended line by line."""
+"""What `python -m diffit train` shows while it runs: metrics.jsonl, loss.png and sample grids
+from the EMA model. Every file is written atomically or appended line by line."""
 from __future__ import annotations
 
 import json
@@ -104,3 +104,31 @@ def save_grid(images, path: Path, nrow: Optional[int] = None, min_tile: int = 64
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
 
+
+@torch.no_grad()
+def sample_images(family, ema_module, dataset, cfg, num_classes: int, amp, device,
+                  n: int) -> torch.Tensor:
+    """n samples of `family`'s sampler from the EMA model, as images in [-1, 1] [n, C', H', W'].
+    The noise and labels (class i % num_classes) are the same every time, so grids are
+    comparable across steps; the training random streams are left untouched."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    noise = torch.randn((n, dataset.channels, dataset.image_size, dataset.image_size),
+                        generator=gen)
+    labels = (torch.arange(n) % num_classes).to(device) if num_classes else None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        x = family.sample(ema_module, noise.to(device), labels, cfg)
+    return to_images(x.float(), cfg)
+
+
+def to_images(x: torch.Tensor, cfg) -> torch.Tensor:
+    """Samples in data space -> images in [-1, 1] for the grid: pixels are clamped; latents are
+    decoded with cfg.sample_vae, or without one shown as channels 0-2 scaled by their spread."""
+    if cfg.data != "latents":
+        return x.clamp(-1, 1)
+    if cfg.sample_vae:
+        from .encode import LATENT_SCALE, load_vae
+        vae = load_vae(cfg.sample_vae, x.device)
+        return vae.decode(x / LATENT_SCALE).sample.float().clamp(-1, 1)
+    v = x[:, :3] if x.shape[1] >= 3 else x[:, :1]
+    return (v / (3 * v.std().clamp_min(1e-6))).clamp(-1, 1)

@@ -5,6 +5,7 @@ machine, and `TRITON_INTERPRET` is read when a call is made, not when the module
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Sequence
 
@@ -147,3 +148,14 @@ def row_warps(block: int) -> int:
     """Warps ladder for row-wise kernels: one warp per ~256 elements of the row, 1..32
     (an 8192-wide fused row spills on sm_90a with 16 warps)."""
     return max(1, min(32, block // 256))
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached): launchers size their grids by it."""
+    return _multiprocessors(device.index if device.index is not None
+                            else torch.cuda.current_device())

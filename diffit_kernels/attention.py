@@ -39,7 +39,6 @@ the neighbouring window's rows (0 * NaN in the tile's dot); finite inputs are un
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -51,7 +50,7 @@ from ._attention_index import (_Geom, _dbias_plan, _fused_bins, _gather_bins,
                                _reduce_slots)
 from ._attention_kernels import LOG2E
 from ._common import (cdiv, check_kernel_dtype, dot_upcast, empty, interpreting,
-                      next_power_of_2, resolve_backend, unit_last_stride)
+                      next_power_of_2, resolve_backend, sm_count, unit_last_stride)
 
 try:
     import triton
@@ -80,17 +79,12 @@ def _check_head_dim(D: int) -> None:
             f"got D={D}; use backend='torch' for it")
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _programs_per_head(device: torch.device, H: int) -> int:
     """Programs per head of the kernels that write partials: ~4 per SM in all; two under the
     interpreter, so the partial reduction is exercised."""
     if device.type != "cuda":
         return 2
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     return max(1, cdiv(4 * sms, H))
 
 

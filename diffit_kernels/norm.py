@@ -13,14 +13,13 @@ and writes fp32 partials [B, P, C]; they are summed over P in a fixed order afte
 """
 from __future__ import annotations
 
-import functools
 from typing import List, Optional, Tuple
 
 import torch
 
 from . import reference
-from ._common import (cdiv, check_kernel_dtype, empty, next_power_of_2,
-                      resolve_backend, row_warps, unit_last_stride)
+from ._common import (cdiv, check_kernel_dtype, empty, next_power_of_2, resolve_backend,
+                      row_warps, sm_count, unit_last_stride)
 
 MAX_C = 8192
 BWD_BLOCK_C = 2048  # backward row chunk: wider rows spill when rebuilt in one piece
@@ -232,17 +231,12 @@ def _vec_stride(t: Optional[torch.Tensor]) -> int:
     return t.stride(0) if t is not None else 0
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _bwd_rows_per_program(B: int, N: int, device: torch.device) -> int:
     """Rows per backward program: enough programs to fill the card (~4 per SM), but as many
     rows as possible per program so the fp32 partials stay small."""
     if device.type != "cuda":
         return max(1, cdiv(N, 2))  # interpreter: two programs per sample exercise the reduction
-    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    target = 4 * sm_count(device)
     per_sample = max(1, min(N, target // max(B, 1)))
     return max(1, cdiv(N, per_sample))  # N == 0 (empty rows): the launcher divides by it
 

@@ -31,8 +31,8 @@ import torch
 
 from . import _projection_kernels as _kernels
 from . import reference
-from ._common import (cdiv, check_kernel_dtype, dot_upcast, empty,
-                      interpreting, next_power_of_2, resolve_backend, row_warps,
+from ._common import (cdiv, check_kernel_dtype, dot_upcast, empty, interpreting,
+                      next_power_of_2, resolve_backend, row_warps, sm_count,
                       unit_last_stride)
 
 try:
@@ -127,18 +127,13 @@ def _vec(elsize: int, *sizes: int) -> int:
     return v
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _dw_split(T: int, CP: int, C: int, device: torch.device) -> int:
     """Row splits of the dW GEMM (fixed-order fp32 partials): only when its 128x128 output
     tiles cannot fill the card (narrow layers), keeping >= 16 row steps per split."""
     if device.type != "cuda":
         return 2 if T >= 4 else 1  # the interpreter exercises the partial reduction
     tiles = 3 * cdiv(CP, 128) * cdiv(C, 128)
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     if tiles >= sms:
         return 1
     return max(1, min(cdiv(sms, tiles), T // 16))

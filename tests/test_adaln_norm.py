@@ -207,7 +207,7 @@ def test_bad_inputs_raise_clear_errors(kwargs, exc, match):
 def test_backward_rows_per_program_on_cuda_never_zero(monkeypatch):
     # the CUDA branch of the backward's row split (the interpreter takes the other one): the
     # launcher computes P = cdiv(N, rows), so rows = 0 at N = 0 was a ZeroDivisionError
-    monkeypatch.setattr(norm, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(norm, "sm_count", lambda device: 132)
     cuda = torch.device("cuda", 0)
     for B, N in [(2, 0), (0, 5), (1, 1), (3, 7), (1, 1000), (600, 1)]:
         rows = norm._bwd_rows_per_program(B, N, cuda)

@@ -235,38 +235,11 @@ def test_edm_sampling_with_the_tiny_model():
 
 
 # ---- backends -------------------------------------------------------------------------------
-def _missing_triton_ops():
-    """Names of the ops the DiffiT block calls whose Triton path cannot run yet, with why."""
-    x, temb = torch.randn(1, 16, 16), torch.randn(1, 8)
-    w, tw = torch.randn(48, 16), torch.randn(48, 8)
-    calls = {
-        "time_qkv": lambda: diffit_kernels.time_qkv(x, temb, w, None, tw, None, 1, norm_eps=1e-6,
-                                                    backend="triton"),
-        "tmsa_attention": lambda: diffit_kernels.tmsa_attention(
-            *[torch.randn(1, 1, 16, 16)] * 3, table=torch.randn(49, 1), grid=(4, 4),
-            backend="triton"),
-        "adaln_norm": lambda: diffit_kernels.adaln_norm(x, residual=x, backend="triton"),
-    }
-    missing = []
-    for name, call in calls.items():
-        if not hasattr(diffit_kernels, name):
-            missing.append(f"{name} (not exported)")
-            continue
-        try:
-            call()
-        except NotImplementedError as e:
-            missing.append(f"{name} ({e})")
-    return missing
-
-
 @pytest.mark.interpreter
 def test_backends_agree_tiny():
     """Same weights, backend="triton" (kernels under the interpreter) vs "torch" (reference):
     the output and every parameter's gradient agree. 8x8 images, window 4: level 0 runs 2x2
     windows of 16 tokens through the kernel's windowing, level 1 one global 4x4 window."""
-    missing = _missing_triton_ops()
-    if missing:
-        pytest.skip(f"Triton path of the DiffiT block not available: {'; '.join(missing)}")
     cfg = dict(image_size=8, in_channels=1, channels=(16, 32), num_res_blocks=1, window_size=4,
                head_dim=16, norm_groups=8, time_embed_dim=32, time_freq_dim=16, num_classes=2)
     ref = DiffiTUNet(DiffiTUNetConfig(**cfg, backend="torch"))
@@ -284,3 +257,41 @@ def test_backends_agree_tiny():
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
     for (name, pr), (_, pt) in zip(ref.named_parameters(), tri.named_parameters()):
         torch.testing.assert_close(pt.grad, pr.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["ffhq64", "cifar10"])
+def test_gpu_preset_bf16_autocast_matches_eager(preset):
+    """The preset's widths and windows (ffhq64: 8x8 windows of 64 tokens, cifar10: 4x4 windows
+    of 16) on CUDA, fp32 weights under bf16 autocast as in training, one ResBlock per level:
+    the Triton backend's output and every parameter gradient within the numerics rule against
+    fp32 eager, with eager bf16 autocast as the yardstick (DESIGN.md section 5)."""
+    from diffit_kernels.testing import max_err, rule_bound
+
+    torch.manual_seed(0)
+    base = DiffiTUNet.from_preset(preset, num_res_blocks=1, backend="torch")
+    _randomize_head(base)
+    size = base.config.image_size
+    x = torch.randn(2, 3, size, size, device="cuda")
+    sigma = torch.tensor([0.3, 12.0], device="cuda")
+    dy = torch.randn_like(x)
+
+    def run(backend, amp):
+        m = DiffiTUNet.from_preset(preset, num_res_blocks=1, backend=backend).cuda()
+        m.load_state_dict(base.state_dict())
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            o = m(x, sigma)
+        o.float().backward(dy)
+        return o.detach().float(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    out, g_out = run("triton", True)
+    ref, g_ref = run("torch", False)
+    pt, g_pt = run("torch", True)
+    assert set(g_out) == set(g_ref)
+    bad = []
+    for name, o, r, p, k in [("out", out, ref, pt, 2.0)] + [
+            ("d" + n, g_out[n], g_ref[n], g_pt[n], 3.0) for n in g_ref]:
+        err, bound = max_err(o, r), rule_bound(r, p, torch.bfloat16, k)
+        if not err <= bound:
+            bad.append(f"{name}: err {err:.3e} > bound {bound:.3e}")
+    assert not bad, "\n".join(bad)

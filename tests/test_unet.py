@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-import diffit_kernels
 from diffit.augment import AugmentPipe
 from diffit.diffusion.edm import EDMLoss, EDMPrecond, heun_sampler
 from diffit.layers import timestep_embedding

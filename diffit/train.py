@@ -35,14 +35,15 @@ seeds every generator with fresh_rank_seed(seed, step, rank). Bit-for-bit equali
 uninterrupted run is promised only at the same world size.
 
 Stopping (preemption): SIGTERM (what Slurm and Kubernetes send before a kill), SIGUSR1 (Slurm's
---signal) and SIGINT (Ctrl-C) end the run after the current step. The ranks agree on that step,
-rank 0 writes a complete checkpoint (`latest` moves only once it is), the sample grid is skipped,
-and the process exits with status 75 (EXIT_STOPPED, sysexits' EX_TEMPFAIL: try again later;
-0 = finished, 2 = bad arguments, 1 = crash): run the same command with --resume to continue.
-Further signals while the checkpoint is written are ignored (SIGKILL still ends the process at
-once; the unfinished temporary file is never named `latest`). torchrun forwards SIGTERM and SIGINT
-to its workers (add SIGUSR1 with --signals-to-handle), kills them --shutdown-timeout seconds later
-(30 by default: the checkpoint must be written within that) and exits 1 when a worker exits 75.
+--signal) and SIGINT (Ctrl-C) end the run after the current step (data-loader workers ignore
+them and end with the loader). The ranks agree on that step, rank 0 writes a complete checkpoint
+(`latest` moves only once it is), the sample grid is skipped, and the process exits with status
+75 (EXIT_STOPPED, sysexits' EX_TEMPFAIL: try again later; 0 = finished, 2 = bad arguments, 1 =
+crash): run the same command with --resume to continue. Further signals while the checkpoint is
+written are ignored (SIGKILL still ends the process at once; the unfinished temporary file is
+never named `latest`). torchrun forwards SIGTERM and SIGINT to its workers (add SIGUSR1 with
+--signals-to-handle), kills them --shutdown-timeout seconds later (30 by default: the checkpoint
+must be written within that) and exits 1 when a worker exits 75.
 """
 from __future__ import annotations
 
@@ -64,9 +65,10 @@ from .train_families import FAMILIES, Family, family_of
 from .train_feedback import MetricsLog, plot_loss, sample_images, save_grid
 from .train_state import (CKPT_PREFIX, FORMAT, STOP_SIGNALS, CheckpointError, DistInfo,
                           StopRequest, barrier, check_compatible, fresh_rank_seed,
-                          full_state_dicts, gather_objects, init_distributed, latest_checkpoint,
-                          list_checkpoints, load_training_state, read_checkpoint, rng_state,
-                          seed_all, set_rng_state, wrap_model, write_checkpoint)
+                          full_state_dicts, gather_objects, ignore_stop_signals, init_distributed,
+                          latest_checkpoint, list_checkpoints, load_training_state,
+                          read_checkpoint, rng_state, seed_all, set_rng_state, wrap_model,
+                          write_checkpoint)
 
 # exit status of `python -m diffit train` stopped by a signal with its checkpoint complete:
 # sysexits' EX_TEMPFAIL ("try again later"), so a requeue wrapper can tell it from success (0),
@@ -229,7 +231,8 @@ class Trainer:
         self.loader_gen = torch.Generator()
         self.loader = DataLoader(ds, batch_size=self.batch_per_rank, sampler=self.sampler,
                                  drop_last=True, num_workers=cfg.num_workers,
-                                 pin_memory=d.device.type == "cuda", generator=self.loader_gen)
+                                 pin_memory=d.device.type == "cuda", generator=self.loader_gen,
+                                 worker_init_fn=ignore_stop_signals)
 
         # model: identical initial weights on every rank, then per-rank random streams
         seed_all(cfg.seed)
@@ -466,6 +469,9 @@ class Trainer:
                     self.write_samples()
                 stopped = stop.agreed()
         finally:
+            # shuts the loader's workers down now: they ignore SIGTERM (ignore_stop_signals),
+            # so at interpreter exit multiprocessing could not terminate them
+            batches.close()
             if bar is not None:
                 bar.close()
         if stopped:

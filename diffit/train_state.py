@@ -101,6 +101,17 @@ def wrap_model(model, ema_module, info: DistInfo, fsdp: bool, block_types: tuple
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
 
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: the stop signals are the main process's to act on. Slurm
+    signals every process of a job step and Ctrl-C reaches the whole process group; a loader
+    worker killed by one would crash the step the main process is finishing. The workers still
+    end when the loader shuts down (Trainer.fit closes it) or the main process dies, but no
+    longer on the SIGTERM of multiprocessing's terminate()."""
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
 class StopRequest:
     """SIGTERM, SIGUSR1 and SIGINT become a request to stop after the current step.
 

@@ -127,22 +127,23 @@ def test_signal_mid_step_and_again_during_the_checkpoint(tmp_path, latents, monk
 
 
 def test_sigterm_to_a_training_process_then_resume(tmp_path, latents):
-    """`python -m diffit train` killed politely mid-run: exit status 75, a checkpoint that
-    --resume continues from, and the same losses as a run that was never interrupted."""
+    """`python -m diffit train` with a data-loader worker, its process group sent SIGTERM mid-run
+    (Slurm signals every process of a job step): exit status 75, a checkpoint that --resume
+    continues from, and the same losses as a run that was never interrupted."""
     out = tmp_path / "b"
     cmd = [sys.executable, "-m", "diffit", "train", "--model", "DiffiT-tiny", "--data", "latents",
            "--data-path", str(latents), "--batch-size", "8", "--steps", "1000", "--lr", "1e-3",
            "--log-every", "1", "--ckpt-every", "0", "--num-samples", "0", "--no-progress",
-           "--out", str(out)]
+           "--num-workers", "1", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         lines = []
         for line in proc.stdout:                         # wait until it is training
             lines.append(line)
             if line.startswith("step 2/1000"):
-                proc.send_signal(signal.SIGTERM)
+                os.killpg(proc.pid, signal.SIGTERM)
                 break
         rest, err = proc.communicate(timeout=120)
     finally:

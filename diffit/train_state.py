@@ -33,7 +33,10 @@ class DistInfo:
 
 
 def init_distributed(device_arg: Optional[str]) -> DistInfo:
-    """Rank / world from torchrun's environment; NCCL on CUDA, gloo on CPU."""
+    """Rank / world from torchrun's environment; NCCL on CUDA, gloo on CPU. With NCCL a small
+    gloo group carries the per-step stop flag (StopRequest.agreed), so the check never waits for
+    the GPU; like any gloo group it needs GLOO_SOCKET_IFNAME where the host name does not resolve
+    to the address the other nodes reach."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -2,15 +2,25 @@
 
 Every number a benchmark writes is measured here on the run's own card; the CSV and the
 summary carry the card, driver, CUDA, PyTorch and Triton versions and the command line.
+
+Also shared by every benchmark: the run's time budget (set_budget / out_of_time: a case that
+would start after the deadline becomes a row whose error says it was skipped), torch.compile
+of the baselines (compiled(): one backend, static shapes, a recompile limit high enough that
+Dynamo never silently falls back to eager), and error rows (error_text, after_error: a failed
+case, CUDA out-of-memory included, is a row, never the end of the run).
 """
 from __future__ import annotations
 
 import csv
+import functools
+import inspect
+import logging
 import os
 import platform
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -51,15 +61,22 @@ def environment() -> Dict[str, str]:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
     if torch.cuda.is_available():
-        try:
-            import subprocess
-
-            env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
-        except Exception:
-            env["driver"] = "unknown"
+        env["driver"] = _driver()
     return env
+
+
+@functools.lru_cache(maxsize=1)
+def _driver() -> str:
+    """The NVIDIA driver version from nvidia-smi ("unknown" where it is missing or silent);
+    asked once per process, as every benchmark writes the environment."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out[0] if out else "unknown"
 
 
 def bench(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] = (),
@@ -69,8 +86,10 @@ def bench(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] = (),
     if torch.cuda.is_available():
         from triton.testing import do_bench
 
-        return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=list(grad_to_none) or None,
-                              return_mode="median"))
+        kw = dict(warmup=warmup, rep=rep, grad_to_none=list(grad_to_none) or None)
+        if "return_mode" in inspect.signature(do_bench).parameters:
+            return float(do_bench(fn, return_mode="median", **kw))
+        return float(do_bench(fn, quantiles=[0.5], **kw))  # older Triton: the median this way
     import time
 
     fn()
@@ -92,6 +111,110 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ---- the run's time budget ------------------------------------------------------------------
+_DEADLINE: Optional[float] = None   # time.monotonic() after which no new case starts
+_BUDGET_NOTE = ""                   # how the deadline was set, for the skipped rows' error text
+SKIPPED = "skipped:"                # error text prefix of a case the time budget left out
+
+
+def set_budget(seconds: Optional[float], note: str = "") -> None:
+    """Cases that would start more than `seconds` from now are skipped (None: no limit)."""
+    global _DEADLINE, _BUDGET_NOTE
+    _DEADLINE = None if seconds is None else time.monotonic() + max(0.0, float(seconds))
+    _BUDGET_NOTE = note
+
+
+def time_left() -> Optional[float]:
+    return None if _DEADLINE is None else _DEADLINE - time.monotonic()
+
+
+def out_of_time() -> bool:
+    left = time_left()
+    return left is not None and left <= 0
+
+
+def skipped_text() -> str:
+    return f"{SKIPPED} the time budget{' (' + _BUDGET_NOTE + ')' if _BUDGET_NOTE else ''} " \
+        "was spent before this case started"
+
+
+# ---- errors -----------------------------------------------------------------------------------
+def error_text(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}".strip()
+
+
+def after_error() -> None:
+    """Free what a failed case left behind (an out-of-memory error leaves the allocator full)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# ---- torch.compile baselines ------------------------------------------------------------------
+COMPILE_BACKEND = "inductor"  # tests on CPU swap in "aot_eager" (same Dynamo guards, no codegen)
+RECOMPILE_LIMIT = 64
+
+
+def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
+    """Past Dynamo's recompile limit (8 by default) a function silently runs eager: a benchmark
+    must never time that as "compile". The option's name changed across PyTorch versions."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < limit:
+            setattr(cfg, name, limit)
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < 4 * limit:
+            setattr(cfg, name, 4 * limit)
+
+
+def compiled(fn: Callable, **kwargs) -> Callable:
+    """torch.compile(fn) as every benchmark compiles a baseline: static shapes (each case has
+    fixed shapes; a dynamic-shape recompile would be timed as warm-up), COMPILE_BACKEND."""
+    raise_recompile_limit()
+    kwargs.setdefault("dynamic", False)
+    kwargs.setdefault("backend", COMPILE_BACKEND)
+    return torch.compile(fn, **kwargs)
+
+
+class _LimitHits(logging.Handler):
+    """Counts Dynamo's "hit config.recompile_limit" warnings (it keeps no counter of them):
+    each means a function from then on ran eager, however it was compiled."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if "recompile_limit" in msg or "cache_size_limit" in msg:
+            self.count += 1
+
+
+_LIMIT_HITS = _LimitHits()
+
+
+def compile_counts() -> Dict[str, int]:
+    """Dynamo's running totals (torch._dynamo.reset() does not clear them): graphs built, graph
+    breaks met, recompile-limit hits. Their change over one case says whether its compiled
+    baseline is a few clean graphs or a recompile storm that ended in eager."""
+    from torch._dynamo.utils import counters
+
+    dynamo_log = logging.getLogger("torch._dynamo")
+    if _LIMIT_HITS not in dynamo_log.handlers:
+        dynamo_log.addHandler(_LIMIT_HITS)
+    return {"graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "recompile_limit_hits": _LIMIT_HITS.count}
+
+
+def counts_since(before: Dict[str, int]) -> Dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in compile_counts().items()}
 
 
 def write_csv(path: Path, rows: List[dict]) -> None:
@@ -127,7 +250,8 @@ def plot(path: Path, rows: List[dict], x: str, y: str, line: str, title: str,
         ax.set_title(p or title)
         ax.set_xlabel(x)
         ax.set_ylabel(ylabel or y)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # every row failed or was skipped: none
+            ax.legend(fontsize=7)
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     fig.suptitle(title)
     fig.tight_layout()

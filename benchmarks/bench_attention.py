@@ -4,8 +4,15 @@ Providers (every row's gradient includes the bias table, or the dense bias, wher
     tmsa           diffit_kernels.tmsa_attention (Triton): table gathered in-kernel, d_table
                    reduced deterministically
     sdpa-membias   SDPA, memory-efficient backend forced, dense bias built from the table that
-                   requires grad (its backward writes a dense bias gradient)
-    flex           FlexAttention compiled, score_mod reading the table (its learnable-bias path)
+                   requires grad (its backward writes a dense bias gradient); the bias is made
+                   contiguous [1, H, n, n] and expanded over the batch (stride 0), so SDPA need not
+                   pad a copy of it, while the dense [B, H, n, n] gradient stays its own cost
+    flex           FlexAttention compiled (static shapes), score_mod reading the table (its
+                   learnable-bias path: the table's gradient is an atomic scatter); one score_mod
+                   and one block mask per shape, and Dynamo's cache is cleared between shapes, so
+                   every shape runs compiled (past Dynamo's recompile limit flex would silently
+                   run its unfused eager path); windowed shapes use a block mask on the natural
+                   token order
     eager          diffit_kernels.reference.tmsa_attention (plain PyTorch)
     sdpa-flash     SDPA flash backend with no bias at all: the speed-of-light row
 TFLOP/s follow FlashAttention's convention: forward 4 * B * H * N * keys * d (keys = the tokens a
@@ -13,20 +20,24 @@ query attends to: N, or the window's), backward 2.5x that, forward+backward 3.5x
 
     python benchmarks/bench_attention.py [--quick] [--dtype bf16|fp16|fp32] [--out DIR]
 Without CUDA it prints why and exits 0; `run(tiny_cpu=True)` runs the same code path on CPU at
-tiny sizes against the reference provider only (the harness test).
+tiny sizes against the reference provider only (the harness test); `providers=` picks others.
+A provider that fails at a shape (CUDA out of memory, a backend that refuses the head dim or
+dtype, fp32 for flash) is a row with its error; cases after the run's time budget are rows
+saying they were skipped. The CSV is rewritten after every shape.
 """
 from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (bench, bench_main, cuda_or_explain, environment,  # noqa: E402
-                               peak_memory_mb, plot, results_dir, write_csv)
+from benchmarks.common import (after_error, bench, bench_main, compiled,  # noqa: E402
+                               cuda_or_explain, environment, error_text, out_of_time,
+                               peak_memory_mb, plot, results_dir, skipped_text, write_csv)
 from diffit_kernels import reference  # noqa: E402
 from diffit_kernels import tmsa_attention  # noqa: E402
 
@@ -42,6 +53,8 @@ SHAPES = [
 QUICK = ("latent256-B64", "img32-win4-B64")
 TINY_CPU = [("tiny-global", 1, 2, (4, 4), None, 16), ("tiny-win", 1, 2, (4, 4), (2, 2), 16)]
 MODES = ("fwd", "bwd", "fwd+bwd")
+# run order: flex (two compiles per shape) last, so a spent time budget skips it first
+PROVIDERS = ("tmsa", "sdpa-flash", "sdpa-membias", "eager", "flex")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -65,14 +78,46 @@ def _partition(t, grid, window):
 
 
 def _dense_bias(table, gh, gw):
+    """[1, H, n, n] contiguous, built from the table on every call (its gradient flows back)."""
     n, H = gh * gw, table.shape[1]
     idx = reference.relative_position_index(gh, gw, table.device)
-    return table[idx.view(-1)].view(n, n, H).permute(2, 0, 1)[None]          # [1, H, n, n]
+    return table[idx.view(-1)].view(n, n, H).permute(2, 0, 1).contiguous()[None]
 
 
-def _providers(grid, window, tiny_cpu: bool) -> Dict[str, Callable]:
-    """name -> f(q, k, v, table) -> o. Window partitioning for SDPA / flash happens outside."""
+def _sdpa_membias(gh, gw, backend=None):
+    """SDPA with the dense bias; `backend` defaults to the memory-efficient kernel (tests on
+    CPU pass the math backend to check the bias and the window partition)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    backend = SDPBackend.EFFICIENT_ATTENTION if backend is None else backend
+
+    def sdpa_membias(q, k, v, table):
+        bias = _dense_bias(table, gh, gw).expand(q.shape[0], -1, -1, -1)   # [B, H, n, n]
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return sdpa_membias
+
+
+def _sdpa_flash(backend=None):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    backend = SDPBackend.FLASH_ATTENTION if backend is None else backend
+
+    def sdpa_flash(q, k, v, table):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+    return sdpa_flash
+
+
+def _providers(grid, window, names) -> Dict[str, Callable]:
+    """name -> f(q, k, v, table) -> o, for the names asked. Window partitioning for SDPA /
+    flash happens outside (_measure)."""
     gh, gw = window or grid
+    unknown = [n for n in names if n not in PROVIDERS]
+    if unknown:
+        raise ValueError(f"providers must be among {PROVIDERS}, got {unknown}")
 
     def tmsa(q, k, v, table):
         return tmsa_attention(q, k, v, table=table, grid=grid, window=window, backend="triton")
@@ -80,57 +125,48 @@ def _providers(grid, window, tiny_cpu: bool) -> Dict[str, Callable]:
     def eager(q, k, v, table):
         return reference.tmsa_attention(q, k, v, table=table, grid=grid, window=window)
 
-    if tiny_cpu:
-        return {"eager": eager}
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    import torch.nn.functional as F
-
-    def sdpa_membias(q, k, v, table):
-        bias = _dense_bias(table, gh, gw).expand(q.shape[0], -1, -1, -1)
-        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-
-    def sdpa_flash(q, k, v, table):
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v)
-
-    provs = {"tmsa": tmsa, "sdpa-membias": sdpa_membias, "flex": _flex(grid, window),
-             "eager": eager, "sdpa-flash": sdpa_flash}
-    return provs
+    make = {"tmsa": lambda: tmsa, "eager": lambda: eager,
+            "sdpa-membias": lambda: _sdpa_membias(gh, gw), "sdpa-flash": _sdpa_flash,
+            "flex": lambda: _flex(grid, window)}
+    return {n: make[n]() for n in names}
 
 
-def _flex(grid, window):
+def flex_score_mod(table, grid, window):
+    """score + table[rel(q, k), h]: Swin's relative index computed from the token indices,
+    reading `table` [R, H] itself (captured, so flex returns its gradient)."""
+    Gw, (gh, gw) = grid[1], (window or grid)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        qi, qj = q_idx // Gw, q_idx % Gw
+        ki, kj = kv_idx // Gw, kv_idx % Gw
+        rel = (qi % gh - ki % gh + gh - 1) * (2 * gw - 1) + (qj % gw - kj % gw + gw - 1)
+        return score + table[rel, h]
+    return score_mod
+
+
+def _flex(grid, window, backend=None):
+    """FlexAttention compiled once for this shape. The score_mod (and the windowed block mask)
+    is built on the first call and reused while the same table comes in: Dynamo guards on the
+    score_mod, and a stable one keeps the graphs at two (grad and no-grad)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    (Gh, Gw), (gh, gw) = grid, (window or grid)
-    compiled = torch.compile(flex_attention, dynamic=False)
-    cache = {}
+    Gw, (gh, gw) = grid[1], (window or grid)
+    kw = {} if backend is None else {"backend": backend}
+    flex = compiled(flex_attention, **kw)
+    state: dict = {}
+
+    def same_window(b, h, q_idx, kv_idx):
+        return ((q_idx // Gw) // gh == (kv_idx // Gw) // gh) & \
+            ((q_idx % Gw) // gw == (kv_idx % Gw) // gw)
 
     def f(q, k, v, table):
-        tab = table.t()                                              # [H, R], grad flows
-
-        def coords(idx):
-            return idx // Gw, idx % Gw
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            qi, qj = coords(q_idx)
-            ki, kj = coords(kv_idx)
-            rel = (qi % gh - ki % gh + gh - 1) * (2 * gw - 1) + (qj % gw - kj % gw + gw - 1)
-            return score + tab[h, rel]
-
-        block_mask = None
-        if window is not None:
-            key = (q.shape[2], q.device)
-            if key not in cache:
-                def same_window(b, h, q_idx, kv_idx):
-                    qi, qj = coords(q_idx)
-                    ki, kj = coords(kv_idx)
-                    return (qi // gh == ki // gh) & (qj // gw == kj // gw)
-                cache[key] = create_block_mask(same_window, None, None, q.shape[2], q.shape[2],
-                                               device=q.device)
-            block_mask = cache[key]
-        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
+        N = q.shape[2]
+        if state.get("table") is not table or state.get("N") != N:
+            state.clear()
+            state.update(table=table, N=N, score_mod=flex_score_mod(table, grid, window),
+                         block_mask=None if window is None else create_block_mask(
+                             same_window, None, None, N, N, device=q.device))
+        return flex(q, k, v, score_mod=state["score_mod"], block_mask=state["block_mask"])
     return f
 
 
@@ -167,44 +203,77 @@ def _measure(name, fn, q, k, v, table, grid, window, mode, tiny_cpu):
     return ms, mem
 
 
+def _row(label, B, H, grid, window, d, dtype, name, mode) -> dict:
+    return dict(shape=label, B=B, H=H, N=grid[0] * grid[1],
+                window="x".join(map(str, window)) if window else "global", d=d,
+                dtype=str(dtype).split(".")[-1], provider=name, mode=mode)
+
+
 def run(quick: bool = False, dtype=torch.bfloat16, out_dir: Optional[str] = None,
-        tiny_cpu: bool = False) -> List[dict]:
-    """Time every provider at every shape and mode; write CSV + plots; return the rows."""
+        tiny_cpu: bool = False, providers: Optional[Sequence[str]] = None) -> List[dict]:
+    """Time every provider at every shape and mode; write CSV + plots; return the rows.
+
+    providers: default all of PROVIDERS on CUDA, ["eager"] with tiny_cpu."""
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     if not tiny_cpu and not cuda_or_explain("bench_attention"):
         return []
     device = torch.device("cpu" if tiny_cpu else "cuda")
     shapes = TINY_CPU if tiny_cpu else [s for s in SHAPES if not quick or s[0] in QUICK]
+    names = list(providers) if providers else (["eager"] if tiny_cpu else list(PROVIDERS))
+    if any(n not in PROVIDERS for n in names):
+        raise ValueError(f"providers must be among {PROVIDERS}, got {names}")
     env = environment()
+    out = results_dir(out_dir)
+    tag = str(dtype).split(".")[-1]
     rows = []
     for label, B, H, grid, window, d in shapes:
-        q, k, v, table = _inputs(B, H, grid, window, d, dtype, device)
+        # flex_attention's compiled graphs from the last shape would count against Dynamo's
+        # recompile limit for this one
+        torch._dynamo.reset()
         flops = _flops(B, H, grid, window, d)
-        for name, fn in _providers(grid, window, tiny_cpu).items():
-            for mode in MODES:
-                row = dict(shape=label, B=B, H=H, N=grid[0] * grid[1],
-                           window="x".join(map(str, window)) if window else "global", d=d,
-                           dtype=str(dtype).split(".")[-1], provider=name, mode=mode)
+        provs, errs = {}, {}
+        q = k = v = table = None
+        try:
+            q, k, v, table = _inputs(B, H, grid, window, d, dtype, device)
+        except Exception as e:  # noqa: BLE001 - the shape's rows say why, the next shape runs
+            errs = dict.fromkeys(names, error_text(e))
+            after_error()
+        for name in names:
+            if name not in errs:
                 try:
-                    ms, mem = _measure(name, fn, q, k, v, table, grid, window, mode, tiny_cpu)
-                    scale = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
-                    tflops = flops * scale / ms / 1e9
-                    row.update(ms=float(f"{ms:.4g}"), tflops=float(f"{tflops:.4g}"),
-                               peak_mb=float(f"{mem:.4g}"), error="")
-                except Exception as e:  # a provider that cannot run a shape is a row, not a crash
-                    row.update(ms=float("nan"), tflops=float("nan"), peak_mb=float("nan"),
-                               error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                    provs[name] = _providers(grid, window, [name])[name]
+                except Exception as e:  # noqa: BLE001 - e.g. no FlexAttention in this PyTorch
+                    errs[name] = error_text(e)
+        for name in names:
+            for mode in MODES:
+                row = _row(label, B, H, grid, window, d, dtype, name, mode)
+                nan = float("nan")
+                row.update(ms=nan, tflops=nan, peak_mb=nan, error="")
+                if out_of_time():
+                    row["error"] = skipped_text()
+                elif name not in provs:
+                    row["error"] = errs[name]
+                else:
+                    try:
+                        ms, mem = _measure(name, provs[name], q, k, v, table, grid, window, mode,
+                                           tiny_cpu)
+                        scale = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+                        row.update(ms=float(f"{ms:.4g}"),
+                                   tflops=float(f"{flops * scale / ms / 1e9:.4g}"),
+                                   peak_mb=float(f"{mem:.4g}"))
+                    except Exception as e:  # noqa: BLE001 - a provider that cannot run a shape
+                        row["error"] = error_text(e)  # is a row, not the end of the run
+                        del e
+                        after_error()
+                row.update({f"env_{k}": v for k, v in env.items()})
                 rows.append(row)
                 print(f"{label:16} {name:13} {mode:8} {row['ms']:>9} ms {row['tflops']:>8} "
                       f"TFLOP/s {row['peak_mb']:>9} MB {row['error']}", flush=True)
+        q = k = v = table = provs = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for r in rows:
-        r.update({f"env_{k}": v for k, v in env.items()})
-    out = results_dir(out_dir)
-    tag = str(dtype).split(".")[-1]
-    write_csv(out / f"attention_{tag}.csv", rows)
+        write_csv(out / f"attention_{tag}.csv", rows)  # a killed run keeps the shapes done
     for mode in MODES:
         sub = [r for r in rows if r["mode"] == mode]
         plot(out / f"attention_{tag}_{mode.replace('+', '_')}.png", sub, x="shape", y="ms",

@@ -4,7 +4,8 @@ Providers:
     ours      diffit_kernels.time_qkv (Triton): LayerNorm folded into one GEMM whose epilogue adds
               bias + time term and writes the head-split q, k, v; Triton backward GEMMs
     eager     diffit_kernels.reference.time_qkv: LayerNorm + Linear + Linear + add + permute
-    compile   torch.compile of the eager sequence
+    compile   torch.compile of the eager sequence (static shapes, compiled afresh for each
+              shape and variant)
     cublas    the bare GEMMs of the same size, nothing else (speed of light): forward
               x[M, C] @ W^T, backward g @ W and g^T @ x
 Variants: "ln+temb" (LayerNorm fused, DiffiT's block) and "temb" (x already normalised: the
@@ -12,22 +13,28 @@ official DiffiTAttention contract). TFLOP/s count the projection GEMM only, 2 * 
 forward and twice that backward, for every provider; the incoming gradients are three separate
 [B, H, N, d] tensors, as an attention backward hands them over.
 
+--quick: the B256 x 256-token shape and the "ln+temb" variant only (two compiled graphs).
+A case that fails is a row with its error; cases after the run's time budget are rows saying
+they were skipped; compile rows record Dynamo's graphs and graph breaks for them.
+
     python benchmarks/bench_time_qkv.py [--quick] [--dtype bf16|fp16|fp32] [--out DIR]
 Without CUDA it prints why and exits 0; `run(tiny_cpu=True)` runs the same code path on CPU at
-a tiny size against the reference provider only (the harness test).
+a tiny size against the reference provider only (the harness test); `providers=` picks others.
 """
 from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (bench, bench_main, cuda_or_explain, environment, peak_memory_mb,  # noqa: E402
-                               plot, results_dir, write_csv)
+from benchmarks.common import (after_error, bench, bench_main, compile_counts,  # noqa: E402
+                               compiled, counts_since, cuda_or_explain, environment, error_text,
+                               out_of_time, peak_memory_mb, plot, results_dir, skipped_text,
+                               write_csv)
 from diffit_kernels import reference, time_qkv  # noqa: E402
 
 # (label, B, N, C, H, Ct): DiffiT-XL/2 at 256 px (32x32 latents, patch 2 -> 256 tokens) and
@@ -40,6 +47,8 @@ SHAPES = [
 QUICK = ("xl256-B256",)
 TINY_CPU = [("tiny", 2, 16, 64, 4, 32)]
 VARIANTS = {"ln+temb": 1e-6, "temb": None}  # name -> norm_eps
+QUICK_VARIANTS = ("ln+temb",)
+PROVIDERS = ("ours", "eager", "compile", "cublas")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -71,8 +80,9 @@ def _provider(name: str, H: int, eps: Optional[float]) -> Callable:
     if name == "eager":
         return eager
     if name == "compile":
-        return torch.compile(eager)
-    raise ValueError(name)
+        torch._dynamo.reset()  # each (shape, variant) compiles afresh: no recompile chain
+        return compiled(eager)
+    raise ValueError(f"provider must be one of {PROVIDERS}, got {name!r}")
 
 
 def _time(fn, t: Dict[str, torch.Tensor], dys, pass_: str) -> Tuple[float, float]:
@@ -116,43 +126,69 @@ def _time_cublas(t, dys, pass_: str) -> float:
 
 
 def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
-        tiny_cpu: bool = False) -> List[dict]:
-    """Time every (shape, variant, provider, pass); write CSV + plot; return the rows."""
+        tiny_cpu: bool = False, providers: Optional[Sequence[str]] = None) -> List[dict]:
+    """Time every (shape, variant, provider, pass); write CSV + plot; return the rows.
+
+    providers: default all of PROVIDERS on CUDA, ["eager"] with tiny_cpu."""
     if tiny_cpu:  # the harness on CPU at a tiny size, reference provider only (CI)
-        device, shapes, providers = torch.device("cpu"), TINY_CPU, ["eager"]
+        device, shapes, variants = torch.device("cpu"), TINY_CPU, list(VARIANTS)
     else:
         if not cuda_or_explain("bench_time_qkv"):
             return []
         device = torch.device("cuda")
         shapes = [s for s in SHAPES if s[0] in QUICK] if quick else SHAPES
-        providers = ["ours", "eager", "compile", "cublas"]
+        variants = list(QUICK_VARIANTS if quick else VARIANTS)
+    providers = list(providers) if providers else (["eager"] if tiny_cpu else list(PROVIDERS))
+    if any(p not in PROVIDERS for p in providers):
+        raise ValueError(f"providers must be among {PROVIDERS}, got {providers}")
     dt = DTYPES[dtype]
     env = environment()
+    d = results_dir(out_dir)
     rows = []
     for label, B, N, C, H, Ct in shapes:
         M = B * N
         gemm_flop = 2.0 * M * C * 3 * C
-        for variant, eps in VARIANTS.items():
+        for variant in variants:
+            eps = VARIANTS[variant]
             for provider in providers:
-                fn = None if provider == "cublas" else _provider(provider, H, eps)
+                fn, err, before = None, "", compile_counts()
                 for pass_ in PASSES:
-                    t, dys = _inputs(B, N, C, H, Ct, dt, device)
-                    if provider == "cublas":
-                        ms, peak = _time_cublas(t, dys, pass_), float("nan")
+                    row = dict(op="time_qkv", case=f"{label} M{M} C{C} H{H}", shape=label,
+                               rows=M, C=C, heads=H, Ct=Ct, variant=variant, provider=provider,
+                               dtype=dtype, **{"pass": pass_}, ms=float("nan"),
+                               tflops=float("nan"), peak_mb="", error="")
+                    if out_of_time():
+                        row["error"] = skipped_text()
+                    elif err:
+                        row["error"] = err  # the provider could not be built
                     else:
-                        ms, peak = _time(fn, t, dys, pass_)
-                    flop = gemm_flop * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[pass_]
-                    rows.append(dict(
-                        op="time_qkv", case=f"{label} M{M} C{C} H{H}", shape=label, rows=M, C=C,
-                        heads=H, Ct=Ct, variant=variant, provider=provider, dtype=dtype,
-                        **{"pass": pass_}, ms=float(f"{ms:.5g}"),
-                        tflops=float(f"{flop / (ms * 1e-3) / 1e12:.4g}"),
-                        peak_mb=round(peak, 1) if peak == peak else "",
-                        card=env["card"], torch=env["torch"], triton=env["triton"]))
-                    print(f"time_qkv {rows[-1]['case']:32} {variant:8} {provider:8} {pass_:8} "
-                          f"{ms:9.4f} ms {rows[-1]['tflops']:8.2f} TFLOP/s")
-    d = results_dir(out_dir)
-    write_csv(d / "time_qkv.csv", rows)
+                        try:
+                            if fn is None and provider != "cublas":
+                                fn = _provider(provider, H, eps)
+                            t, dys = _inputs(B, N, C, H, Ct, dt, device)
+                            if provider == "cublas":
+                                ms, peak = _time_cublas(t, dys, pass_), float("nan")
+                            else:
+                                ms, peak = _time(fn, t, dys, pass_)
+                            flop = gemm_flop * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[pass_]
+                            row.update(ms=float(f"{ms:.5g}"),
+                                       tflops=float(f"{flop / (ms * 1e-3) / 1e12:.4g}"),
+                                       peak_mb=round(peak, 1) if peak == peak else "")
+                        except Exception as e:  # noqa: BLE001 - a row, not the end of the run
+                            row["error"] = error_text(e)
+                            err = row["error"] if fn is None and provider != "cublas" else ""
+                            del e
+                            after_error()
+                        t = dys = None
+                    if provider == "compile":
+                        row.update(counts_since(before))
+                    row.update(card=env["card"], torch=env["torch"], triton=env["triton"])
+                    rows.append(row)
+                    print(f"time_qkv {row['case']:32} {variant:8} {provider:8} {pass_:8} "
+                          f"{row['ms']:9.4f} ms {row['tflops']:8.2f} TFLOP/s {row['error']}",
+                          flush=True)
+                fn = None
+            write_csv(d / "time_qkv.csv", rows)  # a killed run keeps what it measured
     first = shapes[0][0]
     plot(d / "time_qkv.png", [r for r in rows if r["shape"] == first], x="variant", y="tflops",
          line="provider", panel="pass",
@@ -161,7 +197,8 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
 
 
 def main(argv=None) -> int:
-    return bench_main(run, __doc__, "only the B256 x 256-token shape", DTYPES, argv)
+    return bench_main(run, __doc__, "only the B256 x 256-token shape and the ln+temb variant",
+                      DTYPES, argv)
 
 
 if __name__ == "__main__":

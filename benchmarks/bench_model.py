@@ -9,18 +9,28 @@ Passes per model:
 Providers:
     ours     backend="triton": the fused kernels
     eager    backend="torch": the plain-PyTorch reference ops
-    compile  torch.compile of the eager model: its whole forward in a full run; in --quick the
-             repeated blocks only (regional compilation: one graph serves all 28 blocks, the
-             same kernels inside each), as compiling the whole model would eat most of the
-             10-minute budget
+    compile  torch.compile of the eager model (static shapes): its whole forward in a full run;
+             in --quick the repeated blocks only (regional compilation: one graph serves all 28
+             blocks, the same kernels inside each), as compiling the whole model would eat most
+             of the 10-minute budget
 All providers run fp32 weights under autocast to the run's dtype (fp32: no autocast) with the
 same seed, inputs and optimizer. The U-Net runs channels_last for every provider.
+
+--quick runs, in this order (the most telling first, as the run's time budget skips whatever
+is left when it runs out): the DiffiT-XL/2 256 px training step (B32), its forward, the 512 px
+training step (B8), the ffhq64 U-Net training step (B64) and a 10-step guided DDIM loop (B16),
+each for ours and eager; then torch.compile (blocks) of the 256 px training step, the one
+compiled case (about a minute of compilation on an H100 host). The full run has every pass
+at every size for every provider, with 50-step sampling.
 
 Columns: ms (do_bench median, warm-up / compile / autotune excluded), images_per_s, tflops
 (FLOPs counted by torch.utils.flop_counter on the eager model on the meta device: every matmul
 and conv; the optimizer step is not counted), peak_mb (torch.cuda.max_memory_allocated during
-one call, weights and optimizer state included) and activations_mb (that peak minus what was
-allocated before the call).
+one call, weights and optimizer state included), activations_mb (that peak minus what was
+allocated before the call), wall_s (seconds the row took, building and compiling included) and
+for compile rows graphs / graph_breaks (what Dynamo made of it). A provider that fails (out of
+memory, kernels not available) is a row with its error; cases after the run's time budget are
+rows saying they were skipped. model.csv is rewritten after every row.
 
     python -m benchmarks.bench_model [--quick] [--dtype bf16] [--out DIR]
 """
@@ -30,13 +40,17 @@ import contextlib
 import dataclasses
 import gc
 import itertools
+import time
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (bench, bench_main, cuda_or_explain, environment, results_dir,
+from benchmarks.common import (after_error, bench, bench_main, compile_counts, compiled,
+                               counts_since, cuda_or_explain, environment, error_text,
+                               out_of_time, raise_recompile_limit, results_dir, skipped_text,
                                write_csv)
+import benchmarks.common as common
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PASSES = ("fwd", "fwd+bwd+adamw", "guided sampling")
@@ -75,19 +89,26 @@ def cases(quick: bool = False, tiny_cpu: bool = False) -> List[ModelCase]:
                 ModelCase("tiny", "unet", 8, 2, "fwd+bwd+adamw", e, rep_ms=1),
                 ModelCase("DiffiT-tiny", "latent", 32, 2, "guided sampling", e, steps=2,
                           rep_ms=1)]
-    full, some = PROVIDERS, ("ours", "eager")
-    rep = 400 if quick else 1500
-    out = []
+    some = ("ours", "eager")
+    if quick:
+        rep = 400
+        xl256 = dict(model="DiffiT-XL/2", kind="latent", image_size=256, batch=32, rep_ms=rep)
+        return [ModelCase(**xl256, pass_="fwd+bwd+adamw", providers=some),
+                ModelCase(**xl256, pass_="fwd", providers=some),
+                ModelCase("DiffiT-XL/2", "latent", 512, 8, "fwd+bwd+adamw", some, rep_ms=rep),
+                ModelCase("ffhq64", "unet", 64, 64, "fwd+bwd+adamw", some, rep_ms=rep),
+                ModelCase("DiffiT-XL/2", "latent", 256, 16, "guided sampling", some, steps=10,
+                          rep_ms=rep),
+                ModelCase(**xl256, pass_="fwd+bwd+adamw", providers=("compile",))]
+    full, rep, out = PROVIDERS, 1500, []
     for pass_ in ("fwd", "fwd+bwd+adamw"):
         out += [ModelCase("DiffiT-XL/2", "latent", 256, 32, pass_, full, rep_ms=rep),
-                ModelCase("DiffiT-XL/2", "latent", 512, 8, pass_, some if quick else full,
-                          rep_ms=rep),
-                ModelCase("ffhq64", "unet", 64, 64, pass_, some if quick else full, rep_ms=rep)]
-    out.append(ModelCase("DiffiT-XL/2", "latent", 256, 16 if quick else 32, "guided sampling",
-                         some if quick else full, steps=10 if quick else 50, rep_ms=rep))
-    if not quick:
-        out.append(ModelCase("DiffiT-XL/2", "latent", 512, 8, "guided sampling", full,
-                             steps=50, rep_ms=rep))
+                ModelCase("DiffiT-XL/2", "latent", 512, 8, pass_, full, rep_ms=rep),
+                ModelCase("ffhq64", "unet", 64, 64, pass_, full, rep_ms=rep)]
+    out += [ModelCase("DiffiT-XL/2", "latent", 256, 32, "guided sampling", full, steps=50,
+                      rep_ms=rep),
+            ModelCase("DiffiT-XL/2", "latent", 512, 8, "guided sampling", full, steps=50,
+                      rep_ms=rep)]
     return out
 
 
@@ -113,8 +134,9 @@ def _regional_compile(model: torch.nn.Module) -> None:
         [m for m in model.modules() if isinstance(m, DiffiTBlock)]
     if not blocks:
         raise RuntimeError(f"no DiffiT blocks to compile in {type(model).__name__}")
+    raise_recompile_limit()  # U-Net blocks differ by level: a few graphs, never a silent eager
     for blk in blocks:
-        blk.compile()
+        blk.compile(backend=common.COMPILE_BACKEND, dynamic=False)
 
 
 def _inputs(case: ModelCase, model, device, gen: torch.Generator):
@@ -218,7 +240,7 @@ def prepared(case: ModelCase, provider: str, dtype: str, device, quick: bool
                 _regional_compile(model)
             else:
                 # the bound forward, not the module: forward_with_cfg calls self.forward
-                model.forward = torch.compile(model.forward)
+                model.forward = compiled(model.forward)
         fn = make_step(case, model, dtype, device)
         fn()
         if torch.device(device).type == "cuda":
@@ -279,21 +301,18 @@ def count_flops(case: ModelCase) -> float:
     return flops
 
 
-def _error(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
-
-
 def measure(case: ModelCase, provider: str, dtype: str, device, quick: bool) -> dict:
     """One CSV row: time, throughput and memory of `provider` on `case`."""
+    before = compile_counts()
     with prepared(case, provider, dtype, device, quick) as fn:
         peak_mb, act_mb = _memory(fn, device)
         ms = bench(fn, rep=case.rep_ms)
         del fn  # so that leaving the block frees the model before the next provider builds
+    stats = counts_since(before) if provider == "compile" else {}
     flops = count_flops(case)
     return dict(ms=_sig(ms), images_per_s=_sig(case.batch / (ms * 1e-3)),
                 tflops=_sig(flops / (ms * 1e-3) / 1e12), peak_mb=round(peak_mb, 1),
-                activations_mb=round(act_mb, 1))
+                activations_mb=round(act_mb, 1), **stats)
 
 
 def _sig(x: float, digits: int = 5) -> float:
@@ -315,6 +334,7 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
             return []
         device = torch.device("cuda")
     env = environment()
+    d = results_dir(out_dir)
     nan = float("nan")
     rows = []
     for case in cases(quick, tiny_cpu):
@@ -323,27 +343,32 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
                        batch=case.batch, steps=case.steps, provider=provider, dtype=dtype,
                        **{"pass": case.pass_},
                        compile_scope=("blocks" if quick else "model")
-                       if provider == "compile" else "")
-            try:
-                row.update(measure(case, provider, dtype, device, quick))
-                row["error"] = ""
-            except Exception as e:  # noqa: BLE001 - recorded in the row, the run goes on
-                if tiny_cpu:
-                    raise
-                row.update(ms=nan, images_per_s=nan, tflops=nan, peak_mb=nan,
-                           activations_mb=nan, error=_error(e))
-                del e  # its traceback holds the failed case's tensors
-                _release(device)
-            row.update(card=env["card"], torch=env["torch"], triton=env["triton"])
+                       if provider == "compile" else "",
+                       ms=nan, images_per_s=nan, tflops=nan, peak_mb=nan, activations_mb=nan,
+                       error="")
+            t0 = time.perf_counter()
+            if out_of_time():
+                row["error"] = skipped_text()
+            else:
+                try:
+                    row.update(measure(case, provider, dtype, device, quick))
+                except Exception as e:  # noqa: BLE001 - recorded in the row, the run goes on
+                    if tiny_cpu:
+                        raise
+                    row["error"] = error_text(e)
+                    del e  # its traceback holds the failed case's tensors
+                    after_error()
+            row.update(wall_s=round(time.perf_counter() - t0, 1), card=env["card"],
+                       torch=env["torch"], triton=env["triton"])
             rows.append(row)
             if row["error"]:
-                print(f"model {case.name:34} {provider:8} {case.pass_:16} {row['error']}")
+                print(f"model {case.name:34} {provider:8} {case.pass_:16} {row['error']}",
+                      flush=True)
             else:
                 print(f"model {case.name:34} {provider:8} {case.pass_:16} {row['ms']:10.3f} ms "
                       f"{row['images_per_s']:9.1f} img/s {row['tflops']:7.1f} TFLOP/s "
-                      f"{row['peak_mb']:9.0f} MB peak")
-    d = results_dir(out_dir)
-    write_csv(d / "model.csv", rows)
+                      f"{row['peak_mb']:9.0f} MB peak ({row['wall_s']:.0f} s)", flush=True)
+            write_csv(d / "model.csv", rows)  # a killed run keeps every finished row
     bar_plot(d / "model.png", rows, title=f"DiffiT models, {dtype} ({env['card']})")
     return rows
 
@@ -377,7 +402,8 @@ def bar_plot(path, rows: List[dict], title: str) -> None:
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=7)
         ax.set_title(pass_)
         ax.set_ylabel("images/s (higher is better)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # every row failed or was skipped: none
+            ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=path.name, suffix=".tmp.png")

@@ -163,7 +163,9 @@ class TrainConfig:
         return self
 
 
-# fields that do not change the training trajectory: free to differ when resuming
+# fields that do not change the training trajectory: free to differ when resuming. Every other
+# field must match the checkpoint's; one the checkpoint lacks (added to TrainConfig after it was
+# written) counts as its default, so a new field must default to the old behaviour
 _RESUME_FREE = {"steps", "out", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
                 "num_samples", "sample_steps", "guidance", "sample_vae", "progress",
                 "num_workers", "data_path", "device", "backend"}
@@ -299,7 +301,8 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         ck = read_checkpoint(path)
         free = _RESUME_FREE - ({"steps"} if cfg.lr_schedule == "cosine" else set())
-        check_compatible(ck, path, config=dataclasses.asdict(cfg), free=free,
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        check_compatible(ck, path, config=dataclasses.asdict(cfg), free=free, defaults=defaults,
                          model_config=self.model_config, model_state=self.model.state_dict(),
                          dataset_len=len(self.dataset))
         load_training_state(ck, path, self.model, self.ema.module, self.optimizer, self.fsdp)

@@ -299,11 +299,12 @@ def write_checkpoint(obj: dict, ckpt_dir: Path, step: int, keep: int) -> Path:
     return path
 
 
-def check_compatible(ck: dict, path: Path, *, config: dict, free: set, model_config: dict,
-                     model_state: dict, dataset_len: int) -> None:
+def check_compatible(ck: dict, path: Path, *, config: dict, free: set, defaults: dict,
+                     model_config: dict, model_state: dict, dataset_len: int) -> None:
     """CheckpointError unless checkpoint `ck` continues this run: same model configuration and
-    state-dict shapes, same data size, same settings except those in `free`. The world size may
-    differ (see load_training_state)."""
+    state-dict shapes, same data size, same settings except those in `free` (a setting the
+    checkpoint lacks counts as its value in `defaults`). The world size may differ (see
+    load_training_state)."""
     from .latent import CheckpointMismatchError, check_state_dict_against
     theirs, model = ck["model_config"], config.get("model")
     if ck["config"].get("model") != model or theirs != model_config:
@@ -323,11 +324,12 @@ def check_compatible(ck: dict, path: Path, *, config: dict, free: set, model_con
     if ck["dataset_len"] != dataset_len:
         raise CheckpointError(f"checkpoint {path} was trained on {ck['dataset_len']} items; "
                               f"this dataset has {dataset_len}")
-    diff = sorted(k for k in config if k not in free and ck["config"].get(k) != config[k])
+    saved = {**defaults, **ck["config"]}
+    diff = sorted(k for k in config if k not in free and saved.get(k) != config[k])
     if diff:
         raise CheckpointError(
             f"checkpoint {path} was trained with different settings: "
-            + ", ".join(f"{k}={ck['config'].get(k)!r} there vs {config[k]!r} here" for k in diff)
+            + ", ".join(f"{k}={saved.get(k)!r} there vs {config[k]!r} here" for k in diff)
             + "; pass the same settings to continue it, or start a new run with another --out")
 
 

@@ -199,6 +199,18 @@ def test_resume_after_the_end_of_a_larger_world_s_epoch(tmp_path, monkeypatch):
     assert seen == [(3, list(t.sampler)[:8])]             # epoch 1's first batch
 
 
+def test_a_setting_added_after_the_checkpoint_counts_as_its_default(tmp_path, latents):
+    out = tmp_path / "r"
+    train(_cfg(out, latents, steps=1))
+    path = latest_checkpoint(out / "checkpoints")
+    ck = read_checkpoint(path)
+    del ck["config"]["ema_warmup"]                        # as if written before the field existed
+    torch.save(ck, path)
+    with pytest.raises(ValueError, match=r"ema_warmup=True there vs False here"):
+        Trainer(_cfg(out, latents, ema_warmup=False), resume="auto")
+    assert Trainer(_cfg(out, latents), resume="auto").step == 1
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,7 +1,7 @@
 """`python -m benchmarks`: every op and the model step on this card, one command.
 
     python -m benchmarks [--ops adaln_norm,time_qkv,tmsa_attention,model] [--quick]
-                         [--dtype bf16|fp16|fp32] [--out DIR]
+                         [--dtype bf16|fp16|fp32] [--out DIR] [--budget-s SECONDS]
 
 Runs the speed-of-light rows first (copy bandwidth, GEMM rate: benchmarks/peak.py), then each
 chosen benchmark's run(quick, dtype, out_dir, tiny_cpu), and writes into
@@ -10,6 +10,16 @@ environment, the exact command, what ran and how long it took) and summary.md, b
 CSVs by benchmarks/summary.py with every rate also stated as a fraction of the measured peaks.
 `--quick` is sized to finish in under 10 minutes on an H100 (run.json and summary.md record
 the wall time each benchmark took).
+
+Time budget: --budget-s (default 420 with --quick, none otherwise; 0 = none). Each benchmark
+may use what is left of it except the fractions BUDGET_RESERVE keeps for the benchmarks after
+it, so a slow one cannot starve the model benchmark; a case that would start after its
+benchmark's deadline becomes a row saying it was skipped. A case already running is never cut short, so allow about a minute
+beyond the budget. run.json and summary.md are rewritten (atomically) before and after every
+benchmark and each benchmark rewrites its CSV as it goes, so a run killed from outside leaves
+a consistent folder; SIGINT / SIGTERM stop it cleanly (the benchmark in progress is marked
+interrupted). Exit status: 0 all ran, 1 a benchmark failed or is missing, 2 only the time
+budget left cases out, 130 interrupted.
 
 Without CUDA nothing can be timed: the command says so, runs the compile report instead
 (`python -m diffit_kernels report`: every kernel config built for sm_80 and sm_90a) and exits
@@ -25,8 +35,10 @@ import inspect
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -43,6 +55,11 @@ BENCHMARKS: Dict[str, str] = {
 }
 PEAK = ("peak", "benchmarks.peak")
 DTYPES = ("bf16", "fp16", "fp32")
+# the fraction of the time budget kept for each benchmark by those before it: about its
+# --quick cost on an H100 (torch.compile and the first Triton compiles dominate; the model's
+# builds and its compiled case most of all); peak takes seconds and keeps nothing
+BUDGET_RESERVE = {"adaln_norm": 0.10, "time_qkv": 0.12, "tmsa_attention": 0.25, "model": 0.45}
+QUICK_BUDGET_S = 420.0
 
 
 def _parse_ops(text: str) -> List[str]:
@@ -68,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
                    help="input dtype of the ops; autocast dtype of the models (default bf16)")
     p.add_argument("--out", default=None,
                    help="output folder (default benchmarks/results/<gpu-slug>/)")
+    p.add_argument("--budget-s", type=float, default=None, metavar="SECONDS",
+                   help=f"time budget: cases that would start after it are skipped and recorded "
+                   f"as such (default {QUICK_BUDGET_S:.0f} with --quick, none otherwise; 0: none)")
     p.add_argument("--no-report", action="store_true",
                    help="without CUDA: do not run the compile report")
     # CI: every benchmark's code path on CPU at tiny sizes against the reference provider
@@ -114,11 +134,27 @@ def _files(out: Path, ext: str) -> Dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in out.glob("*." + ext)}
 
 
+def _status(rows: List[dict]) -> str:
+    from benchmarks.common import SKIPPED
+
+    if not rows:
+        return "error: run() returned no rows"
+    errs = [str(r.get("error") or "").strip() for r in rows]
+    skipped = sum(e.startswith(SKIPPED) for e in errs)
+    failed = sum(bool(e) and not e.startswith(SKIPPED) for e in errs)
+    skip = f"{skipped} of {len(rows)} rows skipped (time budget)" if skipped else ""
+    if failed:
+        return f"error: {failed} of {len(rows)} rows failed" + (f"; {skip}" if skip else "")
+    return f"partial: {skip}" if skip else "ok"
+
+
 def run_benchmark(name: str, modname: str, out: Path, quick: bool, dtype: str,
                   tiny_cpu: bool) -> dict:
     """Run one benchmark module; return its run.json entry (status, CSVs written, seconds).
 
-    A module that writes no CSV of its own gets <name>.csv and a plot from its rows here."""
+    A module that writes no CSV of its own gets <name>.csv and a plot from its rows here.
+    A KeyboardInterrupt (SIGINT, or SIGTERM under main()) ends the module: its entry says
+    "interrupted" and lists the CSVs it wrote so far."""
     from benchmarks import summary
     from benchmarks.common import plot, write_csv
 
@@ -136,34 +172,88 @@ def run_benchmark(name: str, modname: str, out: Path, quick: bool, dtype: str,
     if "tiny_cpu" in params:
         kwargs["tiny_cpu"] = tiny_cpu
     before = {ext: _files(out, ext) for ext in ("csv", "png")}
+
+    def written(ext):
+        return sorted(n for n, m in _files(out, ext).items() if before[ext].get(n) != m)
+
     try:
         rows = mod.run(**kwargs) or []
+    except KeyboardInterrupt:
+        csvs = written("csv")
+        entry.update(status="interrupted: stopped (SIGINT / SIGTERM: a time limit or Ctrl-C) "
+                     "before it finished", csv=csvs, png=written("png"),
+                     rows=sum(len(summary.load_csv(out / c)) for c in csvs),
+                     seconds=round(time.perf_counter() - t0, 1))
+        return entry
     except Exception as e:  # noqa: BLE001 - the other benchmarks still run; the exit code says it
         traceback.print_exc()
         entry.update(status=f"error: {type(e).__name__}: {str(e).strip()[:300]}",
+                     csv=written("csv"), png=written("png"),
                      seconds=round(time.perf_counter() - t0, 1))
         return entry
     finally:
         _release()
-    written = {ext: sorted(n for n, m in _files(out, ext).items() if before[ext].get(n) != m)
-               for ext in ("csv", "png")}
-    if rows and not written["csv"]:
+    got = {ext: written(ext) for ext in ("csv", "png")}
+    if rows and not got["csv"]:
         write_csv(out / f"{name}.csv", rows)
-        written["csv"] = [f"{name}.csv"]
-    if rows and not written["png"]:
+        got["csv"] = [f"{name}.csv"]
+    if rows and not got["png"]:
         norm = [summary.normalize(r, name) for r in rows]
         y = next((c for c in ("tflops", "gbps", "images_per_s") if c in norm[0]), "ms")
         plot(out / f"{name}.png", norm, x="case", y=y, line="provider", panel="pass",
              title=f"{name}, {dtype}")
-        written["png"] = [f"{name}.png"]
-    failed = [r for r in rows if str(r.get("error") or "").strip()]
-    if not rows:
-        entry["status"] = "error: run() returned no rows"
-    elif failed:
-        entry["status"] = f"error: {len(failed)} of {len(rows)} rows failed"
-    entry.update(csv=written["csv"], png=written["png"], rows=len(rows),
+        got["png"] = [f"{name}.png"]
+    entry.update(status=_status(rows), csv=got["csv"], png=got["png"], rows=len(rows),
                  seconds=round(time.perf_counter() - t0, 1))
     return entry
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _clear_previous_run(out: Path) -> List[str]:
+    """Remove what an earlier run in this folder wrote (the files its run.json lists, and
+    run.json and summary.md), so no stale CSV or plot mixes with this run's. Files no run.json
+    lists are left alone."""
+    try:
+        meta = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return []
+    names = {n for e in meta.get("benchmarks", []) for n in e.get("csv", []) + e.get("png", [])}
+    names |= {"run.json", "summary.md"}
+    gone = []
+    for n in sorted(names):
+        p = out / n
+        if p.parent == out and p.is_file():
+            p.unlink()
+            gone.append(n)
+    return gone
+
+
+def _budget(args) -> Optional[float]:
+    b = args.budget_s if args.budget_s is not None else (QUICK_BUDGET_S if args.quick else 0)
+    return b if b and b > 0 else None
+
+
+def exit_status(entries: List[dict]) -> int:
+    states = [e["status"] for e in entries]
+    if any(s.startswith("interrupted") for s in states):
+        return 130
+    if any(s != "ok" and not s.startswith("partial") for s in states):
+        return 1
+    return 2 if any(s.startswith("partial") for s in states) else 0
+
+
+class _Stop(KeyboardInterrupt):
+    """SIGTERM, raised as a KeyboardInterrupt so the run stops the way Ctrl-C stops it."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Stop()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -186,34 +276,68 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"\ncompile report: problems found (exit status {rc}), see above")
         return rc
 
-    from benchmarks import summary
-    from benchmarks.common import environment, results_dir
+    from benchmarks import common, summary
 
     if args.tiny_cpu and args.out is None:
         args.out = str(ROOT / "benchmarks" / "results" / "_tmp-tiny-cpu")
-    out = results_dir(args.out)
-    env = environment()
+    out = common.results_dir(args.out)
+    stale = _clear_previous_run(out)
+    if stale:
+        print(f"removed the previous run's {len(stale)} files from {out}")
+    env = common.environment()
     env["command"] = command
     started = datetime.datetime.now(datetime.timezone.utc)
+    budget = _budget(args)
     print(f"{command}\n  card {env['card']} | driver {env.get('driver', '-')} | CUDA "
-          f"{env['cuda']} | torch {env['torch']} | triton {env['triton']}\n  -> {out}")
+          f"{env['cuda']} | torch {env['torch']} | triton {env['triton']}\n  -> {out}"
+          + (f"\n  time budget {budget:.0f} s" if budget else ""))
     meta = dict(environment=env, command=command, dtype=args.dtype, quick=args.quick,
                 tiny_cpu=args.tiny_cpu, git=_git_revision(),
-                started=started.strftime("%Y-%m-%d %H:%M UTC"), benchmarks=[])
+                started=started.strftime("%Y-%m-%d %H:%M UTC"), budget_s=budget,
+                finished=False, benchmarks=[])
+    todo = [PEAK] + [(n, BENCHMARKS[n]) for n in args.ops]
     t0 = time.perf_counter()
-    for name, modname in [PEAK] + [(n, BENCHMARKS[n]) for n in args.ops]:
-        print(f"\n== {name} ==")
-        entry = run_benchmark(name, modname, out, args.quick, args.dtype, args.tiny_cpu)
-        print(f"== {name}: {entry['status']}, {entry['rows']} rows, {entry['seconds']:.1f} s")
-        meta["benchmarks"].append(entry)
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm) \
+        if threading.current_thread() is threading.main_thread() else None
+    try:
+        for i, (name, modname) in enumerate(todo):
+            if budget is None:
+                common.set_budget(None)
+            else:
+                keep = budget * sum(BUDGET_RESERVE.get(n, 0.0) for n, _ in todo[i + 1:])
+                common.set_budget(budget - keep - (time.perf_counter() - t0),
+                                  f"--budget-s {budget:.0f}, {keep:.0f} s of it kept for the "
+                                  "benchmarks after this one" if keep else
+                                  f"--budget-s {budget:.0f}")
+            print(f"\n== {name} ==")
+            meta["benchmarks"].append(dict(name=name, module=modname, csv=[], png=[], rows=0,
+                                           status="running: started but never finished (the "
+                                           "process was killed)"))
+            meta["seconds"] = round(time.perf_counter() - t0, 1)
+            _write_json(out / "run.json", meta)
+            entry = run_benchmark(name, modname, out, args.quick, args.dtype, args.tiny_cpu)
+            meta["benchmarks"][-1] = entry
+            meta["seconds"] = round(time.perf_counter() - t0, 1)
+            _write_json(out / "run.json", meta)
+            summary.write_summary(out)
+            print(f"== {name}: {entry['status']}, {entry['rows']} rows, "
+                  f"{entry['seconds']:.1f} s", flush=True)
+            if entry["status"].startswith("interrupted"):
+                break
+        else:
+            meta["finished"] = True
+    finally:
+        common.set_budget(None)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     meta["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _write_json(out / "run.json", meta)
     path = summary.write_summary(out)
     print(f"\nwrote {path} ({meta['seconds']:.0f} s in all)")
-    bad = [e for e in meta["benchmarks"] if e["status"] != "ok"]
-    for e in bad:
-        print(f"  {e['name']}: {e['status']}")
-    return 1 if bad else 0
+    for e in meta["benchmarks"]:
+        if e["status"] != "ok":
+            print(f"  {e['name']}: {e['status']}")
+    return exit_status(meta["benchmarks"])
 
 
 if __name__ == "__main__":

@@ -159,6 +159,11 @@ def build_summary(out: Path) -> str:
     if entries is None:  # a folder of CSVs without run.json: take them all
         entries = [dict(name=p.stem, csv=[p.name], status="ok")
                    for p in sorted(out.glob("*.csv"))]
+    claimed = {c for e in entries for c in e.get("csv", [])}
+    for e in entries:  # a benchmark killed mid-run: its CSV is on disk but in no entry
+        if not e.get("csv") and str(e.get("status", "")).startswith(("running", "interrupted")):
+            e["csv"] = sorted(p.name for p in out.glob("*.csv") if p.name not in claimed)
+            claimed.update(e["csv"])
     csvs = {e["name"]: [out / c for c in e.get("csv", []) if (out / c).exists()]
             for e in entries}
     peak_rows = [r for p in csvs.get("peak", []) for r in load_csv(p)]
@@ -172,12 +177,17 @@ def build_summary(out: Path) -> str:
     if meta.get("tiny_cpu"):
         L += ["**Harness check on CPU at tiny sizes (`--tiny-cpu`): these are not benchmark "
               "results.**", ""]
+    if meta and meta.get("finished") is False:
+        L += ["**This run did not finish: the tables hold what was measured before it "
+              "stopped (see each benchmark's status).**", ""]
     L += ["| | |", "|---|---|"]
     for label, value in (("card", env.get("card")), ("driver", env.get("driver")),
                          ("CUDA", env.get("cuda")), ("PyTorch", env.get("torch")),
                          ("Triton", env.get("triton")), ("Python", env.get("python")),
                          ("dtype", dtype), ("commit", meta.get("git")),
-                         ("date", meta.get("started"))):
+                         ("date", meta.get("started")),
+                         ("time budget", f"{meta['budget_s']:.0f} s" if meta.get("budget_s")
+                          else None)):
         L.append(f"| {label} | {value if value else '-'} |")
     cmd = meta.get("command") or env.get("command")
     L.append(f"| command | `{cmd}` |" if cmd else "| command | - |")

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The one-shot GPU session: install check, the gpu-marked tests, `python -m benchmarks --quick`,
+# results handed back. Run from anywhere on the CUDA machine, as one command:
+#     bash benchmarks/gpu_session.sh
+# It stays under about 9.5 minutes: tests stopped at TESTS_TIMEOUT (150 s); the benchmarks skip
+# the cases left at their own --budget-s BENCH_BUDGET (330 s) and are stopped at BENCH_TIMEOUT
+# (400 s: SIGTERM, which they handle, then SIGKILL 20 s later). Each can be set in the environment.
+# With $OUT set, it gets results.tar.gz (benchmarks/results/<gpu-slug>/), summary.md and the two
+# logs (the device tool returns at most 8 files). Afterwards, on the development machine:
+#     tar -xzf results.tar.gz -C benchmarks/results && python -m benchmarks.summary --readme
+# CPU_CHECK=1 runs the same steps without CUDA (the --tiny-cpu harness) to check this script.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-150}
+BENCH_BUDGET=${BENCH_BUDGET:-330}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-400}
+LOGS=${OUT:-benchmarks/results/_tmp-session}
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 MPLBACKEND=Agg
+unset TRITON_INTERPRET
+
+echo "== install check"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+    || echo "nvidia-smi: not available (the driver version will read 'unknown')"
+"$PY" - <<'EOF' || { echo "install check failed: nothing was run"; exit 3; }
+import importlib.util, os, sys
+import torch, triton
+print(f"python {sys.version.split()[0]} | torch {torch.__version__} (CUDA {torch.version.cuda}) "
+      f"| triton {triton.__version__}")
+need = ["numpy", "einops", "packaging", "matplotlib", "pytest"]
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"missing Python packages: {missing}")
+for m in ("xdist", "pytest_benchmark"):
+    print(f"{m}: {'yes' if importlib.util.find_spec(m) else 'no (optional)'}")
+if torch.cuda.is_available():
+    free, total = torch.cuda.mem_get_info()
+    print(f"{torch.cuda.get_device_name()} sm_{''.join(map(str, torch.cuda.get_device_capability()))}"
+          f", {free / 2**30:.0f} of {total / 2**30:.0f} GiB free")
+elif os.environ.get("CPU_CHECK") != "1":
+    sys.exit("no CUDA device is visible")
+import benchmarks.__main__, diffit, diffit_kernels  # noqa: E401,F401 - they import cleanly
+EOF
+
+echo "== gpu tests (stopped at ${TESTS_TIMEOUT} s)"
+par=()
+if "$PY" -c "import xdist" 2>/dev/null; then par=(-n 8); fi  # the kernels' compiles in parallel
+timeout -k 10 "$TESTS_TIMEOUT" "$PY" -m pytest -q -m gpu -x "${par[@]}" 2>&1 \
+    | tee "$LOGS/gpu_tests.log"
+tests_rc=$?
+
+if [ "${CPU_CHECK:-0}" = 1 ]; then
+    bench=(--tiny-cpu) slug=_tmp-tiny-cpu
+else
+    bench=(--quick --budget-s "$BENCH_BUDGET")
+    slug=$("$PY" -c "from benchmarks.common import gpu_slug; print(gpu_slug())")
+fi
+echo "== python -m benchmarks ${bench[*]} (stopped at ${BENCH_TIMEOUT} s)"
+timeout -s TERM -k 20 "$BENCH_TIMEOUT" "$PY" -m benchmarks "${bench[@]}" 2>&1 \
+    | tee "$LOGS/benchmarks.log"
+bench_rc=$?
+
+dir=benchmarks/results/$slug
+if [ -f "$dir/run.json" ]; then
+    "$PY" -m benchmarks.summary "$dir" >/dev/null || echo "summary.md could not be rebuilt"
+    tar -czf "$LOGS/results.tar.gz" -C benchmarks/results "$slug"
+    cp "$dir/summary.md" "$LOGS/summary.md"
+fi
+
+echo "== done in ${SECONDS} s"
+echo "gpu tests: exit ${tests_rc} (0 passed, 1 failed, 5 none collected, 124/137 stopped at the limit)"
+echo "benchmarks: exit ${bench_rc} (0 all ran, 1 errors, 2 time budget left cases out, 124/130/137 stopped)"
+"$PY" - "$dir" <<'EOF' || true
+import json, sys
+m = json.load(open(sys.argv[1] + "/run.json"))
+print(f"{sys.argv[1]}: {m.get('seconds')} s, finished={m.get('finished')}")
+for e in m["benchmarks"]:
+    print(f"  {e['name']:15} {e.get('seconds', '-'):>6} s  {e.get('rows', 0):>3} rows  {e['status']}")
+EOF
+echo "files: $(cd "$LOGS" && ls | tr '\n' ' ')"
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

@@ -90,6 +90,21 @@ def test_tiny_cpu_run_writes_every_benchmark(tmp_path, capsys):
             assert f"]({name})" in summary, name
     assert "| case | pass | provider | ms |" in summary
     assert "% of peak GB/s" in summary  # adaln_norm / peak rows against the measured copy rate
+    assert meta["finished"] is True and "did not finish" not in summary
+
+    # the README section generated from this very folder, between the markers, links intact
+    from benchmarks import summary as S
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# P\n\n" + S.START + "\nstale section\n" + S.END + "\n")
+    assert S.main(["--readme", "--readme-file", str(readme), str(tmp_path)]) == 0
+    inner = readme.read_text().split(S.START)[1].split(S.END)[0]
+    assert "stale section" not in inner and "### diffit-kernels benchmarks: " in inner
+    for e in meta["benchmarks"]:
+        assert f"#### {e['name']}\n" in inner
+        for name in e["csv"] + e["png"]:
+            assert f"](./{name})" in inner, name  # relative to the README, beside it here
+    assert S.update_readme(readme, [tmp_path]) is False
 
 
 def _write(path: Path, rows):
@@ -326,3 +341,229 @@ def test_driver_adapts_to_each_benchmark_module(tmp_path, monkeypatch):
     assert e["status"] == "error: run() returned no rows"
     e = run_benchmark("gone", "benchmarks._no_such_bench", tmp_path, True, "bf16", True)
     assert e["status"].startswith("missing")
+
+
+# ---- the providers that need CUDA or a compiler, exercised on CPU ---------------------------
+@pytest.fixture
+def cpu_compile(monkeypatch):
+    """Dynamo with the aot_eager backend (the same guards and graphs as inductor, no code
+    generation), and flex_attention's backward allowed on CPU (its dense reference path).
+    Dynamo's recompile limit is held at 2 (one grad and one no-grad graph): a benchmark that
+    let graphs pile up across its cases would fall back to eager here, and build fewer graphs."""
+    import torch.nn.attention.flex_attention as fa
+
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(common, "raise_recompile_limit", lambda *a: None)
+    monkeypatch.setattr(fa, "_validate_device", lambda *a: None)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2):  # (pytest's monkeypatch breaks it)
+        yield common
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("grid,window", [((4, 4), None), ((4, 6), (2, 3))],
+                         ids=["global", "window-2x3"])
+def test_flex_provider_is_the_reference_and_compiles_twice_per_shape(cpu_compile, grid, window):
+    """The score_mod's index arithmetic and its captured table (gradient included) against the
+    reference; a stable score_mod keeps Dynamo at one graph per grad mode, however many calls."""
+    from benchmarks import bench_attention as ba
+    from diffit_kernels import reference
+
+    before = cpu_compile.compile_counts()
+    q, k, v, table = ba._inputs(2, 2, grid, window, 16, torch.float32, "cpu")
+    ref = reference.tmsa_attention(q, k, v, table=table, grid=grid, window=window)
+    go = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, [q, k, v, table], go)
+    assert want[3].abs().max() > 0
+    f = ba._flex(grid, window)
+    for _ in range(3):
+        o = f(q, k, v, table)
+        torch.testing.assert_close(o, ref)
+        for g, w in zip(torch.autograd.grad(o, [q, k, v, table], go), want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(f(q, k, v, table), ref)
+    assert cpu_compile.counts_since(before) == dict(graphs=2, graph_breaks=0,
+                                                    recompile_limit_hits=0)
+
+
+@pytest.mark.parametrize("grid,window", [((4, 4), None), ((4, 6), (2, 3))],
+                         ids=["global", "window-2x3"])
+def test_sdpa_with_dense_bias_is_the_reference(grid, window):
+    """The dense-bias provider (math backend on CPU) on the partitioned windows: the bias and
+    the partition are right, and the table's gradient flows through the expanded bias."""
+    from torch.nn.attention import SDPBackend
+
+    from benchmarks import bench_attention as ba
+    from diffit_kernels import reference
+
+    gh, gw = window or grid
+    q, k, v, table = ba._inputs(2, 2, grid, window, 16, torch.float32, "cpu")
+    bias = ba._dense_bias(table, gh, gw)
+    assert bias.shape == (1, 2, gh * gw, gh * gw) and bias.is_contiguous()  # nothing to pad
+    ref = reference.tmsa_attention(q, k, v, table=table, grid=grid, window=window)
+    part = (lambda t: ba._partition(t, grid, window)) if window else (lambda t: t)
+    qp, kp, vp = (part(t.detach()).requires_grad_() for t in (q, k, v))
+    o = ba._sdpa_membias(gh, gw, backend=SDPBackend.MATH)(qp, kp, vp, table)
+    torch.testing.assert_close(o, part(ref))
+    go = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, [table], go)[0]
+    torch.testing.assert_close(torch.autograd.grad(o, [table], part(go))[0], want,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_attention_run_with_flex_on_cpu(cpu_compile, tmp_path, monkeypatch):
+    from benchmarks import bench_attention as ba
+
+    monkeypatch.setattr(ba, "TINY_CPU", ba.TINY_CPU + [("tiny-2x8", 1, 2, (2, 8), None, 16)])
+    before = cpu_compile.compile_counts()
+    rows = ba.run(tiny_cpu=True, dtype="fp32", out_dir=str(tmp_path), providers=["flex"])
+    assert [r["error"] for r in rows] == [""] * len(rows) and len(rows) == 9
+    # a grad and a no-grad graph per shape: flex_attention's graphs from one shape never count
+    # against the recompile limit at the next
+    assert cpu_compile.counts_since(before) == dict(graphs=6, graph_breaks=0,
+                                                    recompile_limit_hits=0)
+
+
+@pytest.mark.parametrize("modname", ["bench_adaln_norm", "bench_time_qkv"])
+def test_compile_baselines_are_two_clean_graphs(cpu_compile, tmp_path, modname):
+    import importlib
+
+    mod = importlib.import_module(f"benchmarks.{modname}")
+    rows = mod.run(tiny_cpu=True, dtype="fp32", out_dir=str(tmp_path), providers=["compile"])
+    assert rows and all(r["error"] == "" and r["ms"] > 0 for r in rows), rows
+    per_case = {}
+    for r in rows:
+        per_case[r["case"] + r["variant"]] = (r["graphs"], r["graph_breaks"],
+                                              r["recompile_limit_hits"])
+    assert set(per_case.values()) == {(2, 0, 0)}, per_case  # no-grad and grad graph, clean
+
+
+def test_model_compile_is_one_graph_for_every_block(cpu_compile):
+    from benchmarks import bench_model as bm
+
+    case = bm.ModelCase("DiffiT-tiny", "latent", 32, 2, "fwd+bwd+adamw", ("compile",), rep_ms=1)
+    for quick in (True, False):  # blocks (regional) and the whole model
+        row = bm.measure(case, "compile", "bf16", torch.device("cpu"), quick)
+        assert (row["graphs"], row["graph_breaks"], row["recompile_limit_hits"]) == (1, 0, 0)
+        assert row["ms"] > 0, row
+
+
+@pytest.mark.parametrize("modname", ["bench_adaln_norm", "bench_time_qkv", "bench_attention"])
+def test_a_failed_case_is_a_row_and_the_run_goes_on(monkeypatch, tmp_path, modname):
+    import importlib
+
+    mod = importlib.import_module(f"benchmarks.{modname}")
+    calls = []
+    real = mod.bench
+
+    def flaky(fn, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real(fn, *a, **kw)
+
+    monkeypatch.setattr(mod, "bench", flaky)
+    rows = mod.run(tiny_cpu=True, dtype="fp32", out_dir=str(tmp_path))
+    errors = [r["error"] for r in rows]
+    assert errors[1].startswith("OutOfMemoryError: CUDA out of memory"), errors
+    assert errors[:1] + errors[2:] == [""] * (len(rows) - 1)
+    assert all(math.isnan(r["ms"]) == bool(r["error"]) for r in rows)
+
+
+def test_time_budget_skips_cases_and_says_so(tmp_path):
+    from benchmarks import common
+    from benchmarks.__main__ import _status, main
+
+    (tmp_path / "run.json").write_text(json.dumps({"benchmarks": [
+        {"name": "x", "csv": ["old.csv"], "png": ["old.png"]}]}))
+    for n in ("old.csv", "old.png", "mine.csv"):
+        (tmp_path / n).write_text("a\n1\n")
+    rc = main(["--tiny-cpu", "--ops", "adaln_norm", "--budget-s", "0.001", "--out",
+               str(tmp_path)])
+    assert rc == 2  # nothing failed; the budget left cases out
+    assert not (tmp_path / "old.csv").exists() and not (tmp_path / "old.png").exists()
+    assert (tmp_path / "mine.csv").exists()  # not the previous run's: left alone
+    meta = json.loads((tmp_path / "run.json").read_text())
+    st = {e["name"]: e["status"] for e in meta["benchmarks"]}
+    assert st["peak"] == "ok" and st["adaln_norm"] == "partial: 9 of 9 rows skipped (time budget)"
+    rows = _rows(tmp_path / "adaln_norm.csv")
+    assert all(r["error"].startswith(common.SKIPPED) and "--budget-s" in r["error"]
+               for r in rows)
+    assert "| time budget | 0 s |" in (tmp_path / "summary.md").read_text()
+    assert _status([{"error": ""}, {"error": "E: x"}, {"error": common.skipped_text()}]) == \
+        "error: 1 of 3 rows failed; 1 of 3 rows skipped (time budget)"
+    assert common.time_left() is None  # the driver leaves no deadline behind
+
+
+def test_sigterm_stops_the_run_and_leaves_a_consistent_folder(tmp_path, monkeypatch):
+    import signal
+
+    import benchmarks.__main__ as drv
+    from benchmarks.common import write_csv
+
+    def stopped(quick, dtype, out_dir, tiny_cpu=False):
+        write_csv(Path(out_dir) / "half.csv", [dict(case="c", provider="eager", **{"pass": "fwd"},
+                                                    ms=1.0, tflops=1.0)])
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the benchmark")
+
+    name = _fake_module(monkeypatch, "benchmarks._fake_sigterm", stopped)
+    monkeypatch.setattr(drv, "BENCHMARKS", {"half": name, "never": name})
+    assert drv.main(["--tiny-cpu", "--out", str(tmp_path)]) == 130
+    meta = json.loads((tmp_path / "run.json").read_text())
+    assert meta["finished"] is False and [e["name"] for e in meta["benchmarks"]] == ["peak", "half"]
+    half = meta["benchmarks"][1]
+    assert half["status"].startswith("interrupted") and half["csv"] == ["half.csv"]
+    assert half["rows"] == 1
+    text = (tmp_path / "summary.md").read_text()
+    assert "did not finish" in text and "[half.csv](half.csv)" in text
+    assert signal.getsignal(signal.SIGTERM) is not drv._on_sigterm  # handler restored
+
+
+def test_summary_of_a_killed_run_keeps_its_last_csv(tmp_path):
+    """SIGKILL: run.json still says the last benchmark is running; its CSV is on disk."""
+    from benchmarks import summary
+
+    _write(tmp_path / "peak.csv", [dict(op="peak", case="copy", kind="copy", provider="c",
+                                        **{"pass": "fwd"}, ms=1.0, gbps=100.0)])
+    _write(tmp_path / "model.csv", [dict(op="model", case="XL", provider="eager",
+                                         **{"pass": "fwd"}, ms=5.0, images_per_s=3.0)])
+    (tmp_path / "run.json").write_text(json.dumps(dict(finished=False, benchmarks=[
+        dict(name="peak", csv=["peak.csv"], status="ok"),
+        dict(name="model", csv=[], status="running: started but never finished")])))
+    text = summary.build_summary(tmp_path)
+    assert "did not finish" in text and "[model.csv](model.csv)" in text
+    assert "| XL | fwd | eager | 5.00 |" in text
+
+
+def test_bench_uses_do_bench_median_whatever_its_signature(monkeypatch):
+    import triton.testing
+
+    from benchmarks import common
+
+    seen = []
+
+    def new(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+        seen.append(("new", return_mode, quantiles))
+        return 1.5
+
+    def old(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None):
+        seen.append(("old", quantiles))
+        return 2.5
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(triton.testing, "do_bench", new)
+    assert common.bench(lambda: None) == 1.5
+    monkeypatch.setattr(triton.testing, "do_bench", old)
+    assert common.bench(lambda: None) == 2.5
+    assert seen == [("new", "median", None), ("old", [0.5])]
+
+
+def test_gpu_session_script_parses():
+    p = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_session.sh")],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr

@@ -53,7 +53,7 @@ bilinear interpolation. The choice follows from the label alone.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

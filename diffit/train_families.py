@@ -24,7 +24,7 @@ class Family:
     build(preset, overrides, grad_checkpointing) -> raw network
     native(preset) -> (image_size, channels) the preset was made for
     data_overrides(dataset, cfg) -> preset-config overrides that fit the model to the data
-    make_loss(model) -> loss(net, x, y) -> per-sample loss [B] (net: the maybe-wrapped model)
+    make_loss(model, cfg) -> loss(net, x, y) -> per-sample loss [B] (net: the maybe-wrapped model)
     sample(ema_module, noise, labels, cfg) -> samples shaped like noise (data space)
     block_types() -> module types that are FSDP units
     """
@@ -33,7 +33,7 @@ class Family:
     build: Callable[..., Any]
     native: Callable[[str], Tuple[int, int]]
     data_overrides: Callable[[Any, TrainConfig], dict]
-    make_loss: Callable[[Any], Callable]
+    make_loss: Callable[[Any, TrainConfig], Callable]
     sample: Callable[..., Any]
     block_types: Callable[[], tuple]
 
@@ -58,7 +58,10 @@ def _latent_family() -> Family:
                     class_dropout_prob=cfg.class_dropout if classes else 0.0,
                     backend=cfg.backend)
 
-    def make_loss(model):
+    def make_loss(model, cfg):
+        if cfg.augment:
+            raise ValueError(f"augment={cfg.augment} applies to the image-space presets only "
+                             f"(EDM's recipe); the latent model {cfg.model!r} trains without it")
         from .diffusion import create_diffusion
         diffusion = create_diffusion(None, learn_sigma=model.learn_sigma)
 
@@ -119,14 +122,25 @@ def _image_family() -> Family:
         return PRESETS[preset].image_size, PRESETS[preset].in_channels
 
     def data_overrides(ds, cfg):
+        from .augment import AugmentPipe
+        from .unet import PRESETS
         classes = ds.num_classes if cfg.class_cond else 0
+        # augmentation conditions the network on the pipe's labels: a preset without label
+        # slots (tiny) gets them; one that has them (cifar10, ffhq64) keeps its own
+        aug = {}
+        if cfg.augment and not PRESETS[cfg.model].augment_dim:
+            aug = dict(augment_dim=AugmentPipe(cfg.augment).label_dim)
         return dict(image_size=ds.image_size, in_channels=ds.channels, num_classes=classes,
                     class_dropout_prob=cfg.class_dropout if classes else 0.0,
-                    backend=cfg.backend)
+                    backend=cfg.backend, **aug)
 
-    def make_loss(model):
+    def make_loss(model, cfg):
         from .diffusion.edm import EDMLoss, EDMPrecond
-        edm = EDMLoss()
+        edm = EDMLoss(augment=cfg.augment or None)
+        if edm.augment_pipe is not None and model.config.augment_dim != edm.augment_pipe.label_dim:
+            raise ValueError(f"augment={cfg.augment} conditions the network on "
+                             f"{edm.augment_pipe.label_dim} augmentation labels, but the model "
+                             f"was built with augment_dim={model.config.augment_dim}")
 
         def loss(net, x, y):
             return edm(EDMPrecond(net), x, y)                                 # [B]

@@ -300,13 +300,15 @@ def write_checkpoint(obj: dict, ckpt_dir: Path, step: int, keep: int) -> Path:
 
 
 def check_compatible(ck: dict, path: Path, *, config: dict, free: set, defaults: dict,
-                     model_config: dict, model_state: dict, dataset_len: int) -> None:
+                     model_config: dict, model_state: dict, dataset_len: int,
+                     model_defaults: Optional[dict] = None) -> None:
     """CheckpointError unless checkpoint `ck` continues this run: same model configuration and
     state-dict shapes, same data size, same settings except those in `free` (a setting the
-    checkpoint lacks counts as its value in `defaults`). The world size may differ (see
-    load_training_state)."""
+    checkpoint lacks counts as its value in `defaults`, a model field as its value in
+    `model_defaults`: checkpoints written before a field existed). The world size may differ
+    (see load_training_state)."""
     from .latent import CheckpointMismatchError, check_state_dict_against
-    theirs, model = ck["model_config"], config.get("model")
+    theirs, model = {**(model_defaults or {}), **ck["model_config"]}, config.get("model")
     if ck["config"].get("model") != model or theirs != model_config:
         diff = [f"{k}: {theirs.get(k)!r} there vs {model_config.get(k)!r} here"
                 for k in sorted(set(model_config) | set(theirs))

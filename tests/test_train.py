@@ -119,6 +119,35 @@ def test_resume_across_an_epoch_boundary(tmp_path, latent_file):
     assert (_final(tmp_path / "a")["epoch"], _final(tmp_path / "a")["batch_in_epoch"]) == (2, 1)
 
 
+def test_augmented_training_resumes_exactly(tmp_path, latent_file):
+    # EDM's augmentation draws from the global RNG the checkpoint saves: resuming replays it
+    kw = dict(augment=0.5)
+    train(_cfg(tmp_path / "a", **kw))
+    train(_cfg(tmp_path / "b", **kw, steps=3))
+    train(_cfg(tmp_path / "b", **kw), resume="auto")
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    ck = _final(tmp_path / "a")
+    assert ck["model_config"]["augment_dim"] == 9 and "aug_embedder.weight" in ck["model"]
+    assert not torch.equal(ck["model"]["aug_embedder.weight"],
+                           torch.zeros_like(ck["model"]["aug_embedder.weight"]))
+    with pytest.raises(ValueError, match="image-space presets only"):
+        Trainer(_cfg(tmp_path / "lat", "latent", latent_file, **kw))
+    with pytest.raises(ValueError, match="augment must be in"):
+        _cfg(tmp_path / "x", augment=1.5).validate()
+
+
+def test_checkpoint_from_before_a_setting_existed_resumes(tmp_path):
+    # a checkpoint written before `augment` / `augment_dim` existed: missing = the default
+    train(_cfg(tmp_path / "r", steps=2))
+    path = latest_checkpoint(tmp_path / "r" / "checkpoints")
+    ck = torch.load(path, weights_only=False)
+    del ck["config"]["augment"], ck["model_config"]["augment_dim"]
+    torch.save(ck, path)
+    assert Trainer(_cfg(tmp_path / "r", steps=4), resume="auto").step == 2
+    with pytest.raises(CheckpointError, match="augment_dim: 0 there vs 9 here"):
+        Trainer(_cfg(tmp_path / "r", steps=4, augment=0.1), resume="auto")
+
+
 # ---- checkpoint safety ----------------------------------------------------------------------
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     real_save, calls = torch.save, []

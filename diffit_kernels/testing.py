@@ -129,6 +129,23 @@ def parity(
     return rows
 
 
+def model_rows(dtype: torch.dtype, out: tuple, ref: tuple, pt: tuple) -> List[ParityRow]:
+    """The rule for a whole model: each argument is (output, {parameter name: gradient}) of one
+    run (out: the kernels in `dtype`, ref: eager float32, pt: eager in `dtype`, all from the same
+    weights and inputs). The output gets the 2x bound, every parameter gradient the 3x one."""
+    (o, g_out), (r, g_ref), (p, g_pt) = out, ref, pt
+    if set(g_out) != set(g_ref):
+        raise AssertionError(f"gradients differ in which parameters they reach: "
+                             f"{sorted(set(g_out) ^ set(g_ref))}")
+    dt = str(dtype).split(".")[-1]
+    rows = [ParityRow("out", dt, max_err(o, r), rule_bound(r, p, dtype, 2.0), max_err(p, r))]
+    for name in g_ref:
+        rows.append(ParityRow("d" + name, dt, max_err(g_out[name], g_ref[name]),
+                              rule_bound(g_ref[name], g_pt[name], dtype, 3.0),
+                              max_err(g_pt[name], g_ref[name])))
+    return rows
+
+
 def assert_parity(rows: Sequence[ParityRow]) -> None:
     bad = [r for r in rows if not r.ok]
     if bad:

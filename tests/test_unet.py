@@ -265,7 +265,7 @@ def test_gpu_preset_bf16_autocast_matches_eager(preset):
     of 16) on CUDA, fp32 weights under bf16 autocast as in training, one ResBlock per level:
     the Triton backend's output and every parameter gradient within the numerics rule against
     fp32 eager, with eager bf16 autocast as the yardstick (DESIGN.md section 5)."""
-    from diffit_kernels.testing import max_err, rule_bound
+    from diffit_kernels.testing import assert_parity, model_rows
 
     torch.manual_seed(0)
     base = DiffiTUNet.from_preset(preset, num_res_blocks=1, backend="torch")
@@ -283,14 +283,6 @@ def test_gpu_preset_bf16_autocast_matches_eager(preset):
         o.float().backward(dy)
         return o.detach().float(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
 
-    out, g_out = run("triton", True)
-    ref, g_ref = run("torch", False)
-    pt, g_pt = run("torch", True)
-    assert set(g_out) == set(g_ref)
-    bad = []
-    for name, o, r, p, k in [("out", out, ref, pt, 2.0)] + [
-            ("d" + n, g_out[n], g_ref[n], g_pt[n], 3.0) for n in g_ref]:
-        err, bound = max_err(o, r), rule_bound(r, p, torch.bfloat16, k)
-        if not err <= bound:
-            bad.append(f"{name}: err {err:.3e} > bound {bound:.3e}")
-    assert not bad, "\n".join(bad)
+    rows = model_rows(torch.bfloat16, run("triton", True), run("torch", False),
+                      run("torch", True))
+    assert_parity(rows)

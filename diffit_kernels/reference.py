@@ -171,8 +171,12 @@ def time_qkv(
 @lru_cache(maxsize=64)
 def _relative_position_index_cpu(gh: int, gw: int) -> torch.Tensor:
     # explicit device: under `with torch.device("meta")` the cache would otherwise keep meta tensors
-    i = torch.arange(gh, device="cpu").repeat_interleave(gw)  # row of token a = i*gw + j
-    j = torch.arange(gw, device="cpu").repeat(gh)
+    return _build_relative_position_index(gh, gw, torch.device("cpu"))
+
+
+def _build_relative_position_index(gh: int, gw: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(gh, device=device).repeat_interleave(gw)  # row of token a = i*gw + j
+    j = torch.arange(gw, device=device).repeat(gh)
     di = i[:, None] - i[None, :] + gh - 1
     dj = j[:, None] - j[None, :] + gw - 1
     return di * (2 * gw - 1) + dj
@@ -192,10 +196,18 @@ def relative_position_index(gh: int, gw: int, device=None) -> torch.Tensor:
     return _relative_position_index_on(int(gh), int(gw), torch.device(device)).clone()
 
 
-@lru_cache(maxsize=64)
 def _relative_position_index_on(gh: int, gw: int, device: torch.device) -> torch.Tensor:
-    """The index on `device`, built once: the eager reference and the baselines built on it
-    must not pay a host-to-device copy per call (it would stall them and flatter the kernels)."""
+    """The index on `device` without a host-to-device copy per call (it would stall the eager
+    reference and the baselines built on it, and flatter the kernels): eagerly a per-device
+    cache; under torch.compile, which traces through lru_cache, built on the device itself so
+    the compiled graph makes it there (and Inductor can fuse it into the gather)."""
+    if torch.compiler.is_compiling():
+        return _build_relative_position_index(gh, gw, device)
+    return _cached_relative_position_index_on(gh, gw, device)
+
+
+@lru_cache(maxsize=64)
+def _cached_relative_position_index_on(gh: int, gw: int, device: torch.device) -> torch.Tensor:
     return _relative_position_index_cpu(gh, gw).to(device)
 
 

@@ -359,3 +359,26 @@ def test_main_configs_compile_without_spills():
         for arch in (80, 90):
             row = compile_spec(spec, arch)
             assert not row.problems, (spec.kernel, spec.config, row.arch, row.problems)
+
+
+def test_reference_index_is_built_on_the_device_under_torch_compile():
+    # Dynamo traces through the per-device lru_cache: the compiled reference (the torch.compile
+    # baseline) must build the index where the table lives, not on the CPU plus a copy per call.
+    # Meta tensors stand in for a GPU: any CPU arange or device move shows in the graph.
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    f = torch.compile(lambda q, t: reference.tmsa_attention(q, q, q, table=t, grid=(4, 6),
+                                                            window=(2, 3)),
+                      backend=capture, fullgraph=True)
+    out = f(torch.randn(1, 2, 24, 8, device="meta"), torch.randn(15, 2, device="meta"))
+    assert out.device.type == "meta"
+    nodes = [n for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")]
+    aranges = [n for n in nodes if "arange" in str(n.target)]
+    assert aranges and all(n.kwargs.get("device") == torch.device("meta") for n in aranges)
+    moves = [n for n in nodes if str(n.target) == "to" and any(
+        isinstance(a, (torch.device, str)) for a in list(n.args[1:]) + list(n.kwargs.values()))]
+    assert not moves, [str(n.args) for n in moves]

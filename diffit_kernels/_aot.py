@@ -79,10 +79,12 @@ def _ptxas(arch: int) -> str:
     """The ptxas Triton itself uses for `arch` (newer Tritons pick a newer one for sm_90+)."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
-
-        return get_ptxas(arch).path
-    except (ImportError, AttributeError):
+    except ImportError:
         return _tool("ptxas")
+    try:
+        return get_ptxas(arch).path
+    except TypeError:  # Triton < 3.5: one ptxas for every arch, get_ptxas() takes no argument
+        return get_ptxas().path
 
 
 def _full_signature(spec: AotSpec) -> Dict[str, str]:

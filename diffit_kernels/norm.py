@@ -22,7 +22,8 @@ from ._common import (cdiv, check_kernel_dtype, empty, next_power_of_2, resolve_
                       row_warps, sm_count, unit_last_stride)
 
 MAX_C = 8192
-BWD_BLOCK_C = 2048  # backward row chunk: wider rows spill when rebuilt in one piece
+BWD_BLOCK_C = 2048  # widest row the backward rebuilds in one piece (wider rows spill)
+BWD_CHUNK_C = 1024  # chunk of wider rows: 2048-wide chunks spill with Triton 3.4 / 3.6
 
 try:
     import triton
@@ -241,6 +242,11 @@ def _bwd_rows_per_program(B: int, N: int, device: torch.device) -> int:
     return max(1, cdiv(N, per_sample))  # N == 0 (empty rows): the launcher divides by it
 
 
+def _bwd_block(block_c: int) -> int:
+    """The backward's BLOCK_C for rows padded to block_c: the whole row, or a chunk of it."""
+    return block_c if block_c <= BWD_BLOCK_C else BWD_CHUNK_C
+
+
 def _bwd_warps(block: int) -> int:
     """The backward keeps ~10 row vectors live: twice the forward's warps to avoid spills."""
     return max(1, min(16, block // 128))
@@ -286,7 +292,7 @@ def _adaln_norm_bwd(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, sil
     dx = empty((B, N, C), x.dtype, x.device)
     dres = empty((B, N, C), x.dtype, x.device) if residual is not None else None
 
-    block = min(BLOCK_C, BWD_BLOCK_C)
+    block = _bwd_block(BLOCK_C)
     chunks = cdiv(C, block)
 
     def partial(flag):
@@ -451,9 +457,9 @@ def aot_specs():
                                                  "stride_sh_b", "stride_sc_b")}}
                 specs.append(AotSpec("_adaln_norm_bwd_kernel", _adaln_norm_bwd_kernel, bwd_sig,
                                      {**flags, "HAS_DH_OUT": full,
-                                      "BLOCK_C": min(block, BWD_BLOCK_C),
-                                      "NUM_CHUNKS": cdiv(C, min(block, BWD_BLOCK_C))},
-                                     _bwd_warps(min(block, BWD_BLOCK_C)), 3, label, False))
+                                      "BLOCK_C": _bwd_block(block),
+                                      "NUM_CHUNKS": cdiv(C, _bwd_block(block))},
+                                     _bwd_warps(_bwd_block(block)), 3, label, False))
     return specs
 
 

@@ -63,6 +63,7 @@ def test_chunked_backward_for_wide_rows(monkeypatch, dtype):
     # rows wider than the backward's chunk are walked twice with accumulators in memory;
     # shrink the chunk so the interpreter exercises that path at a small C
     monkeypatch.setattr(norm, "BWD_BLOCK_C", 64)
+    monkeypatch.setattr(norm, "BWD_CHUNK_C", 64)
     _run(dtype, 2, 9, 200, True, True, True, True, True)
     _run(dtype, 2, 9, 200, False, False, True, False, False)
 

@@ -44,20 +44,21 @@ LN_BLOCK_C = 4096  # LayerNorm-backward row chunk: wider rows are walked twice
 
 
 # Launch configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). 16-bit tiles target the
-# tensor cores (128x128x64, 3-4 stages fit sm_80's 163 KiB and sm_90a's 227 KiB); fp32 runs
-# IEEE FMA dots (no TF32), so its tiles are smaller. The interpreter gets exactly one config.
+# tensor cores (128x64 / 64x128 x64, 3-4 stages); fp32 runs IEEE FMA dots (no TF32), so its
+# tiles are smaller. The interpreter gets exactly one config. Every entry compiles without
+# spills for sm_80 and sm_90a under each Triton from 3.4 to 3.9, which costs the 128x128 tiles:
+# the forward's LayerNorm epilogue spills in them on sm_90a with Triton 3.5-3.7 (80-136 bytes)
+# and dX / dW spill in them on sm_80 with 3.4, as 4-warp 128-row tiles do here and there.
 # 128-row forward tiles run only where each tile lies in one sample (the per-sample bias is one
-# row of cb): their LayerNorm path sits at 255 registers, and a 2-row select or 2-D gather of cb
-# on top spills. 64-row tiles take any N. (128x256 and 4-warp 128x128 spill with LayerNorm.)
-FWD_CONFIGS = {"16": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 8, 3),
-                      (64, 64, 64, 4, 4)],
+# row of cb): a 2-row select or 2-D gather of cb on top of the LayerNorm path spills.
+FWD_CONFIGS = {"16": [(128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 3)],
                "32": [(64, 64, 32, 8, 3), (64, 128, 32, 8, 3)]}
-DX_CONFIGS = {"16": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)],
+DX_CONFIGS = {"16": [(128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)],
               "32": [(64, 64, 16, 8, 3)]}
 # dW: (BLOCK_N over q|k|v columns, BLOCK_C over channels, rows per step, warps, stages); the
 # rows per step are fixed per dtype (the launcher sizes the per-sample partial sums by them)
-DW_CONFIGS = {"16": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)],
-              "32": [(64, 64, 16, 4, 3)]}
+DW_CONFIGS = {"16": [(128, 64, 64, 8, 4), (64, 128, 64, 8, 4), (64, 64, 64, 4, 3)],
+              "32": [(64, 64, 16, 8, 3)]}
 INTERP_CONFIG = (32, 32, 32, 4, 1)
 INTERP_DW_BLOCK_K = 16  # short row steps: the interpreter's tests cover several per sample
 GROUP_M = 8

@@ -334,9 +334,9 @@ def test_aot_specs_and_check_cases_cover_the_kernels():
 
 
 @pytest.mark.parametrize("N,M,has_cb,want", [
-    (256, 65536, True, {(128, 128), (64, 128), (64, 64)}),   # tiles inside one sample
+    (256, 65536, True, {(128, 64), (64, 128), (64, 64)}),   # tiles inside one sample
     (200, 400, True, {(64, 128), (64, 64)}),                 # 128-row tiles would span samples
-    (200, 400, False, {(128, 128), (64, 128), (64, 64)}),    # no per-sample bias: any tile
+    (200, 400, False, {(128, 64), (64, 128), (64, 64)}),    # no per-sample bias: any tile
     (1, 3, True, {(64, 128), (64, 64)}),                     # tiny problems: no 128-row tiles
 ])
 def test_cuda_autotune_pruning(N, M, has_cb, want):

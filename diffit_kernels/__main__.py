@@ -44,8 +44,13 @@ def main(argv=None) -> int:
         import torch
 
         from ._check import run_check
+        from .testing import interpreter_problem
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        problem = interpreter_problem() if device.type == "cpu" else None
+        if problem:
+            print(f"numerics not checked: {problem}")
+            return 1
         where = (f"CUDA ({torch.cuda.get_device_name()})" if device.type == "cuda"
                  else "CPU tensors under the Triton interpreter (TRITON_INTERPRET=1)")
         print(f"Kernels vs the reference on {where}; torch {torch.__version__}")

@@ -154,6 +154,32 @@ def assert_parity(rows: Sequence[ParityRow]) -> None:
         raise AssertionError("parity with the reference failed:\n  " + "\n  ".join(lines))
 
 
+# ---- interpreter readiness ------------------------------------------------------------------
+def interpreter_problem() -> Optional[str]:
+    """None when this Triton's interpreter runs a loop with tensor bounds (every backward
+    kernel has one), else why not. Triton 3.4-3.6 take int() of a one-element array there,
+    which NumPy >= 2.4 refuses: every such kernel would fail with an opaque TypeError."""
+    import numpy as np
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _probe(OUT, N):
+        for i in range(tl.program_id(0), N):
+            tl.store(OUT + i, i)
+
+    out = torch.zeros(3, dtype=torch.int32)
+    try:
+        _probe[(1,)](out, 3)
+    except Exception as e:  # the interpreter wraps the cause in its own error type
+        return (f"the Triton {triton.__version__} interpreter cannot run these kernels with "
+                f"NumPy {np.__version__} ({type(e).__name__}: {str(e)[:120]}); install "
+                f"'numpy<2.4' or Triton >= 3.7")
+    if out.tolist() != [0, 1, 2]:
+        return f"the Triton {triton.__version__} interpreter ran a probe loop wrongly: {out.tolist()}"
+    return None
+
+
 # ---- interpreter out-of-bounds guard --------------------------------------------------------
 class OutOfBoundsAccess(AssertionError):
     pass

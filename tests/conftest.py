@@ -9,6 +9,18 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def pytest_configure(config):
+    # the interpreter process (xdist workers inherit the controller's verdict): when this
+    # Triton / NumPy pair cannot run the kernels, every test would fail with an opaque error
+    wanted = "interpreter" in (config.option.markexpr or "interpreter")
+    if INTERPRET and wanted and not hasattr(config, "workerinput"):
+        from diffit_kernels.testing import interpreter_problem
+
+        problem = interpreter_problem()
+        if problem:
+            pytest.exit(f"interpreter tests cannot run: {problem}", returncode=3)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "interpreter" in item.keywords and not INTERPRET:

@@ -19,8 +19,8 @@ the worst case over d = 16, 24, ..., 128 is 25% (d = 24 -> 32). Every dot over d
 Deterministic dtable (no atomics): ds must be summed along relative offsets, which no tile
 order can do elementwise, so it is accumulated where the element -> offset map is the same on
 every iteration of a program and reduced once at the end:
-  * spans of <= 32 tokens (4x4 image-space windows, tiny grids; 16 at d = 64 and 128, none
-    for fp32): one fused kernel does the whole backward of a window group (dq, dk, dv: 5 dots,
+  * spans of <= 32 tokens (4x4 image-space windows, tiny grids; 16 at d >= 56, none for
+    fp32): one fused kernel does the whole backward of a window group (dq, dk, dv: 5 dots,
     no recompute) and sums ds over all the (batch, window) units it owns in a [32, 32] fp32
     register tile (64-token tiles spill on sm_80);
   * larger spans: FlashAttention-2 dK/dV and dQ kernels, plus a kernel that recomputes p and
@@ -97,42 +97,55 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
 
 # Launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, dense bias or not,
 # element size and head-dim chunks (D0, D1 or 0). Chosen offline by compiling candidate lists
-# (largest tiles first) for sm_80 and sm_90a and keeping the first spill-free ones; aot_specs()
-# lists exactly these, so the compile report re-checks each. Under the interpreter one config.
+# (largest tiles first) for sm_80 and sm_90a and keeping the first spill-free ones under every
+# Triton we support (3.4, 3.6, 3.9: their ptxas differ, a config clean under one spills under
+# another); aot_specs() lists exactly these, so the compile report re-checks each with the
+# installed Triton. Under the interpreter one config.
 _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1): list})
     ("fwd", False, 2): (
         [(128, 64, 8, 3), (128, 64, 8, 2)],
-        {(128, 0): [(64, 32, 4, 3), (64, 32, 4, 2)]}),
+        {(32, 16): [(128, 32, 8, 3), (128, 32, 8, 2)], (64, 0): [(128, 64, 8, 3)],
+         (64, 16): [(128, 32, 8, 3), (128, 32, 8, 1)], (64, 32): [(128, 32, 8, 3)],
+         (128, 0): [(64, 32, 4, 3), (64, 32, 4, 2)]}),
     ("fwd-win", False, 2): (
         [(64, 32, 4, 3)],
-        {(16, 0): [(64, 64, 4, 2)], (64, 0): [(64, 64, 4, 2)],
-         (64, 16): [(64, 64, 4, 3), (64, 64, 4, 2)], (128, 0): [(32, 16, 2, 2)]}),
+        {(16, 0): [(64, 64, 8, 1)], (32, 16): [(64, 32, 8, 3)], (64, 0): [(64, 32, 8, 2)],
+         (64, 16): [(64, 32, 8, 3)], (64, 32): [(64, 32, 8, 3)], (128, 0): [(32, 16, 4, 2)]}),
     ("dkdv", False, 2): (
         [(32, 128, 8, 2), (32, 64, 4, 3)],
-        {(64, 16): [(32, 64, 4, 3), (32, 64, 4, 2)], (128, 0): [(16, 64, 4, 3), (16, 64, 4, 2)]}),
+        {(32, 0): [(32, 128, 8, 2)], (32, 16): [(32, 128, 8, 1), (32, 64, 4, 3)],
+         (64, 0): [(32, 128, 8, 1), (32, 64, 4, 3)], (64, 16): [(32, 64, 8, 1), (16, 64, 8, 3)],
+         (64, 32): [(16, 64, 8, 1)], (128, 0): [(16, 64, 8, 3), (16, 64, 8, 2)]}),
     ("dkdv-win", False, 2): (
         [(32, 64, 4, 2)],
-        {(64, 0): [(16, 64, 4, 3)], (64, 16): [(16, 64, 4, 3)], (64, 32): [(32, 64, 8, 2)],
-         (128, 0): [(16, 32, 4, 2)]}),
-    ("dq", False, 2): ([(128, 32, 8, 2), (64, 32, 4, 3)], {}),
+        {(32, 0): [(32, 64, 8, 2)], (32, 16): [(32, 64, 8, 1)], (64, 0): [(16, 64, 8, 2)],
+         (64, 16): [(16, 64, 8, 1)], (64, 32): [(16, 16, 4, 2)], (128, 0): [(16, 16, 4, 2)]}),
+    ("dq", False, 2): (
+        [(128, 32, 8, 2), (64, 32, 4, 3)],
+        {(64, 0): [(128, 32, 8, 1), (64, 32, 4, 3)], (64, 16): [(128, 32, 8, 1), (64, 32, 8, 3)],
+         (64, 32): [(128, 32, 8, 1), (64, 32, 4, 3)], (128, 0): [(128, 16, 8, 2), (64, 32, 8, 3)]}),
     ("dq-win", False, 2): (
         [(64, 32, 4, 3)],
-        {(64, 0): [(64, 32, 4, 2)], (64, 16): [(64, 16, 4, 3)], (128, 0): [(64, 16, 4, 3)]}),
+        {(32, 0): [(64, 32, 8, 3)], (32, 16): [(64, 32, 8, 3)], (64, 0): [(64, 32, 8, 2)],
+         (64, 16): [(64, 16, 8, 3)], (64, 32): [(64, 16, 8, 3)], (128, 0): [(32, 16, 4, 3)]}),
     ("dbias", False, 2): (
         [(64, 64, 4, 2)],
-        {(64, 0): [(64, 64, 4, 1)], (64, 16): [(32, 32, 2, 2)], (64, 32): [(32, 32, 2, 2)],
-         (128, 0): [(32, 32, 2, 1)]}),
+        {(64, 0): [(64, 64, 4, 1)], (64, 16): [(32, 32, 4, 2)], (64, 32): [(32, 32, 4, 2)],
+         (128, 0): [(16, 16, 2, 1)]}),
     ("window", False, 2): (
         [(32, 32, 2, 1)],
-        {(64, 0): [(16, 16, 1, 1)], (128, 0): [(16, 16, 1, 1)]}),
-    ("fwd", True, 2): ([(64, 32, 4, 3), (64, 32, 4, 2)], {}),
+        {(32, 16): [(32, 32, 4, 1)], (64, 0): [(16, 16, 1, 1)], (64, 16): [(16, 16, 2, 1)],
+         (64, 32): [(16, 16, 1, 1)], (128, 0): [(16, 16, 4, 1)]}),
+    ("fwd", True, 2): (
+        [(64, 32, 4, 3), (64, 32, 4, 2)],
+        {(64, 16): [(64, 32, 8, 3), (64, 32, 8, 2)]}),
     ("dkdv", True, 2): (
         [(16, 64, 4, 3), (16, 64, 4, 2)],
-        {(128, 0): [(32, 64, 4, 3), (32, 64, 4, 2)]}),
+        {(128, 0): [(32, 64, 8, 3), (32, 64, 8, 2)]}),
     ("dq", True, 2): ([(64, 16, 4, 3), (32, 16, 2, 2)], {}),
     ("dbias", True, 2): (
         [(32, 32, 2, 2)],
-        {(128, 0): [(32, 32, 2, 1)]}),
+        {(128, 0): [(16, 32, 2, 1)]}),
     ("window", True, 2): ([(16, 16, 1, 1)], {}),
     # fp32 is exact (ieee): FMA dots hold whole head-dim slices per thread, so small tiles
     ("fwd", False, 4): (
@@ -144,22 +157,26 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
         {(32, 0): [(16, 32, 4, 1)], (32, 16): [(32, 32, 8, 1)], (64, 16): [(16, 32, 4, 1)]}),
     ("dkdv-win", False, 4): (
         [(16, 16, 2, 1)],
-        {(32, 0): [(16, 32, 4, 1)], (32, 16): [(32, 32, 8, 1)], (64, 16): [(32, 16, 4, 1)]}),
+        {(32, 0): [(16, 32, 8, 1)], (32, 16): [(32, 32, 16, 1)], (64, 16): [(32, 16, 4, 1)]}),
     ("dq", False, 4): (
         [(16, 16, 2, 1)],
-        {(32, 16): [(16, 16, 1, 1)], (128, 0): [(32, 16, 4, 1)]}),
+        {(32, 16): [(16, 16, 8, 1)], (64, 16): [(16, 16, 1, 1)], (128, 0): [(16, 16, 8, 1)]}),
     ("dq-win", False, 4): (
         [(16, 16, 2, 1)],
-        {(32, 16): [(16, 16, 1, 1)], (128, 0): [(32, 16, 4, 1)]}),
-    ("dbias", False, 4): ([(16, 16, 2, 1)], {}),
+        {(32, 16): [(16, 16, 1, 1)], (64, 16): [(16, 16, 1, 1)], (128, 0): [(32, 16, 4, 1)]}),
+    ("dbias", False, 4): (
+        [(16, 16, 2, 1)],
+        {(64, 16): [(32, 16, 4, 1)]}),
     ("window", False, 4): ([], {}),
     ("fwd", True, 4): (
         [(32, 32, 4, 1)],
-        {(32, 16): [(32, 32, 8, 1)], (64, 0): [(32, 32, 8, 1)], (128, 0): [(16, 16, 2, 1)]}),
-    ("dkdv", True, 4): ([(16, 16, 2, 1)], {}),
+        {(32, 16): [(32, 16, 8, 1)], (64, 0): [(32, 32, 8, 1)], (128, 0): [(16, 16, 16, 1)]}),
+    ("dkdv", True, 4): (
+        [(16, 16, 2, 1)],
+        {(64, 16): [(16, 32, 4, 1)]}),
     ("dq", True, 4): (
         [(32, 32, 4, 1)],
-        {(16, 0): [(32, 32, 8, 1)], (128, 0): [(32, 32, 8, 1)]}),
+        {(16, 0): [(32, 32, 8, 1)], (128, 0): [(32, 16, 8, 1)]}),
     ("dbias", True, 4): ([(16, 16, 2, 1)], {}),
     ("window", True, 4): ([], {}),
 }
@@ -187,7 +204,8 @@ def _fused_launch(BLOCK: int, cfg: tuple, elt: int) -> Tuple[int, int]:
 
 def _fused_block(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> int:
     """Largest span the fused backward takes (0: none). Its dots are chained, for which Triton
-    stacks the warps along M, so its configs use one warp per 16 rows."""
+    stacks the warps along M, so its configs start from one warp per 16 rows (more where that
+    spills)."""
     cfgs = _configs("window", D0, D1, HAS_D1, elt, has_bias)
     return min(FUSED_MAX_SPAN, cfgs[0][0]) if cfgs else 0
 
@@ -523,9 +541,10 @@ def _delta_spec(dt: str, D: int):
 
 def aot_specs():
     """The launch configs the launchers can pick, representative but complete: every config
-    of every list at d = 72 (and at d = 128 where its list differs), the first config of the
-    16-bit bias-free lists at every other head-dim chunk shape; fp16 beside bf16, and the
-    bias-free / windowed variants, at d = 72; the fused kernel's 16-token tile at d = 72."""
+    of every list at d = 72 and of every per-head-dim list at its own chunk shape, the first
+    config of the 16-bit bias-free default lists at every other chunk shape, the fused
+    kernel's 16-token tile wherever its list's tile is larger; fp16 beside bf16, and the
+    bias-free / windowed variants, at d = 72."""
     specs = []
     for (kind, has_bias, elt), (default, per_shape) in _CONFIG_TABLE.items():
         dt = "bf16" if elt == 2 else "fp32"
@@ -533,7 +552,7 @@ def aot_specs():
                                                                  "dq-win") else "table")
         for shape, D in _SHAPE_D.items():
             cfgs = per_shape.get(shape, default)
-            if D == 72 or (D == 128 and shape in per_shape):
+            if D == 72 or shape in per_shape:
                 pick = cfgs
             elif elt == 2 and not has_bias:
                 pick = cfgs[:1]
@@ -541,13 +560,13 @@ def aot_specs():
                 continue
             for cfg in pick:
                 specs.append(_kernel_spec(kind, dt, D, flags, cfg))
+            if kind == "window" and cfgs and cfgs[0][0] > 16:
+                specs.append(_kernel_spec(kind, dt, D, flags,
+                                          (16, 16) + _fused_launch(16, cfgs[0], elt)))
             if D != 72 or not cfgs:
                 continue
             if elt == 2:
                 specs.append(_kernel_spec(kind, "fp16", D, flags, cfgs[0]))
-            if kind == "window" and cfgs[0][0] > 16:
-                specs.append(_kernel_spec(kind, dt, D, flags,
-                                          (16, 16) + _fused_launch(16, cfgs[0], elt)))
             if not has_bias and kind in ("fwd", "dkdv", "dq", "dbias"):
                 specs.append(_kernel_spec(kind, dt, D, "plain", cfgs[0]))
             if not has_bias and kind == "dbias":

@@ -3,19 +3,13 @@ and writes the two images; reruns replace a previous demo, never other runs."""
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from diffit import cli
 from diffit.demo import DEMO_CONFIG, run_demo
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 def test_demo_short_run_loss_falls_and_writes_images(tmp_path):

@@ -22,13 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: a second OpenMP thread only spin-waits on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 def _write_latents(path: Path, n: int = 64) -> Path:

@@ -217,14 +217,14 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _clear_previous_run(out: Path) -> List[str]:
     """Remove what an earlier run in this folder wrote (the files its run.json lists, and
-    run.json and summary.md), so no stale CSV or plot mixes with this run's. Files no run.json
+    run.json, summary.md and its note.md), so no stale CSV or plot mixes with this run's. Files no run.json
     lists are left alone."""
     try:
         meta = json.loads((out / "run.json").read_text())
     except (OSError, ValueError):
         return []
     names = {n for e in meta.get("benchmarks", []) for n in e.get("csv", []) + e.get("png", [])}
-    names |= {"run.json", "summary.md"}
+    names |= {"run.json", "summary.md", "note.md"}  # the note described that run
     gone = []
     for n in sorted(names):
         p = out / n

@@ -10,7 +10,9 @@ summary.md is headed with the card, driver, CUDA, PyTorch and Triton versions an
 command (from run.json, written by `python -m benchmarks`); then one table per CSV with ms,
 the CSV's rates (GB/s, TFLOP/s, images/s) and each rate as a fraction of the peak measured in
 the same run (peak.csv: copy bandwidth for GB/s, the GEMM rate for TFLOP/s), and how many times
-faster `ours` is than each baseline at the same case and pass. Nothing is typed by hand.
+faster `ours` is than each baseline at the same case and pass. Nothing is typed by hand except
+an optional note.md in the folder (what the run is for), quoted under the header; a new run
+in the folder removes it.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+# optional context written beside a run's results (for example: the baseline of a piece of
+# work); quoted under the header of summary.md, removed when a new run writes the folder
+NOTE = "note.md"
 
 # CSV column -> (header, which measured peak it is a fraction of)
 RATES: Dict[str, Tuple[str, Optional[str]]] = {
@@ -192,6 +197,9 @@ def build_summary(out: Path) -> str:
     cmd = meta.get("command") or env.get("command")
     L.append(f"| command | `{cmd}` |" if cmd else "| command | - |")
     L.append("")
+    note = out / NOTE
+    if note.is_file():  # what this run is for; a new run in the folder removes it
+        L += [note.read_text().strip(), ""]
     if peaks:
         parts = []
         if "gbps" in peaks:

@@ -72,6 +72,8 @@ def _dbias_plan(n_win: int, nW: int, B: int, BM: int, BN: int, group_diagonals: 
     programs (contiguous runs of one slot's iterations), and the index tensors that reduce the
     per-program partials: programs -> slots (sum), slots -> table rows (gather + sum)."""
     Tm, Tn = cdiv(n_win, BM), cdiv(n_win, BN)
+    if group_diagonals and BM != BN:
+        raise ValueError(f"tile diagonals share offsets only for square tiles, got {BM}x{BN}")
     if group_diagonals:
         slots = [(max(t, 0), max(-t, 0), min(Tm - max(t, 0), Tn - max(-t, 0)))
                  for t in range(-(Tn - 1), Tm)]

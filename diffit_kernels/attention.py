@@ -39,6 +39,7 @@ the neighbouring window's rows (0 * NaN in the tile's dot); finite inputs are un
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -79,12 +80,36 @@ def _check_head_dim(D: int) -> None:
             f"got D={D}; use backend='torch' for it")
 
 
+# Test hook (never set by library code): emulate a card under the interpreter. "sms": the SM
+# count launch plans are sized for; "elt": run the CUDA config table of this element size (2 or
+# 4) instead of the interpreter's one config, entry "pick" (modulo its length) of each list;
+# "log": a list that collects (kind, config) of every launch.
+_CARD = {"sms": None, "elt": None, "pick": 0, "log": None}
+
+
+@contextlib.contextmanager
+def _emulate_card(sms: int, elt: Optional[int] = None, pick: int = 0,
+                  log: Optional[list] = None):
+    old = dict(_CARD)
+    _CARD.update(sms=sms, elt=elt, pick=pick, log=log)
+    try:
+        yield
+    finally:
+        _CARD.update(old)
+
+
+def _sms(device: torch.device) -> Optional[int]:
+    if _CARD["sms"] is not None:
+        return _CARD["sms"]
+    return sm_count(device) if device.type == "cuda" else None
+
+
 def _programs_per_head(device: torch.device, H: int) -> int:
     """Programs per head of the kernels that write partials: ~4 per SM in all; two under the
     interpreter, so the partial reduction is exercised."""
-    if device.type != "cuda":
+    sms = _sms(device)
+    if sms is None:
         return 2
-    sms = sm_count(device)
     return max(1, cdiv(4 * sms, H))
 
 
@@ -188,6 +213,10 @@ def _configs(kind: str, D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool
     """The pruned autotune list of one kernel for one (dense bias, dtype size, head dim).
     kinds "fwd-win", "dkdv-win", "dq-win": the windowed variants (their index arithmetic
     needs registers of its own; small query tiles also waste less on other windows' keys)."""
+    if _CARD["elt"] is not None:
+        default, per_shape = _CONFIG_TABLE[(kind, has_bias, _CARD["elt"])]
+        cfgs = per_shape.get((D0, D1 if HAS_D1 else 0), default)
+        return [cfgs[_CARD["pick"] % len(cfgs)]] if cfgs else []
     if interpreting():
         return [_INTERP[kind.split("-")[0]]]
     default, per_shape = _CONFIG_TABLE[(kind, has_bias, elt)]
@@ -213,9 +242,15 @@ def _fused_block(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> in
 _TUNERS: dict = {}
 
 
+def _log(kind: str, *configs: tuple) -> None:
+    if _CARD["log"] is not None:
+        _CARD["log"].append((kind,) + configs)
+
+
 def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwargs: dict):
     """One config: launch it. Several (CUDA only): a cached autotuner over exactly that list,
     keyed on the sequence-length bucket, span bucket, head dim and windowing (plus dtypes)."""
+    _log(kind, *configs)
     if len(configs) == 1:
         bm, bn, w, s = configs[0]
         kernel[grid_of(bm, bn)](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
@@ -315,6 +350,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         P = cdiv(units, per_prog)
         partial = torch.empty((H, P, BLOCK, BLOCK), dtype=torch.float32, device=dev) if acc else q
         warps, stages = _fused_launch(BLOCK, _configs("window", *shape)[0], q.element_size())
+        _log("window", (BLOCK, BLOCK, warps, stages))
         _kernels._tmsa_attention_bwd_kernel_window[(P, H)](
             q, k, v, do, tab, bias_arg, lse, dq, dk, dv,
             dbias if dbias is not None else q, partial, *strides, *geo, float(scale),
@@ -342,7 +378,10 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
                  *strides, *geo, float(scale), *buckets), dict(kw, STORE_DS=store_ds))
         if acc_table or acc_dense:
             BM, BN, warps, stages = _configs("dbias", *shape)[0]
-            group = acc_table and BM % geom.gw == 0
+            _log("dbias", (BM, BN, warps, stages))
+            # the pairs of one tile diagonal share their relative offsets only when both tiles
+            # step by the same whole number of grid rows (square tiles, gw | BM)
+            group = acc_table and BM == BN and BM % geom.gw == 0
             plan, slots, slot_index, bins, P = _dbias_plan(
                 geom.n_win, geom.nW, B, BM, BN, group, _programs_per_head(dev, H),
                 (geom.gh, geom.gw) if acc_table else None, str(dev))

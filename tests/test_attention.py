@@ -382,3 +382,15 @@ def test_reference_index_is_built_on_the_device_under_torch_compile():
     moves = [n for n in nodes if str(n.target) == "to" and any(
         isinstance(a, (torch.device, str)) for a in list(n.args[1:]) + list(n.kwargs.values()))]
     assert not moves, [str(n.args) for n in moves]
+
+
+# ---- the configs and launch plans of real cards, under the interpreter ---------------------
+@pytest.mark.interpreter
+def test_fp32_table_gradient_with_the_cuda_configs():
+    """Issue 12.1, found on an H200: the fp32 dbias tile at d 72-80 is 32x16, the only
+    non-square one, and grouping the pairs of a tile diagonal into one slot assumed square
+    tiles, so dS landed in the wrong table rows (the interpreter's own config hid it)."""
+    log = []
+    with A._emulate_card(132, elt=4, log=log):
+        _check(torch.float32, 1, 1, 64, 72, grid=(8, 8), table=True)
+    assert ("dbias", (32, 16, 4, 1)) in log

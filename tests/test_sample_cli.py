@@ -1,5 +1,7 @@
 """`python -m diffit sample`: files, layouts, errors, the VAE path (with a stand-in VAE) and
-sharding under torchrun."""
+sharding under torchrun; every checkpoint form the trainer writes (run directory, checkpoints
+folder, `latest`, ckpt file) and bare state dicts, family detection, EMA / model weights, EDM's
+sampler options, and the errors for checkpoints that cannot be sampled."""
 import os
 import subprocess
 import sys
@@ -113,3 +115,230 @@ def test_torchrun_shards_and_gathers(tmp_path):
     np.testing.assert_array_equal(one["arr_1"], two["arr_1"])
     np.testing.assert_allclose(one["arr_0"], two["arr_0"], rtol=1e-5, atol=1e-5)
     assert len({a.tobytes() for a in one["arr_0"]}) == 5            # samples differ
+
+
+# ---- checkpoints the trainer writes ---------------------------------------------------------
+def _train(out, **over):
+    from diffit.train import TrainConfig, train
+
+    cfg = dict(model="tiny", data="digits", image_size=8, batch_size=8, steps=2, lr=1e-3,
+               log_every=1, ckpt_every=0, num_samples=0, progress=False, out=str(out))
+    train(TrainConfig(**{**cfg, **over}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A class-conditional image-space run (label dropout 0.1), two steps: EMA != model."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield _train(tmp_path_factory.mktemp("image_run") / "run")
+    finally:
+        torch.set_num_threads(n)
+
+
+def _ckpt(run):
+    return run / "checkpoints" / "ckpt_00000002.pt"
+
+
+def _samples(out, n, side=8):
+    return np.load(out / f"samples_{n}x{side}x{side}x3.npz")
+
+
+IMG = ["--num-samples", "5", "--batch-size", "3", "--no-progress"]
+
+
+def test_every_checkpoint_form_samples_the_same_ema_model(image_run, tmp_path, capsys, one_thread):
+    from PIL import Image
+
+    from diffit.checkpoint import save_state_dict
+
+    ck = torch.load(_ckpt(image_run), weights_only=True)
+    sd_file = save_state_dict(ck["ema"], tmp_path / "ema.safetensors")
+    forms = {"run dir": [image_run], "checkpoints folder": [image_run / "checkpoints"],
+             "latest pointer": [image_run / "checkpoints" / "latest"],
+             "trainer checkpoint": [_ckpt(image_run)],
+             "state dict": [sd_file, "--model", "tiny"]}
+    got = {}
+    for name, (path, *extra) in forms.items():
+        out = tmp_path / name.replace(" ", "_")
+        assert _run(["--checkpoint", str(path), *extra, *IMG, "--out", str(out)]) == 0, name
+        said = capsys.readouterr().out
+        assert ("EMA weights" if name != "state dict" else "the file's weights") in said
+        assert "image model" in said and "EDM Heun, 18 steps, deterministic" in said
+        d = _samples(out, 5)
+        assert d["arr_0"].dtype == np.uint8 and d["arr_0"].shape == (5, 8, 8, 3)
+        assert (d["arr_0"][..., 0] == d["arr_0"][..., 2]).all()           # grey as RGB
+        assert 0 <= d["arr_1"].min() and d["arr_1"].max() < 10
+        pngs = sorted((out / "images").iterdir())
+        assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
+        assert np.array_equal(np.stack([np.asarray(Image.open(p)) for p in pngs]), d["arr_0"])
+        assert Image.open(out / "grid.png").size == (3 * 66 + 2, 2 * 66 + 2)  # 8 px -> 64 px
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files
+        got[name] = d["arr_0"]
+    first = got.pop("run dir")
+    for name, arr in got.items():
+        assert np.array_equal(arr, first), name
+    assert len({a.tobytes() for a in first}) == 5
+
+
+def test_weights_choice_and_rerun_replaces_png_folder(image_run, tmp_path, capsys, one_thread):
+    out = tmp_path / "s"
+    assert _run(["--checkpoint", str(image_run), "--weights", "model", "--num-samples", "4",
+                 "--no-progress", "--out", str(out)]) == 0
+    assert "training (non-EMA) weights" in capsys.readouterr().out
+    model_w = _samples(out, 4)["arr_0"]
+    assert _run(["--checkpoint", str(image_run), "--num-samples", "3", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert not np.array_equal(_samples(out, 3)["arr_0"], model_w[:3])
+    assert len(list((out / "images").iterdir())) == 3                # the old 4 are gone
+
+
+def test_image_sampler_options(image_run, tmp_path, capsys, one_thread):
+    base = ["--checkpoint", str(image_run), "--num-samples", "4", "--labels", "3,5",
+            "--no-progress", "--seed", "1"]
+
+    def draw(name, *extra):
+        assert _run([*base, *extra, "--out", str(tmp_path / name)]) == 0
+        return _samples(tmp_path / name, 4)
+
+    plain = draw("plain")
+    assert plain["arr_1"].tolist() == [3, 5, 3, 5]
+    churn1 = draw("churn1", "--S_churn", "40", "--S-min", "0.05", "--S_max", "50")
+    churn2 = draw("churn2", "--S-churn", "40", "--S_min", "0.05", "--S-max", "50")
+    assert np.array_equal(churn1["arr_0"], churn2["arr_0"])          # seeded
+    assert not np.array_equal(churn1["arr_0"], plain["arr_0"])
+    guided = draw("guided", "--cfg-scale", "3")
+    assert not np.array_equal(guided["arr_0"], plain["arr_0"])
+    few = draw("few", "--steps", "4", "--sigma_max", "40", "--rho", "5")
+    assert not np.array_equal(few["arr_0"], plain["arr_0"])
+    out = capsys.readouterr().out
+    assert "stochastic" in out and "guidance 3" in out and "4 steps" in out
+    assert _run([*base, "--steps", "ddim5", "--out", str(tmp_path / "x")]) == 2
+    assert "Heun steps" in capsys.readouterr().err
+    assert _run([*base, "--latents-only", "--out", str(tmp_path / "x")]) == 2
+    assert "samples images directly" in capsys.readouterr().err
+    assert _run([*base, "--image-size", "16", "--out", str(tmp_path / "x")]) == 2
+    assert "8x8" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def _edit_checkpoint(src, dst, edit):
+    ck = torch.load(src, weights_only=True)
+    edit(ck)
+    torch.save(ck, dst)
+    return dst
+
+
+def test_family_detection_and_guidance_needs_label_dropout(image_run, tmp_path, capsys, one_thread):
+    from diffit.checkpoint import read_sampling_checkpoint
+
+    old = _edit_checkpoint(_ckpt(image_run), tmp_path / "old.pt", lambda ck: ck.pop("family"))
+    c = read_sampling_checkpoint(old)                   # older checkpoints: from the preset
+    assert (c.family, c.preset, c.kind, c.weights, c.step) == ("image", "tiny", "trainer",
+                                                               "ema", 2)
+    ck = torch.load(_ckpt(image_run), weights_only=True)
+    for k, v in ck["ema"].items():
+        assert torch.equal(c.state_dict[k], v)
+
+    def no_dropout(ck):
+        ck["model_config"]["class_dropout_prob"] = 0.0
+    nodrop = _edit_checkpoint(_ckpt(image_run), tmp_path / "nodrop.pt", no_dropout)
+    assert _run(["--checkpoint", str(nodrop), "--cfg-scale", "2", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "label dropout" in capsys.readouterr().err
+    assert _run(["--checkpoint", str(nodrop), *IMG, "--out", str(tmp_path / "ok")]) == 0
+
+
+def test_bad_checkpoints_name_the_file_and_what_it_holds(image_run, tmp_path, capsys, one_thread):
+    def err(path, *extra):
+        assert _run(["--checkpoint", str(path), *extra, "--out", str(tmp_path / "x")]) == 2
+        return capsys.readouterr().err
+
+    ckdir = tmp_path / "run" / "checkpoints"
+    ckdir.mkdir(parents=True)
+    (ckdir / "latest").write_text("ckpt_00002000.pt\n")
+    e = err(ckdir / "latest")
+    assert str(ckdir / "latest") in e and "pointer" in e and "ckpt_00002000.pt" in e
+    assert "ckpt_00002000.pt" in err(tmp_path / "run")                 # through the run dir
+    (ckdir / "latest").unlink()
+    e = err(tmp_path / "run")
+    assert "holds no checkpoint" in e and str(tmp_path / "run") in e
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\nworld\n")
+    e = err(notes)
+    assert str(notes) in e and "text file" in e and "hello" in e
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(1, 2)).sum().backward()
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    e = err(tmp_path / "opt.pt")
+    assert str(tmp_path / "opt.pt") in e and "optimizer state" in e and "no model weights" in e
+    torch.save({"optimizer": opt.state_dict(), "step": 3}, tmp_path / "opt2.pt")
+    e = err(tmp_path / "opt2.pt")
+    assert str(tmp_path / "opt2.pt") in e and "'optimizer' is an optimizer state" in e
+
+    def unknown(ck):
+        ck["family"] = "pixel-gan"
+    e = err(_edit_checkpoint(_ckpt(image_run), tmp_path / "fam.pt", unknown))
+    assert str(tmp_path / "fam.pt") in e and "'pixel-gan'" in e and "image" in e
+
+    def foreign(ck):
+        ck["format"] = "someone-else-3"
+    e = err(_edit_checkpoint(_ckpt(image_run), tmp_path / "fmt.pt", foreign))
+    assert "someone-else-3" in e and str(tmp_path / "fmt.pt") in e
+
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    e = err(tmp_path / "other.pt")
+    assert "not a DiffiT state dict" in e and "weight" in e
+
+    ck = torch.load(_ckpt(image_run), weights_only=True)
+    from diffit.checkpoint import save_state_dict
+    sd = save_state_dict(ck["ema"], tmp_path / "unet.safetensors")
+    e = err(sd)
+    assert "U-Net state dict" in e and "--model" in e
+    assert "no EMA / model choice" in err(sd, "--model", "tiny", "--weights", "model")
+    e = err(sd, "--model", "cifar10")                                 # wrong preset: key list
+    assert "does not match the model" in e and str(sd) in e
+
+    garbage = tmp_path / "broken.pt"
+    garbage.write_bytes(_ckpt(image_run).read_bytes()[:5000])
+    e = err(garbage)
+    assert str(garbage) in e and "not a readable" in e
+    assert not (tmp_path / "x").exists()
+
+
+# ---- latent runs ------------------------------------------------------------------------------
+def test_latent_trainer_checkpoints(tmp_path, monkeypatch, capsys, one_thread):
+    """A tiny latent run on latents (VAE-decoded, or --latents-only) and one on pixels."""
+    import diffit.sample as sample
+
+    g = torch.Generator().manual_seed(0)
+    torch.save({"latents": torch.randn(16, 4, 8, 8, generator=g),
+                "labels": torch.arange(16) % 3}, tmp_path / "lat.pt")
+    run = _train(tmp_path / "lat", model="DiffiT-tiny", data="latents",
+                 data_path=str(tmp_path / "lat.pt"), image_size=None)
+    assert _run(["--checkpoint", str(run), "--latents-only", "--steps", "ddim4", *IMG,
+                 "--out", str(tmp_path / "a")]) == 0
+    said = capsys.readouterr().out
+    assert "latent model DiffiT-tiny, EMA weights" in said and "DDIM, 4 steps" in said
+    d = np.load(tmp_path / "a" / "latents_5x4x8x8.npz")
+    assert d["arr_0"].shape == (5, 4, 8, 8) and d["arr_1"].max() < 3
+    vae = _StandInVAE()
+    monkeypatch.setattr(sample, "_load_vae", lambda name, device: vae)
+    assert _run(["--checkpoint", str(run / "checkpoints" / "latest"), "--steps", "ddim4", *IMG,
+                 "--out", str(tmp_path / "b")]) == 0
+    assert _samples(tmp_path / "b", 5, 64)["arr_0"].shape == (5, 64, 64, 3)
+    assert len(list((tmp_path / "b" / "images").iterdir())) == 5
+    assert _run(["--checkpoint", str(run), "--image-size", "128", "--latents-only",
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "latent size 8" in capsys.readouterr().err
+
+    pix = _train(tmp_path / "pix", model="DiffiT-tiny")            # latent family on digits
+    assert _run(["--checkpoint", str(pix), "--steps", "ddim4", "--cfg-scale", "2", *IMG,
+                 "--out", str(tmp_path / "d")]) == 0
+    assert _samples(tmp_path / "d", 5)["arr_0"].shape == (5, 8, 8, 3)

@@ -1,4 +1,5 @@
-"""time_qkv: the fused projection against the reference, every output and all six gradients."""
+"""time_qkv: the projection (LayerNorm + cuBLAS GEMM + time term) against the reference, every
+output and all six gradients, every launch plan of its Triton row kernels."""
 import pytest
 import torch
 
@@ -86,21 +87,40 @@ def test_near_constant_rows_far_from_zero():
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_layernorm_backward_over_row_chunks(monkeypatch, dtype):
-    # rows wider than LN_BLOCK_C are walked twice (sums, then dx); shrink the chunk to see it
+    # rows wider than LN_BLOCK_C are walked in chunks (forward: mean, variance, xhat; backward:
+    # sums, then dx); a 32-wide chunk makes that three chunks of 16 rows per program
     monkeypatch.setattr(projection, "LN_BLOCK_C", 32)
     _run(dtype, 2, 9, 72, 2, 16)
 
 
 @pytest.mark.interpreter
-def test_diffit_xl_heads_fp32(monkeypatch):
-    # C = 1152, 16 heads of d = 72 (tiles straddle heads), a handful of rows; wider
-    # interpreter tiles keep the program count (and the time) down
-    monkeypatch.setattr(projection, "INTERP_CONFIG", (128, 128, 128, 4, 1))
-    projection._tuned.cache_clear()
-    try:
-        _run(torch.float32, 1, 3, 1152, 16, 32)
-    finally:
-        projection._tuned.cache_clear()
+def test_diffit_xl_heads_fp32():
+    # C = 1152, 16 heads of d = 72 (column tiles of the dY pack straddle heads), a few rows
+    _run(torch.float32, 1, 3, 1152, 16, 32)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("plan,C", list(projection.row_plans().items()),
+                         ids=lambda p: "x".join(map(str, p)) if isinstance(p, tuple) else f"C{p}")
+def test_every_row_plan_a_gpu_can_take(plan, C, dtype):
+    # the LayerNorm row kernels take the same plan on CUDA and here: each one the launcher
+    # can pick runs, forward and backward (a narrow C' keeps the weight small at wide C)
+    log = []
+    with projection._record_launches(log):
+        _run(dtype, 2, 5, C, 2, 8, CP=16)
+    assert ("ln_fwd", plan) in log and ("ln_bwd", plan) in log
+
+
+def test_row_plans_lists_every_plan_the_launcher_picks():
+    # row_plans() drives the test above and the compile report: a plan it missed would ship
+    # unrun, so compare it with the launcher's choice at every width up to three chunks
+    picked = {projection._row_plan(C) for C in range(1, 3 * projection.LN_BLOCK_C + 2)}
+    assert picked == set(projection.row_plans())
+    for plan, C in projection.row_plans().items():
+        rows, block, chunked, warps = plan
+        assert projection._row_plan(C) == plan and rows * block <= projection.ROW_TILE
+        assert chunked == (C > block) and 1 <= warps <= 16
 
 
 @pytest.mark.interpreter
@@ -148,8 +168,32 @@ def test_backward_is_deterministic_and_does_not_stack_the_head_gradients(monkeyp
     gq, gk, gv = (torch.randn(2, 2, 32, 24) for _ in range(3))
 
     _assert_backward_repeats_bitwise(leaves, build, grads, (gq, gk, gv))
-    # the incoming gradients reach the kernels as the caller's own tensors, no stacked copy
+    # the incoming gradients reach the backward as the caller's own tensors
     assert seen[0] == (gq.data_ptr(), gk.data_ptr(), gv.data_ptr())
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("layout", ["packed", "separate-strided"])
+def test_head_gradients_are_read_in_place_when_packed_else_packed_once(layout):
+    # dq | dk | dv as the head-split views of one [B, N, 3C'] buffer are dY itself (no copy:
+    # the pack kernel only sums); separate, strided gradients are packed by it once
+    B, N, C, H = 2, 70, 48, 4
+    leaves, build, grads = _case(B, N, C, H)
+    if layout == "packed":
+        dys = projection._split_heads(torch.randn(B, N, 3 * C), H)
+    else:
+        dys = [torch.randn(B, N, H, C // H).transpose(1, 2) for _ in range(3)]
+    ls = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+    log = []
+    with projection._record_launches(log), nan_fill():
+        out = diffit_kernels.time_qkv(**build(ls), backend="triton")
+        got = torch.autograd.grad(out, [ls[g] for g in grads], list(dys))
+    assert [p[3] for k, p in log if k == "pack"] == [layout != "packed"]
+    ref = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+    want = torch.autograd.grad(reference.time_qkv(**build(ref)), [ref[g] for g in grads],
+                               list(dys))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.interpreter
@@ -209,7 +253,7 @@ def test_op_level_autograd_matches_the_public_path():
     # torch.ops.diffit_kernels.time_qkv_fwd carries its own autograd ([B, N, 3C'] gradient)
     leaves, build, grads = _case(2, 8, 32, 2)
     kw = build({k: v.clone().requires_grad_() for k, v in leaves.items()})
-    qkv, _, _ = torch.ops.diffit_kernels.time_qkv_fwd(
+    qkv, _, _, _ = torch.ops.diffit_kernels.time_qkv_fwd(
         kw["x"], kw["temb"], kw["weight"], kw["bias"], kw["temb_weight"], kw["temb_bias"], 2, 1e-6)
     dy = torch.randn_like(qkv)
     ins = [kw[k] for k in ("x", "temb", "weight", "bias", "temb_weight", "temb_bias")]
@@ -231,11 +275,14 @@ def test_opcheck_forward_and_backward_ops():
     torch.library.opcheck(projection._time_qkv_fwd_op, args)
     torch.library.opcheck(projection._time_qkv_fwd_op,
                           (kw["x"], None, kw["weight"], None, None, None, 4, None))
-    qkv, mean, rstd = projection._time_qkv_fwd_op(*(a.detach() if torch.is_tensor(a) else a
-                                                    for a in args))
+    qkv, xhat, mean, rstd = projection._time_qkv_fwd_op(
+        *(a.detach() if torch.is_tensor(a) else a for a in args))
     dq, dk, dv = projection._split_heads(torch.randn_like(qkv), 2)  # strided views
     torch.library.opcheck(projection._time_qkv_bwd_op,
-                          (dq, dk.contiguous(), dv, kw["x"].detach(), kw["weight"].detach(), mean,
+                          (dq, dk.contiguous(), dv, kw["x"].detach(), xhat,
+                           kw["weight"].detach(), mean, rstd, True, True, True))
+    torch.library.opcheck(projection._time_qkv_bwd_op,
+                          (dq, dk, dv, kw["x"].detach(), xhat, kw["weight"].detach(), mean,
                            rstd, True, True, True))
 
 
@@ -330,29 +377,19 @@ def test_gradcheck_reference_fp64():
 def test_aot_specs_and_check_cases_cover_the_kernels():
     specs = projection.aot_specs()
     kernels = {s.kernel for s in specs}
-    assert kernels == {"_time_qkv_fwd_kernel", "_time_qkv_bwd_kernel_dx",
-                       "_time_qkv_bwd_kernel_dw", "_time_qkv_bwd_kernel_ln"}
+    assert kernels == {"_time_qkv_ln_fwd_kernel", "_time_qkv_bwd_kernel_pack",
+                       "_time_qkv_bwd_kernel_ln"}
+    # the compile report builds every row plan the launcher can pick, both pack modes
+    for name in ("_time_qkv_ln_fwd_kernel", "_time_qkv_bwd_kernel_ln"):
+        got = {(s.constexprs["ROWS"], s.constexprs["BLOCK_C"], s.constexprs["CHUNKED"],
+                s.num_warps) for s in specs if s.kernel == name}
+        assert got == set(projection.row_plans())
+    assert {s.constexprs["STORE"] for s in specs
+            if s.kernel == "_time_qkv_bwd_kernel_pack"} == {True, False}
     labels = [s.config for s in specs]
     assert len(labels) == len(set((s.kernel, s.config) for s in specs))
     cases = projection.check_cases(torch.device("cpu"))
     assert cases and all(c.op == "time_qkv" for c in cases)
-
-
-@pytest.mark.parametrize("N,M,has_cb,want", [
-    (256, 65536, True, {(128, 64), (64, 128), (64, 64)}),   # tiles inside one sample
-    (200, 400, True, {(64, 128), (64, 64)}),                 # 128-row tiles would span samples
-    (200, 400, False, {(128, 64), (64, 128), (64, 64)}),    # no per-sample bias: any tile
-    (1, 3, True, {(64, 128), (64, 64)}),                     # tiny problems: no 128-row tiles
-])
-def test_cuda_autotune_pruning(N, M, has_cb, want):
-    # the CUDA autotuners themselves (built without a GPU query), pruning as a launch would
-    tuned = projection._tuned("fwd", "16", False)
-    tuned.nargs = {"M": M, "N": N, "CP": 1152, "C": 1152}
-    kept = tuned.prune_configs({"HAS_CB": has_cb, "HAS_LN": True})
-    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == want
-    for which in ("dx", "dw"):
-        assert len(projection._tuned(which, "16", False).configs) == 3
-    assert len(projection._tuned("fwd", "16", True).configs) == 1  # the interpreter: one config
 
 
 # ---- on a CUDA GPU: DiffiT-XL/2's projection through the compiled, autotuned kernels --------

@@ -14,7 +14,15 @@ Providers (every row's gradient includes the bias table, or the dense bias, wher
                    run its unfused eager path); windowed shapes use a block mask on the natural
                    token order
     eager          diffit_kernels.reference.tmsa_attention (plain PyTorch)
-    sdpa-flash     SDPA flash backend with no bias at all: the speed-of-light row
+    sdpa-flash     SDPA flash backend with no bias at all: the speed-of-light row (windowed
+                   shapes: on the windows partitioned outside the timed call)
+    memory limit   not timed: the least the pass must move at the copy bandwidth measured in the
+                   same run (forward reads q, k, v and writes o; backward reads q, k, v, o, dO and
+                   writes dq, dk, dv; the table is negligible); `gbytes` holds the bytes
+Run order: the speed-of-light rows first, then tmsa, SDPA dense bias and eager at every shape,
+then Flex (two compiles per shape) at every shape, so a spent time budget skips Flex first; the
+speed-of-light rows have a reserve the budget cannot take (common.SPEED_OF_LIGHT_RESERVE_S).
+The CSV lists rows by shape.
 TFLOP/s follow FlashAttention's convention: forward 4 * B * H * N * keys * d (keys = the tokens a
 query attends to: N, or the window's), backward 2.5x that, forward+backward 3.5x.
 
@@ -38,23 +46,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (after_error, bench, bench_main, compiled,  # noqa: E402
                                cuda_or_explain, environment, error_text, out_of_time,
                                peak_memory_mb, plot, results_dir, skipped_text, write_csv)
+from benchmarks.peak import copy_gbps  # noqa: E402
 from diffit_kernels import reference  # noqa: E402
 from diffit_kernels import tmsa_attention  # noqa: E402
 
 # (label, B, H, grid, window, d). Batch sizes of the windowed rows are ours (the paper's
 # image-space models train at batch 256-512 on 8 GPUs): they keep a run within seconds.
+# latent256: DiffiT-XL/2 at 256 px (16x16 tokens, table 961 x 16); latent512: 512 px (32x32
+# tokens, table 3969 x 16), B8 in --quick; img*: image-space windows of 4x4 and 8x8 tokens.
 SHAPES = [
     ("latent256-B64", 64, 16, (16, 16), None, 72),
+    ("latent512-B8", 8, 16, (32, 32), None, 72),
+    ("img32-win4-B64", 64, 16, (32, 32), (4, 4), 72),
+    ("img64-win8-B16", 16, 16, (64, 64), (8, 8), 72),
     ("latent256-B256", 256, 16, (16, 16), None, 72),
     ("latent512-B32", 32, 16, (32, 32), None, 72),
-    ("img64-win8-B16", 16, 16, (64, 64), (8, 8), 72),
-    ("img32-win4-B64", 64, 16, (32, 32), (4, 4), 72),
 ]
-QUICK = ("latent256-B64", "img32-win4-B64")
+QUICK = ("latent256-B64", "latent512-B8", "img32-win4-B64", "img64-win8-B16")
 TINY_CPU = [("tiny-global", 1, 2, (4, 4), None, 16), ("tiny-win", 1, 2, (4, 4), (2, 2), 16)]
 MODES = ("fwd", "bwd", "fwd+bwd")
-# run order: flex (two compiles per shape) last, so a spent time budget skips it first
-PROVIDERS = ("tmsa", "sdpa-flash", "sdpa-membias", "eager", "flex")
+# run order: speed of light first; flex (two compiles per shape) last, after every shape
+PROVIDERS = ("sdpa-flash", "memory limit", "tmsa", "sdpa-membias", "eager", "flex")
+SPEED_OF_LIGHT = ("sdpa-flash", "memory limit")
+SLOW = ("flex",)           # run at every shape after the others have run at every shape
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -125,7 +139,7 @@ def _providers(grid, window, names) -> Dict[str, Callable]:
     def eager(q, k, v, table):
         return reference.tmsa_attention(q, k, v, table=table, grid=grid, window=window)
 
-    make = {"tmsa": lambda: tmsa, "eager": lambda: eager,
+    make = {"tmsa": lambda: tmsa, "eager": lambda: eager, "memory limit": lambda: None,
             "sdpa-membias": lambda: _sdpa_membias(gh, gw), "sdpa-flash": _sdpa_flash,
             "flex": lambda: _flex(grid, window)}
     return {n: make[n]() for n in names}
@@ -203,10 +217,88 @@ def _measure(name, fn, q, k, v, table, grid, window, mode, tiny_cpu):
     return ms, mem
 
 
+def traffic_bytes(B, H, grid, d, elsize, mode) -> float:
+    """The least a pass must move: fwd reads q, k, v and writes o (4 tensors of [B, H, N, d]);
+    bwd reads q, k, v, o, dO and writes dq, dk, dv (8); fwd+bwd both (12)."""
+    N = grid[0] * grid[1]
+    return {"fwd": 4, "bwd": 8, "fwd+bwd": 12}[mode] * B * H * N * d * elsize
+
+
 def _row(label, B, H, grid, window, d, dtype, name, mode) -> dict:
     return dict(shape=label, B=B, H=H, N=grid[0] * grid[1],
                 window="x".join(map(str, window)) if window else "global", d=d,
                 dtype=str(dtype).split(".")[-1], provider=name, mode=mode)
+
+
+def by_shape(rows: List[dict], shapes) -> List[dict]:
+    """rows in table order: by shape, provider (speed of light first), mode."""
+    sh = {s[0]: i for i, s in enumerate(shapes)}
+    pr = {p: i for i, p in enumerate(PROVIDERS)}
+    mo = {m: i for i, m in enumerate(MODES)}
+    return sorted(rows, key=lambda r: (sh.get(r["shape"], 0), pr.get(r["provider"], 0),
+                                       mo.get(r["mode"], 0)))
+
+
+def _run_shape(label, B, H, grid, window, d, dtype, device, names, env, tiny_cpu
+               ) -> List[dict]:
+    """The rows of `names` at one shape (inputs built once, freed after)."""
+    # flex_attention's compiled graphs from the last shape would count against Dynamo's
+    # recompile limit for this one
+    torch._dynamo.reset()
+    flops = _flops(B, H, grid, window, d)
+    provs, errs, rows = {}, {}, []
+    q = k = v = table = None
+    timed = [n for n in names if n != "memory limit"]
+    if timed and not all(out_of_time(speed_of_light=n in SPEED_OF_LIGHT) for n in timed):
+        try:
+            q, k, v, table = _inputs(B, H, grid, window, d, dtype, device)
+        except Exception as e:  # noqa: BLE001 - the shape's rows say why, the next shape runs
+            errs = dict.fromkeys(timed, error_text(e))
+            after_error()
+    for name in timed:
+        if name not in errs:
+            try:
+                provs[name] = _providers(grid, window, [name])[name]
+            except Exception as e:  # noqa: BLE001 - e.g. no FlexAttention in this PyTorch
+                errs[name] = error_text(e)
+    for name in names:
+        for mode in MODES:
+            row = _row(label, B, H, grid, window, d, dtype, name, mode)
+            nan = float("nan")
+            row.update(ms=nan, tflops=nan, peak_mb=nan, error="")
+            scale = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+            if name == "memory limit":
+                nbytes = traffic_bytes(B, H, grid, d, torch.tensor([], dtype=dtype)
+                                       .element_size(), mode)
+                try:
+                    ms = nbytes / (copy_gbps(device, tiny_cpu) * 1e9) * 1e3
+                    row.update(ms=float(f"{ms:.4g}"), gbytes=float(f"{nbytes / 1e9:.4g}"),
+                               tflops=float(f"{flops * scale / ms / 1e9:.4g}"), computed=True)
+                except Exception as e:  # noqa: BLE001 - the copy could not be measured
+                    row["error"] = error_text(e)
+            elif out_of_time(speed_of_light=name in SPEED_OF_LIGHT):
+                row["error"] = skipped_text()
+            elif name not in provs:
+                row["error"] = errs.get(name) or skipped_text()
+            else:
+                try:
+                    ms, mem = _measure(name, provs[name], q, k, v, table, grid, window, mode,
+                                       tiny_cpu)
+                    row.update(ms=float(f"{ms:.4g}"),
+                               tflops=float(f"{flops * scale / ms / 1e9:.4g}"),
+                               peak_mb=float(f"{mem:.4g}"))
+                except Exception as e:  # noqa: BLE001 - a provider that cannot run a shape
+                    row["error"] = error_text(e)  # is a row, not the end of the run
+                    del e
+                    after_error()
+            row.update({f"env_{k}": v for k, v in env.items()})
+            rows.append(row)
+            print(f"{label:16} {name:13} {mode:8} {row['ms']:>9} ms {row['tflops']:>8} "
+                  f"TFLOP/s {row['peak_mb']:>9} MB {row['error']}", flush=True)
+    q = k = v = table = provs = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
 def run(quick: bool = False, dtype=torch.bfloat16, out_dir: Optional[str] = None,
@@ -223,57 +315,18 @@ def run(quick: bool = False, dtype=torch.bfloat16, out_dir: Optional[str] = None
     names = list(providers) if providers else (["eager"] if tiny_cpu else list(PROVIDERS))
     if any(n not in PROVIDERS for n in names):
         raise ValueError(f"providers must be among {PROVIDERS}, got {names}")
+    names = sorted(dict.fromkeys(names), key=PROVIDERS.index)  # speed of light first
     env = environment()
     out = results_dir(out_dir)
     tag = str(dtype).split(".")[-1]
-    rows = []
-    for label, B, H, grid, window, d in shapes:
-        # flex_attention's compiled graphs from the last shape would count against Dynamo's
-        # recompile limit for this one
-        torch._dynamo.reset()
-        flops = _flops(B, H, grid, window, d)
-        provs, errs = {}, {}
-        q = k = v = table = None
-        try:
-            q, k, v, table = _inputs(B, H, grid, window, d, dtype, device)
-        except Exception as e:  # noqa: BLE001 - the shape's rows say why, the next shape runs
-            errs = dict.fromkeys(names, error_text(e))
-            after_error()
-        for name in names:
-            if name not in errs:
-                try:
-                    provs[name] = _providers(grid, window, [name])[name]
-                except Exception as e:  # noqa: BLE001 - e.g. no FlexAttention in this PyTorch
-                    errs[name] = error_text(e)
-        for name in names:
-            for mode in MODES:
-                row = _row(label, B, H, grid, window, d, dtype, name, mode)
-                nan = float("nan")
-                row.update(ms=nan, tflops=nan, peak_mb=nan, error="")
-                if out_of_time():
-                    row["error"] = skipped_text()
-                elif name not in provs:
-                    row["error"] = errs[name]
-                else:
-                    try:
-                        ms, mem = _measure(name, provs[name], q, k, v, table, grid, window, mode,
-                                           tiny_cpu)
-                        scale = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
-                        row.update(ms=float(f"{ms:.4g}"),
-                                   tflops=float(f"{flops * scale / ms / 1e9:.4g}"),
-                                   peak_mb=float(f"{mem:.4g}"))
-                    except Exception as e:  # noqa: BLE001 - a provider that cannot run a shape
-                        row["error"] = error_text(e)  # is a row, not the end of the run
-                        del e
-                        after_error()
-                row.update({f"env_{k}": v for k, v in env.items()})
-                rows.append(row)
-                print(f"{label:16} {name:13} {mode:8} {row['ms']:>9} ms {row['tflops']:>8} "
-                      f"TFLOP/s {row['peak_mb']:>9} MB {row['error']}", flush=True)
-        q = k = v = table = provs = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        write_csv(out / f"attention_{tag}.csv", rows)  # a killed run keeps the shapes done
+    rows: List[dict] = []
+    phases = [[n for n in names if n not in SLOW], [n for n in names if n in SLOW]]
+    for phase in (ph for ph in phases if ph):
+        for label, B, H, grid, window, d in shapes:
+            rows += _run_shape(label, B, H, grid, window, d, dtype, device, phase, env,
+                               tiny_cpu)
+            # rewritten after every shape: a killed run keeps the shapes done
+            write_csv(out / f"attention_{tag}.csv", by_shape(rows, shapes))
     for mode in MODES:
         sub = [r for r in rows if r["mode"] == mode]
         plot(out / f"attention_{tag}_{mode.replace('+', '_')}.png", sub, x="shape", y="ms",

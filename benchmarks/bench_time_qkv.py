@@ -6,14 +6,18 @@ Providers:
     eager     diffit_kernels.reference.time_qkv: LayerNorm + Linear + Linear + add + permute
     compile   torch.compile of the eager sequence (static shapes, compiled afresh for each
               shape and variant)
-    cublas    the bare GEMMs of the same size, nothing else (speed of light): forward
-              x[M, C] @ W^T, backward g @ W and g^T @ x
+    cublas    the bare GEMMs of the same size, nothing else (speed of light): fwd x[M, C] @ W^T
+              (M x C -> 3C'), dX g[M, 3C'] @ W (M x 3C' -> C), dW g^T @ x (3C' x M -> C), bwd
+              dX then dW, fwd+bwd all three; the goal is stated against each of them
 Variants: "ln+temb" (LayerNorm fused, DiffiT's block) and "temb" (x already normalised: the
 official DiffiTAttention contract). TFLOP/s count the projection GEMM only, 2 * M * C * 3C'
 forward and twice that backward, for every provider; the incoming gradients are three separate
 [B, H, N, d] tensors, as an attention backward hands them over.
 
 --quick: the B256 x 256-token shape and the "ln+temb" variant only (two compiled graphs).
+Run order: the speed-of-light rows (cublas) first, then ours, eager, and compile last at every
+shape, so a spent time budget skips the slow baseline first; cublas rows have a reserve the
+budget cannot take (common.SPEED_OF_LIGHT_RESERVE_S). The CSV lists rows by case.
 A case that fails is a row with its error; cases after the run's time budget are rows saying
 they were skipped; compile rows record Dynamo's graphs and graph breaks for them.
 
@@ -48,8 +52,10 @@ QUICK = ("xl256-B256",)
 TINY_CPU = [("tiny", 2, 16, 64, 4, 32)]
 VARIANTS = {"ln+temb": 1e-6, "temb": None}  # name -> norm_eps
 QUICK_VARIANTS = ("ln+temb",)
-PROVIDERS = ("ours", "eager", "compile", "cublas")
+PROVIDERS = ("cublas", "ours", "eager", "compile")  # run order: speed of light first
 PASSES = ("fwd", "bwd", "fwd+bwd")
+CUBLAS_PASSES = ("fwd", "dX", "dW", "bwd", "fwd+bwd")  # one bare GEMM each, then sums
+GEMMS = {"fwd": 1, "dX": 1, "dW": 1, "bwd": 2, "fwd+bwd": 3}  # projection GEMMs in a pass
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -113,16 +119,29 @@ def _time_cublas(t, dys, pass_: str) -> float:
     g = torch.cat([d.transpose(1, 2).reshape(M, -1) for d in dys], dim=1)  # [M, 3C'] once
     fwd = lambda: torch.matmul(x2, w.t())  # noqa: E731
 
+    dx = lambda: torch.matmul(g, w)  # noqa: E731
+    dw = lambda: torch.matmul(g.t(), x2)  # noqa: E731
+
     def bwd():
-        torch.matmul(g, w)
-        torch.matmul(g.t(), x2)
+        dx()
+        dw()
 
     def both():
         fwd()
         bwd()
 
     with torch.no_grad():
-        return bench({"fwd": fwd, "bwd": bwd, "fwd+bwd": both}[pass_])
+        return bench({"fwd": fwd, "dX": dx, "dW": dw, "bwd": bwd, "fwd+bwd": both}[pass_])
+
+
+def by_case(rows: List[dict], shapes, variants) -> List[dict]:
+    """rows in table order: by shape, variant, provider (speed of light first), pass."""
+    sh = {s[0]: i for i, s in enumerate(shapes)}
+    va = {v: i for i, v in enumerate(variants)}
+    pr = {p: i for i, p in enumerate(PROVIDERS)}
+    pa = {p: i for i, p in enumerate(CUBLAS_PASSES)}
+    return sorted(rows, key=lambda r: (sh.get(r["shape"], 0), va.get(r["variant"], 0),
+                                       pr.get(r["provider"], 0), pa.get(r["pass"], 0)))
 
 
 def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
@@ -145,19 +164,20 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
     env = environment()
     d = results_dir(out_dir)
     rows = []
-    for label, B, N, C, H, Ct in shapes:
-        M = B * N
-        gemm_flop = 2.0 * M * C * 3 * C
-        for variant in variants:
-            eps = VARIANTS[variant]
-            for provider in providers:
+    order = {p: i for i, p in enumerate(PROVIDERS)}
+    for provider in sorted(providers, key=order.get):  # compile last, whatever was asked
+        for label, B, N, C, H, Ct in shapes:
+            M = B * N
+            gemm_flop = 2.0 * M * C * 3 * C
+            for variant in variants:
+                eps = VARIANTS[variant]
                 fn, err, before = None, "", compile_counts()
-                for pass_ in PASSES:
+                for pass_ in CUBLAS_PASSES if provider == "cublas" else PASSES:
                     row = dict(op="time_qkv", case=f"{label} M{M} C{C} H{H}", shape=label,
                                rows=M, C=C, heads=H, Ct=Ct, variant=variant, provider=provider,
                                dtype=dtype, **{"pass": pass_}, ms=float("nan"),
                                tflops=float("nan"), peak_mb="", error="")
-                    if out_of_time():
+                    if out_of_time(speed_of_light=provider == "cublas"):
                         row["error"] = skipped_text()
                     elif err:
                         row["error"] = err  # the provider could not be built
@@ -170,7 +190,7 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
                                 ms, peak = _time_cublas(t, dys, pass_), float("nan")
                             else:
                                 ms, peak = _time(fn, t, dys, pass_)
-                            flop = gemm_flop * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[pass_]
+                            flop = gemm_flop * GEMMS[pass_]
                             row.update(ms=float(f"{ms:.5g}"),
                                        tflops=float(f"{flop / (ms * 1e-3) / 1e12:.4g}"),
                                        peak_mb=round(peak, 1) if peak == peak else "")
@@ -188,7 +208,8 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
                           f"{row['ms']:9.4f} ms {row['tflops']:8.2f} TFLOP/s {row['error']}",
                           flush=True)
                 fn = None
-            write_csv(d / "time_qkv.csv", rows)  # a killed run keeps what it measured
+                # rewritten as it goes: a killed run keeps what it measured
+                write_csv(d / "time_qkv.csv", by_case(rows, shapes, variants))
     first = shapes[0][0]
     plot(d / "time_qkv.png", [r for r in rows if r["shape"] == first], x="variant", y="tflops",
          line="provider", panel="pass",

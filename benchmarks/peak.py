@@ -32,6 +32,22 @@ def sizes(quick: bool, tiny_cpu: bool) -> Dict[str, List[int]]:
     return {"copy": [256, 1024, 4096], "gemm": [4096, 8192, 16384]}
 
 
+# copy GB/s measured in this process (by run(), or by copy_gbps() when a benchmark runs alone):
+# the memory-traffic limits of other benchmarks are stated at it
+_COPY_GBPS: Dict[str, float] = {}
+
+
+def copy_gbps(device, tiny_cpu: bool = False) -> float:
+    """The device-to-device copy bandwidth of this run: what peak.run() measured in this
+    process, or one 1 GiB copy measured now (64 MiB ... 1 MiB on the CPU harness)."""
+    key = str(torch.device(device))
+    if key not in _COPY_GBPS:
+        row = _copy_row(1 if tiny_cpu else 1024, torch.bfloat16, device,
+                        dict(card="", torch="", triton=""))
+        _COPY_GBPS[key] = float(row["gbps"])
+    return _COPY_GBPS[key]
+
+
 def _sig(x: float, digits: int = 5) -> float:
     return float(f"{x:.{digits}g}")
 
@@ -81,6 +97,7 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
     dt, env = DTYPES[dtype], environment()
     todo = sizes(quick, tiny_cpu)
     rows = [_copy_row(m, dt, device, env) for m in todo["copy"]]
+    _COPY_GBPS[str(device)] = max(float(r["gbps"]) for r in rows)
     rows += [_gemm_row(n, dt, device, env) for n in todo["gemm"]]
     for r in rows:
         r["dtype"] = dtype

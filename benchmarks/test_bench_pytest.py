@@ -96,6 +96,7 @@ def record_cases(name: str, modname: str, quick: bool, dtype: str,
     if not recorded:
         return [BenchCase(id=name, error=f"{modname}.run() timed nothing through "
                                          "benchmarks.common.bench")]
+    rows = [r for r in rows if not r.get("computed")]  # e.g. a memory-traffic limit: untimed
     if len(rows) == len(recorded):
         from benchmarks.summary import normalize
 

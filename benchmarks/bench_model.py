@@ -7,20 +7,24 @@ Passes per model:
     guided sampling  latent model only: a full DDIM loop of classifier-free guided steps
                      (forward_with_cfg on the [cond | uncond] batch), images/s counts images out
 Providers:
-    ours     backend="triton": the fused kernels
-    eager    backend="torch": the plain-PyTorch reference ops
-    compile  torch.compile of the eager model (static shapes): its whole forward in a full run;
-             in --quick the repeated blocks only (regional compilation: one graph serves all 28
-             blocks, the same kernels inside each), as compiling the whole model would eat most
-             of the 10-minute budget
+    ours          backend="triton": the fused kernels
+    ours+compile  the fused kernels inside regional torch.compile of the blocks (fullgraph: the
+                  ops are custom ops Dynamo traces through; what lies between them fuses), the
+                  configuration users who train with torch.compile run
+    eager         backend="torch": the plain-PyTorch reference ops
+    compile       torch.compile of the eager model (static shapes): its whole forward in a full
+                  run; in --quick the repeated blocks only (regional compilation: one graph
+                  serves all 28 blocks, the same kernels inside each), as compiling the whole
+                  model would eat most of the 10-minute budget
+On CPU (the harness) "ours" and "ours+compile" build the model with backend="auto": the
+reference ops, or the kernels under TRITON_INTERPRET=1.
 All providers run fp32 weights under autocast to the run's dtype (fp32: no autocast) with the
 same seed, inputs and optimizer. The U-Net runs channels_last for every provider.
 
 --quick runs, in this order (the most telling first, as the run's time budget skips whatever
-is left when it runs out): the DiffiT-XL/2 256 px training step (B32), its forward, the 512 px
-training step (B8), the ffhq64 U-Net training step (B64) and a 10-step guided DDIM loop (B16),
-each for ours and eager; then torch.compile (blocks) of the 256 px training step, the one
-compiled case (about a minute of compilation on an H100 host). The full run has every pass
+is left when it runs out): the DiffiT-XL/2 256 px training step (B32), the 512 px training
+step (B8), the ffhq64 U-Net training step (B64), a 10-step guided DDIM loop (B16) and the 256 px
+forward, each for ours, ours+compile, compile (blocks) and eager. The full run has every pass
 at every size for every provider, with 50-step sampling.
 
 Columns: ms (do_bench median, warm-up / compile / autotune excluded), images_per_s, tflops
@@ -54,7 +58,10 @@ import benchmarks.common as common
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PASSES = ("fwd", "fwd+bwd+adamw", "guided sampling")
-PROVIDERS = ("ours", "eager", "compile")
+PROVIDERS = ("ours", "ours+compile", "eager", "compile")
+# the model backend of each provider on CUDA (on CPU ours uses "auto", see the docstring)
+BACKENDS = {"ours": "triton", "ours+compile": "triton", "eager": "torch", "compile": "torch"}
+COMPILED = ("ours+compile", "compile")
 RING = 3  # input sets cycled between calls
 
 
@@ -89,17 +96,15 @@ def cases(quick: bool = False, tiny_cpu: bool = False) -> List[ModelCase]:
                 ModelCase("tiny", "unet", 8, 2, "fwd+bwd+adamw", e, rep_ms=1),
                 ModelCase("DiffiT-tiny", "latent", 32, 2, "guided sampling", e, steps=2,
                           rep_ms=1)]
-    some = ("ours", "eager")
     if quick:
-        rep = 400
+        rep, every = 400, ("ours", "ours+compile", "compile", "eager")
         xl256 = dict(model="DiffiT-XL/2", kind="latent", image_size=256, batch=32, rep_ms=rep)
-        return [ModelCase(**xl256, pass_="fwd+bwd+adamw", providers=some),
-                ModelCase(**xl256, pass_="fwd", providers=some),
-                ModelCase("DiffiT-XL/2", "latent", 512, 8, "fwd+bwd+adamw", some, rep_ms=rep),
-                ModelCase("ffhq64", "unet", 64, 64, "fwd+bwd+adamw", some, rep_ms=rep),
-                ModelCase("DiffiT-XL/2", "latent", 256, 16, "guided sampling", some, steps=10,
+        return [ModelCase(**xl256, pass_="fwd+bwd+adamw", providers=every),
+                ModelCase("DiffiT-XL/2", "latent", 512, 8, "fwd+bwd+adamw", every, rep_ms=rep),
+                ModelCase("ffhq64", "unet", 64, 64, "fwd+bwd+adamw", every, rep_ms=rep),
+                ModelCase("DiffiT-XL/2", "latent", 256, 16, "guided sampling", every, steps=10,
                           rep_ms=rep),
-                ModelCase(**xl256, pass_="fwd+bwd+adamw", providers=("compile",))]
+                ModelCase(**xl256, pass_="fwd", providers=every)]
     full, rep, out = PROVIDERS, 1500, []
     for pass_ in ("fwd", "fwd+bwd+adamw"):
         out += [ModelCase("DiffiT-XL/2", "latent", 256, 32, pass_, full, rep_ms=rep),
@@ -125,8 +130,9 @@ def build_model(case: ModelCase, backend: str, device) -> torch.nn.Module:
         return DiffiTUNet.from_preset(case.model, backend=backend)
 
 
-def _regional_compile(model: torch.nn.Module) -> None:
-    """torch.compile each repeated block in place: one compiled graph serves every instance."""
+def _regional_compile(model: torch.nn.Module, fullgraph: bool = False) -> None:
+    """torch.compile each repeated block in place: one compiled graph serves every instance.
+    fullgraph: a graph break is an error (ours+compile: the custom ops must trace whole)."""
     from diffit.layers import DiffiTBlock
     from diffit.unet import DiffiTResBlock
 
@@ -136,7 +142,7 @@ def _regional_compile(model: torch.nn.Module) -> None:
         raise RuntimeError(f"no DiffiT blocks to compile in {type(model).__name__}")
     raise_recompile_limit()  # U-Net blocks differ by level: a few graphs, never a silent eager
     for blk in blocks:
-        blk.compile(backend=common.COMPILE_BACKEND, dynamic=False)
+        blk.compile(backend=common.COMPILE_BACKEND, dynamic=False, fullgraph=fullgraph)
 
 
 def _inputs(case: ModelCase, model, device, gen: torch.Generator):
@@ -231,11 +237,16 @@ def prepared(case: ModelCase, provider: str, dtype: str, device, quick: bool
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     _release(device)  # whatever an earlier case's caller still held
     fn = None
-    model = build_model(case, "triton" if provider == "ours" else "torch", device)
+    backend = BACKENDS[provider]
+    if backend == "triton" and torch.device(device).type != "cuda":
+        backend = "auto"  # the CPU harness: the reference, or the kernels under the interpreter
+    model = build_model(case, backend, device)
     if case.kind == "unet":
         model = model.to(memory_format=torch.channels_last)
     try:
-        if provider == "compile":
+        if provider == "ours+compile":
+            _regional_compile(model, fullgraph=True)
+        elif provider == "compile":
             if quick:
                 _regional_compile(model)
             else:
@@ -249,7 +260,7 @@ def prepared(case: ModelCase, provider: str, dtype: str, device, quick: bool
         yield fn
     finally:
         fn = model = None  # noqa: F841 - the step closure holds the model and the optimizer
-        if provider == "compile":
+        if provider in COMPILED:
             torch._dynamo.reset()
         _release(device)
 
@@ -308,7 +319,7 @@ def measure(case: ModelCase, provider: str, dtype: str, device, quick: bool) -> 
         peak_mb, act_mb = _memory(fn, device)
         ms = bench(fn, rep=case.rep_ms)
         del fn  # so that leaving the block frees the model before the next provider builds
-    stats = counts_since(before) if provider == "compile" else {}
+    stats = counts_since(before) if provider in COMPILED else {}
     flops = count_flops(case)
     return dict(ms=_sig(ms), images_per_s=_sig(case.batch / (ms * 1e-3)),
                 tflops=_sig(flops / (ms * 1e-3) / 1e12), peak_mb=round(peak_mb, 1),
@@ -342,8 +353,8 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
             row = dict(op="model", case=case.name, model=case.model, image_size=case.image_size,
                        batch=case.batch, steps=case.steps, provider=provider, dtype=dtype,
                        **{"pass": case.pass_},
-                       compile_scope=("blocks" if quick else "model")
-                       if provider == "compile" else "",
+                       compile_scope=("blocks" if quick or provider == "ours+compile"
+                                      else "model") if provider in COMPILED else "",
                        ms=nan, images_per_s=nan, tflops=nan, peak_mb=nan, activations_mb=nan,
                        error="")
             t0 = time.perf_counter()

@@ -2,6 +2,13 @@
 
     python -m benchmarks [--ops adaln_norm,time_qkv,tmsa_attention,model] [--quick]
                          [--dtype bf16|fp16|fp32] [--out DIR] [--budget-s SECONDS]
+                         [--profile] [--append]
+
+--profile adds, after the chosen benchmarks, the per-kernel profile of the DiffiT-XL/2 256 px
+training step for each model provider (benchmarks/profile_step.py: profile_<provider>.csv,
+profile.png, a section of summary.md); `--ops profile` runs the profile alone. --append keeps
+what an earlier run wrote in the folder (run.json entries, CSVs, plots, its peak rows) and adds
+this run's benchmarks to it: how gpu_session.sh runs the profile in a process of its own.
 
 Runs the speed-of-light rows first (copy bandwidth, GEMM rate: benchmarks/peak.py), then each
 chosen benchmark's run(quick, dtype, out_dir, tiny_cpu), and writes into
@@ -54,11 +61,13 @@ BENCHMARKS: Dict[str, str] = {
     "model": "benchmarks.bench_model",
 }
 PEAK = ("peak", "benchmarks.peak")
+PROFILE = ("profile", "benchmarks.profile_step")  # only when asked: --profile or --ops profile
 DTYPES = ("bf16", "fp16", "fp32")
 # the fraction of the time budget kept for each benchmark by those before it: about its
 # --quick cost on an H100 (torch.compile and the first Triton compiles dominate; the model's
 # builds and its compiled case most of all); peak takes seconds and keeps nothing
-BUDGET_RESERVE = {"adaln_norm": 0.10, "time_qkv": 0.12, "tmsa_attention": 0.25, "model": 0.45}
+BUDGET_RESERVE = {"adaln_norm": 0.10, "time_qkv": 0.12, "tmsa_attention": 0.25, "model": 0.45,
+                  "profile": 0.25}
 QUICK_BUDGET_S = 420.0
 
 
@@ -66,10 +75,11 @@ def _parse_ops(text: str) -> List[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names or names == ["all"]:
         return list(BENCHMARKS)
-    bad = [n for n in names if n not in BENCHMARKS]
+    bad = [n for n in names if n not in BENCHMARKS and n != PROFILE[0]]
     if bad:
         raise argparse.ArgumentTypeError(
-            f"unknown benchmark(s) {bad}; choose from {', '.join(BENCHMARKS)} or 'all'")
+            f"unknown benchmark(s) {bad}; choose from {', '.join(BENCHMARKS)}, "
+            f"{PROFILE[0]} or 'all'")
     return list(dict.fromkeys(names))
 
 
@@ -88,6 +98,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=None, metavar="SECONDS",
                    help=f"time budget: cases that would start after it are skipped and recorded "
                    f"as such (default {QUICK_BUDGET_S:.0f} with --quick, none otherwise; 0: none)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the DiffiT-XL/2 256 px training step of each model "
+                   "provider: CUDA kernel time per step by group (ours / cuBLAS / inductor / "
+                   "copies and casts / other) and GPU idle time")
+    p.add_argument("--append", action="store_true",
+                   help="keep the earlier run in the output folder and add to it (its peak "
+                   "rows are reused)")
     p.add_argument("--no-report", action="store_true",
                    help="without CUDA: do not run the compile report")
     # CI: every benchmark's code path on CPU at tiny sizes against the reference provider
@@ -234,6 +251,19 @@ def _clear_previous_run(out: Path) -> List[str]:
     return gone
 
 
+def _earlier_run(out: Path) -> Optional[dict]:
+    """The run.json of the run already in `out` (None: none, or unreadable)."""
+    try:
+        meta = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("benchmarks"), list) else None
+
+
+def _seconds(meta: dict, t0: float) -> float:
+    return round(meta.get("seconds_before", 0) + time.perf_counter() - t0, 1)
+
+
 def _budget(args) -> Optional[float]:
     b = args.budget_s if args.budget_s is not None else (QUICK_BUDGET_S if args.quick else 0)
     return b if b and b > 0 else None
@@ -281,9 +311,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.tiny_cpu and args.out is None:
         args.out = str(ROOT / "benchmarks" / "results" / "_tmp-tiny-cpu")
     out = common.results_dir(args.out)
-    stale = _clear_previous_run(out)
-    if stale:
-        print(f"removed the previous run's {len(stale)} files from {out}")
+    ops = list(args.ops) + ([PROFILE[0]] if args.profile and PROFILE[0] not in args.ops else [])
+    earlier = _earlier_run(out) if args.append else None
+    if earlier is None:
+        stale = _clear_previous_run(out)
+        if stale:
+            print(f"removed the previous run's {len(stale)} files from {out}")
     env = common.environment()
     env["command"] = command
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -295,7 +328,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 tiny_cpu=args.tiny_cpu, git=_git_revision(),
                 started=started.strftime("%Y-%m-%d %H:%M UTC"), budget_s=budget,
                 finished=False, benchmarks=[])
-    todo = [PEAK] + [(n, BENCHMARKS[n]) for n in args.ops]
+    todo = [PEAK] + [(n, BENCHMARKS.get(n) or PROFILE[1]) for n in ops]
+    if earlier is not None:
+        # this run's benchmarks replace the earlier run's entries of the same name; the rest
+        # (its peak rows among them: measured on the same card, minutes ago) stay
+        names = {n for n, _ in todo}
+        kept = [e for e in earlier.get("benchmarks", []) if e.get("name") not in names
+                or (e.get("name") == PEAK[0] and e.get("status") == "ok")]
+        todo = [t for t in todo if t[0] not in {e["name"] for e in kept}]
+        git = meta["git"]
+        meta = dict(earlier, benchmarks=kept, finished=False,
+                    command=f"{earlier.get('command', '?')} && {command}",
+                    seconds_before=earlier.get("seconds", 0))
+        if earlier.get("git") != git:
+            meta["git"] = f"{earlier.get('git')} (appended at {git})"
+        print(f"--append: kept {len(kept)} benchmarks of the earlier run in {out}")
     t0 = time.perf_counter()
     old_term = signal.signal(signal.SIGTERM, _on_sigterm) \
         if threading.current_thread() is threading.main_thread() else None
@@ -313,11 +360,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             meta["benchmarks"].append(dict(name=name, module=modname, csv=[], png=[], rows=0,
                                            status="running: started but never finished (the "
                                            "process was killed)"))
-            meta["seconds"] = round(time.perf_counter() - t0, 1)
+            meta["seconds"] = _seconds(meta, t0)
             _write_json(out / "run.json", meta)
             entry = run_benchmark(name, modname, out, args.quick, args.dtype, args.tiny_cpu)
             meta["benchmarks"][-1] = entry
-            meta["seconds"] = round(time.perf_counter() - t0, 1)
+            meta["seconds"] = _seconds(meta, t0)
             _write_json(out / "run.json", meta)
             summary.write_summary(out)
             print(f"== {name}: {entry['status']}, {entry['rows']} rows, "
@@ -330,7 +377,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         common.set_budget(None)
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-    meta["seconds"] = round(time.perf_counter() - t0, 1)
+    meta["seconds"] = _seconds(meta, t0)
     _write_json(out / "run.json", meta)
     path = summary.write_summary(out)
     print(f"\nwrote {path} ({meta['seconds']:.0f} s in all)")

@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
 # The one-shot GPU session: install check, the gpu-marked tests, `python -m benchmarks --quick`,
-# results handed back. Run from anywhere on the CUDA machine, as one command (one device call
-# with its 600 s limit):
+# the profile of the XL/2 training step, results handed back and the goal ratios printed. Run
+# from anywhere on the CUDA machine, as ONE command (one device call, 570 s at most):
 #     bash benchmarks/gpu_session.sh
-# Expected about 6 to 8 minutes; at most about 9.5: tests stopped at TESTS_TIMEOUT (150 s); the
-# benchmarks skip the cases left at their own --budget-s BENCH_BUDGET (320 s) and are stopped at
-# BENCH_TIMEOUT (380 s: SIGTERM, which they handle, then SIGKILL 20 s later). Each can be set in
-# the environment.
-# With $OUT set, it gets results.tar.gz (benchmarks/results/<gpu-slug>/), summary.md and the two
-# logs (the device tool returns at most 8 files). Afterwards, on the development machine:
-#     tar -xzf results.tar.gz -C benchmarks/results && python -m benchmarks.summary --readme
+# Each stage runs under `timeout`, so a hang in one cannot eat the others' time. The worst case
+# at the default limits (each can be set in the environment):
+#     install check                                     ~15 s
+#     gpu tests     TESTS_TIMEOUT 110 s + 5 s to SIGKILL   115 s
+#     benchmarks    BENCH_TIMEOUT 300 s + 15 s to SIGKILL  315 s  (--budget-s BENCH_BUDGET 250:
+#                   cases that would start later are skipped rows; the speed-of-light rows keep
+#                   a 30 s reserve; a case already running finishes, hence the 50 s margin)
+#     profile       PROFILE_TIMEOUT 85 s + 10 s to SIGKILL  95 s  (--budget-s PROFILE_BUDGET 60;
+#                   ours, ours+compile and compile of the XL/2 256 px B32 step, ~20 s each)
+#     tar, summary, goal ratios                           ~5 s
+#     total                                              545 s  (expected ~6-8 minutes)
+# With $OUT set, it gets results.tar.gz (benchmarks/results/<gpu-slug>/ including the profile
+# CSVs and plot), summary.md, goals.txt and the three logs (the device tool returns at most 8
+# files). Afterwards, on the development machine (the old folder goes first: a new run does not
+# rewrite every file an old one had, e.g. its note.md):
+#     rm -rf benchmarks/results/<gpu-slug> && tar -xzf results.tar.gz -C benchmarks/results \
+#         && python -m benchmarks.summary --readme
 # CPU_CHECK=1 runs the same steps without CUDA (the --tiny-cpu harness) to check this script.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-TESTS_TIMEOUT=${TESTS_TIMEOUT:-150}
-BENCH_BUDGET=${BENCH_BUDGET:-320}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-380}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-110}
+BENCH_BUDGET=${BENCH_BUDGET:-250}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
+PROFILE_BUDGET=${PROFILE_BUDGET:-60}
+PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-85}
 LOGS=${OUT:-benchmarks/results/_tmp-session}
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 MPLBACKEND=Agg
@@ -48,31 +60,41 @@ EOF
 echo "== gpu tests (stopped at ${TESTS_TIMEOUT} s)"
 par=()
 if "$PY" -c "import xdist" 2>/dev/null; then par=(-n 8); fi  # the kernels' compiles in parallel
-timeout -k 10 "$TESTS_TIMEOUT" "$PY" -m pytest -q -m gpu -x "${par[@]}" 2>&1 \
+timeout -k 5 "$TESTS_TIMEOUT" "$PY" -m pytest -q -m gpu -rf "${par[@]}" 2>&1 \
     | tee "$LOGS/gpu_tests.log"
 tests_rc=$?
 
 if [ "${CPU_CHECK:-0}" = 1 ]; then
-    bench=(--tiny-cpu) slug=_tmp-tiny-cpu
+    bench=(--tiny-cpu) prof=(--tiny-cpu) slug=_tmp-tiny-cpu
 else
     bench=(--quick --budget-s "$BENCH_BUDGET")
+    prof=(--quick --budget-s "$PROFILE_BUDGET")
     slug=$("$PY" -c "from benchmarks.common import gpu_slug; print(gpu_slug())")
 fi
 echo "== python -m benchmarks ${bench[*]} (stopped at ${BENCH_TIMEOUT} s)"
-timeout -s TERM -k 20 "$BENCH_TIMEOUT" "$PY" -m benchmarks "${bench[@]}" 2>&1 \
+timeout -s TERM -k 15 "$BENCH_TIMEOUT" "$PY" -m benchmarks "${bench[@]}" 2>&1 \
     | tee "$LOGS/benchmarks.log"
 bench_rc=$?
+
+# in a process of its own, added to the same folder (its peak rows reused)
+echo "== python -m benchmarks --ops profile --append ${prof[*]} (stopped at ${PROFILE_TIMEOUT} s)"
+timeout -s TERM -k 10 "$PROFILE_TIMEOUT" "$PY" -m benchmarks --ops profile --append \
+    "${prof[@]}" 2>&1 | tee "$LOGS/profile.log"
+prof_rc=$?
 
 dir=benchmarks/results/$slug
 if [ -f "$dir/run.json" ]; then
     "$PY" -m benchmarks.summary "$dir" >/dev/null || echo "summary.md could not be rebuilt"
     tar -czf "$LOGS/results.tar.gz" -C benchmarks/results "$slug"
     cp "$dir/summary.md" "$LOGS/summary.md"
+    "$PY" -m benchmarks.summary --goals "$dir" > "$LOGS/goals.txt" 2>&1 \
+        || echo "the goal ratios could not be computed" >> "$LOGS/goals.txt"
 fi
 
 echo "== done in ${SECONDS} s"
 echo "gpu tests: exit ${tests_rc} (0 passed, 1 failed, 5 none collected, 124/137 stopped at the limit)"
 echo "benchmarks: exit ${bench_rc} (0 all ran, 1 errors, 2 time budget left cases out, 124/130/137 stopped)"
+echo "profile: exit ${prof_rc} (the same codes)"
 "$PY" - "$dir" <<'EOF' || true
 import json, sys
 m = json.load(open(sys.argv[1] + "/run.json"))
@@ -80,5 +102,7 @@ print(f"{sys.argv[1]}: {m.get('seconds')} s, finished={m.get('finished')}")
 for e in m["benchmarks"]:
     print(f"  {e['name']:15} {e.get('seconds', '-'):>6} s  {e.get('rows', 0):>3} rows  {e['status']}")
 EOF
+echo "== the goals, as ratios measured in this run"
+cat "$LOGS/goals.txt" 2>/dev/null || echo "no results folder: no ratios"
 echo "files: $(cd "$LOGS" && ls | tr '\n' ' ')"
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$prof_rc" = 0 ]

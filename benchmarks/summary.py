@@ -5,6 +5,9 @@
     python -m benchmarks.summary --readme [DIR...]  rewrite README.md between
                                                     <!-- bench:start --> and <!-- bench:end -->
                                                     from those folders' summary.md
+    python -m benchmarks.summary --goals [DIR...]   print the performance goals as ratios of
+                                                    the folders' rows: met, NOT met, or not
+                                                    measured
 
 summary.md is headed with the card, driver, CUDA, PyTorch and Triton versions and the exact
 command (from run.json, written by `python -m benchmarks`); then one table per CSV with ms,
@@ -213,12 +216,24 @@ def build_summary(out: Path) -> str:
           "convention (forward 4·B·H·N²·d, backward 2.5x that). \"ours speed-up\" is a "
           "row's ms divided by `ours`' ms at the same case and pass (above 1: ours is "
           "faster). Each benchmark's CSV holds every column.", ""]
+    goals = goals_table(out)
+    if goals:
+        L += ["## Goals", "", "The performance goals as ratios of rows measured in this run "
+              "(ms ratios: above 1 means the denominator is faster; GB/s as a fraction of "
+              "the measured copy bandwidth).", "", goals]
     for e in entries:
         name = e["name"]
         L.append(f"## {name}")
         L.append("")
         if e.get("status", "ok") != "ok":
             L += [f"Status: {e['status']}", ""]
+        if name == "profile":
+            from benchmarks.profile_step import section
+
+            L.append(section(csvs.get(name, [])))
+            L += [f"![{Path(q).stem}]({q})" for q in e.get("png", []) if (out / q).exists()]
+            L += ["", "Data: " + ", ".join(f"[{p.name}]({p.name})" for p in csvs[name]), ""]
+            continue
         for p in csvs.get(name, []):
             L.append(table([normalize(r, name) for r in load_csv(p)], peaks))
             pngs = [q for q in e.get("png", []) if (out / q).exists()] if "png" in e else \
@@ -234,6 +249,92 @@ def build_summary(out: Path) -> str:
             L.append(f"| all | | {meta['seconds']} |")
         L.append("")
     return "\n".join(L)
+
+
+# ---- the goals of the performance issues, as ratios measured in one run --------------------
+# (label, csv stem prefix, case regex, pass, numerator provider, denominator provider, column,
+#  "<=" or ">=", target). Ratio = numerator / denominator of `column` at the same case and pass;
+# "peak:gbps" as denominator means the copy bandwidth measured in the same run.
+GOALS = [
+    ("attention fwd+bwd {case}: tmsa / flash without bias", "attention", r"^latent",
+     "fwd+bwd", "tmsa", "sdpa-flash", "ms", "<=", 1.25),
+    ("attention fwd {case}: tmsa / flash without bias", "attention", r"^latent", "fwd",
+     "tmsa", "sdpa-flash", "ms", "<=", 1.2),
+    ("attention fwd+bwd {case}: Flex / tmsa", "attention", r"^latent", "fwd+bwd", "flex",
+     "tmsa", "ms", ">=", 2.5),
+    ("attention fwd+bwd {case}: SDPA dense bias / tmsa", "attention", r"^latent", "fwd+bwd",
+     "sdpa-membias", "tmsa", "ms", ">=", 1.7),
+    ("attention fwd+bwd {case}: tmsa / memory-traffic limit", "attention", r"^img",
+     "fwd+bwd", "tmsa", "memory limit", "ms", "<=", 2.0),
+    ("attention fwd+bwd {case}: SDPA dense bias / tmsa", "attention", r"^img", "fwd+bwd",
+     "sdpa-membias", "tmsa", "ms", ">=", 4.0),
+    ("time_qkv fwd {case}: ours / bare GEMM", "time_qkv", r"ln\+temb", "fwd", "ours", "cublas",
+     "ms", "<=", 1.1),
+    ("time_qkv bwd {case}: ours / bare GEMMs dX + dW", "time_qkv", r"ln\+temb", "bwd", "ours",
+     "cublas", "ms", "<=", 1.1),
+    ("time_qkv fwd+bwd {case}: compile / ours", "time_qkv", r"ln\+temb", "fwd+bwd",
+     "compile", "ours", "ms", ">=", 1.3),
+    ("adaln_norm fwd {case}: ours / copy bandwidth", "adaln_norm", r"", "fwd", "ours",
+     "peak:gbps", "gbps", ">=", 0.85),
+    ("adaln_norm bwd {case}: ours / copy bandwidth", "adaln_norm", r"", "bwd", "ours",
+     "peak:gbps", "gbps", ">=", 0.70),
+    ("adaln_norm fwd {case}: compile / ours", "adaln_norm", r"", "fwd", "compile", "ours",
+     "ms", ">=", 1.0),
+    ("adaln_norm bwd {case}: compile / ours", "adaln_norm", r"", "bwd", "compile", "ours",
+     "ms", ">=", 1.0),
+    ("model {case}: compile / ours", "model", r"256px B32$", "fwd+bwd+adamw", "compile",
+     "ours", "ms", ">=", 1.5),
+    ("model {case}: compile / ours+compile", "model", r"256px B32$", "fwd+bwd+adamw",
+     "compile", "ours+compile", "ms", ">=", 1.5),
+    ("model {case}: peak memory ours+compile / compile", "model", r"256px B32$",
+     "fwd+bwd+adamw", "ours+compile", "compile", "peak_mb", "<=", 1.0),
+    ("model {case}: compile / ours+compile", "model", r"512px", "fwd+bwd+adamw", "compile",
+     "ours+compile", "ms", ">=", 1.5),
+    ("model {case}: compile / ours+compile", "model", r"U-Net", "fwd+bwd+adamw", "compile",
+     "ours+compile", "ms", ">=", 1.3),
+    ("model {case} guided sampling: compile / ours+compile", "model", r"DDIM", "guided sampling",
+     "compile", "ours+compile", "ms", ">=", 1.3),
+]
+
+
+def goal_rows(out: Path) -> List[Tuple[str, Optional[float], str, str]]:
+    """(goal, measured ratio or None, target such as "<= 1.25", "met" / "NOT met" / why not
+    measured) for every goal whose benchmark has rows in the folder."""
+    out = Path(out)
+    peaks = measured_peaks([r for p in out.glob("peak*.csv") for r in load_csv(p)])
+    res = []
+    for label, stem, case_re, pass_, num, den, col, op, target in GOALS:
+        rows = [normalize(r, stem) for p in sorted(out.glob(stem + "*.csv"))
+                for r in load_csv(p)]
+        cases = list(dict.fromkeys(r["case"] for r in rows
+                                   if re.search(case_re, str(r["case"])) and
+                                   r.get("pass") == pass_))
+
+        def value(case, prov):
+            if prov.startswith("peak:"):
+                return peaks.get(prov.split(":", 1)[1])
+            hits = [_num(r.get(col)) for r in rows if r["case"] == case and
+                    r.get("pass") == pass_ and r.get("provider") == prov]
+            return hits[0] if len(hits) == 1 else None
+
+        for case in cases:
+            a, b = value(case, num), value(case, den)
+            ratio = a / b if a is not None and b else None
+            status = "not measured" if ratio is None else (
+                "met" if (ratio <= target if op == "<=" else ratio >= target) else "NOT met")
+            res.append((label.format(case=case), ratio, f"{op} {target:g}", status))
+    return res
+
+
+def goals_table(out: Path) -> str:
+    rows = goal_rows(out)
+    if not rows:
+        return ""
+    L = ["| goal | measured | target | |", "|---|---|---|---|"]
+    for label, ratio, target, status in rows:
+        L.append(f"| {label} | {'-' if ratio is None else f'{ratio:.2f}'} | {target} | "
+                 f"{status} |")
+    return "\n".join(L) + "\n"
 
 
 def write_summary(out: Path) -> Path:
@@ -297,8 +398,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="results folders (default: every benchmarks/results/<gpu>/)")
     p.add_argument("--readme", action="store_true",
                    help="rewrite the README's benchmark section from the folders' summary.md")
+    p.add_argument("--goals", action="store_true",
+                   help="print the goal ratios of the folders' CSVs (met / NOT met) and exit")
     p.add_argument("--readme-file", type=Path, default=README, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.goals:
+        for d in a.dirs or result_dirs():
+            rows = goal_rows(d)
+            print(f"{d}: {sum(r[3] == 'met' for r in rows)} of {len(rows)} goals met")
+            for label, ratio, target, status in rows:
+                print(f"  {'-' if ratio is None else f'{ratio:6.2f}':>6}  {target:8} "
+                      f"{status:12} {label}")
+        return 0
     if a.readme:
         dirs = a.dirs or result_dirs()
         try:

@@ -1,0 +1,290 @@
+"""Where the training step's time goes: `python -m benchmarks --profile`.
+
+For the DiffiT-XL/2 256 px B32 training step (fwd + bwd + AdamW, bf16 autocast, built exactly as
+benchmarks.bench_model builds it) of each model provider: the step time (do_bench median, as
+the model benchmark measures it), then torch.profiler over a few more steps, and every CUDA
+kernel's time per step in one of these groups:
+
+    ours              this library's Triton kernels: the names of the @triton.jit functions
+                      found in diffit_kernels' modules when the profile runs (never a list
+                      kept by hand, so a renamed or new kernel is counted where it belongs)
+    cuBLAS            GEMM libraries: gemm, cutlass, xmma, nvjet, cublas, gemv in the name
+    inductor          kernels torch.compile generated (triton_poi_ / triton_red_ / triton_per_
+                      / triton_tem_ ...)
+    copies and casts  copy and cast kernels, Memcpy / Memset
+    other             everything else (optimizer, reductions, eager elementwise, SDPA ...)
+    GPU idle          the step time minus the summed kernel time: launch and Python overhead
+
+Writes profile_<provider>.csv (one row per group, then one per kernel, per step), profile.png
+(a stacked bar per provider) and returns the group rows; summary.md gets a section from the
+CSVs. On CPU (the harness, --tiny-cpu) the tiny latent model's CPU ops stand in for kernels.
+
+    python -m benchmarks --profile [--ops model] [--quick]
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import re
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from benchmarks.common import (after_error, bench, environment, error_text, out_of_time,
+                               results_dir, skipped_text, write_csv)
+
+GROUPS = ("ours", "cuBLAS", "inductor", "copies and casts", "other")
+IDLE = "GPU idle"
+PROVIDERS = ("ours", "ours+compile", "compile", "eager")
+QUICK_PROVIDERS = ("ours", "ours+compile", "compile")
+STEPS = 3          # profiled steps (after the warm-up bench_model does and the timing)
+TOP = 10           # kernels listed per provider in summary.md
+
+_CUBLAS = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|gemv", re.I)
+_COPY = re.compile(r"copy|memcpy|memset|CatArrayBatched", re.I)
+
+
+def our_kernel_names(package: str = "diffit_kernels") -> frozenset:
+    """The names of every @triton.jit function in `package`'s modules (autotuned or not)."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:  # no Triton: no kernels of ours can have run
+        return frozenset()
+    pkg = importlib.import_module(package)
+    names = set()
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name == "__main__":
+            continue
+        mod = importlib.import_module(f"{package}.{info.name}")
+        for obj in vars(mod).values():
+            for _ in range(4):  # Autotuner / Heuristics wrap the JITFunction in .fn
+                if isinstance(obj, JITFunction) or not hasattr(obj, "fn"):
+                    break
+                obj = obj.fn
+            if isinstance(obj, JITFunction):
+                names.add(obj.fn.__name__)
+    return frozenset(names)
+
+
+def classify(name: str, ours: Iterable[str]) -> str:
+    """The group of one kernel name (see the module docstring)."""
+    if name in ours:
+        return "ours"
+    if name.startswith("triton_"):  # ours are "_<op>_..._kernel": no clash
+        return "inductor"
+    if _CUBLAS.search(name):
+        return "cuBLAS"
+    if _COPY.search(name):
+        return "copies and casts"
+    return "other"
+
+
+def aggregate(events: Sequence[Tuple[str, float]], steps: int, step_ms: float,
+              ours: Iterable[str]) -> Dict[str, object]:
+    """Group (kernel name, milliseconds) events recorded over `steps` steps into per-step
+    totals. Returns {"groups": {group: ms per step, ..., IDLE: ms}, "kernels": [(name, group,
+    ms per step, calls per step), ... slowest first], "kernel_ms": ms, "step_ms": step_ms}.
+    GPU idle is the step time minus the summed kernel time (never below 0: kernels on
+    several streams may overlap)."""
+    ours = frozenset(ours)
+    per: Dict[str, List[float]] = {}
+    for name, ms in events:
+        per.setdefault(name, []).append(float(ms))
+    kernels = sorted(((n, classify(n, ours), sum(v) / steps, len(v) / steps)
+                      for n, v in per.items()), key=lambda k: (-k[2], k[0]))
+    groups = {g: 0.0 for g in GROUPS}
+    for _, g, ms, _ in kernels:
+        groups[g] += ms
+    kernel_ms = sum(groups.values())
+    groups[IDLE] = max(0.0, step_ms - kernel_ms)
+    return dict(groups=groups, kernels=kernels, kernel_ms=kernel_ms, step_ms=step_ms)
+
+
+def csv_rows(agg: Dict[str, object], base: dict) -> List[dict]:
+    """profile_<provider>.csv: one row per group (IDLE included), then one per kernel."""
+    step = float(agg["step_ms"])
+
+    def share(ms):
+        return round(100 * ms / step, 2) if step > 0 else float("nan")
+
+    rows = [dict(base, kind="group", group=g, kernel="", ms=round(ms, 4), calls="",
+                 share_pct=share(ms)) for g, ms in agg["groups"].items()]
+    rows += [dict(base, kind="kernel", group=g, kernel=n, ms=round(ms, 4), calls=round(c, 2),
+                  share_pct=share(ms)) for n, g, ms, c in agg["kernels"]]
+    return rows
+
+
+def _events(prof, cuda: bool) -> List[Tuple[str, float]]:
+    """(name, ms) of every CUDA kernel / memcpy / memset the profiler saw; on CPU, of every
+    CPU op with no child op (the harness' stand-in for kernels)."""
+    from torch.autograd import DeviceType
+
+    out = []
+    for e in prof.events():
+        if cuda:
+            if e.device_type == DeviceType.CUDA:
+                out.append((e.name, e.time_range.elapsed_us() / 1e3))
+        elif e.device_type == DeviceType.CPU and not e.cpu_children:
+            out.append((e.name, e.time_range.elapsed_us() / 1e3))
+    return out
+
+
+def profile_case(case, provider: str, dtype: str, device, steps: int = STEPS) -> dict:
+    """Build `provider`'s model for `case` (bench_model.prepared), time the step, profile
+    `steps` steps; returns the aggregate (see aggregate())."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import bench_model
+
+    cuda = torch.device(device).type == "cuda"
+    with bench_model.prepared(case, provider, dtype, device, quick=True) as fn:
+        step_ms = bench(fn, rep=case.rep_ms)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                fn()
+            if cuda:
+                torch.cuda.synchronize()
+        events = _events(prof, cuda)
+        del fn
+    return aggregate(events, steps, step_ms, our_kernel_names())
+
+
+def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
+        tiny_cpu: bool = False, providers: Optional[Sequence[str]] = None) -> List[dict]:
+    """Profile the XL/2 256 px training step for each provider; write the CSVs and the plot;
+    return the group rows (a provider that fails or is skipped is one row with its error)."""
+    from benchmarks import bench_model
+
+    if tiny_cpu:
+        device = torch.device("cpu")
+        case = bench_model.ModelCase("DiffiT-tiny", "latent", 32, 2, "fwd+bwd+adamw",
+                                     ("eager",), rep_ms=1)
+        names = list(providers or ("eager",))
+    else:
+        if not torch.cuda.is_available():
+            print("profile: timings need a CUDA GPU and none is visible; nothing was measured.")
+            return []
+        device = torch.device("cuda")
+        case = bench_model.ModelCase("DiffiT-XL/2", "latent", 256, 32, "fwd+bwd+adamw",
+                                     PROVIDERS, rep_ms=400 if quick else 1500)
+        names = list(providers or (QUICK_PROVIDERS if quick else PROVIDERS))
+    bad = [n for n in names if n not in bench_model.PROVIDERS]
+    if bad:
+        raise ValueError(f"providers must be among {bench_model.PROVIDERS}, got {bad}")
+    env = environment()
+    out = results_dir(out_dir)
+    rows, done = [], {}
+    for provider in names:
+        base = dict(op="profile", case=case.name, provider=provider, dtype=dtype,
+                    **{"pass": case.pass_}, steps=STEPS, card=env["card"], torch=env["torch"],
+                    triton=env["triton"])
+        if out_of_time():
+            rows.append(dict(base, kind="group", group="", ms=float("nan"),
+                             error=skipped_text()))
+            print(f"profile {provider:13} {rows[-1]['error']}", flush=True)
+            continue
+        try:
+            agg = profile_case(case, provider, dtype, device)
+        except Exception as e:  # noqa: BLE001 - one provider's failure is a row
+            if tiny_cpu:
+                raise
+            rows.append(dict(base, kind="group", group="", ms=float("nan"),
+                             error=error_text(e)))
+            print(f"profile {provider:13} {rows[-1]['error']}", flush=True)
+            del e
+            after_error()
+            continue
+        prov_rows = csv_rows(agg, dict(base, step_ms=round(agg["step_ms"], 4), error=""))
+        write_csv(out / f"profile_{_slug(provider)}.csv", prov_rows)
+        rows += [r for r in prov_rows if r["kind"] == "group"]
+        done[provider] = agg
+        g = agg["groups"]
+        print(f"profile {provider:13} step {agg['step_ms']:8.2f} ms: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in g.items()), flush=True)
+    if done:
+        stacked_plot(out / "profile.png", done,
+                     title=f"{case.name} {case.pass_} per step, {dtype} ({env['card']})")
+    return rows
+
+
+def _slug(provider: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", provider.lower()).strip("_")
+
+
+def stacked_plot(path: Path, aggs: Dict[str, dict], title: str) -> None:
+    """One stacked bar per provider: ms per step in each group, GPU idle on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    provs = list(aggs)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + 1.2 * len(provs)), 4.5))
+    bottom = [0.0] * len(provs)
+    for g in GROUPS + (IDLE,):
+        vals = [float(aggs[p]["groups"][g]) for p in provs]
+        ax.bar(range(len(provs)), vals, 0.6, bottom=bottom, label=g,
+               hatch="//" if g == IDLE else None, color="white" if g == IDLE else None,
+               edgecolor="gray" if g == IDLE else None)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, p in enumerate(provs):
+        ax.annotate(f"{aggs[p]['step_ms']:.1f} ms", (i, bottom[i]), ha="center", va="bottom",
+                    fontsize=8)
+    ax.set_xticks(range(len(provs)), provs)
+    ax.set_ylabel("ms per step (lower is better)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=path.name, suffix=".tmp.png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def section(csvs: Sequence[Path]) -> str:
+    """The summary.md section: ms per step by group for every provider side by side, then
+    each provider's slowest kernels."""
+    from benchmarks.summary import _fmt, _num, load_csv
+
+    data = {}
+    for p in csvs:
+        rows = load_csv(p)
+        if rows:
+            data[rows[0].get("provider", p.stem)] = rows
+    if not data:
+        return "_no profile rows_\n"
+    provs = list(data)
+    step = {p: _num(rows[0].get("step_ms")) for p, rows in data.items()}
+    first = next(iter(data.values()))[0]
+    L = [f"{first.get('case', '')} {first.get('pass', '')}, ms per step ({first.get('steps')} "
+         "profiled steps; step time: do_bench median without the profiler):", "",
+         "| group | " + " | ".join(provs) + " |", "|---|" + "---|" * len(provs)]
+    for g in GROUPS + (IDLE,):
+        cells = []
+        for p in provs:
+            r = next((r for r in data[p] if r.get("kind") == "group" and r.get("group") == g),
+                     None)
+            ms = _num(r.get("ms")) if r else None
+            s = step.get(p)
+            cells.append("-" if ms is None else
+                         f"{_fmt(ms)} ({100 * ms / s:.0f}%)" if s else _fmt(ms))
+        L.append(f"| {g} | " + " | ".join(cells) + " |")
+    L.append("| **step** | " + " | ".join(_fmt(step[p]) for p in provs) + " |")
+    for p in provs:
+        ks = [r for r in data[p] if r.get("kind") == "kernel"][:TOP]
+        if not ks:
+            continue
+        L += ["", f"{p}: the {len(ks)} slowest kernels per step", "",
+              "| kernel | group | ms | calls |", "|---|---|---|---|"]
+        for r in ks:
+            name = str(r.get("kernel", "")).replace("|", "/")
+            name = name if len(name) <= 90 else name[:87] + "..."
+            L.append(f"| `{name}` | {r.get('group')} | {_fmt(_num(r.get('ms')))} | "
+                     f"{r.get('calls')} |")
+    return "\n".join(L) + "\n"

@@ -21,8 +21,9 @@ the wall time each benchmark took).
 Time budget: --budget-s (default 420 with --quick, none otherwise; 0 = none). Each benchmark
 may use what is left of it except the fractions BUDGET_RESERVE keeps for the benchmarks after
 it, so a slow one cannot starve the model benchmark; a case that would start after its
-benchmark's deadline becomes a row saying it was skipped. A case already running is never cut short, so allow about a minute
-beyond the budget. run.json and summary.md are rewritten (atomically) before and after every
+benchmark's deadline becomes a row saying it was skipped (the speed-of-light rows have a
+reserve of common.SPEED_OF_LIGHT_RESERVE_S beyond it). A case already running is never cut
+short, so allow about a minute beyond the budget. run.json and summary.md are rewritten (atomically) before and after every
 benchmark and each benchmark rewrites its CSV as it goes, so a run killed from outside leaves
 a consistent folder; SIGINT / SIGTERM stop it cleanly (the benchmark in progress is marked
 interrupted). Exit status: 0 all ran, 1 a benchmark failed or is missing, 2 only the time
@@ -234,8 +235,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _clear_previous_run(out: Path) -> List[str]:
     """Remove what an earlier run in this folder wrote (the files its run.json lists, and
-    run.json, summary.md and its note.md), so no stale CSV or plot mixes with this run's. Files no run.json
-    lists are left alone."""
+    run.json, summary.md and its note.md), so no stale CSV or plot mixes with this run's. Files
+    no run.json lists are left alone."""
     try:
         meta = json.loads((out / "run.json").read_text())
     except (OSError, ValueError):

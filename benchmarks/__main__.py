@@ -23,9 +23,9 @@ may use what is left of it except the fractions BUDGET_RESERVE keeps for the ben
 it, so a slow one cannot starve the model benchmark; a case that would start after its
 benchmark's deadline becomes a row saying it was skipped (the speed-of-light rows have a
 reserve of common.SPEED_OF_LIGHT_RESERVE_S beyond it). A case already running is never cut
-short, so allow about a minute beyond the budget. run.json and summary.md are rewritten (atomically) before and after every
-benchmark and each benchmark rewrites its CSV as it goes, so a run killed from outside leaves
-a consistent folder; SIGINT / SIGTERM stop it cleanly (the benchmark in progress is marked
+short, so allow about a minute beyond the budget. run.json and summary.md are rewritten
+(atomically) before and after every benchmark and each benchmark rewrites its CSV as it goes,
+so a run killed from outside leaves a consistent folder; SIGINT / SIGTERM stop it cleanly (the benchmark in progress is marked
 interrupted). Exit status: 0 all ran, 1 a benchmark failed or is missing, 2 only the time
 budget left cases out, 130 interrupted.
 

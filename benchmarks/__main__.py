@@ -25,9 +25,9 @@ benchmark's deadline becomes a row saying it was skipped (the speed-of-light row
 reserve of common.SPEED_OF_LIGHT_RESERVE_S beyond it). A case already running is never cut
 short, so allow about a minute beyond the budget. run.json and summary.md are rewritten
 (atomically) before and after every benchmark and each benchmark rewrites its CSV as it goes,
-so a run killed from outside leaves a consistent folder; SIGINT / SIGTERM stop it cleanly (the benchmark in progress is marked
-interrupted). Exit status: 0 all ran, 1 a benchmark failed or is missing, 2 only the time
-budget left cases out, 130 interrupted.
+so a run killed from outside leaves a consistent folder; SIGINT / SIGTERM stop it cleanly (the
+benchmark in progress is marked interrupted). Exit status: 0 all ran, 1 a benchmark failed or
+is missing, 2 only the time budget left cases out, 130 interrupted.
 
 Without CUDA nothing can be timed: the command says so, runs the compile report instead
 (`python -m diffit_kernels report`: every kernel config built for sm_80 and sm_90a) and exits

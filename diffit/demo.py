@@ -4,6 +4,12 @@
         demo_out/samples.png              10 x 10 samples from the EMA model, one digit per column
         demo_out/loss.png                 the training loss curve
         demo_out/metrics.jsonl, checkpoints/, config.json   as any `diffit train` run
+        demo_out/demo.json                the run's settings and its sample-quality numbers
+
+Sample quality (diffit.quality, no download): 500 class-conditional samples (50 per digit) from
+the EMA weights, drawn with the same sampler, scored by a classifier fitted on the digits:
+its accuracy per class and overall, and the Frechet distance of its features between samples
+and data, each next to what real held-out digits score. Printed and written to demo.json.
 
 The data is scikit-learn's 1797 8x8 digits (shipped with scikit-learn, no download), at their
 native 8x8, which the "tiny" U-Net preset is built for: 8x8 tokens in 4x4 windows, then a 4x4
@@ -44,6 +50,7 @@ DEMO_CONFIG = dict(
     out="demo_out",
 )
 MARKER = "demo.json"
+QUALITY_PER_CLASS = 50       # samples per digit for the quality numbers
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -99,9 +106,50 @@ def _clear_previous(out: Path) -> None:
             shutil.rmtree(sub, ignore_errors=True)
 
 
+def _write_marker(out: Path, record: dict) -> None:
+    from .checkpoint import atomic_path
+
+    with atomic_path(out / MARKER) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def sample_quality(run_dir, per_class: int = QUALITY_PER_CLASS, seed: int = 0,
+                   device=None) -> dict:
+    """diffit.quality's numbers for `per_class` samples of each digit from the EMA weights of
+    the newest checkpoint in `run_dir`, drawn as `python -m diffit sample` draws them (EDM
+    Heun, the preset's steps, no guidance)."""
+    import torch
+
+    from .checkpoint import read_sampling_checkpoint
+    from .quality import digits_quality
+    from .sample import edm_sample, load_model
+
+    ck = read_sampling_checkpoint(run_dir)
+    if ck.family != "image" or ck.train_config.get("data") != "digits":
+        raise ValueError(f"{ck.path}: the digits quality numbers need an image-space model "
+                         f"trained on the digits, not a {ck.family} model on "
+                         f"{ck.train_config.get('data')!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(ck).to(device).eval()
+    K = model.config.num_classes
+    labels = torch.arange(K).repeat_interleave(per_class) if K else None
+    n = per_class * max(K, 10)
+    c, s = model.config.in_channels, model.config.image_size
+    noise = torch.randn((n, c, s, s), generator=torch.Generator().manual_seed(seed))
+    steps = model.config.heun_steps
+    x = edm_sample(model, noise.to(device), None if labels is None else labels.to(device),
+                   num_steps=steps)
+    q = digits_quality(x.cpu(), labels)
+    q["sampler"] = f"EDM Heun, {steps} steps, deterministic, no guidance"
+    q["checkpoint"] = str(ck.path)
+    q["weights"] = ck.weights
+    return q
+
+
 def run_demo(out, steps: int = DEMO_CONFIG["steps"], batch_size: int = DEMO_CONFIG["batch_size"],
              seed: int = 0, device=None, progress: bool = True) -> dict:
-    """Train and sample; returns the trainer's summary plus `wall_s` for the whole demo."""
+    """Train, sample and score; returns the trainer's summary plus `quality` (sample_quality's
+    numbers, also in demo.json) and `wall_s` for the whole demo."""
     from .train import train
 
     t0 = time.perf_counter()
@@ -110,15 +158,19 @@ def run_demo(out, steps: int = DEMO_CONFIG["steps"], batch_size: int = DEMO_CONF
     cfg = demo_config(out, steps, batch_size, seed, device, progress)
     _clear_previous(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"steps": steps, "batch_size": batch_size,
-                                          "seed": seed}) + "\n", encoding="utf-8")
+    record = {"steps": steps, "batch_size": batch_size, "seed": seed}
+    _write_marker(out, record)
     summary = train(cfg)
+    summary["quality"] = sample_quality(out, device=device)
+    _write_marker(out, {**record, "quality": summary["quality"]})
     summary["wall_s"] = time.perf_counter() - t0
     return summary
 
 
 def run(args) -> int:
     import torch
+
+    from .quality import format_quality
 
     if args.threads < 1:
         print(f"diffit demo: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
@@ -130,6 +182,12 @@ def run(args) -> int:
     except (ValueError, ImportError) as e:
         print(f"diffit demo: error: {e}", file=sys.stderr)
         return 2
+    q = s["quality"]
     print(f"diffit demo: {s['step']} steps in {s['wall_s']:.0f} s; wrote {s['samples']} and "
           f"{s['loss_png']}")
+    print(f"sample quality of {q['num_samples']} samples ({QUALITY_PER_CLASS} per digit) from "
+          f"the EMA weights, {q['sampler']}:")
+    print(format_quality(q))
+    print(f"(in {Path(args.out) / MARKER}; more samples: python -m diffit sample --checkpoint "
+          f"{args.out} --out samples/ --num-samples 100)")
     return 0

@@ -1,5 +1,6 @@
-"""`python -m diffit demo`: a short run of the demo's exact configuration learns (the loss falls)
-and writes the two images; reruns replace a previous demo, never other runs."""
+"""`python -m diffit demo`: a short run of the demo's exact configuration learns (the loss falls),
+writes the two images and its sample-quality numbers (printed and in demo.json); reruns replace
+a previous demo, never other runs."""
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from diffit.demo import DEMO_CONFIG, run_demo
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
-def test_demo_short_run_loss_falls_and_writes_images(tmp_path):
+def test_demo_short_run_loss_falls_and_writes_images(tmp_path, capsys):
     out = tmp_path / "demo"
     s = run_demo(out, steps=120, batch_size=32, progress=False)
     assert s["step"] == 120
@@ -24,6 +25,13 @@ def test_demo_short_run_loss_falls_and_writes_images(tmp_path):
     # 100 samples, one class per column: 10 x 10 tiles of 64 px (8 px upscaled 8x), 2-px gaps
     assert samples.size == (10 * 66 + 2, 10 * 66 + 2)
     assert loss.size[0] >= 400 and loss.size[1] >= 300
+    q = s["quality"]
+    assert json.loads((out / "demo.json").read_text()) == \
+        {"steps": 120, "batch_size": 32, "seed": 0, "quality": q}
+    assert q["num_samples"] == 500 and q["weights"] == "ema"
+    assert q["checkpoint"] == str(out / "checkpoints" / "ckpt_00000120.pt")
+    assert len(q["accuracy_per_class"]) == 10 and 0 <= q["accuracy"] <= 1
+    assert q["frechet_distance"] > 0 and q["reference"]["accuracy"] > 0.9
     cfg = json.loads((out / "config.json").read_text())
     assert {k: cfg[k] for k in DEMO_CONFIG if k not in ("steps", "batch_size", "out")} == \
         {k: v for k, v in DEMO_CONFIG.items() if k not in ("steps", "batch_size", "out")}
@@ -32,6 +40,10 @@ def test_demo_short_run_loss_falls_and_writes_images(tmp_path):
     assert cli.main(["demo", "--out", str(out), "--steps", "2", "--batch-size", "8",
                      "--no-progress"]) == 0
     assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [2]
+    said = capsys.readouterr().out
+    q2 = json.loads((out / "demo.json").read_text())["quality"]
+    assert f"classifier accuracy on 500 samples: {q2['accuracy']:.3f}" in said
+    assert f"Frechet distance of classifier features: {q2['frechet_distance']:.3f}" in said
     assert [p.name for p in (out / "samples").iterdir()] == ["step_00000002.png"]
 
 

@@ -62,7 +62,7 @@ import torch
 
 # re-exported: diffit.train is where users and tests find the training API
 from .train_families import FAMILIES, Family, family_of
-from .train_feedback import MetricsLog, plot_loss, sample_images, save_grid
+from .train_feedback import MetricsLog, Progress, plot_loss, sample_images, save_grid
 from .train_state import (CKPT_PREFIX, FORMAT, STOP_SIGNALS, CheckpointError, DistInfo,
                           StopRequest, barrier, check_compatible, fresh_rank_seed,
                           full_state_dicts, gather_objects, ignore_stop_signals, init_distributed,
@@ -118,6 +118,9 @@ class TrainConfig:
     ema_warmup: bool = _opt(True, "EMA decay min(decay, (1+s)/(10+s)) (short runs)")
     precision: str = _opt("auto", "autocast: auto = bf16 on CUDA, fp32 elsewhere",
                           choices=("auto", "fp32", "bf16"))
+    compile: Optional[bool] = _opt(None, "regional torch.compile of the blocks with the fused "
+                                   "kernels inside (default: on for CUDA, off on CPU and under "
+                                   "FSDP)")
     seed: int = _opt(0, "global seed (rank r draws with seed * world + r)")
     # distribution
     fsdp: bool = _opt(False, "under torchrun: shard model, EMA and optimizer state (FSDP2) "
@@ -134,7 +137,8 @@ class TrainConfig:
                                        "250 for latent)", type=int)
     guidance: float = _opt(1.0, "classifier-free guidance scale for sample grids")
     sample_vae: Optional[str] = _opt(None, "latent data: diffusers VAE to decode sample grids")
-    progress: bool = _opt(True, "progress bar")
+    progress: bool = _opt(True, "progress bar on a terminal; elsewhere plain progress lines "
+                          "(no carriage-return redraws)")
 
     def validate(self) -> "TrainConfig":
         def need(ok: bool, msg: str):
@@ -171,7 +175,7 @@ class TrainConfig:
 # written) counts as its default, so a new field must default to the old behaviour
 _RESUME_FREE = {"steps", "out", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
                 "num_samples", "sample_steps", "guidance", "sample_vae", "progress",
-                "num_workers", "data_path", "device", "backend"}
+                "num_workers", "data_path", "device", "backend", "compile"}
 
 
 def config_from_dict(d: Mapping[str, Any], source: str = "config") -> TrainConfig:
@@ -251,6 +255,12 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
         self.net = wrap_model(self.model, self.ema.module, d, self.fsdp,
                               fam.block_types())
+        # after the EMA's deepcopy and the DDP / FSDP wrapping: only the trained model's blocks
+        # are compiled (the state-dict keys do not change)
+        from .accel import compile_blocks, describe_run, resolve_compile
+        self.compiled, why = resolve_compile(cfg.compile, d.device, self.fsdp)
+        n_blocks = compile_blocks(self.model) if self.compiled else 0
+        self.run_mode = describe_run(cfg.backend, d.device, self.compiled, why, n_blocks)
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -279,6 +289,7 @@ class Trainer:
                   f"{' (FSDP)' if self.fsdp else ' (DDP)' if d.world > 1 else ''}, "
                   f"batch {cfg.batch_size}, {cfg.steps} steps"
                   f"{f', resumed at step {self.step}' if resume_path is not None else ''}")
+        self._log(f"diffit train: runs {self.run_mode}")
 
     # ---- setup helpers ----
     @property
@@ -433,14 +444,7 @@ class Trainer:
     def _fit(self, stop: StopRequest) -> dict:
         cfg, d = self.cfg, self.dist
         dev = d.device
-        bar = None
-        if self.rank0 and cfg.progress:
-            try:
-                from tqdm.auto import tqdm
-                bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                           desc="train")
-            except ImportError:
-                bar = None
+        progress = Progress(cfg.steps, self.step, bar=cfg.progress) if self.rank0 else None
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         gn_max = torch.zeros((), dtype=torch.float64, device=dev)
         n_in_interval, t_interval, t_start = 0, 0.0, time.perf_counter()
@@ -453,18 +457,21 @@ class Trainer:
                 self.batch_in_epoch += 1
                 x = x.to(dev, non_blocking=True)
                 y = y.to(dev, non_blocking=True) if self.num_classes else None
+                first = self.step == start_step
                 loss, gn, lr = self.train_step(x, y)
+                if first:
+                    self._first_step_note(t0, progress)
                 loss_sum += loss.double()
                 gn_max = torch.maximum(gn_max, gn.double())
                 n_in_interval += 1
                 if dev.type == "cuda" and self.step % cfg.log_every == 0:
                     torch.cuda.synchronize(dev)
                 t_interval += time.perf_counter() - t0
-                if bar is not None:
-                    bar.update(1)
+                if progress is not None:
+                    progress.update(self.step)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self._write_metrics(loss_sum, gn_max, n_in_interval, t_interval, lr,
-                                        time.perf_counter() - t_start, bar)
+                                        time.perf_counter() - t_start, progress)
                     loss_sum.zero_()
                     gn_max.zero_()
                     n_in_interval, t_interval = 0, 0.0
@@ -480,8 +487,8 @@ class Trainer:
             # shuts the loader's workers down now: they ignore SIGTERM (ignore_stop_signals),
             # so at interpreter exit multiprocessing could not terminate them
             batches.close()
-            if bar is not None:
-                bar.close()
+            if progress is not None:
+                progress.close()
         if stopped:
             self._log(f"diffit train: {stopped} received: stopping after step {self.step} of "
                       f"{cfg.steps}, writing a checkpoint")
@@ -505,8 +512,19 @@ class Trainer:
                 "samples": samples, "loss_png": self.out / "loss.png", "stopped": stopped,
                 "wall_s": time.perf_counter() - t_start}
 
+    def _first_step_note(self, t0: float, progress: Optional[Progress]) -> None:
+        """Log the first step's wall time: it includes torch.compile and kernel autotuning,
+        which the images/s of the metrics lines after it no longer pay."""
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)
+        what = ("torch.compile of the blocks and kernel autotuning" if self.compiled
+                else "kernel compilation and autotuning")
+        text = f"diffit train: first step {time.perf_counter() - t0:.1f} s (includes {what})"
+        if progress is not None:
+            progress.note(text)
+
     def _write_metrics(self, loss_sum, gn_max, n: int, t_interval: float, lr: float,
-                       elapsed: float, bar) -> None:
+                       elapsed: float, progress: Optional[Progress]) -> None:
         """One metrics.jsonl line for the interval that ends now (a collective with world > 1)."""
         cfg, d = self.cfg, self.dist
         if d.world > 1:
@@ -524,11 +542,12 @@ class Trainer:
         if not self.rank0:
             return
         self.metrics.write(rec)
-        if bar is not None:
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rec['images_per_s']:.1f}")
+        text = (f"step {self.step}/{cfg.steps} loss {mean_loss:.4f} lr {lr:.3g} "
+                f"{rec['images_per_s']:.1f} img/s")
+        if progress is not None:
+            progress.metrics(text, loss=f"{mean_loss:.4f}", img_s=f"{rec['images_per_s']:.1f}")
         else:
-            print(f"step {self.step}/{cfg.steps} loss {mean_loss:.4f} lr {lr:.3g} "
-                  f"{rec['images_per_s']:.1f} img/s", flush=True)
+            print(text, flush=True)
 
     def close(self) -> None:
         if self.dist.owns_group:
@@ -564,7 +583,7 @@ def _add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
         kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: "
                   f"{f.default!r})")
         typ = f.metadata.get("type")
-        if isinstance(f.default, bool) or f.name == "flip":
+        if isinstance(f.default, bool) or f.name in ("flip", "compile"):
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = typ or (type(f.default) if f.default is not None else str)

@@ -132,3 +132,88 @@ def to_images(x: torch.Tensor, cfg) -> torch.Tensor:
         return vae.decode(x / LATENT_SCALE).sample.float().clamp(-1, 1)
     v = x[:, :3] if x.shape[1] >= 3 else x[:, :1]
     return (v / (3 * v.std().clamp_min(1e-6))).clamp(-1, 1)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):      # no isatty, or a closed stream
+        return False
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+class Progress:
+    """What the training loop shows while it runs.
+
+    On a terminal (stdout and stderr both ttys) a tqdm bar that carries the latest loss. Anywhere
+    else (stdout redirected to a log file, CI, a batch job) nothing redraws with carriage
+    returns: `metrics` lines are printed as they come (every log_every steps) and, when none came
+    for `every_s` seconds, a short line with the step, the elapsed time and an estimate of the
+    time left. bar=False (--no-progress): only the metrics lines.
+    """
+
+    def __init__(self, total: int, initial: int, *, bar: bool, every_s: float = 30.0,
+                 stream=None, clock=None):
+        import sys
+        import time
+
+        self.total, self.step, self.step0 = total, initial, initial
+        self.every_s = every_s
+        self.stream = stream if stream is not None else sys.stdout
+        self.clock = clock or time.monotonic
+        self.t0 = self.t_last = self.clock()
+        self.bar = None
+        if bar and _isatty(sys.stdout) and _isatty(sys.stderr):
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                                desc="train")
+            except ImportError:
+                pass
+        self.lines = bar and self.bar is None
+
+    @property
+    def interactive(self) -> bool:
+        return self.bar is not None
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+        self.t_last = self.clock()
+
+    def update(self, step: int) -> None:
+        """After each optimizer step (no device synchronisation: only host clocks)."""
+        self.step = step
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        now = self.clock()
+        if self.lines and now - self.t_last >= self.every_s:
+            done, elapsed = step - self.step0, now - self.t0
+            left = (f", ~{_duration(elapsed / done * (self.total - step))} left"
+                    if done > 0 else "")
+            self._print(f"train: step {step}/{self.total} ({100 * step / self.total:.0f}%), "
+                        f"{_duration(elapsed)} elapsed{left}")
+
+    def metrics(self, text: str, **postfix) -> None:
+        """A metrics line: the bar's postfix on a terminal, else printed as a line."""
+        if self.bar is not None:
+            self.bar.set_postfix(**postfix)
+        else:
+            self._print(text)
+
+    def note(self, text: str) -> None:
+        """A one-off message that must not break the bar."""
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            self._print(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -417,3 +417,81 @@ def test_image_folder_training_rgb(tmp_path):
     assert t.dataset.flip                              # folders flip by default
     t.fit()
     assert Image.open(tmp_path / "r" / "samples.png").mode == "RGB"
+
+
+# ---- what the run shows, and how it runs ----------------------------------------------------
+def test_progress_off_a_terminal_prints_lines_not_redraws(tmp_path, capsys):
+    """stdout is not a tty here (pytest captures it): no tqdm bar, no carriage returns; plain
+    lines, the metrics every log_every steps and a short progress line when none came for
+    `every_s` seconds."""
+    import io
+
+    from diffit.train_feedback import Progress
+
+    now = [0.0]
+    out = io.StringIO()
+    p = Progress(10, 0, bar=True, every_s=30.0, stream=out, clock=lambda: now[0])
+    assert not p.interactive
+    for step, t in ((1, 10.0), (2, 31.0), (4, 50.0), (5, 75.0)):
+        now[0] = t
+        p.update(step)
+    now[0] = 80.0
+    p.metrics("step 6/10 loss 1.0000", loss="1.0000")
+    now[0] = 100.0
+    p.update(7)                                    # 20 s after the metrics line: quiet
+    p.close()
+    assert out.getvalue().splitlines() == [
+        "train: step 2/10 (20%), 0m31s elapsed, ~2m04s left",
+        "train: step 5/10 (50%), 1m15s elapsed, ~1m15s left",
+        "step 6/10 loss 1.0000"]
+    quiet = io.StringIO()
+    q = Progress(10, 0, bar=False, every_s=0.0, stream=quiet, clock=lambda: now[0])
+    q.update(1)
+    q.metrics("step 1/10 loss 2.0")
+    assert quiet.getvalue() == "step 1/10 loss 2.0\n"      # --no-progress: metrics only
+
+    train(_cfg(tmp_path, steps=4, log_every=2, progress=True))
+    cap = capsys.readouterr()
+    assert "\r" not in cap.out + cap.err
+    lines = cap.out.splitlines()
+    assert any(ln.startswith("step 2/4 loss") for ln in lines)
+    assert any(ln.startswith("step 4/4 loss") for ln in lines)
+    assert any(ln.startswith("diffit train: first step ") for ln in lines)
+    assert ("diffit train: runs the plain-PyTorch reference ops, eager (no torch.compile: the "
+            "default on cpu (--compile to force))") in lines
+
+
+def test_compile_is_the_default_on_cuda_only():
+    from diffit.accel import resolve_compile
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_compile(None, cuda) == (True, "the default on CUDA (--no-compile to opt out)")
+    assert resolve_compile(None, cpu)[0] is False
+    assert resolve_compile(None, cuda, fsdp=True)[0] is False
+    assert resolve_compile(False, cuda) == (False, "--no-compile")
+    assert resolve_compile(True, cpu) == (True, "--compile")
+    p = cli.build_parser()
+    assert config_from_args(p.parse_args(["train"])).compile is None
+    assert config_from_args(p.parse_args(["train", "--no-compile"])).compile is False
+    assert config_from_args(p.parse_args(["train", "--compile"])).compile is True
+
+
+def test_compiled_blocks_train_like_eager(tmp_path, latent_file, monkeypatch, capsys):
+    """--compile (the CUDA default) on CPU with the aot_eager backend: the blocks are compiled in
+    place, the log says so, the losses follow the eager run's, and checkpoints keep the
+    official keys (no `_orig_mod.` prefix)."""
+    monkeypatch.setattr("diffit.accel.COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    try:
+        train(_cfg(tmp_path / "eager", "latent", latent_file, steps=3))
+        train(_cfg(tmp_path / "comp", "latent", latent_file, steps=3, compile=True))
+    finally:
+        torch._dynamo.reset()
+    out = capsys.readouterr().out
+    assert ("diffit train: runs the plain-PyTorch reference ops inside regional torch.compile "
+            "(2 blocks, fullgraph, backend aot_eager; --compile)") in out.splitlines()
+    assert "includes torch.compile of the blocks" in out
+    eager, comp = _losses(tmp_path / "eager"), _losses(tmp_path / "comp")
+    assert [s for s, _ in eager] == [s for s, _ in comp] == [1, 2, 3]
+    torch.testing.assert_close([v for _, v in comp], [v for _, v in eager], rtol=1e-5, atol=0)
+    assert _final(tmp_path / "comp")["model"].keys() == _final(tmp_path / "eager")["model"].keys()

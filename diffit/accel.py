@@ -1,0 +1,113 @@
+"""How the training and sampling commands run a model fast: regional torch.compile of its blocks.
+
+    compile_blocks(model)      torch.compile each repeated block's forward in place (fullgraph,
+                               static shapes): one compiled graph per distinct block shape, so a
+                               28-block DiffiT-XL/2 compiles one graph, the U-Net one per level.
+    resolve_compile(flag, device, fsdp)   the default: on for CUDA (where it pays), off elsewhere.
+    describe_run(...)          the one log line saying which kernels and which compile mode run.
+
+Why regional compile with our kernels inside: the fused ops are torch.library custom ops, opaque
+to inductor but traced through (no graph break); everything between them (dtype casts, residual
+adds, the MLP's GELU, bias adds) is fused by inductor, and the Python between the ops is gone.
+Measured on an H200 (DiffiT-XL/2 256 px B32, bf16 autocast, fwd+bwd+AdamW, torch 2.11): 142.6 ms
+per step eager with our kernels, 116.0 ms with the blocks compiled.
+
+The forward of each block is replaced by a compiled one (an instance attribute), so the module
+tree, the state-dict keys (no `_orig_mod.` prefix) and module hooks (FSDP's, DDP's) are unchanged
+and stay outside the compiled region. Compile after building the EMA copy (deepcopy) and after
+wrapping for DDP / FSDP.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+# the torch.compile backend; tests on CPU set "aot_eager" (traces and runs the same graphs
+# without generating kernels)
+COMPILE_BACKEND = os.environ.get("DIFFIT_COMPILE_BACKEND", "inductor")
+
+# one graph per distinct block shape (U-Net levels, train / eval, a last smaller batch): more than
+# torch's default of 8 compiled variants per code object can be legitimate, and hitting the limit
+# silently falls back to eager for the rest of the run
+RECOMPILE_LIMIT = 64
+
+
+def block_modules(model: nn.Module) -> list:
+    """The repeated blocks regional compilation compiles: the U-Net's DiffiTResBlocks (GroupNorm,
+    conv and the DiffiT block fuse together), else DiffiTBlock / AdaLNBlock (latent model)."""
+    from .layers import AdaLNBlock, DiffiTBlock
+    from .unet import DiffiTResBlock
+
+    res = [m for m in model.modules() if isinstance(m, DiffiTResBlock)]
+    return res or [m for m in model.modules() if isinstance(m, (DiffiTBlock, AdaLNBlock))]
+
+
+def _raise_recompile_limit() -> None:
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed in torch 2.7
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
+            return
+
+
+def compile_blocks(model: nn.Module, *, backend: Optional[str] = None, fullgraph: bool = True,
+                   dynamic: bool = False) -> int:
+    """torch.compile every block of `model` in place (see block_modules); returns how many.
+
+    fullgraph: a graph break inside a block is an error, never a silent slow path. Already
+    compiled blocks are left as they are, so calling this twice is harmless.
+    """
+    blocks = block_modules(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no DiffiT blocks to compile")
+    _raise_recompile_limit()
+    backend = backend or COMPILE_BACKEND
+    for blk in blocks:
+        if getattr(blk, "_diffit_compiled", False):
+            continue
+        # the bound method: `self` is an input of the graph, so every block of one shape shares
+        # one compiled graph (Dynamo guards on the module's type and attributes, not identity)
+        blk.forward = torch.compile(blk.forward, backend=backend, fullgraph=fullgraph,
+                                    dynamic=dynamic)
+        blk._diffit_compiled = True
+    return len(blocks)
+
+
+def resolve_compile(flag: Optional[bool], device: torch.device, fsdp: bool = False
+                    ) -> Tuple[bool, str]:
+    """(compile?, why): None = the default, on for CUDA, off on CPU (compiling costs a minute
+    and gains nothing measurable on the tiny CPU models) and under FSDP (not measured there)."""
+    if flag is not None:
+        return bool(flag), ("--compile" if flag else "--no-compile")
+    if device.type != "cuda":
+        return False, f"the default on {device.type} (--compile to force)"
+    if fsdp:
+        return False, "the default under FSDP (--compile to force)"
+    return True, "the default on CUDA (--no-compile to opt out)"
+
+
+def kernels_in_use(backend: str, device: torch.device) -> str:
+    """Which implementation the ops take for `backend` on `device` (see resolve_backend)."""
+    from diffit_kernels._common import resolve_backend
+
+    probe = torch.empty(0, device=device)
+    try:
+        chosen = resolve_backend(backend, probe)
+    except RuntimeError:
+        chosen = backend
+    return ("our fused Triton kernels" if chosen == "triton"
+            else "the plain-PyTorch reference ops")
+
+
+def describe_run(backend: str, device: torch.device, compiled: bool, why: str,
+                 n_blocks: int = 0) -> str:
+    """E.g. 'our fused Triton kernels inside regional torch.compile (28 blocks, fullgraph;
+    the default on CUDA (--no-compile to opt out))'."""
+    kern = kernels_in_use(backend, device)
+    if compiled:
+        return (f"{kern} inside regional torch.compile ({n_blocks} blocks, fullgraph, backend "
+                f"{COMPILE_BACKEND}; {why})")
+    return f"{kern}, eager (no torch.compile: {why})"

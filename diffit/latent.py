@@ -239,7 +239,10 @@ class DiffiT(nn.Module):
             raise ValueError(f"x must have shape [B, {self.in_channels}, {I}, {I}], "
                              f"got shape {tuple(x.shape)}")
         G = self.grid_size
-        h = self.x_embedder(x) + self.pos_embed                         # [B, N, C]
+        # pos_embed first: the sum takes its row-major layout, not the transposed one of the
+        # patch conv's tokens, so every block sees the same contiguous stream (no copy in the
+        # first block's ops, and one compiled graph serves all blocks)
+        h = self.pos_embed + self.x_embedder(x)                         # [B, N, C]
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         c = self.t_embedder(t)                                          # [B, C]

@@ -49,6 +49,14 @@ def _to(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]
     return None if t is None else t.to(dtype)
 
 
+def _residual_add(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """x + branch in x's dtype. A bf16 branch (autocast) onto the fp32 residual stream is one
+    add kernel reading it as it is (type promotion, exact), not a cast kernel and then the add."""
+    if torch.promote_types(x.dtype, branch.dtype) != x.dtype:
+        branch = branch.to(x.dtype)
+    return x + branch
+
+
 def _pair(w: Union[int, Sequence[int]], name: str) -> Tuple[int, int]:
     if isinstance(w, int):
         w = (w, w)
@@ -288,7 +296,7 @@ class DiffiTBlock(nn.Module):
         a = self.attn(x, c, grid, norm_eps=LN_EPS)                      # [B, N, C]
         y, x = adaln_norm(a.to(x.dtype), residual=x, eps=LN_EPS,
                           backend=self.backend)                         # x += a; y = LN(x)
-        return x + self.mlp(y).to(x.dtype)                              # [B, N, C]
+        return _residual_add(x, self.mlp(y))                            # [B, N, C]
 
 
 class AdaLNBlock(nn.Module):

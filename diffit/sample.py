@@ -73,6 +73,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                      help="autocast dtype for the model")
     src.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    src.add_argument("--threads", type=int, default=None,
+                     help="torch intra-op threads on CPU (default: torch's); small models on a "
+                          "busy machine run fastest with 1")
 
     smp = p.add_argument_group("sampling")
     smp.add_argument("--num-samples", type=int, default=16)
@@ -465,6 +468,10 @@ def run(args) -> int:
     if args.num_samples < 1 or args.batch_size < 1:
         return _fail(f"--num-samples ({args.num_samples}) and --batch-size ({args.batch_size}) "
                      "must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            return _fail(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     rank, world, device = _dist_setup(args.device)
     try:
         model, ck, family, latent_space = _prepare(args)

@@ -28,7 +28,7 @@ def test_demo_short_run_loss_falls_and_writes_images(tmp_path, capsys):
     q = s["quality"]
     assert json.loads((out / "demo.json").read_text()) == \
         {"steps": 120, "batch_size": 32, "seed": 0, "quality": q}
-    assert q["num_samples"] == 500 and q["weights"] == "ema"
+    assert q["num_samples"] == 360 and q["weights"] == "ema"
     assert q["checkpoint"] == str(out / "checkpoints" / "ckpt_00000120.pt")
     assert len(q["accuracy_per_class"]) == 10 and 0 <= q["accuracy"] <= 1
     assert q["frechet_distance"] > 0 and q["reference"]["accuracy"] > 0.9
@@ -42,7 +42,7 @@ def test_demo_short_run_loss_falls_and_writes_images(tmp_path, capsys):
     assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [2]
     said = capsys.readouterr().out
     q2 = json.loads((out / "demo.json").read_text())["quality"]
-    assert f"classifier accuracy on 500 samples: {q2['accuracy']:.3f}" in said
+    assert f"classifier accuracy on 360 samples: {q2['accuracy']:.3f}" in said
     assert f"Frechet distance of classifier features: {q2['frechet_distance']:.3f}" in said
     assert [p.name for p in (out / "samples").iterdir()] == ["step_00000002.png"]
 

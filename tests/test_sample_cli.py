@@ -190,9 +190,11 @@ def test_weights_choice_and_rerun_replaces_png_folder(image_run, tmp_path, capsy
     assert "training (non-EMA) weights" in capsys.readouterr().out
     model_w = _samples(out, 4)["arr_0"]
     assert _run(["--checkpoint", str(image_run), "--num-samples", "3", "--no-progress",
-                 "--out", str(out)]) == 0
+                 "--threads", "1", "--out", str(out)]) == 0
     assert not np.array_equal(_samples(out, 3)["arr_0"], model_w[:3])
     assert len(list((out / "images").iterdir())) == 3                # the old 4 are gone
+    assert _run(["--checkpoint", str(image_run), "--threads", "0", "--out", str(out)]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
 
 
 def test_image_sampler_options(image_run, tmp_path, capsys, one_thread):

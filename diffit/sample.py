@@ -101,9 +101,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             ("S_min", 0.0, "churn only at sigma >= S_min (EDM's ImageNet-64: 0.05)"),
             ("S_max", float("inf"), "churn only at sigma <= S_max (EDM's ImageNet-64: 50)"),
             ("S_noise", 1.0, "churn noise scale (EDM's ImageNet-64: 1.003)")):
-        smp.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=float,
-                         default=default, help=f"image space, EDM's {what} "
-                                               f"(default: %(default)s)")
+        flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])  # EDM's, dashed
+        smp.add_argument(*flags, dest=name, type=float, default=default,
+                         help=f"image space, EDM's {what} (default: %(default)s)")
     smp.add_argument("--labels", default=None,
                      help="comma-separated class labels, cycled (default: uniform random)")
     smp.add_argument("--seed", type=int, default=0)

@@ -41,8 +41,14 @@ def _bin_gather_index(ta: torch.Tensor, tc: torch.Tensor, valid: torch.Tensor, g
     """Padded [R, k] index into a flat partial (+ one trailing zero slot) listing, per table
     row, the partial elements whose (query, key) tokens sit at that relative offset."""
     gh, gw = geom_key
-    R = (2 * gh - 1) * (2 * gw - 1)
     bins = _code(ta, gw) - _code(tc, gw) + (gh - 1) * (2 * gw - 1) + gw - 1
+    return _index_of_bins(bins, valid, (2 * gh - 1) * (2 * gw - 1))
+
+
+def _index_of_bins(bins: torch.Tensor, valid: torch.Tensor, R: int) -> torch.Tensor:
+    """Padded [R, k] index into a flat partial (+ one trailing zero slot): per table row, the
+    partial elements (valid ones, in element order) whose relative offset is that row."""
+    bins = bins.flatten()
     keep = valid.flatten()
     bins, flat = bins[keep], torch.arange(bins.numel())[keep]
     order = torch.sort(bins, stable=True).indices
@@ -124,3 +130,38 @@ def _reduce_slots(partial: torch.Tensor, slot_index: torch.Tensor, bins: Optiona
     Tm, Tn = cdiv(N, BM), cdiv(N, BN)
     return per_slot.reshape(H, Tm, Tn, BM, BN).permute(0, 1, 3, 2, 4).reshape(
         H, Tm * BM, Tn * BN)[:, :N, :N]
+
+
+@functools.lru_cache(maxsize=64)
+def _ds_table_plan(N: int, n_win: int, gh: int, gw: int, BN: int, span_pad: int, device: str):
+    """How the dK/dV kernel's ds partial (ACC_DS) reduces into the table: the partial of one
+    head, summed over batch groups, is [key tiles, BN, span_pad] (key i * BN + x, query
+    lo_i + r of key tile i's span). Cut into [BN, BN] blocks (key tile, column block), blocks
+    whose elements map to the same table rows are summed first (for global attention with
+    gw | BN, a whole block diagonal), then each table row gathers its elements.
+    Returns (block_index [S, width] into the blocks (+ the zero row), bins [R, k] into the
+    S summed blocks flattened, the block count E)."""
+    Tn, nb = -(-N // BN), span_pad // BN
+    i = torch.arange(Tn)[:, None, None, None]
+    rb = torch.arange(nb)[None, :, None, None]
+    x = torch.arange(BN)[None, None, :, None]
+    y = torch.arange(BN)[None, None, None, :]
+    c = i * BN + x                                       # key (virtual token)
+    lo = (i * BN // n_win) * n_win
+    hi = ((torch.clamp(i * BN + BN, max=N) - 1) // n_win + 1) * n_win
+    a = lo + rb * BN + y                                 # query
+    valid = (c < N) & (a < hi) & (a // n_win == c // n_win)
+    bins = _code(a % n_win, gw) - _code(c % n_win, gw) + (gh - 1) * (2 * gw - 1) + gw - 1
+    maps = torch.where(valid, bins, -1).reshape(Tn * nb, BN * BN)
+    used = torch.nonzero((maps >= 0).any(1)).flatten()
+    uniq, inverse = torch.unique(maps[used], dim=0, return_inverse=True)
+    order = torch.sort(inverse, stable=True).indices       # blocks of a slot in block order
+    counts = torch.bincount(inverse, minlength=len(uniq))
+    start = torch.cumsum(counts, 0) - counts
+    members = used[order]
+    pos = torch.arange(len(members)) - start[inverse[order]]
+    block_index = torch.full((len(uniq), int(counts.max())), Tn * nb, dtype=torch.long)
+    block_index[inverse[order], pos] = members
+    R = (2 * gh - 1) * (2 * gw - 1)
+    gather = _index_of_bins(uniq.clamp(min=0), uniq >= 0, R)
+    return block_index.to(device), gather.to(device), Tn * nb

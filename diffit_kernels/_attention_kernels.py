@@ -211,41 +211,25 @@ if triton is not None:
         tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
 
     @triton.jit
-    def _tmsa_attention_bwd_kernel_dkdv(
-        Q, K, V,  # [B, H, N, D] strided
-        DO,       # [B, H, N, D] strided grad of o
-        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE)
-        BIAS,     # [B or 1, H, N, N] dense bias (HAS_BIAS)
-        LSE,      # [B, H, N] fp32
-        DELTA,    # [B, H, N] fp32
-        DK, DV,   # [B, H, N, D] out, contiguous
-        stride_q_b, stride_q_h, stride_q_n,
-        stride_k_b, stride_k_h, stride_k_n,
-        stride_v_b, stride_v_h, stride_v_n,
-        stride_do_b, stride_do_h, stride_do_n,
-        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-        H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
-        N_BUCKET, SPAN_BUCKET,
-        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-        HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    ):
-        D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
-        pid_bh = tl.program_id(1).to(tl.int64)
-        b = pid_bh // H
-        h = pid_bh % H
-        start_n = tl.program_id(0) * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        row_n, code_n, win_n = _tokens(offs_n, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
-        lo, hi = _span(start_n, BLOCK_N, N, n_win, WINDOWED)
+    def _dkdv_sample(Q, K, V, DO, TAB_H, BIAS, LSE, DELTA, DK, DV, PART, b, h, first,
+                     row_n, code_n, win_n, mask_n, lo, hi,
+                     stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h, stride_k_n,
+                     stride_v_b, stride_v_h, stride_v_n, stride_do_b, stride_do_h, stride_do_n,
+                     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+                     H, N, D, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
+                     HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
+                     ACC_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """dK, dV of one key tile of one (sample b, head h); ACC_DS: ds added to PART
+        ([BLOCK_N, span] row-major, stored when `first`, else accumulated)."""
+        pid_bh = b * H + h
         k0, k1 = _load_rows(K, b * stride_k_b + h * stride_k_h, row_n, mask_n, stride_k_n, D,
                             D0, D1, HAS_D1)
         v0, v1 = _load_rows(V, b * stride_v_b + h * stride_v_h, row_n, mask_n, stride_v_n, D,
                             D0, D1, HAS_D1)
         q_bh = b * stride_q_b + h * stride_q_h
         do_bh = b * stride_do_b + h * stride_do_h
-        TAB_H = TAB + h * R
         BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
         dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
         dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
@@ -274,9 +258,77 @@ if triton is not None:
             dk0 = _mm(dsTc, q0, dk0, UPCAST, PRECISION)
             if HAS_D1:
                 dk1 = _mm(dsTc, q1, dk1, UPCAST, PRECISION)
+            if ACC_DS:
+                # the share's first sample stores, the others add: every launch stores the
+                # whole slice, so autotune's reruns need no reset
+                again = (tl.zeros([BLOCK_N, BLOCK_M], tl.int32) + first) == 0
+                prev = tl.load(PART + start_m, mask=again, other=0.0)
+                tl.store(PART + start_m, prev + dsT)
         _store_rows(DK, pid_bh * N * D, row_n, mask_n, D, D, dk0 * sm_scale, dk1 * sm_scale,
                     D0, D1, HAS_D1)
         _store_rows(DV, pid_bh * N * D, row_n, mask_n, D, D, dv0, dv1, D0, D1, HAS_D1)
+
+    @triton.jit
+    def _tmsa_attention_bwd_kernel_dkdv(
+        Q, K, V,  # [B, H, N, D] strided
+        DO,       # [B, H, N, D] strided grad of o
+        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE)
+        BIAS,     # [B or 1, H, N, N] dense bias (HAS_BIAS)
+        LSE,      # [B, H, N] fp32
+        DELTA,    # [B, H, N] fp32
+        DK, DV,   # [B, H, N, D] out, contiguous
+        PARTIAL,  # [H, n_groups, key tiles, BLOCK_N, span_pad] fp32 out (ACC_DS): ds summed
+                  # over the program's samples; column r = query lo + r of the key tile's span
+        stride_q_b, stride_q_h, stride_q_n,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_do_b, stride_do_h, stride_do_n,
+        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+        H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
+        n_batch, per_b, n_groups, span_pad,
+        N_BUCKET, SPAN_BUCKET,
+        HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
+        ACC_DS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+        HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
+        # One program: one key tile of one head for one sample, or (ACC_DS) for a share of the
+        # batch, summing ds into a partial slice only it writes (sized so the grid fills the
+        # card; the launcher reduces the partials into the table in a fixed order).
+        pid_n = tl.program_id(0)
+        h = tl.program_id(1).to(tl.int64)
+        g = tl.program_id(2)
+        start_n = pid_n * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        row_n, code_n, win_n = _tokens(offs_n, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+        lo, hi = _span(start_n, BLOCK_N, N, n_win, WINDOWED)
+        TAB_H = TAB + h * R
+        if ACC_DS:
+            # [BLOCK_N, BLOCK_M]: this program's slice, shifted so query start_m is column 0
+            part = PARTIAL + ((h * n_groups + g) * tl.num_programs(0) + pid_n) * (
+                BLOCK_N * span_pad) + tl.arange(0, BLOCK_N)[:, None] * span_pad \
+                + tl.arange(0, BLOCK_M)[None, :] - lo
+            b0 = g * per_b
+            for b in range(b0, tl.minimum(b0 + per_b, n_batch)):
+                _dkdv_sample(Q, K, V, DO, TAB_H, BIAS, LSE, DELTA, DK, DV, part,
+                             h * 0 + b, h, b == b0, row_n, code_n, win_n, mask_n, lo, hi,
+                             stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h,
+                             stride_k_n, stride_v_b, stride_v_h, stride_v_n, stride_do_b,
+                             stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
+                             stride_bias_m, stride_bias_n, H, N, D, n_win, gh, gw, Gw, nWw,
+                             rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED, True,
+                             BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST, PRECISION)
+        else:
+            _dkdv_sample(Q, K, V, DO, TAB_H, BIAS, LSE, DELTA, DK, DV, PARTIAL,
+                         g.to(tl.int64), h, True, row_n, code_n, win_n, mask_n, lo, hi,
+                         stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h,
+                         stride_k_n, stride_v_b, stride_v_h, stride_v_n, stride_do_b,
+                         stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
+                         stride_bias_m, stride_bias_n, H, N, D, n_win, gh, gw, Gw, nWw,
+                         rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED, False,
+                         BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST, PRECISION)
 
     @triton.jit
     def _tmsa_attention_bwd_kernel_dq(

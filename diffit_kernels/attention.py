@@ -23,23 +23,27 @@ every iteration of a program and reduced once at the end:
     fp32): one fused kernel does the whole backward of a window group (dq, dk, dv: 5 dots,
     no recompute) and sums ds over all the (batch, window) units it owns in a [32, 32] fp32
     register tile (64-token tiles spill on sm_80);
-  * larger spans: FlashAttention-2 dK/dV and dQ kernels, plus a kernel that recomputes p and
-    dp (2 dots) for the tile pairs of one "slot" (a tile pair, or a whole tile diagonal when
-    gw divides the tile, so every pair on it shares offsets) over windows and batch, summing
-    ds elementwise. In-kernel offset binning would cost a shuffle-heavy diagonal reduction per
-    tile; batch-summed dS of all pairs would be O(H N^2) memory: this costs one extra
-    forward-sized pass and O(programs * tile) memory.
-Each program writes one fp32 [BM, BN] partial; torch then sums partials and gathers them by
-relative offset in a fixed order (a padded [rows, k] index). deterministic=False takes the same
-path (no atomic variant is shipped). The dense [H, N, N] bias gradient takes the same route
-(slot = tile pair), never a [B, H, N, N] buffer; a [B, H, N, N] bias gets ds stored by the dQ
-kernel. fp32 inputs use exact (ieee) FMA dots with small tiles; TF32 only when the user enabled
+  * larger spans: FlashAttention-2 dK/dV and dQ kernels. The dK/dV kernel sums ds where it
+    makes it: each program owns (head, key tile, a share of the batch sized from the SM count)
+    and adds its fp32 ds tiles into a [BLOCK_N, span] slice of a partial that only it writes
+    (stored at the share's first sample, accumulated after: no atomics, no [B, H, N, N]).
+    The partials (O(H * groups * N * span), at most 4M elements per head and group) are summed
+    over groups, then [BN, BN] blocks with the same offset map (a block diagonal when gw | BN)
+    are summed, then gathered by offset. Longer spans fall back to a second pass that
+    recomputes p and dp (2 dots) for the tile pairs of one "slot" (a tile pair, or a whole
+    square-tile diagonal when gw divides the tile) over windows and batch.
+torch sums the partials and gathers them by relative offset in a fixed order (a padded
+[rows, k] index). deterministic=False takes the same path (no atomic variant is shipped). A
+dense bias shared by the batch (any shape broadcastable to [B, H, N, N] with B-dim 1) takes
+the dbias pass (slot = tile pair), never a [B, H, N, N] buffer; a per-sample bias gets ds
+stored by the dQ kernel; either is then summed over the bias's broadcast dims. fp32 inputs use exact (ieee) FMA dots with small tiles; TF32 only when the user enabled
 it for CUDA matmuls. With several windows packed in one tile a NaN key or value can also reach
 the neighbouring window's rows (0 * NaN in the tile's dot); finite inputs are unaffected.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -47,7 +51,7 @@ import torch
 
 from . import _attention_kernels as _kernels
 from . import reference
-from ._attention_index import (_Geom, _dbias_plan, _fused_bins, _gather_bins,
+from ._attention_index import (_Geom, _dbias_plan, _ds_table_plan, _fused_bins, _gather_bins,
                                _reduce_slots)
 from ._attention_kernels import LOG2E
 from ._common import (cdiv, check_kernel_dtype, dot_upcast, empty, interpreting,
@@ -113,6 +117,34 @@ def _programs_per_head(device: torch.device, H: int) -> int:
     return max(1, cdiv(4 * sms, H))
 
 
+def _batch_groups(device: torch.device, B: int, programs: int) -> int:
+    """Batch shares of the dK/dV kernel that sums dS into the table: as few as keep ~4
+    programs per SM (each share's partial is reduced afterwards); two under the interpreter."""
+    sms = _sms(device)
+    want = 2 if sms is None else cdiv(4 * sms, programs)
+    return max(1, min(B, want))
+
+
+# the dK/dV kernel sums dS into the table when its partial of one head and batch group has at
+# most this many elements (N <= 2048 global); larger spans take the separate dbias pass
+_DS_MAX_ELEMENTS = 1 << 22
+
+
+@functools.lru_cache(maxsize=64)
+def _ds_layout(N: int, n_win: int, tiles: tuple) -> Tuple[int, int]:
+    """(span_pad, rows): the dK/dV partial's row length, which holds the query span of any
+    key tile at any candidate (BLOCK_M, BLOCK_N) (a multiple of every block), and the most key
+    rows (key tiles * BLOCK_N) of a candidate."""
+    widest = max(max(bm, bn) for bm, bn in tiles)
+    span = 0
+    for _, bn in tiles:
+        for i in range(cdiv(N, bn)):
+            lo = (i * bn // n_win) * n_win
+            hi = ((min(i * bn + bn, N) - 1) // n_win + 1) * n_win
+            span = max(span, hi - lo)
+    return cdiv(span, widest) * widest, max(cdiv(N, bn) * bn for _, bn in tiles)
+
+
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
     """fp32 is exact (ieee) unless the user opted into TF32 for CUDA matmuls."""
     if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
@@ -141,6 +173,14 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
         {(32, 0): [(32, 128, 8, 2)], (32, 16): [(32, 128, 8, 1), (32, 64, 4, 3)],
          (64, 0): [(32, 128, 8, 1), (32, 64, 4, 3)], (64, 16): [(32, 64, 8, 1), (16, 64, 8, 3)],
          (64, 32): [(16, 64, 8, 1)], (128, 0): [(16, 64, 8, 3), (16, 64, 8, 2)]}),
+    # dK/dV summing dS into the table partials (ACC_DS): one [BLOCK_N, BLOCK_M] fp32 tile more
+    ("dkdv-acc", False, 2): (
+        [(16, 64, 4, 2), (32, 64, 8, 1)],
+        {(64, 32): [(16, 32, 8, 1)], (128, 0): [(16, 32, 4, 2), (32, 64, 8, 1)]}),
+    ("dkdv-win-acc", False, 2): (
+        [(16, 64, 8, 1)],
+        {(16, 0): [(16, 64, 4, 1)], (32, 0): [(32, 64, 8, 2)], (32, 16): [(32, 64, 8, 1)],
+         (64, 0): [(16, 64, 8, 2)], (64, 32): [(16, 16, 4, 1)], (128, 0): [(16, 16, 4, 1)]}),
     ("dkdv-win", False, 2): (
         [(32, 64, 4, 2)],
         {(32, 0): [(32, 64, 8, 2)], (32, 16): [(32, 64, 8, 1)], (64, 0): [(16, 64, 8, 2)],
@@ -180,6 +220,13 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
     ("dkdv", False, 4): (
         [(16, 16, 2, 1)],
         {(32, 0): [(16, 16, 4, 1)], (32, 16): [(32, 32, 8, 1)], (64, 16): [(16, 16, 4, 1)]}),
+    ("dkdv-acc", False, 4): (
+        [(16, 16, 2, 1)],
+        {(32, 16): [(16, 16, 4, 1)], (64, 16): [(16, 16, 8, 1)], (128, 0): [(16, 16, 4, 1)]}),
+    ("dkdv-win-acc", False, 4): (
+        [(16, 16, 2, 1)],
+        {(32, 0): [(16, 32, 8, 1)], (64, 0): [(16, 16, 4, 1)], (64, 16): [(32, 16, 4, 1)],
+         (64, 32): [(16, 16, 4, 1)], (128, 0): [(16, 16, 4, 1)]}),
     ("dkdv-win", False, 4): (
         [(16, 16, 2, 1)],
         {(32, 0): [(16, 32, 8, 1)], (32, 16): [(32, 32, 16, 1)], (64, 16): [(32, 16, 4, 1)]}),
@@ -255,15 +302,21 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
         bm, bn, w, s = configs[0]
         kernel[grid_of(bm, bn)](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
                                 num_stages=s)
-        return
-    key = (kind, tuple(configs))
+        return bm, bn
+    flags = ("HAS_TABLE", "HAS_BIAS") + (("ACC_DS",) if "ACC_DS" in kwargs else ())
+    key = (kind, tuple(configs), flags)
     tuner = _TUNERS.get(key)
     if tuner is None:
         cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                 for bm, bn, w, s in configs]
-        tuner = triton.autotune(cfgs, key=["N_BUCKET", "SPAN_BUCKET", "D", "WINDOWED"])(kernel)
+        # every output of these kernels is stored (never accumulated) once per launch, so
+        # the autotuner's repeated launches need no reset
+        tuner = triton.autotune(cfgs, key=["N_BUCKET", "SPAN_BUCKET", "D", "WINDOWED", *flags])(
+            kernel)
         _TUNERS[key] = tuner
     tuner[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
+    best = tuner.best_config.kwargs
+    return best["BLOCK_M"], best["BLOCK_N"]
 
 
 def _rows_aligned(t: torch.Tensor) -> torch.Tensor:
@@ -280,11 +333,22 @@ def _strides3(t: torch.Tensor) -> Tuple[int, int, int]:
 
 
 def _bias_strides(bias: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
+    """Strides of the bias broadcast to [B, H, N, N]: 0 along every dim it broadcasts."""
     if bias is None:
         return 0, 0, 0, 0
-    if bias.dim() == 3:
-        return (0,) + tuple(bias.stride())
-    return tuple(bias.stride())
+    pad = (1,) * (4 - bias.dim())
+    return tuple(0 if n == 1 else st for n, st in zip(pad + tuple(bias.shape),
+                                                     (0,) * len(pad) + tuple(bias.stride())))
+
+
+def _bias_grad(ds: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """ds [H, N, N] (summed over the batch) or [B, H, N, N] -> the bias's own shape."""
+    ds = ds.reshape((1,) * (4 - ds.dim()) + tuple(ds.shape))
+    shape = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    dims = [d for d in range(4) if shape[d] == 1 and ds.shape[d] != 1]
+    if dims:
+        ds = ds.sum(dims, keepdim=True)
+    return ds.reshape(bias.shape).to(bias.dtype).contiguous()
 
 
 def _prep_table(table: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -314,7 +378,7 @@ def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
             next_power_of_2(N), next_power_of_2(geom.n_win))
     kind = "fwd-win" if geom.windowed else "fwd"
     configs = _configs(kind, kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size(), bias is not None)
-    _launch(_kernels._tmsa_attention_fwd_kernel, "fwd", configs,
+    _launch(_kernels._tmsa_attention_fwd_kernel, kind, configs,
             lambda bm, bn: (cdiv(N, bm), B * H), args, kw)
     return o, lse
 
@@ -328,9 +392,13 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
     tab = _prep_table(table, q)
     kw = _common_kwargs(q, geom, table, bias)
     acc_table = table is not None and need_extra
-    acc_dense = bias is not None and bias.dim() == 3 and need_extra   # [H, N, N]: sum over B
-    store_ds = bias is not None and bias.dim() == 4 and need_extra    # [B, H, N, N]: as it is
-    dbias = empty((B, H, N, N), bias.dtype, dev) if store_ds else None
+    # a bias shared by the batch gets ds summed over B ([H, N, N]); a per-sample one ds per
+    # sample ([B, H, N, N]); either is then summed over the bias's other broadcast dims
+    per_sample = bias is not None and bias.dim() == 4 and bias.shape[0] > 1
+    acc_dense = bias is not None and not per_sample and need_extra
+    store_ds = per_sample and need_extra
+    exact = store_ds and tuple(bias.shape) == (B, H, N, N)  # else summed afterwards: in fp32
+    dbias = empty((B, H, N, N), bias.dtype if exact else torch.float32, dev) if store_ds else None
     bias_arg = bias if bias is not None else q
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_bias_strides(bias))
     geo = (H, N, D, geom.R, *geom.args(), geom.rel_off, float(scale) * LOG2E)
@@ -350,7 +418,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         P = cdiv(units, per_prog)
         partial = torch.empty((H, P, BLOCK, BLOCK), dtype=torch.float32, device=dev) if acc else q
         warps, stages = _fused_launch(BLOCK, _configs("window", *shape)[0], q.element_size())
-        _log("window", (BLOCK, BLOCK, warps, stages))
+        _log("window", _configs("window", *shape)[0])
         _kernels._tmsa_attention_bwd_kernel_window[(P, H)](
             q, k, v, do, tab, bias_arg, lse, dq, dk, dv,
             dbias if dbias is not None else q, partial, *strides, *geo, float(scale),
@@ -368,15 +436,37 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
             HAS_D1=kw["HAS_D1"], num_warps=4)
         buckets = (next_power_of_2(N), next_power_of_2(geom.n_win))
         win = "-win" if geom.windowed else ""
-        _launch(_kernels._tmsa_attention_bwd_kernel_dkdv, "dkdv", _configs("dkdv" + win, *shape),
-                lambda bm, bn: (cdiv(N, bn), B * H),
-                (q, k, v, do, tab, bias_arg, lse, delta, dk, dv, *strides, *geo, float(scale),
-                 *buckets), kw)
-        _launch(_kernels._tmsa_attention_bwd_kernel_dq, "dq", _configs("dq" + win, *shape),
+        acc_cfgs = _configs("dkdv" + win + "-acc", *shape) if acc_table else [(16, 16, 1, 1)]
+        span_pad, tiles = _ds_layout(N, geom.n_win, tuple(c[:2] for c in acc_cfgs))
+        acc_ds = acc_table and tiles * span_pad <= _DS_MAX_ELEMENTS
+        dkdv_cfgs = acc_cfgs if acc_ds else _configs("dkdv" + win, *shape)
+        if acc_ds:
+            # dS summed into per-program table partials where it is made: no second pass
+            groups = _batch_groups(dev, B, H * min(cdiv(N, c[1]) for c in dkdv_cfgs))
+            per_b = cdiv(B, groups)
+            groups = cdiv(B, per_b)
+            partial = torch.empty(H * groups * tiles * span_pad, dtype=torch.float32, device=dev)
+        else:
+            groups, per_b, partial = B, 1, q
+        bm, bn = _launch(_kernels._tmsa_attention_bwd_kernel_dkdv,
+                         "dkdv" + win + ("-acc" if acc_ds else ""), dkdv_cfgs,
+                         lambda bm, bn: (cdiv(N, bn), H, groups),
+                         (q, k, v, do, tab, bias_arg, lse, delta, dk, dv, partial, *strides,
+                          *geo, float(scale), B, per_b, groups, span_pad, *buckets),
+                         dict(kw, ACC_DS=acc_ds))
+        _launch(_kernels._tmsa_attention_bwd_kernel_dq, "dq" + win, _configs("dq" + win, *shape),
                 lambda bm, bn: (cdiv(N, bm), B * H),
                 (q, k, v, do, tab, bias_arg, lse, delta, dq, dbias if dbias is not None else q,
                  *strides, *geo, float(scale), *buckets), dict(kw, STORE_DS=store_ds))
-        if acc_table or acc_dense:
+        if acc_ds:
+            block_index, bins, E = _ds_table_plan(N, geom.n_win, geom.gh, geom.gw, bn, span_pad,
+                                                  str(dev))
+            part = partial[:H * groups * E * bn * bn].view(H, groups, E // (span_pad // bn), bn,
+                                                           span_pad // bn, bn)
+            # [H, key tile, column block, BN, BN] summed over the batch groups in order
+            part = part.sum(1).permute(0, 1, 3, 2, 4).reshape(H, E, bn, bn)
+            dextra = _reduce_slots(part, block_index, bins, N)
+        elif acc_table or acc_dense:
             BM, BN, warps, stages = _configs("dbias", *shape)[0]
             _log("dbias", (BM, BN, warps, stages))
             # the pairs of one tile diagonal share their relative offsets only when both tiles
@@ -395,9 +485,9 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
     if acc_table:
         dextra = dextra.to(table.dtype).contiguous()
     elif acc_dense:
-        dextra = dextra.to(bias.dtype).contiguous()
+        dextra = _bias_grad(dextra, bias)
     elif store_ds:
-        dextra = dbias
+        dextra = _bias_grad(dbias, bias)
     return dq, dk, dv, dextra
 
 
@@ -485,8 +575,10 @@ def tmsa_attention(
         grid: (Gh, Gw) token grid, Gh * Gw == N, tokens row-major.
         window: (gh, gw) non-overlapping attention windows dividing the grid, all sharing the
             table; None = the whole grid (global attention).
-        bias: dense additive bias [H, N, N] or [B, H, N, N], exclusive with table; its gradient
-            has its own shape ([H, N, N] is reduced over the batch without a [B, H, N, N] buffer).
+        bias: dense additive bias broadcastable to [B, H, N, N] ([H, N, N], [1, H, N, N],
+            [B, 1, N, N], [N, N], ...: size-1 dims are read with stride 0, not copied),
+            exclusive with table; its gradient has its own shape (a bias shared by the batch
+            is reduced over it without a [B, H, N, N] buffer).
         scale: logit scale, default D ** -0.5.
         deterministic: bitwise-reproducible gradients (the default; every path is
             deterministic, the flag is kept for API stability).
@@ -553,7 +645,7 @@ _SHAPE_D = {(16, 0): 16, (32, 0): 32, (32, 16): 40, (64, 0): 64, (64, 16): 72, (
             (128, 0): 128}  # one head dim per chunk shape (every D in HEAD_DIMS maps to one)
 
 
-def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple):
+def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: bool = False):
     table, bias, windowed, store = _AOT_FLAGS[flags]
     D0, D1, HAS_D1 = _head_split(D)
     bm, bn, w, s = cfg
@@ -566,10 +658,15 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple):
         c.update(BLOCK_M=bm, BLOCK_N=bn)
     if base == "dq":
         c.update(STORE_DS=store)
+    if base == "dkdv":
+        c.update(ACC_DS=kind.endswith("-acc"))
     if bias:
         c["stride_bias_n"] = 1  # the launcher makes the bias unit-stride: Triton specialises 1
     fn = getattr(_kernels, _KERNEL_NAMES[base])
-    return _spec(fn, dt, c, w, s, f"{dt} D={D} {flags} {bm}x{bn} w{w} s{s}")
+    acc = "-acc" if kind.endswith("-acc") else ""
+    spec = _spec(fn, dt, c, w, s, f"{dt} D={D} {flags}{acc} {bm}x{bn} w{w} s{s}")
+    spec.spill_ok = spill_ok
+    return spec
 
 
 def _delta_spec(dt: str, D: int):
@@ -587,8 +684,8 @@ def aot_specs():
     specs = []
     for (kind, has_bias, elt), (default, per_shape) in _CONFIG_TABLE.items():
         dt = "bf16" if elt == 2 else "fp32"
-        flags = "bias" if has_bias else ("table-win" if kind in ("window", "fwd-win", "dkdv-win",
-                                                                 "dq-win") else "table")
+        flags = "bias" if has_bias else ("table-win" if kind in (
+            "window", "fwd-win", "dkdv-win", "dq-win", "dkdv-win-acc") else "table")
         for shape, D in _SHAPE_D.items():
             cfgs = per_shape.get(shape, default)
             if D == 72 or shape in per_shape:
@@ -597,8 +694,8 @@ def aot_specs():
                 pick = cfgs[:1]
             else:
                 continue
-            for cfg in pick:
-                specs.append(_kernel_spec(kind, dt, D, flags, cfg))
+            for i, cfg in enumerate(pick):
+                specs.append(_kernel_spec(kind, dt, D, flags, cfg, spill_ok=i > 0))
             if kind == "window" and cfgs and cfgs[0][0] > 16:
                 specs.append(_kernel_spec(kind, dt, D, flags,
                                           (16, 16) + _fused_launch(16, cfgs[0], elt)))

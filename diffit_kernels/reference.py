@@ -227,9 +227,12 @@ def check_attention_inputs(q, k, v, table, grid, window, bias) -> Tuple[int, int
         raise ValueError("table and bias are exclusive: pass the learnable table or a dense bias")
     if bias is not None:  # before the grid-less early return below
         check_tensor("bias", bias, device=q.device)
-        if tuple(bias.shape) not in ((H, N, N), (B, H, N, N)):
-            raise ValueError(f"bias must have shape [H={H}, N={N}, N] or [B={B}, H, N, N], "
-                             f"got {describe(bias)}")
+        full = (B, H, N, N)
+        if not 2 <= bias.dim() <= 4 or any(
+                n not in (1, f) for n, f in zip(bias.shape, full[4 - bias.dim():])):
+            raise ValueError(f"bias must have shape broadcastable to [B={B}, H={H}, N={N}, N] "
+                             f"with 2 to 4 dims (e.g. [H, N, N], [1, H, N, N], [B, 1, N, N], "
+                             f"[N, N]), got {describe(bias)}")
     if grid is None:
         if table is not None or window is not None:
             raise ValueError(f"table / window need grid=(Gh, Gw) with Gh*Gw == N={N}")
@@ -288,7 +291,7 @@ def tmsa_attention(
         q, k, v: [B, H, N, D].
         table: [(2gh-1)(2gw-1), H] with grid=(Gh, Gw), Gh*Gw == N; window=(gh, gw) restricts
             attention to non-overlapping windows (all sharing the table); None = whole grid.
-        bias: dense additive bias [H, N, N] or [B, H, N, N] (exclusive with table).
+        bias: dense additive bias broadcastable to [B, H, N, N] (exclusive with table).
         scale: defaults to D ** -0.5.
     Returns:
         o [B, H, N, D] in q's dtype.

@@ -25,10 +25,10 @@ def _case(B, H, N, D, *, grid=None, window=None, table=False, bias=None, packed=
     if table:
         gh, gw = window or grid
         leaves["table"] = torch.randn((2 * gh - 1) * (2 * gw - 1), H)
-    if bias == "H":
-        leaves["bias"] = torch.randn(H, N, N)
-    elif bias == "B":
-        leaves["bias"] = torch.randn(B, H, N, N)
+    shapes = {"H": (H, N, N), "B": (B, H, N, N), "1H": (1, H, N, N), "B1": (B, 1, N, N),
+              "NN": (N, N), "B11N": (B, 1, 1, N), "1HN1": (1, H, N, 1)}
+    if bias is not None:
+        leaves["bias"] = torch.randn(shapes[bias])
 
     def build(t):
         if packed:
@@ -77,6 +77,12 @@ CASES = [
     _p(1, 100, 2, 40, "bias-HNN", bias="H"),
     _p(2, 17, 2, 72, "bias-BHNN", bias="B"),
     _p(2, 64, 1, 16, "bias-BHNN", bias="B"),
+    # dense bias broadcast to [B, H, N, N] (stride 0, no copy); gradient in the bias's shape
+    _p(3, 40, 2, 16, "bias-1HNN", bias="1H"),
+    _p(2, 40, 2, 24, "bias-B1NN", bias="B1"),
+    _p(2, 20, 2, 16, "bias-NN", bias="NN"),
+    _p(2, 40, 1, 16, "bias-B11N", bias="B11N"),
+    _p(2, 17, 2, 16, "bias-1HN1", bias="1HN1"),
 ]
 
 
@@ -270,7 +276,9 @@ def _qkv(B=1, H=2, N=16, D=16, **kw):
     (dict(table=torch.randn(49, 2), grid=(4, 5)), ValueError, "has 20 tokens but q has N=16"),
     (dict(table=torch.randn(49, 2), grid=(4, 4), window=(3, 2)), ValueError, "must divide grid"),
     (dict(table=torch.randn(49, 2)), ValueError, "need grid"),
-    (dict(bias=torch.randn(2, 16, 15)), ValueError, "bias must have shape"),
+    (dict(bias=torch.randn(2, 16, 15)), ValueError, "bias must have shape broadcastable"),
+    (dict(bias=torch.randn(3, 2, 16, 16)), ValueError, r"broadcastable to \[B=1, H=2, N=16"),
+    (dict(bias=torch.randn(1, 1, 2, 16, 16)), ValueError, "with 2 to 4 dims"),
     (dict(bias=torch.randn(2, 16, 16), table=torch.randn(49, 2), grid=(4, 4)), ValueError,
      "exclusive"),
     (dict(scale=float("nan")), ValueError, "scale must be a finite float"),
@@ -386,11 +394,113 @@ def test_reference_index_is_built_on_the_device_under_torch_compile():
 
 # ---- the configs and launch plans of real cards, under the interpreter ---------------------
 @pytest.mark.interpreter
-def test_fp32_table_gradient_with_the_cuda_configs():
+@pytest.mark.parametrize("ds_pass", ["dbias-pass", "in-dkdv"])
+def test_fp32_table_gradient_with_the_cuda_configs(ds_pass, monkeypatch):
     """Issue 12.1, found on an H200: the fp32 dbias tile at d 72-80 is 32x16, the only
     non-square one, and grouping the pairs of a tile diagonal into one slot assumed square
-    tiles, so dS landed in the wrong table rows (the interpreter's own config hid it)."""
+    tiles, so dS landed in the wrong table rows (the interpreter's own config hid it). The
+    separate dbias pass now serves only spans too long for the dK/dV kernel's partials."""
+    if ds_pass == "dbias-pass":
+        monkeypatch.setattr(A, "_DS_MAX_ELEMENTS", 0)
     log = []
     with A._emulate_card(132, elt=4, log=log):
         _check(torch.float32, 1, 1, 64, 72, grid=(8, 8), table=True)
-    assert ("dbias", (32, 16, 4, 1)) in log
+    assert (("dbias", (32, 16, 4, 1)) in log) == (ds_pass == "dbias-pass")
+
+
+# Every CUDA config-table entry (sm_80 and sm_90a share one table) runs under the interpreter
+# with the tiles a GPU launches, in float32 (the interpreter's bf16 dot is wrong; the 16-bit
+# entries keep their tile shapes), on the launch plans of real cards. The runs are derived from
+# the table itself, so a config added to it is run here.
+CARDS = (108, 132, 58, 128, 2)   # A100, H100/H200, L4, RTX 4090, a tiny count
+_GEOMS = {  # name: (B, H, N, case kwargs, has_bias, kinds it launches)
+    "table": (2, 1, 72, dict(grid=(8, 9), table=True), False, ("fwd", "dkdv-acc", "dq")),
+    "plain": (2, 1, 72, dict(), False, ("fwd", "dkdv", "dq")),
+    "table-dbias-pass": (2, 1, 72, dict(grid=(6, 12), table=True), False,
+                         ("fwd", "dkdv", "dq", "dbias")),
+    "table-win": (1, 2, 72, dict(grid=(6, 12), window=(6, 6), table=True), False,
+                  ("fwd-win", "dkdv-win-acc", "dq-win")),
+    "win": (1, 2, 72, dict(grid=(6, 12), window=(6, 6)), False, ("fwd-win", "dkdv-win", "dq-win")),
+    "table-fused": (2, 1, 64, dict(grid=(8, 8), window=(4, 4), table=True), False,
+                    ("fwd-win", "window")),
+    "bias": (2, 1, 72, dict(bias="H"), True, ("fwd", "dkdv", "dq", "dbias")),
+    "bias-fused": (2, 2, 16, dict(bias="H"), True, ("fwd", "window")),
+}
+
+
+def _table_items():
+    """(kind, dense bias, element size, chunk shape or "default", config) of every entry."""
+    items = set()
+    for (kind, has_bias, elt), (default, per_shape) in A._CONFIG_TABLE.items():
+        items |= {(kind, has_bias, elt, "default", c) for c in default}
+        items |= {(kind, has_bias, elt, sh, c) for sh, cs in per_shape.items() for c in cs}
+    return items
+
+
+def _run_items(geom, elt, shape, pick):
+    """The entries a run launches: each kind of the geometry takes its list's pick-th config."""
+    has_bias, kinds = _GEOMS[geom][4], _GEOMS[geom][5]
+    out = set()
+    for kind in kinds:
+        default, per_shape = A._CONFIG_TABLE[(kind, has_bias, elt)]
+        cfgs = per_shape.get(shape, default)
+        if cfgs:
+            out.add((kind, has_bias, elt, shape if shape in per_shape else "default",
+                     cfgs[pick % len(cfgs)]))
+    return out
+
+
+def _table_runs():
+    """A short list of runs (greedy, d = 72 first) that launches every entry of the table."""
+    todo, runs = _table_items(), []
+    shapes = sorted(A._SHAPE_D, key=lambda sh: (A._SHAPE_D[sh] != 72, A._SHAPE_D[sh]))
+    for geom in _GEOMS:
+        for elt in (2, 4):
+            for shape in shapes:
+                for pick in range(2):
+                    items = _run_items(geom, elt, shape, pick)
+                    if items & todo:
+                        todo -= items
+                        runs.append((geom, elt, A._SHAPE_D[shape], pick, items))
+    return runs, todo
+
+
+TABLE_RUNS, _UNRUN = _table_runs()
+
+
+def test_every_cuda_config_is_run_under_the_interpreter():
+    assert not _UNRUN, f"config-table entries no interpreter run launches: {sorted(_UNRUN)}"
+    assert max(len(c) for d, p in A._CONFIG_TABLE.values() for c in [d, *p.values()]) <= 2, \
+        "_table_runs tries picks 0 and 1 only"
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("geom,elt,D,pick,items", [
+    pytest.param(*r, id=f"{r[0]}-{'16bit' if r[1] == 2 else 'fp32'}cfg-D{r[2]}-pick{r[3]}")
+    for r in TABLE_RUNS])
+def test_cuda_config_table_entry(geom, elt, D, pick, items, monkeypatch):
+    B, H, N, kw, _, _ = _GEOMS[geom]
+    if geom == "table-dbias-pass":
+        monkeypatch.setattr(A, "_DS_MAX_ELEMENTS", 0)
+    sms = CARDS[(D + pick + elt) % len(CARDS)]
+    log = []
+    with A._emulate_card(sms, elt=elt, pick=pick, log=log):
+        _check(torch.float32, B, H, N, D, **kw)
+    launched = {(entry[0], cfg) for entry in log for cfg in entry[1:]}
+    for kind, _, _, _, cfg in items:
+        assert (kind, cfg) in launched, (kind, cfg, sorted(launched))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("sms", CARDS)
+@pytest.mark.parametrize("kw,N", [
+    pytest.param(dict(grid=(10, 10), table=True), 100, id="table-10x10"),
+    pytest.param(dict(grid=(8, 12), window=(4, 6), table=True), 96, id="table-8x12-w4x6"),
+    pytest.param(dict(bias="H"), 70, id="bias-HNN"),
+])
+def test_launch_plans_of_real_cards(sms, kw, N, monkeypatch):
+    """The work splits sized from the SM count (dK/dV batch shares, dbias programs per head)
+    with the 16-bit CUDA configs, B = 3 so shares can be uneven."""
+    log = []
+    with A._emulate_card(sms, elt=2, log=log):
+        _check(torch.float32, 3, 2, N, 40, **kw)

@@ -127,10 +127,10 @@ def sample_quality(run_dir, per_class: int = QUALITY_PER_CLASS, seed: int = 0,
     from .sample import edm_sample, load_model
 
     ck = read_sampling_checkpoint(run_dir)
-    if ck.family != "image" or ck.train_config.get("data") != "digits":
+    data = (ck.train_config or {}).get("data")
+    if ck.family != "image" or data != "digits":
         raise ValueError(f"{ck.path}: the digits quality numbers need an image-space model "
-                         f"trained on the digits, not a {ck.family} model on "
-                         f"{ck.train_config.get('data')!r}")
+                         f"trained on the digits, not a {ck.family} model on {data!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(ck).to(device).eval()
     K = model.config.num_classes

@@ -280,6 +280,10 @@ def load_model(ck, *, backend: str = "auto", preset=None, num_classes=None):
         if preset is not None and preset != ck.preset:
             raise SamplingCheckpointError(f"--model {preset}: {ck.path} was trained as "
                                           f"{ck.preset!r}")
+        trained = ck.model_config.get("num_classes")
+        if num_classes is not None and num_classes != trained:
+            raise SamplingCheckpointError(f"--num-classes {num_classes}: {ck.path} was trained "
+                                          f"with {trained} classes")
         over = {k: v for k, v in ck.model_config.items() if k != "grad_checkpointing"}
         try:
             model = FAMILIES[ck.family]().build(ck.preset, {**over, "backend": backend}, False)

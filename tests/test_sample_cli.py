@@ -59,6 +59,33 @@ def test_checkpoint_and_image_size_check(tmp_path, capsys):
     assert np.load(out / "latents_2x4x16x16.npz")["arr_0"].shape == (2, 4, 16, 16)
 
 
+def test_dit_style_pt_takes_ema_unless_told(tmp_path, capsys, one_thread):
+    """A .pt holding {"model", "ema"} state dicts (DiT's layout): EMA by default, printed."""
+    from diffit.checkpoint import save_state_dict
+    from diffit.latent import DiffiT
+
+    sds = {k: DiffiT.from_preset("DiffiT-tiny", input_size=16).state_dict()
+           for k in ("model", "ema")}
+    for sd in sds.values():                             # the zero-initialised output layer
+        sd["final_layer.linear.weight"] = torch.randn_like(sd["final_layer.linear.weight"])
+    torch.save({**sds, "opt": {"state": {}, "param_groups": []}}, tmp_path / "dit.pt")
+    base = ["--latents-only", "--num-samples", "2", "--steps", "ddim3", "--no-progress"]
+    got = {}
+    for key, extra in (("ema", []), ("model", ["--weights", "model"])):
+        save_state_dict(sds[key], tmp_path / f"{key}.safetensors")
+        for src in ("dit.pt", f"{key}.safetensors"):
+            out = tmp_path / f"{src}-{key}"
+            flags = extra if src == "dit.pt" else []
+            assert _run(["--checkpoint", str(tmp_path / src), *flags, *base,
+                         "--out", str(out)]) == 0
+            got[src, key] = np.load(out / "latents_2x4x16x16.npz")["arr_0"]
+        assert np.array_equal(got["dit.pt", key], got[f"{key}.safetensors", key])
+    said = capsys.readouterr().out
+    assert "state dict): latent model, EMA weights" in said
+    assert "state dict): latent model, training (non-EMA) weights" in said
+    assert not np.array_equal(got["dit.pt", "ema"], got["dit.pt", "model"])
+
+
 @pytest.mark.skipif(__import__("importlib").util.find_spec("diffusers") is not None,
                     reason="diffusers is installed: the missing-VAE message cannot be shown")
 def test_missing_diffusers_message(tmp_path, capsys):
@@ -195,6 +222,8 @@ def test_weights_choice_and_rerun_replaces_png_folder(image_run, tmp_path, capsy
     assert len(list((out / "images").iterdir())) == 3                # the old 4 are gone
     assert _run(["--checkpoint", str(image_run), "--threads", "0", "--out", str(out)]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+    assert _run(["--checkpoint", str(image_run), "--num-classes", "7", "--out", str(out)]) == 2
+    assert "trained with 10 classes" in capsys.readouterr().err
 
 
 def test_image_sampler_options(image_run, tmp_path, capsys, one_thread):

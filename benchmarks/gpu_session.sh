@@ -29,6 +29,7 @@ BENCH_BUDGET=${BENCH_BUDGET:-250}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
 PROFILE_BUDGET=${PROFILE_BUDGET:-60}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-85}
+BENCH_OPS=${BENCH_OPS:-all}  # e.g. tmsa_attention,time_qkv: a shorter session for one question
 LOGS=${OUT:-benchmarks/results/_tmp-session}
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 MPLBACKEND=Agg
@@ -67,7 +68,7 @@ tests_rc=$?
 if [ "${CPU_CHECK:-0}" = 1 ]; then
     bench=(--tiny-cpu) prof=(--tiny-cpu) slug=_tmp-tiny-cpu
 else
-    bench=(--quick --budget-s "$BENCH_BUDGET")
+    bench=(--quick --ops "$BENCH_OPS" --budget-s "$BENCH_BUDGET")
     prof=(--quick --budget-s "$PROFILE_BUDGET")
     slug=$("$PY" -c "from benchmarks.common import gpu_slug; print(gpu_slug())")
 fi

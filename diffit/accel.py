@@ -53,13 +53,22 @@ def _raise_recompile_limit() -> None:
             return
 
 
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
 def compile_blocks(model: nn.Module, *, backend: Optional[str] = None, fullgraph: bool = True,
-                   dynamic: bool = False) -> int:
+                   dynamic: bool = False, mode: str = "default") -> int:
     """torch.compile every block of `model` in place (see block_modules); returns how many.
 
     fullgraph: a graph break inside a block is an error, never a silent slow path. Already
     compiled blocks are left as they are, so calling this twice is harmless.
+    mode "reduce-overhead": each compiled block also replays as a CUDA graph (inductor's
+        cudagraph trees), which removes the per-launch host cost of the custom ops; the caller
+        must call torch.compiler.cudagraph_mark_step_begin() before every training step and
+        must not keep a block's outputs from one step to the next.
     """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     blocks = block_modules(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no DiffiT blocks to compile")
@@ -71,7 +80,7 @@ def compile_blocks(model: nn.Module, *, backend: Optional[str] = None, fullgraph
         # the bound method: `self` is an input of the graph, so every block of one shape shares
         # one compiled graph (Dynamo guards on the module's type and attributes, not identity)
         blk.forward = torch.compile(blk.forward, backend=backend, fullgraph=fullgraph,
-                                    dynamic=dynamic)
+                                    dynamic=dynamic, mode=None if mode == "default" else mode)
         blk._diffit_compiled = True
     return len(blocks)
 
@@ -103,11 +112,12 @@ def kernels_in_use(backend: str, device: torch.device) -> str:
 
 
 def describe_run(backend: str, device: torch.device, compiled: bool, why: str,
-                 n_blocks: int = 0) -> str:
-    """E.g. 'our fused Triton kernels inside regional torch.compile (28 blocks, fullgraph;
-    the default on CUDA (--no-compile to opt out))'."""
+                 n_blocks: int = 0, mode: str = "default") -> str:
+    """E.g. 'our fused Triton kernels inside regional torch.compile (28 blocks, fullgraph,
+    backend inductor; the default on CUDA (--no-compile to opt out))'."""
     kern = kernels_in_use(backend, device)
     if compiled:
+        how = "" if mode == "default" else f", mode {mode}"
         return (f"{kern} inside regional torch.compile ({n_blocks} blocks, fullgraph, backend "
-                f"{COMPILE_BACKEND}; {why})")
+                f"{COMPILE_BACKEND}{how}; {why})")
     return f"{kern}, eager (no torch.compile: {why})"

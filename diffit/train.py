@@ -121,6 +121,9 @@ class TrainConfig:
     compile: Optional[bool] = _opt(None, "regional torch.compile of the blocks with the fused "
                                    "kernels inside (default: on for CUDA, off on CPU and under "
                                    "FSDP)")
+    compile_mode: str = _opt("default", "with compile: reduce-overhead also replays each block "
+                             "as a CUDA graph (one process only)",
+                             choices=("default", "reduce-overhead"))
     seed: int = _opt(0, "global seed (rank r draws with seed * world + r)")
     # distribution
     fsdp: bool = _opt(False, "under torchrun: shard model, EMA and optimizer state (FSDP2) "
@@ -175,7 +178,7 @@ class TrainConfig:
 # written) counts as its default, so a new field must default to the old behaviour
 _RESUME_FREE = {"steps", "out", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
                 "num_samples", "sample_steps", "guidance", "sample_vae", "progress",
-                "num_workers", "data_path", "device", "backend", "compile"}
+                "num_workers", "data_path", "device", "backend", "compile", "compile_mode"}
 
 
 def config_from_dict(d: Mapping[str, Any], source: str = "config") -> TrainConfig:
@@ -259,8 +262,13 @@ class Trainer:
         # are compiled (the state-dict keys do not change)
         from .accel import compile_blocks, describe_run, resolve_compile
         self.compiled, why = resolve_compile(cfg.compile, d.device, self.fsdp)
-        n_blocks = compile_blocks(self.model) if self.compiled else 0
-        self.run_mode = describe_run(cfg.backend, d.device, self.compiled, why, n_blocks)
+        self.cudagraphs = self.compiled and cfg.compile_mode == "reduce-overhead"
+        if self.cudagraphs and (d.world > 1 or cfg.grad_checkpointing):
+            raise ValueError("compile_mode reduce-overhead (CUDA graphs) is supported in one "
+                             "process without grad_checkpointing; use the default mode")
+        n_blocks = compile_blocks(self.model, mode=cfg.compile_mode) if self.compiled else 0
+        self.run_mode = describe_run(cfg.backend, d.device, self.compiled, why, n_blocks,
+                                     cfg.compile_mode)
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -418,6 +426,10 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         dev = self.dist.device
+        if self.cudagraphs:
+            # a new step for inductor's cudagraph trees: the last step's block outputs (all
+            # consumed by now) may be overwritten by this step's replays
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(dev.type, dtype=self.amp or torch.float32,
                             enabled=self.amp is not None):
             loss = self.loss_fn(self.net, x, y).mean()

@@ -12,6 +12,10 @@ loss (eps + learned variance) and sample with its ancestral sampler; image-space
 "cifar10", "ffhq64") train with EDM's loss and sample with EDM's Heun sampler. The data sets the
 model's input size, channels and (with class_cond) classes.
 
+How it runs: on CUDA the blocks are compiled in place with torch.compile (diffit/accel.py: our
+fused kernels inside, fullgraph; --no-compile for eager, --compile-mode reduce-overhead for CUDA
+graphs as well); on CPU eager. The log names the configuration and the first step's time.
+
 Outputs under --out (rank 0 writes; every file is written atomically or appended line by line):
     config.json                     the resolved configuration
     metrics.jsonl                   one line per log interval: step, loss, lr, grad_norm, images/s

@@ -121,3 +121,13 @@ def describe_run(backend: str, device: torch.device, compiled: bool, why: str,
         return (f"{kern} inside regional torch.compile ({n_blocks} blocks, fullgraph, backend "
                 f"{COMPILE_BACKEND}{how}; {why})")
     return f"{kern}, eager (no torch.compile: {why})"
+
+
+def compile_for_run(model: nn.Module, flag: Optional[bool], device: torch.device,
+                    backend: str = "auto", *, fsdp: bool = False, mode: str = "default"
+                    ) -> Tuple[bool, str]:
+    """What a command does in one call: decide (resolve_compile), compile the blocks of
+    `model` when so decided, and say what runs. Returns (compiled, the description to log)."""
+    compiled, why = resolve_compile(flag, device, fsdp)
+    n_blocks = compile_blocks(model, mode=mode) if compiled else 0
+    return compiled, describe_run(backend, device, compiled, why, n_blocks, mode)

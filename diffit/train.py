@@ -264,15 +264,14 @@ class Trainer:
                               fam.block_types())
         # after the EMA's deepcopy and the DDP / FSDP wrapping: only the trained model's blocks
         # are compiled (the state-dict keys do not change)
-        from .accel import compile_blocks, describe_run, resolve_compile
-        self.compiled, why = resolve_compile(cfg.compile, d.device, self.fsdp)
-        self.cudagraphs = self.compiled and cfg.compile_mode == "reduce-overhead"
-        if self.cudagraphs and (d.world > 1 or cfg.grad_checkpointing):
+        from .accel import compile_for_run
+        if cfg.compile_mode == "reduce-overhead" and (d.world > 1 or cfg.grad_checkpointing):
             raise ValueError("compile_mode reduce-overhead (CUDA graphs) is supported in one "
                              "process without grad_checkpointing; use the default mode")
-        n_blocks = compile_blocks(self.model, mode=cfg.compile_mode) if self.compiled else 0
-        self.run_mode = describe_run(cfg.backend, d.device, self.compiled, why, n_blocks,
-                                     cfg.compile_mode)
+        self.compiled, self.run_mode = compile_for_run(self.model, cfg.compile, d.device,
+                                                       cfg.backend, fsdp=self.fsdp,
+                                                       mode=cfg.compile_mode)
+        self.cudagraphs = self.compiled and cfg.compile_mode == "reduce-overhead"
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),

@@ -93,6 +93,9 @@ def resolve_compile(flag: Optional[bool], device: torch.device, fsdp: bool = Fal
         return bool(flag), ("--compile" if flag else "--no-compile")
     if device.type != "cuda":
         return False, f"the default on {device.type} (--compile to force)"
+    from diffit_kernels._common import triton_importable
+    if COMPILE_BACKEND == "inductor" and not triton_importable():
+        return False, "inductor generates Triton code and triton cannot be imported"
     if fsdp:
         return False, "the default under FSDP (--compile to force)"
     return True, "the default on CUDA (--no-compile to opt out)"

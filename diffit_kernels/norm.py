@@ -10,9 +10,15 @@ Backward, with g = dy * SiLU'(z) (or dy) and gx = g * (1 + scale[b]):
     dshift[b] = sum_n g,  dscale[b] = sum_n g * xhat
 The per-sample sums are deterministic: each backward program owns a run of rows of one sample
 and writes fp32 partials [B, P, C]; they are summed over P in a fixed order afterwards.
+Both kernels walk rows of one sample per program: its [C] modulation vectors are read once,
+not per row, and the next row's tensors are loaded before the current row's two reductions
+(each a block-wide barrier), so a row's DRAM latency overlaps the previous row's arithmetic
+instead of idling the program. How many rows a program takes depends on the card's SM count
+(_fwd_rows_per_program, _bwd_rows_per_program); tests set it with _emulate_card.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Tuple
 
 import torch
@@ -22,6 +28,8 @@ from ._common import (cdiv, check_kernel_dtype, empty, next_power_of_2, resolve_
                       row_warps, sm_count, unit_last_stride)
 
 MAX_C = 8192
+FWD_MAX_ROWS = 8
+FWD_PREFETCH_C = 4096
 BWD_BLOCK_C = 2048  # widest row the backward rebuilds in one piece (wider rows spill)
 BWD_CHUNK_C = 1024  # chunk of wider rows: 2048-wide chunks spill with Triton 3.4 / 3.6
 
@@ -35,6 +43,72 @@ except ImportError:  # pragma: no cover - triton is a requirement; the torch pat
 if triton is not None:
 
     @triton.jit
+    def _limit(n, n_end, C):
+        """Channels to load of row n: C while n is one of the program's rows, else none (the
+        prefetch past the last row)."""
+        return tl.where(n < n_end, C, 0)
+
+    @triton.jit
+    def _adaln_norm_fwd_row(X, RES, b, n, offs_c, mask,
+                            stride_x_b, stride_x_n, stride_r_b, stride_r_n, HAS_RES: tl.constexpr):
+        """Raw loads of one row of x and residual (masked off past the program's rows)."""
+        x = tl.load(X + b * stride_x_b + n * stride_x_n + offs_c, mask=mask, other=0.0)
+        r = x
+        if HAS_RES:
+            r = tl.load(RES + b * stride_r_b + n * stride_r_n + offs_c, mask=mask, other=0.0)
+        return x, r
+
+    @triton.jit
+    def _adaln_norm_fwd_mod(GATE, SCALE, SHIFT, b, offs_c, mask_c, stride_g_b, stride_sc_b,
+                            stride_sh_b, HAS_GATE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                            HAS_SHIFT: tl.constexpr):
+        """Sample b's gate, 1 + scale and shift in fp32 (1, 1, 0 where absent)."""
+        gate = tl.full(offs_c.shape, 1.0, tl.float32)
+        scale1 = tl.full(offs_c.shape, 1.0, tl.float32)
+        shift = tl.zeros(offs_c.shape, tl.float32)
+        if HAS_GATE:
+            gate = tl.load(GATE + b * stride_g_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            scale1 += tl.load(SCALE + b * stride_sc_b + offs_c, mask=mask_c,
+                              other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            shift = tl.load(SHIFT + b * stride_sh_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        return gate, scale1, shift
+
+    @triton.jit
+    def _adaln_norm_fwd_one(
+        GATE, SCALE, SHIFT, Y, H, MEAN, RSTD, b, row, C, eps, offs_c, mask_c, x, r,
+        gate, scale1, shift, stride_g_b, stride_sc_b, stride_sh_b,
+        HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        HAS_SCALE: tl.constexpr, SILU: tl.constexpr, LOAD_MOD: tl.constexpr,
+    ):
+        """One row from its loaded x / residual: h, the statistics, y. LOAD_MOD: read the
+        modulation vectors here, each just before its use (fewer live registers)."""
+        h = x.to(tl.float32)
+        if HAS_RES:
+            if HAS_GATE:
+                if LOAD_MOD:
+                    gate, _, _ = _adaln_norm_fwd_mod(GATE, SCALE, SHIFT, b, offs_c, mask_c,
+                                                     stride_g_b, stride_sc_b, stride_sh_b,
+                                                     HAS_GATE, False, False)
+                h *= gate
+            h += r.to(tl.float32)
+            tl.store(H + row * C + offs_c, h.to(H.dtype.element_ty), mask=mask_c)
+        mean = tl.sum(h, axis=0) / C
+        d = tl.where(mask_c, h - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
+        if LOAD_MOD:
+            _, scale1, shift = _adaln_norm_fwd_mod(GATE, SCALE, SHIFT, b, offs_c, mask_c,
+                                                   stride_g_b, stride_sc_b, stride_sh_b,
+                                                   False, HAS_SCALE, HAS_SHIFT)
+        z = d * rstd * scale1 + shift
+        if SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(Y + row * C + offs_c, z.to(Y.dtype.element_ty), mask=mask_c)
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
     def _adaln_norm_fwd_kernel(
         X,      # [B, N, C] branch input (strided rows, unit channel stride)
         RES,    # [B, N, C] residual stream (HAS_RES)
@@ -45,85 +119,125 @@ if triton is not None:
         H,      # [B, N, C] new residual stream h, contiguous (HAS_RES)
         MEAN,   # [B * N] fp32 row means, for the backward
         RSTD,   # [B * N] fp32 row 1/std
-        N, C, eps,
+        N, C, ROWS, P, eps,
         stride_x_b, stride_x_n,
         stride_r_b, stride_r_n,
         stride_g_b, stride_sh_b, stride_sc_b,
         HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        HAS_SCALE: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
+        HAS_SCALE: tl.constexpr, SILU: tl.constexpr, WIDE: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        b = row // N
-        n = row % N
+        # program = (b, p): rows p*ROWS.. of sample b. Unless WIDE, the sample's modulation
+        # vectors are read once and the next row's x / residual are loaded before this row's
+        # reductions, so a row's memory latency hides behind the previous row's arithmetic.
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // P
+        n0 = (pid - b * P) * ROWS
+        n_end = tl.minimum(n0 + ROWS, N)
         offs_c = tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        h = tl.load(X + b * stride_x_b + n * stride_x_n + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        if HAS_RES:
-            if HAS_GATE:
-                h *= tl.load(GATE + b * stride_g_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-            h += tl.load(RES + b * stride_r_b + n * stride_r_n + offs_c, mask=mask_c,
-                         other=0.0).to(tl.float32)
-            tl.store(H + row * C + offs_c, h.to(H.dtype.element_ty), mask=mask_c)
-        mean = tl.sum(h, axis=0) / C
-        d = tl.where(mask_c, h - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
-        z = d * rstd
-        if HAS_SCALE:
-            z *= 1.0 + tl.load(SCALE + b * stride_sc_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        if HAS_SHIFT:
-            z += tl.load(SHIFT + b * stride_sh_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        if SILU:
-            z = z * tl.sigmoid(z)
-        tl.store(Y + row * C + offs_c, z.to(Y.dtype.element_ty), mask=mask_c)
-        tl.store(MEAN + row, mean)
-        tl.store(RSTD + row, rstd)
+        if WIDE:  # 8192-wide rows spill with the row loop and prefetch: one row per program
+            x_cur, r_cur = _adaln_norm_fwd_row(X, RES, b, n0, offs_c, mask_c, stride_x_b,
+                                               stride_x_n, stride_r_b, stride_r_n, HAS_RES)
+            _adaln_norm_fwd_one(GATE, SCALE, SHIFT, Y, H, MEAN, RSTD, b, b * N + n0, C, eps,
+                                offs_c, mask_c, x_cur, r_cur, offs_c, offs_c, offs_c,
+                                stride_g_b, stride_sc_b, stride_sh_b, HAS_RES, HAS_GATE,
+                                HAS_SHIFT, HAS_SCALE, SILU, True)
+        else:
+            gate, scale1, shift = _adaln_norm_fwd_mod(GATE, SCALE, SHIFT, b, offs_c, mask_c,
+                                                      stride_g_b, stride_sc_b, stride_sh_b,
+                                                      HAS_GATE, HAS_SCALE, HAS_SHIFT)
+            x_nx, r_nx = _adaln_norm_fwd_row(X, RES, b, n0, offs_c,
+                                             offs_c < _limit(n0, n_end, C), stride_x_b,
+                                             stride_x_n, stride_r_b, stride_r_n, HAS_RES)
+            for n in range(n0, n_end):
+                x_cur, r_cur = x_nx, r_nx
+                x_nx, r_nx = _adaln_norm_fwd_row(X, RES, b, n + 1, offs_c,
+                                                 offs_c < _limit(n + 1, n_end, C), stride_x_b,
+                                                 stride_x_n, stride_r_b, stride_r_n, HAS_RES)
+                _adaln_norm_fwd_one(GATE, SCALE, SHIFT, Y, H, MEAN, RSTD, b, b * N + n, C, eps,
+                                    offs_c, mask_c, x_cur, r_cur, gate, scale1, shift,
+                                    stride_g_b, stride_sc_b, stride_sh_b, HAS_RES, HAS_GATE,
+                                    HAS_SHIFT, HAS_SCALE, SILU, False)
 
     @triton.jit
-    def _adaln_norm_bwd_chunk(
-        DY, X, RES, GATE, SHIFT, SCALE, b, n, mean, rstd, offs_c, mask_c,
-        stride_dy_b, stride_dy_n, stride_x_b, stride_x_n, stride_r_b, stride_r_n,
-        stride_g_b, stride_sh_b, stride_sc_b,
-        HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        HAS_SCALE: tl.constexpr, SILU: tl.constexpr,
+    def _adaln_norm_bwd_row(
+        DY, DH_OUT, X, RES, b, n, offs_c, mask,
+        stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b, stride_x_n,
+        stride_r_b, stride_r_n, HAS_RES: tl.constexpr, HAS_DH_OUT: tl.constexpr,
     ):
-        """Rebuild one chunk of a row: x, gate, xhat, g = dy * SiLU'(z), gx = g * (1 + scale)."""
-        x = tl.load(X + b * stride_x_b + n * stride_x_n + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        gate = tl.full(x.shape, 1.0, tl.float32)
-        h = x
+        """Raw loads of one row (or chunk) of dy, grad of h, x and residual."""
+        dy = tl.load(DY + b * stride_dy_b + n * stride_dy_n + offs_c, mask=mask, other=0.0)
+        x = tl.load(X + b * stride_x_b + n * stride_x_n + offs_c, mask=mask, other=0.0)
+        dho = dy
+        r = x
+        if HAS_DH_OUT:
+            dho = tl.load(DH_OUT + b * stride_dh_b + n * stride_dh_n + offs_c, mask=mask,
+                          other=0.0)
+        if HAS_RES:
+            r = tl.load(RES + b * stride_r_b + n * stride_r_n + offs_c, mask=mask, other=0.0)
+        return dy, dho, x, r
+
+    @triton.jit
+    def _adaln_norm_bwd_math(
+        dy, x, r, gate, scale1, shift, mean, rstd, mask_c,
+        HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, SILU: tl.constexpr,
+    ):
+        """Rebuild xhat and g = dy * SiLU'(z), gx = g * (1 + scale) from one row's loads."""
+        xf = x.to(tl.float32)
+        h = xf
         if HAS_RES:
             if HAS_GATE:
-                gate = tl.load(GATE + b * stride_g_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-                h = x * gate
-            h += tl.load(RES + b * stride_r_b + n * stride_r_n + offs_c, mask=mask_c,
-                         other=0.0).to(tl.float32)
+                h = xf * gate
+            h += r.to(tl.float32)
         xhat = tl.where(mask_c, (h - mean) * rstd, 0.0)
-        g = tl.load(DY + b * stride_dy_b + n * stride_dy_n + offs_c, mask=mask_c,
-                    other=0.0).to(tl.float32)
-        scale1 = tl.full(x.shape, 1.0, tl.float32)
-        if HAS_SCALE:
-            scale1 += tl.load(SCALE + b * stride_sc_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        g = dy.to(tl.float32)
         if SILU:
-            z = xhat * scale1
-            if HAS_SHIFT:
-                z += tl.load(SHIFT + b * stride_sh_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            z = xhat * scale1 + shift
             sig = tl.sigmoid(z)
             g = g * sig * (1.0 + z * (1.0 - sig))
-        return x, gate, xhat, g, g * scale1
+        return xf, xhat, g, g * scale1
 
     @triton.jit
     def _adaln_norm_bwd_store(
-        DH_OUT, DX, DRES, b, n, row, C, offs_c, mask_c, xhat, gx, gate, rstd, c1, c2,
-        stride_dh_b, stride_dh_n, HAS_RES: tl.constexpr, HAS_DH_OUT: tl.constexpr,
+        DX, DRES, row, C, offs_c, mask_c, xhat, gx, gate, rstd, c1, c2, dho,
+        HAS_RES: tl.constexpr, HAS_DH_OUT: tl.constexpr,
     ):
         """dh = rstd * (gx - xhat * c1 - c2) (+ grad of h); store dresidual = dh, dx = gate * dh."""
         dh = tl.where(mask_c, (gx - (xhat * c1 + c2)) * rstd, 0.0)
         if HAS_DH_OUT:
-            dh += tl.load(DH_OUT + b * stride_dh_b + n * stride_dh_n + offs_c, mask=mask_c,
-                          other=0.0).to(tl.float32)
+            dh += dho.to(tl.float32)
         if HAS_RES:
             tl.store(DRES + row * C + offs_c, dh.to(DRES.dtype.element_ty), mask=mask_c)
         tl.store(DX + row * C + offs_c, (dh * gate).to(DX.dtype.element_ty), mask=mask_c)
         return dh
+
+    @triton.jit
+    def _adaln_norm_bwd_chunk(
+        DY, DH_OUT, X, RES, GATE, SHIFT, SCALE, b, n, mean, rstd, offs_c, mask_c,
+        stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b, stride_x_n,
+        stride_r_b, stride_r_n, stride_g_b, stride_sh_b, stride_sc_b,
+        HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        HAS_SCALE: tl.constexpr, SILU: tl.constexpr, HAS_DH_OUT: tl.constexpr,
+    ):
+        """One chunk of a wide row: its loads and modulation, then the shared math."""
+        dy, dho, x, r = _adaln_norm_bwd_row(
+            DY, DH_OUT, X, RES, b, n, offs_c, mask_c, stride_dy_b, stride_dy_n, stride_dh_b,
+            stride_dh_n, stride_x_b, stride_x_n, stride_r_b, stride_r_n, HAS_RES, HAS_DH_OUT)
+        gate = tl.full(offs_c.shape, 1.0, tl.float32)
+        scale1 = tl.full(offs_c.shape, 1.0, tl.float32)
+        shift = tl.zeros(offs_c.shape, tl.float32)
+        if HAS_GATE:
+            gate = tl.load(GATE + b * stride_g_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            scale1 += tl.load(SCALE + b * stride_sc_b + offs_c, mask=mask_c,
+                              other=0.0).to(tl.float32)
+        if SILU and HAS_SHIFT:
+            shift = tl.load(SHIFT + b * stride_sh_b + offs_c, mask=mask_c,
+                            other=0.0).to(tl.float32)
+        xf, xhat, g, gx = _adaln_norm_bwd_math(dy, x, r, gate, scale1, shift, mean, rstd, mask_c,
+                                               HAS_RES, HAS_GATE, SILU)
+        return gx, xhat, g, xf, gate, dho
 
     @triton.jit
     def _adaln_norm_bwd_kernel(
@@ -138,7 +252,7 @@ if triton is not None:
         RSTD,      # [B * N] fp32
         DX,        # [B, N, C] out, contiguous
         DRES,      # [B, N, C] out, contiguous (HAS_RES)
-        DSHIFT_P,  # [B, P, C] fp32 partial sums (HAS_SHIFT); zeroed when NUM_CHUNKS > 1
+        DSHIFT_P,  # [B, P, C] fp32 partial sums (HAS_SHIFT); zeroed when CHUNKED
         DSCALE_P,  # [B, P, C] fp32 partial sums (HAS_SCALE)
         DGATE_P,   # [B, P, C] fp32 partial sums (HAS_GATE)
         N, C, ROWS, P,
@@ -147,48 +261,80 @@ if triton is not None:
         stride_g_b, stride_sh_b, stride_sc_b,
         HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         HAS_SCALE: tl.constexpr, SILU: tl.constexpr, HAS_DH_OUT: tl.constexpr,
-        NUM_CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr,
+        CHUNKED: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        # A row of C <= BLOCK_C is one chunk: rebuilt once, the three per-sample accumulators
-        # in registers. Wider rows (C > 2048) would spill, so they are walked in NUM_CHUNKS
-        # chunks twice (row sums, then gradients) and the accumulators live in this program's
-        # own zeroed partial rows, which keeps the sums deterministic.
-        p = tl.program_id(0).to(tl.int64)
-        b = tl.program_id(1).to(tl.int64)
+        # program = (b, p): rows p*ROWS.. of sample b. A row of C <= BLOCK_C is one chunk: the
+        # sample's modulation vectors are read once, the three per-sample accumulators stay in
+        # registers and the next row's four tensors are loaded before this row's reductions.
+        # Wider rows (C > 2048) would spill, so they are walked in BLOCK_C chunks twice (row
+        # sums, then gradients) and the accumulators live in this program's own zeroed partial
+        # rows, which keeps the sums deterministic.
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // P
+        p = pid - b * P
+        n0 = p * ROWS
+        n_end = tl.minimum(n0 + ROWS, N)
         offs = tl.arange(0, BLOCK_C)
-        acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-        acc_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
-        acc_gate = tl.zeros([BLOCK_C], dtype=tl.float32)
-        n_end = tl.minimum(p * ROWS + ROWS, N)
-        for n in range(p * ROWS, n_end):
-            row = b * N + n
-            mean = tl.load(MEAN + row)
-            rstd = tl.load(RSTD + row)
-            if NUM_CHUNKS == 1:
-                mask_c = offs < C
-                x, gate, xhat, g, gx = _adaln_norm_bwd_chunk(
-                    DY, X, RES, GATE, SHIFT, SCALE, b, n, mean, rstd, offs, mask_c,
-                    stride_dy_b, stride_dy_n, stride_x_b, stride_x_n, stride_r_b, stride_r_n,
-                    stride_g_b, stride_sh_b, stride_sc_b,
-                    HAS_RES, HAS_GATE, HAS_SHIFT, HAS_SCALE, SILU)
+        if not CHUNKED:
+            mask_c = offs < C
+            gate = tl.full((BLOCK_C,), 1.0, tl.float32)
+            scale1 = tl.full((BLOCK_C,), 1.0, tl.float32)
+            shift = tl.zeros((BLOCK_C,), tl.float32)
+            if HAS_GATE:
+                gate = tl.load(GATE + b * stride_g_b + offs, mask=mask_c, other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                scale1 += tl.load(SCALE + b * stride_sc_b + offs, mask=mask_c,
+                                  other=0.0).to(tl.float32)
+            if SILU and HAS_SHIFT:
+                shift = tl.load(SHIFT + b * stride_sh_b + offs, mask=mask_c,
+                                other=0.0).to(tl.float32)
+            acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+            acc_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
+            acc_gate = tl.zeros([BLOCK_C], dtype=tl.float32)
+            dy_nx, dho_nx, x_nx, r_nx = _adaln_norm_bwd_row(
+                DY, DH_OUT, X, RES, b, n0, offs, offs < _limit(n0, n_end, C), stride_dy_b,
+                stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b, stride_x_n, stride_r_b,
+                stride_r_n, HAS_RES, HAS_DH_OUT)
+            for n in range(n0, n_end):
+                dy, dho, x, r = dy_nx, dho_nx, x_nx, r_nx
+                dy_nx, dho_nx, x_nx, r_nx = _adaln_norm_bwd_row(
+                    DY, DH_OUT, X, RES, b, n + 1, offs, offs < _limit(n + 1, n_end, C), stride_dy_b,
+                    stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b, stride_x_n, stride_r_b,
+                    stride_r_n, HAS_RES, HAS_DH_OUT)
+                row = b * N + n
+                mean = tl.load(MEAN + row)
+                rstd = tl.load(RSTD + row)
+                xf, xhat, g, gx = _adaln_norm_bwd_math(dy, x, r, gate, scale1, shift, mean, rstd,
+                                                       mask_c, HAS_RES, HAS_GATE, SILU)
                 c1 = tl.sum(gx * xhat, axis=0) / C
                 c2 = tl.sum(gx, axis=0) / C
-                dh = _adaln_norm_bwd_store(DH_OUT, DX, DRES, b, n, row, C, offs, mask_c, xhat, gx,
-                                           gate, rstd, c1, c2, stride_dh_b, stride_dh_n,
-                                           HAS_RES, HAS_DH_OUT)
+                dh = _adaln_norm_bwd_store(DX, DRES, row, C, offs, mask_c, xhat, gx, gate, rstd,
+                                           c1, c2, dho, HAS_RES, HAS_DH_OUT)
                 acc_shift += g
                 acc_scale += g * xhat
-                acc_gate += dh * x
-            else:
+                acc_gate += dh * xf
+            part = (b * P + p) * C + offs
+            if HAS_SHIFT:
+                tl.store(DSHIFT_P + part, acc_shift, mask=mask_c)
+            if HAS_SCALE:
+                tl.store(DSCALE_P + part, acc_scale, mask=mask_c)
+            if HAS_GATE:
+                tl.store(DGATE_P + part, acc_gate, mask=mask_c)
+        else:
+            for n in range(n0, n_end):
+                row = b * N + n
+                mean = tl.load(MEAN + row)
+                rstd = tl.load(RSTD + row)
                 c1 = 0.0
                 c2 = 0.0
                 for ci in range(tl.cdiv(C, BLOCK_C)):
                     offs_c = ci * BLOCK_C + offs
-                    x, gate, xhat, g, gx = _adaln_norm_bwd_chunk(
-                        DY, X, RES, GATE, SHIFT, SCALE, b, n, mean, rstd, offs_c, offs_c < C,
-                        stride_dy_b, stride_dy_n, stride_x_b, stride_x_n, stride_r_b, stride_r_n,
-                        stride_g_b, stride_sh_b, stride_sc_b,
-                        HAS_RES, HAS_GATE, HAS_SHIFT, HAS_SCALE, SILU)
+                    mask_c = offs_c < C
+                    gx, xhat, g, xf, gate, dho = _adaln_norm_bwd_chunk(
+                        DY, DH_OUT, X, RES, GATE, SHIFT, SCALE, b, n, mean, rstd, offs_c, mask_c,
+                        stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b,
+                        stride_x_n, stride_r_b, stride_r_n, stride_g_b, stride_sh_b, stride_sc_b,
+                        HAS_RES, HAS_GATE, HAS_SHIFT, HAS_SCALE, SILU, HAS_DH_OUT)
                     c1 += tl.sum(gx * xhat, axis=0)
                     c2 += tl.sum(gx, axis=0)
                 c1 = c1 / C
@@ -196,31 +342,23 @@ if triton is not None:
                 for ci in range(tl.cdiv(C, BLOCK_C)):
                     offs_c = ci * BLOCK_C + offs
                     mask_c = offs_c < C
-                    x, gate, xhat, g, gx = _adaln_norm_bwd_chunk(
-                        DY, X, RES, GATE, SHIFT, SCALE, b, n, mean, rstd, offs_c, mask_c,
-                        stride_dy_b, stride_dy_n, stride_x_b, stride_x_n, stride_r_b, stride_r_n,
-                        stride_g_b, stride_sh_b, stride_sc_b,
-                        HAS_RES, HAS_GATE, HAS_SHIFT, HAS_SCALE, SILU)
-                    dh = _adaln_norm_bwd_store(DH_OUT, DX, DRES, b, n, row, C, offs_c, mask_c, xhat,
-                                               gx, gate, rstd, c1, c2, stride_dh_b, stride_dh_n,
-                                               HAS_RES, HAS_DH_OUT)
+                    gx, xhat, g, xf, gate, dho = _adaln_norm_bwd_chunk(
+                        DY, DH_OUT, X, RES, GATE, SHIFT, SCALE, b, n, mean, rstd, offs_c, mask_c,
+                        stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b,
+                        stride_x_n, stride_r_b, stride_r_n, stride_g_b, stride_sh_b, stride_sc_b,
+                        HAS_RES, HAS_GATE, HAS_SHIFT, HAS_SCALE, SILU, HAS_DH_OUT)
+                    dh = _adaln_norm_bwd_store(DX, DRES, row, C, offs_c, mask_c, xhat, gx, gate,
+                                               rstd, c1, c2, dho, HAS_RES, HAS_DH_OUT)
                     part = (b * P + p) * C + offs_c
                     if HAS_SHIFT:
-                        tl.store(DSHIFT_P + part, tl.load(DSHIFT_P + part, mask=mask_c) + g, mask=mask_c)
+                        tl.store(DSHIFT_P + part, tl.load(DSHIFT_P + part, mask=mask_c) + g,
+                                 mask=mask_c)
                     if HAS_SCALE:
-                        tl.store(DSCALE_P + part, tl.load(DSCALE_P + part, mask=mask_c) + g * xhat,
-                                 mask=mask_c)
+                        tl.store(DSCALE_P + part, tl.load(DSCALE_P + part, mask=mask_c)
+                                 + g * xhat, mask=mask_c)
                     if HAS_GATE:
-                        tl.store(DGATE_P + part, tl.load(DGATE_P + part, mask=mask_c) + dh * x,
+                        tl.store(DGATE_P + part, tl.load(DGATE_P + part, mask=mask_c) + dh * xf,
                                  mask=mask_c)
-        if NUM_CHUNKS == 1:
-            part = (b * P + p) * C + offs
-            if HAS_SHIFT:
-                tl.store(DSHIFT_P + part, acc_shift, mask=offs < C)
-            if HAS_SCALE:
-                tl.store(DSCALE_P + part, acc_scale, mask=offs < C)
-            if HAS_GATE:
-                tl.store(DGATE_P + part, acc_gate, mask=offs < C)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,12 +370,45 @@ def _vec_stride(t: Optional[torch.Tensor]) -> int:
     return t.stride(0) if t is not None else 0
 
 
-def _bwd_rows_per_program(B: int, N: int, device: torch.device) -> int:
+# Test hook (library code never sets it): plan launches for a card with this many SMs, also
+# under the interpreter, so the CPU tests run the work splits a GPU runs.
+_CARD = {"sms": None}
+
+
+@contextlib.contextmanager
+def _emulate_card(sms: int):
+    old = _CARD["sms"]
+    _CARD["sms"] = sms
+    try:
+        yield
+    finally:
+        _CARD["sms"] = old
+
+
+def _sms(device: torch.device) -> Optional[int]:
+    if _CARD["sms"] is not None:
+        return _CARD["sms"]
+    return sm_count(device) if device.type == "cuda" else None
+
+
+def _fwd_rows_per_program(B: int, N: int, sms: Optional[int], wide: bool = False) -> int:
+    """Rows per forward program: up to FWD_MAX_ROWS (the modulation vectors are read once per
+    program, the row loop prefetches), keeping >= ~16 programs per SM; two on the interpreter
+    without a card, so the loop and its prefetch run. WIDE rows: one per program."""
+    if wide:
+        return 1
+    if sms is None:
+        return 2
+    per_sample = max(1, cdiv(16 * sms, max(B, 1)))
+    return max(1, min(FWD_MAX_ROWS, cdiv(N, per_sample)))
+
+
+def _bwd_rows_per_program(B: int, N: int, sms: Optional[int]) -> int:
     """Rows per backward program: enough programs to fill the card (~4 per SM), but as many
     rows as possible per program so the fp32 partials stay small."""
-    if device.type != "cuda":
+    if sms is None:
         return max(1, cdiv(N, 2))  # interpreter: two programs per sample exercise the reduction
-    target = 4 * sm_count(device)
+    target = 4 * sms
     per_sample = max(1, min(N, target // max(B, 1)))
     return max(1, cdiv(N, per_sample))  # N == 0 (empty rows): the launcher divides by it
 
@@ -256,53 +427,74 @@ def _check_c(C: int) -> int:
     if C > MAX_C:
         raise NotImplementedError(f"adaln_norm's Triton kernel handles C <= {MAX_C} channels in "
                                   f"one row block, got C={C}; use backend='torch'")
-    return next_power_of_2(C)
+    return max(16, next_power_of_2(C))
+
+
+def fwd_plan(C: int) -> Tuple[int, int, bool]:
+    """(BLOCK_C, num_warps, WIDE) of the forward for rows of C channels: WIDE rows (wider than
+    FWD_PREFETCH_C) neither prefetch nor keep the modulation vectors (they would spill)."""
+    block = _check_c(C)
+    return block, row_warps(block), block > FWD_PREFETCH_C
+
+
+def bwd_plan(C: int) -> Tuple[int, bool, int]:
+    """(BLOCK_C, CHUNKED, num_warps) of the backward for rows of C channels."""
+    block = _bwd_block(_check_c(C))
+    return block, C > block, _bwd_warps(block)
+
+
+def plans():
+    """{(fwd_plan, bwd_plan): smallest C taking them} over every C the kernels accept: the
+    interpreter tests and the compile report walk this, so no plan ships unrun."""
+    out = {}
+    for C in range(1, MAX_C + 1):
+        out.setdefault((fwd_plan(C), bwd_plan(C)), C)
+    return out
 
 
 def _adaln_norm_fwd(x, shift, scale, residual, gate, eps: float, silu: bool):
     B, N, C = x.shape
-    BLOCK_C = _check_c(C)
+    BLOCK_C, warps, wide = fwd_plan(C)
+    ROWS = _fwd_rows_per_program(B, N, _sms(x.device), wide)
+    P = cdiv(N, ROWS)
     y = empty((B, N, C), x.dtype, x.device)
     h = empty((B, N, C), x.dtype, x.device) if residual is not None else x.new_empty(0)
     mean = torch.empty(B * N, dtype=torch.float32, device=x.device)
     rstd = torch.empty(B * N, dtype=torch.float32, device=x.device)
     if B * N:
         dummy = x
-        _adaln_norm_fwd_kernel[(B * N,)](
+        _adaln_norm_fwd_kernel[(B * P,)](
             x, residual if residual is not None else dummy, gate if gate is not None else dummy,
             shift if shift is not None else dummy, scale if scale is not None else dummy,
             y, h if residual is not None else dummy, mean, rstd,
-            N, C, eps,
+            N, C, ROWS, P, eps,
             x.stride(0), x.stride(1), *_row_stride(residual),
             _vec_stride(gate), _vec_stride(shift), _vec_stride(scale),
             HAS_RES=residual is not None, HAS_GATE=gate is not None,
-            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, SILU=silu,
-            BLOCK_C=BLOCK_C, num_warps=row_warps(BLOCK_C),
+            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, SILU=silu, WIDE=wide,
+            BLOCK_C=BLOCK_C, num_warps=warps,
         )
     return y, h, mean, rstd
 
 
 def _adaln_norm_bwd(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, silu: bool):
     B, N, C = x.shape
-    BLOCK_C = _check_c(C)
+    block, chunked, warps = bwd_plan(C)
     dy = unit_last_stride(dy)
     dh_out = unit_last_stride(dh_out) if dh_out is not None else None
-    ROWS = _bwd_rows_per_program(B, N, x.device)
+    ROWS = _bwd_rows_per_program(B, N, _sms(x.device))
     P = cdiv(N, ROWS)
     dx = empty((B, N, C), x.dtype, x.device)
     dres = empty((B, N, C), x.dtype, x.device) if residual is not None else None
 
-    block = _bwd_block(BLOCK_C)
-    chunks = cdiv(C, block)
-
     def partial(flag):
-        alloc = torch.zeros if chunks > 1 else torch.empty
+        alloc = torch.zeros if chunked else torch.empty
         return alloc((B, P, C), dtype=torch.float32, device=x.device) if flag else None
 
     dshift_p, dscale_p, dgate_p = partial(shift is not None), partial(scale is not None), \
         partial(gate is not None)
     dummy = dx
-    _adaln_norm_bwd_kernel[(P, B)](
+    _adaln_norm_bwd_kernel[(B * P,)](
         dy, dh_out if dh_out is not None else dummy, x,
         residual if residual is not None else dummy, gate if gate is not None else dummy,
         shift if shift is not None else dummy, scale if scale is not None else dummy,
@@ -314,7 +506,7 @@ def _adaln_norm_bwd(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, sil
         *_row_stride(residual), _vec_stride(gate), _vec_stride(shift), _vec_stride(scale),
         HAS_RES=residual is not None, HAS_GATE=gate is not None, HAS_SHIFT=shift is not None,
         HAS_SCALE=scale is not None, SILU=silu, HAS_DH_OUT=dh_out is not None,
-        NUM_CHUNKS=chunks, BLOCK_C=block, num_warps=_bwd_warps(block),
+        CHUNKED=chunked, BLOCK_C=block, num_warps=warps,
     )
 
     def reduce(t):  # fixed-order sum over the P partials: deterministic
@@ -428,38 +620,39 @@ def adaln_norm(
 
 # ---------------------------------------------------------------------------------------------
 def aot_specs():
-    """Every config the launchers pick: one per (dtype, BLOCK_C bucket, feature set)."""
+    """Every launch plan (plans()) with every feature on, the heaviest build, in bf16 and fp32;
+    fp16 (bf16's registers) and the plain variant at DiffiT's widths and the plan edges."""
     from ._aot import AotSpec
 
     specs = []
+    strides = ("stride_x_b", "stride_x_n", "stride_r_b", "stride_r_n", "stride_g_b",
+               "stride_sh_b", "stride_sc_b")
     for dt in ("bf16", "fp16", "fp32"):
-        for C in (64, 1152, 4096, 8192):
-            block = next_power_of_2(C)
-            for full in (False, True):
-                flags = dict(HAS_RES=full, HAS_GATE=full, HAS_SHIFT=full, HAS_SCALE=full, SILU=full)
+        for ((block, warps, wide), (bblock, chunked, bwarps)), C in plans().items():
+            for full in (True, False):
+                if (not full or dt == "fp16") and C not in (33, 1025, 2049, 4097):
+                    continue
+                flags = dict(HAS_RES=full, HAS_GATE=full, HAS_SHIFT=full, HAS_SCALE=full,
+                             SILU=full)
                 label = f"{dt} C<={block} " + ("res+gate+mod+silu" if full else "plain")
                 fwd_sig = {"X": f"*{dt}", "RES": f"*{dt}", "GATE": f"*{dt}", "SHIFT": f"*{dt}",
                            "SCALE": f"*{dt}", "Y": f"*{dt}", "H": f"*{dt}", "MEAN": "*fp32",
-                           "RSTD": "*fp32", "N": "i32", "C": "i32", "eps": "fp32",
-                           **{s: "i64" for s in ("stride_x_b", "stride_x_n", "stride_r_b",
-                                                 "stride_r_n", "stride_g_b", "stride_sh_b",
-                                                 "stride_sc_b")}}
+                           "RSTD": "*fp32", "N": "i32", "C": "i32", "ROWS": "i32", "P": "i32",
+                           "eps": "fp32", **{s: "i64" for s in strides}}
                 specs.append(AotSpec("_adaln_norm_fwd_kernel", _adaln_norm_fwd_kernel, fwd_sig,
-                                     {**flags, "BLOCK_C": block}, row_warps(block), 3, label, False))
+                                     {**flags, "WIDE": wide, "BLOCK_C": block}, warps, 3,
+                                     label, False))
                 bwd_sig = {"DY": f"*{dt}", "DH_OUT": f"*{dt}", "X": f"*{dt}", "RES": f"*{dt}",
                            "GATE": f"*{dt}", "SHIFT": f"*{dt}", "SCALE": f"*{dt}", "MEAN": "*fp32",
                            "RSTD": "*fp32", "DX": f"*{dt}", "DRES": f"*{dt}", "DSHIFT_P": "*fp32",
                            "DSCALE_P": "*fp32", "DGATE_P": "*fp32", "N": "i32", "C": "i32",
                            "ROWS": "i32", "P": "i32",
                            **{s: "i64" for s in ("stride_dy_b", "stride_dy_n", "stride_dh_b",
-                                                 "stride_dh_n", "stride_x_b", "stride_x_n",
-                                                 "stride_r_b", "stride_r_n", "stride_g_b",
-                                                 "stride_sh_b", "stride_sc_b")}}
+                                                 "stride_dh_n") + strides}}
                 specs.append(AotSpec("_adaln_norm_bwd_kernel", _adaln_norm_bwd_kernel, bwd_sig,
-                                     {**flags, "HAS_DH_OUT": full,
-                                      "BLOCK_C": _bwd_block(block),
-                                      "NUM_CHUNKS": cdiv(C, _bwd_block(block))},
-                                     _bwd_warps(_bwd_block(block)), 3, label, False))
+                                     {**flags, "HAS_DH_OUT": full, "BLOCK_C": bblock,
+                                      "CHUNKED": chunked}, bwarps, 3,
+                                     label + (" chunked" if chunked else ""), False))
     return specs
 
 

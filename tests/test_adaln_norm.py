@@ -69,6 +69,33 @@ def test_chunked_backward_for_wide_rows(monkeypatch, dtype):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("plans,C", list(norm.plans().items()),
+                         ids=lambda p: f"C{p}" if isinstance(p, int) else
+                         "fwd{}w{}{}-bwd{}{}w{}".format(*p[0][:2], "W" * p[0][2], p[1][0],
+                                                         "c" * p[1][1], p[1][2]))
+def test_every_plan_a_gpu_can_take(plans, C, dtype):
+    # the block widths, warps and chunking of both kernels are the same on CUDA and here:
+    # every plan the launchers can pick runs (bf16 with the same tiles as fp32)
+    _run(dtype, 2, 3, C, True, True, True, True, True)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("sms", [108, 132, 58, 128, 2],
+                         ids=["A100-108", "H100-132", "L4-58", "4090-128", "tiny-2"])
+def test_launch_plans_of_real_cards(sms):
+    # the row splits a card's SM count picks, run under the interpreter: several backward
+    # programs per sample, each walking several rows (the smallest such batch: ~4 rows per
+    # SM), several forward programs per sample (several rows each from 16 rows per SM up:
+    # the tiny card shows that split)
+    B, N = 2, max(2 * sms + 3, 41)
+    assert N > norm._fwd_rows_per_program(B, N, sms) > (sms == 2)
+    assert 1 < norm._bwd_rows_per_program(B, N, sms) < N
+    with norm._emulate_card(sms):
+        _run(torch.float32, B, N, 64, True, True, True, True, True)
+
+
+@pytest.mark.interpreter
 def test_rows_with_large_mean_and_tiny_variance():
     leaves, build, outs, grads = _case(2, 7, 1152, True, True, True, True, False)
     leaves["x"] = leaves["x"] * 0.01 + 30.0
@@ -205,14 +232,25 @@ def test_bad_inputs_raise_clear_errors(kwargs, exc, match):
         diffit_kernels.adaln_norm(**kwargs, backend="torch")
 
 
-def test_backward_rows_per_program_on_cuda_never_zero(monkeypatch):
-    # the CUDA branch of the backward's row split (the interpreter takes the other one): the
-    # launcher computes P = cdiv(N, rows), so rows = 0 at N = 0 was a ZeroDivisionError
-    monkeypatch.setattr(norm, "sm_count", lambda device: 132)
-    cuda = torch.device("cuda", 0)
+def test_backward_rows_per_program_on_cuda_never_zero():
+    # the CUDA branch of the backward's row split: the launcher computes P = cdiv(N, rows), so
+    # rows = 0 at N = 0 was a ZeroDivisionError
     for B, N in [(2, 0), (0, 5), (1, 1), (3, 7), (1, 1000), (600, 1)]:
-        rows = norm._bwd_rows_per_program(B, N, cuda)
-        assert rows >= 1 and (N - 1) // rows + 1 <= max(N, 1), (B, N, rows)
+        for rows in (norm._bwd_rows_per_program(B, N, 132), norm._fwd_rows_per_program(B, N, 132)):
+            assert rows >= 1 and (N - 1) // rows + 1 <= max(N, 1), (B, N, rows)
+
+
+def test_plans_lists_every_plan_and_the_compile_report_builds_them():
+    # plans() drives the interpreter test below and the compile report: compare it with the
+    # launchers' choice at every width the kernels take
+    picked = {(norm.fwd_plan(C), norm.bwd_plan(C)) for C in range(1, norm.MAX_C + 1)}
+    assert picked == set(norm.plans())
+    specs = norm.aot_specs()
+    fwd = {(s.constexprs["BLOCK_C"], s.num_warps, s.constexprs["WIDE"]) for s in specs
+           if s.kernel == "_adaln_norm_fwd_kernel"}
+    bwd = {(s.constexprs["BLOCK_C"], s.constexprs["CHUNKED"], s.num_warps) for s in specs
+           if s.kernel == "_adaln_norm_bwd_kernel"}
+    assert fwd == {f for f, _ in norm.plans()} and bwd == {b for _, b in norm.plans()}
 
 
 def test_triton_backend_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):

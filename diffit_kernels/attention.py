@@ -162,7 +162,8 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
     ("fwd", False, 2): (
         [(128, 64, 8, 3), (128, 64, 8, 2)],
         {(32, 16): [(128, 32, 8, 3), (128, 32, 8, 2)], (64, 0): [(128, 64, 8, 3)],
-         (64, 16): [(128, 32, 8, 3), (128, 32, 8, 1)], (64, 32): [(128, 32, 8, 3)],
+         (64, 16): [(128, 32, 8, 3), (128, 32, 8, 1), (64, 64, 4, 3), (128, 64, 8, 2)],
+         (64, 32): [(128, 32, 8, 3)],
          (128, 0): [(64, 32, 4, 3), (64, 32, 4, 2)]}),
     ("fwd-win", False, 2): (
         [(64, 32, 4, 3)],
@@ -187,7 +188,8 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
          (64, 16): [(16, 64, 8, 1)], (64, 32): [(16, 16, 4, 1)], (128, 0): [(16, 16, 4, 1)]}),
     ("dq", False, 2): (
         [(128, 32, 8, 2), (64, 32, 4, 3)],
-        {(64, 0): [(128, 32, 8, 1), (64, 32, 4, 3)], (64, 16): [(128, 32, 8, 1), (64, 32, 8, 3)],
+        {(64, 0): [(128, 32, 8, 1), (64, 32, 4, 3)],
+         (64, 16): [(128, 32, 8, 1), (64, 32, 8, 3), (64, 32, 4, 2), (64, 64, 8, 2)],
          (64, 32): [(128, 32, 8, 1), (64, 32, 4, 3)], (128, 0): [(128, 16, 8, 2), (64, 32, 8, 3)]}),
     ("dq-win", False, 2): (
         [(64, 32, 4, 3)],
@@ -445,6 +447,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
             groups = _batch_groups(dev, B, H * min(cdiv(N, c[1]) for c in dkdv_cfgs))
             per_b = cdiv(B, groups)
             groups = cdiv(B, per_b)
+            _log("ds-shares", (groups, per_b))
             partial = torch.empty(H * groups * tiles * span_pad, dtype=torch.float32, device=dev)
         else:
             groups, per_b, partial = B, 1, q

@@ -1,8 +1,9 @@
 """time_qkv benchmark: forward, backward, forward+backward at DiffiT-XL's projection shapes.
 
 Providers:
-    ours      diffit_kernels.time_qkv (Triton): LayerNorm folded into one GEMM whose epilogue adds
-              bias + time term and writes the head-split q, k, v; Triton backward GEMMs
+    ours      diffit_kernels.time_qkv: a Triton LayerNorm row kernel, then one cuBLAS GEMM onto
+              bias + time term, q, k, v as head-split views; backward dW and dX-hat on cuBLAS
+              with the LayerNorm backward and the bias / time-term sums in Triton
     eager     diffit_kernels.reference.time_qkv: LayerNorm + Linear + Linear + add + permute
     compile   torch.compile of the eager sequence (static shapes, compiled afresh for each
               shape and variant)

@@ -259,8 +259,7 @@ if triton is not None:
             if HAS_D1:
                 dk1 = _mm(dsTc, q1, dk1, UPCAST, PRECISION)
             if ACC_DS:
-                # the share's first sample stores, the others add: every launch stores the
-                # whole slice, so autotune's reruns need no reset
+                # the share's first sample stores, the others add
                 again = (tl.zeros([BLOCK_N, BLOCK_M], tl.int32) + first) == 0
                 prev = tl.load(PART + start_m, mask=again, other=0.0)
                 tl.store(PART + start_m, prev + dsT)
@@ -285,7 +284,7 @@ if triton is not None:
         stride_do_b, stride_do_h, stride_do_n,
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
         H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
-        n_batch, per_b, n_groups, span_pad,
+        per_b, step, n_groups, span_pad,
         N_BUCKET, SPAN_BUCKET,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
         ACC_DS: tl.constexpr,
@@ -293,9 +292,10 @@ if triton is not None:
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
         D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
-        # One program: one key tile of one head for one sample, or (ACC_DS) for a share of the
-        # batch, summing ds into a partial slice only it writes (sized so the grid fills the
-        # card; the launcher reduces the partials into the table in a fixed order).
+        # One program: one key tile of one head for one sample: sample g, or (ACC_DS) sample
+        # `step` of batch share g, whose ds it adds into a partial slice only this share's
+        # programs write, one launch per step (the launcher reduces the partials into the
+        # table in a fixed order).
         pid_n = tl.program_id(0)
         h = tl.program_id(1).to(tl.int64)
         g = tl.program_id(2)
@@ -310,16 +310,16 @@ if triton is not None:
             part = PARTIAL + ((h * n_groups + g) * tl.num_programs(0) + pid_n) * (
                 BLOCK_N * span_pad) + tl.arange(0, BLOCK_N)[:, None] * span_pad \
                 + tl.arange(0, BLOCK_M)[None, :] - lo
-            b0 = g * per_b
-            for b in range(b0, tl.minimum(b0 + per_b, n_batch)):
-                _dkdv_sample(Q, K, V, DO, TAB_H, BIAS, LSE, DELTA, DK, DV, part,
-                             h * 0 + b, h, b == b0, row_n, code_n, win_n, mask_n, lo, hi,
-                             stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h,
-                             stride_k_n, stride_v_b, stride_v_h, stride_v_n, stride_do_b,
-                             stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
-                             stride_bias_m, stride_bias_n, H, N, D, n_win, gh, gw, Gw, nWw,
-                             rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED, True,
-                             BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST, PRECISION)
+            # sample `step` of the share: one launch per step (a loop over the share inside
+            # the kernel spills hundreds of bytes under Triton 3.6)
+            _dkdv_sample(Q, K, V, DO, TAB_H, BIAS, LSE, DELTA, DK, DV, part,
+                         h * 0 + g * per_b + step, h, step == 0, row_n, code_n, win_n, mask_n,
+                         lo, hi, stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h,
+                         stride_k_n, stride_v_b, stride_v_h, stride_v_n, stride_do_b,
+                         stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
+                         stride_bias_m, stride_bias_n, H, N, D, n_win, gh, gw, Gw, nWw,
+                         rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED, True,
+                         BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST, PRECISION)
         else:
             _dkdv_sample(Q, K, V, DO, TAB_H, BIAS, LSE, DELTA, DK, DV, PARTIAL,
                          g.to(tl.int64), h, True, row_n, code_n, win_n, mask_n, lo, hi,

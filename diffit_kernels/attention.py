@@ -24,9 +24,11 @@ every iteration of a program and reduced once at the end:
     no recompute) and sums ds over all the (batch, window) units it owns in a [32, 32] fp32
     register tile (64-token tiles spill on sm_80);
   * larger spans: FlashAttention-2 dK/dV and dQ kernels. The dK/dV kernel sums ds where it
-    makes it: each program owns (head, key tile, a share of the batch sized from the SM count)
-    and adds its fp32 ds tiles into a [BLOCK_N, span] slice of a partial that only it writes
-    (stored at the share's first sample, accumulated after: no atomics, no [B, H, N, N]).
+    makes it: the batch is cut into shares (as many as keep ~4 programs per SM), and the
+    program of (head, key tile, share) adds its fp32 ds tiles into a [BLOCK_N, span] slice of
+    a partial that only that share writes, one launch per sample of the share (the first
+    stores, the next ones add: no atomics, no [B, H, N, N]; a loop over the share inside the
+    kernel spilled badly under Triton 3.6).
     The partials (O(H * groups * N * span), at most 4M elements per head and group) are summed
     over groups, then [BN, BN] blocks with the same offset map (a block diagonal when gw | BN)
     are summed, then gathered by offset. Longer spans fall back to a second pass that
@@ -36,8 +38,9 @@ torch sums the partials and gathers them by relative offset in a fixed order (a 
 [rows, k] index). deterministic=False takes the same path (no atomic variant is shipped). A
 dense bias shared by the batch (any shape broadcastable to [B, H, N, N] with B-dim 1) takes
 the dbias pass (slot = tile pair), never a [B, H, N, N] buffer; a per-sample bias gets ds
-stored by the dQ kernel; either is then summed over the bias's broadcast dims. fp32 inputs use exact (ieee) FMA dots with small tiles; TF32 only when the user enabled
-it for CUDA matmuls. With several windows packed in one tile a NaN key or value can also reach
+stored by the dQ kernel; either is then summed over the bias's broadcast dims. fp32 inputs
+use exact (ieee) FMA dots with small tiles; TF32 only when the user enabled it for CUDA
+matmuls. With several windows packed in one tile a NaN key or value can also reach
 the neighbouring window's rows (0 * NaN in the tile's dot); finite inputs are unaffected.
 """
 from __future__ import annotations
@@ -176,15 +179,17 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
          (64, 32): [(16, 64, 8, 1)], (128, 0): [(16, 64, 8, 3), (16, 64, 8, 2)]}),
     # dK/dV summing dS into the table partials (ACC_DS): one [BLOCK_N, BLOCK_M] fp32 tile more
     ("dkdv-acc", False, 2): (
-        [(16, 64, 4, 2), (32, 64, 8, 1)],
-        {(64, 32): [(16, 32, 8, 1)], (128, 0): [(16, 32, 4, 2), (32, 64, 8, 1)]}),
+        [(32, 128, 8, 1)],
+        {(16, 0): [(32, 128, 8, 2)], (32, 0): [(32, 128, 8, 2)], (64, 0): [(32, 64, 8, 1)],
+         (64, 16): [(16, 64, 8, 3), (32, 64, 8, 1)], (64, 32): [(16, 64, 8, 1)],
+         (128, 0): [(16, 64, 8, 3)]}),
     ("dkdv-win-acc", False, 2): (
         [(16, 64, 8, 1)],
-        {(16, 0): [(16, 64, 4, 1)], (32, 0): [(32, 64, 8, 2)], (32, 16): [(32, 64, 8, 1)],
+        {(16, 0): [(32, 64, 4, 2)], (32, 0): [(32, 64, 8, 2)], (32, 16): [(32, 64, 8, 1)],
          (64, 0): [(16, 64, 8, 2)], (64, 32): [(16, 16, 4, 1)], (128, 0): [(16, 16, 4, 1)]}),
     ("dkdv-win", False, 2): (
         [(32, 64, 4, 2)],
-        {(32, 0): [(32, 64, 8, 2)], (32, 16): [(32, 64, 8, 1)], (64, 0): [(16, 64, 8, 2)],
+        {(32, 0): [(32, 64, 8, 1)], (32, 16): [(32, 64, 8, 1)], (64, 0): [(16, 64, 8, 1)],
          (64, 16): [(16, 64, 8, 1)], (64, 32): [(16, 16, 4, 1)], (128, 0): [(16, 16, 4, 1)]}),
     ("dq", False, 2): (
         [(128, 32, 8, 2), (64, 32, 4, 3)],
@@ -223,15 +228,16 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
         [(16, 16, 2, 1)],
         {(32, 0): [(16, 16, 4, 1)], (32, 16): [(32, 32, 8, 1)], (64, 16): [(16, 16, 4, 1)]}),
     ("dkdv-acc", False, 4): (
-        [(16, 16, 2, 1)],
-        {(32, 16): [(16, 16, 4, 1)], (64, 16): [(16, 16, 8, 1)], (128, 0): [(16, 16, 4, 1)]}),
+        [(16, 16, 4, 1)],
+        {(16, 0): [(16, 16, 2, 1)], (32, 16): [(32, 32, 8, 1)], (64, 32): [(16, 16, 2, 1)],
+         (128, 0): [(16, 16, 2, 1)]}),
     ("dkdv-win-acc", False, 4): (
         [(16, 16, 2, 1)],
-        {(32, 0): [(16, 32, 8, 1)], (64, 0): [(16, 16, 4, 1)], (64, 16): [(32, 16, 4, 1)],
-         (64, 32): [(16, 16, 4, 1)], (128, 0): [(16, 16, 4, 1)]}),
+        {(16, 0): [(16, 16, 4, 1)], (32, 16): [(16, 32, 8, 1)], (64, 16): [(16, 16, 4, 1)],
+         (64, 32): [(16, 16, 4, 1)]}),
     ("dkdv-win", False, 4): (
         [(16, 16, 2, 1)],
-        {(32, 0): [(16, 32, 8, 1)], (32, 16): [(32, 32, 16, 1)], (64, 16): [(32, 16, 4, 1)]}),
+        {(32, 0): [(16, 16, 4, 1)], (32, 16): [(32, 32, 16, 1)], (64, 16): [(32, 16, 4, 1)]}),
     ("dq", False, 4): (
         [(16, 16, 2, 1)],
         {(32, 16): [(16, 16, 8, 1)], (64, 16): [(16, 16, 1, 1)], (128, 0): [(16, 16, 8, 1)]}),
@@ -451,12 +457,14 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
             partial = torch.empty(H * groups * tiles * span_pad, dtype=torch.float32, device=dev)
         else:
             groups, per_b, partial = B, 1, q
-        bm, bn = _launch(_kernels._tmsa_attention_bwd_kernel_dkdv,
-                         "dkdv" + win + ("-acc" if acc_ds else ""), dkdv_cfgs,
-                         lambda bm, bn: (cdiv(N, bn), H, groups),
-                         (q, k, v, do, tab, bias_arg, lse, delta, dk, dv, partial, *strides,
-                          *geo, float(scale), B, per_b, groups, span_pad, *buckets),
-                         dict(kw, ACC_DS=acc_ds))
+        for step in range(per_b):  # ACC_DS: share g's sample step (the first stores)
+            live = cdiv(B - step, per_b)   # the shares that have a sample `step`
+            bm, bn = _launch(_kernels._tmsa_attention_bwd_kernel_dkdv,
+                             "dkdv" + win + ("-acc" if acc_ds else ""), dkdv_cfgs,
+                             lambda bm, bn: (cdiv(N, bn), H, live),
+                             (q, k, v, do, tab, bias_arg, lse, delta, dk, dv, partial, *strides,
+                              *geo, float(scale), per_b, step, groups, span_pad, *buckets),
+                             dict(kw, ACC_DS=acc_ds))
         _launch(_kernels._tmsa_attention_bwd_kernel_dq, "dq" + win, _configs("dq" + win, *shape),
                 lambda bm, bn: (cdiv(N, bm), B * H),
                 (q, k, v, do, tab, bias_arg, lse, delta, dq, dbias if dbias is not None else q,

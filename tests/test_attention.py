@@ -332,6 +332,10 @@ GPU_CASES = [
     _p(2, 300, 2, 40, "bias-HNN", bias="H"),
     _p(2, 200, 2, 88, "bias-BHNN", bias="B"),
     _p(2, 333, 2, 24, "plain"),
+    # B 8 x H 16 at N 1024: 3 uneven batch shares of the dK/dV table partials on 132 SMs
+    _p(8, 1024, 16, 72, "table-32x32-shares", grid=(32, 32), table=True),
+    _p(3, 200, 2, 72, "bias-1HNN", bias="1H"),
+    _p(2, 130, 2, 40, "bias-B1NN", bias="B1"),
 ]
 
 
@@ -504,7 +508,7 @@ def test_launch_plans_of_real_cards(sms, kw, N, monkeypatch):
     with the 16-bit CUDA configs, B = 3 so shares can be uneven."""
     log = []
     with A._emulate_card(sms, elt=2, log=log):
-        _check(torch.float32, 3, 2, N, 40, **kw)
+        _check(torch.float32, 3, 2, N, 72, **kw)
     shares = [entry[1] for entry in log if entry[0] == "ds-shares"]
     if kw.get("table"):
         # 2 SMs: 2 heads x 2 key tiles fill them, so 2 shares of 2 and 1 samples; else one each

@@ -70,6 +70,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="image side in pixels (default: the model's; latent models: 8 x the "
                           "latent side, 256 for --random-init)")
     src.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    src.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="regional torch.compile of the blocks, the fused kernels inside "
+                          "(default: on for CUDA, off elsewhere; see diffit/accel.py)")
     src.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                      help="autocast dtype for the model")
     src.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -486,6 +489,8 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
         return _fail(str(e))
     model = model.to(device).eval()
+    from .accel import compile_for_run
+    _, run_mode = compile_for_run(model, args.compile, device, args.backend)
     vae = None
     if latent_space and not args.latents_only:
         try:
@@ -496,6 +501,7 @@ def run(args) -> int:
         print("diffit sample: " + (ck.describe() if ck is not None
                                    else f"randomly initialised {family} model {args.model}"),
               flush=True)
+        print(f"diffit sample: runs {run_mode}", flush=True)
 
     # labels for all samples are drawn identically on every rank, so sharding does not change
     # which sample gets which class

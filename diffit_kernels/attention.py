@@ -65,14 +65,15 @@ try:
 except ImportError:  # pragma: no cover - triton is a requirement; the torch path still works
     triton = None
 
-HEAD_DIMS = tuple(range(16, 129, 8))
+HEAD_DIMS = tuple(range(8, 129, 8))  # d = 8 (the tiny presets) runs in a 16-wide chunk
 FUSED_MAX_SPAN = 32   # attention spans up to this many tokens take the fused backward
 
 
 def _head_split(D: int) -> Tuple[int, int, bool]:
     """(D0, D1, HAS_D1): one power-of-two chunk, or two (D0 + D1 >= D) when that pads less.
-    D1 >= 16 because a dot's reduction dim must be >= 16 on the tensor cores."""
-    one = next_power_of_2(D)
+    Every chunk is >= 16 wide because a dot's reduction dim must be >= 16 on the tensor cores
+    (d = 8 loads a 16-wide chunk whose upper half is masked to zero)."""
+    one = max(16, next_power_of_2(D))
     d0 = one // 2
     d1 = max(16, next_power_of_2(D - d0)) if D > d0 else 0
     if d1 and d0 >= 16 and d0 + d1 < one:
@@ -83,7 +84,7 @@ def _head_split(D: int) -> Tuple[int, int, bool]:
 def _check_head_dim(D: int) -> None:
     if D not in HEAD_DIMS:
         raise NotImplementedError(
-            f"tmsa_attention's Triton kernels take head dims 16, 24, ..., 128 (multiples of 8), "
+            f"tmsa_attention's Triton kernels take head dims 8, 16, ..., 128 (multiples of 8), "
             f"got D={D}; use backend='torch' for it")
 
 

@@ -195,8 +195,14 @@ class GaussianDiffusion:
         return out.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        """Original timestep values for step indices t (what the model is conditioned on)."""
-        return self.timestep_map.to(t.device)[t.long()]
+        """Original timestep values for step indices t (what the model is conditioned on).
+        The map is copied to t's device once, not on every call (a blocking host-to-device copy
+        before each model forward otherwise)."""
+        key = ("timestep_map", t.device)
+        tmap = self._cache.get(key)
+        if tmap is None:
+            tmap = self._cache[key] = self.timestep_map.to(t.device)
+        return tmap[t.long()]
 
     # ---- forward process ----
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor,

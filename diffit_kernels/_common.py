@@ -5,6 +5,7 @@ machine, and `TRITON_INTERPRET` is read when a call is made, not when the module
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional, Sequence
@@ -159,3 +160,24 @@ def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached): launchers size their grids by it."""
     return _multiprocessors(device.index if device.index is not None
                             else torch.cuda.current_device())
+
+
+@contextlib.contextmanager
+def overriding(state: dict, **values):
+    """Set keys of a module's test-hook dict for the duration of a with-block, then restore
+    them (the ops' _emulate_card / _record_launches hooks; library code never sets them)."""
+    old = dict(state)
+    state.update(values)
+    try:
+        yield
+    finally:
+        state.clear()
+        state.update(old)
+
+
+def planned_sms(device: torch.device, override: Optional[int]) -> Optional[int]:
+    """The SM count a launch plan is sized for: a test hook's emulated card, else the CUDA
+    device's, else None (the interpreter's own small plans)."""
+    if override is not None:
+        return override
+    return sm_count(device) if device.type == "cuda" else None

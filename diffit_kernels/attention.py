@@ -58,7 +58,8 @@ from ._attention_index import (_Geom, _dbias_plan, _ds_table_plan, _fused_bins, 
                                _reduce_slots)
 from ._attention_kernels import LOG2E
 from ._common import (cdiv, check_kernel_dtype, dot_upcast, empty, interpreting,
-                      next_power_of_2, resolve_backend, sm_count, unit_last_stride)
+                      next_power_of_2, overriding, planned_sms, resolve_backend,
+                      unit_last_stride)
 
 try:
     import triton
@@ -98,18 +99,12 @@ _CARD = {"sms": None, "elt": None, "pick": 0, "log": None}
 @contextlib.contextmanager
 def _emulate_card(sms: int, elt: Optional[int] = None, pick: int = 0,
                   log: Optional[list] = None):
-    old = dict(_CARD)
-    _CARD.update(sms=sms, elt=elt, pick=pick, log=log)
-    try:
+    with overriding(_CARD, sms=sms, elt=elt, pick=pick, log=log):
         yield
-    finally:
-        _CARD.update(old)
 
 
 def _sms(device: torch.device) -> Optional[int]:
-    if _CARD["sms"] is not None:
-        return _CARD["sms"]
-    return sm_count(device) if device.type == "cuda" else None
+    return planned_sms(device, _CARD["sms"])
 
 
 def _programs_per_head(device: torch.device, H: int) -> int:

@@ -24,8 +24,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import reference
-from ._common import (cdiv, check_kernel_dtype, empty, next_power_of_2, resolve_backend,
-                      row_warps, sm_count, unit_last_stride)
+from ._common import (cdiv, check_kernel_dtype, empty, next_power_of_2, overriding,
+                      planned_sms, resolve_backend, row_warps, unit_last_stride)
 
 MAX_C = 8192
 FWD_MAX_ROWS = 8
@@ -377,18 +377,12 @@ _CARD = {"sms": None}
 
 @contextlib.contextmanager
 def _emulate_card(sms: int):
-    old = _CARD["sms"]
-    _CARD["sms"] = sms
-    try:
+    with overriding(_CARD, sms=sms):
         yield
-    finally:
-        _CARD["sms"] = old
 
 
 def _sms(device: torch.device) -> Optional[int]:
-    if _CARD["sms"] is not None:
-        return _CARD["sms"]
-    return sm_count(device) if device.type == "cuda" else None
+    return planned_sms(device, _CARD["sms"])
 
 
 def _fwd_rows_per_program(B: int, N: int, sms: Optional[int], wide: bool = False) -> int:

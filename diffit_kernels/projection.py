@@ -25,8 +25,8 @@ import torch
 
 from . import _projection_kernels as _kernels
 from . import reference
-from ._common import (cdiv, check_kernel_dtype, empty, next_power_of_2, resolve_backend,
-                      unit_last_stride)
+from ._common import (cdiv, check_kernel_dtype, empty, next_power_of_2, overriding,
+                      resolve_backend, unit_last_stride)
 
 # Row kernels (LayerNorm forward / backward): [ROWS, BLOCK_C] tiles of about ROW_TILE elements
 # (~16 per thread, 512 per warp), whole rows up to LN_BLOCK_C channels, wider rows in chunks.
@@ -43,12 +43,8 @@ _LOG = {"log": None}
 
 @contextlib.contextmanager
 def _record_launches(log: list):
-    old = _LOG["log"]
-    _LOG["log"] = log
-    try:
+    with overriding(_LOG, log=log):
         yield
-    finally:
-        _LOG["log"] = old
 
 
 def _launched(kernel: str, plan: tuple) -> None:

@@ -11,12 +11,12 @@ import importlib
 import sys
 from typing import List, Optional
 
-# add a command: append its module here ("diffit.train", "diffit.encode", "diffit.demo", ...)
+# add a command: append its module here ("diffit.training.train", "diffit.training.demo", ...)
 COMMANDS: List[str] = [
     "diffit.sample",
-    "diffit.train",
-    "diffit.encode",
-    "diffit.demo",
+    "diffit.training.train",
+    "diffit.training.encode",
+    "diffit.training.demo",
 ]
 
 

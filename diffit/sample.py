@@ -262,10 +262,10 @@ def _save_npz(path: Path, **arrays) -> None:
 
 # ---- models ---------------------------------------------------------------------------------
 def load_model(ck, *, backend: str = "auto", preset=None, num_classes=None):
-    """The model a diffit.checkpoint.SamplingCheckpoint holds, its weights loaded strictly
+    """The model a diffit.sample_checkpoint.SamplingCheckpoint holds, its weights loaded strictly
     (CheckpointMismatchError lists every missing, unexpected and mis-shaped key).
 
-    Trainer checkpoints are rebuilt by their family's builder (diffit.train_families) from the
+    Trainer checkpoints are rebuilt by their family's builder (diffit.training.families) from the
     recorded preset and model config; latent state dicts from the configuration their tensors
     describe (or `preset` at their latent size); image-space state dicts need `preset` (a U-Net
     state dict does not record its windows, head width or levels)."""
@@ -273,12 +273,12 @@ def load_model(ck, *, backend: str = "auto", preset=None, num_classes=None):
 
     import torch
 
-    from .checkpoint import SamplingCheckpointError
+    from .sample_checkpoint import SamplingCheckpointError
     from .latent import DiffiT, check_state_dict_against, infer_config, preset_config
 
     sd = ck.state_dict
     if ck.kind == "trainer":
-        from .train_families import FAMILIES
+        from .training.families import FAMILIES
 
         if preset is not None and preset != ck.preset:
             raise SamplingCheckpointError(f"--model {preset}: {ck.path} was trained as "
@@ -323,7 +323,7 @@ def load_model(ck, *, backend: str = "auto", preset=None, num_classes=None):
 
 def _random_model(args):
     """(model, family) for --random-init --model PRESET."""
-    from .train_families import family_of
+    from .training.families import family_of
 
     if args.model is None:
         raise ValueError("--random-init needs --model (a preset such as DiffiT-tiny or tiny)")
@@ -436,7 +436,7 @@ def _latent_sampler(args, model, ck):
 # ---- the command ----------------------------------------------------------------------------
 def _prepare(args):
     """(model, checkpoint or None, family, latent space?) or ValueError / FileNotFoundError."""
-    from .checkpoint import read_sampling_checkpoint
+    from .sample_checkpoint import read_sampling_checkpoint
 
     if args.checkpoint is None:
         if not args.random_init:

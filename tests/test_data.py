@@ -1,13 +1,13 @@
-"""diffit.data: the image-folder loader on a temporary folder of PNGs, latent files, the digits,
-and the resumable sampler."""
+"""diffit.training.data: the image-folder loader on a temporary folder of PNGs, latent files, the
+digits, and the resumable sampler."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from diffit.data import (DigitsDataset, ImageFolderDataset, LatentDataset, ResumableSampler,
-                         build_dataset)
+from diffit.training.data import (DigitsDataset, ImageFolderDataset, LatentDataset,
+                                  ResumableSampler, build_dataset)
 
 
 def _png(path, arr):

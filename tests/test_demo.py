@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from diffit import cli
-from diffit.demo import DEMO_CONFIG, run_demo
+from diffit.training.demo import DEMO_CONFIG, run_demo
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest

@@ -146,7 +146,7 @@ def test_torchrun_shards_and_gathers(tmp_path):
 
 # ---- checkpoints the trainer writes ---------------------------------------------------------
 def _train(out, **over):
-    from diffit.train import TrainConfig, train
+    from diffit.training.train import TrainConfig, train
 
     cfg = dict(model="tiny", data="digits", image_size=8, batch_size=8, steps=2, lr=1e-3,
                log_every=1, ckpt_every=0, num_samples=0, progress=False, out=str(out))
@@ -263,7 +263,7 @@ def _edit_checkpoint(src, dst, edit):
 
 
 def test_family_detection_and_guidance_needs_label_dropout(image_run, tmp_path, capsys, one_thread):
-    from diffit.checkpoint import read_sampling_checkpoint
+    from diffit.sample_checkpoint import read_sampling_checkpoint
 
     old = _edit_checkpoint(_ckpt(image_run), tmp_path / "old.pt", lambda ck: ck.pop("family"))
     c = read_sampling_checkpoint(old)                   # older checkpoints: from the preset

@@ -61,10 +61,10 @@ def test_real_digits_score_like_the_reference():
 def test_trained_model_scores_clearly_above_untrained(tmp_path):
     """300 steps of the demo's configuration at batch 32 (about 10 s on one core) against the
     same initial weights untrained, 200 samples each through the sampler the demo uses."""
-    from diffit.checkpoint import read_sampling_checkpoint
-    from diffit.demo import DEMO_CONFIG, sample_quality
+    from diffit.sample_checkpoint import read_sampling_checkpoint
+    from diffit.training.demo import DEMO_CONFIG, sample_quality
     from diffit.sample import edm_sample, load_model
-    from diffit.train import TrainConfig, train
+    from diffit.training.train import TrainConfig, train
     from diffit.unet import DiffiTUNet
 
     cfg = {**DEMO_CONFIG, "steps": 300, "batch_size": 32, "num_samples": 0, "log_every": 100,

@@ -1,5 +1,5 @@
-"""diffit.train: exact resume, checkpoint safety, EMA, configuration, DDP on CPU (gloo), encode's
-messages. Everything runs tiny models for a handful of steps on CPU."""
+"""diffit.training.train: exact resume, checkpoint safety, EMA, configuration, DDP on CPU (gloo),
+encode's messages. Everything runs tiny models for a handful of steps on CPU."""
 import json
 import os
 import socket
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from diffit import cli
-from diffit.ema import EMA
-from diffit.train import (CheckpointError, TrainConfig, Trainer, config_from_args,
-                          latest_checkpoint, list_checkpoints, read_checkpoint, train)
+from diffit.training.ema import EMA
+from diffit.training.train import (CheckpointError, TrainConfig, Trainer, config_from_args,
+                                   latest_checkpoint, list_checkpoints, read_checkpoint, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -398,7 +398,7 @@ def test_encode_with_a_stand_in_vae(tmp_path, monkeypatch):
     # black image -> -1 everywhere -> pooled -1 + 1 = 0, times the SD scale
     assert torch.equal(d["latents"], torch.zeros(2, 4, 2, 2, dtype=torch.float16))
     assert d["scale"] == 0.18215
-    from diffit.data import LatentDataset
+    from diffit.training.data import LatentDataset
     assert LatentDataset(out).image_size == 2
 
 
@@ -426,7 +426,7 @@ def test_progress_off_a_terminal_prints_lines_not_redraws(tmp_path, capsys):
     `every_s` seconds."""
     import io
 
-    from diffit.train_feedback import Progress
+    from diffit.training.feedback import Progress
 
     now = [0.0]
     out = io.StringIO()

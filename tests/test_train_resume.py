@@ -1,4 +1,5 @@
-"""diffit.train: stopping on a signal (preemption) and resuming on another number of ranks.
+"""diffit.training.train: stopping on a signal (preemption) and resuming on another number of
+ranks.
 
 The data are 64 random 4x8x8 latents whose element [0, 0, 0] is index / 64, so every batch says
 which samples it holds. Tiny latent DiffiT, batch 8, a handful of steps, CPU (gloo for 2 ranks)."""
@@ -14,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffit.train import (EXIT_STOPPED, StopRequest, TrainConfig, Trainer, latest_checkpoint,
-                          read_checkpoint, train)
-from diffit.train_state import fresh_rank_seed, rekey_optimizer_state, seed_all
+from diffit.training.train import (EXIT_STOPPED, StopRequest, TrainConfig, Trainer,
+                                   latest_checkpoint, read_checkpoint, train)
+from diffit.training.state import fresh_rank_seed, rekey_optimizer_state, seed_all
 
 ROOT = Path(__file__).resolve().parents[1]
 STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -216,7 +217,7 @@ def _two_rank_worker(rank, port, root, lat):
     FSDP: resume a 1-rank checkpoint on 2 sharded ranks, train to step 4."""
     import torch.distributed as dist
 
-    from diffit.train_state import full_state_dicts
+    from diffit.training.state import full_state_dicts
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
@@ -293,3 +294,34 @@ def test_resume_on_two_ranks_stop_on_one_signal_resume_on_one(tmp_path, latents,
         for k in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(mine[i][k], ck["optimizer"]["state"][n][k]), (n, k)
     assert t.fit()["step"] == 6
+
+
+def _pickled_globals(path: Path) -> set:
+    """The `module name` of every global a torch checkpoint's pickle names."""
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    found, strings = set(), []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+            strings.append(arg)
+        elif op.name == "GLOBAL":
+            found.add(arg)
+        elif op.name == "STACK_GLOBAL":
+            found.add(" ".join(strings[-2:]))
+    return found
+
+
+def test_checkpoints_name_no_diffit_module_so_they_survive_moves(tmp_path, latents):
+    # trainer checkpoints hold tensors, numbers, strings and dicts only (configs as asdict) and
+    # are read with weights_only=True, which refuses any other global: a checkpoint written
+    # before diffit/train*.py moved to diffit/training/ loads and resumes after it
+    out = tmp_path / "r"
+    train(_cfg(out, latents, steps=1))
+    path = latest_checkpoint(out / "checkpoints")
+    names = _pickled_globals(path)
+    assert names and all(n.split(" ")[0].split(".")[0] in ("torch", "collections")
+                         for n in names), names
+    assert Trainer(_cfg(out, latents, steps=2), resume="auto").step == 1

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Sequence, Tuple
 import torch
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -40,15 +40,15 @@ class Family:
 
 def _latent_family() -> Family:
     def presets():
-        from .latent import PRESETS
+        from ..latent import PRESETS
         return list(PRESETS)
 
     def build(preset, overrides, grad_checkpointing):
-        from .latent import DiffiT
+        from ..latent import DiffiT
         return DiffiT.from_preset(preset, **overrides, grad_checkpointing=grad_checkpointing)
 
     def native(preset):
-        from .latent import preset_config
+        from ..latent import preset_config
         c = preset_config(preset)
         return c.input_size, c.in_channels
 
@@ -62,7 +62,7 @@ def _latent_family() -> Family:
         if cfg.augment:
             raise ValueError(f"augment={cfg.augment} applies to the image-space presets only "
                              f"(EDM's recipe); the latent model {cfg.model!r} trains without it")
-        from .diffusion import create_diffusion
+        from ..diffusion import create_diffusion
         diffusion = create_diffusion(None, learn_sigma=model.learn_sigma)
 
         def loss(net, x, y):
@@ -72,7 +72,7 @@ def _latent_family() -> Family:
         return loss
 
     def sample(ema, noise, labels, cfg):
-        from .diffusion import create_diffusion
+        from ..diffusion import create_diffusion
         diffusion = create_diffusion(str(cfg.sample_steps or 250), learn_sigma=ema.learn_sigma)
         gen = torch.Generator(noise.device).manual_seed(cfg.seed)
         if labels is not None and cfg.guidance != 1.0:
@@ -87,7 +87,7 @@ def _latent_family() -> Family:
                                        generator=gen)
 
     def block_types():
-        from .layers import AdaLNBlock, DiffiTBlock
+        from ..layers import AdaLNBlock, DiffiTBlock
         return (DiffiTBlock, AdaLNBlock)
 
     return Family("latent", presets, build, native, data_overrides, make_loss, sample,
@@ -96,11 +96,11 @@ def _latent_family() -> Family:
 
 def _image_family() -> Family:
     def presets():
-        from .unet import PRESETS
+        from ..unet import PRESETS
         return list(PRESETS)
 
     def build(preset, overrides, grad_checkpointing):
-        from .unet import DiffiTResBlock, DiffiTUNet
+        from ..unet import DiffiTResBlock, DiffiTUNet
         model = DiffiTUNet.from_preset(preset, **overrides)
         if grad_checkpointing:
             # the U-Net has no switch of its own: wrap each ResBlock in torch's non-reentrant
@@ -116,14 +116,14 @@ def _image_family() -> Family:
         return model
 
     def native(preset):
-        from .unet import PRESETS
+        from ..unet import PRESETS
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}")
         return PRESETS[preset].image_size, PRESETS[preset].in_channels
 
     def data_overrides(ds, cfg):
-        from .augment import AugmentPipe
-        from .unet import PRESETS
+        from ..augment import AugmentPipe
+        from ..unet import PRESETS
         classes = ds.num_classes if cfg.class_cond else 0
         # augmentation conditions the network on the pipe's labels: a preset without label
         # slots (tiny) gets them; one that has them (cifar10, ffhq64) keeps its own
@@ -135,7 +135,7 @@ def _image_family() -> Family:
                     backend=cfg.backend, **aug)
 
     def make_loss(model, cfg):
-        from .diffusion.edm import EDMLoss, EDMPrecond
+        from ..diffusion.edm import EDMLoss, EDMPrecond
         edm = EDMLoss(augment=cfg.augment or None)
         if edm.augment_pipe is not None and model.config.augment_dim != edm.augment_pipe.label_dim:
             raise ValueError(f"augment={cfg.augment} conditions the network on "
@@ -147,7 +147,7 @@ def _image_family() -> Family:
         return loss
 
     def sample(ema, noise, labels, cfg):
-        from .diffusion.edm import EDMPrecond, guided_denoiser, heun_sampler
+        from ..diffusion.edm import EDMPrecond, guided_denoiser, heun_sampler
         net = EDMPrecond(ema)
         if labels is not None and cfg.guidance != 1.0:
             net = guided_denoiser(net, cfg.guidance, ema.config.num_classes)
@@ -155,7 +155,7 @@ def _image_family() -> Family:
                             num_steps=cfg.sample_steps or ema.config.heun_steps)
 
     def block_types():
-        from .unet import DiffiTResBlock
+        from ..unet import DiffiTResBlock
         return (DiffiTResBlock,)
 
     return Family("image", presets, build, native, data_overrides, make_loss, sample,

@@ -284,7 +284,7 @@ def write_checkpoint(obj: dict, ckpt_dir: Path, step: int, keep: int) -> Path:
     """ckpt_<step>.pt, then `latest` naming it, then all but the newest `keep` removed. Each file
     is written under a temporary name, flushed to disk and renamed, so a crash, a kill or a
     preempted node at any moment leaves `latest` naming a complete checkpoint."""
-    from .checkpoint import atomic_path
+    from ..checkpoint import atomic_path
     path = ckpt_dir / f"{CKPT_PREFIX}{step:08d}.pt"
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -307,7 +307,7 @@ def check_compatible(ck: dict, path: Path, *, config: dict, free: set, defaults:
     checkpoint lacks counts as its value in `defaults`, a model field as its value in
     `model_defaults`: checkpoints written before a field existed). The world size may differ
     (see load_training_state)."""
-    from .latent import CheckpointMismatchError, check_state_dict_against
+    from ..latent import CheckpointMismatchError, check_state_dict_against
     theirs, model = {**(model_defaults or {}), **ck["model_config"]}, config.get("model")
     if ck["config"].get("model") != model or theirs != model_config:
         diff = [f"{k}: {theirs.get(k)!r} there vs {model_config.get(k)!r} here"

@@ -21,7 +21,7 @@ class MetricsLog:
                 path.unlink()
         elif path.exists():
             kept = [ln for ln in self.read(path) if ln["step"] <= resume_step]
-            from .checkpoint import atomic_path
+            from ..checkpoint import atomic_path
             with atomic_path(path) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
@@ -51,7 +51,7 @@ def plot_loss(metrics: Path, png: Path, title: str = "") -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    from .checkpoint import atomic_path
+    from ..checkpoint import atomic_path
     rows = [r for r in MetricsLog.read(metrics) if math.isfinite(r.get("loss", float("nan")))]
     if not rows:
         return False
@@ -84,7 +84,7 @@ def save_grid(images, path: Path, nrow: Optional[int] = None, min_tile: int = 64
     import numpy as np
     from PIL import Image
 
-    from .checkpoint import atomic_path
+    from ..checkpoint import atomic_path
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     N, C, H, W = x.shape
     f = max(1, math.ceil(min_tile / max(H, W)))

@@ -78,7 +78,7 @@ def run(args) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from .checkpoint import save_object
+    from ..checkpoint import save_object
     from .data import ImageFolderDataset
 
     if args.image_size < 8 or args.image_size % 8:

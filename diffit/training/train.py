@@ -6,7 +6,7 @@ U-Net (EDM loss), on one device or under torchrun (DDP, or FSDP with --fsdp).
     torchrun --nproc_per_node=8 -m diffit train --config configs/latent_xl2.json --resume
 
 Configuration: dataclass defaults < the JSON file given with --config < flags. The preset picks
-the model family through FAMILIES (diffit/train_families.py, the only model-specific code):
+the model family through FAMILIES (diffit/training/families.py, the only model-specific code):
 latent presets ("DiffiT-S/2", ..., "DiffiT-XL/2") train with the ADM / DiT Gaussian diffusion
 loss (eps + learned variance) and sample with its ancestral sampler; image-space presets ("tiny",
 "cifar10", "ffhq64") train with EDM's loss and sample with EDM's Heun sampler. The data sets the
@@ -58,153 +58,26 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
-# re-exported: diffit.train is where users and tests find the training API
-from .train_families import FAMILIES, Family, family_of
-from .train_feedback import MetricsLog, Progress, plot_loss, sample_images, save_grid
-from .train_state import (CKPT_PREFIX, FORMAT, STOP_SIGNALS, CheckpointError, DistInfo,
-                          StopRequest, barrier, check_compatible, fresh_rank_seed,
-                          full_state_dicts, gather_objects, ignore_stop_signals, init_distributed,
-                          latest_checkpoint, list_checkpoints, load_training_state,
-                          read_checkpoint, rng_state, seed_all, set_rng_state, wrap_model,
-                          write_checkpoint)
+# re-exported: diffit.training.train is where users and tests find the training API
+from .config import (_RESUME_FREE, TrainConfig, config_from_dict,  # noqa: F401
+                     load_config_file)
+from .families import FAMILIES, Family, family_of
+from .feedback import MetricsLog, Progress, plot_loss, sample_images, save_grid
+from .state import (CKPT_PREFIX, FORMAT, STOP_SIGNALS, CheckpointError, DistInfo,
+                    StopRequest, barrier, check_compatible, fresh_rank_seed, full_state_dicts,
+                    gather_objects, ignore_stop_signals, init_distributed, latest_checkpoint,
+                    list_checkpoints, load_training_state, read_checkpoint, rng_state, seed_all,
+                    set_rng_state, wrap_model, write_checkpoint)
 
 # exit status of `python -m diffit train` stopped by a signal with its checkpoint complete:
 # sysexits' EX_TEMPFAIL ("try again later"), so a requeue wrapper can tell it from success (0),
 # bad arguments (2) and crashes (1)
 EXIT_STOPPED = 75
-
-
-# ---- configuration --------------------------------------------------------------------------
-def _opt(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
-@dataclass
-class TrainConfig:
-    # model
-    model: str = _opt("tiny", "preset: latent (DiffiT-S/2 ... DiffiT-XL/2, DiffiT-tiny) or "
-                      "image space (tiny, cifar10, ffhq64)")
-    model_args: Dict[str, Any] = _opt(None, "JSON object of preset-config overrides, e.g. "
-                                      "'{\"channels\": [32, 64]}'", type=json.loads)
-    class_cond: bool = _opt(True, "condition on the data's labels when it has any")
-    class_dropout: float = _opt(0.1, "label dropout probability (classifier-free guidance)")
-    backend: str = _opt("auto", "diffit_kernels backend", choices=("auto", "triton", "torch"))
-    grad_checkpointing: bool = _opt(False, "recompute every block in backward (less memory)")
-    # data
-    data: str = _opt("digits", "dataset kind", choices=("digits", "folder", "latents"))
-    data_path: Optional[str] = _opt(None, "image folder, or latent tensor file (.pt/.npz/...)")
-    image_size: Optional[int] = _opt(None, "image side (default: the preset's); latents "
-                                     "define their own", type=int)
-    channels: Optional[int] = _opt(None, "folder data: 3 reads RGB, 1 grayscale (default: "
-                                   "the preset's)", type=int)
-    flip: Optional[bool] = _opt(None, "random horizontal flips (default: on for folders)")
-    augment: float = _opt(0.0, "image space: EDM's labelled geometric augmentation probability "
-                          "(diffit.augment; EDM uses 0.12 on CIFAR-10, 0.15 on FFHQ-64); 0 = off")
-    num_workers: int = _opt(0, "data loader worker processes per rank")
-    # optimisation
-    batch_size: int = _opt(64, "global batch size (split evenly over the ranks)")
-    steps: int = _opt(1000, "total optimizer steps")
-    optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "adam"))
-    lr: float = _opt(1e-4, "peak learning rate")
-    weight_decay: float = _opt(0.0, "weight decay")
-    beta1: float = _opt(0.9, "Adam beta1")
-    beta2: float = _opt(0.999, "Adam beta2")
-    warmup_steps: int = _opt(0, "linear learning-rate warmup steps")
-    lr_schedule: str = _opt("constant", "after warmup", choices=("constant", "cosine"))
-    grad_clip: float = _opt(1.0, "max gradient norm (0 = no clipping)")
-    ema_decay: float = _opt(0.9999, "EMA decay")
-    ema_warmup: bool = _opt(True, "EMA decay min(decay, (1+s)/(10+s)) (short runs)")
-    precision: str = _opt("auto", "autocast: auto = bf16 on CUDA, fp32 elsewhere",
-                          choices=("auto", "fp32", "bf16"))
-    compile: Optional[bool] = _opt(None, "regional torch.compile of the blocks with the fused "
-                                   "kernels inside (default: on for CUDA, off on CPU and under "
-                                   "FSDP)")
-    compile_mode: str = _opt("default", "with compile: reduce-overhead also replays each block "
-                             "as a CUDA graph (one process only)",
-                             choices=("default", "reduce-overhead"))
-    seed: int = _opt(0, "global seed (rank r draws with seed * world + r)")
-    # distribution
-    fsdp: bool = _opt(False, "under torchrun: shard model, EMA and optimizer state (FSDP2) "
-                      "instead of DDP")
-    device: Optional[str] = _opt(None, "default: cuda:LOCAL_RANK when available, else cpu")
-    # outputs and feedback
-    out: str = _opt("runs/diffit", "output directory")
-    log_every: int = _opt(10, "steps per metrics line")
-    ckpt_every: int = _opt(1000, "steps per checkpoint (0 = only at the end)")
-    keep_checkpoints: int = _opt(2, "checkpoints kept on disk")
-    sample_every: int = _opt(0, "steps per sample grid (0 = only at the end)")
-    num_samples: int = _opt(16, "images in a sample grid (0 = none)")
-    sample_steps: Optional[int] = _opt(None, "sampler steps (default: EDM preset's Heun steps; "
-                                       "250 for latent)", type=int)
-    guidance: float = _opt(1.0, "classifier-free guidance scale for sample grids")
-    sample_vae: Optional[str] = _opt(None, "latent data: diffusers VAE to decode sample grids")
-    progress: bool = _opt(True, "progress bar on a terminal; elsewhere plain progress lines "
-                          "(no carriage-return redraws)")
-
-    def validate(self) -> "TrainConfig":
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(msg)
-
-        for f in dataclasses.fields(self):
-            ch = f.metadata.get("choices")
-            if ch and getattr(self, f.name) not in ch:
-                raise ValueError(f"{f.name} must be one of {ch}, got {getattr(self, f.name)!r}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        need(0.0 <= self.augment <= 1.0, f"augment must be in [0, 1], got {self.augment}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
-        need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        need(0 <= self.class_dropout < 1,
-             f"class_dropout must be in [0, 1), got {self.class_dropout}")
-        need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
-        need(self.ckpt_every >= 0, f"ckpt_every must be >= 0, got {self.ckpt_every}")
-        need(self.keep_checkpoints >= 1,
-             f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        need(self.sample_every >= 0, f"sample_every must be >= 0, got {self.sample_every}")
-        need(self.num_samples >= 0, f"num_samples must be >= 0, got {self.num_samples}")
-        need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
-        need(self.model_args is None or isinstance(self.model_args, dict),
-             f"model_args must be a JSON object, got {self.model_args!r}")
-        return self
-
-
-# fields that do not change the training trajectory: free to differ when resuming. Every other
-# field must match the checkpoint's; one the checkpoint lacks (added to TrainConfig after it was
-# written) counts as its default, so a new field must default to the old behaviour
-_RESUME_FREE = {"steps", "out", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
-                "num_samples", "sample_steps", "guidance", "sample_vae", "progress",
-                "num_workers", "data_path", "device", "backend", "compile", "compile_mode"}
-
-
-def config_from_dict(d: Mapping[str, Any], source: str = "config") -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"{source}: unknown keys {unknown}; known keys: {sorted(names)}")
-    return TrainConfig(**dict(d)).validate()
-
-
-def load_config_file(path) -> Dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"config file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"config file {path} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"config file {path} must hold a JSON object, got {type(d).__name__}")
-    d.pop("_comment", None)
-    return d
 
 
 # ---- the trainer ----------------------------------------------------------------------------
@@ -264,7 +137,7 @@ class Trainer:
                               fam.block_types())
         # after the EMA's deepcopy and the DDP / FSDP wrapping: only the trained model's blocks
         # are compiled (the state-dict keys do not change)
-        from .accel import compile_for_run
+        from ..accel import compile_for_run
         if cfg.compile_mode == "reduce-overhead" and (d.world > 1 or cfg.grad_checkpointing):
             raise ValueError("compile_mode reduce-overhead (CUDA graphs) is supported in one "
                              "process without grad_checkpointing; use the default mode")
@@ -288,7 +161,7 @@ class Trainer:
             self._load(resume_path)
         if self.rank0:
             self.out.mkdir(parents=True, exist_ok=True)
-            from .checkpoint import atomic_path
+            from ..checkpoint import atomic_path
             with atomic_path(self.out / "config.json") as tmp:
                 tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n",
                                encoding="utf-8")
@@ -376,7 +249,7 @@ class Trainer:
 
     def sample(self, n: Optional[int] = None) -> Optional[torch.Tensor]:
         """n samples from the EMA model as images in [-1, 1] (rank 0; every rank under FSDP),
-        from the same noise and labels every time (see train_feedback.sample_images)."""
+        from the same noise and labels every time (see feedback.sample_images)."""
         n = self.cfg.num_samples if n is None else n
         if n <= 0 or not (self.rank0 or self.fsdp):
             return None

@@ -88,7 +88,7 @@ def _check_requirements() -> None:
 
 
 def demo_config(out, steps: int, batch_size: int, seed: int, device=None, progress=True):
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     return TrainConfig(**{**DEMO_CONFIG, "out": str(out), "steps": steps,
                           "batch_size": batch_size, "seed": seed, "device": device,
@@ -109,7 +109,7 @@ def _clear_previous(out: Path) -> None:
 
 
 def _write_marker(out: Path, record: dict) -> None:
-    from .checkpoint import atomic_path
+    from ..checkpoint import atomic_path
 
     with atomic_path(out / MARKER) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -122,9 +122,9 @@ def sample_quality(run_dir, per_class: int = QUALITY_PER_CLASS, seed: int = 0,
     Heun, the preset's steps, no guidance)."""
     import torch
 
-    from .checkpoint import read_sampling_checkpoint
-    from .quality import digits_quality
-    from .sample import edm_sample, load_model
+    from ..sample_checkpoint import read_sampling_checkpoint
+    from ..quality import digits_quality
+    from ..sample import edm_sample, load_model
 
     ck = read_sampling_checkpoint(run_dir)
     data = (ck.train_config or {}).get("data")
@@ -172,7 +172,7 @@ def run_demo(out, steps: int = DEMO_CONFIG["steps"], batch_size: int = DEMO_CONF
 def run(args) -> int:
     import torch
 
-    from .quality import format_quality
+    from ..quality import format_quality
 
     if args.threads < 1:
         print(f"diffit demo: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)

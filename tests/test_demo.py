@@ -18,6 +18,8 @@ def test_demo_short_run_loss_falls_and_writes_images(tmp_path, capsys):
     s = run_demo(out, steps=120, batch_size=32, progress=False)
     assert s["step"] == 120
     rec = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rec if "digits_quality" in r] == [120]    # after the grid
+    rec = [r for r in rec if "loss" in r]
     assert [r["step"] for r in rec] == list(range(20, 121, 20))
     first, last = rec[0]["loss"], rec[-1]["loss"]
     assert last < 0.75 * first, [r["loss"] for r in rec]
@@ -39,7 +41,7 @@ def test_demo_short_run_loss_falls_and_writes_images(tmp_path, capsys):
     # a second demo in the same directory replaces the first
     assert cli.main(["demo", "--out", str(out), "--steps", "2", "--batch-size", "8",
                      "--no-progress"]) == 0
-    assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [2]
+    assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [2, 2]
     said = capsys.readouterr().out
     q2 = json.loads((out / "demo.json").read_text())["quality"]
     assert f"classifier accuracy on 360 samples: {q2['accuracy']:.3f}" in said

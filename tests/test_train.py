@@ -260,8 +260,21 @@ def test_outputs_and_sample_grid(tmp_path):
     assert Image.open(out / "loss.png").size[0] > 100
     assert json.loads((out / "config.json").read_text())["steps"] == 4
     rec = [json.loads(x) for x in open(out / "metrics.jsonl")]
-    assert [r["step"] for r in rec] == [2, 4] and all(r["images_per_s"] > 0 for r in rec)
+    losses = [r for r in rec if "loss" in r]
+    assert [r["step"] for r in losses] == [2, 4] and all(r["images_per_s"] > 0 for r in losses)
     assert s["checkpoint"].name == "ckpt_00000004.pt"
+    # digits, class-conditional: each grid's quality follows it, rated for the grid's labels
+    quality = [r for r in rec if "digits_quality" in r]
+    assert [r["step"] for r in quality] == [2, 4] and len(rec) == 4
+    q = quality[-1]["digits_quality"]
+    assert q["num_samples"] == 20 and 0 <= q["accuracy"] <= 1 and q["frechet_distance"] > 0
+    assert len(q["accuracy_per_class"]) == 10 and q["reference"]["accuracy"] > 0.9
+
+
+def test_no_digits_quality_without_labels(tmp_path):
+    train(_cfg(tmp_path / "r", steps=1, num_samples=4, sample_steps=2, class_cond=False))
+    rec = [json.loads(x) for x in open(tmp_path / "r" / "metrics.jsonl")]
+    assert [sorted(r) for r in rec if "digits_quality" in r] == [] and len(rec) == 1
 
 
 def test_latent_guided_sample_grid_and_sample_cli(tmp_path, latent_file):

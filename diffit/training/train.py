@@ -18,7 +18,9 @@ graphs as well); on CPU eager. The log names the configuration and the first ste
 
 Outputs under --out (rank 0 writes; every file is written atomically or appended line by line):
     config.json                     the resolved configuration
-    metrics.jsonl                   one line per log interval: step, loss, lr, grad_norm, images/s
+    metrics.jsonl                   one line per log interval: step, loss, lr, grad_norm, images/s;
+                                    digits with a class-conditional model: a line {step,
+                                    digits_quality} after each sample grid (diffit.quality)
     loss.png                        the loss curve (matplotlib), refreshed at every checkpoint
     samples.png, samples/step_*.png sample grids from the EMA model (every sample_every steps)
     checkpoints/ckpt_<step>.pt      model, EMA, optimizer, step, data position, RNG states of
@@ -265,7 +267,28 @@ class Trainer:
         step_png = self.out / "samples" / f"step_{self.step:08d}.png"
         save_grid(imgs, step_png, nrow=nrow)
         save_grid(imgs, self.out / "samples.png", nrow=nrow)
+        if self.cfg.data == "digits" and self.num_classes:
+            self.write_digits_quality(imgs)
         return self.out / "samples.png"
+
+    def write_digits_quality(self, imgs: torch.Tensor) -> Optional[dict]:
+        """The grid's digits quality (diffit.quality: a classifier's accuracy on the labels the
+        grid drew for, the Frechet distance of its features) as a metrics.jsonl line of its own
+        {"step", "digits_quality"}; None without scikit-learn."""
+        from ..quality import digits_quality
+
+        labels = torch.arange(imgs.shape[0]) % self.num_classes    # as sample_images drew them
+        try:
+            q = digits_quality(imgs, labels)
+        except ImportError as e:
+            self._log(f"diffit train: no digits quality for the samples: {e}")
+            return None
+        self.metrics.write({"step": self.step, "digits_quality": q})
+        self._log(f"diffit train: step {self.step} samples: classifier accuracy "
+                  f"{q['accuracy']:.3f} (real digits {q['reference']['accuracy']:.3f}), Frechet "
+                  f"distance {q['frechet_distance']:.3f} (real "
+                  f"{q['reference']['frechet_distance']:.3f})")
+        return q
 
     def write_plot(self) -> None:
         if self.rank0:

@@ -6,7 +6,9 @@ is the posterior mean D*(x; sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu), with p
 s^2 sigma^2 / (s^2 + sigma^2). The probability-flow ODE then maps N(mu, s^2 + sigma_max^2) to
 N(mu, s^2) exactly, so a correct sampler must reproduce the data's mean and variance.
 """
+import io
 import math
+import sys
 
 import pytest
 import torch
@@ -279,4 +281,19 @@ def test_heun_progress_and_guidance(capsys):
     out = heun_sampler(D, noise, y, num_steps=3, progress=True)
     # D ignores x, so the last (Euler) step lands on D exactly
     torch.testing.assert_close(out, D(noise, 1, y))
-    assert "heun" in capsys.readouterr().err
+    # capsys' stderr is no terminal: no bar, so a log never collects carriage-return redraws
+    assert capsys.readouterr().err == ""
+
+
+def test_heun_progress_bar_only_on_a_terminal(monkeypatch):
+    pytest.importorskip("tqdm")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    noise = torch.randn(2, 1, 2, 2)
+    heun_sampler(lambda x, s, y: torch.zeros_like(x), noise, None, num_steps=3, progress="demo")
+    assert "demo" in err.getvalue() and "\r" in err.getvalue()

@@ -243,10 +243,10 @@ def heun_sampler(
 
     steps = range(num_steps)
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
         desc = progress if isinstance(progress, str) else "heun"
-        steps = tqdm(steps, desc=desc, unit="step")
+        steps = progress_bar(steps, desc=desc, unit="step")
 
     gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)
     x = noise.to(torch.float64) * sigmas[0]

@@ -121,11 +121,9 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor,
 def _progress(it: Iterable, enabled: bool, total: int, desc: str):
     if not enabled:
         return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return it
-    return tqdm(it, total=total, desc=desc)
+    from ..progress import progress_bar
+
+    return progress_bar(it, total=total, desc=desc)
 
 
 # ---- the diffusion --------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..progress import progress_bar
+
 LATENT_SCALE = 0.18215
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 
@@ -104,11 +106,7 @@ def run(args) -> int:
     lat, lab = [], []
     it = loader
     if not args.no_progress:
-        try:
-            from tqdm.auto import tqdm
-            it = tqdm(loader, desc="encode", unit="batch")
-        except ImportError:
-            pass
+        it = progress_bar(loader, total=len(loader), desc="encode", unit="batch")
     with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32,
                                          enabled=amp is not None and device.type == "cuda"):
         for x, y in it:

@@ -9,6 +9,8 @@ from typing import List, Optional
 
 import torch
 
+from ..progress import isatty
+
 
 class MetricsLog:
     """metrics.jsonl: appended one line at a time; on resume, lines past the resumed step (from
@@ -134,13 +136,6 @@ def to_images(x: torch.Tensor, cfg) -> torch.Tensor:
     return (v / (3 * v.std().clamp_min(1e-6))).clamp(-1, 1)
 
 
-def _isatty(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):      # no isatty, or a closed stream
-        return False
-
-
 def _duration(s: float) -> str:
     s = int(round(s))
     h, rem = divmod(s, 3600)
@@ -168,7 +163,7 @@ class Progress:
         self.clock = clock or time.monotonic
         self.t0 = self.t_last = self.clock()
         self.bar = None
-        if bar and _isatty(sys.stdout) and _isatty(sys.stderr):
+        if bar and isatty(sys.stdout) and isatty(sys.stderr):
             try:
                 from tqdm.auto import tqdm
                 self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,

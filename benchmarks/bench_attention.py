@@ -3,6 +3,9 @@
 Providers (every row's gradient includes the bias table, or the dense bias, where it has one):
     tmsa           diffit_kernels.tmsa_attention (Triton): table gathered in-kernel, d_table
                    reduced deterministically
+    tmsa-2pass     the same with the table gradient in a pass of its own (the design before the
+                   dK/dV pass summed dS into the table; the library keeps it for spans above
+                   attention._DS_MAX_ELEMENTS): the A/B row that sets that threshold by measurement
     sdpa-membias   SDPA, memory-efficient backend forced, dense bias built from the table that
                    requires grad (its backward writes a dense bias gradient); the bias is made
                    contiguous [1, H, n, n] and expanded over the batch (stride 0), so SDPA need not
@@ -35,6 +38,7 @@ saying they were skipped. The CSV is rewritten after every shape.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
@@ -66,7 +70,8 @@ QUICK = ("latent256-B64", "latent512-B8", "img32-win4-B64", "img64-win8-B16")
 TINY_CPU = [("tiny-global", 1, 2, (4, 4), None, 16), ("tiny-win", 1, 2, (4, 4), (2, 2), 16)]
 MODES = ("fwd", "bwd", "fwd+bwd")
 # run order: speed of light first; flex (two compiles per shape) last, after every shape
-PROVIDERS = ("sdpa-flash", "memory limit", "tmsa", "sdpa-membias", "eager", "flex")
+PROVIDERS = ("sdpa-flash", "memory limit", "tmsa", "tmsa-2pass", "sdpa-membias", "eager",
+             "flex")
 SPEED_OF_LIGHT = ("sdpa-flash", "memory limit")
 SLOW = ("flex",)           # run at every shape after the others have run at every shape
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -139,7 +144,8 @@ def _providers(grid, window, names) -> Dict[str, Callable]:
     def eager(q, k, v, table):
         return reference.tmsa_attention(q, k, v, table=table, grid=grid, window=window)
 
-    make = {"tmsa": lambda: tmsa, "eager": lambda: eager, "memory limit": lambda: None,
+    make = {"tmsa": lambda: tmsa, "tmsa-2pass": lambda: tmsa, "eager": lambda: eager,
+            "memory limit": lambda: None,
             "sdpa-membias": lambda: _sdpa_membias(gh, gw), "sdpa-flash": _sdpa_flash,
             "flex": lambda: _flex(grid, window)}
     return {n: make[n]() for n in names}
@@ -190,7 +196,28 @@ def _flops(B, H, grid, window, d) -> float:
     return 4.0 * B * H * N * keys * d
 
 
+@contextlib.contextmanager
+def _table_grad_pass(name):
+    """tmsa-2pass: every backward inside takes the separate table-gradient pass."""
+    if name != "tmsa-2pass":
+        yield
+        return
+    from diffit_kernels import attention
+
+    old = attention._DS_MAX_ELEMENTS
+    attention._DS_MAX_ELEMENTS = 0
+    try:
+        yield
+    finally:
+        attention._DS_MAX_ELEMENTS = old
+
+
 def _measure(name, fn, q, k, v, table, grid, window, mode, tiny_cpu):
+    with _table_grad_pass(name):
+        return _measure_pass(name, fn, q, k, v, table, grid, window, mode, tiny_cpu)
+
+
+def _measure_pass(name, fn, q, k, v, table, grid, window, mode, tiny_cpu):
     if name in ("sdpa-flash",) and window is not None:
         q, k, v = (_partition(t.detach(), grid, window).requires_grad_() for t in (q, k, v))
     if name in ("sdpa-membias",) and window is not None:

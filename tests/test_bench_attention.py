@@ -2,6 +2,7 @@
 import csv
 import math
 
+import pytest
 import torch
 
 from benchmarks import bench_attention
@@ -31,3 +32,25 @@ def test_without_cuda_it_explains_and_returns_nothing(capsys, monkeypatch):
     monkeypatch.setattr(bench_attention.torch.cuda, "is_available", lambda: False)
     assert bench_attention.run(quick=True) == []
     assert "need a CUDA GPU" in capsys.readouterr().out
+
+
+@pytest.mark.interpreter
+def test_tmsa_2pass_takes_the_separate_table_gradient_pass():
+    """The A/B provider really runs the old design (a dbias pass, no in-pass sums) while tmsa
+    sums dS in the dK/dV pass, and both give the same gradients."""
+    from diffit_kernels import attention
+
+    grads, kinds = {}, {}
+    q, k, v, table = bench_attention._inputs(2, 2, (8, 8), None, 16, torch.float32, "cpu")
+    for name in ("tmsa", "tmsa-2pass"):
+        fn = bench_attention._providers((8, 8), None, [name])[name]
+        log: list = []
+        with attention._emulate_card(132, log=log), bench_attention._table_grad_pass(name):
+            o = fn(q, k, v, table)
+            grads[name] = torch.autograd.grad(o, (q, k, v, table), torch.ones_like(o))
+        kinds[name] = {entry[0] for entry in log}
+    assert any("acc" in kd for kd in kinds["tmsa"]) and "dbias" not in kinds["tmsa"], kinds
+    assert "dbias" in kinds["tmsa-2pass"] and not any("acc" in kd for kd in kinds["tmsa-2pass"])
+    for a, b in zip(grads["tmsa"], grads["tmsa-2pass"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert attention._DS_MAX_ELEMENTS > 0  # the context restored the library's threshold

@@ -125,17 +125,21 @@ def test_images_adm_layout_and_grid(tmp_path, monkeypatch):
     assert grid.size == (3 * 130 + 2, 2 * 130 + 2)
 
 
+def _run_two_ranks(argv):
+    """`python -m diffit sample argv` under torchrun with two gloo ranks, one thread each."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", "-m", "diffit", "sample", *argv], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_torchrun_shards_and_gathers(tmp_path):
     """Two gloo ranks give the same DDIM latents, in the same order, as one process."""
     args = [*TINY, "--latents-only", "--num-samples", "5", "--batch-size", "2",
             "--steps", "ddim3", "--seed", "3"]
     assert _run([*args, "--out", str(tmp_path / "one")]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node", "2", "-m", "diffit", "sample", *args,
-                        "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = _run_two_ranks([*args, "--out", str(tmp_path / "two")])
     assert r.returncode == 0, r.stderr[-3000:]
     one = np.load(tmp_path / "one" / "latents_5x4x16x16.npz")
     two = np.load(tmp_path / "two" / "latents_5x4x16x16.npz")
@@ -381,12 +385,7 @@ def test_torchrun_shards_an_image_checkpoint(image_run, tmp_path, one_thread):
     args = ["--checkpoint", str(image_run), "--num-samples", "5", "--batch-size", "2",
             "--seed", "4", "--no-progress"]
     assert _run([*args, "--out", str(tmp_path / "one")]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node", "2", "-m", "diffit", "sample", *args,
-                        "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = _run_two_ranks([*args, "--out", str(tmp_path / "two")])
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("EMA weights") == 1 and "2 rank(s)" in r.stdout
     one, two = _samples(tmp_path / "one", 5), _samples(tmp_path / "two", 5)

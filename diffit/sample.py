@@ -490,7 +490,7 @@ def run(args) -> int:
         return _fail(str(e))
     model = model.to(device).eval()
     from .accel import compile_for_run
-    _, run_mode = compile_for_run(model, args.compile, device, args.backend)
+    _, _, run_mode = compile_for_run(model, args.compile, device, args.backend)
     vae = None
     if latent_space and not args.latents_only:
         try:

@@ -489,6 +489,39 @@ def test_compile_is_the_default_on_cuda_only():
     assert config_from_args(p.parse_args(["train", "--compile"])).compile is True
 
 
+def test_cuda_graphs_are_the_default_where_they_run():
+    """--compile-mode auto (the default): CUDA graphs on CUDA in one process without gradient
+    checkpointing, else the default mode with the reason in the log line; an explicit
+    reduce-overhead where it cannot run is an error naming why."""
+    from diffit.accel import describe_run, resolve_compile_mode
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    mode, why = resolve_compile_mode("auto", cuda)
+    assert mode == "reduce-overhead" and "--compile-mode default to opt out" in why
+    assert resolve_compile_mode("auto", cuda, world=8) == (
+        "default", "no CUDA graphs with 8 processes")
+    assert resolve_compile_mode("auto", cuda, grad_checkpointing=True) == (
+        "default", "no CUDA graphs with gradient checkpointing")
+    assert resolve_compile_mode("auto", cpu) == ("default", "")
+    assert resolve_compile_mode("default", cuda) == ("default", "")
+    assert resolve_compile_mode("reduce-overhead", cuda) == ("reduce-overhead", "")
+    for kw in (dict(world=2), dict(grad_checkpointing=True)):
+        with pytest.raises(ValueError, match="reduce-overhead .* not with"):
+            resolve_compile_mode("reduce-overhead", cuda, **kw)
+    with pytest.raises(ValueError, match="not with the cpu device"):
+        resolve_compile_mode("reduce-overhead", cpu)
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        resolve_compile_mode("max-autotune", cuda)
+    line = describe_run("torch", cpu, True, "--compile", 28, mode, why)
+    assert line.endswith("(28 blocks, fullgraph, backend inductor, mode reduce-overhead (CUDA "
+                         "graphs, the default in one process on CUDA; --compile-mode default to "
+                         "opt out); --compile)"), line
+    p = cli.build_parser()
+    assert config_from_args(p.parse_args(["train"])).compile_mode == "auto"
+    assert config_from_args(p.parse_args(["train", "--compile-mode", "default"])).compile_mode \
+        == "default"
+
+
 def test_compiled_blocks_train_like_eager(tmp_path, latent_file, monkeypatch, capsys):
     """--compile (the CUDA default) on CPU with the aot_eager backend: the blocks are compiled in
     place, the log says so, the losses follow the eager run's, and checkpoints keep the
@@ -512,21 +545,22 @@ def test_compiled_blocks_train_like_eager(tmp_path, latent_file, monkeypatch, ca
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_mode_trains_like_the_default(tmp_path, capsys):
-    """--compile-mode reduce-overhead (every block replayed as a CUDA graph) against the
-    default compile, on the card: the same losses within rounding over a few steps of a U-Net
+    """The default --compile-mode auto (here: reduce-overhead, every block replayed as a CUDA
+    graph) against --compile-mode default, on the card: the same losses within rounding over a few steps of a U-Net
     with windowed and global attention on the fused kernels (their cached launch plans and
     autotuning must survive the graphs' memory pool)."""
     kw = dict(batch_size=16, steps=4, compile=True, model_args={"head_dim": 16})
     torch._dynamo.reset()
     try:
-        train(_cfg(tmp_path / "default", **kw))
+        train(_cfg(tmp_path / "default", compile_mode="default", **kw))
         torch._dynamo.reset()
-        train(_cfg(tmp_path / "graphs", compile_mode="reduce-overhead", **kw))
+        train(_cfg(tmp_path / "graphs", **kw))  # auto: the graphs, as users get them
     finally:
         torch._dynamo.reset()
     out = capsys.readouterr().out
     assert "our fused Triton kernels inside regional torch.compile (4 blocks, fullgraph, " \
-           "backend inductor, mode reduce-overhead; --compile)" in out
+           "backend inductor, mode reduce-overhead (CUDA graphs, the default in one process " \
+           "on CUDA; --compile-mode default to opt out); --compile)" in out
     default, graphs = _losses(tmp_path / "default"), _losses(tmp_path / "graphs")
     assert [s for s, _ in graphs] == [1, 2, 3, 4]
     torch.testing.assert_close([v for _, v in graphs], [v for _, v in default], rtol=2e-3,

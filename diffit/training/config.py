@@ -56,9 +56,10 @@ class TrainConfig:
     compile: Optional[bool] = _opt(None, "regional torch.compile of the blocks with the fused "
                                    "kernels inside (default: on for CUDA, off on CPU and under "
                                    "FSDP)")
-    compile_mode: str = _opt("default", "with compile: reduce-overhead also replays each block "
-                             "as a CUDA graph (one process only)",
-                             choices=("default", "reduce-overhead"))
+    compile_mode: str = _opt("auto", "with compile: reduce-overhead also replays each block "
+                             "as a CUDA graph (one process, no grad_checkpointing); auto = "
+                             "reduce-overhead where it runs, else default",
+                             choices=("auto", "default", "reduce-overhead"))
     seed: int = _opt(0, "global seed (rank r draws with seed * world + r)")
     # distribution
     fsdp: bool = _opt(False, "under torchrun: shard model, EMA and optimizer state (FSDP2) "

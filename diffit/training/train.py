@@ -13,8 +13,9 @@ loss (eps + learned variance) and sample with its ancestral sampler; image-space
 model's input size, channels and (with class_cond) classes.
 
 How it runs: on CUDA the blocks are compiled in place with torch.compile (diffit/accel.py: our
-fused kernels inside, fullgraph; --no-compile for eager, --compile-mode reduce-overhead for CUDA
-graphs as well); on CPU eager. The log names the configuration and the first step's time.
+fused kernels inside, fullgraph), each compiled block replayed as a CUDA graph in one process
+without gradient checkpointing (--compile-mode default: compile only; --no-compile: eager); on
+CPU eager. The log names the configuration and the first step's time.
 
 Outputs under --out (rank 0 writes; every file is written atomically or appended line by line):
     config.json                     the resolved configuration
@@ -140,13 +141,10 @@ class Trainer:
         # after the EMA's deepcopy and the DDP / FSDP wrapping: only the trained model's blocks
         # are compiled (the state-dict keys do not change)
         from ..accel import compile_for_run
-        if cfg.compile_mode == "reduce-overhead" and (d.world > 1 or cfg.grad_checkpointing):
-            raise ValueError("compile_mode reduce-overhead (CUDA graphs) is supported in one "
-                             "process without grad_checkpointing; use the default mode")
-        self.compiled, self.run_mode = compile_for_run(self.model, cfg.compile, d.device,
-                                                       cfg.backend, fsdp=self.fsdp,
-                                                       mode=cfg.compile_mode)
-        self.cudagraphs = self.compiled and cfg.compile_mode == "reduce-overhead"
+        self.compiled, mode, self.run_mode = compile_for_run(
+            self.model, cfg.compile, d.device, cfg.backend, fsdp=self.fsdp,
+            mode=cfg.compile_mode, world=d.world, grad_checkpointing=cfg.grad_checkpointing)
+        self.cudagraphs = self.compiled and mode == "reduce-overhead"
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),

@@ -9,23 +9,29 @@ Passes per model:
 Providers:
     ours          backend="triton": the fused kernels
     ours+compile  the fused kernels inside regional torch.compile of the blocks (fullgraph: the
-                  ops are custom ops Dynamo traces through; what lies between them fuses), the
-                  configuration users who train with torch.compile run
+                  ops are custom ops Dynamo traces through; what lies between them fuses), what
+                  `python -m diffit sample` and multi-process training run on CUDA
+    ours+graphs   the same, each compiled block also replayed as a CUDA graph (inductor's
+                  reduce-overhead; torch.compiler.cudagraph_mark_step_begin() before each
+                  step): what `python -m diffit train` runs by default in one process on CUDA
     eager         backend="torch": the plain-PyTorch reference ops
     compile       torch.compile of the eager model (static shapes): its whole forward in a full
                   run; in --quick the repeated blocks only (regional compilation: one graph
                   serves all 28 blocks, the same kernels inside each), as compiling the whole
                   model would eat most of the 10-minute budget
-On CPU (the harness) "ours" and "ours+compile" build the model with backend="auto": the
-reference ops, or the kernels under TRITON_INTERPRET=1.
+The compiled providers compile exactly as the commands do (diffit.accel.compile_blocks). On
+CPU (the harness) "ours", "ours+compile" and "ours+graphs" build the model with backend="auto":
+the reference ops, or the kernels under TRITON_INTERPRET=1 (CUDA graphs exist on CUDA only).
 All providers run fp32 weights under autocast to the run's dtype (fp32: no autocast) with the
 same seed, inputs and optimizer. The U-Net runs channels_last for every provider.
 
 --quick runs, in this order (the most telling first, as the run's time budget skips whatever
-is left when it runs out): the DiffiT-XL/2 256 px training step (B32), the 512 px training
-step (B8), the ffhq64 U-Net training step (B64), a 10-step guided DDIM loop (B16) and the 256 px
-forward, each for ours, ours+compile, compile (blocks) and eager. The full run has every pass
-at every size for every provider, with 50-step sampling.
+is left when it runs out): the DiffiT-XL/2 256 px training step (B32) and the ffhq64 U-Net
+training step (B64), each for ours+graphs (the training default), compile (blocks, the goal's
+yardstick), ours+compile, ours and eager; the 512 px training step (B8) for ours+graphs,
+compile and ours+compile; a 10-step guided DDIM loop (B16) and the 256 px forward for
+ours+compile (the sampling default), compile and ours. The full run has every pass at every
+size for every provider but ours+graphs (training steps only), with 50-step sampling.
 
 Columns: ms (do_bench median, warm-up / compile / autotune excluded), images_per_s, tflops
 (FLOPs counted by torch.utils.flop_counter on the eager model on the meta device: every matmul
@@ -52,16 +58,18 @@ import torch.nn.functional as F
 
 from benchmarks.common import (after_error, bench, bench_main, compile_counts, compiled,
                                counts_since, cuda_or_explain, environment, error_text,
-                               out_of_time, raise_recompile_limit, results_dir, skipped_text,
+                               out_of_time, results_dir, skipped_text,
                                write_csv)
 import benchmarks.common as common
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PASSES = ("fwd", "fwd+bwd+adamw", "guided sampling")
-PROVIDERS = ("ours", "ours+compile", "eager", "compile")
+PROVIDERS = ("ours", "ours+compile", "ours+graphs", "eager", "compile")
 # the model backend of each provider on CUDA (on CPU ours uses "auto", see the docstring)
-BACKENDS = {"ours": "triton", "ours+compile": "triton", "eager": "torch", "compile": "torch"}
-COMPILED = ("ours+compile", "compile")
+BACKENDS = {"ours": "triton", "ours+compile": "triton", "ours+graphs": "triton",
+            "eager": "torch", "compile": "torch"}
+COMPILED = ("ours+compile", "ours+graphs", "compile")
+GRAPHS = "ours+graphs"   # CUDA graphs: a training step only (see make_step)
 RING = 3  # input sets cycled between calls
 
 
@@ -97,22 +105,27 @@ def cases(quick: bool = False, tiny_cpu: bool = False) -> List[ModelCase]:
                 ModelCase("DiffiT-tiny", "latent", 32, 2, "guided sampling", e, steps=2,
                           rep_ms=1)]
     if quick:
-        rep, every = 400, ("ours", "ours+compile", "compile", "eager")
+        rep = 400
+        train = ("ours+graphs", "compile", "ours+compile", "ours", "eager")
+        sample = ("ours+compile", "compile", "ours")
         xl256 = dict(model="DiffiT-XL/2", kind="latent", image_size=256, batch=32, rep_ms=rep)
-        return [ModelCase(**xl256, pass_="fwd+bwd+adamw", providers=every),
-                ModelCase("DiffiT-XL/2", "latent", 512, 8, "fwd+bwd+adamw", every, rep_ms=rep),
-                ModelCase("ffhq64", "unet", 64, 64, "fwd+bwd+adamw", every, rep_ms=rep),
-                ModelCase("DiffiT-XL/2", "latent", 256, 16, "guided sampling", every, steps=10,
+        return [ModelCase(**xl256, pass_="fwd+bwd+adamw", providers=train),
+                ModelCase("ffhq64", "unet", 64, 64, "fwd+bwd+adamw", train, rep_ms=rep),
+                ModelCase("DiffiT-XL/2", "latent", 512, 8, "fwd+bwd+adamw", train[:3],
                           rep_ms=rep),
-                ModelCase(**xl256, pass_="fwd", providers=every)]
-    full, rep, out = PROVIDERS, 1500, []
+                ModelCase("DiffiT-XL/2", "latent", 256, 16, "guided sampling", sample, steps=10,
+                          rep_ms=rep),
+                ModelCase(**xl256, pass_="fwd", providers=sample)]
+    rep, out = 1500, []
+    no_graphs = tuple(p for p in PROVIDERS if p != GRAPHS)
     for pass_ in ("fwd", "fwd+bwd+adamw"):
+        full = PROVIDERS if pass_ == "fwd+bwd+adamw" else no_graphs
         out += [ModelCase("DiffiT-XL/2", "latent", 256, 32, pass_, full, rep_ms=rep),
                 ModelCase("DiffiT-XL/2", "latent", 512, 8, pass_, full, rep_ms=rep),
                 ModelCase("ffhq64", "unet", 64, 64, pass_, full, rep_ms=rep)]
-    out += [ModelCase("DiffiT-XL/2", "latent", 256, 32, "guided sampling", full, steps=50,
+    out += [ModelCase("DiffiT-XL/2", "latent", 256, 32, "guided sampling", no_graphs, steps=50,
                       rep_ms=rep),
-            ModelCase("DiffiT-XL/2", "latent", 512, 8, "guided sampling", full, steps=50,
+            ModelCase("DiffiT-XL/2", "latent", 512, 8, "guided sampling", no_graphs, steps=50,
                       rep_ms=rep)]
     return out
 
@@ -128,21 +141,6 @@ def build_model(case: ModelCase, backend: str, device) -> torch.nn.Module:
             return DiffiT.from_preset(case.model, input_size=case.image_size // 8,
                                       backend=backend)
         return DiffiTUNet.from_preset(case.model, backend=backend)
-
-
-def _regional_compile(model: torch.nn.Module, fullgraph: bool = False) -> None:
-    """torch.compile each repeated block in place: one compiled graph serves every instance.
-    fullgraph: a graph break is an error (ours+compile: the custom ops must trace whole)."""
-    from diffit.layers import DiffiTBlock
-    from diffit.unet import DiffiTResBlock
-
-    blocks = [m for m in model.modules() if isinstance(m, DiffiTResBlock)] or \
-        [m for m in model.modules() if isinstance(m, DiffiTBlock)]
-    if not blocks:
-        raise RuntimeError(f"no DiffiT blocks to compile in {type(model).__name__}")
-    raise_recompile_limit()  # U-Net blocks differ by level: a few graphs, never a silent eager
-    for blk in blocks:
-        blk.compile(backend=common.COMPILE_BACKEND, dynamic=False, fullgraph=fullgraph)
 
 
 def _inputs(case: ModelCase, model, device, gen: torch.Generator):
@@ -173,8 +171,10 @@ def _call(model, x, t, y):
     return model(x, t) if y is None else model(x, t, y)
 
 
-def make_step(case: ModelCase, model, dtype: str, device) -> Callable[[], object]:
-    """The timed callable of `case` on an already built (and possibly compiled) model."""
+def make_step(case: ModelCase, model, dtype: str, device, graphs: bool = False
+              ) -> Callable[[], object]:
+    """The timed callable of `case` on an already built (and possibly compiled) model; graphs:
+    the blocks replay CUDA graphs, so each training step starts a new cudagraph-trees step."""
     gen = torch.Generator().manual_seed(1)
     sets = [_inputs(case, model, device, gen) for _ in range(RING)]
     nxt = itertools.cycle(sets).__next__
@@ -197,6 +197,8 @@ def make_step(case: ModelCase, model, dtype: str, device) -> Callable[[], object
                                 fused=torch.device(device).type == "cuda")
 
         def train_step():
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             x, t, y = nxt()
             with _amp(dtype, device):
                 out = _call(model, x, t, y)
@@ -244,15 +246,20 @@ def prepared(case: ModelCase, provider: str, dtype: str, device, quick: bool
     if case.kind == "unet":
         model = model.to(memory_format=torch.channels_last)
     try:
-        if provider == "ours+compile":
-            _regional_compile(model, fullgraph=True)
+        from diffit.accel import compile_blocks
+
+        if provider in ("ours+compile", GRAPHS):
+            if case.pass_ != "fwd+bwd+adamw" and provider == GRAPHS:
+                raise ValueError(f"{GRAPHS} times training steps, not {case.pass_}")
+            compile_blocks(model, backend=common.COMPILE_BACKEND,
+                           mode="reduce-overhead" if provider == GRAPHS else "default")
         elif provider == "compile":
             if quick:
-                _regional_compile(model)
+                compile_blocks(model, backend=common.COMPILE_BACKEND, fullgraph=False)
             else:
                 # the bound forward, not the module: forward_with_cfg calls self.forward
                 model.forward = compiled(model.forward)
-        fn = make_step(case, model, dtype, device)
+        fn = make_step(case, model, dtype, device, graphs=provider == GRAPHS)
         fn()
         if torch.device(device).type == "cuda":
             fn()  # AdamW state exists and every input set has passed the compiled graph's guards
@@ -353,7 +360,7 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
             row = dict(op="model", case=case.name, model=case.model, image_size=case.image_size,
                        batch=case.batch, steps=case.steps, provider=provider, dtype=dtype,
                        **{"pass": case.pass_},
-                       compile_scope=("blocks" if quick or provider == "ours+compile"
+                       compile_scope=("blocks" if quick or provider in ("ours+compile", GRAPHS)
                                       else "model") if provider in COMPILED else "",
                        ms=nan, images_per_s=nan, tflops=nan, peak_mb=nan, activations_mb=nan,
                        error="")

@@ -26,6 +26,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+# the commands' own guard: past Dynamo's recompile limit a function silently runs eager, which a
+# benchmark must never time as "compile"
+from diffit.accel import RECOMPILE_LIMIT, raise_recompile_limit  # noqa: F401
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -167,21 +171,6 @@ def after_error() -> None:
 
 # ---- torch.compile baselines ------------------------------------------------------------------
 COMPILE_BACKEND = "inductor"  # tests on CPU swap in "aot_eager" (same Dynamo guards, no codegen)
-RECOMPILE_LIMIT = 64
-
-
-def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
-    """Past Dynamo's recompile limit (8 by default) a function silently runs eager: a benchmark
-    must never time that as "compile". The option's name changed across PyTorch versions."""
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name) and getattr(cfg, name) < limit:
-            setattr(cfg, name, limit)
-    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(cfg, name) and getattr(cfg, name) < 4 * limit:
-            setattr(cfg, name, 4 * limit)
-
-
 def compiled(fn: Callable, **kwargs) -> Callable:
     """torch.compile(fn) as every benchmark compiles a baseline: static shapes (each case has
     fixed shapes; a dynamic-shape recompile would be timed as warm-up), COMPILE_BACKEND."""

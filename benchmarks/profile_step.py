@@ -15,6 +15,10 @@ kernel's time per step in one of these groups:
     other             everything else (optimizer, reductions, eager elementwise, SDPA ...)
     GPU idle          the step time minus the summed kernel time: launch and Python overhead
 
+and, on the host, the CPU time per step inside each of this library's custom ops (the
+"diffit_kernels::" profiler events, outermost call only: the op's Python, its torch ops and its
+Triton launches), the part of the host's work that is ours; under CUDA graphs it is ~0.
+
 Writes profile_<provider>.csv (one row per group, then one per kernel, per step), profile.png
 (a stacked bar per provider) and returns the group rows; summary.md gets a section from the
 CSVs. On CPU (the harness, --tiny-cpu) the tiny latent model's CPU ops stand in for kernels.
@@ -38,8 +42,12 @@ from benchmarks.common import (after_error, bench, environment, error_text, out_
 
 GROUPS = ("ours", "cuBLAS", "inductor", "copies and casts", "other")
 IDLE = "GPU idle"
-PROVIDERS = ("ours", "ours+compile", "compile", "eager")
-QUICK_PROVIDERS = ("ours", "ours+compile", "compile")
+HOST = "host, our ops"     # CPU time inside this library's custom ops (not a GPU group)
+HOST_PREFIX = "diffit_kernels::"
+PROVIDERS = ("ours+graphs", "ours+compile", "compile", "ours", "eager")
+# the training default, the same without CUDA graphs (its host time shows as GPU idle), and the
+# goal's yardstick
+QUICK_PROVIDERS = ("ours+graphs", "ours+compile", "compile")
 STEPS = 3          # profiled steps (after the warm-up bench_model does and the timing)
 TOP = 10           # kernels listed per provider in summary.md
 
@@ -85,25 +93,33 @@ def classify(name: str, ours: Iterable[str]) -> str:
     return "other"
 
 
-def aggregate(events: Sequence[Tuple[str, float]], steps: int, step_ms: float,
-              ours: Iterable[str]) -> Dict[str, object]:
-    """Group (kernel name, milliseconds) events recorded over `steps` steps into per-step
-    totals. Returns {"groups": {group: ms per step, ..., IDLE: ms}, "kernels": [(name, group,
-    ms per step, calls per step), ... slowest first], "kernel_ms": ms, "step_ms": step_ms}.
-    GPU idle is the step time minus the summed kernel time (never below 0: kernels on
-    several streams may overlap)."""
-    ours = frozenset(ours)
+def _per_step(events: Sequence[Tuple[str, float]], steps: int) -> List[Tuple[str, float, float]]:
+    """(name, ms per step, calls per step) of each name, slowest first."""
     per: Dict[str, List[float]] = {}
     for name, ms in events:
         per.setdefault(name, []).append(float(ms))
-    kernels = sorted(((n, classify(n, ours), sum(v) / steps, len(v) / steps)
-                      for n, v in per.items()), key=lambda k: (-k[2], k[0]))
+    return sorted(((n, sum(v) / steps, len(v) / steps) for n, v in per.items()),
+                  key=lambda k: (-k[1], k[0]))
+
+
+def aggregate(events: Sequence[Tuple[str, float]], steps: int, step_ms: float,
+              ours: Iterable[str], host: Sequence[Tuple[str, float]] = ()) -> Dict[str, object]:
+    """Group (kernel name, milliseconds) events recorded over `steps` steps into per-step
+    totals. Returns {"groups": {group: ms per step, ..., IDLE: ms}, "kernels": [(name, group,
+    ms per step, calls per step), ... slowest first], "kernel_ms": ms, "step_ms": step_ms,
+    "host": [(op, CPU ms per step, calls per step), ...], "host_ms": their sum}.
+    GPU idle is the step time minus the summed kernel time (never below 0: kernels on
+    several streams may overlap). `host`: (custom op, CPU ms) events (see _host_events)."""
+    ours = frozenset(ours)
+    kernels = [(n, classify(n, ours), ms, c) for n, ms, c in _per_step(events, steps)]
     groups = {g: 0.0 for g in GROUPS}
     for _, g, ms, _ in kernels:
         groups[g] += ms
     kernel_ms = sum(groups.values())
     groups[IDLE] = max(0.0, step_ms - kernel_ms)
-    return dict(groups=groups, kernels=kernels, kernel_ms=kernel_ms, step_ms=step_ms)
+    ops = _per_step(host, steps)
+    return dict(groups=groups, kernels=kernels, kernel_ms=kernel_ms, step_ms=step_ms,
+                host=ops, host_ms=sum(ms for _, ms, _ in ops))
 
 
 def csv_rows(agg: Dict[str, object], base: dict) -> List[dict]:
@@ -117,6 +133,8 @@ def csv_rows(agg: Dict[str, object], base: dict) -> List[dict]:
                  share_pct=share(ms)) for g, ms in agg["groups"].items()]
     rows += [dict(base, kind="kernel", group=g, kernel=n, ms=round(ms, 4), calls=round(c, 2),
                   share_pct=share(ms)) for n, g, ms, c in agg["kernels"]]
+    rows += [dict(base, kind="host", group=HOST, kernel=n, ms=round(ms, 4), calls=round(c, 2),
+                  share_pct=share(ms)) for n, ms, c in agg.get("host", ())]
     return rows
 
 
@@ -132,6 +150,23 @@ def _events(prof, cuda: bool) -> List[Tuple[str, float]]:
                 out.append((e.name, e.time_range.elapsed_us() / 1e3))
         elif e.device_type == DeviceType.CPU and not e.cpu_children:
             out.append((e.name, e.time_range.elapsed_us() / 1e3))
+    return out
+
+
+def _host_events(prof) -> List[Tuple[str, float]]:
+    """(op, CPU ms) of every call of this library's custom ops, the outermost event of each
+    call (the dispatcher nests one op's autograd and backend calls under the same name)."""
+    from torch.autograd import DeviceType
+
+    out = []
+    for e in prof.events():
+        if e.device_type != DeviceType.CPU or not e.name.startswith(HOST_PREFIX):
+            continue
+        parent = e.cpu_parent
+        while parent is not None and parent.name != e.name:
+            parent = parent.cpu_parent
+        if parent is None:
+            out.append((e.name[len(HOST_PREFIX):], e.cpu_time_total / 1e3))
     return out
 
 
@@ -151,9 +186,9 @@ def profile_case(case, provider: str, dtype: str, device, steps: int = STEPS) ->
                 fn()
             if cuda:
                 torch.cuda.synchronize()
-        events = _events(prof, cuda)
+        events, host = _events(prof, cuda), _host_events(prof)
         del fn
-    return aggregate(events, steps, step_ms, our_kernel_names())
+    return aggregate(events, steps, step_ms, our_kernel_names(), host)
 
 
 def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
@@ -279,6 +314,9 @@ def section(csvs: Sequence[Path]) -> str:
                          f"{_fmt(ms)} ({100 * ms / s:.0f}%)" if s else _fmt(ms))
         L.append(f"| {g} | " + " | ".join(cells) + " |")
     L.append("| **step** | " + " | ".join(_fmt(step[p]) for p in provs) + " |")
+    host = {p: sum(_num(r.get("ms")) or 0.0 for r in data[p] if r.get("kind") == "host")
+            for p in provs}
+    L.append(f"| {HOST} (CPU, profiler on) | " + " | ".join(_fmt(host[p]) for p in provs) + " |")
     for p in provs:
         ks = [r for r in data[p] if r.get("kind") == "kernel"][:TOP]
         if not ks:

@@ -2,6 +2,7 @@
 speed-of-light rows and the goal ratios, on CPU. Real timings need CUDA and are never asserted:
 the grouping is checked on kernel names an H200 recorded (gpu/2026-12-04-h200/profile.log)."""
 import csv
+import dataclasses
 import json
 import math
 
@@ -122,6 +123,35 @@ def test_profile_groups_h200_kernel_names_and_the_idle_time():
     assert [k[2] for k in agg["kernels"]] == sorted((k[2] for k in agg["kernels"]), reverse=True)
     # overlapping streams can sum to more than the step: idle is then 0, never negative
     assert aggregate(events, 3, 1.0, ours)["groups"][IDLE] == 0.0
+    # host time inside our custom ops: per step, calls per step, slowest first, summed
+    host = [("tmsa_attention_bwd", 0.9), ("time_qkv_fwd", 0.2), ("tmsa_attention_bwd", 1.2)]
+    agg = aggregate(events, 3, 151.5, ours, host)
+    assert agg["host"] == [("tmsa_attention_bwd", pytest.approx(0.7), pytest.approx(2 / 3)),
+                           ("time_qkv_fwd", pytest.approx(0.2 / 3), pytest.approx(1 / 3))]
+    assert agg["host_ms"] == pytest.approx(2.3 / 3)
+    assert agg["groups"] == g  # the host time is no GPU group
+
+
+@pytest.mark.interpreter
+def test_host_time_of_our_custom_ops_is_found_once_per_call():
+    """The profiler nests one custom-op call's dispatches under the same name: the host rows
+    count the outermost only, for every op of ours a training step calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.profile_step import _host_events
+    from diffit_kernels import adaln_norm, tmsa_attention
+
+    q, k, v = (torch.randn(1, 2, 16, 16, requires_grad=True) for _ in range(3))
+    table = torch.randn(49, 2, requires_grad=True)
+    x = torch.randn(1, 16, 32, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            o = tmsa_attention(q, k, v, table=table, grid=(4, 4), backend="triton")
+            y = adaln_norm(x, backend="triton")
+            (o.sum() + y.sum()).backward()
+    calls = sorted(name for name, ms in _host_events(prof) if ms > 0)
+    assert calls == sorted(["tmsa_attention_fwd", "tmsa_attention_bwd", "adaln_norm_fwd",
+                            "adaln_norm_bwd"] * 2), calls
 
 
 def test_profile_run_on_cpu_writes_csv_plot_and_summary_section(tmp_path, cpu_compile,
@@ -170,13 +200,38 @@ def test_model_ours_compile_provider_is_one_fullgraph_for_every_block(cpu_compil
     from benchmarks import bench_model as bm
 
     assert "ours+compile" in bm.PROVIDERS
-    for case in bm.cases(quick=True):
-        assert case.providers[:3] == ("ours", "ours+compile", "compile"), case
+    for case in bm.cases(quick=True):  # the commands' defaults and the goal's yardstick first
+        default = "ours+graphs" if case.pass_ == "fwd+bwd+adamw" else "ours+compile"
+        assert case.providers[:2] == (default, "compile"), case
+    for case in bm.cases(quick=True) + bm.cases():
+        assert ("ours+graphs" in case.providers) == (case.pass_ == "fwd+bwd+adamw"), case
     case = bm.ModelCase("DiffiT-tiny", "latent", 32, 2, "fwd+bwd+adamw", ("ours+compile",),
                         rep_ms=1)
     row = bm.measure(case, "ours+compile", "bf16", torch.device("cpu"), quick=True)
     assert (row["graphs"], row["graph_breaks"], row["recompile_limit_hits"]) == (1, 0, 0)
     assert row["ms"] > 0
+
+
+def test_model_ours_graphs_provider_compiles_like_the_trainer(cpu_compile, monkeypatch):
+    """ours+graphs: diffit.accel.compile_blocks with mode reduce-overhead (on CPU with the
+    aot_eager backend the mode has nothing to replay: one clean graph, as the trainer gets),
+    and a new cudagraph-trees step before every training step; training steps only."""
+    import diffit.accel
+    from benchmarks import bench_model as bm
+
+    modes, marks = [], []
+    real = diffit.accel.compile_blocks
+    monkeypatch.setattr(diffit.accel, "compile_blocks",
+                        lambda model, **kw: modes.append(kw.get("mode")) or real(model, **kw))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    case = bm.ModelCase("DiffiT-tiny", "latent", 32, 2, "fwd+bwd+adamw", ("ours+graphs",),
+                        rep_ms=1)
+    row = bm.measure(case, "ours+graphs", "bf16", torch.device("cpu"), quick=True)
+    assert modes == ["reduce-overhead"] and len(marks) >= 2
+    assert (row["graphs"], row["graph_breaks"], row["recompile_limit_hits"]) == (1, 0, 0)
+    fwd = dataclasses.replace(case, pass_="fwd")
+    with pytest.raises(ValueError, match="ours\\+graphs times training steps"):
+        bm.measure(fwd, "ours+graphs", "bf16", torch.device("cpu"), quick=True)
 
 
 def test_speed_of_light_rows_come_first_and_keep_a_reserve(tmp_path):

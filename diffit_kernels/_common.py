@@ -34,6 +34,29 @@ def triton_importable() -> bool:
     return True
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def direct_call(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether an op may call its Python implementation directly instead of through its
+    torch.library custom op: in eager mode on plain tensors. The custom op's dispatcher round
+    trips (autograd, then the backend kernel) cost host time on every call (about 80 us of a
+    tmsa_attention forward + backward on a CPU core), and a training step makes dozens of
+    calls; torch.compile must trace the op (opaque to inductor, with its fake implementation),
+    and fake / meta tensors need that fake implementation too."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)
+
+
+def host_range(name: str):
+    """A profiler range named like the custom op ("diffit_kernels::<op>") around a direct
+    call, so a profile counts the op's host time either way; free when no profiler runs."""
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function("diffit_kernels::" + name)
+    return contextlib.nullcontext()
+
+
 def resolve_backend(backend: Optional[str], *tensors: Optional[torch.Tensor]) -> str:
     """Turn the per-call `backend` argument into "triton" or "torch".
 

@@ -57,8 +57,8 @@ from . import reference
 from ._attention_index import (_Geom, _dbias_plan, _ds_table_plan, _fused_bins, _gather_bins,
                                _reduce_slots)
 from ._attention_kernels import LOG2E
-from ._common import (cdiv, check_kernel_dtype, dot_upcast, empty, interpreting,
-                      next_power_of_2, overriding, planned_sms, resolve_backend,
+from ._common import (cdiv, check_kernel_dtype, direct_call, dot_upcast, empty, host_range,
+                      interpreting, next_power_of_2, overriding, planned_sms, resolve_backend,
                       unit_last_stride)
 
 try:
@@ -544,14 +544,33 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, table, bias = ctx.saved_tensors
     need_extra = bool(ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-    dq, dk, dv, dextra = _tmsa_attention_bwd_op(do, q, k, v, o, lse, table, bias, ctx.geometry,
-                                                ctx.scale, need_extra, ctx.deterministic)
+    args = (do, q, k, v, o, lse, table, bias, ctx.geometry, ctx.scale, need_extra)
+    if getattr(ctx, "direct", False):
+        with host_range("tmsa_attention_bwd"):
+            dq, dk, dv, dextra = _tmsa_attention_bwd(*args)
+    else:
+        dq, dk, dv, dextra = _tmsa_attention_bwd_op(*args, ctx.deterministic)
     dtable = dextra if (table is not None and ctx.needs_input_grad[3]) else None
     dbias = dextra if (bias is not None and ctx.needs_input_grad[4]) else None
     return dq, dk, dv, dtable, dbias, None, None, None
 
 
 _tmsa_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _TmsaAttentionDirect(torch.autograd.Function):
+    """Eager calls (see _common.direct_call): the op's implementation and autograd formula
+    without the custom op's dispatcher round trips; bitwise the same results."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, table, bias, geometry, scale, deterministic):
+        with host_range("tmsa_attention_fwd"):
+            o, lse = _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale)
+        _setup_context(ctx, (q, k, v, table, bias, geometry, scale, deterministic), (o, lse))
+        ctx.direct = True
+        return o, lse
+
+    backward = staticmethod(_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,8 +630,14 @@ def tmsa_attention(
     geometry = [Gh, Gw, gh, gw] if uses_grid else []
     q, k, v = (_rows_aligned(t) for t in (q, k, v))
     bias = unit_last_stride(bias) if bias is not None else None
-    o, _ = _tmsa_attention_fwd_op(q, k, v, table, bias, geometry, scale, bool(deterministic))
-    return o
+    args = (q, k, v, table, bias, geometry, scale, bool(deterministic))
+    if not direct_call(q, k, v, table, bias):
+        return _tmsa_attention_fwd_op(*args)[0]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (q, k, v, table, bias)):
+        return _TmsaAttentionDirect.apply(*args)[0]
+    with host_range("tmsa_attention_fwd"):
+        return _tmsa_attention_fwd(*args[:-1])[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ import torch
 
 from benchmarks.common import (after_error, bench, bench_main, compiled, compile_counts,
                                counts_since, cuda_or_explain, environment, error_text,
-                               out_of_time, plot, results_dir, skipped_text, write_csv)
+                               last_timing, out_of_time, plot, results_dir, skipped_text,
+                               write_csv)
 
 VARIANTS = {  # name -> (residual, gate, shift+scale, silu)
     "plain": (False, False, False, False),
@@ -88,11 +89,12 @@ def _time(fn, t, leaves, pass_: str) -> float:
     dys = [torch.randn_like(o) for o in outs]
     if pass_ == "fwd":
         with torch.no_grad():
-            return bench(fwd)
+            return bench(fwd, graph=True)
     if pass_ == "bwd":
         return bench(lambda: torch.autograd.backward(outs, dys, retain_graph=True),
-                     grad_to_none=leaves)
-    return bench(lambda: torch.autograd.backward(list(_as_list(fwd())), dys), grad_to_none=leaves)
+                     grad_to_none=leaves, graph=True)
+    return bench(lambda: torch.autograd.backward(list(_as_list(fwd())), dys), grad_to_none=leaves,
+                 graph=True)
 
 
 def _as_list(out):
@@ -141,7 +143,8 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
                             ms = _time(fn, t, leaves, pass_)
                             gbs = _bytes(M, C, variant, t["x"].element_size(), pass_) \
                                 / (ms * 1e-3) / 1e9
-                            row.update(ms=round(ms, 5), gbps=round(gbs, 1))
+                            row.update(ms=round(ms, 5), gbps=round(gbs, 1),
+                                       timing=last_timing())
                         except Exception as e:  # noqa: BLE001 - a row, not the end of the run
                             row["error"] = error_text(e)
                             err = row["error"] if fn is None else ""

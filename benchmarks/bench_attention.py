@@ -48,8 +48,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (after_error, bench, bench_main, compiled,  # noqa: E402
-                               cuda_or_explain, environment, error_text, out_of_time,
-                               peak_memory_mb, plot, results_dir, skipped_text, write_csv)
+                               cuda_or_explain, environment, error_text, last_timing,
+                               out_of_time, peak_memory_mb, plot, results_dir, skipped_text,
+                               write_csv)
 from benchmarks.peak import copy_gbps  # noqa: E402
 from diffit_kernels import reference  # noqa: E402
 from diffit_kernels import tmsa_attention  # noqa: E402
@@ -227,19 +228,19 @@ def _measure_pass(name, fn, q, k, v, table, grid, window, mode, tiny_cpu):
     if mode == "fwd":
         call = lambda: fn(q, k, v, table)  # noqa: E731
         with torch.no_grad():
-            ms = bench(call, **warm)
+            ms = bench(call, graph=True, **warm)
             mem = peak_memory_mb(call)
     elif mode == "bwd":
         o = fn(q, k, v, table)
         do = torch.randn_like(o)
         call = lambda: torch.autograd.grad(o, leaves, do, retain_graph=True)  # noqa: E731
-        ms = bench(call, grad_to_none=leaves, **warm)
+        ms = bench(call, grad_to_none=leaves, graph=True, **warm)
         mem = peak_memory_mb(call)
     else:
         def call():
             o = fn(q, k, v, table)
             return torch.autograd.grad(o, leaves, torch.ones_like(o))
-        ms = bench(call, grad_to_none=leaves, **warm)
+        ms = bench(call, grad_to_none=leaves, graph=True, **warm)
         mem = peak_memory_mb(call)
     return ms, mem
 
@@ -300,7 +301,8 @@ def _run_shape(label, B, H, grid, window, d, dtype, device, names, env, tiny_cpu
                 try:
                     ms = nbytes / (copy_gbps(device, tiny_cpu) * 1e9) * 1e3
                     row.update(ms=float(f"{ms:.4g}"), gbytes=float(f"{nbytes / 1e9:.4g}"),
-                               tflops=float(f"{flops * scale / ms / 1e9:.4g}"), computed=True)
+                               tflops=float(f"{flops * scale / ms / 1e9:.4g}"), computed=True,
+                               timing="computed")
                 except Exception as e:  # noqa: BLE001 - the copy could not be measured
                     row["error"] = error_text(e)
             elif out_of_time(speed_of_light=name in SPEED_OF_LIGHT):
@@ -313,7 +315,7 @@ def _run_shape(label, B, H, grid, window, d, dtype, device, names, env, tiny_cpu
                                        tiny_cpu)
                     row.update(ms=float(f"{ms:.4g}"),
                                tflops=float(f"{flops * scale / ms / 1e9:.4g}"),
-                               peak_mb=float(f"{mem:.4g}"))
+                               peak_mb=float(f"{mem:.4g}"), timing=last_timing())
                 except Exception as e:  # noqa: BLE001 - a provider that cannot run a shape
                     row["error"] = error_text(e)  # is a row, not the end of the run
                     del e

@@ -38,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (after_error, bench, bench_main, compile_counts,  # noqa: E402
                                compiled, counts_since, cuda_or_explain, environment, error_text,
-                               out_of_time, peak_memory_mb, plot, results_dir, skipped_text,
-                               write_csv)
+                               last_timing, out_of_time, peak_memory_mb, plot, results_dir,
+                               skipped_text, write_csv)
 from diffit_kernels import reference, time_qkv  # noqa: E402
 
 # (label, B, N, C, H, Ct): DiffiT-XL/2 at 256 px (32x32 latents, patch 2 -> 256 tokens) and
@@ -97,16 +97,16 @@ def _time(fn, t: Dict[str, torch.Tensor], dys, pass_: str) -> Tuple[float, float
     leaves = list(t.values())
     if pass_ == "fwd":
         with torch.no_grad():
-            return bench(lambda: fn(t)), float("nan")
+            return bench(lambda: fn(t), graph=True), float("nan")
     if pass_ == "bwd":
         outs = list(fn(t))
         return bench(lambda: torch.autograd.backward(outs, dys, retain_graph=True),
-                     grad_to_none=leaves), float("nan")
+                     grad_to_none=leaves, graph=True), float("nan")
 
     def step():
         torch.autograd.backward(list(fn(t)), dys)
 
-    ms = bench(step, grad_to_none=leaves)
+    ms = bench(step, grad_to_none=leaves, graph=True)
     for v in leaves:
         v.grad = None
     return ms, peak_memory_mb(step)
@@ -132,7 +132,8 @@ def _time_cublas(t, dys, pass_: str) -> float:
         bwd()
 
     with torch.no_grad():
-        return bench({"fwd": fwd, "dX": dx, "dW": dw, "bwd": bwd, "fwd+bwd": both}[pass_])
+        return bench({"fwd": fwd, "dX": dx, "dW": dw, "bwd": bwd, "fwd+bwd": both}[pass_],
+                     graph=True)
 
 
 def by_case(rows: List[dict], shapes, variants) -> List[dict]:
@@ -194,7 +195,8 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
                             flop = gemm_flop * GEMMS[pass_]
                             row.update(ms=float(f"{ms:.5g}"),
                                        tflops=float(f"{flop / (ms * 1e-3) / 1e12:.4g}"),
-                                       peak_mb=round(peak, 1) if peak == peak else "")
+                                       peak_mb=round(peak, 1) if peak == peak else "",
+                                       timing=last_timing())
                         except Exception as e:  # noqa: BLE001 - a row, not the end of the run
                             row["error"] = error_text(e)
                             err = row["error"] if fn is None and provider != "cublas" else ""

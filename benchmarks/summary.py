@@ -211,8 +211,20 @@ def build_summary(out: Path) -> str:
             parts.append(f"{dtype} GEMM (torch.matmul) **{peaks['tflops']:,.1f} TFLOP/s**")
         L += ["Peaks measured in this run: " + ", ".join(parts) + ". A \"% of peak\" column "
               "is a row's rate as a fraction of these.", ""]
-    L += ["Times are medians of `triton.testing.do_bench` (warm-up, compilation and autotuning "
-          "excluded, L2 flushed between calls). TFLOP/s for attention use FlashAttention's "
+    timings = {r.get("timing", "") for ps in csvs.values() for p in ps for r in load_csv(p)}
+    if "cuda graph" in timings:
+        fell_back = sorted({t for t in timings if t.startswith("do_bench (")})
+        how = ("The op rows are GPU times: medians of `triton.testing.do_bench_cudagraph` (the "
+               "call captured in a CUDA graph and replayed, as training replays it: no host "
+               "launch cost, L2 not flushed); the model steps and the peaks are medians of "
+               "`triton.testing.do_bench` (one call at a time from the host, L2 flushed "
+               "between calls: host time included). Warm-up, compilation and autotuning "
+               "excluded." + (f" {len(fell_back)} kind(s) of op row fell back to do_bench "
+                              "(the CSVs' timing column says why)." if fell_back else ""))
+    else:
+        how = ("Times are medians of `triton.testing.do_bench` (warm-up, compilation and "
+               "autotuning excluded, L2 flushed between calls).")
+    L += [how + " TFLOP/s for attention use FlashAttention's "
           "convention (forward 4·B·H·N²·d, backward 2.5x that). \"ours speed-up\" is a "
           "row's ms divided by `ours`' ms at the same case and pass (above 1: ours is "
           "faster). Each benchmark's CSV holds every column.", ""]

@@ -572,3 +572,41 @@ def test_gpu_session_script_parses():
     p = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_session.sh")],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr
+
+
+def test_op_timing_by_cuda_graph_with_a_named_fallback(monkeypatch):
+    """bench(graph=True): do_bench_cudagraph's median with the leaves' gradients reset inside
+    every captured call; a capture the call refuses falls back to do_bench and says why."""
+    import triton.testing
+
+    from benchmarks import common
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    leaf = torch.ones(2, requires_grad=True)
+    seen = []
+
+    def fn():
+        seen.append(leaf.grad)
+        (leaf * 2).sum().backward()
+
+    def graphed(call, return_mode="mean", **kw):
+        assert return_mode == "median" and not kw.get("grad_to_none")
+        call()
+        call()
+        return 0.25
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", graphed)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: 1.5)
+    assert common.bench(fn, grad_to_none=[leaf], graph=True) == 0.25
+    assert common.last_timing() == common.GRAPH == "cuda graph"
+    assert seen == [None, None]  # each call starts from no gradient, as do_bench's calls do
+
+    def refuses(call, **kw):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", refuses)
+    assert common.bench(fn, grad_to_none=[leaf], graph=True) == 1.5
+    assert common.last_timing() == ("do_bench (no CUDA graph: RuntimeError: operation not "
+                                    "permitted when stream is capturing)")
+    assert common.bench(fn) == 1.5 and common.last_timing() == "do_bench"

@@ -138,15 +138,25 @@ def csv_rows(agg: Dict[str, object], base: dict) -> List[dict]:
     return rows
 
 
+# GPU-side spans of host annotations (record_function ranges: the optimizer's
+# "Optimizer.step#AdamW.step", our ops' "diffit_kernels::..."): they cover kernels already
+# counted, so they are no kernels (torch marks them is_user_annotation; the names for older torch)
+_ANNOTATION = re.compile(r"^(Optimizer\.|ProfilerStep#|diffit_kernels::)")
+
+
+def _is_annotation(e) -> bool:
+    return bool(getattr(e, "is_user_annotation", False)) or bool(_ANNOTATION.match(e.name))
+
+
 def _events(prof, cuda: bool) -> List[Tuple[str, float]]:
-    """(name, ms) of every CUDA kernel / memcpy / memset the profiler saw; on CPU, of every
-    CPU op with no child op (the harness' stand-in for kernels)."""
+    """(name, ms) of every CUDA kernel / memcpy / memset the profiler saw (annotation spans
+    left out); on CPU, of every CPU op with no child op (the harness' stand-in for kernels)."""
     from torch.autograd import DeviceType
 
     out = []
     for e in prof.events():
         if cuda:
-            if e.device_type == DeviceType.CUDA:
+            if e.device_type == DeviceType.CUDA and not _is_annotation(e):
                 out.append((e.name, e.time_range.elapsed_us() / 1e3))
         elif e.device_type == DeviceType.CPU and not e.cpu_children:
             out.append((e.name, e.time_range.elapsed_us() / 1e3))

@@ -67,7 +67,7 @@ def resolve_compile_mode(mode: str, device: torch.device, *, world: int = 1,
     """(mode, why) for compile_blocks. "auto" (the trainer's default) is "reduce-overhead" on
     CUDA in one process without gradient checkpointing, else "default". Why CUDA graphs by
     default: the step is host-bound around the custom ops. On an H200 at ec83eac the XL/2 256 px
-    B32 step kept the GPU idle 103 of 186 ms with the blocks compiled (default mode), and in an
+    B32 step kept the GPU idle 108 of 186 ms with the blocks compiled (default mode), and in an
     earlier session (3c599d8's kernels) the replayed graphs took the ffhq64 U-Net step from
     96-109 ms to 52 and the XL/2 one from 115-117 to 110, with the same losses on the card
     (tests/test_train.py::test_gpu_cuda_graph_mode_trains_like_the_default). An explicit

@@ -305,3 +305,24 @@ def test_goal_ratios_from_the_csvs(tmp_path):
     assert "| attention fwd+bwd img32-win4-B64: tmsa / memory-traffic limit | 6.09 | <= 2 | " \
         "NOT met |" in summary.goals_table(tmp_path)
     assert not any(math.isnan(r) for r, _ in got.values() if r is not None)
+
+
+def test_annotation_spans_on_the_gpu_timeline_are_no_kernels():
+    """The H200 profile counted "Optimizer.step#AdamW.step" (4.8 ms of a record_function span
+    over kernels already counted) as a kernel; our ops' profiler ranges would be the same."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.profile_step import _events
+
+    def ev(name, us, annotation=False):
+        return SimpleNamespace(name=name, device_type=DeviceType.CUDA, is_user_annotation=annotation,
+                               cpu_children=[], time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    prof = SimpleNamespace(events=lambda: [
+        ev("nvjet_sm90_tst_192x192", 2000), ev("Optimizer.step#AdamW.step", 4800),
+        ev("diffit_kernels::tmsa_attention_fwd", 900), ev("_tmsa_attention_fwd_kernel", 800),
+        ev("a span torch marks", 100, annotation=True)])
+    assert _events(prof, cuda=True) == [("nvjet_sm90_tst_192x192", 2.0),
+                                         ("_tmsa_attention_fwd_kernel", 0.8)]

@@ -28,7 +28,7 @@ import torch
 
 # the commands' own guard: past Dynamo's recompile limit a function silently runs eager, which a
 # benchmark must never time as "compile"
-from diffit.accel import RECOMPILE_LIMIT, raise_recompile_limit  # noqa: F401
+from diffit.accel import raise_recompile_limit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -39,11 +39,12 @@ import torch
 
 from benchmarks.common import (after_error, bench, environment, error_text, out_of_time,
                                results_dir, skipped_text, write_csv)
+from diffit_kernels._common import OP_PREFIX
 
 GROUPS = ("ours", "cuBLAS", "inductor", "copies and casts", "other")
 IDLE = "GPU idle"
 HOST = "host, our ops"     # CPU time inside this library's custom ops (not a GPU group)
-HOST_PREFIX = "diffit_kernels::"
+HOST_PREFIX = OP_PREFIX   # how profiles name our ops' calls
 PROVIDERS = ("ours+graphs", "ours+compile", "compile", "ours", "eager")
 # the training default, the same without CUDA graphs (its host time shows as GPU idle), and the
 # goal's yardstick
@@ -141,7 +142,7 @@ def csv_rows(agg: Dict[str, object], base: dict) -> List[dict]:
 # GPU-side spans of host annotations (record_function ranges: the optimizer's
 # "Optimizer.step#AdamW.step", our ops' "diffit_kernels::..."): they cover kernels already
 # counted, so they are no kernels (torch marks them is_user_annotation; the names for older torch)
-_ANNOTATION = re.compile(r"^(Optimizer\.|ProfilerStep#|diffit_kernels::)")
+_ANNOTATION = re.compile(r"^(Optimizer\.|ProfilerStep#|" + re.escape(HOST_PREFIX) + ")")
 
 
 def _is_annotation(e) -> bool:

@@ -174,10 +174,11 @@ def build_summary(out: Path) -> str:
             claimed.update(e["csv"])
     csvs = {e["name"]: [out / c for c in e.get("csv", []) if (out / c).exists()]
             for e in entries}
-    peak_rows = [r for p in csvs.get("peak", []) for r in load_csv(p)]
+    rows_of = {p: load_csv(p) for ps in csvs.values() for p in ps}  # each CSV read once
+    peak_rows = [r for p in csvs.get("peak", []) for r in rows_of[p]]
     peaks = measured_peaks(peak_rows)
     if not env:  # no run.json: fall back on what every row carries
-        first = next((rows[0] for ps in csvs.values() for rows in map(load_csv, ps) if rows), {})
+        first = next((rows[0] for rows in rows_of.values() if rows), {})
         env = {k: first[k] for k in ("card", "torch", "triton") if k in first}
 
     dtype = meta.get("dtype", "?")
@@ -211,7 +212,7 @@ def build_summary(out: Path) -> str:
             parts.append(f"{dtype} GEMM (torch.matmul) **{peaks['tflops']:,.1f} TFLOP/s**")
         L += ["Peaks measured in this run: " + ", ".join(parts) + ". A \"% of peak\" column "
               "is a row's rate as a fraction of these.", ""]
-    timings = {r.get("timing", "") for ps in csvs.values() for p in ps for r in load_csv(p)}
+    timings = {r.get("timing", "") for rows in rows_of.values() for r in rows}
     if "cuda graph" in timings:
         fell_back = sorted({t for t in timings if t.startswith("do_bench (")})
         how = ("The op rows are GPU times: medians of `triton.testing.do_bench_cudagraph` (the "
@@ -247,7 +248,7 @@ def build_summary(out: Path) -> str:
             L += ["", "Data: " + ", ".join(f"[{p.name}]({p.name})" for p in csvs[name]), ""]
             continue
         for p in csvs.get(name, []):
-            L.append(table([normalize(r, name) for r in load_csv(p)], peaks))
+            L.append(table([normalize(r, name) for r in rows_of[p]], peaks))
             pngs = [q for q in e.get("png", []) if (out / q).exists()] if "png" in e else \
                 sorted(q.name for q in out.glob(p.stem + "*.png"))
             mine = [q for q in pngs if len(csvs[name]) == 1 or Path(q).stem.startswith(p.stem)]

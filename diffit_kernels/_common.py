@@ -49,12 +49,35 @@ def direct_call(*tensors: Optional[torch.Tensor]) -> bool:
     return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)
 
 
+OP_PREFIX = "diffit_kernels::"  # the custom ops' namespace, as profiles name their calls
+
+
 def host_range(name: str):
     """A profiler range named like the custom op ("diffit_kernels::<op>") around a direct
     call, so a profile counts the op's host time either way; free when no profiler runs."""
     if torch._C._autograd._profiler_enabled():
-        return torch.profiler.record_function("diffit_kernels::" + name)
+        return torch.profiler.record_function(OP_PREFIX + name)
     return contextlib.nullcontext()
+
+
+def dispatch(name: str, direct: bool, op, impl, *args):
+    """op(*args) through the torch.library dispatcher, or, when `direct` (see direct_call),
+    impl(*args) itself inside a profiler range named like the op."""
+    if not direct:
+        return op(*args)
+    with host_range(name):
+        return impl(*args)
+
+
+def call_op(name: str, op, impl, direct_fn, args: tuple, tensors: tuple):
+    """An op's entry: its custom op `op` under torch.compile or on fake tensors; in eager mode
+    its implementation directly, through `direct_fn` (a torch.autograd.Function running impl
+    with the op's autograd formula) when a gradient is wanted, else impl alone."""
+    if not direct_call(*tensors):
+        return op(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return direct_fn.apply(*args)
+    return dispatch(name, True, op, impl, *args)
 
 
 def resolve_backend(backend: Optional[str], *tensors: Optional[torch.Tensor]) -> str:

@@ -57,7 +57,7 @@ from . import reference
 from ._attention_index import (_Geom, _dbias_plan, _ds_table_plan, _fused_bins, _gather_bins,
                                _reduce_slots)
 from ._attention_kernels import LOG2E
-from ._common import (cdiv, check_kernel_dtype, direct_call, dot_upcast, empty, host_range,
+from ._common import (call_op, cdiv, check_kernel_dtype, dispatch, dot_upcast, empty,
                       interpreting, next_power_of_2, overriding, planned_sms, resolve_backend,
                       unit_last_stride)
 
@@ -544,12 +544,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, table, bias = ctx.saved_tensors
     need_extra = bool(ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-    args = (do, q, k, v, o, lse, table, bias, ctx.geometry, ctx.scale, need_extra)
-    if getattr(ctx, "direct", False):
-        with host_range("tmsa_attention_bwd"):
-            dq, dk, dv, dextra = _tmsa_attention_bwd(*args)
-    else:
-        dq, dk, dv, dextra = _tmsa_attention_bwd_op(*args, ctx.deterministic)
+    dq, dk, dv, dextra = dispatch(
+        "tmsa_attention_bwd", getattr(ctx, "direct", False), _tmsa_attention_bwd_op,
+        lambda *a: _tmsa_attention_bwd(*a[:-1]),
+        do, q, k, v, o, lse, table, bias, ctx.geometry, ctx.scale, need_extra, ctx.deterministic)
     dtable = dextra if (table is not None and ctx.needs_input_grad[3]) else None
     dbias = dextra if (bias is not None and ctx.needs_input_grad[4]) else None
     return dq, dk, dv, dtable, dbias, None, None, None
@@ -558,15 +556,19 @@ def _backward(ctx, do, _dlse):
 _tmsa_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _fwd_impl(*args):
+    """_tmsa_attention_fwd with the op's arguments (`deterministic` last: every path is)."""
+    return _tmsa_attention_fwd(*args[:-1])
+
+
 class _TmsaAttentionDirect(torch.autograd.Function):
     """Eager calls (see _common.direct_call): the op's implementation and autograd formula
     without the custom op's dispatcher round trips; bitwise the same results."""
 
     @staticmethod
-    def forward(ctx, q, k, v, table, bias, geometry, scale, deterministic):
-        with host_range("tmsa_attention_fwd"):
-            o, lse = _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale)
-        _setup_context(ctx, (q, k, v, table, bias, geometry, scale, deterministic), (o, lse))
+    def forward(ctx, *args):  # the op's arguments
+        o, lse = dispatch("tmsa_attention_fwd", True, None, _fwd_impl, *args)
+        _setup_context(ctx, args, (o, lse))
         ctx.direct = True
         return o, lse
 
@@ -630,14 +632,9 @@ def tmsa_attention(
     geometry = [Gh, Gw, gh, gw] if uses_grid else []
     q, k, v = (_rows_aligned(t) for t in (q, k, v))
     bias = unit_last_stride(bias) if bias is not None else None
-    args = (q, k, v, table, bias, geometry, scale, bool(deterministic))
-    if not direct_call(q, k, v, table, bias):
-        return _tmsa_attention_fwd_op(*args)[0]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (q, k, v, table, bias)):
-        return _TmsaAttentionDirect.apply(*args)[0]
-    with host_range("tmsa_attention_fwd"):
-        return _tmsa_attention_fwd(*args[:-1])[0]
+    return call_op("tmsa_attention_fwd", _tmsa_attention_fwd_op, _fwd_impl, _TmsaAttentionDirect,
+                   (q, k, v, table, bias, geometry, scale, bool(deterministic)),
+                   (q, k, v, table, bias))[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,9 +24,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import reference
-from ._common import (cdiv, check_kernel_dtype, direct_call, empty, host_range,
-                      next_power_of_2, overriding, planned_sms, resolve_backend, row_warps,
-                      unit_last_stride)
+from ._common import (call_op, cdiv, check_kernel_dtype, dispatch, empty, next_power_of_2,
+                      overriding, planned_sms, resolve_backend, row_warps, unit_last_stride)
 
 MAX_C = 8192
 FWD_MAX_ROWS = 8
@@ -561,12 +560,9 @@ def _backward(ctx, dy, dh_out, _dmean, _drstd):
         dh_out = None
     if dy is None:
         dy = torch.zeros_like(x)
-    args = (dy, dh_out, x, shift, scale, residual, gate, mean, rstd, ctx.silu)
-    if getattr(ctx, "direct", False):
-        with host_range("adaln_norm_bwd"):
-            dx, dres, dshift, dscale, dgate = _adaln_norm_bwd(*args)
-    else:
-        dx, dres, dshift, dscale, dgate = _adaln_norm_bwd_op(*args)
+    dx, dres, dshift, dscale, dgate = dispatch(
+        "adaln_norm_bwd", getattr(ctx, "direct", False), _adaln_norm_bwd_op, _adaln_norm_bwd,
+        dy, dh_out, x, shift, scale, residual, gate, mean, rstd, ctx.silu)
     keep = lambda g, t: g if t is not None else None  # noqa: E731
     return (dx, keep(dshift, shift), keep(dscale, scale), keep(dres, residual), keep(dgate, gate),
             None, None)
@@ -580,10 +576,9 @@ class _AdaLNNormDirect(torch.autograd.Function):
     without the custom op's dispatcher round trips; bitwise the same results."""
 
     @staticmethod
-    def forward(ctx, x, shift, scale, residual, gate, eps, silu):
-        with host_range("adaln_norm_fwd"):
-            out = _adaln_norm_fwd(x, shift, scale, residual, gate, eps, silu)
-        _setup_context(ctx, (x, shift, scale, residual, gate, eps, silu), out)
+    def forward(ctx, *args):  # the op's arguments
+        out = dispatch("adaln_norm_fwd", True, None, _adaln_norm_fwd, *args)
+        _setup_context(ctx, args, out)
         ctx.direct = True
         return out
 
@@ -628,14 +623,9 @@ def adaln_norm(
     _check_c(C)
     x, residual = unit_last_stride(x), unit_last_stride(residual) if residual is not None else None
     shift, scale, gate = (unit_last_stride(t) if t is not None else None for t in (shift, scale, gate))
-    args = (x, shift, scale, residual, gate, float(eps), activation == "silu")
-    if not direct_call(*args[:5]):
-        y, h, _, _ = _adaln_norm_fwd_op(*args)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
-        y, h, _, _ = _AdaLNNormDirect.apply(*args)
-    else:
-        with host_range("adaln_norm_fwd"):
-            y, h, _, _ = _adaln_norm_fwd(*args)
+    y, h, _, _ = call_op("adaln_norm_fwd", _adaln_norm_fwd_op, _adaln_norm_fwd, _AdaLNNormDirect,
+                         (x, shift, scale, residual, gate, float(eps), activation == "silu"),
+                         (x, shift, scale, residual, gate))
     return (y, h) if residual is not None else y
 
 

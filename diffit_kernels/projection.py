@@ -25,8 +25,8 @@ import torch
 
 from . import _projection_kernels as _kernels
 from . import reference
-from ._common import (cdiv, check_kernel_dtype, direct_call, empty, host_range,
-                      next_power_of_2, overriding, resolve_backend, unit_last_stride)
+from ._common import (cdiv, check_kernel_dtype, direct_call, dispatch, empty, next_power_of_2,
+                      overriding, resolve_backend, unit_last_stride)
 
 # Row kernels (LayerNorm forward / backward): [ROWS, BLOCK_C] tiles of about ROW_TILE elements
 # (~16 per thread, 512 per warp), whole rows up to LN_BLOCK_C channels, wider rows in chunks.
@@ -229,12 +229,9 @@ def _input_grads(ctx, dq, dk, dv):
     """(dx, dtemb, dweight, dbias, dtemb_weight, dtemb_bias) from the three head gradients."""
     x, temb, weight, temb_weight, xhat, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
-    args = (dq, dk, dv, x, xhat, weight, mean, rstd, ctx.has_ln, need[0], need[2])
-    if getattr(ctx, "direct", False):
-        with host_range("time_qkv_bwd"):
-            dx, dw, S = _time_qkv_bwd(*args)
-    else:
-        dx, dw, S = _time_qkv_bwd_op(*args)
+    dx, dw, S = dispatch("time_qkv_bwd", getattr(ctx, "direct", False), _time_qkv_bwd_op,
+                         _time_qkv_bwd, dq, dk, dv, x, xhat, weight, mean, rstd, ctx.has_ln,
+                         need[0], need[2])
     dt = x.dtype
     ssum = S.sum(0)                                                          # [3C'] fp32
     dbias = ssum.to(dt) if ctx.has_bias and need[3] else None
@@ -261,15 +258,6 @@ def _op_backward(ctx, dqkv, _dxhat, _dmean, _drstd):
 _time_qkv_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
-def _time_qkv_call(*args):
-    """The forward through the custom op (torch.compile, fake tensors) or, in eager mode,
-    directly (see _common.direct_call)."""
-    if not direct_call(*args[:6]):
-        return _time_qkv_fwd_op(*args)
-    with host_range("time_qkv_fwd"):
-        return _time_qkv_fwd(*args)
-
-
 class _TimeQKV(torch.autograd.Function):
     """The public path: q, k, v leave as three views of one buffer, so autograd hands their
     gradients over separately (the op's own autograd above receives the gradient of its single
@@ -277,10 +265,12 @@ class _TimeQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps):
-        qkv, xhat, mean, rstd = _time_qkv_call(x, temb, weight, bias, temb_weight, temb_bias,
-                                               num_heads, norm_eps)
-        _save(ctx, x, temb, weight, bias, temb_weight, temb_bias, norm_eps, xhat, mean, rstd)
+        # the custom op under torch.compile and on fake tensors, else the implementation itself
         ctx.direct = direct_call(x, temb, weight, bias, temb_weight, temb_bias)
+        qkv, xhat, mean, rstd = dispatch("time_qkv_fwd", ctx.direct, _time_qkv_fwd_op,
+                                         _time_qkv_fwd, x, temb, weight, bias, temb_weight,
+                                         temb_bias, num_heads, norm_eps)
+        _save(ctx, x, temb, weight, bias, temb_weight, temb_bias, norm_eps, xhat, mean, rstd)
         return _split_heads(qkv, num_heads)
 
     @staticmethod
@@ -333,7 +323,9 @@ def time_qkv(
     eps = None if norm_eps is None else float(norm_eps)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _TimeQKV.apply(x, temb, weight, bias, temb_weight, temb_bias, num_heads, eps)
-    qkv, _, _, _ = _time_qkv_call(x, temb, weight, bias, temb_weight, temb_bias, num_heads, eps)
+    args = (x, temb, weight, bias, temb_weight, temb_bias)  # x with a unit channel stride
+    qkv, _, _, _ = dispatch("time_qkv_fwd", direct_call(*args), _time_qkv_fwd_op, _time_qkv_fwd,
+                            *args, num_heads, eps)
     return _split_heads(qkv, num_heads)
 
 

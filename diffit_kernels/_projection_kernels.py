@@ -27,12 +27,14 @@ if triton is not None:
     @triton.jit
     def _time_qkv_ln_fwd_kernel(
         X,       # [B, N, C] tokens (rows strided, unit channel stride)
-        XHAT,    # [B * N, C] out: LN(x) in x's dtype, the GEMM's operand (contiguous)
+        XHAT,    # [B * N, LD] out: the GEMM's operand in x's dtype: LN(x) in columns < C, then
+                 # (TIME_COLS) sample b's one-hot in columns C..LD-1 (1 at C + b, else 0)
         MEAN,    # [B * N] fp32 out: row means, for the backward
         RSTD,    # [B * N] fp32 out: row 1/std
-        M, N, C, eps,
+        M, N, C, LD, eps,
         stride_x_b, stride_x_n,
         XVEC: tl.constexpr, CHUNKED: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+        TIME_COLS: tl.constexpr,
     ):
         # Statistics in fp32 around the row's first element s: x - s is exact for values near
         # s (Sterbenz), so rows with |mean| >> std keep their precision (mean = s + E[x - s]).
@@ -50,7 +52,7 @@ if triton is not None:
             mean_c = tl.sum(xc, axis=1) / C
             d = tl.where(mask, xc - mean_c[:, None], 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-            tl.store(XHAT + offs_m[:, None] * C + offs[None, :],
+            tl.store(XHAT + offs_m[:, None] * LD + offs[None, :],
                      (d * rstd[:, None]).to(XHAT.dtype.element_ty), mask=mask)
         else:
             s1 = tl.zeros((ROWS,), dtype=tl.float32)
@@ -70,8 +72,14 @@ if triton is not None:
                 mask = mask_m[:, None] & (c0 + offs < C)[None, :]
                 xc = tl.load(X + x_row[:, None] + (c0 + offs)[None, :], mask=mask, other=0.0)
                 d = xc.to(tl.float32) - shift[:, None] - mean_c[:, None]
-                tl.store(XHAT + offs_m[:, None] * C + (c0 + offs)[None, :],
+                tl.store(XHAT + offs_m[:, None] * LD + (c0 + offs)[None, :],
                          (d * rstd[:, None]).to(XHAT.dtype.element_ty), mask=mask)
+        if TIME_COLS > 0:
+            offs_t = tl.arange(0, TIME_COLS)
+            # via fp32: the interpreter casts a bool to bf16 as the integer bit pattern 1
+            hot = tl.where(offs_t[None, :] == b[:, None], 1.0, 0.0).to(XHAT.dtype.element_ty)
+            tl.store(XHAT + offs_m[:, None] * LD + C + offs_t[None, :], hot,
+                     mask=mask_m[:, None] & (C + offs_t < LD)[None, :])
         tl.store(MEAN + offs_m, shift + mean_c, mask=mask_m)
         tl.store(RSTD + offs_m, rstd, mask=mask_m)
 

@@ -3,6 +3,8 @@
 Forward, rows m = (b, n) of x [B, N, C], W [3C', C] (rows q | k | v, head h = j // d):
     xhat = LN(x) (no affine; norm_eps a float) else x      (Triton row kernel, x's dtype)
     y = xhat W^T + cb[b],   cb = bias + temb W_t^T + b_t   (one cuBLAS GEMM into [B, N, 3C'])
+    with LayerNorm and a time term: y = [xhat | e_b] [W | cb^T]^T, the row kernel writing the
+    one-hot e_b of the row's sample as B extra columns of the GEMM's operand
 q, k, v are head-split views of y [B, N, 3C'] that tmsa_attention reads as they are.
 Backward, with dY = [dq | dk | dv] [M, 3C'] (a strided view when the three gradients are views
 of one buffer, else packed by a Triton kernel that also sums it per sample):
@@ -12,9 +14,12 @@ of one buffer, else packed by a Triton kernel that also sums it per sample):
 Why the LayerNorm is not folded into the GEMM (TransformerEngine's LayerNormLinear does the
 same): the fold saves one write + read of xhat (M x C, ~0.3 GB at DiffiT-XL B256: ~0.1 ms on
 an H200) but takes the GEMM off cuBLAS; the fused Triton GEMMs measured 221 TFLOP/s forward
-and ~97 TFLOP/s in dW there, where cuBLAS runs ~700. The per-sample time term is the GEMM's
-C operand (beta = 1): one broadcast write of cb into y, then the GEMM accumulates onto it, so
-no separate pass reads y back; without a time term the bias rides cuBLASLt's epilogue.
+and ~97 TFLOP/s in dW there, where cuBLAS runs ~700. The per-sample time term: as one-hot
+columns (up to TIME_COLS_MAX samples) it costs B / C more GEMM FLOPs (2.8% at DiffiT-XL B32)
+and no pass over y; the H200 measured the alternative, a broadcast write of cb into y that the
+GEMM accumulates onto (beta = 1), at 1.76x a bare GEMM's time at B256 (still taken beyond
+TIME_COLS_MAX and without LayerNorm, where no row kernel writes the operand). Without a time
+term the bias rides cuBLASLt's epilogue.
 """
 from __future__ import annotations
 
@@ -34,6 +39,11 @@ from ._common import (cdiv, check_kernel_dtype, direct_call, dispatch, empty, ne
 LN_BLOCK_C = 4096
 ROW_TILE = 4096
 MAX_ROWS = 16
+# The per-sample time term rides the GEMM as one-hot columns (see the module docstring) for up
+# to this many samples per call: a column costs 2 M 3C' FLOPs, the broadcast init it replaces
+# 2 M 3C' element moves, even at ~286 columns for 16-bit operands on an H100/H200 (0.6 PFLOP/s
+# against 4.2 TB/s); fp32 GEMMs run ~10x slower per FLOP.
+TIME_COLS_MAX = {2: 256, 4: 32}
 # The dY pack / per-sample sum kernel: BLOCK_R rows x BLOCK_J columns (16 KB of bf16), 8 warps.
 PACK_BLOCK_R, PACK_BLOCK_J, PACK_WARPS = 64, 128, 8
 
@@ -76,19 +86,33 @@ def _per_sample_bias(temb, bias, temb_weight, temb_bias) -> torch.Tensor:
     return cb
 
 
-def _layernorm_rows(x: torch.Tensor, eps: float):
-    """xhat [M, C] (x's dtype, contiguous), mean and rstd [M] (fp32) of x [B, N, C]."""
+def _operand_width(B: int, C: int, dtype: torch.dtype, has_temb: bool, has_ln: bool) -> int:
+    """Columns of the forward GEMM's left operand: C, or (LayerNorm with a time term and at most
+    TIME_COLS_MAX samples) C + B one-hot time columns, padded to a multiple of 8 (16-byte rows
+    for cuBLAS's fastest kernels)."""
+    el = torch.empty(0, dtype=dtype).element_size()
+    if not (has_temb and has_ln) or B > TIME_COLS_MAX.get(el, 0):
+        return C
+    return cdiv(C + B, 8) * 8
+
+
+def _layernorm_rows(x: torch.Tensor, eps: float, width: int):
+    """The forward GEMM's operand [M, width] (x's dtype): LN(x) in columns < C, one-hot time
+    columns after (width > C); mean and rstd [M] (fp32) of x [B, N, C]."""
     B, N, C = x.shape
     M = B * N
-    xhat = empty((M, C), x.dtype, x.device)
+    xhat = empty((M, width), x.dtype, x.device)
     mean = empty((M,), torch.float32, x.device)
     rstd = empty((M,), torch.float32, x.device)
     rows, block, chunked, warps = _row_plan(C)
+    time_cols = next_power_of_2(width - C) if width > C else 0
     _launched("ln_fwd", (rows, block, chunked, warps))
+    if time_cols:
+        _launched("time_cols", (width - C, time_cols))
     _kernels._time_qkv_ln_fwd_kernel[(cdiv(M, rows),)](
-        x, xhat, mean, rstd, M, N, C, eps, x.stride(0), x.stride(1),
+        x, xhat, mean, rstd, M, N, C, width, eps, x.stride(0), x.stride(1),
         XVEC=_vec(x.element_size(), x.stride(0), x.stride(1)), CHUNKED=chunked, ROWS=rows,
-        BLOCK_C=block, num_warps=warps)
+        BLOCK_C=block, TIME_COLS=time_cols, num_warps=warps)
     return xhat, mean, rstd
 
 
@@ -102,11 +126,17 @@ def _time_qkv_fwd(x, temb, weight, bias, temb_weight, temb_bias, num_heads: int,
     mean, rstd = (torch.empty(0, dtype=torch.float32, device=x.device) for _ in range(2))
     if M == 0:
         return out, xhat, mean, rstd
+    width = _operand_width(B, C, x.dtype, temb is not None, has_ln)
     if has_ln:
-        xhat, mean, rstd = _layernorm_rows(x, float(norm_eps))
+        xhat, mean, rstd = _layernorm_rows(x, float(norm_eps), width)
     a = xhat if has_ln else x.reshape(M, C)  # a view for rows or a channel slice of a buffer
     out2, wt = out.view(M, C3), weight.t()
-    if temb is not None:
+    if width > C:
+        # [xhat | onehot(b)] [W | cb^T]^T: the time term is B more columns of one plain GEMM
+        cb = _per_sample_bias(temb, bias, temb_weight, temb_bias).to(x.dtype)
+        pad = weight.new_zeros(C3, width - C - B)
+        torch.mm(a, torch.cat((weight, cb.t(), pad), dim=1).t(), out=out2)
+    elif temb is not None:
         # the GEMM accumulates onto cb[b] broadcast over each sample's rows (beta = 1)
         cb = _per_sample_bias(temb, bias, temb_weight, temb_bias).to(x.dtype)
         out.copy_(cb[:, None, :].expand(B, N, C3))
@@ -164,7 +194,7 @@ def _time_qkv_bwd(dq, dk, dv, x, xhat, weight, mean, rstd, has_ln: bool, need_dx
     packed, S = _pack_and_sum(grads, B, N, C3, store=g2 is None)
     g2 = packed if g2 is None else g2
     if need_dw:
-        torch.mm(g2.t(), xhat if has_ln else x.reshape(M, C), out=dw)
+        torch.mm(g2.t(), xhat[:, :C] if has_ln else x.reshape(M, C), out=dw)
     if need_dx:
         dx2 = dx.view(M, C)
         torch.mm(g2, weight, out=dx2)
@@ -191,8 +221,9 @@ def _time_qkv_fwd_op(x: torch.Tensor, temb: Optional[torch.Tensor], weight: torc
 def _(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps):
     B, N, C = x.shape
     ln = norm_eps is not None and B * N > 0
+    width = _operand_width(B, C, x.dtype, temb is not None, ln)
     stats = x.new_empty((B * N if ln else 0,), dtype=torch.float32)
-    return (x.new_empty((B, N, weight.shape[0])), x.new_empty((B * N, C) if ln else (0,)),
+    return (x.new_empty((B, N, weight.shape[0])), x.new_empty((B * N, width) if ln else (0,)),
             stats, torch.empty_like(stats))
 
 
@@ -353,14 +384,20 @@ def aot_specs():
                          ("fp32", torch.float32)):
         el = torch.tensor([], dtype=torch_dt).element_size()
         vec = _vec(el, 72, 1152)
+        xl_plan = _row_plan(1152)
         for (rows, block, chunked, warps), C in row_plans().items():
             plan = dict(XVEC=_vec(el, C), CHUNKED=chunked, ROWS=rows, BLOCK_C=block)
             label = f"{dt} C{C} {rows}x{block}{' chunked' if chunked else ''} w{warps}"
-            specs.append(AotSpec(
-                "_time_qkv_ln_fwd_kernel", _kernels._time_qkv_ln_fwd_kernel,
-                {"X": f"*{dt}", "XHAT": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32",
-                 **ints("M", "N", "C"), "eps": "fp32", **ints("stride_x_b", "stride_x_n")},
-                plan, warps, 1, label, False))
+            # one-hot time columns: DiffiT-XL's rows at B 32 and at the most samples taken
+            widest = next_power_of_2(TIME_COLS_MAX[el] + 7)
+            for tc in (0, 32, widest) if (rows, block, chunked, warps) == xl_plan else (0,):
+                specs.append(AotSpec(
+                    "_time_qkv_ln_fwd_kernel", _kernels._time_qkv_ln_fwd_kernel,
+                    {"X": f"*{dt}", "XHAT": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32",
+                     **ints("M", "N", "C", "LD"), "eps": "fp32",
+                     **ints("stride_x_b", "stride_x_n")},
+                    dict(plan, TIME_COLS=tc), warps, 1,
+                    label + (f" time cols {tc}" if tc else ""), False))
             specs.append(AotSpec(
                 "_time_qkv_bwd_kernel_ln", _kernels._time_qkv_bwd_kernel_ln,
                 {"DX": f"*{dt}", "X": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32",

@@ -64,6 +64,24 @@ def test_outputs_and_all_six_gradients(B, N, C, H, Ct, opts, dtype):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("cols", [True, False], ids=["time-columns", "broadcast-init"])
+def test_both_ways_of_adding_the_time_term(monkeypatch, dtype, cols):
+    # up to TIME_COLS_MAX samples the time term rides the GEMM as one-hot columns of its operand
+    # (written by the LayerNorm row kernel, padded to a multiple of 8); more samples take the
+    # broadcast init + beta = 1 GEMM: both against the reference, B = 3 and 9 (a pad of 5 / 7)
+    if not cols:
+        monkeypatch.setattr(projection, "TIME_COLS_MAX", {2: 2, 4: 2})
+    for B, C in ((3, 40), (9, 72)):
+        log = []
+        with projection._record_launches(log):
+            _run(dtype, B, 6, C, 2, 12)
+        pad = -(-(C + B) // 8) * 8 - C  # columns after C, and their power-of-two tile
+        want = [("time_cols", (pad, 1 << (pad - 1).bit_length()))]
+        assert [e for e in log if e[0] == "time_cols"] == (want if cols else []), log
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_rows_with_a_large_mean_keep_layernorm_precision(dtype):
     # |mean| / std = 50: the fold subtracts mean * colsum(W) from x W^T; fp32 sums shifted by
     # x[m, 0] (statistics) and fp32 accumulation keep it within the numerics rule

@@ -8,6 +8,9 @@ Every block runs through the public ops of diffit_kernels (DESIGN.md section 3):
         y, x    = adaln_norm(proj(o), residual=x)             x += attn;  y = LN(x)
         x       = x + MLP(y)
     AdaLNBlock   (DiT's adaLN-Zero, the paper's ablation) uses adaln_norm's shift/scale/gate.
+Under autocast the residual stream x stays float32 and the ops take it as it is: time_qkv's
+fused LayerNorm reads it and writes its output in the compute dtype, adaln_norm adds the 16-bit
+branch onto it and returns y in the compute dtype (no cast kernels between the blocks' ops).
 
 A module stores the `backend` string it was built with and hands it to every op call; the op
 resolves it per call from the tensors' device (the device is not known in __init__), so there is
@@ -210,7 +213,9 @@ class TMSAttention(nn.Module):
         tw = tb = None
         if temb is not None:
             temb, tw, tb = temb.to(dt), self.qkv_temb.weight.to(dt), _to(self.qkv_temb.bias, dt)
-        q, k, v = time_qkv(x.to(dt), temb, self.qkv.weight.to(dt), _to(self.qkv.bias, dt),
+        if norm_eps is None or x.dtype != torch.float32:
+            x = x.to(dt)  # else the fused LayerNorm reads the float32 residual stream itself
+        q, k, v = time_qkv(x, temb, self.qkv.weight.to(dt), _to(self.qkv.bias, dt),
                            tw, tb, self.num_heads, norm_eps=norm_eps,
                            backend=self.backend)                        # 3 x [B, H, N, d]
         o = tmsa_attention(q, k, v, table=self.relative_position_bias_table, grid=grid,
@@ -297,8 +302,9 @@ class DiffiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid=None) -> torch.Tensor:
         """x [B, N, C] residual stream, c [B, temb_dim] time token -> [B, N, C]."""
         a = self.attn(x, c, grid, norm_eps=LN_EPS)                      # [B, N, C]
-        y, x = adaln_norm(a.to(x.dtype), residual=x, eps=LN_EPS,
-                          backend=self.backend)                         # x += a; y = LN(x)
+        # a in the compute dtype onto the residual stream as it is (float32 under autocast):
+        # h = x + a stays in x's dtype, y = LN(h) comes out in a's, the MLP's input
+        y, x = adaln_norm(a, residual=x, eps=LN_EPS, backend=self.backend)  # x += a; y = LN(x)
         return _residual_add(x, self.mlp(y))                            # [B, N, C]
 
 
@@ -328,7 +334,7 @@ class AdaLNBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)  # 6 x [B, C] views
         y = adaln_norm(x, shift1, scale1, eps=LN_EPS, backend=self.backend)  # [B, N, C]
         a = self.attn(y, None, grid)                                    # [B, N, C]
-        y, x = adaln_norm(a.to(x.dtype), shift2, scale2, residual=x, gate=gate1, eps=LN_EPS,
+        y, x = adaln_norm(a, shift2, scale2, residual=x, gate=gate1, eps=LN_EPS,
                           backend=self.backend)                         # x += gate1 * a
         m = self.mlp(y).to(x.dtype)                                     # [B, N, C]
         return x + gate2[:, None, :] * m                                # [B, N, C]

@@ -122,7 +122,8 @@ if triton is not None:
 
     @triton.jit
     def _time_qkv_bwd_kernel_ln(
-        DX,      # [B * N, C] in: grad of LN(x) (contiguous); out: grad of x, in place
+        DXN,     # [B * N, C] grad of LN(x) (contiguous, the projection's dtype)
+        DX,      # [B * N, C] out: grad of x in x's dtype (DXN itself when the dtypes match)
         X,       # [B, N, C] forward input
         MEAN,    # [B * N] fp32
         RSTD,    # [B * N] fp32
@@ -141,7 +142,7 @@ if triton is not None:
         if not CHUNKED:
             # [ROWS, BLOCK_C]
             mask = mask_m[:, None] & (offs < C)[None, :]
-            dxn = tl.load(DX + offs_m[:, None] * C + offs[None, :], mask=mask,
+            dxn = tl.load(DXN + offs_m[:, None] * C + offs[None, :], mask=mask,
                           other=0.0).to(tl.float32)
             x = tl.load(X + x_row[:, None] + offs[None, :], mask=mask, other=0.0)
             xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
@@ -155,7 +156,7 @@ if triton is not None:
             c2 = tl.zeros((ROWS,), dtype=tl.float32)
             for c0 in range(0, C, BLOCK_C):
                 mask = mask_m[:, None] & (c0 + offs < C)[None, :]
-                dxn = tl.load(DX + offs_m[:, None] * C + (c0 + offs)[None, :], mask=mask,
+                dxn = tl.load(DXN + offs_m[:, None] * C + (c0 + offs)[None, :], mask=mask,
                               other=0.0).to(tl.float32)
                 x = tl.load(X + x_row[:, None] + (c0 + offs)[None, :], mask=mask, other=0.0)
                 xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
@@ -165,7 +166,7 @@ if triton is not None:
             c2 = c2 / C
             for c0 in range(0, C, BLOCK_C):
                 mask = mask_m[:, None] & (c0 + offs < C)[None, :]
-                dxn = tl.load(DX + offs_m[:, None] * C + (c0 + offs)[None, :], mask=mask,
+                dxn = tl.load(DXN + offs_m[:, None] * C + (c0 + offs)[None, :], mask=mask,
                               other=0.0).to(tl.float32)
                 x = tl.load(X + x_row[:, None] + (c0 + offs)[None, :], mask=mask, other=0.0)
                 xhat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]

@@ -452,7 +452,7 @@ def _adaln_norm_fwd(x, shift, scale, residual, gate, eps: float, silu: bool):
     ROWS = _fwd_rows_per_program(B, N, _sms(x.device), wide)
     P = cdiv(N, ROWS)
     y = empty((B, N, C), x.dtype, x.device)
-    h = empty((B, N, C), x.dtype, x.device) if residual is not None else x.new_empty(0)
+    h = empty((B, N, C), residual.dtype, x.device) if residual is not None else x.new_empty(0)
     mean = torch.empty(B * N, dtype=torch.float32, device=x.device)
     rstd = torch.empty(B * N, dtype=torch.float32, device=x.device)
     if B * N:
@@ -479,7 +479,7 @@ def _adaln_norm_bwd(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, sil
     ROWS = _bwd_rows_per_program(B, N, _sms(x.device))
     P = cdiv(N, ROWS)
     dx = empty((B, N, C), x.dtype, x.device)
-    dres = empty((B, N, C), x.dtype, x.device) if residual is not None else None
+    dres = empty((B, N, C), residual.dtype, x.device) if residual is not None else None
 
     def partial(flag):
         alloc = torch.zeros if chunked else torch.empty
@@ -503,10 +503,11 @@ def _adaln_norm_bwd(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, sil
         CHUNKED=chunked, BLOCK_C=block, num_warps=warps,
     )
 
-    def reduce(t):  # fixed-order sum over the P partials: deterministic
-        return t.sum(1).to(x.dtype) if t is not None else None
+    def reduce(t, like):  # fixed-order sum over the P partials: deterministic
+        return t.sum(1).to(like.dtype) if t is not None else None
 
-    return dx, dres, reduce(dshift_p), reduce(dscale_p), reduce(dgate_p)
+    return (dx, dres, reduce(dshift_p, shift), reduce(dscale_p, scale),
+            reduce(dgate_p, gate))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,7 +522,7 @@ def _adaln_norm_fwd_op(x: torch.Tensor, shift: Optional[torch.Tensor],
 @_adaln_norm_fwd_op.register_fake
 def _(x, shift, scale, residual, gate, eps, silu):
     B, N, C = x.shape
-    h = x.new_empty((B, N, C)) if residual is not None else x.new_empty(0)
+    h = residual.new_empty((B, N, C)) if residual is not None else x.new_empty(0)
     stats = x.new_empty(B * N, dtype=torch.float32)
     return x.new_empty((B, N, C)), h, stats, stats.clone()
 
@@ -540,9 +541,9 @@ def _(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, silu):
     B, N, C = x.shape
 
     def vec(t):
-        return x.new_empty((B, C)) if t is not None else x.new_empty(0)
+        return t.new_empty((B, C)) if t is not None else x.new_empty(0)
 
-    dres = x.new_empty((B, N, C)) if residual is not None else x.new_empty(0)
+    dres = residual.new_empty((B, N, C)) if residual is not None else x.new_empty(0)
     return [x.new_empty((B, N, C)), dres, vec(shift), vec(scale), vec(gate)]
 
 
@@ -605,12 +606,15 @@ def adaln_norm(
     Args:
         x: [B, N, C] float32 / float16 / bfloat16; rows may be strided (unit channel stride).
         shift, scale: optional [B, C] per-sample modulation (chunks of one projection are fine).
-        residual: optional [B, N, C] residual stream; gate: optional [B, C], needs residual.
+        residual: optional [B, N, C] residual stream, in x's dtype or, for a 16-bit x, float32
+            (autocast's residual stream, read and written as it is: no cast kernels around the
+            op); gate: optional [B, C], needs residual. The vectors take x's or residual's dtype.
         eps: LayerNorm epsilon (1e-6 in DiffiT).
         activation: None or "silu".
         backend: "auto" | "triton" | "torch" (see diffit_kernels._common.resolve_backend).
     Returns:
-        y [B, N, C] in x's dtype, or (y, h) when residual is given (h: the new residual stream).
+        y [B, N, C] in x's dtype, or (y, h) when residual is given (h: the new residual stream,
+        in residual's dtype).
         Gradients flow to x, shift, scale, residual and gate (statistics in float32; the
         per-sample sums of the backward are deterministic).
     """
@@ -638,24 +642,29 @@ def aot_specs():
     specs = []
     strides = ("stride_x_b", "stride_x_n", "stride_r_b", "stride_r_n", "stride_g_b",
                "stride_sh_b", "stride_sc_b")
+    xl = fwd_plan(1152)[0]
     for dt in ("bf16", "fp16", "fp32"):
         for ((block, warps, wide), (bblock, chunked, bwarps)), C in plans().items():
-            for full in (True, False):
-                if (not full or dt == "fp16") and C not in (33, 1025, 2049, 4097):
+            # full / plain / (16-bit, DiffiT's widths) a float32 residual stream, full
+            for full, rt in ((True, dt), (False, dt), (True, "fp32")):
+                if rt != dt and (dt == "fp32" or block != xl):
+                    continue
+                if (not full or dt == "fp16") and rt == dt and C not in (33, 1025, 2049, 4097):
                     continue
                 flags = dict(HAS_RES=full, HAS_GATE=full, HAS_SHIFT=full, HAS_SCALE=full,
                              SILU=full)
-                label = f"{dt} C<={block} " + ("res+gate+mod+silu" if full else "plain")
-                fwd_sig = {"X": f"*{dt}", "RES": f"*{dt}", "GATE": f"*{dt}", "SHIFT": f"*{dt}",
-                           "SCALE": f"*{dt}", "Y": f"*{dt}", "H": f"*{dt}", "MEAN": "*fp32",
+                label = f"{dt} C<={block} " + ("res+gate+mod+silu" if full else "plain") + (
+                    " fp32 residual" if rt != dt else "")
+                fwd_sig = {"X": f"*{dt}", "RES": f"*{rt}", "GATE": f"*{dt}", "SHIFT": f"*{dt}",
+                           "SCALE": f"*{dt}", "Y": f"*{dt}", "H": f"*{rt}", "MEAN": "*fp32",
                            "RSTD": "*fp32", "N": "i32", "C": "i32", "ROWS": "i32", "P": "i32",
                            "eps": "fp32", **{s: "i64" for s in strides}}
                 specs.append(AotSpec("_adaln_norm_fwd_kernel", _adaln_norm_fwd_kernel, fwd_sig,
                                      {**flags, "WIDE": wide, "BLOCK_C": block}, warps, 3,
                                      label, False))
-                bwd_sig = {"DY": f"*{dt}", "DH_OUT": f"*{dt}", "X": f"*{dt}", "RES": f"*{dt}",
+                bwd_sig = {"DY": f"*{dt}", "DH_OUT": f"*{rt}", "X": f"*{dt}", "RES": f"*{rt}",
                            "GATE": f"*{dt}", "SHIFT": f"*{dt}", "SCALE": f"*{dt}", "MEAN": "*fp32",
-                           "RSTD": "*fp32", "DX": f"*{dt}", "DRES": f"*{dt}", "DSHIFT_P": "*fp32",
+                           "RSTD": "*fp32", "DX": f"*{dt}", "DRES": f"*{rt}", "DSHIFT_P": "*fp32",
                            "DSCALE_P": "*fp32", "DGATE_P": "*fp32", "N": "i32", "C": "i32",
                            "ROWS": "i32", "P": "i32",
                            **{s: "i64" for s in ("stride_dy_b", "stride_dy_n", "stride_dh_b",

@@ -96,12 +96,12 @@ def _operand_width(B: int, C: int, dtype: torch.dtype, has_temb: bool, has_ln: b
     return cdiv(C + B, 8) * 8
 
 
-def _layernorm_rows(x: torch.Tensor, eps: float, width: int):
-    """The forward GEMM's operand [M, width] (x's dtype): LN(x) in columns < C, one-hot time
-    columns after (width > C); mean and rstd [M] (fp32) of x [B, N, C]."""
+def _layernorm_rows(x: torch.Tensor, eps: float, width: int, dtype: torch.dtype):
+    """The forward GEMM's operand [M, width] in `dtype` (the projection's): LN(x) in columns
+    < C, one-hot time columns after (width > C); mean and rstd [M] (fp32) of x [B, N, C]."""
     B, N, C = x.shape
     M = B * N
-    xhat = empty((M, width), x.dtype, x.device)
+    xhat = empty((M, width), dtype, x.device)
     mean = empty((M,), torch.float32, x.device)
     rstd = empty((M,), torch.float32, x.device)
     rows, block, chunked, warps = _row_plan(C)
@@ -121,24 +121,25 @@ def _time_qkv_fwd(x, temb, weight, bias, temb_weight, temb_bias, num_heads: int,
     B, N, C = x.shape
     C3, M = weight.shape[0], B * N
     has_ln = norm_eps is not None
-    out = empty((B, N, C3), x.dtype, x.device)
-    xhat = x.new_empty(0)
+    dt = weight.dtype  # x's, or 16-bit for a float32 x that LN reads (see time_qkv)
+    out = empty((B, N, C3), dt, x.device)
+    xhat = weight.new_empty(0)
     mean, rstd = (torch.empty(0, dtype=torch.float32, device=x.device) for _ in range(2))
     if M == 0:
         return out, xhat, mean, rstd
-    width = _operand_width(B, C, x.dtype, temb is not None, has_ln)
+    width = _operand_width(B, C, dt, temb is not None, has_ln)
     if has_ln:
-        xhat, mean, rstd = _layernorm_rows(x, float(norm_eps), width)
+        xhat, mean, rstd = _layernorm_rows(x, float(norm_eps), width, dt)
     a = xhat if has_ln else x.reshape(M, C)  # a view for rows or a channel slice of a buffer
     out2, wt = out.view(M, C3), weight.t()
     if width > C:
         # [xhat | onehot(b)] [W | cb^T]^T: the time term is B more columns of one plain GEMM
-        cb = _per_sample_bias(temb, bias, temb_weight, temb_bias).to(x.dtype)
+        cb = _per_sample_bias(temb, bias, temb_weight, temb_bias).to(dt)
         pad = weight.new_zeros(C3, width - C - B)
         torch.mm(a, torch.cat((weight, cb.t(), pad), dim=1).t(), out=out2)
     elif temb is not None:
         # the GEMM accumulates onto cb[b] broadcast over each sample's rows (beta = 1)
-        cb = _per_sample_bias(temb, bias, temb_weight, temb_bias).to(x.dtype)
+        cb = _per_sample_bias(temb, bias, temb_weight, temb_bias).to(dt)
         out.copy_(cb[:, None, :].expand(B, N, C3))
         out2.addmm_(a, wt)
     elif bias is not None:
@@ -184,12 +185,12 @@ def _time_qkv_bwd(dq, dk, dv, x, xhat, weight, mean, rstd, has_ln: bool, need_dx
     B, N, C = x.shape
     C3, M = weight.shape[0], B * N
     dx = empty((B, N, C) if need_dx else (0,), x.dtype, x.device)
-    dw = empty((C3, C) if need_dw else (0,), x.dtype, x.device)
+    dw = empty((C3, C) if need_dw else (0,), weight.dtype, x.device)
     if M == 0:
         if need_dw:
             dw.zero_()
         return dx, dw, torch.zeros(B, C3, dtype=torch.float32, device=x.device)
-    grads = [unit_last_stride(g.to(x.dtype)) for g in (dq, dk, dv)]
+    grads = [unit_last_stride(g.to(weight.dtype)) for g in (dq, dk, dv)]
     g2 = _packed(grads, B, N, C3)
     packed, S = _pack_and_sum(grads, B, N, C3, store=g2 is None)
     g2 = packed if g2 is None else g2
@@ -197,12 +198,14 @@ def _time_qkv_bwd(dq, dk, dv, x, xhat, weight, mean, rstd, has_ln: bool, need_dx
         torch.mm(g2.t(), xhat[:, :C] if has_ln else x.reshape(M, C), out=dw)
     if need_dx:
         dx2 = dx.view(M, C)
-        torch.mm(g2, weight, out=dx2)
+        # dxhat in the projection's dtype: in place in dx, or beside a float32 x's dx
+        dxn = dx2 if x.dtype == weight.dtype else empty((M, C), weight.dtype, x.device)
+        torch.mm(g2, weight, out=dxn)
         if has_ln:
             rows, block, chunked, warps = _row_plan(C)
             _launched("ln_bwd", (rows, block, chunked, warps))
             _kernels._time_qkv_bwd_kernel_ln[(cdiv(M, rows),)](
-                dx2, x, mean, rstd, M, N, C, x.stride(0), x.stride(1),
+                dxn, dx2, x, mean, rstd, M, N, C, x.stride(0), x.stride(1),
                 XVEC=_vec(x.element_size(), x.stride(0), x.stride(1)), CHUNKED=chunked,
                 ROWS=rows, BLOCK_C=block, num_warps=warps)
     return dx, dw, S
@@ -221,10 +224,10 @@ def _time_qkv_fwd_op(x: torch.Tensor, temb: Optional[torch.Tensor], weight: torc
 def _(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps):
     B, N, C = x.shape
     ln = norm_eps is not None and B * N > 0
-    width = _operand_width(B, C, x.dtype, temb is not None, ln)
+    width = _operand_width(B, C, weight.dtype, temb is not None, ln)
     stats = x.new_empty((B * N if ln else 0,), dtype=torch.float32)
-    return (x.new_empty((B, N, weight.shape[0])), x.new_empty((B * N, width) if ln else (0,)),
-            stats, torch.empty_like(stats))
+    return (weight.new_empty((B, N, weight.shape[0])),
+            weight.new_empty((B * N, width) if ln else (0,)), stats, torch.empty_like(stats))
 
 
 @torch.library.custom_op("diffit_kernels::time_qkv_bwd", mutates_args=())
@@ -263,7 +266,7 @@ def _input_grads(ctx, dq, dk, dv):
     dx, dw, S = dispatch("time_qkv_bwd", getattr(ctx, "direct", False), _time_qkv_bwd_op,
                          _time_qkv_bwd, dq, dk, dv, x, xhat, weight, mean, rstd, ctx.has_ln,
                          need[0], need[2])
-    dt = x.dtype
+    dt = weight.dtype  # temb and the biases share it
     ssum = S.sum(0)                                                          # [3C'] fp32
     dbias = ssum.to(dt) if ctx.has_bias and need[3] else None
     dtemb = dtw = dtb = None
@@ -329,7 +332,10 @@ def time_qkv(
 
     Args:
         x: [B, N, C] float32 / float16 / bfloat16; rows may be strided (e.g. a channel slice of
-            a wider tensor), the channel stride should be 1 (else x is copied once).
+            a wider tensor), the channel stride should be 1 (else x is copied once). With
+            norm_eps, x may be float32 under 16-bit weights (autocast's residual stream): the
+            LayerNorm reads it as it is and writes its output in weight's dtype, dx comes back
+            float32, and no cast kernel runs around the op.
         temb: [B, Ct] time token, or None: no time term (then temb_weight / temb_bias are None).
         weight: [3C', C] (rows q | k | v; head h = rows h*d:(h+1)*d of each third).
         bias: [3C'] or None.  temb_weight: [3C', Ct].  temb_bias: [3C'] or None.
@@ -338,11 +344,11 @@ def time_qkv(
             first (statistics in fp32; the normalised x is kept for the backward's dW).
         backend: "auto" | "triton" | "torch" (see diffit_kernels._common.resolve_backend).
     Returns:
-        q, k, v [B, H, N, d]: views of one [B, N, 3C'] buffer (on either backend; strides
-        (N*3C', d, 3C', 1)), which tmsa_attention reads without a copy. Gradients flow to x,
-        temb, weight, bias, temb_weight and temb_bias; the backward is deterministic and takes
-        dq, dk, dv as they come (no concatenated copy). Do not modify q, k, v in place (they
-        are outputs of one autograd node).
+        q, k, v [B, H, N, d] in weight's dtype: views of one [B, N, 3C'] buffer (on either
+        backend; strides (N*3C', d, 3C', 1)), which tmsa_attention reads without a copy.
+        Gradients flow to x, temb, weight, bias, temb_weight and temb_bias; the backward is
+        deterministic and takes dq, dk, dv as they come (no concatenated copy). Do not modify
+        q, k, v in place (they are outputs of one autograd node).
     """
     reference.check_time_qkv_inputs(x, temb, weight, bias, temb_weight, temb_bias, num_heads,
                                     norm_eps)
@@ -388,21 +394,26 @@ def aot_specs():
         for (rows, block, chunked, warps), C in row_plans().items():
             plan = dict(XVEC=_vec(el, C), CHUNKED=chunked, ROWS=rows, BLOCK_C=block)
             label = f"{dt} C{C} {rows}x{block}{' chunked' if chunked else ''} w{warps}"
-            # one-hot time columns: DiffiT-XL's rows at B 32 and at the most samples taken
+            # at DiffiT-XL's rows: one-hot time columns (B 32, and the most samples taken)
+            # and, for 16-bit projections, a float32 x (autocast's residual stream)
+            xl = (rows, block, chunked, warps) == xl_plan
             widest = next_power_of_2(TIME_COLS_MAX[el] + 7)
-            for tc in (0, 32, widest) if (rows, block, chunked, warps) == xl_plan else (0,):
+            xdts = (dt, "fp32") if xl and el == 2 else (dt,)
+            for xdt in xdts:
+                mixed = " fp32 x" if xdt != dt else ""
+                for tc in (0, 32, widest) if xl and not mixed else (0, 32) if xl else (0,):
+                    specs.append(AotSpec(
+                        "_time_qkv_ln_fwd_kernel", _kernels._time_qkv_ln_fwd_kernel,
+                        {"X": f"*{xdt}", "XHAT": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32",
+                         **ints("M", "N", "C", "LD"), "eps": "fp32",
+                         **ints("stride_x_b", "stride_x_n")},
+                        dict(plan, TIME_COLS=tc), warps, 1,
+                        label + mixed + (f" time cols {tc}" if tc else ""), False))
                 specs.append(AotSpec(
-                    "_time_qkv_ln_fwd_kernel", _kernels._time_qkv_ln_fwd_kernel,
-                    {"X": f"*{dt}", "XHAT": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32",
-                     **ints("M", "N", "C", "LD"), "eps": "fp32",
-                     **ints("stride_x_b", "stride_x_n")},
-                    dict(plan, TIME_COLS=tc), warps, 1,
-                    label + (f" time cols {tc}" if tc else ""), False))
-            specs.append(AotSpec(
-                "_time_qkv_bwd_kernel_ln", _kernels._time_qkv_bwd_kernel_ln,
-                {"DX": f"*{dt}", "X": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32",
-                 **ints("M", "N", "C", "stride_x_b", "stride_x_n")},
-                plan, warps, 1, label, False))
+                    "_time_qkv_bwd_kernel_ln", _kernels._time_qkv_bwd_kernel_ln,
+                    {"DXN": f"*{dt}", "DX": f"*{xdt}", "X": f"*{xdt}", "MEAN": "*fp32",
+                     "RSTD": "*fp32", **ints("M", "N", "C", "stride_x_b", "stride_x_n")},
+                    plan, warps, 1, label + mixed, False))
         for store in (True, False):
             specs.append(AotSpec(
                 "_time_qkv_bwd_kernel_pack", _kernels._time_qkv_bwd_kernel_pack,

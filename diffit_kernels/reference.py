@@ -35,11 +35,19 @@ def check_adaln_inputs(x, shift, scale, residual, gate, eps, activation) -> None
     """Validate adaln_norm's inputs (shared by the reference and the kernel launcher)."""
     check_tensor("x", x, ndim=3)
     B, N, C = x.shape
+    if residual is not None:
+        check_tensor("residual", residual, shape=(B, N, C), device=x.device)
+        if residual.dtype != x.dtype and not (residual.dtype == torch.float32
+                                              and x.dtype in (torch.float16, torch.bfloat16)):
+            raise TypeError(f"residual must have x's dtype {x.dtype} (or be a float32 residual "
+                            f"stream for a float16 / bfloat16 x), got {describe(residual)}")
+    wide = residual.dtype if residual is not None else x.dtype
     for name, t in (("shift", shift), ("scale", scale), ("gate", gate)):
         if t is not None:
-            check_tensor(name, t, shape=(B, C), dtype=x.dtype, device=x.device)
-    if residual is not None:
-        check_tensor("residual", residual, shape=(B, N, C), dtype=x.dtype, device=x.device)
+            check_tensor(name, t, shape=(B, C), device=x.device)
+            if t.dtype not in (x.dtype, wide):
+                also = f" or residual's {wide}" if wide != x.dtype else ""
+                raise TypeError(f"{name} must have x's dtype {x.dtype}{also}, got {describe(t)}")
     if gate is not None and residual is None:
         raise ValueError("gate scales the branch added to the residual stream: pass residual= too")
     if activation not in (None, "silu"):
@@ -66,13 +74,21 @@ def adaln_norm(
         y = SiLU(y)                                                        (activation="silu")
 
     Args:
-        x, residual: [B, N, C].
-        shift, scale, gate: [B, C] per-sample vectors (strided views are fine).
+        x, residual: [B, N, C]; residual in x's dtype, or a float32 residual stream for a
+            16-bit x (autocast): then everything is computed in float32, h stays float32 and
+            y takes x's dtype.
+        shift, scale, gate: [B, C] per-sample vectors (strided views are fine), in x's or
+            residual's dtype.
     Returns:
-        y [B, N, C], or (y, h) when `residual` is given (h is the new residual stream).
+        y [B, N, C] in x's dtype, or (y, h) when `residual` is given (h is the new residual
+        stream, in residual's dtype).
     """
     check_adaln_inputs(x, shift, scale, residual, gate, eps, activation)
     dtype = x.dtype
+    h_dtype = residual.dtype if residual is not None else dtype
+    if h_dtype != dtype:  # a float32 residual stream: compute in it
+        x, shift, scale, gate = (t.to(h_dtype) if t is not None else None
+                                 for t in (x, shift, scale, gate))
     x, residual, shift, scale, gate = (_up(t, upcast) for t in (x, residual, shift, scale, gate))
 
     h = x
@@ -86,7 +102,7 @@ def adaln_norm(
     if activation == "silu":
         y = F.silu(y)
     y = y.to(dtype)
-    return (y, h.to(dtype)) if residual is not None else y
+    return (y, h.to(h_dtype)) if residual is not None else y
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,7 +111,13 @@ def check_time_qkv_inputs(x, temb, weight, bias, temb_weight, temb_bias, num_hea
     name the argument, its shape / dtype / device and what was expected."""
     check_tensor("x", x, ndim=3)
     B, N, C = x.shape
-    check_tensor("weight", weight, ndim=2, dtype=x.dtype, device=x.device)
+    check_tensor("weight", weight, ndim=2, device=x.device)
+    if weight.dtype != x.dtype and not (norm_eps is not None and x.dtype == torch.float32 and
+                                        weight.dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(f"weight must have x's dtype {x.dtype} (or be float16 / bfloat16 for a "
+                        f"float32 x with norm_eps: LayerNorm reads the float32 residual stream "
+                        f"and the projection runs in weight's dtype), got {describe(weight)}")
+    wdt = weight.dtype  # the projection's dtype: temb and the biases take it too
     if weight.shape[1] != C or weight.shape[0] % 3 or weight.shape[0] == 0:
         raise ValueError(f"weight must have shape [3*C', C={C}] (rows q | k | v), "
                          f"got {describe(weight)}")
@@ -106,21 +128,21 @@ def check_time_qkv_inputs(x, temb, weight, bias, temb_weight, temb_bias, num_hea
         raise ValueError(f"num_heads={num_heads} must divide C'={C3 // 3} "
                          f"(weight {describe(weight)})")
     if bias is not None:
-        check_tensor("bias", bias, shape=(C3,), dtype=x.dtype, device=x.device)
+        check_tensor("bias", bias, shape=(C3,), dtype=wdt, device=x.device)
     if temb is None:
         if temb_weight is not None or temb_bias is not None:
             raise ValueError("temb_weight / temb_bias given without temb: pass temb [B, Ct], "
                              "or None for all three (no time term)")
     else:
-        check_tensor("temb", temb, ndim=2, dtype=x.dtype, device=x.device)
+        check_tensor("temb", temb, ndim=2, dtype=wdt, device=x.device)
         if temb.shape[0] != B:
             raise ValueError(f"temb must have shape [B={B}, Ct], got {describe(temb)}")
         if temb_weight is None:
             raise ValueError(f"temb needs temb_weight [3C'={C3}, Ct={temb.shape[1]}]")
-        check_tensor("temb_weight", temb_weight, shape=(C3, temb.shape[1]), dtype=x.dtype,
+        check_tensor("temb_weight", temb_weight, shape=(C3, temb.shape[1]), dtype=wdt,
                      device=x.device)
         if temb_bias is not None:
-            check_tensor("temb_bias", temb_bias, shape=(C3,), dtype=x.dtype, device=x.device)
+            check_tensor("temb_bias", temb_bias, shape=(C3,), dtype=wdt, device=x.device)
     if norm_eps is not None and (isinstance(norm_eps, bool)
                                  or not isinstance(norm_eps, (int, float)) or not norm_eps >= 0):
         raise ValueError(f"norm_eps must be None or a non-negative float, got {norm_eps!r}")
@@ -145,20 +167,22 @@ def time_qkv(
         q, k, v = qkv viewed as [B, N, 3, H, d] -> [3, B, H, N, d]
 
     Args:
-        x: [B, N, C] spatial tokens.  temb: [B, Ct] time token, or None (no time term).
+        x: [B, N, C] spatial tokens, in weight's dtype or (norm_eps given, 16-bit weights) a
+            float32 residual stream: LN(x) is then rounded to weight's dtype.
+        temb: [B, Ct] time token, or None (no time term).
         weight: [3C', C], bias: [3C'] or None; temb_weight: [3C', Ct], temb_bias: [3C'] or None.
         num_heads: H, dividing C'.
     Returns:
-        q, k, v [B, H, N, C'/H], views of one buffer.
+        q, k, v [B, H, N, C'/H] in weight's dtype, views of one buffer.
     """
     check_time_qkv_inputs(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps)
     B, N, C = x.shape
     C3 = weight.shape[0]
-    dtype = x.dtype
+    dtype = weight.dtype
     x, temb, weight, bias, temb_weight, temb_bias = (
         _up(t, upcast) for t in (x, temb, weight, bias, temb_weight, temb_bias))
 
-    xn = _layer_norm(x, norm_eps) if norm_eps is not None else x
+    xn = _layer_norm(x, norm_eps).to(weight.dtype) if norm_eps is not None else x
     qkv = F.linear(xn, weight, bias)                                    # [B, N, 3C']
     if temb is not None:
         qkv = qkv + F.linear(temb, temb_weight, temb_bias)[:, None, :]  # + [B, 1, 3C']

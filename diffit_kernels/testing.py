@@ -84,6 +84,7 @@ def parity(
     grad_leaves: Sequence[str] = (),
     op_kwargs: Optional[dict] = None,
     seed: int = 0,
+    keep_fp32: Sequence[str] = (),
 ) -> List[ParityRow]:
     """Compare `op` with `ref_op` on the same inputs, outputs and gradients.
 
@@ -92,17 +93,21 @@ def parity(
         views of a leaf (q, k, v sliced from one packed buffer, shift/scale chunks).
     grad_leaves: names of the leaves whose gradients are compared (as "d<name>").
     op_kwargs: extra keywords only `op` takes (backend="triton", deterministic=...).
+    keep_fp32: leaves that stay float32 in every run (mixed precision: autocast's float32
+        residual stream next to 16-bit activations).
     """
     op_kwargs = op_kwargs or {}
 
     def run(fn, cast, extra):
-        ls = {k: v.detach().to(cast).requires_grad_(k in grad_leaves) for k, v in rounded.items()}
+        ls = {k: v.detach().to(torch.float32 if k in keep_fp32 else cast)
+              .requires_grad_(k in grad_leaves) for k, v in rounded.items()}
         with nan_fill():
             outs = _flatten(fn(**build(ls), **extra))
         return ls, outs
 
     # the inputs every provider sees: the float32 leaves rounded to `dtype`
-    rounded = {k: v.to(dtype) if v.is_floating_point() else v for k, v in leaves.items()}
+    rounded = {k: v.to(dtype) if v.is_floating_point() and k not in keep_fp32 else v
+               for k, v in leaves.items()}
     gen = torch.Generator().manual_seed(seed + 1)
     l_out, outs = run(op, dtype, op_kwargs)
     l_ref, refs = run(ref_op, torch.float32, {})
@@ -113,16 +118,16 @@ def parity(
     rows = [ParityRow(n, str(dtype).split(".")[-1], max_err(o, r), rule_bound(r, p, dtype, 2.0),
                       max_err(p, r)) for n, o, r, p in zip(out_names, outs, refs, pts)]
     if grad_leaves:
-        def grads(ls, os_, cast):
+        def grads(ls, os_):
             want = [ls[g] for g in grad_leaves]
-            pairs = [(o, dy.to(cast)) for o, dy in zip(os_, dys) if o.requires_grad]
+            pairs = [(o, dy.to(o.dtype)) for o, dy in zip(os_, dys) if o.requires_grad]
             gs = torch.autograd.grad([o for o, _ in pairs], want, [d for _, d in pairs],
                                      allow_unused=True)
             return [torch.zeros_like(w) if g is None else g for g, w in zip(gs, want)]
 
-        g_out = grads(l_out, outs, dtype)
-        g_ref = grads(l_ref, refs, torch.float32)
-        g_pt = grads(l_pt, pts, dtype)
+        g_out = grads(l_out, outs)
+        g_ref = grads(l_ref, refs)
+        g_pt = grads(l_pt, pts)
         for name, o, r, p in zip(grad_leaves, g_out, g_ref, g_pt):
             rows.append(ParityRow("d" + name, str(dtype).split(".")[-1], max_err(o, r),
                                   rule_bound(r, p, dtype, 3.0), max_err(p, r)))

@@ -33,12 +33,35 @@ def _case(B, N, C, residual, gate, shift, scale, silu, strided_x=False):
     return leaves, build, outs, grads
 
 
-def _run(dtype, *case_args, **kw):
+def _run(dtype, *case_args, keep_fp32=(), **kw):
     leaves, build, outs, grads = _case(*case_args, **kw)
     rows = parity(diffit_kernels.adaln_norm, reference.adaln_norm, leaves, build, dtype=dtype,
-                  out_names=outs, grad_leaves=grads, op_kwargs={"backend": "triton"})
+                  out_names=outs, grad_leaves=grads, op_kwargs={"backend": "triton"},
+                  keep_fp32=keep_fp32)
     assert_parity(rows)
     return rows
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("vectors", ["x", "residual"], ids=["16bit-mod", "fp32-mod"])
+@pytest.mark.parametrize("gate,silu", [(True, True), (False, False)], ids=["gate+silu", "plain"])
+def test_float32_residual_stream_with_a_16bit_branch(dtype, vectors, gate, silu):
+    # autocast: the residual stream stays float32, the branch (x) is 16-bit; h keeps float32,
+    # y takes x's dtype, every gradient its input's dtype (no cast kernels around the op)
+    keep = ("res",) + (("mod",) if vectors == "residual" else ())
+    rows = _run(dtype, 2, 7, 72, True, gate, True, True, silu, keep_fp32=keep)
+    assert {r.name for r in rows} >= {"y", "h", "dx", "dres", "dmod"}
+    x = torch.randn(2, 3, 40).to(dtype)
+    res = torch.randn(2, 3, 40, requires_grad=True)
+    mod = torch.randn(2, 120, dtype=torch.float32 if vectors == "residual" else dtype,
+                      requires_grad=True)
+    sh, sc, g = mod.chunk(3, dim=1)
+    y, h = diffit_kernels.adaln_norm(x.requires_grad_(), sh, sc, residual=res, gate=g,
+                                     backend="triton")
+    assert (y.dtype, h.dtype) == (dtype, torch.float32)
+    torch.autograd.backward((y, h), (torch.ones_like(y), torch.ones_like(h)))
+    assert (x.grad.dtype, res.grad.dtype, mod.grad.dtype) == (dtype, torch.float32, mod.dtype)
 
 
 @pytest.mark.interpreter
@@ -220,12 +243,20 @@ def test_torch_backend_is_the_reference():
     (dict(x=torch.randn(2, 3, 4), scale=torch.randn(3, 4)), ValueError, r"scale must have shape"),
     (dict(x=torch.randn(2, 3, 4), residual=torch.randn(2, 3, 5)), ValueError, r"residual must have shape"),
     (dict(x=torch.randn(2, 3, 4), gate=torch.randn(2, 4)), ValueError, r"pass residual= too"),
-    (dict(x=torch.randn(2, 3, 4), shift=torch.randn(2, 4).half()), TypeError, r"shift must have dtype torch.float32"),
+    (dict(x=torch.randn(2, 3, 4), shift=torch.randn(2, 4).half()), TypeError, r"shift must have x's dtype torch.float32, got"),
+    (dict(x=torch.randn(2, 3, 4), residual=torch.randn(2, 3, 4).half()), TypeError,
+     r"residual must have x's dtype torch.float32 \(or be a float32 residual stream for a float16"),
+    (dict(x=torch.randn(2, 3, 4).half(), residual=torch.randn(2, 3, 4).bfloat16()), TypeError,
+     r"residual must have x's dtype torch.float16"),
+    (dict(x=torch.randn(2, 3, 4).half(), residual=torch.randn(2, 3, 4),
+          gate=torch.randn(2, 4).bfloat16()), TypeError,
+     r"gate must have x's dtype torch.float16 or residual's torch.float32, got"),
     (dict(x=torch.randint(0, 3, (2, 3, 4))), TypeError, r"x must be float32, float16, bfloat16"),
     (dict(x=torch.randn(2, 3, 4), shift=torch.randn(2, 4, device="meta")), ValueError, r"shift must be on cpu"),
     (dict(x=torch.randn(2, 3, 4), activation="gelu"), ValueError, r"activation must be None or 'silu'"),
     (dict(x=[1.0, 2.0]), TypeError, r"x must be a torch.Tensor"),
 ], ids=["x-2d", "shift-shape", "scale-batch", "residual-shape", "gate-no-residual", "mixed-dtype",
+        "residual-narrower", "residual-other-16bit", "gate-third-dtype",
         "int-dtype", "mixed-device", "activation", "not-a-tensor"])
 def test_bad_inputs_raise_clear_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -33,12 +33,29 @@ def _case(B, N, C, H, Ct=24, *, ln=True, temb=True, bias=True, temb_bias=True, s
     return leaves, build, [g for g in GRADS if g in leaves]
 
 
-def _run(dtype, *args, **kw):
+def _run(dtype, *args, keep_fp32=(), **kw):
     leaves, build, grads = _case(*args, **kw)
     rows = parity(diffit_kernels.time_qkv, reference.time_qkv, leaves, build, dtype=dtype,
-                  out_names=("q", "k", "v"), grad_leaves=grads, op_kwargs={"backend": "triton"})
+                  out_names=("q", "k", "v"), grad_leaves=grads, op_kwargs={"backend": "triton"},
+                  keep_fp32=keep_fp32)
     assert_parity(rows)
     return rows
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("B,N,C,H", [(2, 9, 72, 2), (1, 5, 40, 4)], ids=["B2-C72", "B1-C40"])
+def test_float32_x_under_16bit_weights(dtype, B, N, C, H):
+    # autocast: LayerNorm reads the float32 residual stream and writes x-hat in weight's dtype;
+    # q, k, v in weight's dtype, dx float32, the other gradients in weight's dtype
+    _run(dtype, B, N, C, H, 12, keep_fp32=("x",))
+    x = torch.randn(B, N, C, requires_grad=True)
+    w = (torch.randn(3 * C, C) / C ** 0.5).to(dtype).requires_grad_()
+    q, k, v = diffit_kernels.time_qkv(x, None, w, None, None, None, H, norm_eps=1e-6,
+                                      backend="triton")
+    assert q.dtype == dtype
+    (q.float().sum() + k.float().sum() + v.float().sum()).backward()
+    assert (x.grad.dtype, w.grad.dtype) == (torch.float32, dtype)
 
 
 # (B, N, C, H, Ct, options): DiffiT's d = 72, odd widths, batch 1, N = 1, Ct != C, no biases,
@@ -359,8 +376,15 @@ def _bad(**over):
     (_bad(temb_weight=None), ValueError, r"temb needs temb_weight"),
     (_bad(temb=None), ValueError, r"temb_weight / temb_bias given without temb"),
     (_bad(temb_bias=torch.randn(12)), ValueError, r"temb_bias must have shape \[24\]"),
-    (_bad(weight=torch.randn(24, 8).half()), TypeError, r"weight must have dtype torch.float32"),
+    (_bad(weight=torch.randn(24, 8).half()), TypeError,
+     r"weight must have x's dtype torch.float32 \(or be float16 / bfloat16 for a float32 x with "
+     r"norm_eps"),
+    (dict(_bad(x=torch.randn(2, 3, 8).half()), norm_eps=1e-6), TypeError,
+     r"weight must have x's dtype torch.float16"),
     (_bad(temb=torch.randn(2, 5).bfloat16()), TypeError, r"temb must have dtype torch.float32"),
+    (dict(_bad(weight=torch.randn(24, 8).half(), bias=torch.randn(24).half(),
+               temb_weight=torch.randn(24, 5).half(), temb_bias=torch.randn(24).half()),
+          norm_eps=1e-6), TypeError, r"temb must have dtype torch.float16"),
     (_bad(bias=torch.randn(24, device="meta")), ValueError, r"bias must be on cpu"),
     (_bad(weight=torch.randn(24, 8, device="meta")), ValueError, r"weight must be on cpu"),
     (_bad(x=torch.randint(0, 3, (2, 3, 8))), TypeError, r"x must be float32, float16, bfloat16"),
@@ -368,7 +392,8 @@ def _bad(**over):
     (dict(_bad(), norm_eps=-1.0), ValueError, r"norm_eps must be None or a non-negative float"),
 ], ids=["x-2d", "weight-C", "weight-not-3C", "heads-divide", "heads-zero", "heads-float",
         "bias-shape", "temb-batch", "temb-weight-Ct", "temb-without-weight",
-        "weight-without-temb", "temb-bias-shape", "weight-dtype", "temb-dtype", "bias-device",
+        "weight-without-temb", "temb-bias-shape", "weight-dtype", "weight-16bit-x-other",
+        "temb-dtype", "temb-not-weights-dtype", "bias-device",
         "weight-device", "x-int", "x-list", "eps-negative"])
 def test_bad_inputs_raise_clear_errors(kwargs, exc, match):
     for backend in ("torch", "auto"):

@@ -46,8 +46,9 @@ def _bin_gather_index(ta: torch.Tensor, tc: torch.Tensor, valid: torch.Tensor, g
 
 
 def _index_of_bins(bins: torch.Tensor, valid: torch.Tensor, R: int) -> torch.Tensor:
-    """Padded [R, k] index into a flat partial (+ one trailing zero slot): per table row, the
-    partial elements (valid ones, in element order) whose relative offset is that row."""
+    """Padded [R, k] index into a flat partial of valid.numel() elements (the pad: that count):
+    per table row, the partial elements (valid ones, in element order) whose relative offset
+    is that row. The table-gradient kernel sums each row of it in order."""
     bins = bins.flatten()
     keep = valid.flatten()
     bins, flat = bins[keep], torch.arange(bins.numel())[keep]
@@ -58,12 +59,13 @@ def _index_of_bins(bins: torch.Tensor, valid: torch.Tensor, R: int) -> torch.Ten
     pos = torch.arange(bins.numel()) - start[bins]
     index = torch.full((R, max(1, int(counts.max()))), valid.numel(), dtype=torch.long)
     index[bins, pos] = flat
-    return index
+    return index.to(torch.int32)
 
 
 @functools.lru_cache(maxsize=64)
 def _fused_bins(n_win: int, G: int, BLOCK: int, gh: int, gw: int, device: str) -> torch.Tensor:
-    """Bins of a fused-kernel partial: G windows of n_win tokens packed block-diagonally."""
+    """Bins of a fused-kernel partial [BLOCK, BLOCK] (summed over programs): G windows of n_win
+    tokens packed block-diagonally."""
     a = torch.arange(BLOCK)
     ta, tc = (a % n_win)[:, None].expand(BLOCK, BLOCK), (a % n_win)[None, :].expand(BLOCK, BLOCK)
     valid = ((a // n_win)[:, None] == (a // n_win)[None, :]) & (a < G * n_win)[:, None] & \
@@ -101,32 +103,24 @@ def _dbias_plan(n_win: int, nW: int, B: int, BM: int, BN: int, group_diagonals: 
         slot_index[s, :len(ids)] = torch.tensor(ids)
     bins = None
     if table_gh_gw is not None:
-        i0 = torch.tensor([s[0] for s in slots])[:, None, None]
-        j0 = torch.tensor([s[1] for s in slots])[:, None, None]
-        ta = (i0 * BM + torch.arange(BM)[None, :, None]).expand(len(slots), BM, BN)
-        tc = (j0 * BN + torch.arange(BN)[None, None, :]).expand(len(slots), BM, BN)
+        # every program's [BM, BN] partial maps to table rows through its slot's tile pair:
+        # bins index the raw [P, BM, BN] partials, programs of a slot in order
+        i0 = torch.tensor([slots[s][0] for s, _, _ in plan])[:, None, None]
+        j0 = torch.tensor([slots[s][1] for s, _, _ in plan])[:, None, None]
+        ta = (i0 * BM + torch.arange(BM)[None, :, None]).expand(P, BM, BN)
+        tc = (j0 * BN + torch.arange(BN)[None, None, :]).expand(P, BM, BN)
         valid = (ta < n_win) & (tc < n_win)
         bins = _bin_gather_index(ta.flatten(), tc.flatten(), valid, table_gh_gw).to(device)
     return (torch.tensor(plan, dtype=torch.int32).to(device),
             torch.tensor(slots, dtype=torch.int32).to(device), slot_index.to(device), bins, P)
 
 
-def _gather_bins(part: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """[H, E] fp32 partial sums -> [R, H] table gradient, summed in a fixed order."""
-    part = torch.cat([part, part.new_zeros(part.shape[0], 1)], dim=1)
-    return part[:, bins].sum(-1).t()
-
-
-def _reduce_slots(partial: torch.Tensor, slot_index: torch.Tensor, bins: Optional[torch.Tensor],
-                  N: int) -> torch.Tensor:
-    """[H, P, BM, BN] per-program partials of the dbias kernel -> [R, H] table gradient (bins
-    given) or [H, N, N] dense-bias gradient, summed in a fixed order."""
+def _reduce_slots(partial: torch.Tensor, slot_index: torch.Tensor, N: int) -> torch.Tensor:
+    """[H, P, BM, BN] per-program partials of the dbias kernel -> [H, N, N] dense-bias
+    gradient, summed in a fixed order."""
     H, P, BM, BN = partial.shape
     part = torch.cat([partial.reshape(H, P, BM * BN), partial.new_zeros(H, 1, BM * BN)], dim=1)
     per_slot = part[:, slot_index].sum(2)                     # [H, S, BM * BN]
-    S = per_slot.shape[1]
-    if bins is not None:
-        return _gather_bins(per_slot.reshape(H, S * BM * BN), bins)
     Tm, Tn = cdiv(N, BM), cdiv(N, BN)
     return per_slot.reshape(H, Tm, Tn, BM, BN).permute(0, 1, 3, 2, 4).reshape(
         H, Tm * BM, Tn * BN)[:, :N, :N]
@@ -135,33 +129,18 @@ def _reduce_slots(partial: torch.Tensor, slot_index: torch.Tensor, bins: Optiona
 @functools.lru_cache(maxsize=64)
 def _ds_table_plan(N: int, n_win: int, gh: int, gw: int, BN: int, span_pad: int, device: str):
     """How the dK/dV kernel's ds partial (ACC_DS) reduces into the table: the partial of one
-    head, summed over batch groups, is [key tiles, BN, span_pad] (key i * BN + x, query
-    lo_i + r of key tile i's span). Cut into [BN, BN] blocks (key tile, column block), blocks
-    whose elements map to the same table rows are summed first (for global attention with
-    gw | BN, a whole block diagonal), then each table row gathers its elements.
-    Returns (block_index [S, width] into the blocks (+ the zero row), bins [R, k] into the
-    S summed blocks flattened, the block count E)."""
-    Tn, nb = -(-N // BN), span_pad // BN
-    i = torch.arange(Tn)[:, None, None, None]
-    rb = torch.arange(nb)[None, :, None, None]
-    x = torch.arange(BN)[None, None, :, None]
-    y = torch.arange(BN)[None, None, None, :]
+    head and batch group is [key tiles, BN, span_pad] (key i * BN + x, query lo_i + r of key
+    tile i's span); summed over the groups, each table row gathers its elements.
+    Returns (bins [R, k] into that flattened partial, its element count L)."""
+    Tn = -(-N // BN)
+    i = torch.arange(Tn)[:, None, None]
+    x = torch.arange(BN)[None, :, None]
+    r = torch.arange(span_pad)[None, None, :]
     c = i * BN + x                                       # key (virtual token)
     lo = (i * BN // n_win) * n_win
     hi = ((torch.clamp(i * BN + BN, max=N) - 1) // n_win + 1) * n_win
-    a = lo + rb * BN + y                                 # query
+    a = lo + r                                           # query
     valid = (c < N) & (a < hi) & (a // n_win == c // n_win)
     bins = _code(a % n_win, gw) - _code(c % n_win, gw) + (gh - 1) * (2 * gw - 1) + gw - 1
-    maps = torch.where(valid, bins, -1).reshape(Tn * nb, BN * BN)
-    used = torch.nonzero((maps >= 0).any(1)).flatten()
-    uniq, inverse = torch.unique(maps[used], dim=0, return_inverse=True)
-    order = torch.sort(inverse, stable=True).indices       # blocks of a slot in block order
-    counts = torch.bincount(inverse, minlength=len(uniq))
-    start = torch.cumsum(counts, 0) - counts
-    members = used[order]
-    pos = torch.arange(len(members)) - start[inverse[order]]
-    block_index = torch.full((len(uniq), int(counts.max())), Tn * nb, dtype=torch.long)
-    block_index[inverse[order], pos] = members
     R = (2 * gh - 1) * (2 * gw - 1)
-    gather = _index_of_bins(uniq.clamp(min=0), uniq >= 0, R)
-    return block_index.to(device), gather.to(device), Tn * nb
+    return _index_of_bins(torch.where(valid, bins, 0), valid, R).to(device), Tn * BN * span_pad

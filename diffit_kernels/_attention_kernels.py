@@ -544,3 +544,28 @@ if triton is not None:
         if ACC_DS:
             offs2 = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
             tl.store(PARTIAL + (h * P + prog) * (BLOCK * BLOCK) + offs2, acc)
+
+    @triton.jit
+    def _tmsa_attention_table_grad_kernel(
+        PART_SUM,  # [H, n_elems] fp32: one head's ds partial sums (summed over its programs)
+        BINS,      # [R, n_bins] int32: per table row, its partial elements in element order
+                   # (entries >= n_elems pad the row)
+        DTABLE,    # [R, H] out: the table gradient, in the table's dtype
+        n_elems, n_bins, R, H, stride_ps_h,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # program (row block, head): each row sums its elements in index order, chunk by chunk
+        # (no atomics: the table gradient is bitwise repeatable)
+        h = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = rows < R
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, n_bins, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            m = mask_r[:, None] & (ks < n_bins)[None, :]
+            e = tl.load(BINS + rows.to(tl.int64)[:, None] * n_bins + ks[None, :], mask=m,
+                        other=0)
+            m = m & (e < n_elems)
+            acc += tl.sum(tl.load(PART_SUM + h.to(tl.int64) * stride_ps_h + e, mask=m,
+                                  other=0.0), axis=1)
+        tl.store(DTABLE + rows * H + h, acc.to(DTABLE.dtype.element_ty), mask=mask_r)

@@ -54,8 +54,7 @@ import torch
 
 from . import _attention_kernels as _kernels
 from . import reference
-from ._attention_index import (_Geom, _dbias_plan, _ds_table_plan, _fused_bins, _gather_bins,
-                               _reduce_slots)
+from ._attention_index import _Geom, _dbias_plan, _ds_table_plan, _fused_bins, _reduce_slots
 from ._attention_kernels import LOG2E
 from ._common import (call_op, cdiv, check_kernel_dtype, dispatch, dot_upcast, empty,
                       interpreting, next_power_of_2, overriding, planned_sms, resolve_backend,
@@ -362,6 +361,24 @@ def _prep_table(table: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tens
     return (table.float() * LOG2E).t().contiguous()
 
 
+# the table-gradient gather: [TABLE_BLOCK_R rows, TABLE_BLOCK_K elements] per step, 4 warps
+TABLE_BLOCK_R, TABLE_BLOCK_K = 16, 128
+
+
+def _table_grad(src: torch.Tensor, bins: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[H, L] fp32 ds partial sums -> the [R, H] table gradient in `dtype`: one launch, each
+    table row summing its elements (bins [R, K] into L, padded with L) in a fixed order."""
+    H, L = src.shape
+    R, K = bins.shape
+    out = empty((R, H), dtype, src.device)
+    block_k = min(TABLE_BLOCK_K, max(16, next_power_of_2(K)))
+    _log("table", (TABLE_BLOCK_R, block_k))
+    _kernels._tmsa_attention_table_grad_kernel[(cdiv(R, TABLE_BLOCK_R), H)](
+        src, bins, out, L, K, R, H, src.stride(0), BLOCK_R=TABLE_BLOCK_R, BLOCK_K=block_k,
+        num_warps=4)
+    return out
+
+
 def _common_kwargs(q, geom: _Geom, table, bias):
     D0, D1, HAS_D1 = _head_split(q.shape[-1])
     return dict(HAS_TABLE=table is not None, HAS_BIAS=bias is not None, WINDOWED=geom.windowed,
@@ -429,8 +446,9 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
             units, groups, G * n, per_prog, P, ACC_DS=acc, STORE_DS=store_ds, BLOCK=BLOCK,
             num_warps=warps, num_stages=stages, **kw)
         if acc_table:
-            part = partial.sum(1).reshape(H, BLOCK * BLOCK)
-            dextra = _gather_bins(part, _fused_bins(n, G, BLOCK, geom.gh, geom.gw, str(dev)))
+            dextra = _table_grad(partial.sum(1).reshape(H, BLOCK * BLOCK),
+                                 _fused_bins(n, G, BLOCK, geom.gh, geom.gw, str(dev)),
+                                 table.dtype)
         elif acc_dense:
             dextra = partial.sum(1)[:, :N, :N]
     else:
@@ -466,13 +484,10 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
                 (q, k, v, do, tab, bias_arg, lse, delta, dq, dbias if dbias is not None else q,
                  *strides, *geo, float(scale), *buckets), dict(kw, STORE_DS=store_ds))
         if acc_ds:
-            block_index, bins, E = _ds_table_plan(N, geom.n_win, geom.gh, geom.gw, bn, span_pad,
-                                                  str(dev))
-            part = partial[:H * groups * E * bn * bn].view(H, groups, E // (span_pad // bn), bn,
-                                                           span_pad // bn, bn)
-            # [H, key tile, column block, BN, BN] summed over the batch groups in order
-            part = part.sum(1).permute(0, 1, 3, 2, 4).reshape(H, E, bn, bn)
-            dextra = _reduce_slots(part, block_index, bins, N)
+            bins, L = _ds_table_plan(N, geom.n_win, geom.gh, geom.gw, bn, span_pad, str(dev))
+            # [H, groups, key tiles * BN * span_pad] summed over the batch groups in order
+            dextra = _table_grad(partial[:H * groups * L].view(H, groups, L).sum(1), bins,
+                                 table.dtype)
         elif acc_table or acc_dense:
             BM, BN, warps, stages = _configs("dbias", *shape)[0]
             _log("dbias", (BM, BN, warps, stages))
@@ -488,7 +503,10 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
                 H, N, D, geom.R, geom.n_win, geom.nW, geom.gh, geom.gw, geom.Gw, geom.nWw,
                 geom.rel_off, float(scale) * LOG2E, P, BLOCK_M=BM, BLOCK_N=BN,
                 num_warps=warps, num_stages=stages, **kw)
-            dextra = _reduce_slots(partial, slot_index, bins, N)
+            if acc_table:
+                dextra = _table_grad(partial.view(H, P * BM * BN), bins, table.dtype)
+            else:
+                dextra = _reduce_slots(partial, slot_index, N)
     if acc_table:
         dextra = dextra.to(table.dtype).contiguous()
     elif acc_dense:
@@ -542,6 +560,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, _dlse):
+    if do is None:  # o unused (the direct path does not materialise zero gradients)
+        return (None,) * 8
     q, k, v, o, lse, table, bias = ctx.saved_tensors
     need_extra = bool(ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
     dq, dk, dv, dextra = dispatch(
@@ -570,6 +590,7 @@ class _TmsaAttentionDirect(torch.autograd.Function):
         o, lse = dispatch("tmsa_attention_fwd", True, None, _fwd_impl, *args)
         _setup_context(ctx, args, (o, lse))
         ctx.direct = True
+        ctx.set_materialize_grads(False)  # no zero-filled gradient of lse per call
         return o, lse
 
     backward = staticmethod(_backward)
@@ -638,8 +659,8 @@ def tmsa_attention(
 
 
 # ---------------------------------------------------------------------------------------------
-_FP32_PTRS = ("TAB", "LSE", "DELTA", "PARTIAL")
-_I32_PTRS = ("PLAN", "SLOTS")
+_FP32_PTRS = ("TAB", "LSE", "DELTA", "PARTIAL", "PART_SUM")
+_I32_PTRS = ("PLAN", "SLOTS", "BINS")
 _FLOATS = ("qk_scale", "sm_scale")
 _INTS = ("H", "N", "D", "R", "P")
 
@@ -741,6 +762,10 @@ def aot_specs():
     for dt in ("bf16", "fp32"):
         for D in (72, 128):
             specs.append(_delta_spec(dt, D))
+        for bk in (16, 32, 64, TABLE_BLOCK_K):  # the table-gradient gather (see _table_grad)
+            specs.append(_spec(_kernels._tmsa_attention_table_grad_kernel, dt,
+                               dict(BLOCK_R=TABLE_BLOCK_R, BLOCK_K=bk), 4, 1,
+                               f"{dt} table {TABLE_BLOCK_R}x{bk}", dot=False))
     unique = {(s.kernel, s.config): s for s in specs}  # fwd and fwd-win lists may share one
     return list(unique.values())
 

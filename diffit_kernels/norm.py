@@ -581,6 +581,7 @@ class _AdaLNNormDirect(torch.autograd.Function):
         out = dispatch("adaln_norm_fwd", True, None, _adaln_norm_fwd, *args)
         _setup_context(ctx, args, out)
         ctx.direct = True
+        ctx.set_materialize_grads(False)  # no zero-filled gradients of the statistics per call
         return out
 
     backward = staticmethod(_backward)

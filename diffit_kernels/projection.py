@@ -78,19 +78,18 @@ def _vec(elsize: int, *sizes: int) -> int:
 
 
 def _per_sample_bias(temb, bias, temb_weight, temb_bias) -> torch.Tensor:
-    """cb = bias + temb W_t^T + b_t in fp32 [B, 3C']: one tiny GEMM per call, not per token."""
-    cb = torch.matmul(temb.float(), temb_weight.float().t())
-    for t in (temb_bias, bias):
-        if t is not None:
-            cb = cb + t.float()
-    return cb
+    """cb = bias + (temb W_t^T + b_t) [B, 3C'] in the weights' dtype, the time term rounded as
+    the reference's F.linear rounds it: one tiny GEMM per call, not per token, and no float32
+    copy of W_t (4M elements at DiffiT-XL) per call."""
+    cb = torch.nn.functional.linear(temb, temb_weight, temb_bias)
+    return cb + bias if bias is not None else cb
 
 
 def _operand_width(B: int, C: int, dtype: torch.dtype, has_temb: bool, has_ln: bool) -> int:
     """Columns of the forward GEMM's left operand: C, or (LayerNorm with a time term and at most
     TIME_COLS_MAX samples) C + B one-hot time columns, padded to a multiple of 8 (16-byte rows
     for cuBLAS's fastest kernels)."""
-    el = torch.empty(0, dtype=dtype).element_size()
+    el = dtype.itemsize
     if not (has_temb and has_ln) or B > TIME_COLS_MAX.get(el, 0):
         return C
     return cdiv(C + B, 8) * 8
@@ -123,23 +122,24 @@ def _time_qkv_fwd(x, temb, weight, bias, temb_weight, temb_bias, num_heads: int,
     has_ln = norm_eps is not None
     dt = weight.dtype  # x's, or 16-bit for a float32 x that LN reads (see time_qkv)
     out = empty((B, N, C3), dt, x.device)
-    xhat = weight.new_empty(0)
-    mean, rstd = (torch.empty(0, dtype=torch.float32, device=x.device) for _ in range(2))
-    if M == 0:
-        return out, xhat, mean, rstd
     width = _operand_width(B, C, dt, temb is not None, has_ln)
-    if has_ln:
+    if has_ln and M:
         xhat, mean, rstd = _layernorm_rows(x, float(norm_eps), width, dt)
+    else:
+        xhat = weight.new_empty(0)
+        mean, rstd = (torch.empty(0, dtype=torch.float32, device=x.device) for _ in range(2))
+        if M == 0:
+            return out, xhat, mean, rstd
     a = xhat if has_ln else x.reshape(M, C)  # a view for rows or a channel slice of a buffer
     out2, wt = out.view(M, C3), weight.t()
     if width > C:
         # [xhat | onehot(b)] [W | cb^T]^T: the time term is B more columns of one plain GEMM
-        cb = _per_sample_bias(temb, bias, temb_weight, temb_bias).to(dt)
+        cb = _per_sample_bias(temb, bias, temb_weight, temb_bias)
         pad = weight.new_zeros(C3, width - C - B)
         torch.mm(a, torch.cat((weight, cb.t(), pad), dim=1).t(), out=out2)
     elif temb is not None:
         # the GEMM accumulates onto cb[b] broadcast over each sample's rows (beta = 1)
-        cb = _per_sample_bias(temb, bias, temb_weight, temb_bias).to(dt)
+        cb = _per_sample_bias(temb, bias, temb_weight, temb_bias)
         out.copy_(cb[:, None, :].expand(B, N, C3))
         out2.addmm_(a, wt)
     elif bias is not None:
@@ -267,14 +267,18 @@ def _input_grads(ctx, dq, dk, dv):
                          _time_qkv_bwd, dq, dk, dv, x, xhat, weight, mean, rstd, ctx.has_ln,
                          need[0], need[2])
     dt = weight.dtype  # temb and the biases share it
-    ssum = S.sum(0)                                                          # [3C'] fp32
-    dbias = ssum.to(dt) if ctx.has_bias and need[3] else None
-    dtemb = dtw = dtb = None
-    if temb is not None:
-        dtemb = torch.matmul(S, temb_weight.float()).to(dt) if need[1] else None   # [B, Ct]
-        dtw = torch.matmul(S.t(), temb.float()).to(dt) if need[4] else None       # [3C', Ct]
-        dtb = ssum.to(dt) if ctx.has_temb_bias and need[5] else None
-    return (dx if need[0] else None, dtemb, dw if need[2] else None, dbias, dtw, dtb)
+    want_bias = ctx.has_bias and need[3]
+    want_tb = temb is not None and ctx.has_temb_bias and need[5]
+    ssum = S.sum(0) if want_bias or want_tb else None               # [3C'], summed in fp32
+    dtemb = dtw = None
+    if temb is not None and (need[1] or need[4]):
+        # the time term's GEMMs in the weights' dtype, as autograd of the reference's F.linear
+        # runs them (dY summed per sample, then rounded): no float32 copies of W_t and temb
+        S = S.to(dt)
+        dtemb = torch.mm(S, temb_weight) if need[1] else None                     # [B, Ct]
+        dtw = torch.mm(S.t(), temb) if need[4] else None                          # [3C', Ct]
+    return (dx if need[0] else None, dtemb, dw if need[2] else None,
+            ssum.to(dt) if want_bias else None, dtw, ssum.to(dt) if want_tb else None)
 
 
 def _setup_context(ctx, inputs, output):
@@ -388,7 +392,7 @@ def aot_specs():
     ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
     for dt, torch_dt in (("bf16", torch.bfloat16), ("fp16", torch.float16),
                          ("fp32", torch.float32)):
-        el = torch.tensor([], dtype=torch_dt).element_size()
+        el = torch_dt.itemsize
         vec = _vec(el, 72, 1152)
         xl_plan = _row_plan(1152)
         for (rows, block, chunked, warps), C in row_plans().items():

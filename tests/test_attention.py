@@ -318,7 +318,8 @@ def test_check_cases_and_aot_specs_are_listed():
     kernels = {s.kernel for s in specs}
     assert kernels == {"_tmsa_attention_fwd_kernel", "_tmsa_attention_bwd_kernel_delta",
                        "_tmsa_attention_bwd_kernel_dkdv", "_tmsa_attention_bwd_kernel_dq",
-                       "_tmsa_attention_bwd_kernel_dbias", "_tmsa_attention_bwd_kernel_window"}
+                       "_tmsa_attention_bwd_kernel_dbias", "_tmsa_attention_bwd_kernel_window",
+                       "_tmsa_attention_table_grad_kernel"}
     labels = " ".join(s.config for s in specs)
     for dt in ("bf16", "fp16", "fp32"):
         assert dt in labels

@@ -13,7 +13,9 @@ Providers:
                   `python -m diffit sample` and multi-process training run on CUDA
     ours+graphs   the same, each compiled block also replayed as a CUDA graph (inductor's
                   reduce-overhead; torch.compiler.cudagraph_mark_step_begin() before each
-                  step): what `python -m diffit train` runs by default in one process on CUDA
+                  training step or model call): what `python -m diffit train` runs by default
+                  in one process on CUDA, and `python -m diffit sample --compile-mode
+                  reduce-overhead`
     eager         backend="torch": the plain-PyTorch reference ops
     compile       torch.compile of the eager model (static shapes): its whole forward in a full
                   run; in --quick the repeated blocks only (regional compilation: one graph
@@ -30,8 +32,8 @@ is left when it runs out): the DiffiT-XL/2 256 px training step (B32) and the ff
 training step (B64), each for ours+graphs (the training default), compile (blocks, the goal's
 yardstick), ours+compile, ours and eager; the 512 px training step (B8) for ours+graphs,
 compile and ours+compile; a 10-step guided DDIM loop (B16) and the 256 px forward for
-ours+compile (the sampling default), compile and ours. The full run has every pass at every
-size for every provider but ours+graphs (training steps only), with 50-step sampling.
+ours+compile (the sampling default), compile and ours (and ours+graphs for the sampling loop).
+The full run has every pass at every size for every provider, with 50-step sampling.
 
 Columns: ms (do_bench median, warm-up / compile / autotune excluded), images_per_s, tflops
 (FLOPs counted by torch.utils.flop_counter on the eager model on the meta device: every matmul
@@ -69,7 +71,7 @@ PROVIDERS = ("ours", "ours+compile", "ours+graphs", "eager", "compile")
 BACKENDS = {"ours": "triton", "ours+compile": "triton", "ours+graphs": "triton",
             "eager": "torch", "compile": "torch"}
 COMPILED = ("ours+compile", "ours+graphs", "compile")
-GRAPHS = "ours+graphs"   # CUDA graphs: a training step only (see make_step)
+GRAPHS = "ours+graphs"   # CUDA graphs: one graph step per training step or model call
 RING = 3  # input sets cycled between calls
 
 
@@ -107,7 +109,7 @@ def cases(quick: bool = False, tiny_cpu: bool = False) -> List[ModelCase]:
     if quick:
         rep = 400
         train = ("ours+graphs", "compile", "ours+compile", "ours", "eager")
-        sample = ("ours+compile", "compile", "ours")
+        sample = ("ours+compile", "compile", "ours", "ours+graphs")
         xl256 = dict(model="DiffiT-XL/2", kind="latent", image_size=256, batch=32, rep_ms=rep)
         return [ModelCase(**xl256, pass_="fwd+bwd+adamw", providers=train),
                 ModelCase("ffhq64", "unet", 64, 64, "fwd+bwd+adamw", train, rep_ms=rep),
@@ -115,17 +117,15 @@ def cases(quick: bool = False, tiny_cpu: bool = False) -> List[ModelCase]:
                           rep_ms=rep),
                 ModelCase("DiffiT-XL/2", "latent", 256, 16, "guided sampling", sample, steps=10,
                           rep_ms=rep),
-                ModelCase(**xl256, pass_="fwd", providers=sample)]
+                ModelCase(**xl256, pass_="fwd", providers=sample[:3])]
     rep, out = 1500, []
-    no_graphs = tuple(p for p in PROVIDERS if p != GRAPHS)
     for pass_ in ("fwd", "fwd+bwd+adamw"):
-        full = PROVIDERS if pass_ == "fwd+bwd+adamw" else no_graphs
-        out += [ModelCase("DiffiT-XL/2", "latent", 256, 32, pass_, full, rep_ms=rep),
-                ModelCase("DiffiT-XL/2", "latent", 512, 8, pass_, full, rep_ms=rep),
-                ModelCase("ffhq64", "unet", 64, 64, pass_, full, rep_ms=rep)]
-    out += [ModelCase("DiffiT-XL/2", "latent", 256, 32, "guided sampling", no_graphs, steps=50,
+        out += [ModelCase("DiffiT-XL/2", "latent", 256, 32, pass_, PROVIDERS, rep_ms=rep),
+                ModelCase("DiffiT-XL/2", "latent", 512, 8, pass_, PROVIDERS, rep_ms=rep),
+                ModelCase("ffhq64", "unet", 64, 64, pass_, PROVIDERS, rep_ms=rep)]
+    out += [ModelCase("DiffiT-XL/2", "latent", 256, 32, "guided sampling", PROVIDERS, steps=50,
                       rep_ms=rep),
-            ModelCase("DiffiT-XL/2", "latent", 512, 8, "guided sampling", no_graphs, steps=50,
+            ModelCase("DiffiT-XL/2", "latent", 512, 8, "guided sampling", PROVIDERS, steps=50,
                       rep_ms=rep)]
     return out
 
@@ -174,8 +174,13 @@ def _call(model, x, t, y):
 def make_step(case: ModelCase, model, dtype: str, device, graphs: bool = False
               ) -> Callable[[], object]:
     """The timed callable of `case` on an already built (and possibly compiled) model; graphs:
-    the blocks replay CUDA graphs, so each training step starts a new cudagraph-trees step."""
+    the blocks replay CUDA graphs, so each training step, or each model call of a forward or
+    sampling loop (diffit.accel.mark_graph_steps, as `python -m diffit sample` does), starts a
+    new cudagraph-trees step."""
     gen = torch.Generator().manual_seed(1)
+    if graphs and case.pass_ != "fwd+bwd+adamw":
+        from diffit.accel import mark_graph_steps
+        mark_graph_steps(model)
     sets = [_inputs(case, model, device, gen) for _ in range(RING)]
     nxt = itertools.cycle(sets).__next__
 
@@ -249,8 +254,6 @@ def prepared(case: ModelCase, provider: str, dtype: str, device, quick: bool
         from diffit.accel import compile_blocks
 
         if provider in ("ours+compile", GRAPHS):
-            if case.pass_ != "fwd+bwd+adamw" and provider == GRAPHS:
-                raise ValueError(f"{GRAPHS} times training steps, not {case.pass_}")
             compile_blocks(model, backend=common.COMPILE_BACKEND,
                            mode="reduce-overhead" if provider == GRAPHS else "default")
         elif provider == "compile":

@@ -5,6 +5,7 @@
                                28-block DiffiT-XL/2 compiles one graph, the U-Net one per level.
     resolve_compile(flag, device, fsdp)   the default: on for CUDA (where it pays), off elsewhere.
     resolve_compile_mode(mode, ...)       auto: CUDA graphs too where they run (one process).
+    mark_graph_steps(model)    inference with CUDA graphs: each model call a new graph step.
     describe_run(...)          the one log line saying which kernels and which compile mode run.
 
 Why regional compile with our kernels inside: the fused ops are torch.library custom ops, opaque
@@ -63,7 +64,8 @@ COMPILE_MODES = ("default", "reduce-overhead")
 
 
 def resolve_compile_mode(mode: str, device: torch.device, *, world: int = 1,
-                         grad_checkpointing: bool = False) -> Tuple[str, str]:
+                         grad_checkpointing: bool = False, graphs_by_default: bool = True
+                         ) -> Tuple[str, str]:
     """(mode, why) for compile_blocks. "auto" (the trainer's default) is "reduce-overhead" on
     CUDA in one process without gradient checkpointing, else "default". Why CUDA graphs by
     default: the step is host-bound around the custom ops. On an H200 at ec83eac the XL/2 256 px
@@ -71,7 +73,9 @@ def resolve_compile_mode(mode: str, device: torch.device, *, world: int = 1,
     earlier session (3c599d8's kernels) the replayed graphs took the ffhq64 U-Net step from
     96-109 ms to 52 and the XL/2 one from 115-117 to 110, with the same losses on the card
     (tests/test_train.py::test_gpu_cuda_graph_mode_trains_like_the_default). An explicit
-    "reduce-overhead" where it cannot run is an error; "auto" falls back and says why."""
+    "reduce-overhead" where it cannot run is an error; "auto" falls back and says why.
+    graphs_by_default=False (sampling): "auto" is "default" and the reason names the opt-in, as
+    CUDA graphs are not yet measured there."""
     choices = ("auto",) + COMPILE_MODES
     if mode not in choices:
         raise ValueError(f"compile mode must be one of {choices}, got {mode!r}")
@@ -87,8 +91,25 @@ def resolve_compile_mode(mode: str, device: torch.device, *, world: int = 1,
         return "default", ""  # nothing to say: CUDA graphs exist on CUDA only
     if blocked:
         return "default", f"no CUDA graphs with {blocked}"
+    if not graphs_by_default:
+        return "default", "--compile-mode reduce-overhead to replay the blocks as CUDA graphs"
     return "reduce-overhead", ("CUDA graphs, the default in one process on CUDA; "
                                "--compile-mode default to opt out")
+
+
+def mark_graph_steps(model: nn.Module) -> None:
+    """Inference with blocks compiled in mode reduce-overhead: every call of the model starts a
+    new cudagraph-trees step (torch.compiler.cudagraph_mark_step_begin), so one call's replayed
+    graphs may reuse the memory of the call before; the caller keeps only the model's outputs
+    (made outside the blocks), never a block's. Wraps model.forward in place (instance
+    attribute), which forward_with_cfg and wrappers calling model(...) go through."""
+    inner = model.forward
+
+    def forward(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return inner(*args, **kwargs)
+
+    model.forward = forward
 
 
 def compile_blocks(model: nn.Module, *, backend: Optional[str] = None, fullgraph: bool = True,
@@ -164,13 +185,15 @@ def describe_run(backend: str, device: torch.device, compiled: bool, why: str,
 
 def compile_for_run(model: nn.Module, flag: Optional[bool], device: torch.device,
                     backend: str = "auto", *, fsdp: bool = False, mode: str = "default",
-                    world: int = 1, grad_checkpointing: bool = False) -> Tuple[bool, str, str]:
+                    world: int = 1, grad_checkpointing: bool = False,
+                    graphs_by_default: bool = True) -> Tuple[bool, str, str]:
     """What a command does in one call: decide (resolve_compile, resolve_compile_mode), compile
     the blocks of `model` when so decided, and say what runs. Returns (compiled, the compile
     mode used, the description to log)."""
     compiled, why = resolve_compile(flag, device, fsdp)
     mode, mode_why = resolve_compile_mode(mode, device, world=world,
-                                          grad_checkpointing=grad_checkpointing) \
+                                          grad_checkpointing=grad_checkpointing,
+                                          graphs_by_default=graphs_by_default) \
         if compiled else ("default", "")
     n_blocks = compile_blocks(model, mode=mode) if compiled else 0
     return compiled, mode, describe_run(backend, device, compiled, why, n_blocks, mode,

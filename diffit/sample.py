@@ -73,6 +73,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                      help="regional torch.compile of the blocks, the fused kernels inside "
                           "(default: on for CUDA, off elsewhere; see diffit/accel.py)")
+    src.add_argument("--compile-mode", default="auto", choices=("auto", "default",
+                                                                "reduce-overhead"),
+                     help="with compile: reduce-overhead also replays each block as a CUDA "
+                          "graph (CUDA only; no host cost per kernel launch); auto = default "
+                          "for sampling for now")
     src.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                      help="autocast dtype for the model")
     src.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -489,8 +494,15 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
         return _fail(str(e))
     model = model.to(device).eval()
-    from .accel import compile_for_run
-    _, _, run_mode = compile_for_run(model, args.compile, device, args.backend)
+    from .accel import compile_for_run, mark_graph_steps
+    try:
+        # every rank samples on its own (no DDP): CUDA graphs need no single process here
+        _, mode, run_mode = compile_for_run(model, args.compile, device, args.backend,
+                                            mode=args.compile_mode, graphs_by_default=False)
+    except ValueError as e:
+        return _fail(str(e))
+    if mode == "reduce-overhead":
+        mark_graph_steps(model)
     vae = None
     if latent_space and not args.latents_only:
         try:

@@ -394,3 +394,47 @@ def test_torchrun_shards_an_image_checkpoint(image_run, tmp_path, one_thread):
     diff = np.abs(one["arr_0"].astype(int) - two["arr_0"].astype(int))
     assert diff.max() <= 1 and (diff == 0).mean() > 0.99
     assert len(list((tmp_path / "two" / "images").iterdir())) == 5
+
+
+def test_compile_mode_option_and_log_line(tmp_path, capsys, monkeypatch):
+    """--compile on CPU (aot_eager): the default mode, the log says how CUDA graphs are asked
+    for on CUDA; the graphs' mode where it cannot run (CPU) is a clear error, no traceback."""
+    from diffit.accel import resolve_compile_mode
+
+    assert resolve_compile_mode("auto", torch.device("cuda"), graphs_by_default=False) == (
+        "default", "--compile-mode reduce-overhead to replay the blocks as CUDA graphs")
+    monkeypatch.setattr("diffit.accel.COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    try:
+        argv = [*TINY, "--latents-only", "--num-samples", "2", "--batch-size", "2",
+                "--steps", "ddim2", "--out", str(tmp_path), "--compile"]
+        assert _run(argv) == 0
+        assert _run([*argv, "--compile-mode", "reduce-overhead"]) == 2
+    finally:
+        torch._dynamo.reset()
+    cap = capsys.readouterr()
+    assert ("diffit sample: runs the plain-PyTorch reference ops inside regional torch.compile "
+            "(2 blocks, fullgraph, backend aot_eager; --compile)") in cap.out.splitlines()
+    assert "compile_mode reduce-overhead (CUDA graphs) runs on CUDA" in cap.err
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_sampling_matches_the_default_mode(tmp_path):
+    """--compile-mode reduce-overhead: each model call of the sampling loop replays the blocks
+    as CUDA graphs (diffit.accel.mark_graph_steps); the latents match the default mode's on the
+    card (the same kernels, replayed), guided DDIM over several steps and two batches."""
+    outs = {}
+    torch._dynamo.reset()
+    try:
+        for mode in ("default", "reduce-overhead"):
+            d = tmp_path / mode
+            argv = ["--random-init", "--model", "DiffiT-tiny", "--image-size", "128",
+                    "--no-progress", "--latents-only", "--num-samples", "6", "--batch-size", "4",
+                    "--steps", "ddim8", "--cfg-scale", "3", "--precision", "bf16", "--seed", "3",
+                    "--device", "cuda", "--compile", "--compile-mode", mode, "--out", str(d)]
+            assert _run(argv) == 0
+            outs[mode] = np.load(next(d.glob("*.npz")))["arr_0"]
+            torch._dynamo.reset()
+    finally:
+        torch._dynamo.reset()
+    np.testing.assert_allclose(outs["reduce-overhead"], outs["default"], rtol=0, atol=2e-2)

@@ -24,8 +24,9 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import reference
-from ._common import (call_op, cdiv, check_kernel_dtype, dispatch, empty, next_power_of_2,
-                      overriding, planned_sms, resolve_backend, row_warps, unit_last_stride)
+from ._common import (call_op, cdiv, check_kernel_dtype, dispatch, empty, interpreting,
+                      next_power_of_2, overriding, planned_sms, resolve_backend, row_warps,
+                      unit_last_stride)
 
 MAX_C = 8192
 FWD_MAX_ROWS = 8
@@ -417,6 +418,34 @@ def _bwd_warps(block: int) -> int:
     return max(1, min(16, block // 128))
 
 
+def warp_candidates(warps: int, tunable: bool) -> List[int]:
+    """The autotune list of a launch whose plan gives `warps`: that first (the interpreter's and
+    the compile gate's spill-free default), then half and twice as many where the row allows
+    (1..32). Measured on the user's card at the first call of each (C, rows, features) key;
+    `tunable` False (the chunked backward accumulates into its partials) keeps the plan's."""
+    if not tunable:
+        return [warps]
+    return [warps] + [w for w in (warps // 2, warps * 2) if 4 <= w <= 32 and w != warps]
+
+
+_TUNERS: dict = {}
+
+
+def _launch(kernel, grid: tuple, warps: List[int], key: List[str], args: tuple, kwargs: dict):
+    """One candidate (or the interpreter): launch it. Several (CUDA): a cached triton.autotune
+    over exactly those warp counts, keyed on `key`; every output is stored once per launch, so
+    the autotuner's repeated launches need no reset."""
+    if len(warps) == 1 or interpreting():
+        kernel[grid](*args, **kwargs, num_warps=warps[0])
+        return
+    tkey = (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, tuple(warps))
+    tuner = _TUNERS.get(tkey)
+    if tuner is None:
+        tuner = triton.autotune([triton.Config({}, num_warps=w) for w in warps], key=key)(kernel)
+        _TUNERS[tkey] = tuner
+    tuner[grid](*args, **kwargs)
+
+
 def _check_c(C: int) -> int:
     if C > MAX_C:
         raise NotImplementedError(f"adaln_norm's Triton kernel handles C <= {MAX_C} channels in "
@@ -457,17 +486,16 @@ def _adaln_norm_fwd(x, shift, scale, residual, gate, eps: float, silu: bool):
     rstd = torch.empty(B * N, dtype=torch.float32, device=x.device)
     if B * N:
         dummy = x
-        _adaln_norm_fwd_kernel[(B * P,)](
-            x, residual if residual is not None else dummy, gate if gate is not None else dummy,
-            shift if shift is not None else dummy, scale if scale is not None else dummy,
-            y, h if residual is not None else dummy, mean, rstd,
-            N, C, ROWS, P, eps,
-            x.stride(0), x.stride(1), *_row_stride(residual),
-            _vec_stride(gate), _vec_stride(shift), _vec_stride(scale),
-            HAS_RES=residual is not None, HAS_GATE=gate is not None,
-            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, SILU=silu, WIDE=wide,
-            BLOCK_C=BLOCK_C, num_warps=warps,
-        )
+        _launch(_adaln_norm_fwd_kernel, (B * P,), warp_candidates(warps, not wide),
+                ["C", "ROWS", "HAS_RES", "HAS_GATE", "HAS_SHIFT", "HAS_SCALE", "SILU"],
+                (x, residual if residual is not None else dummy,
+                 gate if gate is not None else dummy, shift if shift is not None else dummy,
+                 scale if scale is not None else dummy, y, h if residual is not None else dummy,
+                 mean, rstd, N, C, ROWS, P, eps, x.stride(0), x.stride(1), *_row_stride(residual),
+                 _vec_stride(gate), _vec_stride(shift), _vec_stride(scale)),
+                dict(HAS_RES=residual is not None, HAS_GATE=gate is not None,
+                     HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, SILU=silu,
+                     WIDE=wide, BLOCK_C=BLOCK_C))
     return y, h, mean, rstd
 
 
@@ -488,20 +516,21 @@ def _adaln_norm_bwd(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, sil
     dshift_p, dscale_p, dgate_p = partial(shift is not None), partial(scale is not None), \
         partial(gate is not None)
     dummy = dx
-    _adaln_norm_bwd_kernel[(B * P,)](
-        dy, dh_out if dh_out is not None else dummy, x,
-        residual if residual is not None else dummy, gate if gate is not None else dummy,
-        shift if shift is not None else dummy, scale if scale is not None else dummy,
-        mean, rstd, dx, dres if dres is not None else dummy,
-        dshift_p if dshift_p is not None else mean, dscale_p if dscale_p is not None else mean,
-        dgate_p if dgate_p is not None else mean,
-        N, C, ROWS, P,
-        dy.stride(0), dy.stride(1), *_row_stride(dh_out), x.stride(0), x.stride(1),
-        *_row_stride(residual), _vec_stride(gate), _vec_stride(shift), _vec_stride(scale),
-        HAS_RES=residual is not None, HAS_GATE=gate is not None, HAS_SHIFT=shift is not None,
-        HAS_SCALE=scale is not None, SILU=silu, HAS_DH_OUT=dh_out is not None,
-        CHUNKED=chunked, BLOCK_C=block, num_warps=warps,
-    )
+    _launch(_adaln_norm_bwd_kernel, (B * P,), warp_candidates(warps, not chunked),
+            ["C", "ROWS", "HAS_RES", "HAS_GATE", "HAS_SHIFT", "HAS_SCALE", "SILU", "HAS_DH_OUT"],
+            (dy, dh_out if dh_out is not None else dummy, x,
+             residual if residual is not None else dummy, gate if gate is not None else dummy,
+             shift if shift is not None else dummy, scale if scale is not None else dummy,
+             mean, rstd, dx, dres if dres is not None else dummy,
+             dshift_p if dshift_p is not None else mean,
+             dscale_p if dscale_p is not None else mean,
+             dgate_p if dgate_p is not None else mean,
+             N, C, ROWS, P,
+             dy.stride(0), dy.stride(1), *_row_stride(dh_out), x.stride(0), x.stride(1),
+             *_row_stride(residual), _vec_stride(gate), _vec_stride(shift), _vec_stride(scale)),
+            dict(HAS_RES=residual is not None, HAS_GATE=gate is not None,
+                 HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, SILU=silu,
+                 HAS_DH_OUT=dh_out is not None, CHUNKED=chunked, BLOCK_C=block))
 
     def reduce(t, like):  # fixed-order sum over the P partials: deterministic
         return t.sum(1).to(like.dtype) if t is not None else None
@@ -636,8 +665,9 @@ def adaln_norm(
 
 # ---------------------------------------------------------------------------------------------
 def aot_specs():
-    """Every launch plan (plans()) with every feature on, the heaviest build, in bf16 and fp32;
-    fp16 (bf16's registers) and the plain variant at DiffiT's widths and the plan edges."""
+    """Every launch plan (plans()) with every feature on, the heaviest build, in bf16 and fp32,
+    with its autotune candidates (warp_candidates); fp16 (bf16's registers) and the plain
+    variant at DiffiT's widths and the plan edges."""
     from ._aot import AotSpec
 
     specs = []
@@ -660,9 +690,13 @@ def aot_specs():
                            "SCALE": f"*{dt}", "Y": f"*{dt}", "H": f"*{rt}", "MEAN": "*fp32",
                            "RSTD": "*fp32", "N": "i32", "C": "i32", "ROWS": "i32", "P": "i32",
                            "eps": "fp32", **{s: "i64" for s in strides}}
-                specs.append(AotSpec("_adaln_norm_fwd_kernel", _adaln_norm_fwd_kernel, fwd_sig,
-                                     {**flags, "WIDE": wide, "BLOCK_C": block}, warps, 3,
-                                     label, False))
+                # the autotune candidates after the plan's own (full builds): may spill
+                tuned = full and rt == dt and dt != "fp16"
+                for w in warp_candidates(warps, not wide) if tuned else [warps]:
+                    specs.append(AotSpec("_adaln_norm_fwd_kernel", _adaln_norm_fwd_kernel,
+                                         fwd_sig, {**flags, "WIDE": wide, "BLOCK_C": block}, w,
+                                         3, label + (f" w{w} candidate" if w != warps else ""),
+                                         False, spill_ok=w != warps))
                 bwd_sig = {"DY": f"*{dt}", "DH_OUT": f"*{rt}", "X": f"*{dt}", "RES": f"*{rt}",
                            "GATE": f"*{dt}", "SHIFT": f"*{dt}", "SCALE": f"*{dt}", "MEAN": "*fp32",
                            "RSTD": "*fp32", "DX": f"*{dt}", "DRES": f"*{rt}", "DSHIFT_P": "*fp32",
@@ -670,10 +704,13 @@ def aot_specs():
                            "ROWS": "i32", "P": "i32",
                            **{s: "i64" for s in ("stride_dy_b", "stride_dy_n", "stride_dh_b",
                                                  "stride_dh_n") + strides}}
-                specs.append(AotSpec("_adaln_norm_bwd_kernel", _adaln_norm_bwd_kernel, bwd_sig,
-                                     {**flags, "HAS_DH_OUT": full, "BLOCK_C": bblock,
-                                      "CHUNKED": chunked}, bwarps, 3,
-                                     label + (" chunked" if chunked else ""), False))
+                for w in warp_candidates(bwarps, not chunked) if tuned else [bwarps]:
+                    specs.append(AotSpec("_adaln_norm_bwd_kernel", _adaln_norm_bwd_kernel,
+                                         bwd_sig, {**flags, "HAS_DH_OUT": full, "BLOCK_C": bblock,
+                                                   "CHUNKED": chunked}, w, 3,
+                                         label + (" chunked" if chunked else "") +
+                                         (f" w{w} candidate" if w != bwarps else ""),
+                                         False, spill_ok=w != bwarps))
     return specs
 
 

@@ -309,3 +309,22 @@ def test_cuda_parity_and_determinism(dtype):
     rows = parity(diffit_kernels.adaln_norm, reference.adaln_norm, leaves, build, dtype=dtype,
                   out_names=outs, grad_leaves=grads, op_kwargs={"backend": "triton"})
     assert_parity(rows)
+
+
+def test_warp_candidates_keep_the_plan_first_and_the_accumulating_backward_fixed():
+    # the plan's warps lead (the interpreter's, the compile gate's spill-free default, and what
+    # no card can do worse than); half / twice within 4..32; the chunked backward (partials
+    # accumulated across chunks) and the 8192-wide forward are never re-launched by a tuner
+    assert norm.warp_candidates(16, True) == [16, 8, 32]
+    assert norm.warp_candidates(8, True) == [8, 4, 16]
+    assert norm.warp_candidates(2, True) == [2, 4]
+    assert norm.warp_candidates(1, True) == [1]
+    assert norm.warp_candidates(32, True) == [32, 16]
+    assert norm.warp_candidates(16, False) == [16]
+    for (fwd, bwd), C in norm.plans().items():
+        specs = [s for s in norm.aot_specs() if f"C<={fwd[0]} res+gate+mod+silu" in s.config
+                 and s.config.startswith("bf16") and "fp32 residual" not in s.config]
+        built = {(s.kernel, s.num_warps) for s in specs}
+        want = {("_adaln_norm_fwd_kernel", w) for w in norm.warp_candidates(fwd[1], not fwd[2])}
+        want |= {("_adaln_norm_bwd_kernel", w) for w in norm.warp_candidates(bwd[2], not bwd[1])}
+        assert want <= built, (C, want - built)

@@ -126,11 +126,11 @@ if triton is not None:
         stride_g_b, stride_sh_b, stride_sc_b,
         HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         HAS_SCALE: tl.constexpr, SILU: tl.constexpr, WIDE: tl.constexpr,
-        BLOCK_C: tl.constexpr,
+        BLOCK_C: tl.constexpr, AHEAD: tl.constexpr,
     ):
         # program = (b, p): rows p*ROWS.. of sample b. Unless WIDE, the sample's modulation
-        # vectors are read once and the next row's x / residual are loaded before this row's
-        # reductions, so a row's memory latency hides behind the previous row's arithmetic.
+        # vectors are read once and the next AHEAD (1 or 2) rows' x / residual are loaded before
+        # this row's reductions, so a row's memory latency hides behind the arithmetic before.
         pid = tl.program_id(0).to(tl.int64)
         b = pid // P
         n0 = (pid - b * P) * ROWS
@@ -151,11 +151,23 @@ if triton is not None:
             x_nx, r_nx = _adaln_norm_fwd_row(X, RES, b, n0, offs_c,
                                              offs_c < _limit(n0, n_end, C), stride_x_b,
                                              stride_x_n, stride_r_b, stride_r_n, HAS_RES)
+            if AHEAD == 2:  # a second row in flight
+                x_n2, r_n2 = _adaln_norm_fwd_row(X, RES, b, n0 + 1, offs_c,
+                                                 offs_c < _limit(n0 + 1, n_end, C), stride_x_b,
+                                                 stride_x_n, stride_r_b, stride_r_n, HAS_RES)
             for n in range(n0, n_end):
                 x_cur, r_cur = x_nx, r_nx
-                x_nx, r_nx = _adaln_norm_fwd_row(X, RES, b, n + 1, offs_c,
-                                                 offs_c < _limit(n + 1, n_end, C), stride_x_b,
-                                                 stride_x_n, stride_r_b, stride_r_n, HAS_RES)
+                if AHEAD == 2:
+                    x_nx, r_nx = x_n2, r_n2
+                    x_n2, r_n2 = _adaln_norm_fwd_row(X, RES, b, n + 2, offs_c,
+                                                     offs_c < _limit(n + 2, n_end, C),
+                                                     stride_x_b, stride_x_n, stride_r_b,
+                                                     stride_r_n, HAS_RES)
+                else:
+                    x_nx, r_nx = _adaln_norm_fwd_row(X, RES, b, n + 1, offs_c,
+                                                     offs_c < _limit(n + 1, n_end, C),
+                                                     stride_x_b, stride_x_n, stride_r_b,
+                                                     stride_r_n, HAS_RES)
                 _adaln_norm_fwd_one(GATE, SCALE, SHIFT, Y, H, MEAN, RSTD, b, b * N + n, C, eps,
                                     offs_c, mask_c, x_cur, r_cur, gate, scale1, shift,
                                     stride_g_b, stride_sc_b, stride_sh_b, HAS_RES, HAS_GATE,
@@ -262,11 +274,14 @@ if triton is not None:
         stride_g_b, stride_sh_b, stride_sc_b,
         HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         HAS_SCALE: tl.constexpr, SILU: tl.constexpr, HAS_DH_OUT: tl.constexpr,
-        CHUNKED: tl.constexpr, BLOCK_C: tl.constexpr,
+        CHUNKED: tl.constexpr, BLOCK_C: tl.constexpr, AHEAD: tl.constexpr,
     ):
         # program = (b, p): rows p*ROWS.. of sample b. A row of C <= BLOCK_C is one chunk: the
         # sample's modulation vectors are read once, the three per-sample accumulators stay in
-        # registers and the next row's four tensors are loaded before this row's reductions.
+        # registers and the next AHEAD (1 or 2) rows' four tensors are loaded before this row's
+        # reductions. Little's law at ~32 GB/s per SM of an H200 and ~0.7 us of DRAM latency:
+        # ~25 KB in flight per SM, where one 1152-wide bf16 row of the four tensors is 9 KB and
+        # the 16-warp program of that width fits once per SM (86 registers).
         # Wider rows (C > 2048) would spill, so they are walked in BLOCK_C chunks twice (row
         # sums, then gradients) and the accumulators live in this program's own zeroed partial
         # rows, which keeps the sums deterministic.
@@ -296,12 +311,24 @@ if triton is not None:
                 DY, DH_OUT, X, RES, b, n0, offs, offs < _limit(n0, n_end, C), stride_dy_b,
                 stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b, stride_x_n, stride_r_b,
                 stride_r_n, HAS_RES, HAS_DH_OUT)
+            if AHEAD == 2:  # a second row's four tensors in flight
+                dy_n2, dho_n2, x_n2, r_n2 = _adaln_norm_bwd_row(
+                    DY, DH_OUT, X, RES, b, n0 + 1, offs, offs < _limit(n0 + 1, n_end, C),
+                    stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b, stride_x_n,
+                    stride_r_b, stride_r_n, HAS_RES, HAS_DH_OUT)
             for n in range(n0, n_end):
                 dy, dho, x, r = dy_nx, dho_nx, x_nx, r_nx
-                dy_nx, dho_nx, x_nx, r_nx = _adaln_norm_bwd_row(
-                    DY, DH_OUT, X, RES, b, n + 1, offs, offs < _limit(n + 1, n_end, C), stride_dy_b,
-                    stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b, stride_x_n, stride_r_b,
-                    stride_r_n, HAS_RES, HAS_DH_OUT)
+                if AHEAD == 2:
+                    dy_nx, dho_nx, x_nx, r_nx = dy_n2, dho_n2, x_n2, r_n2
+                    dy_n2, dho_n2, x_n2, r_n2 = _adaln_norm_bwd_row(
+                        DY, DH_OUT, X, RES, b, n + 2, offs, offs < _limit(n + 2, n_end, C),
+                        stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b,
+                        stride_x_n, stride_r_b, stride_r_n, HAS_RES, HAS_DH_OUT)
+                else:
+                    dy_nx, dho_nx, x_nx, r_nx = _adaln_norm_bwd_row(
+                        DY, DH_OUT, X, RES, b, n + 1, offs, offs < _limit(n + 1, n_end, C),
+                        stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b,
+                        stride_x_n, stride_r_b, stride_r_n, HAS_RES, HAS_DH_OUT)
                 row = b * N + n
                 mean = tl.load(MEAN + row)
                 rstd = tl.load(RSTD + row)
@@ -372,13 +399,14 @@ def _vec_stride(t: Optional[torch.Tensor]) -> int:
 
 
 # Test hook (library code never sets it): plan launches for a card with this many SMs, also
-# under the interpreter, so the CPU tests run the work splits a GPU runs.
-_CARD = {"sms": None}
+# under the interpreter, so the CPU tests run the work splits a GPU runs; "pick": run entry
+# `pick` (modulo its length) of each autotune list there instead of the first.
+_CARD = {"sms": None, "pick": 0}
 
 
 @contextlib.contextmanager
-def _emulate_card(sms: int):
-    with overriding(_CARD, sms=sms):
+def _emulate_card(sms: int, pick: int = 0):
+    with overriding(_CARD, sms=sms, pick=pick):
         yield
 
 
@@ -418,30 +446,39 @@ def _bwd_warps(block: int) -> int:
     return max(1, min(16, block // 128))
 
 
-def warp_candidates(warps: int, tunable: bool) -> List[int]:
-    """The autotune list of a launch whose plan gives `warps`: that first (the interpreter's and
-    the compile gate's spill-free default), then half and twice as many where the row allows
-    (1..32). Measured on the user's card at the first call of each (C, rows, features) key;
-    `tunable` False (the chunked backward accumulates into its partials) keeps the plan's."""
+def candidates(warps: int, tunable: bool) -> List[Tuple[int, int]]:
+    """The autotune list (num_warps, AHEAD rows prefetched) of a launch whose plan gives
+    `warps`: (warps, 1) first (the interpreter's and the compile gate's spill-free default, so
+    no card picks worse), then two rows in flight, and half / twice the warps (within 4..32)
+    with one and two. Measured on the user's card at the first call of each (C, rows per
+    program, features) key; `tunable` False (the chunked backward accumulates into its
+    partials, the 8192-wide forward has no prefetch) keeps the plan's."""
     if not tunable:
-        return [warps]
-    return [warps] + [w for w in (warps // 2, warps * 2) if 4 <= w <= 32 and w != warps]
+        return [(warps, 1)]
+    out = [(warps, 1), (warps, 2)]
+    for w in (warps // 2, warps * 2):
+        if 4 <= w <= 32 and w != warps:
+            out += [(w, 1), (w, 2)]
+    return out
 
 
 _TUNERS: dict = {}
 
 
-def _launch(kernel, grid: tuple, warps: List[int], key: List[str], args: tuple, kwargs: dict):
+def _launch(kernel, grid: tuple, cfgs: List[Tuple[int, int]], key: List[str], args: tuple,
+            kwargs: dict):
     """One candidate (or the interpreter): launch it. Several (CUDA): a cached triton.autotune
-    over exactly those warp counts, keyed on `key`; every output is stored once per launch, so
-    the autotuner's repeated launches need no reset."""
-    if len(warps) == 1 or interpreting():
-        kernel[grid](*args, **kwargs, num_warps=warps[0])
+    over exactly those (num_warps, AHEAD), keyed on `key`; every output is stored once per
+    launch, so the autotuner's repeated launches need no reset."""
+    if len(cfgs) == 1 or interpreting():
+        warps, ahead = cfgs[_CARD["pick"] % len(cfgs)]
+        kernel[grid](*args, **kwargs, AHEAD=ahead, num_warps=warps)
         return
-    tkey = (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, tuple(warps))
+    tkey = (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, tuple(cfgs))
     tuner = _TUNERS.get(tkey)
     if tuner is None:
-        tuner = triton.autotune([triton.Config({}, num_warps=w) for w in warps], key=key)(kernel)
+        tuner = triton.autotune([triton.Config({"AHEAD": a}, num_warps=w) for w, a in cfgs],
+                                key=key)(kernel)
         _TUNERS[tkey] = tuner
     tuner[grid](*args, **kwargs)
 
@@ -486,7 +523,7 @@ def _adaln_norm_fwd(x, shift, scale, residual, gate, eps: float, silu: bool):
     rstd = torch.empty(B * N, dtype=torch.float32, device=x.device)
     if B * N:
         dummy = x
-        _launch(_adaln_norm_fwd_kernel, (B * P,), warp_candidates(warps, not wide),
+        _launch(_adaln_norm_fwd_kernel, (B * P,), candidates(warps, not wide),
                 ["C", "ROWS", "HAS_RES", "HAS_GATE", "HAS_SHIFT", "HAS_SCALE", "SILU"],
                 (x, residual if residual is not None else dummy,
                  gate if gate is not None else dummy, shift if shift is not None else dummy,
@@ -516,7 +553,7 @@ def _adaln_norm_bwd(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, sil
     dshift_p, dscale_p, dgate_p = partial(shift is not None), partial(scale is not None), \
         partial(gate is not None)
     dummy = dx
-    _launch(_adaln_norm_bwd_kernel, (B * P,), warp_candidates(warps, not chunked),
+    _launch(_adaln_norm_bwd_kernel, (B * P,), candidates(warps, not chunked),
             ["C", "ROWS", "HAS_RES", "HAS_GATE", "HAS_SHIFT", "HAS_SCALE", "SILU", "HAS_DH_OUT"],
             (dy, dh_out if dh_out is not None else dummy, x,
              residual if residual is not None else dummy, gate if gate is not None else dummy,
@@ -666,7 +703,7 @@ def adaln_norm(
 # ---------------------------------------------------------------------------------------------
 def aot_specs():
     """Every launch plan (plans()) with every feature on, the heaviest build, in bf16 and fp32,
-    with its autotune candidates (warp_candidates); fp16 (bf16's registers) and the plain
+    with its autotune candidates (candidates()); fp16 (bf16's registers) and the plain
     variant at DiffiT's widths and the plan edges."""
     from ._aot import AotSpec
 
@@ -692,11 +729,13 @@ def aot_specs():
                            "eps": "fp32", **{s: "i64" for s in strides}}
                 # the autotune candidates after the plan's own (full builds): may spill
                 tuned = full and rt == dt and dt != "fp16"
-                for w in warp_candidates(warps, not wide) if tuned else [warps]:
+                for w, a in candidates(warps, not wide) if tuned else [(warps, 1)]:
+                    cand = (w, a) != (warps, 1)
                     specs.append(AotSpec("_adaln_norm_fwd_kernel", _adaln_norm_fwd_kernel,
-                                         fwd_sig, {**flags, "WIDE": wide, "BLOCK_C": block}, w,
-                                         3, label + (f" w{w} candidate" if w != warps else ""),
-                                         False, spill_ok=w != warps))
+                                         fwd_sig, {**flags, "WIDE": wide, "BLOCK_C": block,
+                                                   "AHEAD": a}, w, 3,
+                                         label + (f" w{w} ahead {a} candidate" if cand else ""),
+                                         False, spill_ok=cand))
                 bwd_sig = {"DY": f"*{dt}", "DH_OUT": f"*{rt}", "X": f"*{dt}", "RES": f"*{rt}",
                            "GATE": f"*{dt}", "SHIFT": f"*{dt}", "SCALE": f"*{dt}", "MEAN": "*fp32",
                            "RSTD": "*fp32", "DX": f"*{dt}", "DRES": f"*{rt}", "DSHIFT_P": "*fp32",
@@ -704,13 +743,14 @@ def aot_specs():
                            "ROWS": "i32", "P": "i32",
                            **{s: "i64" for s in ("stride_dy_b", "stride_dy_n", "stride_dh_b",
                                                  "stride_dh_n") + strides}}
-                for w in warp_candidates(bwarps, not chunked) if tuned else [bwarps]:
+                for w, a in candidates(bwarps, not chunked) if tuned else [(bwarps, 1)]:
+                    cand = (w, a) != (bwarps, 1)
                     specs.append(AotSpec("_adaln_norm_bwd_kernel", _adaln_norm_bwd_kernel,
                                          bwd_sig, {**flags, "HAS_DH_OUT": full, "BLOCK_C": bblock,
-                                                   "CHUNKED": chunked}, w, 3,
+                                                   "CHUNKED": chunked, "AHEAD": a}, w, 3,
                                          label + (" chunked" if chunked else "") +
-                                         (f" w{w} candidate" if w != bwarps else ""),
-                                         False, spill_ok=w != bwarps))
+                                         (f" w{w} ahead {a} candidate" if cand else ""),
+                                         False, spill_ok=cand))
     return specs
 
 

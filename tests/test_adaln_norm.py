@@ -311,20 +311,34 @@ def test_cuda_parity_and_determinism(dtype):
     assert_parity(rows)
 
 
-def test_warp_candidates_keep_the_plan_first_and_the_accumulating_backward_fixed():
-    # the plan's warps lead (the interpreter's, the compile gate's spill-free default, and what
-    # no card can do worse than); half / twice within 4..32; the chunked backward (partials
-    # accumulated across chunks) and the 8192-wide forward are never re-launched by a tuner
-    assert norm.warp_candidates(16, True) == [16, 8, 32]
-    assert norm.warp_candidates(8, True) == [8, 4, 16]
-    assert norm.warp_candidates(2, True) == [2, 4]
-    assert norm.warp_candidates(1, True) == [1]
-    assert norm.warp_candidates(32, True) == [32, 16]
-    assert norm.warp_candidates(16, False) == [16]
+def test_autotune_candidates_keep_the_plan_first_and_the_accumulating_backward_fixed():
+    # the plan's (warps, one row ahead) leads: the interpreter's, the compile gate's spill-free
+    # default, and what no card can do worse than; then two rows in flight, half / twice the
+    # warps within 4..32; the chunked backward (partials accumulated across chunks) and the
+    # 8192-wide forward are never re-launched by a tuner
+    assert norm.candidates(16, True) == [(16, 1), (16, 2), (8, 1), (8, 2), (32, 1), (32, 2)]
+    assert norm.candidates(2, True) == [(2, 1), (2, 2), (4, 1), (4, 2)]
+    assert norm.candidates(1, True) == [(1, 1), (1, 2)]
+    assert norm.candidates(32, True) == [(32, 1), (32, 2), (16, 1), (16, 2)]
+    assert norm.candidates(16, False) == [(16, 1)]
+    specs = norm.aot_specs()
     for (fwd, bwd), C in norm.plans().items():
-        specs = [s for s in norm.aot_specs() if f"C<={fwd[0]} res+gate+mod+silu" in s.config
-                 and s.config.startswith("bf16") and "fp32 residual" not in s.config]
-        built = {(s.kernel, s.num_warps) for s in specs}
-        want = {("_adaln_norm_fwd_kernel", w) for w in norm.warp_candidates(fwd[1], not fwd[2])}
-        want |= {("_adaln_norm_bwd_kernel", w) for w in norm.warp_candidates(bwd[2], not bwd[1])}
+        mine = [s for s in specs if f"C<={fwd[0]} res+gate+mod+silu" in s.config
+                and s.config.startswith("bf16") and "fp32 residual" not in s.config]
+        built = {(s.kernel, s.num_warps, s.constexprs["AHEAD"]) for s in mine}
+        want = {("_adaln_norm_fwd_kernel",) + c for c in norm.candidates(fwd[1], not fwd[2])}
+        want |= {("_adaln_norm_bwd_kernel",) + c for c in norm.candidates(bwd[2], not bwd[1])}
         assert want <= built, (C, want - built)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("pick", range(6))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_every_autotune_candidate_of_diffits_width(pick, dtype):
+    # each (warps, rows ahead) a card may pick at C = 1152 runs here. A one-SM card makes long
+    # programs (forward 3 rows, backward 12, the last ones shorter: N = 23), so the two-deep
+    # prefetch rotates and runs past a program's last rows (masked); an H200's plan gives
+    # one-row programs, whose prefetch is all past the end
+    for sms, N in ((1, 23), (132, 7)):
+        with norm._emulate_card(sms, pick=pick):
+            _run(dtype, 2, N, 1152, True, True, True, True, True, strided_x=True)

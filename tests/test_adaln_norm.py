@@ -167,6 +167,11 @@ def test_opcheck_forward_and_backward_ops():
     sh, sc, g = torch.randn(2, 192).chunk(3, dim=1)
     args = (x.requires_grad_(), sh, sc, res, g, 1e-6, True)
     torch.library.opcheck(norm._adaln_norm_fwd_op, args)
+    # autocast's mix (what torch.compile traces in the blocks): the fake outputs' dtypes too
+    xb = torch.randn(2, 3, 64, dtype=torch.bfloat16, requires_grad=True)
+    shb, scb, gb = torch.randn(2, 192, dtype=torch.bfloat16).chunk(3, dim=1)
+    torch.library.opcheck(norm._adaln_norm_fwd_op,
+                          (xb, shb, scb, res.requires_grad_(), g, 1e-6, True))
 
 
 @pytest.mark.interpreter

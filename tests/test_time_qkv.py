@@ -310,6 +310,12 @@ def test_opcheck_forward_and_backward_ops():
     torch.library.opcheck(projection._time_qkv_fwd_op, args)
     torch.library.opcheck(projection._time_qkv_fwd_op,
                           (kw["x"], None, kw["weight"], None, None, None, 4, None))
+    # autocast's mix (what torch.compile traces in the blocks): a float32 x, bf16 weights
+    b16 = {k: (v.detach().bfloat16().requires_grad_() if torch.is_tensor(v) and k != "x" else v)
+           for k, v in kw.items()}
+    torch.library.opcheck(projection._time_qkv_fwd_op,
+                          (kw["x"], b16["temb"], b16["weight"], b16["bias"], b16["temb_weight"],
+                           b16["temb_bias"], 2, 1e-6))
     qkv, xhat, mean, rstd = projection._time_qkv_fwd_op(
         *(a.detach() if torch.is_tensor(a) else a for a in args))
     dq, dk, dv = projection._split_heads(torch.randn_like(qkv), 2)  # strided views

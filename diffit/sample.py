@@ -494,6 +494,8 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
         return _fail(str(e))
     model = model.to(device).eval()
+    if family == "image":  # as trained: the token <-> image reshapes are views (diffit/unet.py)
+        model = model.to(memory_format=torch.channels_last)
     from .accel import compile_for_run, mark_graph_steps
     try:
         # every rank samples on its own (no DDP): CUDA graphs need no single process here

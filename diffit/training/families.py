@@ -101,7 +101,10 @@ def _image_family() -> Family:
 
     def build(preset, overrides, grad_checkpointing):
         from ..unet import DiffiTResBlock, DiffiTUNet
-        model = DiffiTUNet.from_preset(preset, **overrides)
+        # channels_last: the token <-> image reshapes around every DiffiT block are views (NCHW
+        # would copy the feature map into tokens in each block), and the convolutions run
+        # cuDNN's NHWC kernels; the benchmark times the U-Net this way too
+        model = DiffiTUNet.from_preset(preset, **overrides).to(memory_format=torch.channels_last)
         if grad_checkpointing:
             # the U-Net has no switch of its own: wrap each ResBlock in torch's non-reentrant
             # activation checkpointing (state-dict keys are unchanged by the wrapper)

@@ -399,13 +399,14 @@ def _vec_stride(t: Optional[torch.Tensor]) -> int:
 
 
 # Test hook (library code never sets it): plan launches for a card with this many SMs, also
-# under the interpreter, so the CPU tests run the work splits a GPU runs; "pick": run entry
-# `pick` (modulo its length) of each autotune list there instead of the first.
-_CARD = {"sms": None, "pick": 0}
+# under the interpreter, so the CPU tests run the work splits a GPU runs; "pick": launch entry
+# `pick` (modulo its length) of each autotune list, never the tuner (None: the first entry
+# under the interpreter, the tuner on a GPU).
+_CARD = {"sms": None, "pick": None}
 
 
 @contextlib.contextmanager
-def _emulate_card(sms: int, pick: int = 0):
+def _emulate_card(sms: int, pick: Optional[int] = None):
     with overriding(_CARD, sms=sms, pick=pick):
         yield
 
@@ -470,8 +471,8 @@ def _launch(kernel, grid: tuple, cfgs: List[Tuple[int, int]], key: List[str], ar
     """One candidate (or the interpreter): launch it. Several (CUDA): a cached triton.autotune
     over exactly those (num_warps, AHEAD), keyed on `key`; every output is stored once per
     launch, so the autotuner's repeated launches need no reset."""
-    if len(cfgs) == 1 or interpreting():
-        warps, ahead = cfgs[_CARD["pick"] % len(cfgs)]
+    if len(cfgs) == 1 or interpreting() or _CARD["pick"] is not None:
+        warps, ahead = cfgs[(_CARD["pick"] or 0) % len(cfgs)]
         kernel[grid](*args, **kwargs, AHEAD=ahead, num_warps=warps)
         return
     tkey = (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, tuple(cfgs))

@@ -447,13 +447,18 @@ def _bwd_warps(block: int) -> int:
     return max(1, min(16, block // 128))
 
 
+# rows at least this wide get autotune candidates: their programs (>= 4 / 8 warps) fit a few
+# times per SM at most, so rows in flight per program decide the bandwidth; narrower rows run
+# many small programs per SM
+TUNE_MIN_BLOCK = 1024
+
+
 def candidates(warps: int, tunable: bool) -> List[Tuple[int, int]]:
     """The autotune list (num_warps, AHEAD rows prefetched) of a launch whose plan gives
     `warps`: (warps, 1) first (the interpreter's and the compile gate's spill-free default, so
     no card picks worse), then two rows in flight, and half / twice the warps (within 4..32)
     with one and two. Measured on the user's card at the first call of each (C, rows per
-    program, features) key; `tunable` False (the chunked backward accumulates into its
-    partials, the 8192-wide forward has no prefetch) keeps the plan's."""
+    program, features) key; `tunable` False keeps the plan's alone."""
     if not tunable:
         return [(warps, 1)]
     out = [(warps, 1), (warps, 2)]
@@ -461,6 +466,20 @@ def candidates(warps: int, tunable: bool) -> List[Tuple[int, int]]:
         if 4 <= w <= 32 and w != warps:
             out += [(w, 1), (w, 2)]
     return out
+
+
+def fwd_candidates(C: int) -> List[Tuple[int, int]]:
+    """The forward's list for rows of C: tuned from TUNE_MIN_BLOCK up, but not the WIDE rows
+    (no prefetch there)."""
+    block, warps, wide = fwd_plan(C)
+    return candidates(warps, block >= TUNE_MIN_BLOCK and not wide)
+
+
+def bwd_candidates(C: int) -> List[Tuple[int, int]]:
+    """The backward's list for rows of C: tuned from TUNE_MIN_BLOCK up, but not the CHUNKED
+    rows (their partials accumulate across chunks: a tuner's repeated launches would add up)."""
+    block, chunked, warps = bwd_plan(C)
+    return candidates(warps, block >= TUNE_MIN_BLOCK and not chunked)
 
 
 _TUNERS: dict = {}
@@ -524,7 +543,7 @@ def _adaln_norm_fwd(x, shift, scale, residual, gate, eps: float, silu: bool):
     rstd = torch.empty(B * N, dtype=torch.float32, device=x.device)
     if B * N:
         dummy = x
-        _launch(_adaln_norm_fwd_kernel, (B * P,), candidates(warps, not wide),
+        _launch(_adaln_norm_fwd_kernel, (B * P,), fwd_candidates(C),
                 ["C", "ROWS", "HAS_RES", "HAS_GATE", "HAS_SHIFT", "HAS_SCALE", "SILU"],
                 (x, residual if residual is not None else dummy,
                  gate if gate is not None else dummy, shift if shift is not None else dummy,
@@ -554,7 +573,7 @@ def _adaln_norm_bwd(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, sil
     dshift_p, dscale_p, dgate_p = partial(shift is not None), partial(scale is not None), \
         partial(gate is not None)
     dummy = dx
-    _launch(_adaln_norm_bwd_kernel, (B * P,), candidates(warps, not chunked),
+    _launch(_adaln_norm_bwd_kernel, (B * P,), bwd_candidates(C),
             ["C", "ROWS", "HAS_RES", "HAS_GATE", "HAS_SHIFT", "HAS_SCALE", "SILU", "HAS_DH_OUT"],
             (dy, dh_out if dh_out is not None else dummy, x,
              residual if residual is not None else dummy, gate if gate is not None else dummy,
@@ -730,7 +749,7 @@ def aot_specs():
                            "eps": "fp32", **{s: "i64" for s in strides}}
                 # the autotune candidates after the plan's own (full builds): may spill
                 tuned = full and rt == dt and dt != "fp16"
-                for w, a in candidates(warps, not wide) if tuned else [(warps, 1)]:
+                for w, a in fwd_candidates(C) if tuned else [(warps, 1)]:
                     cand = (w, a) != (warps, 1)
                     specs.append(AotSpec("_adaln_norm_fwd_kernel", _adaln_norm_fwd_kernel,
                                          fwd_sig, {**flags, "WIDE": wide, "BLOCK_C": block,
@@ -744,7 +763,7 @@ def aot_specs():
                            "ROWS": "i32", "P": "i32",
                            **{s: "i64" for s in ("stride_dy_b", "stride_dy_n", "stride_dh_b",
                                                  "stride_dh_n") + strides}}
-                for w, a in candidates(bwarps, not chunked) if tuned else [(bwarps, 1)]:
+                for w, a in bwd_candidates(C) if tuned else [(bwarps, 1)]:
                     cand = (w, a) != (bwarps, 1)
                     specs.append(AotSpec("_adaln_norm_bwd_kernel", _adaln_norm_bwd_kernel,
                                          bwd_sig, {**flags, "HAS_DH_OUT": full, "BLOCK_C": bblock,

@@ -320,7 +320,8 @@ def test_autotune_candidates_keep_the_plan_first_and_the_accumulating_backward_f
     # the plan's (warps, one row ahead) leads: the interpreter's, the compile gate's spill-free
     # default, and what no card can do worse than; then two rows in flight, half / twice the
     # warps within 4..32; the chunked backward (partials accumulated across chunks) and the
-    # 8192-wide forward are never re-launched by a tuner
+    # 8192-wide forward are never re-launched by a tuner; rows narrower than TUNE_MIN_BLOCK
+    # keep their plan (many small programs per SM)
     assert norm.candidates(16, True) == [(16, 1), (16, 2), (8, 1), (8, 2), (32, 1), (32, 2)]
     assert norm.candidates(2, True) == [(2, 1), (2, 2), (4, 1), (4, 2)]
     assert norm.candidates(1, True) == [(1, 1), (1, 2)]
@@ -331,9 +332,14 @@ def test_autotune_candidates_keep_the_plan_first_and_the_accumulating_backward_f
         mine = [s for s in specs if f"C<={fwd[0]} res+gate+mod+silu" in s.config
                 and s.config.startswith("bf16") and "fp32 residual" not in s.config]
         built = {(s.kernel, s.num_warps, s.constexprs["AHEAD"]) for s in mine}
-        want = {("_adaln_norm_fwd_kernel",) + c for c in norm.candidates(fwd[1], not fwd[2])}
-        want |= {("_adaln_norm_bwd_kernel",) + c for c in norm.candidates(bwd[2], not bwd[1])}
+        want = {("_adaln_norm_fwd_kernel",) + c for c in norm.fwd_candidates(C)}
+        want |= {("_adaln_norm_bwd_kernel",) + c for c in norm.bwd_candidates(C)}
         assert want <= built, (C, want - built)
+        assert (len(norm.fwd_candidates(C)) > 1) == (fwd[0] >= norm.TUNE_MIN_BLOCK
+                                                     and not fwd[2])
+        assert (len(norm.bwd_candidates(C)) > 1) == (bwd[0] >= norm.TUNE_MIN_BLOCK
+                                                     and not bwd[1])
+    assert len(norm.fwd_candidates(1152)) == 6 and len(norm.bwd_candidates(1152)) == 6
 
 
 @pytest.mark.interpreter

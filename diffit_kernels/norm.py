@@ -468,18 +468,19 @@ def candidates(warps: int, tunable: bool) -> List[Tuple[int, int]]:
     return out
 
 
-def fwd_candidates(C: int) -> List[Tuple[int, int]]:
-    """The forward's list for rows of C: tuned from TUNE_MIN_BLOCK up, but not the WIDE rows
-    (no prefetch there)."""
+def fwd_candidates(C: int, elsize: int = 2) -> List[Tuple[int, int]]:
+    """The forward's list for rows of C elements of `elsize` bytes: tuned for 16-bit rows from
+    TUNE_MIN_BLOCK up (a float32 row already moves twice the bytes per row in flight), but not
+    the WIDE rows (no prefetch there)."""
     block, warps, wide = fwd_plan(C)
-    return candidates(warps, block >= TUNE_MIN_BLOCK and not wide)
+    return candidates(warps, elsize == 2 and block >= TUNE_MIN_BLOCK and not wide)
 
 
-def bwd_candidates(C: int) -> List[Tuple[int, int]]:
-    """The backward's list for rows of C: tuned from TUNE_MIN_BLOCK up, but not the CHUNKED
-    rows (their partials accumulate across chunks: a tuner's repeated launches would add up)."""
+def bwd_candidates(C: int, elsize: int = 2) -> List[Tuple[int, int]]:
+    """The backward's list, as fwd_candidates, but never for CHUNKED rows (their partials
+    accumulate across chunks: a tuner's repeated launches would add up)."""
     block, chunked, warps = bwd_plan(C)
-    return candidates(warps, block >= TUNE_MIN_BLOCK and not chunked)
+    return candidates(warps, elsize == 2 and block >= TUNE_MIN_BLOCK and not chunked)
 
 
 _TUNERS: dict = {}
@@ -543,7 +544,7 @@ def _adaln_norm_fwd(x, shift, scale, residual, gate, eps: float, silu: bool):
     rstd = torch.empty(B * N, dtype=torch.float32, device=x.device)
     if B * N:
         dummy = x
-        _launch(_adaln_norm_fwd_kernel, (B * P,), fwd_candidates(C),
+        _launch(_adaln_norm_fwd_kernel, (B * P,), fwd_candidates(C, x.element_size()),
                 ["C", "ROWS", "HAS_RES", "HAS_GATE", "HAS_SHIFT", "HAS_SCALE", "SILU"],
                 (x, residual if residual is not None else dummy,
                  gate if gate is not None else dummy, shift if shift is not None else dummy,
@@ -573,7 +574,7 @@ def _adaln_norm_bwd(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, sil
     dshift_p, dscale_p, dgate_p = partial(shift is not None), partial(scale is not None), \
         partial(gate is not None)
     dummy = dx
-    _launch(_adaln_norm_bwd_kernel, (B * P,), bwd_candidates(C),
+    _launch(_adaln_norm_bwd_kernel, (B * P,), bwd_candidates(C, x.element_size()),
             ["C", "ROWS", "HAS_RES", "HAS_GATE", "HAS_SHIFT", "HAS_SCALE", "SILU", "HAS_DH_OUT"],
             (dy, dh_out if dh_out is not None else dummy, x,
              residual if residual is not None else dummy, gate if gate is not None else dummy,
@@ -723,7 +724,7 @@ def adaln_norm(
 # ---------------------------------------------------------------------------------------------
 def aot_specs():
     """Every launch plan (plans()) with every feature on, the heaviest build, in bf16 and fp32,
-    with its autotune candidates (candidates()); fp16 (bf16's registers) and the plain
+    with its 16-bit autotune candidates (fwd_candidates, bwd_candidates) in bf16; fp16 (bf16's registers) and the plain
     variant at DiffiT's widths and the plan edges."""
     from ._aot import AotSpec
 
@@ -748,7 +749,7 @@ def aot_specs():
                            "RSTD": "*fp32", "N": "i32", "C": "i32", "ROWS": "i32", "P": "i32",
                            "eps": "fp32", **{s: "i64" for s in strides}}
                 # the autotune candidates after the plan's own (full builds): may spill
-                tuned = full and rt == dt and dt != "fp16"
+                tuned = full and rt == dt and dt == "bf16"  # fp16: bf16's registers
                 for w, a in fwd_candidates(C) if tuned else [(warps, 1)]:
                     cand = (w, a) != (warps, 1)
                     specs.append(AotSpec("_adaln_norm_fwd_kernel", _adaln_norm_fwd_kernel,

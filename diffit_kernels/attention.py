@@ -507,9 +507,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
                 dextra = _table_grad(partial.view(H, P * BM * BN), bins, table.dtype)
             else:
                 dextra = _reduce_slots(partial, slot_index, N)
-    if acc_table:
-        dextra = dextra.to(table.dtype).contiguous()
-    elif acc_dense:
+    if acc_dense:  # (a table's gradient comes out of _table_grad in its dtype and layout)
         dextra = _bias_grad(dextra, bias)
     elif store_ds:
         dextra = _bias_grad(dbias, bias)

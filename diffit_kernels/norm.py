@@ -495,7 +495,7 @@ def _launch(kernel, grid: tuple, cfgs: List[Tuple[int, int]], key: List[str], ar
         warps, ahead = cfgs[(_CARD["pick"] or 0) % len(cfgs)]
         kernel[grid](*args, **kwargs, AHEAD=ahead, num_warps=warps)
         return
-    tkey = (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, tuple(cfgs))
+    tkey = (kernel.fn.__name__, tuple(cfgs))
     tuner = _TUNERS.get(tkey)
     if tuner is None:
         tuner = triton.autotune([triton.Config({"AHEAD": a}, num_warps=w) for w, a in cfgs],
@@ -535,7 +535,7 @@ def plans():
 
 def _adaln_norm_fwd(x, shift, scale, residual, gate, eps: float, silu: bool):
     B, N, C = x.shape
-    BLOCK_C, warps, wide = fwd_plan(C)
+    BLOCK_C, _, wide = fwd_plan(C)  # the warps: fwd_candidates
     ROWS = _fwd_rows_per_program(B, N, _sms(x.device), wide)
     P = cdiv(N, ROWS)
     y = empty((B, N, C), x.dtype, x.device)
@@ -559,7 +559,7 @@ def _adaln_norm_fwd(x, shift, scale, residual, gate, eps: float, silu: bool):
 
 def _adaln_norm_bwd(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, silu: bool):
     B, N, C = x.shape
-    block, chunked, warps = bwd_plan(C)
+    block, chunked, _ = bwd_plan(C)  # the warps: bwd_candidates
     dy = unit_last_stride(dy)
     dh_out = unit_last_stride(dh_out) if dh_out is not None else None
     ROWS = _bwd_rows_per_program(B, N, _sms(x.device))

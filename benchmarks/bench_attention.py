@@ -1,11 +1,14 @@
 """tmsa_attention benchmark: forward, backward and forward+backward at DiffiT's shapes.
 
 Providers (every row's gradient includes the bias table, or the dense bias, where it has one):
-    tmsa           diffit_kernels.tmsa_attention (Triton): table gathered in-kernel, d_table
-                   reduced deterministically
+    tmsa           diffit_kernels.tmsa_attention (Triton): the table as a dense copy (global) or
+                   gathered in-kernel (windows), d_table reduced deterministically
     tmsa-2pass     the same with the table gradient in a pass of its own (the design before the
                    dK/dV pass summed dS into the table; the library keeps it for spans above
                    attention._DS_MAX_ELEMENTS): the A/B row that sets that threshold by measurement
+    tmsa-gather    global shapes: the table gathered per score element in every kernel instead of
+                   read through its dense per-head copy (attention.DENSE_TABLE_MAX_BYTES = 0,
+                   what grids past that size run): the A/B row of the dense copy
     sdpa-membias   SDPA, memory-efficient backend forced, dense bias built from the table that
                    requires grad (its backward writes a dense bias gradient); the bias is made
                    contiguous [1, H, n, n] and expanded over the batch (stride 0), so SDPA need not
@@ -71,7 +74,8 @@ QUICK = ("latent256-B64", "latent512-B8", "img32-win4-B64", "img64-win8-B16")
 TINY_CPU = [("tiny-global", 1, 2, (4, 4), None, 16), ("tiny-win", 1, 2, (4, 4), (2, 2), 16)]
 MODES = ("fwd", "bwd", "fwd+bwd")
 # run order: speed of light first; flex (two compiles per shape) last, after every shape
-PROVIDERS = ("sdpa-flash", "memory limit", "tmsa", "tmsa-2pass", "sdpa-membias", "eager",
+PROVIDERS = ("sdpa-flash", "memory limit", "tmsa", "tmsa-2pass", "tmsa-gather", "sdpa-membias",
+             "eager",
              "flex")
 SPEED_OF_LIGHT = ("sdpa-flash", "memory limit")
 SLOW = ("flex",)           # run at every shape after the others have run at every shape
@@ -145,7 +149,10 @@ def _providers(grid, window, names) -> Dict[str, Callable]:
     def eager(q, k, v, table):
         return reference.tmsa_attention(q, k, v, table=table, grid=grid, window=window)
 
-    make = {"tmsa": lambda: tmsa, "tmsa-2pass": lambda: tmsa, "eager": lambda: eager,
+    if "tmsa-gather" in names and window is not None:
+        raise ValueError("tmsa-gather is a global-attention row: windows always gather (= tmsa)")
+    make = {"tmsa": lambda: tmsa, "tmsa-2pass": lambda: tmsa, "tmsa-gather": lambda: tmsa,
+            "eager": lambda: eager,
             "memory limit": lambda: None,
             "sdpa-membias": lambda: _sdpa_membias(gh, gw), "sdpa-flash": _sdpa_flash,
             "flex": lambda: _flex(grid, window)}
@@ -197,24 +204,29 @@ def _flops(B, H, grid, window, d) -> float:
     return 4.0 * B * H * N * keys * d
 
 
+# the library's size limits each A/B provider sets to 0 (see the module docstring)
+_VARIANTS = {"tmsa-2pass": "_DS_MAX_ELEMENTS", "tmsa-gather": "DENSE_TABLE_MAX_BYTES"}
+
+
 @contextlib.contextmanager
-def _table_grad_pass(name):
-    """tmsa-2pass: every backward inside takes the separate table-gradient pass."""
-    if name != "tmsa-2pass":
+def _variant(name):
+    """tmsa-2pass: every backward inside takes the separate table-gradient pass;
+    tmsa-gather: every kernel gathers from the [H, R] table."""
+    if name not in _VARIANTS:
         yield
         return
     from diffit_kernels import attention
 
-    old = attention._DS_MAX_ELEMENTS
-    attention._DS_MAX_ELEMENTS = 0
+    old = getattr(attention, _VARIANTS[name])
+    setattr(attention, _VARIANTS[name], 0)
     try:
         yield
     finally:
-        attention._DS_MAX_ELEMENTS = old
+        setattr(attention, _VARIANTS[name], old)
 
 
 def _measure(name, fn, q, k, v, table, grid, window, mode, tiny_cpu):
-    with _table_grad_pass(name):
+    with _variant(name):
         return _measure_pass(name, fn, q, k, v, table, grid, window, mode, tiny_cpu)
 
 

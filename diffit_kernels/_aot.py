@@ -31,6 +31,7 @@ class AotSpec:
     uses_dot: bool               # built on tl.dot with fp16/bf16 operands: tensor cores expected
     archs: Sequence[int] = (80, 90)
     spill_ok: bool = False       # an autotune candidate after the default: may spill
+    div16: Sequence[str] = ()    # int args the launcher keeps multiples of 16 (as the JIT sees)
 
 
 @dataclasses.dataclass
@@ -48,6 +49,7 @@ class AotRow:
     uses_dot: bool
     error: Optional[str] = None
     spill_ok: bool = False
+    loop: int = 0                # SASS instructions in the longest loop body (see loop_size)
 
     @property
     def problems(self) -> List[str]:
@@ -89,6 +91,22 @@ def _ptxas(arch: int) -> str:
         return get_ptxas().path
 
 
+def loop_size(sass: str) -> int:
+    """Instructions in the longest loop body of a SASS listing (from a backward branch's
+    target to the branch): one iteration's static work per thread, e.g. the instructions an
+    attention kernel issues per key tile. A rough cost to compare variants of one loop."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in
+            (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*)", line) for line in sass.splitlines())
+            if m]
+    best = 0
+    for end, text in code:
+        m = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < end:
+            start = int(m.group(1), 16)
+            best = max(best, sum(1 for a, _ in code if start <= a <= end))
+    return best
+
+
 def _full_signature(spec: AotSpec) -> Dict[str, str]:
     sig = {}
     for name in spec.fn.arg_names:
@@ -110,9 +128,10 @@ def compile_spec(spec: AotSpec, arch: int) -> AotRow:
     row = AotRow(spec.kernel, spec.config, ARCH_NAME[arch], spec.num_warps, spec.num_stages,
                  0, 0, 0, 0, 0, spec.uses_dot, spill_ok=spec.spill_ok)
     sig = _full_signature(spec)
-    # pointers are 16-byte aligned, as the JIT specialises torch allocations
+    # pointers are 16-byte aligned, as the JIT specialises torch allocations (and ints that
+    # are multiples of 16)
     attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
-             if t.startswith("*")}
+             if t.startswith("*") or n in spec.div16}
     try:
         src = ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs)
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -143,6 +162,7 @@ def compile_spec(spec: AotSpec, arch: int) -> AotRow:
                               text=True).stdout
         row.hgmma = len(re.findall(r"\bHGMMA\.", sass))
         row.hmma = len(re.findall(r"\bHMMA\.", sass))
+        row.loop = loop_size(sass)
     return row
 
 
@@ -164,7 +184,7 @@ def run_report(specs: Optional[Sequence[AotSpec]] = None, archs: Sequence[int] =
     specs = all_specs() if specs is None else specs
     rows = []
     head = (f"{'kernel':34} {'config':34} {'arch':7} {'warps':>5} {'stg':>3} {'regs':>4} "
-            f"{'spill':>5} {'smem KiB':>8} {'HMMA':>5} {'HGMMA':>5}  status")
+            f"{'spill':>5} {'smem KiB':>8} {'HMMA':>5} {'HGMMA':>5} {'loop':>5}  status")
     printer(head)
     printer("-" * len(head))
     for spec in specs:
@@ -176,7 +196,7 @@ def run_report(specs: Optional[Sequence[AotSpec]] = None, archs: Sequence[int] =
             status = "ok" if not r.problems else "FAIL: " + "; ".join(r.problems)
             printer(f"{r.kernel[:34]:34} {r.config[:34]:34} {r.arch:7} {r.num_warps:5d} "
                     f"{r.num_stages:3d} {r.registers:4d} {r.spill_bytes:5d} "
-                    f"{r.shared_bytes / 1024:8.1f} {r.hmma:5d} {r.hgmma:5d}  {status}")
+                    f"{r.shared_bytes / 1024:8.1f} {r.hmma:5d} {r.hgmma:5d} {r.loop:5d}  {status}")
     bad = sum(1 for r in rows if r.problems)
     printer(f"{len(rows)} kernel builds, {bad} with problems")
     return rows

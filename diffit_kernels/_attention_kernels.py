@@ -86,18 +86,29 @@ if triton is not None:
 
     @triton.jit
     def _logits(a0, a1, b0, b1, TAB_H, BIAS_BH, row_a, code_a, win_a, mask_a, row_b, code_b,
-                win_b, mask_b, stride_bias_a, stride_bias_b, rel_off, qk_scale,
+                win_b, mask_b, stride_bias_a, stride_bias_b, rel_off, qk_scale, n_pad,
                 HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_MASK: tl.constexpr,
                 KEYS_FIRST: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr):
+                PRECISION: tl.constexpr, DENSE_TAB: tl.constexpr):
         """Logits (log2 units) of a [rows a, cols b] tile and the mask of pairs that attend.
-        KEYS_FIRST: the rows are keys (the transposed tile of the dK/dV kernel)."""
+        KEYS_FIRST: the rows are keys (the transposed tile of the dK/dV kernel).
+        DENSE_TAB (global attention): TAB_H is the head's table already gathered into a
+        zero-padded [n_pad, n_pad] (query, key) tile, read with one unmasked vector load."""
         # [A, B]
         s = _mm_nt(a0, a1, b0, b1, HAS_D1, UPCAST, PRECISION) * qk_scale
         valid = mask_a[:, None] & mask_b[None, :]
         if WIN_MASK:
             valid = valid & (win_a[:, None] == win_b[None, :])
-        if HAS_TABLE:
+        if HAS_TABLE and DENSE_TAB:
+            # rows are virtual tokens; every tile starts at a multiple of its block (>= 16) and
+            # lies inside the padded tile (n_pad: a multiple of every block)
+            ra = tl.max_contiguous(tl.multiple_of(row_a, 16), 16)
+            rb = tl.max_contiguous(tl.multiple_of(row_b, 16), 16)
+            if KEYS_FIRST:
+                s += tl.load(TAB_H + rb[None, :] * n_pad + ra[:, None])
+            else:
+                s += tl.load(TAB_H + ra[:, None] * n_pad + rb[None, :])
+        elif HAS_TABLE:
             if KEYS_FIRST:
                 idx = code_b[None, :] - code_a[:, None] + rel_off
             else:
@@ -125,7 +136,7 @@ if triton is not None:
         Q,      # [B, H, N, D] strided, unit last stride
         K,      # [B, H, N, D]
         V,      # [B, H, N, D]
-        TAB,    # [H, R] fp32 table * log2(e) (HAS_TABLE)
+        TAB,    # [H, R] fp32 table * log2(e) (HAS_TABLE), or [H, n_pad, n_pad] (DENSE_TAB)
         BIAS,   # [B or 1, H, N, N] dense bias, any strides (HAS_BIAS)
         O,      # [B, H, N, D] out, contiguous
         LSE,    # [B, H, N] fp32 out: log2 of the softmax denominators
@@ -133,9 +144,10 @@ if triton is not None:
         stride_k_b, stride_k_h, stride_k_n,
         stride_v_b, stride_v_h, stride_v_n,
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-        H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale,
+        H, N, D, R, n_pad, n_win, gh, gw, Gw, nWw, rel_off, qk_scale,
         N_BUCKET, SPAN_BUCKET,  # autotune keys only
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
+        DENSE_TAB: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -154,6 +166,8 @@ if triton is not None:
         k_bh = b * stride_k_b + h * stride_k_h
         v_bh = b * stride_v_b + h * stride_v_h
         TAB_H = TAB + h * R
+        if DENSE_TAB:
+            TAB_H = TAB + h * n_pad * n_pad
         BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -168,8 +182,8 @@ if triton is not None:
             # [BLOCK_M, BLOCK_N]
             s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
                                row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
-                               rel_off, qk_scale, HAS_TABLE, HAS_BIAS, WINDOWED, False, HAS_D1,
-                               UPCAST, PRECISION)
+                               rel_off, qk_scale, n_pad, HAS_TABLE, HAS_BIAS, WINDOWED, False,
+                               HAS_D1, UPCAST, PRECISION, DENSE_TAB)
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row with nothing to attend to yet (tile of another window) keeps p = 0
@@ -216,11 +230,11 @@ if triton is not None:
                      stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h, stride_k_n,
                      stride_v_b, stride_v_h, stride_v_n, stride_do_b, stride_do_h, stride_do_n,
                      stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-                     H, N, D, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
+                     H, N, D, n_pad, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
                      HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
-                     ACC_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                     DENSE_TAB: tl.constexpr, ACC_DS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                     HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         """dK, dV of one key tile of one (sample b, head h); ACC_DS: ds added to PART
         ([BLOCK_N, span] row-major, stored when `first`, else accumulated)."""
         pid_bh = b * H + h
@@ -246,8 +260,8 @@ if triton is not None:
             # [BLOCK_N, BLOCK_M]: keys are rows
             sT, valid = _logits(k0, k1, q0, q1, TAB_H, BIAS_BH, row_n, code_n, win_n, mask_n,
                                 row_m, code_m, win_m, mask_m, stride_bias_n, stride_bias_m,
-                                rel_off, qk_scale, HAS_TABLE, HAS_BIAS, WINDOWED, True, HAS_D1,
-                                UPCAST, PRECISION)
+                                rel_off, qk_scale, n_pad, HAS_TABLE, HAS_BIAS, WINDOWED, True,
+                                HAS_D1, UPCAST, PRECISION, DENSE_TAB)
             pT = tl.where(valid, tl.math.exp2(sT - lse[None, :]), 0.0)
             pTc = pT.to(Q.dtype.element_ty)
             dv0 = _mm(pTc, do0, dv0, UPCAST, PRECISION)
@@ -271,7 +285,7 @@ if triton is not None:
     def _tmsa_attention_bwd_kernel_dkdv(
         Q, K, V,  # [B, H, N, D] strided
         DO,       # [B, H, N, D] strided grad of o
-        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE)
+        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE), or [H, n_pad, n_pad] (DENSE_TAB)
         BIAS,     # [B or 1, H, N, N] dense bias (HAS_BIAS)
         LSE,      # [B, H, N] fp32
         DELTA,    # [B, H, N] fp32
@@ -283,11 +297,11 @@ if triton is not None:
         stride_v_b, stride_v_h, stride_v_n,
         stride_do_b, stride_do_h, stride_do_n,
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-        H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
+        H, N, D, R, n_pad, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
         per_b, step, n_groups, span_pad,
         N_BUCKET, SPAN_BUCKET,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
-        ACC_DS: tl.constexpr,
+        DENSE_TAB: tl.constexpr, ACC_DS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -305,6 +319,8 @@ if triton is not None:
         row_n, code_n, win_n = _tokens(offs_n, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
         lo, hi = _span(start_n, BLOCK_N, N, n_win, WINDOWED)
         TAB_H = TAB + h * R
+        if DENSE_TAB:
+            TAB_H = TAB + h * n_pad * n_pad
         if ACC_DS:
             # [BLOCK_N, BLOCK_M]: this program's slice, shifted so query start_m is column 0
             part = PARTIAL + ((h * n_groups + g) * tl.num_programs(0) + pid_n) * (
@@ -317,24 +333,24 @@ if triton is not None:
                          lo, hi, stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h,
                          stride_k_n, stride_v_b, stride_v_h, stride_v_n, stride_do_b,
                          stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
-                         stride_bias_m, stride_bias_n, H, N, D, n_win, gh, gw, Gw, nWw,
-                         rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED, True,
-                         BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST, PRECISION)
+                         stride_bias_m, stride_bias_n, H, N, D, n_pad, n_win, gh, gw, Gw,
+                         nWw, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
+                         DENSE_TAB, True, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST, PRECISION)
         else:
             _dkdv_sample(Q, K, V, DO, TAB_H, BIAS, LSE, DELTA, DK, DV, PARTIAL,
                          g.to(tl.int64), h, True, row_n, code_n, win_n, mask_n, lo, hi,
                          stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h,
                          stride_k_n, stride_v_b, stride_v_h, stride_v_n, stride_do_b,
                          stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
-                         stride_bias_m, stride_bias_n, H, N, D, n_win, gh, gw, Gw, nWw,
-                         rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED, False,
-                         BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST, PRECISION)
+                         stride_bias_m, stride_bias_n, H, N, D, n_pad, n_win, gh, gw, Gw,
+                         nWw, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
+                         DENSE_TAB, False, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST, PRECISION)
 
     @triton.jit
     def _tmsa_attention_bwd_kernel_dq(
         Q, K, V,  # [B, H, N, D] strided
         DO,       # [B, H, N, D] strided grad of o
-        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE)
+        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE), or [H, n_pad, n_pad] (DENSE_TAB)
         BIAS,     # [B or 1, H, N, N] (HAS_BIAS)
         LSE,      # [B, H, N] fp32
         DELTA,    # [B, H, N] fp32
@@ -345,10 +361,10 @@ if triton is not None:
         stride_v_b, stride_v_h, stride_v_n,
         stride_do_b, stride_do_h, stride_do_n,
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-        H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
+        H, N, D, R, n_pad, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
         N_BUCKET, SPAN_BUCKET,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DS: tl.constexpr,
-        WINDOWED: tl.constexpr,
+        WINDOWED: tl.constexpr, DENSE_TAB: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -370,6 +386,8 @@ if triton is not None:
         k_bh = b * stride_k_b + h * stride_k_h
         v_bh = b * stride_v_b + h * stride_v_h
         TAB_H = TAB + h * R
+        if DENSE_TAB:
+            TAB_H = TAB + h * n_pad * n_pad
         BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
         dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
         dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
@@ -382,8 +400,8 @@ if triton is not None:
             # [BLOCK_M, BLOCK_N]
             s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
                                row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
-                               rel_off, qk_scale, HAS_TABLE, HAS_BIAS, WINDOWED, False, HAS_D1,
-                               UPCAST, PRECISION)
+                               rel_off, qk_scale, n_pad, HAS_TABLE, HAS_BIAS, WINDOWED, False,
+                               HAS_D1, UPCAST, PRECISION, DENSE_TAB)
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
             ds = p * (_mm_nt(do0, do1, v0, v1, HAS_D1, UPCAST, PRECISION) - delta[:, None])
             if STORE_DS:
@@ -454,8 +472,8 @@ if triton is not None:
             # [BLOCK_M, BLOCK_N]
             s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS + b * stride_bias_b + h * stride_bias_h,
                                row_a, code_a, win_a, mask_a, row_c, code_c, win_c, mask_c,
-                               stride_bias_m, stride_bias_n, rel_off, qk_scale, HAS_TABLE,
-                               HAS_BIAS, False, False, HAS_D1, UPCAST, PRECISION)
+                               stride_bias_m, stride_bias_n, rel_off, qk_scale, N, HAS_TABLE,
+                               HAS_BIAS, False, False, HAS_D1, UPCAST, PRECISION, False)
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
             acc += p * (_mm_nt(do0, do1, v0, v1, HAS_D1, UPCAST, PRECISION) - delta[:, None])
         offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -507,8 +525,8 @@ if triton is not None:
             s, valid = _logits(q0, q1, k0, k1, TAB + h * R,
                                BIAS + b * stride_bias_b + h * stride_bias_h, row, code, win, mask,
                                row, code, win, mask, stride_bias_m, stride_bias_n, rel_off,
-                               qk_scale, HAS_TABLE, HAS_BIAS, WINDOWED, False, HAS_D1, UPCAST,
-                               PRECISION)
+                               qk_scale, N, HAS_TABLE, HAS_BIAS, WINDOWED, False, HAS_D1, UPCAST,
+                               PRECISION, False)
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
             pT = tl.trans(p.to(Q.dtype.element_ty))
             dv0 = _mm(pT, do0, None, UPCAST, PRECISION)
@@ -569,3 +587,23 @@ if triton is not None:
             acc += tl.sum(tl.load(PART_SUM + h.to(tl.int64) * stride_ps_h + e, mask=m,
                                   other=0.0), axis=1)
         tl.store(DTABLE + rows * H + h, acc.to(DTABLE.dtype.element_ty), mask=mask_r)
+
+    @triton.jit
+    def _tmsa_attention_dense_table_kernel(
+        TABLE,   # [R, H] the learnable table, any float dtype and strides
+        DENSE,   # [H, n_pad, n_pad] fp32 out: table[index(i, j), h] * log2(e), zero past N
+        stride_t_r, stride_t_h, N, n_pad, gw, rel_off,
+        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    ):
+        # global attention's bias, gathered once per call for every (query i, key j): the
+        # attention kernels then read it as plain vector loads instead of per-element gathers
+        h = tl.program_id(2).to(tl.int64)
+        i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+        j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        ci = i + (i // gw) * (gw - 1)
+        cj = j + (j // gw) * (gw - 1)
+        valid = (i < N)[:, None] & (j < N)[None, :]
+        idx = ci[:, None] - cj[None, :] + rel_off
+        val = tl.load(TABLE + idx * stride_t_r + h * stride_t_h, mask=valid, other=0.0)
+        tl.store(DENSE + (h * n_pad + i[:, None]) * n_pad + j[None, :],
+                 val.to(tl.float32) * _LOG2E)

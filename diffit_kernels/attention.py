@@ -11,6 +11,9 @@ Windows: with window=(gh, gw) over grid=(Gh, Gw) the kernels walk tokens in a wi
 ((w // nWw * gh + t // gw) * Gw + w % nWw * gw + t % gw), so no partition / reverse copy is
 made; a tile may hold several small windows, masked block-diagonally. The relative index is
 code(a) - code(b) + const with code(t) = (t // gw) * (2gw - 1) + t % gw: no [N, N] index exists.
+Global attention (N <= 1024 at 16 heads) reads the table through a dense [H, n_pad, n_pad] fp32
+copy that one launch gathers per call (see _table_arg): the same numbers, bitwise the same
+results, with a vector load per tile where the gather costs index arithmetic per score.
 
 Head dims: tl.arange needs powers of two, so d is covered by one power-of-two chunk D0 or by
 D0 + D1 (e.g. 72 = 64 + 16 with 8 columns masked: 10% padding where 128 would waste 44%);
@@ -306,7 +309,7 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
         kernel[grid_of(bm, bn)](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
                                 num_stages=s)
         return bm, bn
-    flags = ("HAS_TABLE", "HAS_BIAS") + (("ACC_DS",) if "ACC_DS" in kwargs else ())
+    flags = ("HAS_TABLE", "HAS_BIAS", "DENSE_TAB") + (("ACC_DS",) if "ACC_DS" in kwargs else ())
     key = (kind, tuple(configs), flags)
     tuner = _TUNERS.get(key)
     if tuner is None:
@@ -361,6 +364,41 @@ def _prep_table(table: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tens
     return (table.float() * LOG2E).t().contiguous()
 
 
+# Global attention reads its table through a dense copy gathered once per call (one launch):
+# [H, n_pad, n_pad] fp32, pre-scaled by log2(e) and zero-padded to a multiple of every block,
+# so each tile's bias is one unmasked, 16-byte vectorised load that the loop pipelines, where
+# the [H, R] table costs a gather per score element and its index arithmetic (a division by
+# the grid width per column included). Grids up to DENSE_TABLE_MAX_BYTES (N = 1024 tokens at
+# 16 heads: 64 MiB, freed after the call); larger grids and windows gather from [H, R].
+DENSE_TABLE_MAX_BYTES = 64 << 20
+DENSE_TABLE_ALIGN = 128
+DENSE_BLOCK_I, DENSE_BLOCK_J = 16, 128
+
+
+def _dense_table_ok(table: Optional[torch.Tensor], geom: _Geom, N: int) -> bool:
+    if table is None or geom.windowed:
+        return False
+    n_pad = cdiv(N, DENSE_TABLE_ALIGN) * DENSE_TABLE_ALIGN
+    return table.shape[1] * n_pad * n_pad * 4 <= DENSE_TABLE_MAX_BYTES
+
+
+def _table_arg(table: Optional[torch.Tensor], like: torch.Tensor, geom: _Geom, N: int,
+               dense: bool) -> Tuple[torch.Tensor, int]:
+    """(the kernels' TAB argument, n_pad): the dense [H, n_pad, n_pad] copy when `dense`,
+    else the [H, R] table (n_pad unused: N)."""
+    if not dense:
+        return _prep_table(table, like), N
+    H = table.shape[1]
+    n_pad = cdiv(N, DENSE_TABLE_ALIGN) * DENSE_TABLE_ALIGN
+    out = empty((H, n_pad, n_pad), torch.float32, table.device)
+    _log("dense-table", (DENSE_BLOCK_I, DENSE_BLOCK_J))
+    _kernels._tmsa_attention_dense_table_kernel[
+        (n_pad // DENSE_BLOCK_I, n_pad // DENSE_BLOCK_J, H)](
+        table, out, table.stride(0), table.stride(1), N, n_pad, geom.gw, geom.rel_off,
+        BLOCK_I=DENSE_BLOCK_I, BLOCK_J=DENSE_BLOCK_J, num_warps=4)
+    return out, n_pad
+
+
 # the table-gradient gather: [TABLE_BLOCK_R rows, TABLE_BLOCK_K elements] per step, 4 warps
 TABLE_BLOCK_R, TABLE_BLOCK_K = 16, 128
 
@@ -391,11 +429,12 @@ def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
     geom = _Geom(N, geometry)
     o = empty((B, H, N, D), q.dtype, q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    tab = _prep_table(table, q)
-    kw = _common_kwargs(q, geom, table, bias)
+    dense = _dense_table_ok(table, geom, N)
+    tab, n_pad = _table_arg(table, q, geom, N, dense)
+    kw = dict(_common_kwargs(q, geom, table, bias), DENSE_TAB=dense)
     args = (q, k, v, tab, bias if bias is not None else q, o, lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *_bias_strides(bias),
-            H, N, D, geom.R, *geom.args(), geom.rel_off, float(scale) * LOG2E,
+            H, N, D, geom.R, n_pad, *geom.args(), geom.rel_off, float(scale) * LOG2E,
             next_power_of_2(N), next_power_of_2(geom.n_win))
     kind = "fwd-win" if geom.windowed else "fwd"
     configs = _configs(kind, kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size(), bias is not None)
@@ -410,7 +449,6 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
     do = _rows_aligned(do)
     dev = q.device
     dq, dk, dv = (empty((B, H, N, D), q.dtype, dev) for _ in range(3))
-    tab = _prep_table(table, q)
     kw = _common_kwargs(q, geom, table, bias)
     acc_table = table is not None and need_extra
     # a bias shared by the batch gets ds summed over B ([H, N, N]); a per-sample one ds per
@@ -438,6 +476,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         per_prog = cdiv(units, P)
         P = cdiv(units, per_prog)
         partial = torch.empty((H, P, BLOCK, BLOCK), dtype=torch.float32, device=dev) if acc else q
+        tab = _prep_table(table, q)
         warps, stages = _fused_launch(BLOCK, _configs("window", *shape)[0], q.element_size())
         _log("window", _configs("window", *shape)[0])
         _kernels._tmsa_attention_bwd_kernel_window[(P, H)](
@@ -452,6 +491,9 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         elif acc_dense:
             dextra = partial.sum(1)[:, :N, :N]
     else:
+        dense = _dense_table_ok(table, geom, N)
+        tab, n_pad = _table_arg(table, q, geom, N, dense)
+        geo_p = (H, N, D, geom.R, n_pad, *geom.args(), geom.rel_off, float(scale) * LOG2E)
         delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
         _kernels._tmsa_attention_bwd_kernel_delta[(cdiv(N, 64), B * H)](
             o, do, delta, *_strides3(do), H, N, D, BLOCK_M=64, D0=kw["D0"], D1=kw["D1"],
@@ -477,12 +519,13 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
                              "dkdv" + win + ("-acc" if acc_ds else ""), dkdv_cfgs,
                              lambda bm, bn: (cdiv(N, bn), H, live),
                              (q, k, v, do, tab, bias_arg, lse, delta, dk, dv, partial, *strides,
-                              *geo, float(scale), per_b, step, groups, span_pad, *buckets),
-                             dict(kw, ACC_DS=acc_ds))
+                              *geo_p, float(scale), per_b, step, groups, span_pad, *buckets),
+                             dict(kw, ACC_DS=acc_ds, DENSE_TAB=dense))
         _launch(_kernels._tmsa_attention_bwd_kernel_dq, "dq" + win, _configs("dq" + win, *shape),
                 lambda bm, bn: (cdiv(N, bm), B * H),
                 (q, k, v, do, tab, bias_arg, lse, delta, dq, dbias if dbias is not None else q,
-                 *strides, *geo, float(scale), *buckets), dict(kw, STORE_DS=store_ds))
+                 *strides, *geo_p, float(scale), *buckets),
+                dict(kw, STORE_DS=store_ds, DENSE_TAB=dense))
         if acc_ds:
             bins, L = _ds_table_plan(N, geom.n_win, geom.gh, geom.gw, bn, span_pad, str(dev))
             # [H, groups, key tiles * BN * span_pad] summed over the batch groups in order
@@ -498,6 +541,8 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
                 geom.n_win, geom.nW, B, BM, BN, group, _programs_per_head(dev, H),
                 (geom.gh, geom.gw) if acc_table else None, str(dev))
             partial = torch.empty((H, P, BM, BN), dtype=torch.float32, device=dev)
+            if dense:  # this pass gathers from the [H, R] table
+                tab = _prep_table(table, q)
             _kernels._tmsa_attention_bwd_kernel_dbias[(P, H)](
                 q, k, v, do, tab, bias_arg, lse, delta, plan, slots, partial, *strides,
                 H, N, D, geom.R, geom.n_win, geom.nW, geom.gh, geom.gw, geom.Gw, geom.nWw,
@@ -611,7 +656,8 @@ def tmsa_attention(
     """TMSA attention: O = softmax(q k^T * scale + B_rel) v per head, flash-style.
 
     B_rel[h, a, b] = table[index(a, b), h] with Swin's relative index over a gh x gw window,
-    gathered in-kernel from token coordinates; or a dense additive `bias`.
+    gathered from token coordinates (for global attention into a dense per-head copy, once per
+    call); or a dense additive `bias`.
 
     Args:
         q, k, v: [B, H, N, D] float32 / float16 / bfloat16, the same dtype and device; any
@@ -684,6 +730,7 @@ _AOT_FLAGS = {  # label -> (HAS_TABLE, HAS_BIAS, WINDOWED, STORE_DS)
     "table-win": (True, False, True, False),
     "bias": (False, True, False, True),
     "plain": (False, False, False, False),
+    "dense": (True, False, False, False),   # the table read through its dense copy
 }
 _KERNEL_NAMES = {  # config kind, "-win" stripped -> kernel
     "fwd": "_tmsa_attention_fwd_kernel", "dkdv": "_tmsa_attention_bwd_kernel_dkdv",
@@ -704,6 +751,8 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
         c.update(ACC_DS=table or bias, STORE_DS=store, BLOCK=bm)
     else:
         c.update(BLOCK_M=bm, BLOCK_N=bn)
+    if base in ("fwd", "dkdv", "dq"):
+        c["DENSE_TAB"] = flags == "dense"
     if base == "dq":
         c.update(STORE_DS=store)
     if base == "dkdv":
@@ -714,6 +763,8 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
     acc = "-acc" if kind.endswith("-acc") else ""
     spec = _spec(fn, dt, c, w, s, f"{dt} D={D} {flags}{acc} {bm}x{bn} w{w} s{s}")
     spec.spill_ok = spill_ok
+    if flags == "dense":
+        spec.div16 = ("n_pad",)  # a multiple of DENSE_TABLE_ALIGN: the JIT specialises it
     return spec
 
 
@@ -744,6 +795,9 @@ def aot_specs():
                 continue
             for i, cfg in enumerate(pick):
                 specs.append(_kernel_spec(kind, dt, D, flags, cfg, spill_ok=i > 0))
+                if flags == "table" and D == 72 and kind in ("fwd", "dkdv", "dkdv-acc", "dq"):
+                    # global attention's table through its dense copy (_table_arg)
+                    specs.append(_kernel_spec(kind, dt, D, "dense", cfg, spill_ok=i > 0))
             if kind == "window" and cfgs and cfgs[0][0] > 16:
                 specs.append(_kernel_spec(kind, dt, D, flags,
                                           (16, 16) + _fused_launch(16, cfgs[0], elt)))

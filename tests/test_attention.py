@@ -109,6 +109,56 @@ def test_windows_on_the_flash_path(B, N, H, D, kw, dtype, monkeypatch):
     _check(dtype, B, H, N, D, **kw)
 
 
+def _table_run(B, H, N, D, grid, dtype, card, dense_cap, monkeypatch):
+    """Output, gradients (q, k, v, table) and launch log of one global-attention call."""
+    monkeypatch.setattr(A, "DENSE_TABLE_MAX_BYTES", dense_cap)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D).to(dtype).requires_grad_() for _ in range(3))
+    table = torch.randn((2 * grid[0] - 1) * (2 * grid[1] - 1), H, requires_grad=True)
+    log = []
+    elt, pick = card or (None, 0)
+    with A._emulate_card(132, elt=elt, pick=pick, log=log):
+        o = diffit_kernels.tmsa_attention(q, k, v, table=table, grid=grid, backend="triton")
+        grads = torch.autograd.grad(o.float().square().sum(), (q, k, v, table))
+    return (o,) + grads, log
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("B,N,H,D,grid,card,ds_pass", [
+    pytest.param(2, 72, 2, 72, (8, 9), None, False, id="8x9"),
+    pytest.param(2, 72, 2, 72, (8, 9), (2, 1), False, id="8x9-16bit-cfg-pick1"),
+    pytest.param(1, 17, 2, 72, (1, 17), (2, 0), False, id="1x17"),
+    pytest.param(2, 100, 1, 16, (10, 10), (4, 0), False, id="10x10-fp32-cfg"),
+    pytest.param(2, 72, 1, 72, (6, 12), (2, 0), True, id="6x12-dbias-pass"),
+])
+def test_dense_table_copy_is_bitwise_the_gathered_table(B, N, H, D, grid, card, ds_pass, dtype,
+                                                        monkeypatch):
+    """Global attention reads its table through a dense [H, n_pad, n_pad] copy; grids past
+    DENSE_TABLE_MAX_BYTES gather it per score element. The same float32 numbers reach the same
+    sums: outputs and every gradient are bitwise equal (the dbias pass, which gathers from the
+    [H, R] table beside the dense dK/dV and dQ kernels, included)."""
+    if ds_pass:
+        monkeypatch.setattr(A, "_DS_MAX_ELEMENTS", 0)
+    dense, log_d = _table_run(B, H, N, D, grid, dtype, card, A.DENSE_TABLE_MAX_BYTES,
+                              monkeypatch)
+    gathered, log_g = _table_run(B, H, N, D, grid, dtype, card, 0, monkeypatch)
+    assert sum(e[0] == "dense-table" for e in log_d) == 2   # forward and backward
+    assert not any(e[0] == "dense-table" for e in log_g)
+    assert any(e[0] == "dbias" for e in log_d) == ds_pass
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dtable"), dense, gathered):
+        assert torch.equal(a, b), name
+
+
+def test_dense_table_size_limit():
+    geom = A._Geom(1024, (32, 32, 32, 32))
+    table = torch.empty(63 * 63, 16)
+    assert A._dense_table_ok(table, geom, 1024)          # 16 x 1024^2 fp32: 64 MiB
+    assert not A._dense_table_ok(torch.empty(63 * 63, 17), geom, 1024)
+    assert not A._dense_table_ok(None, geom, 1024)
+    assert not A._dense_table_ok(torch.empty(49, 16), A._Geom(64, (8, 8, 4, 4)), 64)  # windows
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("B,N,H,D,kw", [

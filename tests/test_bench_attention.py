@@ -35,22 +35,27 @@ def test_without_cuda_it_explains_and_returns_nothing(capsys, monkeypatch):
 
 
 @pytest.mark.interpreter
-def test_tmsa_2pass_takes_the_separate_table_gradient_pass():
-    """The A/B provider really runs the old design (a dbias pass, no in-pass sums) while tmsa
-    sums dS in the dK/dV pass, and both give the same gradients."""
+def test_ab_providers_run_the_designs_they_name():
+    """tmsa-2pass really runs the old design (a dbias pass, no in-pass sums) and tmsa-gather
+    gathers the table in every kernel, while tmsa sums dS in the dK/dV pass and reads the dense
+    table copy; all three give the same gradients, and the library's limits come back."""
     from diffit_kernels import attention
 
     grads, kinds = {}, {}
     q, k, v, table = bench_attention._inputs(2, 2, (8, 8), None, 16, torch.float32, "cpu")
-    for name in ("tmsa", "tmsa-2pass"):
+    for name in ("tmsa", "tmsa-2pass", "tmsa-gather"):
         fn = bench_attention._providers((8, 8), None, [name])[name]
         log: list = []
-        with attention._emulate_card(132, log=log), bench_attention._table_grad_pass(name):
+        with attention._emulate_card(132, log=log), bench_attention._variant(name):
             o = fn(q, k, v, table)
             grads[name] = torch.autograd.grad(o, (q, k, v, table), torch.ones_like(o))
         kinds[name] = {entry[0] for entry in log}
     assert any("acc" in kd for kd in kinds["tmsa"]) and "dbias" not in kinds["tmsa"], kinds
     assert "dbias" in kinds["tmsa-2pass"] and not any("acc" in kd for kd in kinds["tmsa-2pass"])
-    for a, b in zip(grads["tmsa"], grads["tmsa-2pass"]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert attention._DS_MAX_ELEMENTS > 0  # the context restored the library's threshold
+    assert "dense-table" in kinds["tmsa"] and "dense-table" not in kinds["tmsa-gather"], kinds
+    for other in ("tmsa-2pass", "tmsa-gather"):
+        for a, b in zip(grads["tmsa"], grads[other]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert attention._DS_MAX_ELEMENTS > 0 and attention.DENSE_TABLE_MAX_BYTES > 0
+    with pytest.raises(ValueError, match="windows always gather"):
+        bench_attention._providers((8, 8), (4, 4), ["tmsa-gather"])

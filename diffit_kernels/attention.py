@@ -175,11 +175,16 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
         {(32, 0): [(32, 128, 8, 2)], (32, 16): [(32, 128, 8, 1), (32, 64, 4, 3)],
          (64, 0): [(32, 128, 8, 1), (32, 64, 4, 3)], (64, 16): [(32, 64, 8, 1), (16, 64, 8, 3)],
          (64, 32): [(16, 64, 8, 1)], (128, 0): [(16, 64, 8, 3), (16, 64, 8, 2)]}),
-    # dK/dV summing dS into the table partials (ACC_DS): one [BLOCK_N, BLOCK_M] fp32 tile more
+    # dK/dV summing dS into the table partials (ACC_DS): one [BLOCK_N, BLOCK_M] fp32 tile more.
+    # At d = 72 two larger-tile candidates after the spill-free ones: per score element they
+    # issue ~30% fewer instructions (loop column of the compile report: on sm_90a 32x128 w8
+    # 1.13, 32x64 w4 1.10 warp-instructions per score under Triton 3.9, against 1.64 for 32x64
+    # w8 and 2.75 for 16x64 w8) but spill 100-150 bytes under Triton 3.6: the card measures
     ("dkdv-acc", False, 2): (
         [(16, 128, 8, 1)],
         {(16, 0): [(32, 128, 8, 2)], (32, 0): [(32, 128, 8, 1)], (64, 0): [(32, 64, 8, 1)],
-         (64, 16): [(16, 64, 8, 3), (32, 64, 8, 1)], (64, 32): [(16, 64, 8, 1)],
+         (64, 16): [(16, 64, 8, 3), (32, 64, 8, 1), (32, 128, 8, 2), (32, 64, 4, 2)],
+         (64, 32): [(16, 64, 8, 1)],
          (128, 0): [(16, 64, 8, 1)]}),
     ("dkdv-win-acc", False, 2): (
         [(16, 64, 8, 1)],

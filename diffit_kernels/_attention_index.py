@@ -29,8 +29,33 @@ class _Geom:
         self.R = (2 * gh - 1) * (2 * gw - 1)
         self.rel_off = (gh - 1) * (2 * gw - 1) + gw - 1
 
-    def args(self):
-        return (self.n_win, self.gh, self.gw, self.Gw, self.nWw)
+    def args(self, device: torch.device):
+        """The kernels' geometry arguments: n_win, gw, TOK, n_lut."""
+        tok = _token_lut(self.nW * self.n_win, self.gh, self.gw, self.Gw, self.windowed,
+                         str(device))
+        return (self.n_win, self.gw, tok, tok.shape[1])
+
+
+# virtual tokens past N that a tile may reach (tiles overhang N by less than one block, and
+# no block exceeds 128): the token table's zero padding
+LUT_PAD = 256
+
+
+@functools.lru_cache(maxsize=64)
+def _token_lut(N: int, gh: int, gw: int, Gw: int, windowed: bool, device: str) -> torch.Tensor:
+    """[3, n_lut] int32: the row, relative-position code and window of every virtual token
+    of windowed attention (the kernels' _tokens), zero past N; n_lut a multiple of 16. Global
+    attention computes its own (the identity): a zero placeholder."""
+    if not windowed:
+        return torch.zeros(3, 16, dtype=torch.int32, device=device)
+    n_win, nWw = gh * gw, Gw // gw
+    v = torch.arange(N)
+    w, t = v // n_win, v % n_win
+    i = t // gw
+    row = ((w // nWw) * gh + i) * Gw + (w % nWw) * gw + t % gw
+    out = torch.zeros(3, cdiv(N + LUT_PAD, 16) * 16, dtype=torch.int32)
+    out[0, :N], out[1, :N], out[2, :N] = row, t + i * (gw - 1), w
+    return out.to(device)
 
 
 def _code(t: torch.Tensor, gw: int) -> torch.Tensor:

@@ -22,15 +22,15 @@ if triton is not None:
     _LOG2E = tl.constexpr(LOG2E)
 
     @triton.jit
-    def _tokens(offs, n_win, gh, gw, Gw, nWw, WINDOWED: tl.constexpr, HAS_TABLE: tl.constexpr):
-        """Virtual token index -> (row in the [N] token axis, relative-position code, window)."""
+    def _tokens(offs, gw, TOK, n_lut, WINDOWED: tl.constexpr, HAS_TABLE: tl.constexpr):
+        """Virtual token index -> (row in the [N] token axis, relative-position code, window).
+        Windows: read from TOK [3, n_lut] int32 (row | code | window of every virtual token,
+        padded past the last tile; see attention._token_lut), which costs three vector loads
+        where the arithmetic costs three integer divisions by runtime values per token."""
         if WINDOWED:
-            w = offs // n_win
-            t = offs - w * n_win
-            i = t // gw
-            wr = w // nWw
-            row = (wr * gh + i) * Gw + (w - wr * nWw) * gw + (t - i * gw)
-            code = t + i * (gw - 1)              # i * (2gw - 1) + j
+            row = tl.load(TOK + offs)
+            code = tl.load(TOK + n_lut + offs)
+            w = tl.load(TOK + 2 * n_lut + offs)
         else:
             w = offs * 0
             row = offs
@@ -144,7 +144,7 @@ if triton is not None:
         stride_k_b, stride_k_h, stride_k_n,
         stride_v_b, stride_v_h, stride_v_n,
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-        H, N, D, R, n_pad, n_win, gh, gw, Gw, nWw, rel_off, qk_scale,
+        H, N, D, R, n_pad, n_win, gw, TOK, n_lut, rel_off, qk_scale,
         N_BUCKET, SPAN_BUCKET,  # autotune keys only
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
         DENSE_TAB: tl.constexpr,
@@ -159,7 +159,7 @@ if triton is not None:
         start_m = pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        row_m, code_m, win_m = _tokens(offs_m, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+        row_m, code_m, win_m = _tokens(offs_m, gw, TOK, n_lut, WINDOWED, HAS_TABLE)
         lo, hi = _span(start_m, BLOCK_M, N, n_win, WINDOWED)
         q0, q1 = _load_rows(Q, b * stride_q_b + h * stride_q_h, row_m, mask_m, stride_q_n, D,
                             D0, D1, HAS_D1)
@@ -176,7 +176,7 @@ if triton is not None:
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < hi
-            row_n, code_n, win_n = _tokens(offs_n, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+            row_n, code_n, win_n = _tokens(offs_n, gw, TOK, n_lut, WINDOWED, HAS_TABLE)
             k0, k1 = _load_rows(K, k_bh, row_n, mask_n, stride_k_n, D, D0, D1, HAS_D1)
             v0, v1 = _load_rows(V, v_bh, row_n, mask_n, stride_v_n, D, D0, D1, HAS_D1)
             # [BLOCK_M, BLOCK_N]
@@ -230,7 +230,7 @@ if triton is not None:
                      stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h, stride_k_n,
                      stride_v_b, stride_v_h, stride_v_n, stride_do_b, stride_do_h, stride_do_n,
                      stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-                     H, N, D, n_pad, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
+                     H, N, D, n_pad, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
                      HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
                      DENSE_TAB: tl.constexpr, ACC_DS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
@@ -252,7 +252,7 @@ if triton is not None:
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < hi
-            row_m, code_m, win_m = _tokens(offs_m, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+            row_m, code_m, win_m = _tokens(offs_m, gw, TOK, n_lut, WINDOWED, HAS_TABLE)
             q0, q1 = _load_rows(Q, q_bh, row_m, mask_m, stride_q_n, D, D0, D1, HAS_D1)
             do0, do1 = _load_rows(DO, do_bh, row_m, mask_m, stride_do_n, D, D0, D1, HAS_D1)
             lse = tl.load(LSE + pid_bh * N + row_m, mask=mask_m, other=0.0)
@@ -297,7 +297,7 @@ if triton is not None:
         stride_v_b, stride_v_h, stride_v_n,
         stride_do_b, stride_do_h, stride_do_n,
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-        H, N, D, R, n_pad, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
+        H, N, D, R, n_pad, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
         per_b, step, n_groups, span_pad,
         N_BUCKET, SPAN_BUCKET,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
@@ -316,7 +316,7 @@ if triton is not None:
         start_n = pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        row_n, code_n, win_n = _tokens(offs_n, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+        row_n, code_n, win_n = _tokens(offs_n, gw, TOK, n_lut, WINDOWED, HAS_TABLE)
         lo, hi = _span(start_n, BLOCK_N, N, n_win, WINDOWED)
         TAB_H = TAB + h * R
         if DENSE_TAB:
@@ -333,8 +333,8 @@ if triton is not None:
                          lo, hi, stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h,
                          stride_k_n, stride_v_b, stride_v_h, stride_v_n, stride_do_b,
                          stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
-                         stride_bias_m, stride_bias_n, H, N, D, n_pad, n_win, gh, gw, Gw,
-                         nWw, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
+                         stride_bias_m, stride_bias_n, H, N, D, n_pad, n_win, gw, TOK,
+                         n_lut, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
                          DENSE_TAB, True, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST, PRECISION)
         else:
             _dkdv_sample(Q, K, V, DO, TAB_H, BIAS, LSE, DELTA, DK, DV, PARTIAL,
@@ -342,8 +342,8 @@ if triton is not None:
                          stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h,
                          stride_k_n, stride_v_b, stride_v_h, stride_v_n, stride_do_b,
                          stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
-                         stride_bias_m, stride_bias_n, H, N, D, n_pad, n_win, gh, gw, Gw,
-                         nWw, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
+                         stride_bias_m, stride_bias_n, H, N, D, n_pad, n_win, gw, TOK,
+                         n_lut, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
                          DENSE_TAB, False, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST, PRECISION)
 
     @triton.jit
@@ -361,7 +361,7 @@ if triton is not None:
         stride_v_b, stride_v_h, stride_v_n,
         stride_do_b, stride_do_h, stride_do_n,
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-        H, N, D, R, n_pad, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
+        H, N, D, R, n_pad, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
         N_BUCKET, SPAN_BUCKET,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DS: tl.constexpr,
         WINDOWED: tl.constexpr, DENSE_TAB: tl.constexpr,
@@ -375,7 +375,7 @@ if triton is not None:
         start_m = tl.program_id(0) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        row_m, code_m, win_m = _tokens(offs_m, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+        row_m, code_m, win_m = _tokens(offs_m, gw, TOK, n_lut, WINDOWED, HAS_TABLE)
         lo, hi = _span(start_m, BLOCK_M, N, n_win, WINDOWED)
         q0, q1 = _load_rows(Q, b * stride_q_b + h * stride_q_h, row_m, mask_m, stride_q_n, D,
                             D0, D1, HAS_D1)
@@ -394,7 +394,7 @@ if triton is not None:
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < hi
-            row_n, code_n, win_n = _tokens(offs_n, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+            row_n, code_n, win_n = _tokens(offs_n, gw, TOK, n_lut, WINDOWED, HAS_TABLE)
             k0, k1 = _load_rows(K, k_bh, row_n, mask_n, stride_k_n, D, D0, D1, HAS_D1)
             v0, v1 = _load_rows(V, v_bh, row_n, mask_n, stride_v_n, D, D0, D1, HAS_D1)
             # [BLOCK_M, BLOCK_N]
@@ -428,7 +428,7 @@ if triton is not None:
         stride_v_b, stride_v_h, stride_v_n,
         stride_do_b, stride_do_h, stride_do_n,
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-        H, N, D, R, n_win, nW, gh, gw, Gw, nWw, rel_off, qk_scale, P,
+        H, N, D, R, n_win, nW, gw, TOK, n_lut, rel_off, qk_scale, P,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -455,9 +455,9 @@ if triton is not None:
             tc = (j0 + pair) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_a = ta < n_win
             mask_c = tc < n_win
-            row_a, code_a, win_a = _tokens(w * n_win + ta, n_win, gh, gw, Gw, nWw, WINDOWED,
+            row_a, code_a, win_a = _tokens(w * n_win + ta, gw, TOK, n_lut, WINDOWED,
                                            HAS_TABLE)
-            row_c, code_c, win_c = _tokens(w * n_win + tc, n_win, gh, gw, Gw, nWw, WINDOWED,
+            row_c, code_c, win_c = _tokens(w * n_win + tc, gw, TOK, n_lut, WINDOWED,
                                            HAS_TABLE)
             q0, q1 = _load_rows(Q, b * stride_q_b + h * stride_q_h, row_a, mask_a, stride_q_n,
                                 D, D0, D1, HAS_D1)
@@ -494,7 +494,7 @@ if triton is not None:
         stride_v_b, stride_v_h, stride_v_n,
         stride_do_b, stride_do_h, stride_do_n,
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-        H, N, D, R, n_win, gh, gw, Gw, nWw, rel_off, qk_scale, sm_scale,
+        H, N, D, R, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
         units, groups, group_tokens, per_prog, P,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DS: tl.constexpr,
         STORE_DS: tl.constexpr, WINDOWED: tl.constexpr, BLOCK: tl.constexpr,
@@ -512,7 +512,7 @@ if triton is not None:
             start = (u % groups) * group_tokens
             offs = start + tl.arange(0, BLOCK)
             mask = (offs < start + group_tokens) & (offs < N)
-            row, code, win = _tokens(offs, n_win, gh, gw, Gw, nWw, WINDOWED, HAS_TABLE)
+            row, code, win = _tokens(offs, gw, TOK, n_lut, WINDOWED, HAS_TABLE)
             bh = b * H + h
             do0, do1 = _load_rows(DO, b * stride_do_b + h * stride_do_h, row, mask, stride_do_n,
                                   D, D0, D1, HAS_D1)

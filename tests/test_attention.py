@@ -150,6 +150,30 @@ def test_dense_table_copy_is_bitwise_the_gathered_table(B, N, H, D, grid, card, 
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("grid,window", [((8, 12), (8, 6)), ((32, 32), (4, 4)), ((6, 6), (2, 3)),
+                                         ((64, 64), (8, 8))])
+def test_token_table_maps_virtual_tokens_as_the_reference_windows(grid, window):
+    """The windowed kernels read row, relative code and window of each virtual token from
+    _token_lut: window w's token t is the row of window_partition's order, and code differences
+    give Swin's relative index; zero past N (tiles overhang the last window)."""
+    from diffit_kernels._attention_index import LUT_PAD, _Geom
+
+    (Gh, Gw), (gh, gw) = grid, window
+    N, n = Gh * Gw, gh * gw
+    geom = _Geom(N, (Gh, Gw, gh, gw))
+    n_win, gw_arg, tok, n_lut = geom.args(torch.device("cpu"))
+    assert (n_win, gw_arg) == (n, gw) and n_lut % 16 == 0 and n_lut >= N + LUT_PAD
+    row, code, win = tok.long()
+    # the window partition of a [Gh, Gw] grid, windows row-major, tokens row-major inside
+    ref_rows = torch.arange(N).view(Gh // gh, gh, Gw // gw, gw).permute(0, 2, 1, 3).flatten()
+    assert torch.equal(row[:N], ref_rows)
+    assert torch.equal(win[:N], torch.arange(N) // n)
+    rel = reference.relative_position_index(gh, gw)
+    t = torch.arange(n)
+    assert torch.equal(code[t][:, None] - code[t][None, :] + geom.rel_off, rel)
+    assert not tok[:, N:].any()
+
+
 def test_dense_table_size_limit():
     geom = A._Geom(1024, (32, 32, 32, 32))
     table = torch.empty(63 * 63, 16)

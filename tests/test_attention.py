@@ -174,6 +174,21 @@ def test_token_table_maps_virtual_tokens_as_the_reference_windows(grid, window):
     assert not tok[:, N:].any()
 
 
+def test_dense_table_promises_hold_for_every_config():
+    """The dense-table load is unmasked and hinted (tl.multiple_of / max_contiguous 16): true
+    only if every tile starts at a multiple of 16 and stays inside the padded copy, i.e. every
+    block of a kernel that reads it is a power of two in [16, DENSE_TABLE_ALIGN]. The
+    interpreter ignores hints, so a config breaking this would fail on a GPU only."""
+    for (kind, has_bias, elt), (default, per_shape) in A._CONFIG_TABLE.items():
+        if has_bias or kind not in ("fwd", "dkdv", "dkdv-acc", "dq"):
+            continue
+        for cfg in [*default, *(c for cs in per_shape.values() for c in cs)]:
+            for block in cfg[:2]:
+                assert 16 <= block <= A.DENSE_TABLE_ALIGN and block & (block - 1) == 0, (
+                    kind, elt, cfg)
+    assert all(c[:2] == (32, 32) for k, c in A._INTERP.items() if k in ("fwd", "dkdv", "dq"))
+
+
 def test_dense_table_size_limit():
     geom = A._Geom(1024, (32, 32, 32, 32))
     table = torch.empty(63 * 63, 16)

@@ -41,12 +41,25 @@ if triton is not None:
         return row, code, w
 
     @triton.jit
+    def _row_offsets(PTR, base, rows, stride_n):
+        """[len(rows), 1] element offsets of rows, hinted: the launcher guarantees strides that
+        are multiples of 8, so every offset is one. 16-bit rows claim it on both dims, which
+        Triton 3.6 needs to vectorise the column loads (with [8, 1] it loaded every K / V row
+        as scalar 16-bit LDGs through registers; 3.9 vectorised either way); float32 rows keep
+        [8, 1], the register allocation their configs were chosen under."""
+        offs = base + rows[:, None] * stride_n
+        if PTR.dtype.element_ty.primitive_bitwidth == 16:
+            offs = tl.multiple_of(offs, [8, 8])
+        else:
+            offs = tl.multiple_of(offs, [8, 1])
+        return offs
+
+    @triton.jit
     def _load_rows(PTR, base, rows, mask, stride_n, D, D0: tl.constexpr, D1: tl.constexpr,
                    HAS_D1: tl.constexpr):
         """[len(rows), D] rows of a strided tensor as two column chunks (D0, then D1)."""
         offs0 = tl.arange(0, D0)
-        # the launcher guarantees strides that are multiples of 8: 16-byte vector loads
-        ptrs = PTR + tl.multiple_of(base + rows[:, None] * stride_n, [8, 1])
+        ptrs = PTR + _row_offsets(PTR, base, rows, stride_n)
         x0 = tl.load(ptrs + offs0[None, :], mask=mask[:, None] & (offs0[None, :] < D), other=0.0)
         x1 = x0
         if HAS_D1:
@@ -59,7 +72,7 @@ if triton is not None:
     def _store_rows(PTR, base, rows, mask, stride_n, D, x0, x1, D0: tl.constexpr,
                     D1: tl.constexpr, HAS_D1: tl.constexpr):
         offs0 = tl.arange(0, D0)
-        ptrs = PTR + tl.multiple_of(base + rows[:, None] * stride_n, [8, 1])
+        ptrs = PTR + _row_offsets(PTR, base, rows, stride_n)
         tl.store(ptrs + offs0[None, :], x0.to(PTR.dtype.element_ty),
                  mask=mask[:, None] & (offs0[None, :] < D))
         if HAS_D1:

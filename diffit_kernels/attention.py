@@ -14,8 +14,8 @@ virtual token's row, code and window from an int32 table built once per geometry
 (_token_lut): three vector loads where the arithmetic took three integer divisions by runtime
 values per token (the windowed loops issue 33-48% fewer instructions, compile report). The relative index is
 code(a) - code(b) + const with code(t) = (t // gw) * (2gw - 1) + t % gw: no [N, N] index exists.
-Global attention (N <= 1024 at 16 heads) reads the table through a dense [H, n_pad, n_pad] fp32
-copy that one launch gathers per call (see _table_arg): the same numbers, bitwise the same
+Global attention on 16-bit inputs (N <= 1024 at 16 heads) reads the table through a dense
+[H, n_pad, n_pad] fp32 copy that one launch gathers per call (see _table_arg): the same numbers, bitwise the same
 results, with a vector load per tile where the gather costs index arithmetic per score.
 
 Head dims: tl.arange needs powers of two, so d is covered by one power-of-two chunk D0 or by
@@ -175,7 +175,7 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
          (64, 16): [(64, 32, 8, 3)], (64, 32): [(64, 32, 8, 3)], (128, 0): [(32, 16, 4, 2)]}),
     ("dkdv", False, 2): (
         [(32, 128, 8, 2), (32, 64, 4, 3)],
-        {(32, 0): [(32, 128, 8, 2)], (32, 16): [(32, 128, 8, 1), (32, 64, 4, 3)],
+        {(16, 0): [(32, 128, 8, 1), (32, 64, 4, 3)], (32, 0): [(32, 128, 8, 2)], (32, 16): [(32, 128, 8, 1), (32, 64, 4, 3)],
          (64, 0): [(32, 128, 8, 1), (32, 64, 4, 3)], (64, 16): [(32, 64, 8, 1), (16, 64, 8, 3)],
          (64, 32): [(16, 64, 8, 1)], (128, 0): [(16, 64, 8, 3), (16, 64, 8, 2)]}),
     # dK/dV summing dS into the table partials (ACC_DS): one [BLOCK_N, BLOCK_M] fp32 tile more.
@@ -196,7 +196,7 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
     ("dkdv-win", False, 2): (
         [(32, 64, 4, 2)],
         {(32, 0): [(32, 64, 8, 1)], (32, 16): [(32, 64, 8, 1)], (64, 0): [(16, 64, 8, 1)],
-         (64, 16): [(16, 64, 8, 1)], (64, 32): [(16, 16, 4, 1)], (128, 0): [(16, 16, 4, 1)]}),
+         (64, 16): [(16, 64, 8, 1)], (64, 32): [(16, 16, 8, 1)], (128, 0): [(16, 16, 4, 1)]}),
     ("dq", False, 2): (
         [(128, 32, 8, 2), (64, 32, 4, 3)],
         {(64, 0): [(128, 32, 8, 1), (64, 32, 4, 3)],
@@ -232,7 +232,7 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
     ("fwd-win", False, 4): ([(32, 32, 8, 1)], {(64, 16): [(32, 32, 4, 1)]}),
     ("dkdv", False, 4): (
         [(16, 16, 2, 1)],
-        {(32, 0): [(16, 16, 4, 1)], (32, 16): [(32, 32, 8, 1)], (64, 16): [(16, 16, 4, 1)]}),
+        {(32, 0): [(16, 16, 4, 1)], (32, 16): [(32, 32, 8, 1)]}),
     ("dkdv-acc", False, 4): (
         [(16, 16, 4, 1)],
         {(16, 0): [(16, 16, 2, 1)], (32, 16): [(32, 16, 4, 1)], (64, 32): [(16, 16, 2, 1)],
@@ -377,14 +377,15 @@ def _prep_table(table: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tens
 # so each tile's bias is one unmasked, 16-byte vectorised load that the loop pipelines, where
 # the [H, R] table costs a gather per score element and its index arithmetic (a division by
 # the grid width per column included). Grids up to DENSE_TABLE_MAX_BYTES (N = 1024 tokens at
-# 16 heads: 64 MiB, freed after the call); larger grids and windows gather from [H, R].
+# 16 heads: 64 MiB, freed after the call); larger grids, windows and float32 inputs (FMA
+# dots, whose small configs were chosen under the gather's registers) gather from [H, R].
 DENSE_TABLE_MAX_BYTES = 64 << 20
 DENSE_TABLE_ALIGN = 128
 DENSE_BLOCK_I, DENSE_BLOCK_J = 16, 128
 
 
-def _dense_table_ok(table: Optional[torch.Tensor], geom: _Geom, N: int) -> bool:
-    if table is None or geom.windowed:
+def _dense_table_ok(table: Optional[torch.Tensor], geom: _Geom, N: int, elsize: int) -> bool:
+    if table is None or geom.windowed or elsize != 2:
         return False
     n_pad = cdiv(N, DENSE_TABLE_ALIGN) * DENSE_TABLE_ALIGN
     return table.shape[1] * n_pad * n_pad * 4 <= DENSE_TABLE_MAX_BYTES
@@ -437,7 +438,7 @@ def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
     geom = _Geom(N, geometry)
     o = empty((B, H, N, D), q.dtype, q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    dense = _dense_table_ok(table, geom, N)
+    dense = _dense_table_ok(table, geom, N, q.element_size())
     tab, n_pad = _table_arg(table, q, geom, N, dense)
     kw = dict(_common_kwargs(q, geom, table, bias), DENSE_TAB=dense)
     args = (q, k, v, tab, bias if bias is not None else q, o, lse,
@@ -499,7 +500,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         elif acc_dense:
             dextra = partial.sum(1)[:, :N, :N]
     else:
-        dense = _dense_table_ok(table, geom, N)
+        dense = _dense_table_ok(table, geom, N, q.element_size())
         tab, n_pad = _table_arg(table, q, geom, N, dense)
         geo_p = (H, N, D, geom.R, n_pad, *geom.args(dev), geom.rel_off, float(scale) * LOG2E)
         delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
@@ -806,7 +807,8 @@ def aot_specs():
                 continue
             for i, cfg in enumerate(pick):
                 specs.append(_kernel_spec(kind, dt, D, flags, cfg, spill_ok=i > 0))
-                if flags == "table" and D == 72 and kind in ("fwd", "dkdv", "dkdv-acc", "dq"):
+                if flags == "table" and D == 72 and elt == 2 and kind in ("fwd", "dkdv", "dkdv-acc",
+                                                                          "dq"):
                     # global attention's table through its dense copy (_table_arg)
                     specs.append(_kernel_spec(kind, dt, D, "dense", cfg, spill_ok=i > 0))
             if kind == "window" and cfgs and cfgs[0][0] > 16:

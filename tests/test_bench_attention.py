@@ -42,7 +42,7 @@ def test_ab_providers_run_the_designs_they_name():
     from diffit_kernels import attention
 
     grads, kinds = {}, {}
-    q, k, v, table = bench_attention._inputs(2, 2, (8, 8), None, 16, torch.float32, "cpu")
+    q, k, v, table = bench_attention._inputs(2, 2, (8, 8), None, 16, torch.float16, "cpu")
     for name in ("tmsa", "tmsa-2pass", "tmsa-gather"):
         fn = bench_attention._providers((8, 8), None, [name])[name]
         log: list = []
@@ -55,7 +55,7 @@ def test_ab_providers_run_the_designs_they_name():
     assert "dense-table" in kinds["tmsa"] and "dense-table" not in kinds["tmsa-gather"], kinds
     for other in ("tmsa-2pass", "tmsa-gather"):
         for a, b in zip(grads["tmsa"], grads[other]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
     assert attention._DS_MAX_ELEMENTS > 0 and attention.DENSE_TABLE_MAX_BYTES > 0
     with pytest.raises(ValueError, match="windows always gather"):
         bench_attention._providers((8, 8), (4, 4), ["tmsa-gather"])

@@ -12,11 +12,12 @@ Windows: with window=(gh, gw) over grid=(Gh, Gw) the kernels walk tokens in a wi
 made; a tile may hold several small windows, masked block-diagonally. The kernels read each
 virtual token's row, code and window from an int32 table built once per geometry
 (_token_lut): three vector loads where the arithmetic took three integer divisions by runtime
-values per token (the windowed loops issue 33-48% fewer instructions, compile report). The relative index is
-code(a) - code(b) + const with code(t) = (t // gw) * (2gw - 1) + t % gw: no [N, N] index exists.
-Global attention on 16-bit inputs (N <= 1024 at 16 heads) reads the table through a dense
-[H, n_pad, n_pad] fp32 copy that one launch gathers per call (see _table_arg): the same numbers, bitwise the same
-results, with a vector load per tile where the gather costs index arithmetic per score.
+values per token (the windowed loops issue 33-48% fewer instructions, compile report). The
+relative index is code(a) - code(b) + const with code(t) = (t // gw) * (2gw - 1) + t % gw: no
+[N, N] index exists. Global attention on 16-bit inputs (N <= 1024 at 16 heads) reads the table
+through a dense [H, n_pad, n_pad] fp32 copy that one launch gathers per call (see _table_arg):
+the same numbers, bitwise the same results, with a vector load per tile where the gather costs
+index arithmetic per score.
 
 Head dims: tl.arange needs powers of two, so d is covered by one power-of-two chunk D0 or by
 D0 + D1 (e.g. 72 = 64 + 16 with 8 columns masked: 10% padding where 128 would waste 44%);
@@ -175,7 +176,8 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
          (64, 16): [(64, 32, 8, 3)], (64, 32): [(64, 32, 8, 3)], (128, 0): [(32, 16, 4, 2)]}),
     ("dkdv", False, 2): (
         [(32, 128, 8, 2), (32, 64, 4, 3)],
-        {(16, 0): [(32, 128, 8, 1), (32, 64, 4, 3)], (32, 0): [(32, 128, 8, 2)], (32, 16): [(32, 128, 8, 1), (32, 64, 4, 3)],
+        {(16, 0): [(32, 128, 8, 1), (32, 64, 4, 3)], (32, 0): [(32, 128, 8, 2)],
+         (32, 16): [(32, 128, 8, 1), (32, 64, 4, 3)],
          (64, 0): [(32, 128, 8, 1), (32, 64, 4, 3)], (64, 16): [(32, 64, 8, 1), (16, 64, 8, 3)],
          (64, 32): [(16, 64, 8, 1)], (128, 0): [(16, 64, 8, 3), (16, 64, 8, 2)]}),
     # dK/dV summing dS into the table partials (ACC_DS): one [BLOCK_N, BLOCK_M] fp32 tile more.

@@ -135,8 +135,8 @@ def _table_run(B, H, N, D, grid, dtype, card, dense_cap, monkeypatch):
 def test_dense_table_copy_is_bitwise_the_gathered_table(B, N, H, D, grid, card, ds_pass, dtype,
                                                         monkeypatch):
     """Global attention on 16-bit inputs reads its table through a dense [H, n_pad, n_pad]
-    copy; grids past DENSE_TABLE_MAX_BYTES (and float32) gather it per score element. The same float32 numbers reach the same
-    sums: outputs and every gradient are bitwise equal (the dbias pass, which gathers from the
+    copy; grids past DENSE_TABLE_MAX_BYTES (and float32) gather it per score element. The same
+    float32 numbers reach the same sums: outputs and every gradient are bitwise equal (the dbias pass, which gathers from the
     [H, R] table beside the dense dK/dV and dQ kernels, included)."""
     if ds_pass:
         monkeypatch.setattr(A, "_DS_MAX_ELEMENTS", 0)

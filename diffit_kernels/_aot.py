@@ -7,6 +7,7 @@ Must run in a process without TRITON_INTERPRET (the interpreter replaces the com
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import os
 import re
@@ -98,12 +99,12 @@ def loop_size(sass: str) -> int:
     code = [(int(m.group(1), 16), m.group(2)) for m in
             (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*)", line) for line in sass.splitlines())
             if m]
+    addrs = [a for a, _ in code]  # ascending
     best = 0
-    for end, text in code:
+    for i, (end, text) in enumerate(code):
         m = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < end:
-            start = int(m.group(1), 16)
-            best = max(best, sum(1 for a, _ in code if start <= a <= end))
+            best = max(best, i - bisect.bisect_left(addrs, int(m.group(1), 16)) + 1)
     return best
 
 

@@ -30,3 +30,15 @@ def test_every_op_module_ships_configs():
 
     for mod in diffit_kernels.OP_MODULES:
         assert mod.aot_specs(), f"{mod.__name__} lists no kernel configs for the compile report"
+
+
+def test_loop_size_counts_the_longest_backward_branch_body():
+    from diffit_kernels._aot import loop_size
+
+    code = [(0x00, "MOV R1, R2"), (0x10, "IADD3 R1, R1, 0x1, RZ"), (0x20, "FADD R2, R2, R3"),
+            (0x30, "@P0 BRA 0x10"), (0x40, "ISETP.GE.AND P1, PT, R1, R4, PT"),
+            (0x50, "@!P1 BRA 0x0"), (0x60, "EXIT"), (0x70, "BRA 0x70")]
+    sass = "\n".join(f"        /*{a:04x}*/                   {t} ;    /* 0x0 */" for a, t in code)
+    assert loop_size(sass) == 6            # 0x00..0x50; the trap's self-branch is no loop
+    assert loop_size("\n".join(sass.splitlines()[1:4])) == 3
+    assert loop_size("") == 0

@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory per block (A100, H100)
 ARCH_NAME = {80: "sm_80", 90: "sm_90a"}
@@ -33,6 +33,9 @@ class AotSpec:
     archs: Sequence[int] = (80, 90)
     spill_ok: bool = False       # an autotune candidate after the default: may spill
     div16: Sequence[str] = ()    # int args the launcher keeps multiples of 16 (as the JIT sees)
+    # int args given by an example value (a DiffiT launch's), typed and specialised the way
+    # Triton's JIT does for that value (jit_int): the build is the one that runs at that shape
+    example: Dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -108,11 +111,29 @@ def loop_size(sass: str) -> int:
     return best
 
 
+def jit_int(value: int) -> Tuple[str, bool]:
+    """(Triton type, divisible by 16) that the JIT gives an int argument of this value (Triton
+    3.4-3.9 alike): i32 inside int32's range, else i64; marked divisible by 16 when it is (zero
+    too). A value of 1 becomes a compile-time constant (see _constants)."""
+    return ("i32" if -2 ** 31 <= value < 2 ** 31 else "i64"), value % 16 == 0
+
+
+def _constants(spec: AotSpec) -> Dict[str, Any]:
+    return {**{n: 1 for n, v in spec.example.items() if v == 1}, **spec.constexprs}
+
+
 def _full_signature(spec: AotSpec) -> Dict[str, str]:
+    unknown = sorted(set(spec.example) - set(spec.fn.arg_names))
+    if unknown:
+        raise ValueError(f"{spec.kernel}: example values for arguments it does not take: "
+                         f"{unknown}")
     sig = {}
+    consts = _constants(spec)
     for name in spec.fn.arg_names:
-        if name in spec.constexprs:
+        if name in consts:
             sig[name] = "constexpr"
+        elif name in spec.example:
+            sig[name] = jit_int(spec.example[name])[0]
         elif name in spec.signature:
             sig[name] = spec.signature[name]
         else:
@@ -131,10 +152,11 @@ def compile_spec(spec: AotSpec, arch: int) -> AotRow:
     sig = _full_signature(spec)
     # pointers are 16-byte aligned, as the JIT specialises torch allocations (and ints that
     # are multiples of 16)
+    div16 = set(spec.div16) | {n for n, v in spec.example.items() if jit_int(v)[1]}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
-             if t.startswith("*") or n in spec.div16}
+             if t.startswith("*") or (n in div16 and t != "constexpr")}
     try:
-        src = ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs)
+        src = ASTSource(fn=spec.fn, signature=sig, constexprs=_constants(spec), attrs=attrs)
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     except Exception as e:  # report the failure as a row; the aot test fails on it

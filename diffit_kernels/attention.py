@@ -181,10 +181,11 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
          (64, 0): [(32, 128, 8, 1), (32, 64, 4, 3)], (64, 16): [(32, 64, 8, 1), (16, 64, 8, 3)],
          (64, 32): [(16, 64, 8, 1)], (128, 0): [(16, 64, 8, 3), (16, 64, 8, 2)]}),
     # dK/dV summing dS into the table partials (ACC_DS): one [BLOCK_N, BLOCK_M] fp32 tile more.
-    # At d = 72 two larger-tile candidates after the spill-free ones: per score element they
-    # issue ~30% fewer instructions (loop column of the compile report: on sm_90a 32x128 w8
-    # 1.13, 32x64 w4 1.10 warp-instructions per score under Triton 3.9, against 1.64 for 32x64
-    # w8 and 2.75 for 16x64 w8) but spill 100-150 bytes under Triton 3.6: the card measures
+    # At d = 72 two larger-tile candidates after the others: per score element they issue
+    # ~40% fewer instructions (loop column of the compile report, the dense table at DiffiT-XL's
+    # launch, sm_90a, Triton 3.9: 32x128 w8 0.98, 32x64 w4 0.97 warp-instructions per score,
+    # against 1.57 for 32x64 w8 and 2.70 for 16x64 w8); clean for sm_90a under Triton 3.6 and
+    # 3.9, they spill 12-36 bytes for sm_80: the card measures
     ("dkdv-acc", False, 2): (
         [(16, 128, 8, 1)],
         {(16, 0): [(32, 128, 8, 2)], (32, 0): [(32, 128, 8, 1)], (64, 0): [(32, 64, 8, 1)],
@@ -193,7 +194,7 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
          (128, 0): [(16, 64, 8, 1)]}),
     ("dkdv-win-acc", False, 2): (
         [(16, 64, 8, 1)],
-        {(16, 0): [(32, 64, 8, 2)], (32, 0): [(32, 64, 8, 1)], (32, 16): [(16, 64, 8, 1)],
+        {(16, 0): [(32, 64, 8, 1)], (32, 0): [(32, 64, 8, 1)], (32, 16): [(16, 64, 8, 1)],
          (64, 0): [(16, 64, 8, 2)], (64, 32): [(16, 16, 8, 1)], (128, 0): [(16, 16, 4, 1)]}),
     ("dkdv-win", False, 2): (
         [(32, 64, 4, 2)],
@@ -207,20 +208,20 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
     ("dq-win", False, 2): (
         [(64, 32, 4, 3)],
         {(32, 0): [(64, 32, 8, 3)], (32, 16): [(64, 32, 8, 3)], (64, 0): [(64, 32, 8, 2)],
-         (64, 16): [(64, 16, 8, 3)], (64, 32): [(64, 16, 8, 3)], (128, 0): [(32, 16, 4, 3)]}),
+         (64, 16): [(64, 16, 8, 3)], (64, 32): [(64, 16, 8, 3)], (128, 0): [(32, 16, 4, 2)]}),
     ("dbias", False, 2): (
         [(64, 64, 4, 2)],
         {(64, 0): [(64, 64, 4, 1)], (64, 16): [(32, 32, 4, 2)], (64, 32): [(32, 32, 4, 2)],
          (128, 0): [(16, 16, 2, 1)]}),
     ("window", False, 2): (
         [(32, 32, 2, 1)],
-        {(32, 16): [(32, 32, 4, 1)], (64, 0): [(16, 16, 1, 1)], (64, 16): [(16, 16, 4, 1)],
+        {(32, 16): [(32, 32, 4, 1)], (64, 0): [(16, 16, 1, 1)], (64, 16): [(16, 16, 1, 1)],
          (64, 32): [(16, 16, 1, 1)], (128, 0): [(16, 16, 4, 1)]}),
     ("fwd", True, 2): (
         [(64, 32, 4, 3), (64, 32, 4, 2)],
         {(64, 16): [(64, 32, 8, 3), (64, 32, 8, 2)]}),
     ("dkdv", True, 2): (
-        [(16, 64, 4, 3), (16, 64, 4, 2)],
+        [(16, 64, 8, 3), (16, 64, 4, 2)],
         {(128, 0): [(32, 64, 8, 3), (32, 64, 8, 2)]}),
     ("dq", True, 2): ([(64, 16, 4, 3), (32, 16, 2, 2)], {}),
     ("dbias", True, 2): (
@@ -237,37 +238,39 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
         {(32, 0): [(16, 16, 4, 1)], (32, 16): [(32, 32, 8, 1)]}),
     ("dkdv-acc", False, 4): (
         [(16, 16, 4, 1)],
-        {(16, 0): [(16, 16, 2, 1)], (32, 16): [(32, 16, 4, 1)], (64, 32): [(16, 16, 2, 1)],
-         (128, 0): [(16, 16, 2, 1)]}),
+        {(16, 0): [(16, 16, 2, 1)], (32, 16): [(16, 16, 4, 1)], (64, 32): [(16, 16, 8, 1)],
+         (128, 0): [(16, 16, 4, 1)]}),
     ("dkdv-win-acc", False, 4): (
         [(16, 16, 2, 1)],
-        {(16, 0): [(16, 16, 4, 1)], (32, 16): [(16, 32, 8, 1)], (64, 16): [(16, 16, 4, 1)],
+        {(16, 0): [(16, 16, 2, 1)], (32, 16): [(16, 32, 8, 1)], (64, 16): [(16, 16, 8, 1)],
          (64, 32): [(16, 16, 4, 1)]}),
     ("dkdv-win", False, 4): (
         [(16, 16, 2, 1)],
         {(32, 0): [(16, 16, 4, 1)], (32, 16): [(16, 16, 4, 1)], (64, 16): [(16, 32, 8, 1)]}),
     ("dq", False, 4): (
         [(16, 16, 2, 1)],
-        {(32, 16): [(16, 16, 8, 1)], (64, 16): [(16, 16, 1, 1)], (128, 0): [(16, 16, 8, 1)]}),
+        {(32, 16): [(16, 16, 8, 1)], (64, 16): [(16, 16, 4, 1)], (128, 0): [(16, 16, 8, 1)]}),
     ("dq-win", False, 4): (
         [(16, 16, 2, 1)],
-        {(32, 16): [(16, 16, 2, 1)], (64, 16): [(16, 16, 1, 1)], (128, 0): [(32, 16, 8, 1)]}),
+        {(32, 16): [(16, 16, 1, 1)], (64, 16): [(16, 16, 2, 1)], (128, 0): [(16, 16, 8, 1)]}),
     ("dbias", False, 4): (
         [(16, 16, 2, 1)],
         {(64, 16): [(32, 16, 4, 1)]}),
     ("window", False, 4): ([], {}),
     ("fwd", True, 4): (
         [(32, 32, 4, 1)],
-        {(32, 16): [(32, 16, 8, 1)], (64, 0): [(32, 32, 8, 1)], (128, 0): [(16, 16, 16, 1)]}),
+        {(32, 16): [(32, 16, 4, 1)], (64, 0): [(32, 32, 8, 1)], (128, 0): [(16, 16, 16, 1)]}),
     ("dkdv", True, 4): (
         [(16, 16, 2, 1)],
         {(64, 16): [(16, 32, 4, 1)]}),
     ("dq", True, 4): (
-        [(32, 32, 4, 1)],
+        [(32, 32, 8, 1)],
         {(16, 0): [(32, 32, 8, 1)], (128, 0): [(32, 16, 8, 1)]}),
     ("dbias", True, 4): ([(16, 16, 2, 1)], {}),
     ("window", True, 4): ([], {}),
 }
+# rowsum(dO * O): 64 rows over 8 warps (4 spill 16 bytes for float32 d 72 under Triton 3.9)
+DELTA_BLOCK_M, DELTA_WARPS = 64, 8
 _INTERP = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1),
            "dbias": (32, 32, 2, 1), "window": (32, 32, 2, 1)}
 
@@ -506,9 +509,9 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         tab, n_pad = _table_arg(table, q, geom, N, dense)
         geo_p = (H, N, D, geom.R, n_pad, *geom.args(dev), geom.rel_off, float(scale) * LOG2E)
         delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
-        _kernels._tmsa_attention_bwd_kernel_delta[(cdiv(N, 64), B * H)](
-            o, do, delta, *_strides3(do), H, N, D, BLOCK_M=64, D0=kw["D0"], D1=kw["D1"],
-            HAS_D1=kw["HAS_D1"], num_warps=4)
+        _kernels._tmsa_attention_bwd_kernel_delta[(cdiv(N, DELTA_BLOCK_M), B * H)](
+            o, do, delta, *_strides3(do), H, N, D, BLOCK_M=DELTA_BLOCK_M, D0=kw["D0"],
+            D1=kw["D1"], HAS_D1=kw["HAS_D1"], num_warps=DELTA_WARPS)
         buckets = (next_power_of_2(N), next_power_of_2(geom.n_win))
         win = "-win" if geom.windowed else ""
         acc_cfgs = _configs("dkdv" + win + "-acc", *shape) if acc_table else [(16, 16, 1, 1)]
@@ -714,28 +717,63 @@ def tmsa_attention(
 
 
 # ---------------------------------------------------------------------------------------------
-_FP32_PTRS = ("TAB", "LSE", "DELTA", "PARTIAL", "PART_SUM")
+_FP32_PTRS = ("TAB", "LSE", "DELTA", "PARTIAL", "PART_SUM", "DENSE")
 _I32_PTRS = ("PLAN", "SLOTS", "BINS", "TOK")
 _FLOATS = ("qk_scale", "sm_scale")
 _INTS = ("H", "N", "D", "R", "P")
 
 
 def _spec(fn, dt: str, constexprs: dict, warps: int, stages: int, label: str,
-          dot: bool = True):
+          dot: bool = True, example: Optional[dict] = None):
     from ._aot import AotSpec
 
     sig = {}
+    ints = {}
     for name in fn.arg_names:
         if name in constexprs:
             continue
         if name.isupper() and name not in _INTS:
             sig[name] = "*fp32" if name in _FP32_PTRS else "*i32" if name in _I32_PTRS else f"*{dt}"
+        elif name in _FLOATS:
+            sig[name] = "fp32"
         else:
-            sig[name] = "fp32" if name in _FLOATS else "i32"
-    # fp32 is exact (ieee): FMA, not tensor cores. n_lut (the token table's row length) is
-    # always a multiple of 16, which the JIT specialises
+            ints[name] = (example or {})[name]
+    # fp32 is exact (ieee): FMA, not tensor cores
     return AotSpec(fn.__name__, fn, sig, constexprs, warps, stages, label, dot and dt != "fp32",
-                   div16=("n_lut",) if "n_lut" in fn.arg_names else ())
+                   example=ints)
+
+
+@functools.lru_cache(maxsize=None)
+def _example(D: int, windowed: bool, bm: int = 64, bn: int = 64, bias: bool = False) -> dict:
+    """An example launch's int arguments, which the compile gate types as Triton's JIT types
+    them (divisibility by 16 and constants change the code): DiffiT-XL/2 at 256 px (B 32, 16
+    heads, a 16x16 token grid) for global attention, a 64x64 image-space map in 8x8 windows
+    (B 16, 4 heads) for windowed; q, k, v are head-split views of the packed [B, N, 3C]
+    projection (time_qkv's), dO and the outputs contiguous; on 132 SMs."""
+    B, H, G, g = (16, 4, 64, 8) if windowed else (32, 16, 16, 16)
+    N = G * G
+    geom = _Geom(N, [G, G, g, g])
+    C3 = 3 * H * D
+    n_win, gw, _, n_lut = geom.args(torch.device("cpu"))
+    ex = dict(H=H, N=N, D=D, R=geom.R, n_pad=cdiv(N, DENSE_TABLE_ALIGN) * DENSE_TABLE_ALIGN,
+              n_win=n_win, gw=gw, n_lut=n_lut, rel_off=geom.rel_off, nW=geom.nW,
+              N_BUCKET=next_power_of_2(N), SPAN_BUCKET=next_power_of_2(n_win),
+              # dK/dV's batch shares (_batch_groups) and a sample step past the first two
+              per_b=4, step=2, n_groups=8, span_pad=_ds_layout(N, n_win, ((bm, bn),))[0],
+              # a dense bias [H, N, N] shared by the batch (none: zero strides)
+              stride_bias_b=0, stride_bias_h=N * N * bias, stride_bias_m=N * bias,
+              stride_bias_n=int(bias),
+              stride_do_b=H * N * D, stride_do_h=N * D, stride_do_n=D,
+              # partial-writing programs (_programs_per_head) and the fused kernel's units
+              P=4 * 132 // H, units=B * geom.nW, groups=geom.nW, group_tokens=n_win,
+              per_prog=cdiv(B * geom.nW, 4 * 132 // H),
+              # the table-gradient gather over a head's partial
+              n_elems=N * N, n_bins=4 * N, stride_ps_h=N * N,
+              # the learnable [R, H] table, row-major
+              stride_t_r=H, stride_t_h=1)
+    for t in "qkv":
+        ex.update({f"stride_{t}_b": N * C3, f"stride_{t}_h": D, f"stride_{t}_n": C3})
+    return ex
 
 
 _AOT_FLAGS = {  # label -> (HAS_TABLE, HAS_BIAS, WINDOWED, STORE_DS)
@@ -775,17 +813,18 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
         c["stride_bias_n"] = 1  # the launcher makes the bias unit-stride: Triton specialises 1
     fn = getattr(_kernels, _KERNEL_NAMES[base])
     acc = "-acc" if kind.endswith("-acc") else ""
-    spec = _spec(fn, dt, c, w, s, f"{dt} D={D} {flags}{acc} {bm}x{bn} w{w} s{s}")
+    spec = _spec(fn, dt, c, w, s, f"{dt} D={D} {flags}{acc} {bm}x{bn} w{w} s{s}",
+                 example=_example(D, windowed, bm, bn, bias))
     spec.spill_ok = spill_ok
-    if flags == "dense":
-        spec.div16 = tuple(spec.div16) + ("n_pad",)  # a multiple of DENSE_TABLE_ALIGN
     return spec
 
 
 def _delta_spec(dt: str, D: int):
     D0, D1, HAS_D1 = _head_split(D)
-    return _spec(_kernels._tmsa_attention_bwd_kernel_delta, dt, dict(BLOCK_M=64, D0=D0, D1=D1,
-                 HAS_D1=HAS_D1), 4, 1, f"{dt} D={D} 64", dot=False)  # row sums, no dot
+    return _spec(_kernels._tmsa_attention_bwd_kernel_delta, dt,
+                 dict(BLOCK_M=DELTA_BLOCK_M, D0=D0, D1=D1, HAS_D1=HAS_D1), DELTA_WARPS, 1,
+                 f"{dt} D={D} {DELTA_BLOCK_M} w{DELTA_WARPS}", dot=False,  # row sums, no dot
+                 example=_example(D, False))
 
 
 def aot_specs():
@@ -832,7 +871,13 @@ def aot_specs():
         for bk in (16, 32, 64, TABLE_BLOCK_K):  # the table-gradient gather (see _table_grad)
             specs.append(_spec(_kernels._tmsa_attention_table_grad_kernel, dt,
                                dict(BLOCK_R=TABLE_BLOCK_R, BLOCK_K=bk), 4, 1,
-                               f"{dt} table {TABLE_BLOCK_R}x{bk}", dot=False))
+                               f"{dt} table {TABLE_BLOCK_R}x{bk}", dot=False,
+                               example=_example(72, False)))
+        # global attention's dense table copy (_table_arg), from a table in either dtype
+        specs.append(_spec(_kernels._tmsa_attention_dense_table_kernel, dt,
+                           dict(BLOCK_I=DENSE_BLOCK_I, BLOCK_J=DENSE_BLOCK_J), 4, 1,
+                           f"{dt} table -> dense {DENSE_BLOCK_I}x{DENSE_BLOCK_J}", dot=False,
+                           example=_example(72, False)))
     unique = {(s.kernel, s.config): s for s in specs}  # fwd and fwd-win lists may share one
     return list(unique.values())
 

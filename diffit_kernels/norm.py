@@ -32,7 +32,9 @@ MAX_C = 8192
 FWD_MAX_ROWS = 8
 FWD_PREFETCH_C = 4096
 BWD_BLOCK_C = 2048  # widest row the backward rebuilds in one piece (wider rows spill)
-BWD_CHUNK_C = 1024  # chunk of wider rows: 2048-wide chunks spill with Triton 3.4 / 3.6
+BWD_CHUNK_C = 512  # chunk of wider rows (C > 2048), with BWD_CHUNK_WARPS: 1024 x 8 warps
+BWD_CHUNK_WARPS = 8  # spilled under Triton 3.9 for sm_80 at widths that are multiples of 16,
+# 512 x 4 under 3.6 at odd widths, 2048-wide chunks under 3.4 / 3.6
 
 try:
     import triton
@@ -521,7 +523,8 @@ def fwd_plan(C: int) -> Tuple[int, int, bool]:
 def bwd_plan(C: int) -> Tuple[int, bool, int]:
     """(BLOCK_C, CHUNKED, num_warps) of the backward for rows of C channels."""
     block = _bwd_block(_check_c(C))
-    return block, C > block, _bwd_warps(block)
+    chunked = C > block
+    return block, chunked, BWD_CHUNK_WARPS if chunked else _bwd_warps(block)
 
 
 def plans():
@@ -724,30 +727,40 @@ def adaln_norm(
 # ---------------------------------------------------------------------------------------------
 def aot_specs():
     """Every launch plan (plans()) with every feature on, the heaviest build, in bf16 and fp32,
-    with its 16-bit autotune candidates (fwd_candidates, bwd_candidates) in bf16; fp16 (bf16's registers) and the plain
-    variant at DiffiT's widths and the plan edges."""
+    with its 16-bit autotune candidates (fwd_candidates, bwd_candidates) in bf16; fp16 (bf16's
+    registers) and the plain variant at the plan edges. Int arguments are an example launch's
+    (B 32, N 256 on 132 SMs), typed as the JIT types them: the full builds at a width that is a
+    multiple of 16 (every DiffiT width), so rows vectorise as they do on the card; the plain
+    and fp16 builds at the odd edge widths (scalar rows)."""
     from ._aot import AotSpec
 
     specs = []
-    strides = ("stride_x_b", "stride_x_n", "stride_r_b", "stride_r_n", "stride_g_b",
-               "stride_sh_b", "stride_sc_b")
+    B, N, SMS = 32, 256, 132
     xl = fwd_plan(1152)[0]
     for dt in ("bf16", "fp16", "fp32"):
         for ((block, warps, wide), (bblock, chunked, bwarps)), C in plans().items():
             # full / plain / (16-bit, DiffiT's widths) a float32 residual stream, full
-            for full, rt in ((True, dt), (False, dt), (True, "fp32")):
-                if rt != dt and (dt == "fp32" or block != xl):
+            variants = [(True, dt), (False, dt)] + (
+                [(True, "fp32")] if dt != "fp32" and block == xl else [])
+            for full, rt in variants:
+                edge = not full or dt == "fp16"
+                if edge and rt == dt and C not in (33, 1025, 2049, 4097):
                     continue
-                if (not full or dt == "fp16") and rt == dt and C not in (33, 1025, 2049, 4097):
-                    continue
+                W = C if edge else cdiv(C, 16) * 16  # the example width, inside the plan
                 flags = dict(HAS_RES=full, HAS_GATE=full, HAS_SHIFT=full, HAS_SCALE=full,
                              SILU=full)
-                label = f"{dt} C<={block} " + ("res+gate+mod+silu" if full else "plain") + (
+                label = f"{dt} C{W} " + ("res+gate+mod+silu" if full else "plain") + (
                     " fp32 residual" if rt != dt else "")
+                rows_s = (N * W, W) if full else (0, 0)
+                vec_s = (6 * W,) * 3 if full else (0, 0, 0)  # chunks of DiffiT's [B, 6C] mod
+                rows = _fwd_rows_per_program(B, N, SMS, wide)
+                fwd_ints = dict(zip(("N", "C", "ROWS", "P", "stride_x_b", "stride_x_n",
+                                     "stride_r_b", "stride_r_n", "stride_g_b", "stride_sh_b",
+                                     "stride_sc_b"),
+                                    (N, W, rows, cdiv(N, rows), N * W, W, *rows_s, *vec_s)))
                 fwd_sig = {"X": f"*{dt}", "RES": f"*{rt}", "GATE": f"*{dt}", "SHIFT": f"*{dt}",
                            "SCALE": f"*{dt}", "Y": f"*{dt}", "H": f"*{rt}", "MEAN": "*fp32",
-                           "RSTD": "*fp32", "N": "i32", "C": "i32", "ROWS": "i32", "P": "i32",
-                           "eps": "fp32", **{s: "i64" for s in strides}}
+                           "RSTD": "*fp32", "eps": "fp32"}
                 # the autotune candidates after the plan's own (full builds): may spill
                 tuned = full and rt == dt and dt == "bf16"  # fp16: bf16's registers
                 for w, a in fwd_candidates(C) if tuned else [(warps, 1)]:
@@ -756,14 +769,14 @@ def aot_specs():
                                          fwd_sig, {**flags, "WIDE": wide, "BLOCK_C": block,
                                                    "AHEAD": a}, w, 3,
                                          label + (f" w{w} ahead {a} candidate" if cand else ""),
-                                         False, spill_ok=cand))
+                                         False, spill_ok=cand, example=fwd_ints))
                 bwd_sig = {"DY": f"*{dt}", "DH_OUT": f"*{rt}", "X": f"*{dt}", "RES": f"*{rt}",
                            "GATE": f"*{dt}", "SHIFT": f"*{dt}", "SCALE": f"*{dt}", "MEAN": "*fp32",
                            "RSTD": "*fp32", "DX": f"*{dt}", "DRES": f"*{rt}", "DSHIFT_P": "*fp32",
-                           "DSCALE_P": "*fp32", "DGATE_P": "*fp32", "N": "i32", "C": "i32",
-                           "ROWS": "i32", "P": "i32",
-                           **{s: "i64" for s in ("stride_dy_b", "stride_dy_n", "stride_dh_b",
-                                                 "stride_dh_n") + strides}}
+                           "DSCALE_P": "*fp32", "DGATE_P": "*fp32"}
+                brows = _bwd_rows_per_program(B, N, SMS)
+                bwd_ints = {**fwd_ints, "ROWS": brows, "P": cdiv(N, brows), "stride_dy_b": N * W,
+                            "stride_dy_n": W, "stride_dh_b": rows_s[0], "stride_dh_n": rows_s[1]}
                 for w, a in bwd_candidates(C) if tuned else [(bwarps, 1)]:
                     cand = (w, a) != (bwarps, 1)
                     specs.append(AotSpec("_adaln_norm_bwd_kernel", _adaln_norm_bwd_kernel,
@@ -771,7 +784,7 @@ def aot_specs():
                                                    "CHUNKED": chunked, "AHEAD": a}, w, 3,
                                          label + (" chunked" if chunked else "") +
                                          (f" w{w} ahead {a} candidate" if cand else ""),
-                                         False, spill_ok=cand))
+                                         False, spill_ok=cand, example=bwd_ints))
     return specs
 
 

@@ -384,49 +384,66 @@ def row_plans():
 
 
 def aot_specs():
-    """Every launch plan of the three kernels, per dtype, at DiffiT-XL's layout (16 heads of
-    d = 72) for the dY pack kernel (storing and sum-only)."""
+    """Every launch plan of the three kernels, per dtype. Int arguments are an example launch's
+    (B 32, N 256), typed as the JIT types them: DiffiT-XL's width C 1152 (16 heads of d 72) for
+    the plan it takes, the plan's smallest (odd) width for the others; the dY pack kernel
+    (storing and sum-only) at XL's head-split layout."""
     from ._aot import AotSpec
 
     specs = []
-    ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
+    B, N = 32, 256
+    xl_plan = _row_plan(1152)
     for dt, torch_dt in (("bf16", torch.bfloat16), ("fp16", torch.float16),
                          ("fp32", torch.float32)):
         el = torch_dt.itemsize
-        vec = _vec(el, 72, 1152)
-        xl_plan = _row_plan(1152)
         for (rows, block, chunked, warps), C in row_plans().items():
-            plan = dict(XVEC=_vec(el, C), CHUNKED=chunked, ROWS=rows, BLOCK_C=block)
-            label = f"{dt} C{C} {rows}x{block}{' chunked' if chunked else ''} w{warps}"
             # at DiffiT-XL's rows: one-hot time columns (B 32, and the most samples taken)
             # and, for 16-bit projections, a float32 x (autocast's residual stream)
             xl = (rows, block, chunked, warps) == xl_plan
-            widest = next_power_of_2(TIME_COLS_MAX[el] + 7)
+            W = 1152 if xl else C
+            plan = dict(CHUNKED=chunked, ROWS=rows, BLOCK_C=block)
+            label = f"{dt} C{W} {rows}x{block}{' chunked' if chunked else ''} w{warps}"
             xdts = (dt, "fp32") if xl and el == 2 else (dt,)
             for xdt in xdts:
                 mixed = " fp32 x" if xdt != dt else ""
-                for tc in (0, 32, widest) if xl and not mixed else (0, 32) if xl else (0,):
+                # (samples with one-hot columns, width): the most samples at the plan's odd
+                # width, whose padding gives the widest TIME_COLS block
+                cases = [(0, W)] + ([(B, W)] if xl else []) + (
+                    [(TIME_COLS_MAX[el], C)] if xl and not mixed else [])
+                for samples, w in cases:
+                    ld = _operand_width(samples, w, torch_dt, True, True) if samples else w
+                    tc = next_power_of_2(ld - w) if ld > w else 0
                     specs.append(AotSpec(
                         "_time_qkv_ln_fwd_kernel", _kernels._time_qkv_ln_fwd_kernel,
                         {"X": f"*{xdt}", "XHAT": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32",
-                         **ints("M", "N", "C", "LD"), "eps": "fp32",
-                         **ints("stride_x_b", "stride_x_n")},
-                        dict(plan, TIME_COLS=tc), warps, 1,
-                        label + mixed + (f" time cols {tc}" if tc else ""), False))
+                         "eps": "fp32"},
+                        dict(plan, XVEC=_vec(4 if xdt == "fp32" else el, N * w, w),
+                             TIME_COLS=tc), warps, 1,
+                        f"{dt} C{w} {rows}x{block}{' chunked' if chunked else ''} w{warps}"
+                        + mixed + (f" time cols {tc}" if tc else ""), False,
+                        example=dict(M=(samples or B) * N, N=N, C=w, LD=ld, stride_x_b=N * w,
+                                     stride_x_n=w)))
                 specs.append(AotSpec(
                     "_time_qkv_bwd_kernel_ln", _kernels._time_qkv_bwd_kernel_ln,
                     {"DXN": f"*{dt}", "DX": f"*{xdt}", "X": f"*{xdt}", "MEAN": "*fp32",
-                     "RSTD": "*fp32", **ints("M", "N", "C", "stride_x_b", "stride_x_n")},
-                    plan, warps, 1, label + mixed, False))
+                     "RSTD": "*fp32"},
+                    dict(plan, XVEC=_vec(4 if xdt == "fp32" else el, N * W, W)), warps, 1,
+                    label + mixed, False,
+                    example=dict(M=B * N, N=N, C=W, stride_x_b=N * W, stride_x_n=W)))
+        H, D = 16, 72
+        gs = (H * N * D, N * D, D) * 3  # contiguous [B, H, N, D] gradients of q, k, v
         for store in (True, False):
             specs.append(AotSpec(
                 "_time_qkv_bwd_kernel_pack", _kernels._time_qkv_bwd_kernel_pack,
                 {"GQ": f"*{dt}", "GK": f"*{dt}", "GV": f"*{dt}", "G": f"*{dt}",
-                 "SPART": "*fp32", **ints("N", "CP", "T"),
-                 **ints(*(f"stride_g{t}_{a}" for t in "qkv" for a in "bhn"))},
-                dict(D=72, VEC=vec, STORE=store, BLOCK_R=PACK_BLOCK_R, BLOCK_J=PACK_BLOCK_J),
-                PACK_WARPS, 1, f"{dt} d72 {PACK_BLOCK_R}x{PACK_BLOCK_J} "
-                f"{'pack+sum' if store else 'sum'}", False))
+                 "SPART": "*fp32"},
+                dict(D=D, VEC=_vec(el, D, *gs), STORE=store, BLOCK_R=PACK_BLOCK_R,
+                     BLOCK_J=PACK_BLOCK_J),
+                PACK_WARPS, 1, f"{dt} d{D} {PACK_BLOCK_R}x{PACK_BLOCK_J} "
+                f"{'pack+sum' if store else 'sum'}", False,
+                example=dict(N=N, CP=H * D, T=cdiv(N, PACK_BLOCK_R),
+                             **dict(zip((f"stride_g{t}_{a}" for t in "qkv" for a in "bhn"),
+                                        gs)))))
     return specs
 
 

@@ -42,3 +42,62 @@ def test_loop_size_counts_the_longest_backward_branch_body():
     assert loop_size(sass) == 6            # 0x00..0x50; the trap's self-branch is no loop
     assert loop_size("\n".join(sass.splitlines()[1:4])) == 3
     assert loop_size("") == 0
+
+
+def _jit_specialisation(value: int):
+    """(type, divisibility key) the installed Triton's JIT gives an int argument."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+    except ImportError:
+        native_specialize_impl = None
+    from triton.backends.compiler import BaseBackend
+
+    if native_specialize_impl is not None:
+        return native_specialize_impl(BaseBackend, value, False, True, True)
+    from triton.runtime import jit
+
+    if not hasattr(jit, "specialize_impl"):
+        pytest.skip("this Triton exposes no specialisation function to compare with")
+    return jit.specialize_impl(value, lambda *a: "", False, True, True)
+
+
+@pytest.mark.parametrize("value", [0, 1, 2, 16, 72, 1152, 294912, -16, 2 ** 31 - 1, 2 ** 31,
+                                   2 ** 40 + 16])
+def test_example_ints_are_typed_as_the_jit_types_them(value):
+    from diffit_kernels._aot import jit_int
+
+    jit = _jit_specialisation(value)
+    if value == 1:
+        assert jit[0] == "constexpr"  # _constants makes it one
+        return
+    kind, div16 = jit_int(value)
+    assert (kind, div16) == (jit[0], jit[1] == "D"), (value, jit)
+
+
+def test_example_values_build_the_jit_specialisation():
+    from diffit_kernels import norm
+    from diffit_kernels._aot import _constants, _full_signature
+
+    spec = next(s for s in norm.aot_specs() if s.example.get("ROWS") == 1)
+    sig = _full_signature(spec)
+    assert sig["ROWS"] == "constexpr" and _constants(spec)["ROWS"] == 1
+    assert sig["stride_x_n"] == "i32"
+    spec.example = {**spec.example, "NOT_AN_ARG": 3}
+    with pytest.raises(ValueError, match="NOT_AN_ARG"):
+        _full_signature(spec)
+
+
+def test_every_defined_kernel_is_built():
+    import sys
+
+    from triton.runtime import JITFunction
+
+    import diffit_kernels
+
+    built = {s.kernel for s in SPECS}
+    modules = {m.__name__ for m in diffit_kernels.OP_MODULES} | {
+        m for m in sys.modules if m.startswith("diffit_kernels._") and m.endswith("_kernels")}
+    # launched kernels (the helpers they call are @triton.jit too, named without "_kernel")
+    defined = {n for m in modules for n, f in vars(sys.modules[m]).items()
+               if isinstance(f, JITFunction) and "_kernel" in n}
+    assert len(defined) >= 13 and defined - built == set(), sorted(defined - built)

@@ -28,12 +28,16 @@ class _Geom:
         self.nWw = Gw // gw if self.windowed else 1
         self.R = (2 * gh - 1) * (2 * gw - 1)
         self.rel_off = (gh - 1) * (2 * gw - 1) + gw - 1
+        self._args = None
 
     def args(self, device: torch.device):
-        """The kernels' geometry arguments: n_win, gw, TOK, n_lut."""
-        tok = _token_lut(self.nW * self.n_win, self.gh, self.gw, self.Gw, self.windowed,
-                         str(device))
-        return (self.n_win, self.gw, tok, tok.shape[1])
+        """The kernels' geometry arguments: n_win, gw, TOK, n_lut (looked up once per call's
+        geometry: the backward launches three kernels with them)."""
+        if self._args is None or self._args[0] != str(device):
+            tok = _token_lut(self.nW * self.n_win, self.gh, self.gw, self.Gw, self.windowed,
+                             str(device))
+            self._args = (str(device), (self.n_win, self.gw, tok, tok.shape[1]))
+        return self._args[1]
 
 
 # virtual tokens past N that a tile may reach (tiles overhang N by less than one block, and

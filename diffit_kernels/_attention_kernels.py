@@ -134,6 +134,14 @@ if triton is not None:
         return s, valid
 
     @triton.jit
+    def _inside(offs, end, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+        """offs < end, or (EVEN: every tile is whole, the launcher checked) a constant true
+        that the compiler folds away with the masks and selects built on it."""
+        if EVEN:
+            return tl.full([BLOCK], 1, tl.int1)
+        return offs < end
+
+    @triton.jit
     def _span(start, BLOCK: tl.constexpr, N, n_win, WINDOWED: tl.constexpr):
         """[lo, hi): the virtual tokens that the tile [start, start + BLOCK) attends to."""
         if WINDOWED:
@@ -160,10 +168,11 @@ if triton is not None:
         H, N, D, R, n_pad, n_win, gw, TOK, n_lut, rel_off, qk_scale,
         N_BUCKET, SPAN_BUCKET,  # autotune keys only
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
-        DENSE_TAB: tl.constexpr,
+        DENSE_TAB: tl.constexpr, EVEN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
+        # EVEN (global attention, N a multiple of both blocks): no row or key masks
         D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1).to(tl.int64)
@@ -171,7 +180,7 @@ if triton is not None:
         h = pid_bh % H
         start_m = pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < N
+        mask_m = _inside(offs_m, N, BLOCK_M, EVEN)
         row_m, code_m, win_m = _tokens(offs_m, gw, TOK, n_lut, WINDOWED, HAS_TABLE)
         lo, hi = _span(start_m, BLOCK_M, N, n_win, WINDOWED)
         q0, q1 = _load_rows(Q, b * stride_q_b + h * stride_q_h, row_m, mask_m, stride_q_n, D,
@@ -188,7 +197,7 @@ if triton is not None:
         acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < hi
+            mask_n = _inside(offs_n, hi, BLOCK_N, EVEN)
             row_n, code_n, win_n = _tokens(offs_n, gw, TOK, n_lut, WINDOWED, HAS_TABLE)
             k0, k1 = _load_rows(K, k_bh, row_n, mask_n, stride_k_n, D, D0, D1, HAS_D1)
             v0, v1 = _load_rows(V, v_bh, row_n, mask_n, stride_v_n, D, D0, D1, HAS_D1)
@@ -197,7 +206,8 @@ if triton is not None:
                                row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
                                rel_off, qk_scale, n_pad, HAS_TABLE, HAS_BIAS, WINDOWED, False,
                                HAS_D1, UPCAST, PRECISION, DENSE_TAB)
-            s = tl.where(valid, s, float("-inf"))
+            if not EVEN:
+                s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row with nothing to attend to yet (tile of another window) keeps p = 0
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -245,7 +255,8 @@ if triton is not None:
                      stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
                      H, N, D, n_pad, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
                      HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
-                     DENSE_TAB: tl.constexpr, ACC_DS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     DENSE_TAB: tl.constexpr, EVEN: tl.constexpr, ACC_DS: tl.constexpr,
+                     BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                      HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         """dK, dV of one key tile of one (sample b, head h); ACC_DS: ds added to PART
@@ -264,7 +275,7 @@ if triton is not None:
         dv1 = tl.zeros([BLOCK_N, D1], tl.float32)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < hi
+            mask_m = _inside(offs_m, hi, BLOCK_M, EVEN)
             row_m, code_m, win_m = _tokens(offs_m, gw, TOK, n_lut, WINDOWED, HAS_TABLE)
             q0, q1 = _load_rows(Q, q_bh, row_m, mask_m, stride_q_n, D, D0, D1, HAS_D1)
             do0, do1 = _load_rows(DO, do_bh, row_m, mask_m, stride_do_n, D, D0, D1, HAS_D1)
@@ -275,7 +286,9 @@ if triton is not None:
                                 row_m, code_m, win_m, mask_m, stride_bias_n, stride_bias_m,
                                 rel_off, qk_scale, n_pad, HAS_TABLE, HAS_BIAS, WINDOWED, True,
                                 HAS_D1, UPCAST, PRECISION, DENSE_TAB)
-            pT = tl.where(valid, tl.math.exp2(sT - lse[None, :]), 0.0)
+            pT = tl.math.exp2(sT - lse[None, :])
+            if not EVEN:
+                pT = tl.where(valid, pT, 0.0)
             pTc = pT.to(Q.dtype.element_ty)
             dv0 = _mm(pTc, do0, dv0, UPCAST, PRECISION)
             if HAS_D1:
@@ -314,7 +327,7 @@ if triton is not None:
         per_b, step, n_groups, span_pad,
         N_BUCKET, SPAN_BUCKET,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
-        DENSE_TAB: tl.constexpr, ACC_DS: tl.constexpr,
+        DENSE_TAB: tl.constexpr, EVEN: tl.constexpr, ACC_DS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -328,7 +341,7 @@ if triton is not None:
         g = tl.program_id(2)
         start_n = pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
+        mask_n = _inside(offs_n, N, BLOCK_N, EVEN)
         row_n, code_n, win_n = _tokens(offs_n, gw, TOK, n_lut, WINDOWED, HAS_TABLE)
         lo, hi = _span(start_n, BLOCK_N, N, n_win, WINDOWED)
         TAB_H = TAB + h * R
@@ -348,7 +361,8 @@ if triton is not None:
                          stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
                          stride_bias_m, stride_bias_n, H, N, D, n_pad, n_win, gw, TOK,
                          n_lut, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
-                         DENSE_TAB, True, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST, PRECISION)
+                         DENSE_TAB, EVEN, True, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST,
+                         PRECISION)
         else:
             _dkdv_sample(Q, K, V, DO, TAB_H, BIAS, LSE, DELTA, DK, DV, PARTIAL,
                          g.to(tl.int64), h, True, row_n, code_n, win_n, mask_n, lo, hi,
@@ -357,7 +371,8 @@ if triton is not None:
                          stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
                          stride_bias_m, stride_bias_n, H, N, D, n_pad, n_win, gw, TOK,
                          n_lut, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
-                         DENSE_TAB, False, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST, PRECISION)
+                         DENSE_TAB, EVEN, False, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST,
+                         PRECISION)
 
     @triton.jit
     def _tmsa_attention_bwd_kernel_dq(
@@ -377,7 +392,7 @@ if triton is not None:
         H, N, D, R, n_pad, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
         N_BUCKET, SPAN_BUCKET,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DS: tl.constexpr,
-        WINDOWED: tl.constexpr, DENSE_TAB: tl.constexpr,
+        WINDOWED: tl.constexpr, DENSE_TAB: tl.constexpr, EVEN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -387,7 +402,7 @@ if triton is not None:
         h = pid_bh % H
         start_m = tl.program_id(0) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < N
+        mask_m = _inside(offs_m, N, BLOCK_M, EVEN)
         row_m, code_m, win_m = _tokens(offs_m, gw, TOK, n_lut, WINDOWED, HAS_TABLE)
         lo, hi = _span(start_m, BLOCK_M, N, n_win, WINDOWED)
         q0, q1 = _load_rows(Q, b * stride_q_b + h * stride_q_h, row_m, mask_m, stride_q_n, D,
@@ -406,7 +421,7 @@ if triton is not None:
         dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < hi
+            mask_n = _inside(offs_n, hi, BLOCK_N, EVEN)
             row_n, code_n, win_n = _tokens(offs_n, gw, TOK, n_lut, WINDOWED, HAS_TABLE)
             k0, k1 = _load_rows(K, k_bh, row_n, mask_n, stride_k_n, D, D0, D1, HAS_D1)
             v0, v1 = _load_rows(V, v_bh, row_n, mask_n, stride_v_n, D, D0, D1, HAS_D1)
@@ -415,7 +430,9 @@ if triton is not None:
                                row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
                                rel_off, qk_scale, n_pad, HAS_TABLE, HAS_BIAS, WINDOWED, False,
                                HAS_D1, UPCAST, PRECISION, DENSE_TAB)
-            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+            p = tl.math.exp2(s - lse[:, None])
+            if not EVEN:
+                p = tl.where(valid, p, 0.0)
             ds = p * (_mm_nt(do0, do1, v0, v1, HAS_D1, UPCAST, PRECISION) - delta[:, None])
             if STORE_DS:
                 tl.store(DBIAS + pid_bh * N * N + row_m[:, None] * N + row_n[None, :],

@@ -221,7 +221,7 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
         [(64, 32, 4, 3), (64, 32, 4, 2)],
         {(64, 16): [(64, 32, 8, 3), (64, 32, 8, 2)]}),
     ("dkdv", True, 2): (
-        [(16, 64, 8, 3), (16, 64, 4, 2)],
+        [(16, 64, 4, 2), (16, 64, 8, 3)],
         {(128, 0): [(32, 64, 8, 3), (32, 64, 8, 2)]}),
     ("dq", True, 2): ([(64, 16, 4, 3), (32, 16, 2, 2)], {}),
     ("dbias", True, 2): (
@@ -234,7 +234,7 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
         {(64, 16): [(32, 16, 4, 1)]}),
     ("fwd-win", False, 4): ([(32, 32, 8, 1)], {(64, 16): [(32, 32, 4, 1)]}),
     ("dkdv", False, 4): (
-        [(16, 16, 2, 1)],
+        [(16, 16, 4, 1)],
         {(32, 0): [(16, 16, 4, 1)], (32, 16): [(32, 32, 8, 1)]}),
     ("dkdv-acc", False, 4): (
         [(16, 16, 4, 1)],
@@ -313,12 +313,29 @@ def _log(kind: str, *configs: tuple) -> None:
         _CARD["log"].append((kind,) + configs)
 
 
+_EVEN_OK = True  # the tests turn the unmasked variant off to compare it bit for bit
+
+
+def _even(meta: dict) -> bool:
+    """EVEN: global attention whose N is a multiple of both blocks, so every tile is whole and
+    the kernel builds no row or key masks (DiffiT's latent grids: N 256, 1024)."""
+    return (_EVEN_OK and not meta["WINDOWED"] and meta["N"] % meta["BLOCK_M"] == 0
+            and meta["N"] % meta["BLOCK_N"] == 0)
+
+
 def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwargs: dict):
     """One config: launch it. Several (CUDA only): a cached autotuner over exactly that list,
-    keyed on the sequence-length bucket, span bucket, head dim and windowing (plus dtypes)."""
+    keyed on the sequence-length bucket, span bucket, head dim and windowing (plus dtypes);
+    EVEN is set per launch from the config's blocks (kernels that take it)."""
     _log(kind, *configs)
+    has_even = "EVEN" in kernel.arg_names
     if len(configs) == 1:
         bm, bn, w, s = configs[0]
+        if has_even:
+            even = _even(dict(zip(kernel.arg_names, args), **kwargs, BLOCK_M=bm, BLOCK_N=bn))
+            kwargs = dict(kwargs, EVEN=even)
+            if even:
+                _log("even", kind)
         kernel[grid_of(bm, bn)](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
                                 num_stages=s)
         return bm, bn
@@ -330,8 +347,9 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
                 for bm, bn, w, s in configs]
         # every output of these kernels is stored (never accumulated) once per launch, so
         # the autotuner's repeated launches need no reset
+        inner = triton.heuristics({"EVEN": _even})(kernel) if has_even else kernel
         tuner = triton.autotune(cfgs, key=["N_BUCKET", "SPAN_BUCKET", "D", "WINDOWED", *flags])(
-            kernel)
+            inner)
         _TUNERS[key] = tuner
     tuner[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
     best = tuner.best_config.kwargs
@@ -389,28 +407,31 @@ DENSE_TABLE_ALIGN = 128
 DENSE_BLOCK_I, DENSE_BLOCK_J = 16, 128
 
 
+def _n_pad(N: int) -> int:
+    return cdiv(N, DENSE_TABLE_ALIGN) * DENSE_TABLE_ALIGN
+
+
 def _dense_table_ok(table: Optional[torch.Tensor], geom: _Geom, N: int, elsize: int) -> bool:
     if table is None or geom.windowed or elsize != 2:
         return False
-    n_pad = cdiv(N, DENSE_TABLE_ALIGN) * DENSE_TABLE_ALIGN
-    return table.shape[1] * n_pad * n_pad * 4 <= DENSE_TABLE_MAX_BYTES
+    return table.shape[1] * _n_pad(N) ** 2 * 4 <= DENSE_TABLE_MAX_BYTES
 
 
-def _table_arg(table: Optional[torch.Tensor], like: torch.Tensor, geom: _Geom, N: int,
-               dense: bool) -> Tuple[torch.Tensor, int]:
-    """(the kernels' TAB argument, n_pad): the dense [H, n_pad, n_pad] copy when `dense`,
-    else the [H, R] table (n_pad unused: N)."""
-    if not dense:
-        return _prep_table(table, like), N
+def _table_arg(table: Optional[torch.Tensor], like: torch.Tensor, geom: _Geom,
+               N: int) -> Tuple[torch.Tensor, int, bool]:
+    """(the kernels' TAB argument, n_pad, dense): global attention's dense [H, n_pad, n_pad]
+    copy where _dense_table_ok, else the [H, R] table (n_pad unused: N)."""
+    if not _dense_table_ok(table, geom, N, like.element_size()):
+        return _prep_table(table, like), N, False
     H = table.shape[1]
-    n_pad = cdiv(N, DENSE_TABLE_ALIGN) * DENSE_TABLE_ALIGN
+    n_pad = _n_pad(N)
     out = empty((H, n_pad, n_pad), torch.float32, table.device)
     _log("dense-table", (DENSE_BLOCK_I, DENSE_BLOCK_J))
     _kernels._tmsa_attention_dense_table_kernel[
         (n_pad // DENSE_BLOCK_I, n_pad // DENSE_BLOCK_J, H)](
         table, out, table.stride(0), table.stride(1), N, n_pad, geom.gw, geom.rel_off,
         BLOCK_I=DENSE_BLOCK_I, BLOCK_J=DENSE_BLOCK_J, num_warps=4)
-    return out, n_pad
+    return out, n_pad, True
 
 
 # the table-gradient gather: [TABLE_BLOCK_R rows, TABLE_BLOCK_K elements] per step, 4 warps
@@ -443,8 +464,7 @@ def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
     geom = _Geom(N, geometry)
     o = empty((B, H, N, D), q.dtype, q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    dense = _dense_table_ok(table, geom, N, q.element_size())
-    tab, n_pad = _table_arg(table, q, geom, N, dense)
+    tab, n_pad, dense = _table_arg(table, q, geom, N)
     kw = dict(_common_kwargs(q, geom, table, bias), DENSE_TAB=dense)
     args = (q, k, v, tab, bias if bias is not None else q, o, lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *_bias_strides(bias),
@@ -505,8 +525,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         elif acc_dense:
             dextra = partial.sum(1)[:, :N, :N]
     else:
-        dense = _dense_table_ok(table, geom, N, q.element_size())
-        tab, n_pad = _table_arg(table, q, geom, N, dense)
+        tab, n_pad, dense = _table_arg(table, q, geom, N)
         geo_p = (H, N, D, geom.R, n_pad, *geom.args(dev), geom.rel_off, float(scale) * LOG2E)
         delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
         _kernels._tmsa_attention_bwd_kernel_delta[(cdiv(N, DELTA_BLOCK_M), B * H)](
@@ -744,18 +763,21 @@ def _spec(fn, dt: str, constexprs: dict, warps: int, stages: int, label: str,
 
 
 @functools.lru_cache(maxsize=None)
-def _example(D: int, windowed: bool, bm: int = 64, bn: int = 64, bias: bool = False) -> dict:
+def _example(D: int, windowed: bool, bm: int = 64, bn: int = 64, bias: bool = False,
+             odd: bool = False) -> dict:
     """An example launch's int arguments, which the compile gate types as Triton's JIT types
     them (divisibility by 16 and constants change the code): DiffiT-XL/2 at 256 px (B 32, 16
-    heads, a 16x16 token grid) for global attention, a 64x64 image-space map in 8x8 windows
-    (B 16, 4 heads) for windowed; q, k, v are head-split views of the packed [B, N, 3C]
-    projection (time_qkv's), dO and the outputs contiguous; on 132 SMs."""
-    B, H, G, g = (16, 4, 64, 8) if windowed else (32, 16, 16, 16)
-    N = G * G
-    geom = _Geom(N, [G, G, g, g])
+    heads, a 16x16 token grid) for global attention (odd: a 15x17 grid, N 255, whose tiles
+    are masked), a 64x64 image-space map in 8x8 windows (B 16, 4 heads) for windowed; q, k, v
+    are head-split views of the packed [B, N, 3C] projection (time_qkv's), dO and the outputs
+    contiguous; on 132 SMs."""
+    B, H, Gh, Gw, gh, gw = ((16, 4, 64, 64, 8, 8) if windowed else
+                            (32, 16, 15, 17, 15, 17) if odd else (32, 16, 16, 16, 16, 16))
+    N = Gh * Gw
+    geom = _Geom(N, [Gh, Gw, gh, gw])
     C3 = 3 * H * D
     n_win, gw, _, n_lut = geom.args(torch.device("cpu"))
-    ex = dict(H=H, N=N, D=D, R=geom.R, n_pad=cdiv(N, DENSE_TABLE_ALIGN) * DENSE_TABLE_ALIGN,
+    ex = dict(H=H, N=N, D=D, R=geom.R, n_pad=_n_pad(N),
               n_win=n_win, gw=gw, n_lut=n_lut, rel_off=geom.rel_off, nW=geom.nW,
               N_BUCKET=next_power_of_2(N), SPAN_BUCKET=next_power_of_2(n_win),
               # dK/dV's batch shares (_batch_groups) and a sample step past the first two
@@ -792,7 +814,8 @@ _SHAPE_D = {(16, 0): 16, (32, 0): 32, (32, 16): 40, (64, 0): 64, (64, 16): 72, (
             (128, 0): 128}  # one head dim per chunk shape (every D in HEAD_DIMS maps to one)
 
 
-def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: bool = False):
+def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: bool = False,
+                 odd: bool = False):
     table, bias, windowed, store = _AOT_FLAGS[flags]
     D0, D1, HAS_D1 = _head_split(D)
     bm, bn, w, s = cfg
@@ -805,6 +828,8 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
         c.update(BLOCK_M=bm, BLOCK_N=bn)
     if base in ("fwd", "dkdv", "dq"):
         c["DENSE_TAB"] = flags == "dense"
+        c["EVEN"] = _even(dict(_example(D, windowed, odd=odd), WINDOWED=windowed, BLOCK_M=bm,
+                               BLOCK_N=bn))
     if base == "dq":
         c.update(STORE_DS=store)
     if base == "dkdv":
@@ -813,8 +838,9 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
         c["stride_bias_n"] = 1  # the launcher makes the bias unit-stride: Triton specialises 1
     fn = getattr(_kernels, _KERNEL_NAMES[base])
     acc = "-acc" if kind.endswith("-acc") else ""
-    spec = _spec(fn, dt, c, w, s, f"{dt} D={D} {flags}{acc} {bm}x{bn} w{w} s{s}",
-                 example=_example(D, windowed, bm, bn, bias))
+    spec = _spec(fn, dt, c, w, s,
+                 f"{dt} D={D} {flags}{acc} {bm}x{bn} w{w} s{s}" + (" N255" if odd else ""),
+                 example=_example(D, windowed, bm, bn, bias, odd))
     spec.spill_ok = spill_ok
     return spec
 
@@ -859,6 +885,10 @@ def aot_specs():
                 continue
             if elt == 2:
                 specs.append(_kernel_spec(kind, "fp16", D, flags, cfgs[0]))
+            if kind in ("fwd", "dkdv", "dkdv-acc", "dq"):
+                # the masked variant (EVEN off): an odd grid, as DiffiT's grids are not
+                odd_flags = "dense" if elt == 2 and not has_bias else flags
+                specs.append(_kernel_spec(kind, dt, D, odd_flags, cfgs[0], odd=True))
             if not has_bias and kind in ("fwd", "dkdv", "dq", "dbias"):
                 specs.append(_kernel_spec(kind, dt, D, "plain", cfgs[0]))
             if not has_bias and kind == "dbias":

@@ -150,6 +150,30 @@ def test_dense_table_copy_is_bitwise_the_gathered_table(B, N, H, D, grid, card, 
         assert torch.equal(a, b), name
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype,card", [
+    pytest.param(torch.float32, None, id="fp32-interpreter-cfg"),
+    pytest.param(torch.float32, (4, 0), id="fp32-cfg"),
+    *(pytest.param(torch.bfloat16, (2, pick), id=f"bf16-16bit-cfg-pick{pick}")
+      for pick in range(4)),
+])
+def test_even_tiles_are_bitwise_the_masked_kernels(dtype, card, monkeypatch):
+    """Global attention whose N is a multiple of both blocks (DiffiT's latent grids) runs the
+    forward, dK/dV and dQ kernels without row and key masks (EVEN); every output and gradient
+    is bitwise what the masked kernels give, for the CUDA configs of d = 72 (the 16-bit list
+    with the most entries, dK/dV with the table partials, has four)."""
+    B, H, N, D, grid = 2, 1, 128, 72, (8, 16)
+    even, log_e = _table_run(B, H, N, D, grid, dtype, card, A.DENSE_TABLE_MAX_BYTES,
+                             monkeypatch)
+    monkeypatch.setattr(A, "_EVEN_OK", False)
+    masked, log_m = _table_run(B, H, N, D, grid, dtype, card, A.DENSE_TABLE_MAX_BYTES,
+                               monkeypatch)
+    ran = {e[1] for e in log_e if e[0] == "even"}
+    assert ran == {"fwd", "dkdv-acc", "dq"} and not any(e[0] == "even" for e in log_m), ran
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dtable"), even, masked):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("grid,window", [((8, 12), (8, 6)), ((32, 32), (4, 4)), ((6, 6), (2, 3)),
                                          ((64, 64), (8, 8))])
 def test_token_table_maps_virtual_tokens_as_the_reference_windows(grid, window):

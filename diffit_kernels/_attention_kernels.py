@@ -102,16 +102,18 @@ if triton is not None:
                 win_b, mask_b, stride_bias_a, stride_bias_b, rel_off, qk_scale, n_pad,
                 HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_MASK: tl.constexpr,
                 KEYS_FIRST: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr, DENSE_TAB: tl.constexpr):
+                PRECISION: tl.constexpr, DENSE_TAB: tl.constexpr, EVEN: tl.constexpr):
         """Logits (log2 units) of a [rows a, cols b] tile and the mask of pairs that attend.
-        KEYS_FIRST: the rows are keys (the transposed tile of the dK/dV kernel).
+        KEYS_FIRST: the rows are keys (the transposed tile of the dK/dV kernel). EVEN: both
+        tiles whole and inside one window, so every pair attends.
         DENSE_TAB (global attention): TAB_H is the head's table already gathered into a
         zero-padded [n_pad, n_pad] (query, key) tile, read with one unmasked vector load."""
         # [A, B]
         s = _mm_nt(a0, a1, b0, b1, HAS_D1, UPCAST, PRECISION) * qk_scale
         valid = mask_a[:, None] & mask_b[None, :]
         if WIN_MASK:
-            valid = valid & (win_a[:, None] == win_b[None, :])
+            if not EVEN:
+                valid = valid & (win_a[:, None] == win_b[None, :])
         if HAS_TABLE and DENSE_TAB:
             # rows are virtual tokens; every tile starts at a multiple of its block (>= 16) and
             # lies inside the padded tile (n_pad: a multiple of every block)
@@ -135,8 +137,9 @@ if triton is not None:
 
     @triton.jit
     def _inside(offs, end, BLOCK: tl.constexpr, EVEN: tl.constexpr):
-        """offs < end, or (EVEN: every tile is whole, the launcher checked) a constant true
-        that the compiler folds away with the masks and selects built on it."""
+        """offs < end, or (EVEN: every tile is whole and inside one window, the launcher
+        checked) a constant true that the compiler folds away with the masks and selects built
+        on it."""
         if EVEN:
             return tl.full([BLOCK], 1, tl.int1)
         return offs < end
@@ -172,7 +175,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # EVEN (global attention, N a multiple of both blocks): no row or key masks
+        # EVEN (the attended span, N or a window, a multiple of both blocks): no masks
         D = D // 8 * 8  # D % 8 == 0 (checked): lets the compiler vectorize the row masks
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1).to(tl.int64)
@@ -205,7 +208,7 @@ if triton is not None:
             s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
                                row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
                                rel_off, qk_scale, n_pad, HAS_TABLE, HAS_BIAS, WINDOWED, False,
-                               HAS_D1, UPCAST, PRECISION, DENSE_TAB)
+                               HAS_D1, UPCAST, PRECISION, DENSE_TAB, EVEN)
             if not EVEN:
                 s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -285,7 +288,7 @@ if triton is not None:
             sT, valid = _logits(k0, k1, q0, q1, TAB_H, BIAS_BH, row_n, code_n, win_n, mask_n,
                                 row_m, code_m, win_m, mask_m, stride_bias_n, stride_bias_m,
                                 rel_off, qk_scale, n_pad, HAS_TABLE, HAS_BIAS, WINDOWED, True,
-                                HAS_D1, UPCAST, PRECISION, DENSE_TAB)
+                                HAS_D1, UPCAST, PRECISION, DENSE_TAB, EVEN)
             pT = tl.math.exp2(sT - lse[None, :])
             if not EVEN:
                 pT = tl.where(valid, pT, 0.0)
@@ -429,7 +432,7 @@ if triton is not None:
             s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
                                row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
                                rel_off, qk_scale, n_pad, HAS_TABLE, HAS_BIAS, WINDOWED, False,
-                               HAS_D1, UPCAST, PRECISION, DENSE_TAB)
+                               HAS_D1, UPCAST, PRECISION, DENSE_TAB, EVEN)
             p = tl.math.exp2(s - lse[:, None])
             if not EVEN:
                 p = tl.where(valid, p, 0.0)
@@ -503,7 +506,7 @@ if triton is not None:
             s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS + b * stride_bias_b + h * stride_bias_h,
                                row_a, code_a, win_a, mask_a, row_c, code_c, win_c, mask_c,
                                stride_bias_m, stride_bias_n, rel_off, qk_scale, N, HAS_TABLE,
-                               HAS_BIAS, False, False, HAS_D1, UPCAST, PRECISION, False)
+                               HAS_BIAS, False, False, HAS_D1, UPCAST, PRECISION, False, False)
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
             acc += p * (_mm_nt(do0, do1, v0, v1, HAS_D1, UPCAST, PRECISION) - delta[:, None])
         offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -556,7 +559,7 @@ if triton is not None:
                                BIAS + b * stride_bias_b + h * stride_bias_h, row, code, win, mask,
                                row, code, win, mask, stride_bias_m, stride_bias_n, rel_off,
                                qk_scale, N, HAS_TABLE, HAS_BIAS, WINDOWED, False, HAS_D1, UPCAST,
-                               PRECISION, False)
+                               PRECISION, False, False)
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
             pT = tl.trans(p.to(Q.dtype.element_ty))
             dv0 = _mm(pT, do0, None, UPCAST, PRECISION)

@@ -252,7 +252,7 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
         {(32, 16): [(16, 16, 8, 1)], (64, 16): [(16, 16, 4, 1)], (128, 0): [(16, 16, 8, 1)]}),
     ("dq-win", False, 4): (
         [(16, 16, 2, 1)],
-        {(32, 16): [(16, 16, 1, 1)], (64, 16): [(16, 16, 2, 1)], (128, 0): [(16, 16, 8, 1)]}),
+        {(32, 16): [(16, 16, 1, 1)], (64, 16): [(16, 16, 8, 1)], (128, 0): [(16, 16, 8, 1)]}),
     ("dbias", False, 4): (
         [(16, 16, 2, 1)],
         {(64, 16): [(32, 16, 4, 1)]}),
@@ -317,10 +317,12 @@ _EVEN_OK = True  # the tests turn the unmasked variant off to compare it bit for
 
 
 def _even(meta: dict) -> bool:
-    """EVEN: global attention whose N is a multiple of both blocks, so every tile is whole and
-    the kernel builds no row or key masks (DiffiT's latent grids: N 256, 1024)."""
-    return (_EVEN_OK and not meta["WINDOWED"] and meta["N"] % meta["BLOCK_M"] == 0
-            and meta["N"] % meta["BLOCK_N"] == 0)
+    """EVEN: the span a query attends over (N, or a window of n_win tokens; N is a multiple of
+    it) is a multiple of both blocks, so every tile is whole and inside one window and the
+    kernel builds no row, key or window masks (DiffiT's latent grids, N 256 and 1024; 8x8
+    windows under 64-token tiles)."""
+    return (_EVEN_OK and meta["n_win"] % meta["BLOCK_M"] == 0
+            and meta["n_win"] % meta["BLOCK_N"] == 0)
 
 
 def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwargs: dict):
@@ -767,12 +769,14 @@ def _example(D: int, windowed: bool, bm: int = 64, bn: int = 64, bias: bool = Fa
              odd: bool = False) -> dict:
     """An example launch's int arguments, which the compile gate types as Triton's JIT types
     them (divisibility by 16 and constants change the code): DiffiT-XL/2 at 256 px (B 32, 16
-    heads, a 16x16 token grid) for global attention (odd: a 15x17 grid, N 255, whose tiles
-    are masked), a 64x64 image-space map in 8x8 windows (B 16, 4 heads) for windowed; q, k, v
-    are head-split views of the packed [B, N, 3C] projection (time_qkv's), dO and the outputs
-    contiguous; on 132 SMs."""
-    B, H, Gh, Gw, gh, gw = ((16, 4, 64, 64, 8, 8) if windowed else
-                            (32, 16, 15, 17, 15, 17) if odd else (32, 16, 16, 16, 16, 16))
+    heads, a 16x16 token grid) for global attention, a 64x64 image-space map in 8x8 windows
+    (B 16, 4 heads) for windowed; odd: a 15x17 grid (N 255), 6x6 windows of a 48x48 map, whose
+    tiles are masked (EVEN off). q, k, v are head-split views of the packed [B, N, 3C]
+    projection (time_qkv's), dO and the outputs contiguous; on 132 SMs."""
+    B, H, Gh, Gw, gh, gw = {(False, False): (32, 16, 16, 16, 16, 16),
+                            (False, True): (32, 16, 15, 17, 15, 17),
+                            (True, False): (16, 4, 64, 64, 8, 8),
+                            (True, True): (16, 4, 48, 48, 6, 6)}[windowed, odd]
     N = Gh * Gw
     geom = _Geom(N, [Gh, Gw, gh, gw])
     C3 = 3 * H * D
@@ -838,9 +842,9 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
         c["stride_bias_n"] = 1  # the launcher makes the bias unit-stride: Triton specialises 1
     fn = getattr(_kernels, _KERNEL_NAMES[base])
     acc = "-acc" if kind.endswith("-acc") else ""
-    spec = _spec(fn, dt, c, w, s,
-                 f"{dt} D={D} {flags}{acc} {bm}x{bn} w{w} s{s}" + (" N255" if odd else ""),
-                 example=_example(D, windowed, bm, bn, bias, odd))
+    example = _example(D, windowed, bm, bn, bias, odd)
+    spec = _spec(fn, dt, c, w, s, f"{dt} D={D} {flags}{acc} {bm}x{bn} w{w} s{s}"
+                 + (f" n_win {example['n_win']}" if odd else ""), example=example)
     spec.spill_ok = spill_ok
     return spec
 
@@ -885,9 +889,9 @@ def aot_specs():
                 continue
             if elt == 2:
                 specs.append(_kernel_spec(kind, "fp16", D, flags, cfgs[0]))
-            if kind in ("fwd", "dkdv", "dkdv-acc", "dq"):
-                # the masked variant (EVEN off): an odd grid, as DiffiT's grids are not
-                odd_flags = "dense" if elt == 2 and not has_bias else flags
+            if kind.split("-")[0] in ("fwd", "dkdv", "dq"):
+                # the masked variant (EVEN off): an odd grid or window, as the examples are not
+                odd_flags = "dense" if elt == 2 and flags == "table" else flags
                 specs.append(_kernel_spec(kind, dt, D, odd_flags, cfgs[0], odd=True))
             if not has_bias and kind in ("fwd", "dkdv", "dq", "dbias"):
                 specs.append(_kernel_spec(kind, dt, D, "plain", cfgs[0]))

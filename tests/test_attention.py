@@ -72,6 +72,8 @@ CASES = [
     _p(2, 24, 2, 16, "table-4x6-w2x3", grid=(4, 6), window=(2, 3), table=True),
     _p(1, 96, 1, 24, "table-8x12-w8x6", grid=(8, 12), window=(8, 6), table=True),
     _p(1, 64, 2, 16, "nobias-8x8-w4x4", grid=(8, 8), window=(4, 4)),
+    # windows that fill whole tiles (EVEN: no row, key or window masks)
+    _p(1, 128, 1, 40, "table-8x16-w8x8", grid=(8, 16), window=(8, 8), table=True),
     # dense bias
     _p(2, 17, 2, 16, "bias-HNN", bias="H"),
     _p(1, 100, 2, 40, "bias-HNN", bias="H"),
@@ -109,16 +111,19 @@ def test_windows_on_the_flash_path(B, N, H, D, kw, dtype, monkeypatch):
     _check(dtype, B, H, N, D, **kw)
 
 
-def _table_run(B, H, N, D, grid, dtype, card, dense_cap, monkeypatch):
-    """Output, gradients (q, k, v, table) and launch log of one global-attention call."""
+def _table_run(B, H, N, D, grid, dtype, card, dense_cap, monkeypatch, window=None):
+    """Output, gradients (q, k, v, table) and launch log of one attention call with a table
+    (global, or in windows)."""
     monkeypatch.setattr(A, "DENSE_TABLE_MAX_BYTES", dense_cap)
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D).to(dtype).requires_grad_() for _ in range(3))
-    table = torch.randn((2 * grid[0] - 1) * (2 * grid[1] - 1), H, requires_grad=True)
+    gh, gw = window or grid
+    table = torch.randn((2 * gh - 1) * (2 * gw - 1), H, requires_grad=True)
     log = []
     elt, pick = card or (None, 0)
     with A._emulate_card(132, elt=elt, pick=pick, log=log):
-        o = diffit_kernels.tmsa_attention(q, k, v, table=table, grid=grid, backend="triton")
+        o = diffit_kernels.tmsa_attention(q, k, v, table=table, grid=grid, window=window,
+                                          backend="triton")
         grads = torch.autograd.grad(o.float().square().sum(), (q, k, v, table))
     return (o,) + grads, log
 
@@ -151,25 +156,31 @@ def test_dense_table_copy_is_bitwise_the_gathered_table(B, N, H, D, grid, card, 
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("dtype,card", [
-    pytest.param(torch.float32, None, id="fp32-interpreter-cfg"),
-    pytest.param(torch.float32, (4, 0), id="fp32-cfg"),
-    *(pytest.param(torch.bfloat16, (2, pick), id=f"bf16-16bit-cfg-pick{pick}")
+@pytest.mark.parametrize("dtype,card,window", [
+    pytest.param(torch.float32, None, None, id="global-fp32-interpreter-cfg"),
+    pytest.param(torch.float32, (4, 0), None, id="global-fp32-cfg"),
+    *(pytest.param(torch.bfloat16, (2, pick), None, id=f"global-bf16-16bit-cfg-pick{pick}")
       for pick in range(4)),
+    # the windowed d = 72 lists have one config each
+    pytest.param(torch.float32, None, (8, 8), id="win8x8-fp32-interpreter-cfg"),
+    pytest.param(torch.float32, (4, 0), (8, 8), id="win8x8-fp32-cfg"),
+    pytest.param(torch.bfloat16, (2, 0), (8, 8), id="win8x8-bf16-16bit-cfg"),
 ])
-def test_even_tiles_are_bitwise_the_masked_kernels(dtype, card, monkeypatch):
-    """Global attention whose N is a multiple of both blocks (DiffiT's latent grids) runs the
-    forward, dK/dV and dQ kernels without row and key masks (EVEN); every output and gradient
-    is bitwise what the masked kernels give, for the CUDA configs of d = 72 (the 16-bit list
-    with the most entries, dK/dV with the table partials, has four)."""
+def test_even_tiles_are_bitwise_the_masked_kernels(dtype, card, window, monkeypatch):
+    """Attention whose span (N, or a window) is a multiple of both blocks (DiffiT's latent
+    grids, 8x8 windows) runs the forward, dK/dV and dQ kernels without row, key and window
+    masks (EVEN); every output and gradient is bitwise what the masked kernels give, for the
+    CUDA configs of d = 72 (the 16-bit list with the most entries, dK/dV with the table
+    partials, has four)."""
     B, H, N, D, grid = 2, 1, 128, 72, (8, 16)
     even, log_e = _table_run(B, H, N, D, grid, dtype, card, A.DENSE_TABLE_MAX_BYTES,
-                             monkeypatch)
+                             monkeypatch, window)
     monkeypatch.setattr(A, "_EVEN_OK", False)
     masked, log_m = _table_run(B, H, N, D, grid, dtype, card, A.DENSE_TABLE_MAX_BYTES,
-                               monkeypatch)
+                               monkeypatch, window)
     ran = {e[1] for e in log_e if e[0] == "even"}
-    assert ran == {"fwd", "dkdv-acc", "dq"} and not any(e[0] == "even" for e in log_m), ran
+    want = {"fwd", "dkdv-acc", "dq"} if window is None else {"fwd-win", "dkdv-win-acc", "dq-win"}
+    assert ran == want and not any(e[0] == "even" for e in log_m), ran
     for name, a, b in zip(("o", "dq", "dk", "dv", "dtable"), even, masked):
         assert torch.equal(a, b), name
 

@@ -32,7 +32,6 @@ class AotSpec:
     uses_dot: bool               # built on tl.dot with fp16/bf16 operands: tensor cores expected
     archs: Sequence[int] = (80, 90)
     spill_ok: bool = False       # an autotune candidate after the default: may spill
-    div16: Sequence[str] = ()    # int args the launcher keeps multiples of 16 (as the JIT sees)
     # int args given by an example value (a DiffiT launch's), typed and specialised the way
     # Triton's JIT does for that value (jit_int): the build is the one that runs at that shape
     example: Dict[str, int] = dataclasses.field(default_factory=dict)
@@ -150,9 +149,9 @@ def compile_spec(spec: AotSpec, arch: int) -> AotRow:
     row = AotRow(spec.kernel, spec.config, ARCH_NAME[arch], spec.num_warps, spec.num_stages,
                  0, 0, 0, 0, 0, spec.uses_dot, spill_ok=spec.spill_ok)
     sig = _full_signature(spec)
-    # pointers are 16-byte aligned, as the JIT specialises torch allocations (and ints that
-    # are multiples of 16)
-    div16 = set(spec.div16) | {n for n, v in spec.example.items() if jit_int(v)[1]}
+    # pointers are 16-byte aligned, as the JIT specialises torch allocations (and example
+    # ints that are multiples of 16)
+    div16 = {n for n, v in spec.example.items() if jit_int(v)[1]}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
              if t.startswith("*") or (n in div16 and t != "constexpr")}
     try:

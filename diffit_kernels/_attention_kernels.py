@@ -162,11 +162,12 @@ if triton is not None:
         V,      # [B, H, N, D]
         TAB,    # [H, R] fp32 table * log2(e) (HAS_TABLE), or [H, n_pad, n_pad] (DENSE_TAB)
         BIAS,   # [B or 1, H, N, N] dense bias, any strides (HAS_BIAS)
-        O,      # [B, H, N, D] out, contiguous
+        O,      # [B, H, N, D] out, strided (the launcher's: [B, N, H, D] memory)
         LSE,    # [B, H, N] fp32 out: log2 of the softmax denominators
         stride_q_b, stride_q_h, stride_q_n,
         stride_k_b, stride_k_h, stride_k_n,
         stride_v_b, stride_v_h, stride_v_n,
+        stride_o_b, stride_o_h, stride_o_n,
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
         H, N, D, R, n_pad, n_win, gw, TOK, n_lut, rel_off, qk_scale,
         N_BUCKET, SPAN_BUCKET,  # autotune keys only
@@ -225,15 +226,16 @@ if triton is not None:
         # rows past N attend to nothing (l = 0); NaN stays NaN
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
         inv = 1.0 / l_i
-        _store_rows(O, pid_bh * N * D, row_m, mask_m, D, D, acc0 * inv[:, None],
-                    acc1 * inv[:, None], D0, D1, HAS_D1)
+        _store_rows(O, b * stride_o_b + h * stride_o_h, row_m, mask_m, stride_o_n, D,
+                    acc0 * inv[:, None], acc1 * inv[:, None], D0, D1, HAS_D1)
         tl.store(LSE + pid_bh * N + row_m, m_i + tl.math.log2(l_i), mask=mask_m)
 
     @triton.jit
     def _tmsa_attention_bwd_kernel_delta(
-        O,      # [B, H, N, D] contiguous forward output
+        O,      # [B, H, N, D] strided forward output, unit last stride
         DO,     # [B, H, N, D] strided, unit last stride
         DELTA,  # [B, H, N] fp32 out: rowsum(do * o)
+        stride_o_b, stride_o_h, stride_o_n,
         stride_do_b, stride_do_h, stride_do_n,
         H, N, D,
         BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
@@ -242,9 +244,12 @@ if triton is not None:
         pid_bh = tl.program_id(1).to(tl.int64)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        o0, o1 = _load_rows(O, pid_bh * N * D, offs_m, mask_m, D, D, D0, D1, HAS_D1)
-        do0, do1 = _load_rows(DO, (pid_bh // H) * stride_do_b + (pid_bh % H) * stride_do_h,
-                              offs_m, mask_m, stride_do_n, D, D0, D1, HAS_D1)
+        b = pid_bh // H
+        h = pid_bh % H
+        o0, o1 = _load_rows(O, b * stride_o_b + h * stride_o_h, offs_m, mask_m, stride_o_n, D,
+                            D0, D1, HAS_D1)
+        do0, do1 = _load_rows(DO, b * stride_do_b + h * stride_do_h, offs_m, mask_m,
+                              stride_do_n, D, D0, D1, HAS_D1)
         delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
         if HAS_D1:
             delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)

@@ -166,7 +166,8 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
 _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1): list})
     ("fwd", False, 2): (
         [(128, 64, 8, 3), (128, 64, 8, 2)],
-        {(32, 16): [(128, 32, 8, 3), (128, 32, 8, 2)], (64, 0): [(128, 64, 8, 3)],
+        {(32, 0): [(128, 32, 8, 3), (128, 64, 8, 3)],
+         (32, 16): [(128, 32, 8, 3), (128, 32, 8, 2)], (64, 0): [(128, 64, 8, 3)],
          (64, 16): [(128, 32, 8, 3), (128, 32, 8, 1), (64, 64, 4, 3), (128, 64, 8, 2)],
          (64, 32): [(128, 32, 8, 3)],
          (128, 0): [(64, 32, 4, 3), (64, 32, 4, 2)]}),
@@ -316,13 +317,22 @@ def _log(kind: str, *configs: tuple) -> None:
 _EVEN_OK = True  # the tests turn the unmasked variant off to compare it bit for bit
 
 
-def _even(meta: dict) -> bool:
+def _even_blocks(n_win: int, bm: int, bn: int) -> bool:
     """EVEN: the span a query attends over (N, or a window of n_win tokens; N is a multiple of
     it) is a multiple of both blocks, so every tile is whole and inside one window and the
     kernel builds no row, key or window masks (DiffiT's latent grids, N 256 and 1024; 8x8
     windows under 64-token tiles)."""
-    return (_EVEN_OK and meta["n_win"] % meta["BLOCK_M"] == 0
-            and meta["n_win"] % meta["BLOCK_N"] == 0)
+    return _EVEN_OK and n_win % bm == 0 and n_win % bn == 0
+
+
+def _even(meta: dict) -> bool:
+    """_even_blocks as the autotuner's heuristic (its launch arguments by name)."""
+    return _even_blocks(meta["n_win"], meta["BLOCK_M"], meta["BLOCK_N"])
+
+
+@functools.lru_cache(maxsize=None)
+def _arg_index(kernel, name: str) -> int:
+    return kernel.arg_names.index(name)
 
 
 def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwargs: dict):
@@ -334,7 +344,7 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
     if len(configs) == 1:
         bm, bn, w, s = configs[0]
         if has_even:
-            even = _even(dict(zip(kernel.arg_names, args), **kwargs, BLOCK_M=bm, BLOCK_N=bn))
+            even = _even_blocks(args[_arg_index(kernel, "n_win")], bm, bn)
             kwargs = dict(kwargs, EVEN=even)
             if even:
                 _log("even", kind)
@@ -365,6 +375,14 @@ def _rows_aligned(t: torch.Tensor) -> torch.Tensor:
     if any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
         t = t.contiguous()
     return t
+
+
+def _out_layout(B: int, H: int, N: int, D: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """o [B, H, N, D] over [B, N, H, D] memory (FlashAttention's output layout): merging the
+    heads back into [B, N, H * D] tokens, what every caller does next, is then a view, where a
+    contiguous [B, H, N, D] o costs a transposing copy per call (and that copy is what the
+    projection after it saves for its backward)."""
+    return empty((B, N, H, D), dtype, device).transpose(1, 2)
 
 
 def _strides3(t: torch.Tensor) -> Tuple[int, int, int]:
@@ -464,12 +482,12 @@ def _common_kwargs(q, geom: _Geom, table, bias):
 def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
     B, H, N, D = q.shape
     geom = _Geom(N, geometry)
-    o = empty((B, H, N, D), q.dtype, q.device)
+    o = _out_layout(B, H, N, D, q.dtype, q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     tab, n_pad, dense = _table_arg(table, q, geom, N)
     kw = dict(_common_kwargs(q, geom, table, bias), DENSE_TAB=dense)
     args = (q, k, v, tab, bias if bias is not None else q, o, lse,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_bias_strides(bias),
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_bias_strides(bias),
             H, N, D, geom.R, n_pad, *geom.args(q.device), geom.rel_off, float(scale) * LOG2E,
             next_power_of_2(N), next_power_of_2(geom.n_win))
     kind = "fwd-win" if geom.windowed else "fwd"
@@ -482,7 +500,7 @@ def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
 def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_extra):
     B, H, N, D = q.shape
     geom = _Geom(N, geometry)
-    do = _rows_aligned(do)
+    do, o = _rows_aligned(do), _rows_aligned(o)
     dev = q.device
     dq, dk, dv = (empty((B, H, N, D), q.dtype, dev) for _ in range(3))
     kw = _common_kwargs(q, geom, table, bias)
@@ -531,7 +549,8 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         geo_p = (H, N, D, geom.R, n_pad, *geom.args(dev), geom.rel_off, float(scale) * LOG2E)
         delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
         _kernels._tmsa_attention_bwd_kernel_delta[(cdiv(N, DELTA_BLOCK_M), B * H)](
-            o, do, delta, *_strides3(do), H, N, D, BLOCK_M=DELTA_BLOCK_M, D0=kw["D0"],
+            o, do, delta, *_strides3(o), *_strides3(do), H, N, D, BLOCK_M=DELTA_BLOCK_M,
+            D0=kw["D0"],
             D1=kw["D1"], HAS_D1=kw["HAS_D1"], num_warps=DELTA_WARPS)
         buckets = (next_power_of_2(N), next_power_of_2(geom.n_win))
         win = "-win" if geom.windowed else ""
@@ -595,7 +614,14 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
 
 
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("diffit_kernels::tmsa_attention_fwd", mutates_args=())
+# The forward op's name says its output layout (o over [B, N, H, D] memory, _out_layout): a
+# torch.compile cache keys on the graph's code, not on an op's fake implementation, so code
+# compiled against an earlier layout (which asserts that layout's strides) must not be found
+# under the same name after an upgrade.
+_FWD_OP = "tmsa_attention_fwd_bnhd"
+
+
+@torch.library.custom_op("diffit_kernels::" + _FWD_OP, mutates_args=())
 def _tmsa_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            table: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                            geometry: List[int], scale: float,
@@ -606,7 +632,8 @@ def _tmsa_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @_tmsa_attention_fwd_op.register_fake
 def _(q, k, v, table, bias, geometry, scale, deterministic):
     B, H, N, D = q.shape
-    return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
+    return (q.new_empty((B, N, H, D)).transpose(1, 2),
+            q.new_empty((B, H, N), dtype=torch.float32))
 
 
 @torch.library.custom_op("diffit_kernels::tmsa_attention_bwd", mutates_args=())
@@ -665,7 +692,7 @@ class _TmsaAttentionDirect(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):  # the op's arguments
-        o, lse = dispatch("tmsa_attention_fwd", True, None, _fwd_impl, *args)
+        o, lse = dispatch(_FWD_OP, True, None, _fwd_impl, *args)
         _setup_context(ctx, args, (o, lse))
         ctx.direct = True
         ctx.set_materialize_grads(False)  # no zero-filled gradient of lse per call
@@ -712,7 +739,9 @@ def tmsa_attention(
             deterministic, the flag is kept for API stability).
         backend: "auto" | "triton" | "torch" (see diffit_kernels._common.resolve_backend).
     Returns:
-        o [B, H, N, D] in q's dtype, differentiable w.r.t. q, k, v, table and bias.
+        o [B, H, N, D] in q's dtype, differentiable w.r.t. q, k, v, table and bias. The
+        Triton path lays it over [B, N, H, D] memory, so o.transpose(1, 2).reshape(B, N, H * D)
+        (the heads merged into tokens) is a view, not a copy.
     """
     gh, gw, Gh, Gw = reference.check_attention_inputs(q, k, v, table, grid, window, bias)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
@@ -732,7 +761,7 @@ def tmsa_attention(
     geometry = [Gh, Gw, gh, gw] if uses_grid else []
     q, k, v = (_rows_aligned(t) for t in (q, k, v))
     bias = unit_last_stride(bias) if bias is not None else None
-    return call_op("tmsa_attention_fwd", _tmsa_attention_fwd_op, _fwd_impl, _TmsaAttentionDirect,
+    return call_op(_FWD_OP, _tmsa_attention_fwd_op, _fwd_impl, _TmsaAttentionDirect,
                    (q, k, v, table, bias, geometry, scale, bool(deterministic)),
                    (q, k, v, table, bias))[0]
 
@@ -772,7 +801,8 @@ def _example(D: int, windowed: bool, bm: int = 64, bn: int = 64, bias: bool = Fa
     heads, a 16x16 token grid) for global attention, a 64x64 image-space map in 8x8 windows
     (B 16, 4 heads) for windowed; odd: a 15x17 grid (N 255), 6x6 windows of a 48x48 map, whose
     tiles are masked (EVEN off). q, k, v are head-split views of the packed [B, N, 3C]
-    projection (time_qkv's), dO and the outputs contiguous; on 132 SMs."""
+    projection (time_qkv's), o and dO over [B, N, H, D] memory, dq, dk, dv contiguous; on 132
+    SMs."""
     B, H, Gh, Gw, gh, gw = {(False, False): (32, 16, 16, 16, 16, 16),
                             (False, True): (32, 16, 15, 17, 15, 17),
                             (True, False): (16, 4, 64, 64, 8, 8),
@@ -781,6 +811,7 @@ def _example(D: int, windowed: bool, bm: int = 64, bn: int = 64, bias: bool = Fa
     geom = _Geom(N, [Gh, Gw, gh, gw])
     C3 = 3 * H * D
     n_win, gw, _, n_lut = geom.args(torch.device("cpu"))
+    P = 4 * 132 // H  # partial-writing programs per head (_programs_per_head)
     ex = dict(H=H, N=N, D=D, R=geom.R, n_pad=_n_pad(N),
               n_win=n_win, gw=gw, n_lut=n_lut, rel_off=geom.rel_off, nW=geom.nW,
               N_BUCKET=next_power_of_2(N), SPAN_BUCKET=next_power_of_2(n_win),
@@ -789,10 +820,13 @@ def _example(D: int, windowed: bool, bm: int = 64, bn: int = 64, bias: bool = Fa
               # a dense bias [H, N, N] shared by the batch (none: zero strides)
               stride_bias_b=0, stride_bias_h=N * N * bias, stride_bias_m=N * bias,
               stride_bias_n=int(bias),
-              stride_do_b=H * N * D, stride_do_h=N * D, stride_do_n=D,
-              # partial-writing programs (_programs_per_head) and the fused kernel's units
-              P=4 * 132 // H, units=B * geom.nW, groups=geom.nW, group_tokens=n_win,
-              per_prog=cdiv(B * geom.nW, 4 * 132 // H),
+              # o over [B, N, H, D] memory (_out_layout), and dO so too: the gradient of the
+              # head merge the model does next (a view of the projection's input gradient)
+              stride_o_b=N * H * D, stride_o_h=D, stride_o_n=H * D,
+              stride_do_b=N * H * D, stride_do_h=D, stride_do_n=H * D,
+              # partial-writing programs and the fused kernel's units
+              P=P, units=B * geom.nW, groups=geom.nW, group_tokens=n_win,
+              per_prog=cdiv(B * geom.nW, P),
               # the table-gradient gather over a head's partial
               n_elems=N * N, n_bins=4 * N, stride_ps_h=N * N,
               # the learnable [R, H] table, row-major
@@ -832,8 +866,7 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
         c.update(BLOCK_M=bm, BLOCK_N=bn)
     if base in ("fwd", "dkdv", "dq"):
         c["DENSE_TAB"] = flags == "dense"
-        c["EVEN"] = _even(dict(_example(D, windowed, odd=odd), WINDOWED=windowed, BLOCK_M=bm,
-                               BLOCK_N=bn))
+        c["EVEN"] = _even_blocks(_example(D, windowed, odd=odd)["n_win"], bm, bn)
     if base == "dq":
         c.update(STORE_DS=store)
     if base == "dkdv":

@@ -249,6 +249,30 @@ def test_packed_qkv_views_are_not_copied(B, N, H, D, kw, dtype):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("kw", [dict(grid=(8, 8)), dict(grid=(8, 8), window=(4, 4))],
+                         ids=["global", "win4x4"])
+def test_output_is_laid_out_so_the_head_merge_is_a_view(kw):
+    """o [B, H, N, D] over [B, N, H, D] memory: the model's merge into [B, N, H * D] tokens is a
+    view (no copy kernel), and the gradient coming back through it (dO over the same memory,
+    as the projection's input gradient gives it) is read in place; both against the
+    reference."""
+    B, H, N, D = 2, 2, 64, 40
+    q, k, v = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(3))
+    table = torch.randn(15 * 15 if "window" not in kw else 49, H, requires_grad=True)
+    o = diffit_kernels.tmsa_attention(q, k, v, table=table, backend="triton", **kw)
+    assert o.shape == (B, H, N, D) and o.stride() == (N * H * D, D, H * D, 1)
+    merged = o.transpose(1, 2).reshape(B, N, H * D)
+    assert merged.data_ptr() == o.data_ptr() and merged.is_contiguous()
+    dy = torch.randn(B, N, H * D)
+    grads = torch.autograd.grad(merged, (q, k, v, table), dy)
+    ref = reference.tmsa_attention(q, k, v, table=table, **kw)
+    torch.testing.assert_close(o, ref, rtol=2e-4, atol=2e-5)
+    want = torch.autograd.grad(ref.transpose(1, 2).reshape(B, N, H * D), (q, k, v, table), dy)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=2e-4, atol=5e-5)
+
+
+@pytest.mark.interpreter
 def test_non_unit_last_stride_is_copied_and_correct():
     B, H, N, D = 1, 2, 16, 16
     q, k, v = (torch.randn(B, H, D, N).transpose(-1, -2) for _ in range(3))

@@ -1,14 +1,16 @@
 """tmsa_attention benchmark: forward, backward and forward+backward at DiffiT's shapes.
 
 Providers (every row's gradient includes the bias table, or the dense bias, where it has one):
-    tmsa           diffit_kernels.tmsa_attention (Triton): the table as a dense copy (global) or
-                   gathered in-kernel (windows), d_table reduced deterministically
+    tmsa           diffit_kernels.tmsa_attention (Triton): the table expanded into per-head
+                   slabs of gw x gw matrices, one per relative grid row (global grids whose width
+                   is a power of two >= 16), or gathered in-kernel (windows), d_table reduced
+                   deterministically
     tmsa-2pass     the same with the table gradient in a pass of its own (the design before the
                    dK/dV pass summed dS into the table; the library keeps it for spans above
                    attention._DS_MAX_ELEMENTS): the A/B row that sets that threshold by measurement
     tmsa-gather    global shapes: the table gathered per score element in every kernel instead of
-                   read through its dense per-head copy (attention.DENSE_TABLE_MAX_BYTES = 0,
-                   what grids past that size run): the A/B row of the dense copy
+                   read through its slabs (attention.DENSE_TABLE_MAX_BYTES = 0, what other grids
+                   run): the A/B row of the slabs
     sdpa-membias   SDPA, memory-efficient backend forced, dense bias built from the table that
                    requires grad (its backward writes a dense bias gradient); the bias is made
                    contiguous [1, H, n, n] and expanded over the batch (stride 0), so SDPA need not

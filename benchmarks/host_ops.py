@@ -90,9 +90,10 @@ def count_step(model_name: str = "DiffiT-XL/2", provider: str = "ours", width: i
         x = torch.randn(1, model.config.in_channels, size, size)
         inputs = (x, torch.rand(1))
     else:
-        model = DiffiT.from_preset(model_name, input_size=16, hidden_size=width,
+        # the 256 px latent (32 x 32, a 16 x 16 token grid): the grid picks the table's path
+        model = DiffiT.from_preset(model_name, input_size=32, hidden_size=width,
                                    num_heads=heads, backend=backend)
-        x = torch.randn(1, model.in_channels, 16, 16)
+        x = torch.randn(1, model.in_channels, 32, 32)
         inputs = (x, torch.randint(0, 1000, (1,)), torch.randint(0, model.num_classes, (1,)))
     target = torch.randn(1, model.out_channels, *x.shape[2:])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as training on CUDA

@@ -99,15 +99,17 @@ if triton is not None:
 
     @triton.jit
     def _logits(a0, a1, b0, b1, TAB_H, BIAS_BH, row_a, code_a, win_a, mask_a, row_b, code_b,
-                win_b, mask_b, stride_bias_a, stride_bias_b, rel_off, qk_scale, n_pad,
+                win_b, mask_b, stride_bias_a, stride_bias_b, rel_off, qk_scale, gw, gw_log2,
                 HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_MASK: tl.constexpr,
                 KEYS_FIRST: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr, DENSE_TAB: tl.constexpr, EVEN: tl.constexpr):
         """Logits (log2 units) of a [rows a, cols b] tile and the mask of pairs that attend.
         KEYS_FIRST: the rows are keys (the transposed tile of the dK/dV kernel). EVEN: both
         tiles whole and inside one window, so every pair attends.
-        DENSE_TAB (global attention): TAB_H is the head's table already gathered into a
-        zero-padded [n_pad, n_pad] (query, key) tile, read with one unmasked vector load."""
+        DENSE_TAB (global attention on a grid gw = 2^gw_log2 >= 16 wide): TAB_H points at the
+        head's [2gh - 1, gw, gw] slab (attention._table_arg), at its relative grid row 0, where
+        the bias of query i and key j is TAB_H[gw * i + j - (j // gw) * gw * (gw + 1)]: one
+        unmasked vector load per tile, contiguous along the keys in runs of gw."""
         # [A, B]
         s = _mm_nt(a0, a1, b0, b1, HAS_D1, UPCAST, PRECISION) * qk_scale
         valid = mask_a[:, None] & mask_b[None, :]
@@ -115,14 +117,22 @@ if triton is not None:
             if not EVEN:
                 valid = valid & (win_a[:, None] == win_b[None, :])
         if HAS_TABLE and DENSE_TAB:
-            # rows are virtual tokens; every tile starts at a multiple of its block (>= 16) and
-            # lies inside the padded tile (n_pad: a multiple of every block)
-            ra = tl.max_contiguous(tl.multiple_of(row_a, 16), 16)
-            rb = tl.max_contiguous(tl.multiple_of(row_b, 16), 16)
+            # tokens past N (masked tiles) read token 0's entries, which are then dropped; N is a
+            # multiple of gw (>= 16), so each aligned run of 16 keys is whole or wholly masked
             if KEYS_FIRST:
-                s += tl.load(TAB_H + rb[None, :] * n_pad + ra[:, None])
+                qt, kt, mq, mk = row_b, row_a, mask_b, mask_a
             else:
-                s += tl.load(TAB_H + ra[:, None] * n_pad + rb[None, :])
+                qt, kt, mq, mk = row_a, row_b, mask_a, mask_b
+            if not EVEN:
+                qt = tl.where(mq, qt, 0)
+                kt = tl.where(mk, kt, 0)
+            qpart = tl.multiple_of(qt * gw, 16)
+            kpart = tl.max_contiguous(tl.multiple_of(kt - (kt >> gw_log2) * (gw * gw + gw), 16),
+                                      16)
+            if KEYS_FIRST:
+                s += tl.load(TAB_H + kpart[:, None] + qpart[None, :])
+            else:
+                s += tl.load(TAB_H + qpart[:, None] + kpart[None, :])
         elif HAS_TABLE:
             if KEYS_FIRST:
                 idx = code_b[None, :] - code_a[:, None] + rel_off
@@ -134,6 +144,14 @@ if triton is not None:
                            + row_b[None, :] * stride_bias_b, mask=valid, other=0.0)
             s += bias.to(tl.float32) * _LOG2E
         return s, valid
+
+    @triton.jit
+    def _table_head(TAB, h, R, slab, gw, DENSE_TAB: tl.constexpr):
+        """Head h's table: its [R] row of the [H, R] table, or (DENSE_TAB) its slab of
+        (2gh - 1) gw x gw matrices at the one of relative grid row 0 (the middle)."""
+        if DENSE_TAB:
+            return TAB + h * slab + (slab - gw * gw) // 2
+        return TAB + h * R
 
     @triton.jit
     def _inside(offs, end, BLOCK: tl.constexpr, EVEN: tl.constexpr):
@@ -160,7 +178,7 @@ if triton is not None:
         Q,      # [B, H, N, D] strided, unit last stride
         K,      # [B, H, N, D]
         V,      # [B, H, N, D]
-        TAB,    # [H, R] fp32 table * log2(e) (HAS_TABLE), or [H, n_pad, n_pad] (DENSE_TAB)
+        TAB,    # [H, R] fp32 table * log2(e) (HAS_TABLE), or [H, slab] (DENSE_TAB)
         BIAS,   # [B or 1, H, N, N] dense bias, any strides (HAS_BIAS)
         O,      # [B, H, N, D] out, strided (the launcher's: [B, N, H, D] memory)
         LSE,    # [B, H, N] fp32 out: log2 of the softmax denominators
@@ -169,7 +187,7 @@ if triton is not None:
         stride_v_b, stride_v_h, stride_v_n,
         stride_o_b, stride_o_h, stride_o_n,
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-        H, N, D, R, n_pad, n_win, gw, TOK, n_lut, rel_off, qk_scale,
+        H, N, D, R, slab, gw_log2, n_win, gw, TOK, n_lut, rel_off, qk_scale,
         N_BUCKET, SPAN_BUCKET,  # autotune keys only
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
         DENSE_TAB: tl.constexpr, EVEN: tl.constexpr,
@@ -191,9 +209,7 @@ if triton is not None:
                             D0, D1, HAS_D1)
         k_bh = b * stride_k_b + h * stride_k_h
         v_bh = b * stride_v_b + h * stride_v_h
-        TAB_H = TAB + h * R
-        if DENSE_TAB:
-            TAB_H = TAB + h * n_pad * n_pad
+        TAB_H = _table_head(TAB, h, R, slab, gw, DENSE_TAB)
         BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -208,7 +224,8 @@ if triton is not None:
             # [BLOCK_M, BLOCK_N]
             s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
                                row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
-                               rel_off, qk_scale, n_pad, HAS_TABLE, HAS_BIAS, WINDOWED, False,
+                               rel_off, qk_scale, gw, gw_log2, HAS_TABLE, HAS_BIAS, WINDOWED,
+                               False,
                                HAS_D1, UPCAST, PRECISION, DENSE_TAB, EVEN)
             if not EVEN:
                 s = tl.where(valid, s, float("-inf"))
@@ -261,7 +278,7 @@ if triton is not None:
                      stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h, stride_k_n,
                      stride_v_b, stride_v_h, stride_v_n, stride_do_b, stride_do_h, stride_do_n,
                      stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-                     H, N, D, n_pad, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
+                     H, N, D, gw_log2, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
                      HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
                      DENSE_TAB: tl.constexpr, EVEN: tl.constexpr, ACC_DS: tl.constexpr,
                      BLOCK_M: tl.constexpr,
@@ -292,7 +309,8 @@ if triton is not None:
             # [BLOCK_N, BLOCK_M]: keys are rows
             sT, valid = _logits(k0, k1, q0, q1, TAB_H, BIAS_BH, row_n, code_n, win_n, mask_n,
                                 row_m, code_m, win_m, mask_m, stride_bias_n, stride_bias_m,
-                                rel_off, qk_scale, n_pad, HAS_TABLE, HAS_BIAS, WINDOWED, True,
+                                rel_off, qk_scale, gw, gw_log2, HAS_TABLE, HAS_BIAS, WINDOWED,
+                                True,
                                 HAS_D1, UPCAST, PRECISION, DENSE_TAB, EVEN)
             pT = tl.math.exp2(sT - lse[None, :])
             if not EVEN:
@@ -319,7 +337,7 @@ if triton is not None:
     def _tmsa_attention_bwd_kernel_dkdv(
         Q, K, V,  # [B, H, N, D] strided
         DO,       # [B, H, N, D] strided grad of o
-        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE), or [H, n_pad, n_pad] (DENSE_TAB)
+        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE), or [H, slab] (DENSE_TAB)
         BIAS,     # [B or 1, H, N, N] dense bias (HAS_BIAS)
         LSE,      # [B, H, N] fp32
         DELTA,    # [B, H, N] fp32
@@ -331,7 +349,7 @@ if triton is not None:
         stride_v_b, stride_v_h, stride_v_n,
         stride_do_b, stride_do_h, stride_do_n,
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-        H, N, D, R, n_pad, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
+        H, N, D, R, slab, gw_log2, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
         per_b, step, n_groups, span_pad,
         N_BUCKET, SPAN_BUCKET,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
@@ -352,9 +370,7 @@ if triton is not None:
         mask_n = _inside(offs_n, N, BLOCK_N, EVEN)
         row_n, code_n, win_n = _tokens(offs_n, gw, TOK, n_lut, WINDOWED, HAS_TABLE)
         lo, hi = _span(start_n, BLOCK_N, N, n_win, WINDOWED)
-        TAB_H = TAB + h * R
-        if DENSE_TAB:
-            TAB_H = TAB + h * n_pad * n_pad
+        TAB_H = _table_head(TAB, h, R, slab, gw, DENSE_TAB)
         if ACC_DS:
             # [BLOCK_N, BLOCK_M]: this program's slice, shifted so query start_m is column 0
             part = PARTIAL + ((h * n_groups + g) * tl.num_programs(0) + pid_n) * (
@@ -367,7 +383,7 @@ if triton is not None:
                          lo, hi, stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h,
                          stride_k_n, stride_v_b, stride_v_h, stride_v_n, stride_do_b,
                          stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
-                         stride_bias_m, stride_bias_n, H, N, D, n_pad, n_win, gw, TOK,
+                         stride_bias_m, stride_bias_n, H, N, D, gw_log2, n_win, gw, TOK,
                          n_lut, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
                          DENSE_TAB, EVEN, True, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST,
                          PRECISION)
@@ -377,7 +393,7 @@ if triton is not None:
                          stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h,
                          stride_k_n, stride_v_b, stride_v_h, stride_v_n, stride_do_b,
                          stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
-                         stride_bias_m, stride_bias_n, H, N, D, n_pad, n_win, gw, TOK,
+                         stride_bias_m, stride_bias_n, H, N, D, gw_log2, n_win, gw, TOK,
                          n_lut, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
                          DENSE_TAB, EVEN, False, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST,
                          PRECISION)
@@ -386,7 +402,7 @@ if triton is not None:
     def _tmsa_attention_bwd_kernel_dq(
         Q, K, V,  # [B, H, N, D] strided
         DO,       # [B, H, N, D] strided grad of o
-        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE), or [H, n_pad, n_pad] (DENSE_TAB)
+        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE), or [H, slab] (DENSE_TAB)
         BIAS,     # [B or 1, H, N, N] (HAS_BIAS)
         LSE,      # [B, H, N] fp32
         DELTA,    # [B, H, N] fp32
@@ -397,7 +413,7 @@ if triton is not None:
         stride_v_b, stride_v_h, stride_v_n,
         stride_do_b, stride_do_h, stride_do_n,
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-        H, N, D, R, n_pad, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
+        H, N, D, R, slab, gw_log2, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
         N_BUCKET, SPAN_BUCKET,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DS: tl.constexpr,
         WINDOWED: tl.constexpr, DENSE_TAB: tl.constexpr, EVEN: tl.constexpr,
@@ -421,9 +437,7 @@ if triton is not None:
         delta = tl.load(DELTA + pid_bh * N + row_m, mask=mask_m, other=0.0)
         k_bh = b * stride_k_b + h * stride_k_h
         v_bh = b * stride_v_b + h * stride_v_h
-        TAB_H = TAB + h * R
-        if DENSE_TAB:
-            TAB_H = TAB + h * n_pad * n_pad
+        TAB_H = _table_head(TAB, h, R, slab, gw, DENSE_TAB)
         BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
         dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
         dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
@@ -436,7 +450,8 @@ if triton is not None:
             # [BLOCK_M, BLOCK_N]
             s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
                                row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
-                               rel_off, qk_scale, n_pad, HAS_TABLE, HAS_BIAS, WINDOWED, False,
+                               rel_off, qk_scale, gw, gw_log2, HAS_TABLE, HAS_BIAS, WINDOWED,
+                               False,
                                HAS_D1, UPCAST, PRECISION, DENSE_TAB, EVEN)
             p = tl.math.exp2(s - lse[:, None])
             if not EVEN:
@@ -510,8 +525,9 @@ if triton is not None:
             # [BLOCK_M, BLOCK_N]
             s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS + b * stride_bias_b + h * stride_bias_h,
                                row_a, code_a, win_a, mask_a, row_c, code_c, win_c, mask_c,
-                               stride_bias_m, stride_bias_n, rel_off, qk_scale, N, HAS_TABLE,
-                               HAS_BIAS, False, False, HAS_D1, UPCAST, PRECISION, False, False)
+                               stride_bias_m, stride_bias_n, rel_off, qk_scale, gw, 0,
+                               HAS_TABLE, HAS_BIAS, False, False, HAS_D1, UPCAST, PRECISION,
+                               False, False)
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
             acc += p * (_mm_nt(do0, do1, v0, v1, HAS_D1, UPCAST, PRECISION) - delta[:, None])
         offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -563,8 +579,8 @@ if triton is not None:
             s, valid = _logits(q0, q1, k0, k1, TAB + h * R,
                                BIAS + b * stride_bias_b + h * stride_bias_h, row, code, win, mask,
                                row, code, win, mask, stride_bias_m, stride_bias_n, rel_off,
-                               qk_scale, N, HAS_TABLE, HAS_BIAS, WINDOWED, False, HAS_D1, UPCAST,
-                               PRECISION, False, False)
+                               qk_scale, gw, 0, HAS_TABLE, HAS_BIAS, WINDOWED, False, HAS_D1,
+                               UPCAST, PRECISION, False, False)
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
             pT = tl.trans(p.to(Q.dtype.element_ty))
             dv0 = _mm(pT, do0, None, UPCAST, PRECISION)
@@ -629,19 +645,19 @@ if triton is not None:
     @triton.jit
     def _tmsa_attention_dense_table_kernel(
         TABLE,   # [R, H] the learnable table, any float dtype and strides
-        DENSE,   # [H, n_pad, n_pad] fp32 out: table[index(i, j), h] * log2(e), zero past N
-        stride_t_r, stride_t_h, N, n_pad, gw, rel_off,
+        DENSE,   # [H, 2gh - 1, gw, gw] fp32 out: [h, r, ci, cj] = table[(r, ci - cj), h] * log2 e
+        stride_t_r, stride_t_h, n_rows, gw,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
     ):
-        # global attention's bias, gathered once per call for every (query i, key j): the
-        # attention kernels then read it as plain vector loads instead of per-element gathers
+        # global attention's bias as one gw x gw matrix per relative grid row r (the bias of
+        # query column ci and key column cj), built once per call: the attention kernels read
+        # it as vector loads instead of per-element gathers (see attention._table_arg)
         h = tl.program_id(2).to(tl.int64)
-        i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-        j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-        ci = i + (i // gw) * (gw - 1)
-        cj = j + (j // gw) * (gw - 1)
-        valid = (i < N)[:, None] & (j < N)[None, :]
-        idx = ci[:, None] - cj[None, :] + rel_off
+        rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)   # r * gw + ci
+        cj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        valid = (rows < n_rows)[:, None] & (cj < gw)[None, :]
+        r = rows // gw
+        idx = (r * (2 * gw - 1) + rows - r * gw + gw - 1)[:, None] - cj[None, :]
         val = tl.load(TABLE + idx * stride_t_r + h * stride_t_h, mask=valid, other=0.0)
-        tl.store(DENSE + (h * n_pad + i[:, None]) * n_pad + j[None, :],
-                 val.to(tl.float32) * _LOG2E)
+        tl.store(DENSE + (h * n_rows + rows[:, None]) * gw + cj[None, :],
+                 val.to(tl.float32) * _LOG2E, mask=valid)

@@ -15,9 +15,9 @@ virtual token's row, code and window from an int32 table built once per geometry
 values per token (the windowed loops issue 33-48% fewer instructions, compile report). The
 relative index is code(a) - code(b) + const with code(t) = (t // gw) * (2gw - 1) + t % gw: no
 [N, N] index exists. Global attention on 16-bit inputs (N <= 1024 at 16 heads) reads the table
-through a dense [H, n_pad, n_pad] fp32 copy that one launch gathers per call (see _table_arg):
-the same numbers, bitwise the same results, with a vector load per tile where the gather costs
-index arithmetic per score.
+through per-head slabs of gw x gw matrices, one per relative grid row, that one launch expands
+per call (see _table_arg): the same numbers, bitwise the same results, with a vector load per
+tile where the gather costs index arithmetic per score.
 
 Head dims: tl.arange needs powers of two, so d is covered by one power-of-two chunk D0 or by
 D0 + D1 (e.g. 72 = 64 + 16 with 8 columns masked: 10% padding where 128 would waste 44%);
@@ -415,43 +415,47 @@ def _prep_table(table: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tens
     return (table.float() * LOG2E).t().contiguous()
 
 
-# Global attention reads its table through a dense copy gathered once per call (one launch):
-# [H, n_pad, n_pad] fp32, pre-scaled by log2(e) and zero-padded to a multiple of every block,
-# so each tile's bias is one unmasked, 16-byte vectorised load that the loop pipelines, where
+# Global attention reads its table through a copy expanded once per call (one launch), where
 # the [H, R] table costs a gather per score element and its index arithmetic (a division by
-# the grid width per column included). Grids up to DENSE_TABLE_MAX_BYTES (N = 1024 tokens at
-# 16 heads: 64 MiB, freed after the call); larger grids, windows and float32 inputs (FMA
-# dots, whose small configs were chosen under the gather's registers) gather from [H, R].
+# the grid width per column included). The bias of query i and key j depends on their grid
+# rows only through ri - rj, and on their columns ci, cj: so per head a slab of 2gh - 1
+# matrices [gw, gw] (relative row r: [ci, cj] -> table[(r, ci - cj)]), fp32, pre-scaled by
+# log2(e). A tile's bias is one unmasked load at gw * i + j - rj * gw * (gw + 1) from the
+# middle matrix: contiguous along the keys in runs of gw, vectorised as 16-byte loads when gw
+# is a power of two >= 16 (DiffiT's latent grids: 16 at 256 px, 32 at 512 px), the condition
+# for this path. The slab is (2gh - 1) / gh^2 of a dense [N, N] copy: 0.5 MiB at 256 px and
+# 4 MiB at 512 px for 16 heads (a dense copy: 4 and 64 MiB, past the 50 MiB of an H100 /
+# H200's L2, which every query tile of every sample reads through). Windows, other grids and
+# float32 inputs (FMA dots, whose small configs were chosen under the gather's registers)
+# gather from [H, R].
 DENSE_TABLE_MAX_BYTES = 64 << 20
-DENSE_TABLE_ALIGN = 128
-DENSE_BLOCK_I, DENSE_BLOCK_J = 16, 128
-
-
-def _n_pad(N: int) -> int:
-    return cdiv(N, DENSE_TABLE_ALIGN) * DENSE_TABLE_ALIGN
+DENSE_BLOCK_I, DENSE_BLOCK_J = 64, 16
 
 
 def _dense_table_ok(table: Optional[torch.Tensor], geom: _Geom, N: int, elsize: int) -> bool:
     if table is None or geom.windowed or elsize != 2:
         return False
-    return table.shape[1] * _n_pad(N) ** 2 * 4 <= DENSE_TABLE_MAX_BYTES
+    gw = geom.gw
+    if gw < 16 or gw & (gw - 1):
+        return False
+    return table.shape[1] * (2 * (N // gw) - 1) * gw * gw * 4 <= DENSE_TABLE_MAX_BYTES
 
 
 def _table_arg(table: Optional[torch.Tensor], like: torch.Tensor, geom: _Geom,
-               N: int) -> Tuple[torch.Tensor, int, bool]:
-    """(the kernels' TAB argument, n_pad, dense): global attention's dense [H, n_pad, n_pad]
-    copy where _dense_table_ok, else the [H, R] table (n_pad unused: N)."""
+               N: int) -> Tuple[torch.Tensor, int, int, bool]:
+    """(the kernels' TAB argument, slab, gw_log2, dense): global attention's [H, 2gh - 1, gw,
+    gw] slabs where _dense_table_ok (slab: elements per head), else the [H, R] table."""
     if not _dense_table_ok(table, geom, N, like.element_size()):
-        return _prep_table(table, like), N, False
-    H = table.shape[1]
-    n_pad = _n_pad(N)
-    out = empty((H, n_pad, n_pad), torch.float32, table.device)
+        return _prep_table(table, like), 0, 0, False
+    H, gw = table.shape[1], geom.gw
+    n_rows = (2 * (N // gw) - 1) * gw
+    out = empty((H, n_rows, gw), torch.float32, table.device)
     _log("dense-table", (DENSE_BLOCK_I, DENSE_BLOCK_J))
     _kernels._tmsa_attention_dense_table_kernel[
-        (n_pad // DENSE_BLOCK_I, n_pad // DENSE_BLOCK_J, H)](
-        table, out, table.stride(0), table.stride(1), N, n_pad, geom.gw, geom.rel_off,
+        (cdiv(n_rows, DENSE_BLOCK_I), cdiv(gw, DENSE_BLOCK_J), H)](
+        table, out, table.stride(0), table.stride(1), n_rows, gw,
         BLOCK_I=DENSE_BLOCK_I, BLOCK_J=DENSE_BLOCK_J, num_warps=4)
-    return out, n_pad, True
+    return out, n_rows * gw, gw.bit_length() - 1, True
 
 
 # the table-gradient gather: [TABLE_BLOCK_R rows, TABLE_BLOCK_K elements] per step, 4 warps
@@ -484,11 +488,12 @@ def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
     geom = _Geom(N, geometry)
     o = _out_layout(B, H, N, D, q.dtype, q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    tab, n_pad, dense = _table_arg(table, q, geom, N)
+    tab, slab, gw_log2, dense = _table_arg(table, q, geom, N)
     kw = dict(_common_kwargs(q, geom, table, bias), DENSE_TAB=dense)
     args = (q, k, v, tab, bias if bias is not None else q, o, lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_bias_strides(bias),
-            H, N, D, geom.R, n_pad, *geom.args(q.device), geom.rel_off, float(scale) * LOG2E,
+            H, N, D, geom.R, slab, gw_log2, *geom.args(q.device), geom.rel_off,
+            float(scale) * LOG2E,
             next_power_of_2(N), next_power_of_2(geom.n_win))
     kind = "fwd-win" if geom.windowed else "fwd"
     configs = _configs(kind, kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size(), bias is not None)
@@ -545,8 +550,9 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         elif acc_dense:
             dextra = partial.sum(1)[:, :N, :N]
     else:
-        tab, n_pad, dense = _table_arg(table, q, geom, N)
-        geo_p = (H, N, D, geom.R, n_pad, *geom.args(dev), geom.rel_off, float(scale) * LOG2E)
+        tab, slab, gw_log2, dense = _table_arg(table, q, geom, N)
+        geo_p = (H, N, D, geom.R, slab, gw_log2, *geom.args(dev), geom.rel_off,
+                 float(scale) * LOG2E)
         delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
         _kernels._tmsa_attention_bwd_kernel_delta[(cdiv(N, DELTA_BLOCK_M), B * H)](
             o, do, delta, *_strides3(o), *_strides3(do), H, N, D, BLOCK_M=DELTA_BLOCK_M,
@@ -718,8 +724,8 @@ def tmsa_attention(
     """TMSA attention: O = softmax(q k^T * scale + B_rel) v per head, flash-style.
 
     B_rel[h, a, b] = table[index(a, b), h] with Swin's relative index over a gh x gw window,
-    gathered from token coordinates (for global attention into a dense per-head copy, once per
-    call); or a dense additive `bias`.
+    gathered from token coordinates (for global attention on grids 16, 32, 64... wide, from
+    per-head slabs of gw x gw matrices expanded once per call); or a dense additive `bias`.
 
     Args:
         q, k, v: [B, H, N, D] float32 / float16 / bfloat16, the same dtype and device; any
@@ -799,12 +805,12 @@ def _example(D: int, windowed: bool, bm: int = 64, bn: int = 64, bias: bool = Fa
     """An example launch's int arguments, which the compile gate types as Triton's JIT types
     them (divisibility by 16 and constants change the code): DiffiT-XL/2 at 256 px (B 32, 16
     heads, a 16x16 token grid) for global attention, a 64x64 image-space map in 8x8 windows
-    (B 16, 4 heads) for windowed; odd: a 15x17 grid (N 255), 6x6 windows of a 48x48 map, whose
-    tiles are masked (EVEN off). q, k, v are head-split views of the packed [B, N, 3C]
+    (B 16, 4 heads) for windowed; odd: a 15x16 grid (N 240), 6x6 windows of a 48x48 map,
+    whose tiles are masked (EVEN off). q, k, v are head-split views of the packed [B, N, 3C]
     projection (time_qkv's), o and dO over [B, N, H, D] memory, dq, dk, dv contiguous; on 132
     SMs."""
     B, H, Gh, Gw, gh, gw = {(False, False): (32, 16, 16, 16, 16, 16),
-                            (False, True): (32, 16, 15, 17, 15, 17),
+                            (False, True): (32, 16, 15, 16, 15, 16),
                             (True, False): (16, 4, 64, 64, 8, 8),
                             (True, True): (16, 4, 48, 48, 6, 6)}[windowed, odd]
     N = Gh * Gw
@@ -812,7 +818,9 @@ def _example(D: int, windowed: bool, bm: int = 64, bn: int = 64, bias: bool = Fa
     C3 = 3 * H * D
     n_win, gw, _, n_lut = geom.args(torch.device("cpu"))
     P = 4 * 132 // H  # partial-writing programs per head (_programs_per_head)
-    ex = dict(H=H, N=N, D=D, R=geom.R, n_pad=_n_pad(N),
+    gw_log2 = max(0, gw.bit_length() - 1)
+    ex = dict(H=H, N=N, D=D, R=geom.R, slab=(2 * Gh - 1) * Gw * Gw, gw_log2=gw_log2,
+              n_rows=(2 * Gh - 1) * Gw,
               n_win=n_win, gw=gw, n_lut=n_lut, rel_off=geom.rel_off, nW=geom.nW,
               N_BUCKET=next_power_of_2(N), SPAN_BUCKET=next_power_of_2(n_win),
               # dK/dV's batch shares (_batch_groups) and a sample step past the first two
@@ -841,7 +849,7 @@ _AOT_FLAGS = {  # label -> (HAS_TABLE, HAS_BIAS, WINDOWED, STORE_DS)
     "table-win": (True, False, True, False),
     "bias": (False, True, False, True),
     "plain": (False, False, False, False),
-    "dense": (True, False, False, False),   # the table read through its dense copy
+    "dense": (True, False, False, False),   # the table read through its slabs (_table_arg)
     "plain-win": (False, False, True, False),
 }
 _KERNEL_NAMES = {  # config kind, "-win" stripped -> kernel
@@ -913,7 +921,7 @@ def aot_specs():
                 specs.append(_kernel_spec(kind, dt, D, flags, cfg, spill_ok=i > 0))
                 if flags == "table" and D == 72 and elt == 2 and kind in ("fwd", "dkdv", "dkdv-acc",
                                                                           "dq"):
-                    # global attention's table through its dense copy (_table_arg)
+                    # global attention's table through its slabs (_table_arg)
                     specs.append(_kernel_spec(kind, dt, D, "dense", cfg, spill_ok=i > 0))
             if kind == "window" and cfgs and cfgs[0][0] > 16:
                 specs.append(_kernel_spec(kind, dt, D, flags,
@@ -940,7 +948,7 @@ def aot_specs():
                                dict(BLOCK_R=TABLE_BLOCK_R, BLOCK_K=bk), 4, 1,
                                f"{dt} table {TABLE_BLOCK_R}x{bk}", dot=False,
                                example=_example(72, False)))
-        # global attention's dense table copy (_table_arg), from a table in either dtype
+        # global attention's table slabs (_table_arg), from a table in either dtype
         specs.append(_spec(_kernels._tmsa_attention_dense_table_kernel, dt,
                            dict(BLOCK_I=DENSE_BLOCK_I, BLOCK_J=DENSE_BLOCK_J), 4, 1,
                            f"{dt} table -> dense {DENSE_BLOCK_I}x{DENSE_BLOCK_J}", dot=False,

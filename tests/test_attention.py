@@ -131,18 +131,22 @@ def _table_run(B, H, N, D, grid, dtype, card, dense_cap, monkeypatch, window=Non
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_IDS)
 @pytest.mark.parametrize("B,N,H,D,grid,card,ds_pass", [
-    pytest.param(2, 72, 2, 72, (8, 9), None, False, id="8x9"),
-    pytest.param(2, 72, 2, 72, (8, 9), (2, 1), False, id="8x9-16bit-cfg-pick1"),
-    pytest.param(1, 17, 2, 72, (1, 17), (2, 0), False, id="1x17"),
-    pytest.param(2, 100, 1, 16, (10, 10), (4, 0), False, id="10x10-fp32-cfg"),
-    pytest.param(2, 72, 1, 72, (6, 12), (2, 0), True, id="6x12-dbias-pass"),
+    # grid widths 16 and 32 (powers of two >= 16 take the slabs); N not a multiple of the
+    # blocks (masked tiles, whose tokens past N read token 0's entries) and a multiple
+    pytest.param(2, 48, 2, 72, (3, 16), None, False, id="3x16"),
+    pytest.param(2, 80, 2, 72, (5, 16), (2, 1), False, id="5x16-16bit-cfg-pick1"),
+    pytest.param(1, 32, 2, 72, (1, 32), (2, 0), False, id="1x32"),
+    pytest.param(2, 96, 1, 16, (3, 32), (4, 0), False, id="3x32-fp32-cfg"),
+    pytest.param(1, 128, 1, 72, (4, 32), (2, 0), False, id="4x32-16bit-cfg"),
+    pytest.param(2, 64, 1, 72, (4, 16), (2, 0), True, id="4x16-dbias-pass"),
 ])
 def test_dense_table_copy_is_bitwise_the_gathered_table(B, N, H, D, grid, card, ds_pass, dtype,
                                                         monkeypatch):
-    """Global attention on 16-bit inputs reads its table through a dense [H, n_pad, n_pad]
-    copy; grids past DENSE_TABLE_MAX_BYTES (and float32) gather it per score element. The same
-    float32 numbers reach the same sums: outputs and every gradient are bitwise equal (the dbias pass, which gathers from the
-    [H, R] table beside the dense dK/dV and dQ kernels, included)."""
+    """Global attention on 16-bit inputs reads its table through per-head slabs of gw x gw
+    matrices, one per relative grid row; grids past DENSE_TABLE_MAX_BYTES, other widths (and
+    float32) gather it per score element. The same float32 numbers reach the same sums:
+    outputs and every gradient are bitwise equal (the dbias pass, which gathers from the
+    [H, R] table beside the slab-reading dK/dV and dQ kernels, included)."""
     if ds_pass:
         monkeypatch.setattr(A, "_DS_MAX_ELEMENTS", 0)
     dense, log_d = _table_run(B, H, N, D, grid, dtype, card, A.DENSE_TABLE_MAX_BYTES,
@@ -210,25 +214,31 @@ def test_token_table_maps_virtual_tokens_as_the_reference_windows(grid, window):
 
 
 def test_dense_table_promises_hold_for_every_config():
-    """The dense-table load is unmasked and hinted (tl.multiple_of / max_contiguous 16): true
-    only if every tile starts at a multiple of 16 and stays inside the padded copy, i.e. every
-    block of a kernel that reads it is a power of two in [16, DENSE_TABLE_ALIGN]. The
-    interpreter ignores hints, so a config breaking this would fail on a GPU only."""
+    """The slab load is unmasked and hinted (multiple_of / max_contiguous 16 along the keys):
+    true only if every tile starts at a multiple of 16 (every block of a kernel that reads it
+    a power of two >= 16) and the grid width is a power of two >= 16 (_dense_table_ok), so
+    runs of 16 keys share a grid row. The interpreter ignores hints, so a config or grid
+    breaking this would fail on a GPU only."""
     for (kind, has_bias, elt), (default, per_shape) in A._CONFIG_TABLE.items():
         if has_bias or kind not in ("fwd", "dkdv", "dkdv-acc", "dq"):
             continue
         for cfg in [*default, *(c for cs in per_shape.values() for c in cs)]:
             for block in cfg[:2]:
-                assert 16 <= block <= A.DENSE_TABLE_ALIGN and block & (block - 1) == 0, (
-                    kind, elt, cfg)
+                assert block >= 16 and block & (block - 1) == 0, (kind, elt, cfg)
     assert all(c[:2] == (32, 32) for k, c in A._INTERP.items() if k in ("fwd", "dkdv", "dq"))
+    table = torch.empty(63 * 63, 2)
+    for gw in (4, 8, 24, 48):
+        assert not A._dense_table_ok(table, A._Geom(32 * gw, (32, gw, 32, gw)), 32 * gw, 2), gw
 
 
 def test_dense_table_size_limit():
+    """Slabs of (2gh - 1) gw x gw fp32 per head: 63 x 32 x 32 x 4 B = 252 KiB per head at
+    512 px (a dense [N, N] copy: 4 MiB), within the cap for 16 heads and up to 260."""
     geom = A._Geom(1024, (32, 32, 32, 32))
     table = torch.empty(63 * 63, 16)
-    assert A._dense_table_ok(table, geom, 1024, 2)          # 16 x 1024^2 fp32: 64 MiB
-    assert not A._dense_table_ok(torch.empty(63 * 63, 17), geom, 1024, 2)
+    assert A._dense_table_ok(table, geom, 1024, 2)
+    assert A._dense_table_ok(torch.empty(63 * 63, 260), geom, 1024, 2)
+    assert not A._dense_table_ok(torch.empty(63 * 63, 261), geom, 1024, 2)
     assert not A._dense_table_ok(None, geom, 1024, 2)
     assert not A._dense_table_ok(table, geom, 1024, 4)      # float32 inputs gather
     assert not A._dense_table_ok(torch.empty(49, 16), A._Geom(64, (8, 8, 4, 4)), 64, 2)

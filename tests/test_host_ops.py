@@ -15,7 +15,7 @@ def test_counts_are_the_code_paths_and_every_block_launches_the_same_kernels():
                  "_tmsa_attention_table_grad_kernel")
     for k in per_block:
         assert a["launches"][k] == depth, (k, a["launches"])
-    # global attention's dense table copy: one in the forward, one in the backward
+    # global attention's table slabs (a 16 x 16 grid): one in the forward, one in the backward
     assert a["launches"]["_tmsa_attention_dense_table_kernel"] == 2 * depth
     # one adaln_norm per block and the final layer's
     assert a["launches"]["_adaln_norm_fwd_kernel"] == a["launches"]["_adaln_norm_bwd_kernel"] \

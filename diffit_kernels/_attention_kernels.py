@@ -225,8 +225,7 @@ if triton is not None:
             s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
                                row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
                                rel_off, qk_scale, gw, gw_log2, HAS_TABLE, HAS_BIAS, WINDOWED,
-                               False,
-                               HAS_D1, UPCAST, PRECISION, DENSE_TAB, EVEN)
+                               False, HAS_D1, UPCAST, PRECISION, DENSE_TAB, EVEN)
             if not EVEN:
                 s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -310,8 +309,7 @@ if triton is not None:
             sT, valid = _logits(k0, k1, q0, q1, TAB_H, BIAS_BH, row_n, code_n, win_n, mask_n,
                                 row_m, code_m, win_m, mask_m, stride_bias_n, stride_bias_m,
                                 rel_off, qk_scale, gw, gw_log2, HAS_TABLE, HAS_BIAS, WINDOWED,
-                                True,
-                                HAS_D1, UPCAST, PRECISION, DENSE_TAB, EVEN)
+                                True, HAS_D1, UPCAST, PRECISION, DENSE_TAB, EVEN)
             pT = tl.math.exp2(sT - lse[None, :])
             if not EVEN:
                 pT = tl.where(valid, pT, 0.0)
@@ -451,8 +449,7 @@ if triton is not None:
             s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
                                row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
                                rel_off, qk_scale, gw, gw_log2, HAS_TABLE, HAS_BIAS, WINDOWED,
-                               False,
-                               HAS_D1, UPCAST, PRECISION, DENSE_TAB, EVEN)
+                               False, HAS_D1, UPCAST, PRECISION, DENSE_TAB, EVEN)
             p = tl.math.exp2(s - lse[:, None])
             if not EVEN:
                 p = tl.where(valid, p, 0.0)

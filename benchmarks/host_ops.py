@@ -75,7 +75,7 @@ def count_step(model_name: str = "DiffiT-XL/2", provider: str = "ours", width: i
                heads: int = 8) -> Dict[str, object]:
     """One training step's host work (the second step: the optimizer state exists).
     Returns {"aten": Counter of non-view ops by site, "aten_ops": Counter by op,
-    "views": int, "launches": Counter by kernel}."""
+    "aten_site_ops": Counter by (site, op), "views": int, "launches": Counter by kernel}."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from diffit.latent import DiffiT
@@ -107,6 +107,7 @@ def count_step(model_name: str = "DiffiT-XL/2", provider: str = "ours", width: i
 
     by_site: collections.Counter = collections.Counter()
     by_op: collections.Counter = collections.Counter()
+    by_site_op: collections.Counter = collections.Counter()
     views = [0]
 
     class Count(TorchDispatchMode):
@@ -115,8 +116,10 @@ def count_step(model_name: str = "DiffiT-XL/2", provider: str = "ours", width: i
             if name in VIEWS:
                 views[0] += 1
             else:
-                by_site[_site()] += 1
+                site = _site()
+                by_site[site] += 1
                 by_op[name] += 1
+                by_site_op[site, name] += 1
             return func(*args, **(kwargs or {}))
 
     ctx = stubbed_launches() if provider == "ours" else contextlib.nullcontext(
@@ -126,7 +129,8 @@ def count_step(model_name: str = "DiffiT-XL/2", provider: str = "ours", width: i
         launches.clear()
         with Count():
             step()
-    return {"aten": by_site, "aten_ops": by_op, "views": views[0], "launches": launches}
+    return {"aten": by_site, "aten_ops": by_op, "aten_site_ops": by_site_op, "views": views[0],
+            "launches": launches}
 
 
 def main(argv=None) -> int:

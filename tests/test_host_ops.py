@@ -23,6 +23,10 @@ def test_counts_are_the_code_paths_and_every_block_launches_the_same_kernels():
     assert set(a["launches"]) == set(per_block) | {"_adaln_norm_fwd_kernel",
                                                    "_adaln_norm_bwd_kernel",
                                                    "_tmsa_attention_dense_table_kernel"}
+    # no copy kernel in the blocks' own code: the attention output's head merge is a view
+    copies = {(site, op): n for (site, op), n in a["aten_site_ops"].items()
+              if site.startswith("layers.py") and op in ("aten.clone", "aten.copy_")}
+    assert not copies, copies
     # the stub is gone afterwards: the reference counts no launches, and more PyTorch ops
     eager = host_ops.count_step("DiffiT-tiny", "eager")
     assert not eager["launches"]

@@ -14,10 +14,10 @@ virtual token's row, code and window from an int32 table built once per geometry
 (_token_lut): three vector loads where the arithmetic took three integer divisions by runtime
 values per token (the windowed loops issue 33-48% fewer instructions, compile report). The
 relative index is code(a) - code(b) + const with code(t) = (t // gw) * (2gw - 1) + t % gw: no
-[N, N] index exists. Global attention on 16-bit inputs (N <= 1024 at 16 heads) reads the table
-through per-head slabs of gw x gw matrices, one per relative grid row, that one launch expands
-per call (see _table_arg): the same numbers, bitwise the same results, with a vector load per
-tile where the gather costs index arithmetic per score.
+[N, N] index exists. Global attention on 16-bit inputs and grids 16, 32, 64... tokens wide
+reads the table through per-head slabs of gw x gw matrices, one per relative grid row, that
+one launch expands per call (see _table_arg): the same numbers, bitwise the same results, with
+a vector load per tile where the gather costs index arithmetic per score.
 
 Head dims: tl.arange needs powers of two, so d is covered by one power-of-two chunk D0 or by
 D0 + D1 (e.g. 72 = 64 + 16 with 8 columns masked: 10% padding where 128 would waste 44%);
@@ -556,8 +556,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
         _kernels._tmsa_attention_bwd_kernel_delta[(cdiv(N, DELTA_BLOCK_M), B * H)](
             o, do, delta, *_strides3(o), *_strides3(do), H, N, D, BLOCK_M=DELTA_BLOCK_M,
-            D0=kw["D0"],
-            D1=kw["D1"], HAS_D1=kw["HAS_D1"], num_warps=DELTA_WARPS)
+            D0=kw["D0"], D1=kw["D1"], HAS_D1=kw["HAS_D1"], num_warps=DELTA_WARPS)
         buckets = (next_power_of_2(N), next_power_of_2(geom.n_win))
         win = "-win" if geom.windowed else ""
         acc_cfgs = _configs("dkdv" + win + "-acc", *shape) if acc_table else [(16, 16, 1, 1)]

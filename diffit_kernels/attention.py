@@ -432,13 +432,18 @@ DENSE_TABLE_MAX_BYTES = 64 << 20
 DENSE_BLOCK_I, DENSE_BLOCK_J = 64, 16
 
 
+def _slab_rows(N: int, gw: int) -> int:
+    """Rows of one head's slab: 2gh - 1 matrices of gw rows (gh = N // gw), each gw wide."""
+    return (2 * (N // gw) - 1) * gw
+
+
 def _dense_table_ok(table: Optional[torch.Tensor], geom: _Geom, N: int, elsize: int) -> bool:
     if table is None or geom.windowed or elsize != 2:
         return False
     gw = geom.gw
     if gw < 16 or gw & (gw - 1):
         return False
-    return table.shape[1] * (2 * (N // gw) - 1) * gw * gw * 4 <= DENSE_TABLE_MAX_BYTES
+    return table.shape[1] * _slab_rows(N, gw) * gw * 4 <= DENSE_TABLE_MAX_BYTES
 
 
 def _table_arg(table: Optional[torch.Tensor], like: torch.Tensor, geom: _Geom,
@@ -448,7 +453,7 @@ def _table_arg(table: Optional[torch.Tensor], like: torch.Tensor, geom: _Geom,
     if not _dense_table_ok(table, geom, N, like.element_size()):
         return _prep_table(table, like), 0, 0, False
     H, gw = table.shape[1], geom.gw
-    n_rows = (2 * (N // gw) - 1) * gw
+    n_rows = _slab_rows(N, gw)
     out = empty((H, n_rows, gw), torch.float32, table.device)
     _log("dense-table", (DENSE_BLOCK_I, DENSE_BLOCK_J))
     _kernels._tmsa_attention_dense_table_kernel[
@@ -818,8 +823,8 @@ def _example(D: int, windowed: bool, bm: int = 64, bn: int = 64, bias: bool = Fa
     n_win, gw, _, n_lut = geom.args(torch.device("cpu"))
     P = 4 * 132 // H  # partial-writing programs per head (_programs_per_head)
     gw_log2 = max(0, gw.bit_length() - 1)
-    ex = dict(H=H, N=N, D=D, R=geom.R, slab=(2 * Gh - 1) * Gw * Gw, gw_log2=gw_log2,
-              n_rows=(2 * Gh - 1) * Gw,
+    n_rows = _slab_rows(N, Gw)  # global attention's table slab (_table_arg)
+    ex = dict(H=H, N=N, D=D, R=geom.R, slab=n_rows * Gw, gw_log2=gw_log2, n_rows=n_rows,
               n_win=n_win, gw=gw, n_lut=n_lut, rel_off=geom.rel_off, nW=geom.nW,
               N_BUCKET=next_power_of_2(N), SPAN_BUCKET=next_power_of_2(n_win),
               # dK/dV's batch shares (_batch_groups) and a sample step past the first two

@@ -5,8 +5,9 @@
                          [--profile] [--append]
 
 --profile adds, after the chosen benchmarks, the per-kernel profile of the DiffiT-XL/2 256 px
-training step for each model provider (benchmarks/profile_step.py: profile_<provider>.csv,
-profile.png, a section of summary.md); `--ops profile` runs the profile alone. --append keeps
+and the ffhq64 U-Net training steps for each model provider (benchmarks/profile_step.py:
+profile_<provider>.csv, profile_unet_<provider>.csv, two plots, a section of summary.md);
+`--ops profile` runs the profile alone. --append keeps
 what an earlier run wrote in the folder (run.json entries, CSVs, plots, its peak rows) and adds
 this run's benchmarks to it: how gpu_session.sh runs the profile in a process of its own.
 
@@ -100,9 +101,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"time budget: cases that would start after it are skipped and recorded "
                    f"as such (default {QUICK_BUDGET_S:.0f} with --quick, none otherwise; 0: none)")
     p.add_argument("--profile", action="store_true",
-                   help="also profile the DiffiT-XL/2 256 px training step of each model "
-                   "provider: CUDA kernel time per step by group (ours / cuBLAS / inductor / "
-                   "copies and casts / other) and GPU idle time")
+                   help="also profile the DiffiT-XL/2 256 px and the ffhq64 U-Net training "
+                   "steps of each model provider: CUDA kernel time per step by group (ours / "
+                   "cuBLAS / inductor / copies and casts / other) and GPU idle time")
     p.add_argument("--append", action="store_true",
                    help="keep the earlier run in the output folder and add to it (its peak "
                    "rows are reused)")

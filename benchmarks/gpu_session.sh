@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # The one-shot GPU session: install check, the gpu-marked tests, `python -m benchmarks --quick`,
-# the profile of the XL/2 training step, results handed back and the goal ratios printed. Run
-# from anywhere on the CUDA machine, as ONE command (one device call, 570 s at most):
+# the profiles of the XL/2 and U-Net training steps, results handed back and the goal ratios
+# printed. Run from anywhere on the CUDA machine, as ONE command (one device call, 585 s at most):
 #     bash benchmarks/gpu_session.sh
 # Each stage runs under `timeout`, so a hang in one cannot eat the others' time. The worst case
 # at the default limits (each can be set in the environment):
 #     install check                                     ~15 s
 #     gpu tests     TESTS_TIMEOUT 145 s + 5 s to SIGKILL   150 s  (63 tests took 107 s on an H200)
-#     benchmarks    BENCH_TIMEOUT 270 s + 15 s to SIGKILL  285 s  (--budget-s BENCH_BUDGET 220:
+#     benchmarks    BENCH_TIMEOUT 240 s + 15 s to SIGKILL  255 s  (--budget-s BENCH_BUDGET 190:
 #                   cases that would start later are skipped rows; the speed-of-light rows keep
 #                   a 30 s reserve; a case already running finishes, hence the 50 s margin)
-#     profile       PROFILE_TIMEOUT 85 s + 10 s to SIGKILL  95 s  (--budget-s PROFILE_BUDGET 60;
-#                   ours+graphs, ours+compile and compile of the XL/2 256 px B32 step, ~20 s each)
+#     profile       PROFILE_TIMEOUT 150 s + 10 s to SIGKILL 160 s  (--budget-s PROFILE_BUDGET
+#                   110; ours+graphs, ours+compile and compile of the XL/2 256 px B32 step, ~20 s
+#                   each, then ours+graphs and compile of the ffhq64 U-Net step, ~35 s each: its
+#                   blocks compile one graph per level)
 #     tar, summary, goal ratios                           ~5 s
-#     total                                              550 s  (expected ~8 minutes)
+#     total                                              585 s  (expected ~8 minutes)
 # With $OUT set, it gets results.tar.gz (benchmarks/results/<gpu-slug>/ including the profile
 # CSVs and plot), summary.md, goals.txt and the three logs (the device tool returns at most 8
 # files). Afterwards, on the development machine (the old folder goes first: a new run does not
@@ -25,10 +27,10 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-145}
-BENCH_BUDGET=${BENCH_BUDGET:-220}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-270}
-PROFILE_BUDGET=${PROFILE_BUDGET:-60}
-PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-85}
+BENCH_BUDGET=${BENCH_BUDGET:-190}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-240}
+PROFILE_BUDGET=${PROFILE_BUDGET:-110}
+PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-150}
 BENCH_OPS=${BENCH_OPS:-all}  # e.g. tmsa_attention,time_qkv: a shorter session for one question
 LOGS=${OUT:-benchmarks/results/_tmp-session}
 mkdir -p "$LOGS"

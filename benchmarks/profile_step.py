@@ -1,9 +1,10 @@
 """Where the training step's time goes: `python -m benchmarks --profile`.
 
-For the DiffiT-XL/2 256 px B32 training step (fwd + bwd + AdamW, bf16 autocast, built exactly as
-benchmarks.bench_model builds it) of each model provider: the step time (do_bench median, as
-the model benchmark measures it), then torch.profiler over a few more steps, and every CUDA
-kernel's time per step in one of these groups:
+For the DiffiT-XL/2 256 px B32 training step, then the ffhq64 U-Net's (64 px B64) (fwd + bwd +
+AdamW, bf16 autocast, built exactly as benchmarks.bench_model builds them) of each model
+provider: the step time (do_bench median, as the model benchmark measures it), then
+torch.profiler over a few more steps, and every CUDA kernel's time per step in one of these
+groups:
 
     ours              this library's Triton kernels: the names of the @triton.jit functions
                       found in diffit_kernels' modules when the profile runs (never a list
@@ -19,9 +20,11 @@ and, on the host, the CPU time per step inside each of this library's custom ops
 "diffit_kernels::" profiler events, outermost call only: the op's Python, its torch ops and its
 Triton launches), the part of the host's work that is ours; under CUDA graphs it is ~0.
 
-Writes profile_<provider>.csv (one row per group, then one per kernel, per step), profile.png
-(a stacked bar per provider) and returns the group rows; summary.md gets a section from the
-CSVs. On CPU (the harness, --tiny-cpu) the tiny latent model's CPU ops stand in for kernels.
+Writes profile_<provider>.csv for the XL/2 step and profile_unet_<provider>.csv for the U-Net's
+(one row per group, then one per kernel, per step), profile.png and profile_unet.png (a stacked
+bar per provider) and returns the group rows; summary.md gets a section from the CSVs, one
+table per case. On CPU (the harness, --tiny-cpu) the tiny latent model's and the tiny U-Net's
+CPU ops stand in for kernels.
 
     python -m benchmarks --profile [--ops model] [--quick]
 """
@@ -49,6 +52,9 @@ PROVIDERS = ("ours+graphs", "ours+compile", "compile", "ours", "eager")
 # the training default, the same without CUDA graphs (its host time shows as GPU idle), and the
 # goal's yardstick
 QUICK_PROVIDERS = ("ours+graphs", "ours+compile", "compile")
+# the U-Net (issue: slower than eager while its windowed attention benchmarks faster, cause
+# unknown): the training default against the goal's yardstick
+UNET_QUICK_PROVIDERS = ("ours+graphs", "compile")
 STEPS = 3          # profiled steps (after the warm-up bench_model does and the timing)
 TOP = 10           # kernels listed per provider in summary.md
 
@@ -202,61 +208,81 @@ def profile_case(case, provider: str, dtype: str, device, steps: int = STEPS) ->
     return aggregate(events, steps, step_ms, our_kernel_names(), host)
 
 
+def profiled_cases(quick: bool, tiny_cpu: bool, providers: Optional[Sequence[str]] = None
+                   ) -> List[Tuple[object, List[str], str]]:
+    """[(ModelCase, providers, file tag)]: the XL/2 256 px step (tag "") and the ffhq64 U-Net's
+    (tag "unet_"); the tiny presets on CPU. `providers` replaces each case's list."""
+    from benchmarks import bench_model
+
+    MC = bench_model.ModelCase
+    if tiny_cpu:
+        latent = MC("DiffiT-tiny", "latent", 32, 2, "fwd+bwd+adamw", ("eager",), rep_ms=1)
+        unet = MC("tiny", "unet", 8, 2, "fwd+bwd+adamw", ("eager",), rep_ms=1)
+        lists = (["eager"], ["eager"])
+    else:
+        rep = 400 if quick else 1500
+        latent = MC("DiffiT-XL/2", "latent", 256, 32, "fwd+bwd+adamw", PROVIDERS, rep_ms=rep)
+        unet = MC("ffhq64", "unet", 64, 64, "fwd+bwd+adamw", PROVIDERS, rep_ms=rep)
+        lists = ((list(QUICK_PROVIDERS), list(UNET_QUICK_PROVIDERS)) if quick
+                 else (list(PROVIDERS), list(PROVIDERS)))
+    return [(case, list(providers) if providers else names, tag)
+            for case, names, tag in zip((latent, unet), lists, ("", "unet_"))]
+
+
 def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
         tiny_cpu: bool = False, providers: Optional[Sequence[str]] = None) -> List[dict]:
-    """Profile the XL/2 256 px training step for each provider; write the CSVs and the plot;
-    return the group rows (a provider that fails or is skipped is one row with its error)."""
+    """Profile the XL/2 256 px and the ffhq64 U-Net training steps for each provider; write the
+    CSVs and the plots; return the group rows (a provider that fails or is skipped is one row
+    with its error)."""
     from benchmarks import bench_model
 
     if tiny_cpu:
         device = torch.device("cpu")
-        case = bench_model.ModelCase("DiffiT-tiny", "latent", 32, 2, "fwd+bwd+adamw",
-                                     ("eager",), rep_ms=1)
-        names = list(providers or ("eager",))
+    elif not torch.cuda.is_available():
+        print("profile: timings need a CUDA GPU and none is visible; nothing was measured.")
+        return []
     else:
-        if not torch.cuda.is_available():
-            print("profile: timings need a CUDA GPU and none is visible; nothing was measured.")
-            return []
         device = torch.device("cuda")
-        case = bench_model.ModelCase("DiffiT-XL/2", "latent", 256, 32, "fwd+bwd+adamw",
-                                     PROVIDERS, rep_ms=400 if quick else 1500)
-        names = list(providers or (QUICK_PROVIDERS if quick else PROVIDERS))
-    bad = [n for n in names if n not in bench_model.PROVIDERS]
+    todo = profiled_cases(quick, tiny_cpu, providers)
+    bad = sorted({n for _, names, _ in todo for n in names} - set(bench_model.PROVIDERS))
     if bad:
         raise ValueError(f"providers must be among {bench_model.PROVIDERS}, got {bad}")
     env = environment()
     out = results_dir(out_dir)
-    rows, done = [], {}
-    for provider in names:
-        base = dict(op="profile", case=case.name, provider=provider, dtype=dtype,
-                    **{"pass": case.pass_}, steps=STEPS, card=env["card"], torch=env["torch"],
-                    triton=env["triton"])
-        if out_of_time():
-            rows.append(dict(base, kind="group", group="", ms=float("nan"),
-                             error=skipped_text()))
-            print(f"profile {provider:13} {rows[-1]['error']}", flush=True)
-            continue
-        try:
-            agg = profile_case(case, provider, dtype, device)
-        except Exception as e:  # noqa: BLE001 - one provider's failure is a row
-            if tiny_cpu:
-                raise
-            rows.append(dict(base, kind="group", group="", ms=float("nan"),
-                             error=error_text(e)))
-            print(f"profile {provider:13} {rows[-1]['error']}", flush=True)
-            del e
-            after_error()
-            continue
-        prov_rows = csv_rows(agg, dict(base, step_ms=round(agg["step_ms"], 4), error=""))
-        write_csv(out / f"profile_{_slug(provider)}.csv", prov_rows)
-        rows += [r for r in prov_rows if r["kind"] == "group"]
-        done[provider] = agg
-        g = agg["groups"]
-        print(f"profile {provider:13} step {agg['step_ms']:8.2f} ms: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in g.items()), flush=True)
-    if done:
-        stacked_plot(out / "profile.png", done,
-                     title=f"{case.name} {case.pass_} per step, {dtype} ({env['card']})")
+    rows = []
+    for case, names, tag in todo:
+        done = {}
+        for provider in names:
+            base = dict(op="profile", case=case.name, provider=provider, dtype=dtype,
+                        **{"pass": case.pass_}, steps=STEPS, card=env["card"],
+                        torch=env["torch"], triton=env["triton"])
+            label = f"profile {case.name} {provider:13}"
+            if out_of_time():
+                rows.append(dict(base, kind="group", group="", ms=float("nan"),
+                                 error=skipped_text()))
+                print(f"{label} {rows[-1]['error']}", flush=True)
+                continue
+            try:
+                agg = profile_case(case, provider, dtype, device)
+            except Exception as e:  # noqa: BLE001 - one provider's failure is a row
+                if tiny_cpu:
+                    raise
+                rows.append(dict(base, kind="group", group="", ms=float("nan"),
+                                 error=error_text(e)))
+                print(f"{label} {rows[-1]['error']}", flush=True)
+                del e
+                after_error()
+                continue
+            prov_rows = csv_rows(agg, dict(base, step_ms=round(agg["step_ms"], 4), error=""))
+            write_csv(out / f"profile_{tag}{_slug(provider)}.csv", prov_rows)
+            rows += [r for r in prov_rows if r["kind"] == "group"]
+            done[provider] = agg
+            g = agg["groups"]
+            print(f"{label} step {agg['step_ms']:8.2f} ms: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in g.items()), flush=True)
+        if done:
+            stacked_plot(out / f"profile{'_' + tag.rstrip('_') if tag else ''}.png", done,
+                         title=f"{case.name} {case.pass_} per step, {dtype} ({env['card']})")
     return rows
 
 
@@ -297,17 +323,24 @@ def stacked_plot(path: Path, aggs: Dict[str, dict], title: str) -> None:
 
 
 def section(csvs: Sequence[Path]) -> str:
-    """The summary.md section: ms per step by group for every provider side by side, then
-    each provider's slowest kernels."""
-    from benchmarks.summary import _fmt, _num, load_csv
+    """The summary.md section: for each profiled case (in the CSVs' order), ms per step by group
+    for every provider side by side, then each provider's slowest kernels."""
+    from benchmarks.summary import load_csv
 
-    data = {}
+    by_case: Dict[str, Dict[str, list]] = {}
     for p in csvs:
         rows = load_csv(p)
         if rows:
-            data[rows[0].get("provider", p.stem)] = rows
-    if not data:
+            case = str(rows[0].get("case", ""))
+            by_case.setdefault(case, {})[rows[0].get("provider", p.stem)] = rows
+    if not by_case:
         return "_no profile rows_\n"
+    return "\n".join(_case_section(data) for data in by_case.values())
+
+
+def _case_section(data: Dict[str, list]) -> str:
+    from benchmarks.summary import _fmt, _num
+
     provs = list(data)
     step = {p: _num(rows[0].get("step_ms")) for p, rows in data.items()}
     first = next(iter(data.values()))[0]
@@ -332,7 +365,7 @@ def section(csvs: Sequence[Path]) -> str:
         ks = [r for r in data[p] if r.get("kind") == "kernel"][:TOP]
         if not ks:
             continue
-        L += ["", f"{p}: the {len(ks)} slowest kernels per step", "",
+        L += ["", f"{first.get('case', '')}, {p}: the {len(ks)} slowest kernels per step", "",
               "| kernel | group | ms | calls |", "|---|---|---|---|"]
         for r in ks:
             name = str(r.get("kernel", "")).replace("|", "/")

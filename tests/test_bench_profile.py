@@ -174,8 +174,9 @@ def test_profile_run_on_cpu_writes_csv_plot_and_summary_section(tmp_path, cpu_co
     assert [e["name"] for e in meta["benchmarks"]] == ["peak", "adaln_norm", "profile"]
     prof = meta["benchmarks"][2]
     assert prof["status"] == "ok", prof
-    assert sorted(prof["csv"]) == ["profile_eager.csv", "profile_ours_compile.csv"]
-    assert prof["png"] == ["profile.png"]
+    assert sorted(prof["csv"]) == ["profile_eager.csv", "profile_ours_compile.csv",
+                                   "profile_unet_eager.csv", "profile_unet_ours_compile.csv"]
+    assert prof["png"] == ["profile.png", "profile_unet.png"]
     for name in prof["csv"]:
         rows = _rows(tmp_path / name)
         groups = [r for r in rows if r["kind"] == "group"]
@@ -184,8 +185,11 @@ def test_profile_run_on_cpu_writes_csv_plot_and_summary_section(tmp_path, cpu_co
         assert step > 0 and sum(float(r["ms"]) for r in groups) >= step * 0.999
         assert any(r["kind"] == "kernel" and float(r["ms"]) > 0 for r in rows)
     text = (tmp_path / "summary.md").read_text()
-    assert "## profile" in text and "| group | eager | ours+compile |" in text
-    assert "| GPU idle |" in text and "](profile.png)" in text
+    assert "## profile" in text and text.count("| group | eager | ours+compile |") == 2
+    assert "| GPU idle |" in text and "](profile.png)" in text and "](profile_unet.png)" in text
+    latent, unet = (f"{c.name} {c.pass_}, ms per step" for c, _, _ in
+                    profile_step.profiled_cases(quick=False, tiny_cpu=True))
+    assert "U-Net" in unet and text.index(latent) < text.index(unet)
 
     # --append: the profile alone, added to the same folder, the earlier benchmarks kept
     rc = main(["--tiny-cpu", "--ops", "profile", "--append", "--out", str(tmp_path)])

@@ -28,10 +28,11 @@ if triton is not None:
     def _time_qkv_ln_fwd_kernel(
         X,       # [B, N, C] tokens (rows strided, unit channel stride)
         XHAT,    # [B * N, LD] out: the GEMM's operand in x's dtype: LN(x) in columns < C, then
-                 # (TIME_COLS) sample b's one-hot in columns C..LD-1 (1 at C + b, else 0)
+                 # (TIME_COLS) sample b's one-hot in columns C..LD-1 (1 at C + b % G, else 0:
+                 # the sample's place in its group of G)
         MEAN,    # [B * N] fp32 out: row means, for the backward
         RSTD,    # [B * N] fp32 out: row 1/std
-        M, N, C, LD, eps,
+        M, N, C, LD, G, eps,
         stride_x_b, stride_x_n,
         XVEC: tl.constexpr, CHUNKED: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
         TIME_COLS: tl.constexpr,
@@ -77,7 +78,8 @@ if triton is not None:
         if TIME_COLS > 0:
             offs_t = tl.arange(0, TIME_COLS)
             # via fp32: the interpreter casts a bool to bf16 as the integer bit pattern 1
-            hot = tl.where(offs_t[None, :] == b[:, None], 1.0, 0.0).to(XHAT.dtype.element_ty)
+            hot = tl.where(offs_t[None, :] == (b % G)[:, None], 1.0, 0.0).to(
+                XHAT.dtype.element_ty)
             tl.store(XHAT + offs_m[:, None] * LD + C + offs_t[None, :], hot,
                      mask=mask_m[:, None] & (C + offs_t < LD)[None, :])
         tl.store(MEAN + offs_m, shift + mean_c, mask=mask_m)

@@ -4,7 +4,9 @@ Forward, rows m = (b, n) of x [B, N, C], W [3C', C] (rows q | k | v, head h = j 
     xhat = LN(x) (no affine; norm_eps a float) else x      (Triton row kernel, x's dtype)
     y = xhat W^T + cb[b],   cb = bias + temb W_t^T + b_t   (one cuBLAS GEMM into [B, N, 3C'])
     with LayerNorm and a time term: y = [xhat | e_b] [W | cb^T]^T, the row kernel writing the
-    one-hot e_b of the row's sample as B extra columns of the GEMM's operand
+    one-hot e_b of the row's sample as B extra columns of the GEMM's operand; past TIME_GROUP
+    samples, in groups of G samples (one batched GEMM: group g against [W | cb_g^T]), so the
+    operand grows by G columns, not B
 q, k, v are head-split views of y [B, N, 3C'] that tmsa_attention reads as they are.
 Backward, with dY = [dq | dk | dv] [M, 3C'] (a strided view when the three gradients are views
 of one buffer, else packed by a Triton kernel that also sums it per sample):
@@ -15,10 +17,13 @@ Why the LayerNorm is not folded into the GEMM (TransformerEngine's LayerNormLine
 same): the fold saves one write + read of xhat (M x C, ~0.3 GB at DiffiT-XL B256: ~0.1 ms on
 an H200) but takes the GEMM off cuBLAS; the fused Triton GEMMs measured 221 TFLOP/s forward
 and ~97 TFLOP/s in dW there, where cuBLAS runs ~700. The per-sample time term: as one-hot
-columns (up to TIME_COLS_MAX samples) it costs B / C more GEMM FLOPs (2.8% at DiffiT-XL B32)
-and no pass over y; the H200 measured the alternative, a broadcast write of cb into y that the
-GEMM accumulates onto (beta = 1), at 1.76x a bare GEMM's time at B256 (still taken beyond
-TIME_COLS_MAX and without LayerNorm, where no row kernel writes the operand). Without a time
+columns it costs G / C more GEMM FLOPs (2.8% at DiffiT-XL, G <= 32) and no pass over y; with
+one group of B samples that would be 22% at B256 (a guided sampling batch of 128), so larger
+batches go in groups of G samples, each with its own copy of [W | cb_g^T] (8 MB at DiffiT-XL,
+written once per call). The H200 measured the alternative, a broadcast write of cb into y that
+the GEMM accumulates onto (beta = 1), at 1.76x a bare GEMM's time at B256 (still taken where B
+has no divisor in [TIME_GROUP_MIN, TIME_GROUP] and exceeds TIME_COLS_MAX, and without
+LayerNorm, where no row kernel writes the operand). Without a time
 term the bias rides cuBLASLt's epilogue.
 """
 from __future__ import annotations
@@ -44,6 +49,11 @@ MAX_ROWS = 16
 # 2 M 3C' element moves, even at ~286 columns for 16-bit operands on an H100/H200 (0.6 PFLOP/s
 # against 4.2 TB/s); fp32 GEMMs run ~10x slower per FLOP.
 TIME_COLS_MAX = {2: 256, 4: 32}
+# Past TIME_GROUP samples the one-hot columns go per group of G samples, G the largest divisor
+# of B in [TIME_GROUP_MIN, TIME_GROUP]: G columns of FLOPs per token against one [W | cb_g^T]
+# copy per group (at DiffiT-XL B256 ~0.65 us of GEMM per column against ~4 us of copy per
+# group: the sum is least near G = 32)
+TIME_GROUP, TIME_GROUP_MIN = 32, 8
 # The dY pack / per-sample sum kernel: BLOCK_R rows x BLOCK_J columns (16 KB of bf16), 8 warps.
 PACK_BLOCK_R, PACK_BLOCK_J, PACK_WARPS = 64, 128, 8
 
@@ -85,19 +95,31 @@ def _per_sample_bias(temb, bias, temb_weight, temb_bias) -> torch.Tensor:
     return cb + bias if bias is not None else cb
 
 
-def _operand_width(B: int, C: int, dtype: torch.dtype, has_temb: bool, has_ln: bool) -> int:
-    """Columns of the forward GEMM's left operand: C, or (LayerNorm with a time term and at most
-    TIME_COLS_MAX samples) C + B one-hot time columns, padded to a multiple of 8 (16-byte rows
-    for cuBLAS's fastest kernels)."""
-    el = dtype.itemsize
-    if not (has_temb and has_ln) or B > TIME_COLS_MAX.get(el, 0):
-        return C
-    return cdiv(C + B, 8) * 8
+def _padded_width(C: int, cols: int) -> int:
+    """C + cols columns padded to a multiple of 8 (16-byte rows for cuBLAS's fastest kernels)."""
+    return cdiv(C + cols, 8) * 8
 
 
-def _layernorm_rows(x: torch.Tensor, eps: float, width: int, dtype: torch.dtype):
+def _time_columns(B: int, C: int, dtype: torch.dtype, has_temb: bool, has_ln: bool
+                  ) -> Tuple[int, int]:
+    """(G, width): the forward GEMM's left operand is [M, width], with one-hot time columns for
+    groups of G samples (LayerNorm with a time term): C + G padded (_padded_width); G = 0 and
+    width C without them. G is B up to TIME_GROUP samples, else the largest divisor of B in
+    [TIME_GROUP_MIN, TIME_GROUP], else B up to TIME_COLS_MAX samples."""
+    if not (has_temb and has_ln):
+        return 0, C
+    G = B
+    if B > TIME_GROUP:
+        G = next((g for g in range(TIME_GROUP, TIME_GROUP_MIN - 1, -1) if B % g == 0), B)
+    if G > TIME_COLS_MAX.get(dtype.itemsize, 0):
+        return 0, C
+    return G, _padded_width(C, G)
+
+
+def _layernorm_rows(x: torch.Tensor, eps: float, width: int, group: int, dtype: torch.dtype):
     """The forward GEMM's operand [M, width] in `dtype` (the projection's): LN(x) in columns
-    < C, one-hot time columns after (width > C); mean and rstd [M] (fp32) of x [B, N, C]."""
+    < C, one-hot time columns after (width > C: 1 at C + b % group); mean and rstd [M] (fp32)
+    of x [B, N, C]."""
     B, N, C = x.shape
     M = B * N
     xhat = empty((M, width), dtype, x.device)
@@ -109,7 +131,7 @@ def _layernorm_rows(x: torch.Tensor, eps: float, width: int, dtype: torch.dtype)
     if time_cols:
         _launched("time_cols", (width - C, time_cols))
     _kernels._time_qkv_ln_fwd_kernel[(cdiv(M, rows),)](
-        x, xhat, mean, rstd, M, N, C, width, eps, x.stride(0), x.stride(1),
+        x, xhat, mean, rstd, M, N, C, width, max(group, 1), eps, x.stride(0), x.stride(1),
         XVEC=_vec(x.element_size(), x.stride(0), x.stride(1)), CHUNKED=chunked, ROWS=rows,
         BLOCK_C=block, TIME_COLS=time_cols, num_warps=warps)
     return xhat, mean, rstd
@@ -122,9 +144,9 @@ def _time_qkv_fwd(x, temb, weight, bias, temb_weight, temb_bias, num_heads: int,
     has_ln = norm_eps is not None
     dt = weight.dtype  # x's, or 16-bit for a float32 x that LN reads (see time_qkv)
     out = empty((B, N, C3), dt, x.device)
-    width = _operand_width(B, C, dt, temb is not None, has_ln)
+    G, width = _time_columns(B, C, dt, temb is not None, has_ln)
     if has_ln and M:
-        xhat, mean, rstd = _layernorm_rows(x, float(norm_eps), width, dt)
+        xhat, mean, rstd = _layernorm_rows(x, float(norm_eps), width, G, dt)
     else:
         xhat = weight.new_empty(0)
         mean, rstd = (torch.empty(0, dtype=torch.float32, device=x.device) for _ in range(2))
@@ -132,11 +154,22 @@ def _time_qkv_fwd(x, temb, weight, bias, temb_weight, temb_bias, num_heads: int,
             return out, xhat, mean, rstd
     a = xhat if has_ln else x.reshape(M, C)  # a view for rows or a channel slice of a buffer
     out2, wt = out.view(M, C3), weight.t()
-    if width > C:
+    if width > C and G == B:
         # [xhat | onehot(b)] [W | cb^T]^T: the time term is B more columns of one plain GEMM
         cb = _per_sample_bias(temb, bias, temb_weight, temb_bias)
         pad = weight.new_zeros(C3, width - C - B)
         torch.mm(a, torch.cat((weight, cb.t(), pad), dim=1).t(), out=out2)
+    elif width > C:
+        # groups of G samples: group g's rows [xhat | onehot(b % G)] against [W | cb_g^T]
+        cb = _per_sample_bias(temb, bias, temb_weight, temb_bias)
+        groups = B // G
+        _launched("time_groups", (groups, G))
+        wg = empty((groups, C3, width), dt, x.device)
+        wg[:, :, :C] = weight
+        wg[:, :, C:C + G] = cb.view(groups, G, C3).transpose(1, 2)
+        wg[:, :, C + G:] = 0
+        torch.bmm(a.view(groups, G * N, width), wg.transpose(1, 2),
+                  out=out.view(groups, G * N, C3))
     elif temb is not None:
         # the GEMM accumulates onto cb[b] broadcast over each sample's rows (beta = 1)
         cb = _per_sample_bias(temb, bias, temb_weight, temb_bias)
@@ -224,7 +257,7 @@ def _time_qkv_fwd_op(x: torch.Tensor, temb: Optional[torch.Tensor], weight: torc
 def _(x, temb, weight, bias, temb_weight, temb_bias, num_heads, norm_eps):
     B, N, C = x.shape
     ln = norm_eps is not None and B * N > 0
-    width = _operand_width(B, C, weight.dtype, temb is not None, ln)
+    width = _time_columns(B, C, weight.dtype, temb is not None, ln)[1]
     stats = x.new_empty((B * N if ln else 0,), dtype=torch.float32)
     return (weight.new_empty((B, N, weight.shape[0])),
             weight.new_empty((B * N, width) if ln else (0,)), stats, torch.empty_like(stats))
@@ -411,7 +444,7 @@ def aot_specs():
                 cases = [(0, W)] + ([(B, W)] if xl else []) + (
                     [(TIME_COLS_MAX[el], C)] if xl and not mixed else [])
                 for samples, w in cases:
-                    ld = _operand_width(samples, w, torch_dt, True, True) if samples else w
+                    ld = _padded_width(w, samples) if samples else w
                     tc = next_power_of_2(ld - w) if ld > w else 0
                     specs.append(AotSpec(
                         "_time_qkv_ln_fwd_kernel", _kernels._time_qkv_ln_fwd_kernel,
@@ -421,8 +454,8 @@ def aot_specs():
                              TIME_COLS=tc), warps, 1,
                         f"{dt} C{w} {rows}x{block}{' chunked' if chunked else ''} w{warps}"
                         + mixed + (f" time cols {tc}" if tc else ""), False,
-                        example=dict(M=(samples or B) * N, N=N, C=w, LD=ld, stride_x_b=N * w,
-                                     stride_x_n=w)))
+                        example=dict(M=(samples or B) * N, N=N, C=w, LD=ld, G=samples or 1,
+                                     stride_x_b=N * w, stride_x_n=w)))
                 specs.append(AotSpec(
                     "_time_qkv_bwd_kernel_ln", _kernels._time_qkv_bwd_kernel_ln,
                     {"DXN": f"*{dt}", "DX": f"*{xdt}", "X": f"*{xdt}", "MEAN": "*fp32",

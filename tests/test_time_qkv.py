@@ -99,6 +99,47 @@ def test_both_ways_of_adding_the_time_term(monkeypatch, dtype, cols):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_time_columns_per_group_of_samples(monkeypatch, dtype):
+    # past TIME_GROUP samples the one-hot columns go per group (one batched GEMM, each group
+    # against its own [W | cb_g^T]): B 15 in groups of 5 (3 groups), B 12 of 6; a prime B 7
+    # has no divisor in range and stays one group of 7 columns
+    monkeypatch.setattr(projection, "TIME_GROUP", 6)
+    monkeypatch.setattr(projection, "TIME_GROUP_MIN", 4)
+    for B, C, groups in ((15, 40, (3, 5)), (12, 72, (2, 6)), (7, 24, None)):
+        log = []
+        with projection._record_launches(log):
+            _run(dtype, B, 5, C, 2, 12)
+        G = groups[1] if groups else B
+        pad = -(-(C + G) // 8) * 8 - C
+        assert [e for e in log if e[0] in ("time_cols", "time_groups")] == (
+            [("time_cols", (pad, 1 << (pad - 1).bit_length()))]
+            + ([("time_groups", groups)] if groups else [])), log
+    # the op's fake (what torch.compile traces) gives the grouped operand's width too
+    leaves, build, _ = _case(15, 5, 40, 2)
+    kw = build(leaves)
+    torch.library.opcheck(projection._time_qkv_fwd_op,
+                          tuple(kw[k].to(dtype) for k in ("x", "temb", "weight", "bias",
+                                                          "temb_weight", "temb_bias")) + (2, 1e-6))
+
+
+def test_time_columns_choice():
+    # (G, width) at DiffiT-XL's C = 1152: one group up to 32 samples, then groups of the
+    # largest divisor in [8, 32], else one group up to TIME_COLS_MAX (16-bit) / none
+    bf, f32 = torch.bfloat16, torch.float32
+    cols = projection._time_columns
+    assert cols(32, 1152, bf, True, True) == (32, 1184)
+    assert cols(256, 1152, bf, True, True) == (32, 1184)
+    assert cols(40, 1152, bf, True, True) == (20, 1176)
+    assert cols(74, 1152, bf, True, True) == (74, 1232)       # 2 x 37: no divisor in range
+    assert cols(74, 1152, f32, True, True) == (0, 1152)       # and past float32's 32 columns
+    assert cols(512, 1152, bf, True, True) == (32, 1184)
+    assert cols(1, 1152, bf, True, True) == (1, 1160)
+    assert cols(64, 1152, bf, False, True) == (0, 1152)       # no time term
+    assert cols(64, 1152, bf, True, False) == (0, 1152)       # no LayerNorm: no row kernel
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_rows_with_a_large_mean_keep_layernorm_precision(dtype):
     # |mean| / std = 50: the fold subtracts mean * colsum(W) from x W^T; fp32 sums shifted by
     # x[m, 0] (statistics) and fp32 accumulation keep it within the numerics rule
@@ -458,6 +499,7 @@ def test_aot_specs_and_check_cases_cover_the_kernels():
     pytest.param(2, 1024, 1152, 16, 1152, {"ln": False}, id="xl512-noln"),
     pytest.param(3, 250, 200, 4, 24, {"strided_x": True}, id="B3-N250-C200-strided"),
     pytest.param(2, 333, 384, 6, 384, {"mean": 50.0}, id="B2-N333-C384-mean50"),
+    pytest.param(40, 64, 256, 4, 64, {}, id="B40-groups-of-20"),  # the batched time columns
 ])
 def test_gpu_outputs_and_all_six_gradients(B, N, C, H, Ct, opts, dtype):
     leaves, build, grads = _case(B, N, C, H, Ct, **opts)

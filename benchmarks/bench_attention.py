@@ -9,7 +9,7 @@ Providers (every row's gradient includes the bias table, or the dense bias, wher
                    dK/dV pass summed dS into the table; the library keeps it for spans above
                    attention._DS_MAX_ELEMENTS): the A/B row that sets that threshold by measurement
     tmsa-gather    global shapes: the table gathered per score element in every kernel instead of
-                   read through its slabs (attention.DENSE_TABLE_MAX_BYTES = 0, what other grids
+                   read through its slabs (attention.SLAB_MAX_BYTES = 0, what other grids
                    run): the A/B row of the slabs
     sdpa-membias   SDPA, memory-efficient backend forced, dense bias built from the table that
                    requires grad (its backward writes a dense bias gradient); the bias is made
@@ -207,7 +207,7 @@ def _flops(B, H, grid, window, d) -> float:
 
 
 # the library's size limits each A/B provider sets to 0 (see the module docstring)
-_VARIANTS = {"tmsa-2pass": "_DS_MAX_ELEMENTS", "tmsa-gather": "DENSE_TABLE_MAX_BYTES"}
+_VARIANTS = {"tmsa-2pass": "_DS_MAX_ELEMENTS", "tmsa-gather": "SLAB_MAX_BYTES"}
 
 
 @contextlib.contextmanager

@@ -102,11 +102,11 @@ if triton is not None:
                 win_b, mask_b, stride_bias_a, stride_bias_b, rel_off, qk_scale, gw, gw_log2,
                 HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_MASK: tl.constexpr,
                 KEYS_FIRST: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr, DENSE_TAB: tl.constexpr, EVEN: tl.constexpr):
+                PRECISION: tl.constexpr, SLAB_TAB: tl.constexpr, EVEN: tl.constexpr):
         """Logits (log2 units) of a [rows a, cols b] tile and the mask of pairs that attend.
         KEYS_FIRST: the rows are keys (the transposed tile of the dK/dV kernel). EVEN: both
         tiles whole and inside one window, so every pair attends.
-        DENSE_TAB (global attention on a grid gw = 2^gw_log2 >= 16 wide): TAB_H points at the
+        SLAB_TAB (global attention on a grid gw = 2^gw_log2 >= 16 wide): TAB_H points at the
         head's [2gh - 1, gw, gw] slab (attention._table_arg), at its relative grid row 0, where
         the bias of query i and key j is TAB_H[gw * i + j - (j // gw) * gw * (gw + 1)]: one
         unmasked vector load per tile, contiguous along the keys in runs of gw."""
@@ -116,7 +116,7 @@ if triton is not None:
         if WIN_MASK:
             if not EVEN:
                 valid = valid & (win_a[:, None] == win_b[None, :])
-        if HAS_TABLE and DENSE_TAB:
+        if HAS_TABLE and SLAB_TAB:
             # tokens past N (masked tiles) read token 0's entries, which are then dropped; N is a
             # multiple of gw (>= 16), so each aligned run of 16 keys is whole or wholly masked
             if KEYS_FIRST:
@@ -146,10 +146,10 @@ if triton is not None:
         return s, valid
 
     @triton.jit
-    def _table_head(TAB, h, R, slab, gw, DENSE_TAB: tl.constexpr):
-        """Head h's table: its [R] row of the [H, R] table, or (DENSE_TAB) its slab of
+    def _table_head(TAB, h, R, slab, gw, SLAB_TAB: tl.constexpr):
+        """Head h's table: its [R] row of the [H, R] table, or (SLAB_TAB) its slab of
         (2gh - 1) gw x gw matrices at the one of relative grid row 0 (the middle)."""
-        if DENSE_TAB:
+        if SLAB_TAB:
             return TAB + h * slab + (slab - gw * gw) // 2
         return TAB + h * R
 
@@ -178,7 +178,7 @@ if triton is not None:
         Q,      # [B, H, N, D] strided, unit last stride
         K,      # [B, H, N, D]
         V,      # [B, H, N, D]
-        TAB,    # [H, R] fp32 table * log2(e) (HAS_TABLE), or [H, slab] (DENSE_TAB)
+        TAB,    # [H, R] fp32 table * log2(e) (HAS_TABLE), or [H, slab] (SLAB_TAB)
         BIAS,   # [B or 1, H, N, N] dense bias, any strides (HAS_BIAS)
         O,      # [B, H, N, D] out, strided (the launcher's: [B, N, H, D] memory)
         LSE,    # [B, H, N] fp32 out: log2 of the softmax denominators
@@ -190,7 +190,7 @@ if triton is not None:
         H, N, D, R, slab, gw_log2, n_win, gw, TOK, n_lut, rel_off, qk_scale,
         N_BUCKET, SPAN_BUCKET,  # autotune keys only
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
-        DENSE_TAB: tl.constexpr, EVEN: tl.constexpr,
+        SLAB_TAB: tl.constexpr, EVEN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -209,7 +209,7 @@ if triton is not None:
                             D0, D1, HAS_D1)
         k_bh = b * stride_k_b + h * stride_k_h
         v_bh = b * stride_v_b + h * stride_v_h
-        TAB_H = _table_head(TAB, h, R, slab, gw, DENSE_TAB)
+        TAB_H = _table_head(TAB, h, R, slab, gw, SLAB_TAB)
         BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -225,7 +225,7 @@ if triton is not None:
             s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
                                row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
                                rel_off, qk_scale, gw, gw_log2, HAS_TABLE, HAS_BIAS, WINDOWED,
-                               False, HAS_D1, UPCAST, PRECISION, DENSE_TAB, EVEN)
+                               False, HAS_D1, UPCAST, PRECISION, SLAB_TAB, EVEN)
             if not EVEN:
                 s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -279,7 +279,7 @@ if triton is not None:
                      stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
                      H, N, D, gw_log2, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
                      HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
-                     DENSE_TAB: tl.constexpr, EVEN: tl.constexpr, ACC_DS: tl.constexpr,
+                     SLAB_TAB: tl.constexpr, EVEN: tl.constexpr, ACC_DS: tl.constexpr,
                      BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                      HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -309,7 +309,7 @@ if triton is not None:
             sT, valid = _logits(k0, k1, q0, q1, TAB_H, BIAS_BH, row_n, code_n, win_n, mask_n,
                                 row_m, code_m, win_m, mask_m, stride_bias_n, stride_bias_m,
                                 rel_off, qk_scale, gw, gw_log2, HAS_TABLE, HAS_BIAS, WINDOWED,
-                                True, HAS_D1, UPCAST, PRECISION, DENSE_TAB, EVEN)
+                                True, HAS_D1, UPCAST, PRECISION, SLAB_TAB, EVEN)
             pT = tl.math.exp2(sT - lse[None, :])
             if not EVEN:
                 pT = tl.where(valid, pT, 0.0)
@@ -335,7 +335,7 @@ if triton is not None:
     def _tmsa_attention_bwd_kernel_dkdv(
         Q, K, V,  # [B, H, N, D] strided
         DO,       # [B, H, N, D] strided grad of o
-        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE), or [H, slab] (DENSE_TAB)
+        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE), or [H, slab] (SLAB_TAB)
         BIAS,     # [B or 1, H, N, N] dense bias (HAS_BIAS)
         LSE,      # [B, H, N] fp32
         DELTA,    # [B, H, N] fp32
@@ -351,7 +351,7 @@ if triton is not None:
         per_b, step, n_groups, span_pad,
         N_BUCKET, SPAN_BUCKET,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
-        DENSE_TAB: tl.constexpr, EVEN: tl.constexpr, ACC_DS: tl.constexpr,
+        SLAB_TAB: tl.constexpr, EVEN: tl.constexpr, ACC_DS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -368,7 +368,7 @@ if triton is not None:
         mask_n = _inside(offs_n, N, BLOCK_N, EVEN)
         row_n, code_n, win_n = _tokens(offs_n, gw, TOK, n_lut, WINDOWED, HAS_TABLE)
         lo, hi = _span(start_n, BLOCK_N, N, n_win, WINDOWED)
-        TAB_H = _table_head(TAB, h, R, slab, gw, DENSE_TAB)
+        TAB_H = _table_head(TAB, h, R, slab, gw, SLAB_TAB)
         if ACC_DS:
             # [BLOCK_N, BLOCK_M]: this program's slice, shifted so query start_m is column 0
             part = PARTIAL + ((h * n_groups + g) * tl.num_programs(0) + pid_n) * (
@@ -383,7 +383,7 @@ if triton is not None:
                          stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
                          stride_bias_m, stride_bias_n, H, N, D, gw_log2, n_win, gw, TOK,
                          n_lut, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
-                         DENSE_TAB, EVEN, True, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST,
+                         SLAB_TAB, EVEN, True, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST,
                          PRECISION)
         else:
             _dkdv_sample(Q, K, V, DO, TAB_H, BIAS, LSE, DELTA, DK, DV, PARTIAL,
@@ -393,14 +393,14 @@ if triton is not None:
                          stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
                          stride_bias_m, stride_bias_n, H, N, D, gw_log2, n_win, gw, TOK,
                          n_lut, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
-                         DENSE_TAB, EVEN, False, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST,
+                         SLAB_TAB, EVEN, False, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST,
                          PRECISION)
 
     @triton.jit
     def _tmsa_attention_bwd_kernel_dq(
         Q, K, V,  # [B, H, N, D] strided
         DO,       # [B, H, N, D] strided grad of o
-        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE), or [H, slab] (DENSE_TAB)
+        TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE), or [H, slab] (SLAB_TAB)
         BIAS,     # [B or 1, H, N, N] (HAS_BIAS)
         LSE,      # [B, H, N] fp32
         DELTA,    # [B, H, N] fp32
@@ -414,7 +414,7 @@ if triton is not None:
         H, N, D, R, slab, gw_log2, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
         N_BUCKET, SPAN_BUCKET,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DS: tl.constexpr,
-        WINDOWED: tl.constexpr, DENSE_TAB: tl.constexpr, EVEN: tl.constexpr,
+        WINDOWED: tl.constexpr, SLAB_TAB: tl.constexpr, EVEN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -435,7 +435,7 @@ if triton is not None:
         delta = tl.load(DELTA + pid_bh * N + row_m, mask=mask_m, other=0.0)
         k_bh = b * stride_k_b + h * stride_k_h
         v_bh = b * stride_v_b + h * stride_v_h
-        TAB_H = _table_head(TAB, h, R, slab, gw, DENSE_TAB)
+        TAB_H = _table_head(TAB, h, R, slab, gw, SLAB_TAB)
         BIAS_BH = BIAS + b * stride_bias_b + h * stride_bias_h
         dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
         dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
@@ -449,7 +449,7 @@ if triton is not None:
             s, valid = _logits(q0, q1, k0, k1, TAB_H, BIAS_BH, row_m, code_m, win_m, mask_m,
                                row_n, code_n, win_n, mask_n, stride_bias_m, stride_bias_n,
                                rel_off, qk_scale, gw, gw_log2, HAS_TABLE, HAS_BIAS, WINDOWED,
-                               False, HAS_D1, UPCAST, PRECISION, DENSE_TAB, EVEN)
+                               False, HAS_D1, UPCAST, PRECISION, SLAB_TAB, EVEN)
             p = tl.math.exp2(s - lse[:, None])
             if not EVEN:
                 p = tl.where(valid, p, 0.0)
@@ -640,9 +640,9 @@ if triton is not None:
         tl.store(DTABLE + rows * H + h, acc.to(DTABLE.dtype.element_ty), mask=mask_r)
 
     @triton.jit
-    def _tmsa_attention_dense_table_kernel(
+    def _tmsa_attention_table_slab_kernel(
         TABLE,   # [R, H] the learnable table, any float dtype and strides
-        DENSE,   # [H, 2gh - 1, gw, gw] fp32 out: [h, r, ci, cj] = table[(r, ci - cj), h] * log2 e
+        SLABS,   # [H, 2gh - 1, gw, gw] fp32 out: [h, r, ci, cj] = table[(r, ci - cj), h] * log2 e
         stride_t_r, stride_t_h, n_rows, gw,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
     ):
@@ -656,5 +656,5 @@ if triton is not None:
         r = rows // gw
         idx = (r * (2 * gw - 1) + rows - r * gw + gw - 1)[:, None] - cj[None, :]
         val = tl.load(TABLE + idx * stride_t_r + h * stride_t_h, mask=valid, other=0.0)
-        tl.store(DENSE + (h * n_rows + rows[:, None]) * gw + cj[None, :],
+        tl.store(SLABS + (h * n_rows + rows[:, None]) * gw + cj[None, :],
                  val.to(tl.float32) * _LOG2E, mask=valid)

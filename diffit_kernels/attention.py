@@ -351,7 +351,7 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
         kernel[grid_of(bm, bn)](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
                                 num_stages=s)
         return bm, bn
-    flags = ("HAS_TABLE", "HAS_BIAS", "DENSE_TAB") + (("ACC_DS",) if "ACC_DS" in kwargs else ())
+    flags = ("HAS_TABLE", "HAS_BIAS", "SLAB_TAB") + (("ACC_DS",) if "ACC_DS" in kwargs else ())
     key = (kind, tuple(configs), flags)
     tuner = _TUNERS.get(key)
     if tuner is None:
@@ -428,8 +428,8 @@ def _prep_table(table: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tens
 # H200's L2, which every query tile of every sample reads through). Windows, other grids and
 # float32 inputs (FMA dots, whose small configs were chosen under the gather's registers)
 # gather from [H, R].
-DENSE_TABLE_MAX_BYTES = 64 << 20
-DENSE_BLOCK_I, DENSE_BLOCK_J = 64, 16
+SLAB_MAX_BYTES = 64 << 20
+SLAB_BLOCK_I, SLAB_BLOCK_J = 64, 16
 
 
 def _slab_rows(N: int, gw: int) -> int:
@@ -437,29 +437,29 @@ def _slab_rows(N: int, gw: int) -> int:
     return (2 * (N // gw) - 1) * gw
 
 
-def _dense_table_ok(table: Optional[torch.Tensor], geom: _Geom, N: int, elsize: int) -> bool:
+def _slab_ok(table: Optional[torch.Tensor], geom: _Geom, N: int, elsize: int) -> bool:
     if table is None or geom.windowed or elsize != 2:
         return False
     gw = geom.gw
     if gw < 16 or gw & (gw - 1):
         return False
-    return table.shape[1] * _slab_rows(N, gw) * gw * 4 <= DENSE_TABLE_MAX_BYTES
+    return table.shape[1] * _slab_rows(N, gw) * gw * 4 <= SLAB_MAX_BYTES
 
 
 def _table_arg(table: Optional[torch.Tensor], like: torch.Tensor, geom: _Geom,
                N: int) -> Tuple[torch.Tensor, int, int, bool]:
-    """(the kernels' TAB argument, slab, gw_log2, dense): global attention's [H, 2gh - 1, gw,
-    gw] slabs where _dense_table_ok (slab: elements per head), else the [H, R] table."""
-    if not _dense_table_ok(table, geom, N, like.element_size()):
+    """(the kernels' TAB argument, slab, gw_log2, on_slabs): global attention's [H, 2gh - 1, gw,
+    gw] slabs where _slab_ok (slab: elements per head), else the [H, R] table."""
+    if not _slab_ok(table, geom, N, like.element_size()):
         return _prep_table(table, like), 0, 0, False
     H, gw = table.shape[1], geom.gw
     n_rows = _slab_rows(N, gw)
     out = empty((H, n_rows, gw), torch.float32, table.device)
-    _log("dense-table", (DENSE_BLOCK_I, DENSE_BLOCK_J))
-    _kernels._tmsa_attention_dense_table_kernel[
-        (cdiv(n_rows, DENSE_BLOCK_I), cdiv(gw, DENSE_BLOCK_J), H)](
+    _log("table-slab", (SLAB_BLOCK_I, SLAB_BLOCK_J))
+    _kernels._tmsa_attention_table_slab_kernel[
+        (cdiv(n_rows, SLAB_BLOCK_I), cdiv(gw, SLAB_BLOCK_J), H)](
         table, out, table.stride(0), table.stride(1), n_rows, gw,
-        BLOCK_I=DENSE_BLOCK_I, BLOCK_J=DENSE_BLOCK_J, num_warps=4)
+        BLOCK_I=SLAB_BLOCK_I, BLOCK_J=SLAB_BLOCK_J, num_warps=4)
     return out, n_rows * gw, gw.bit_length() - 1, True
 
 
@@ -493,8 +493,8 @@ def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
     geom = _Geom(N, geometry)
     o = _out_layout(B, H, N, D, q.dtype, q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    tab, slab, gw_log2, dense = _table_arg(table, q, geom, N)
-    kw = dict(_common_kwargs(q, geom, table, bias), DENSE_TAB=dense)
+    tab, slab, gw_log2, on_slabs = _table_arg(table, q, geom, N)
+    kw = dict(_common_kwargs(q, geom, table, bias), SLAB_TAB=on_slabs)
     args = (q, k, v, tab, bias if bias is not None else q, o, lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_bias_strides(bias),
             H, N, D, geom.R, slab, gw_log2, *geom.args(q.device), geom.rel_off,
@@ -555,7 +555,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         elif acc_dense:
             dextra = partial.sum(1)[:, :N, :N]
     else:
-        tab, slab, gw_log2, dense = _table_arg(table, q, geom, N)
+        tab, slab, gw_log2, on_slabs = _table_arg(table, q, geom, N)
         geo_p = (H, N, D, geom.R, slab, gw_log2, *geom.args(dev), geom.rel_off,
                  float(scale) * LOG2E)
         delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
@@ -584,12 +584,12 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
                              lambda bm, bn: (cdiv(N, bn), H, live),
                              (q, k, v, do, tab, bias_arg, lse, delta, dk, dv, partial, *strides,
                               *geo_p, float(scale), per_b, step, groups, span_pad, *buckets),
-                             dict(kw, ACC_DS=acc_ds, DENSE_TAB=dense))
+                             dict(kw, ACC_DS=acc_ds, SLAB_TAB=on_slabs))
         _launch(_kernels._tmsa_attention_bwd_kernel_dq, "dq" + win, _configs("dq" + win, *shape),
                 lambda bm, bn: (cdiv(N, bm), B * H),
                 (q, k, v, do, tab, bias_arg, lse, delta, dq, dbias if dbias is not None else q,
                  *strides, *geo_p, float(scale), *buckets),
-                dict(kw, STORE_DS=store_ds, DENSE_TAB=dense))
+                dict(kw, STORE_DS=store_ds, SLAB_TAB=on_slabs))
         if acc_ds:
             bins, L = _ds_table_plan(N, geom.n_win, geom.gh, geom.gw, bn, span_pad, str(dev))
             # [H, groups, key tiles * BN * span_pad] summed over the batch groups in order
@@ -605,7 +605,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
                 geom.n_win, geom.nW, B, BM, BN, group, _programs_per_head(dev, H),
                 (geom.gh, geom.gw) if acc_table else None, str(dev))
             partial = torch.empty((H, P, BM, BN), dtype=torch.float32, device=dev)
-            if dense:  # this pass gathers from the [H, R] table
+            if on_slabs:  # this pass gathers from the [H, R] table
                 tab = _prep_table(table, q)
             _kernels._tmsa_attention_bwd_kernel_dbias[(P, H)](
                 q, k, v, do, tab, bias_arg, lse, delta, plan, slots, partial, *strides,
@@ -777,7 +777,7 @@ def tmsa_attention(
 
 
 # ---------------------------------------------------------------------------------------------
-_FP32_PTRS = ("TAB", "LSE", "DELTA", "PARTIAL", "PART_SUM", "DENSE")
+_FP32_PTRS = ("TAB", "LSE", "DELTA", "PARTIAL", "PART_SUM", "SLABS")
 _I32_PTRS = ("PLAN", "SLOTS", "BINS", "TOK")
 _FLOATS = ("qk_scale", "sm_scale")
 _INTS = ("H", "N", "D", "R", "P")
@@ -853,7 +853,7 @@ _AOT_FLAGS = {  # label -> (HAS_TABLE, HAS_BIAS, WINDOWED, STORE_DS)
     "table-win": (True, False, True, False),
     "bias": (False, True, False, True),
     "plain": (False, False, False, False),
-    "dense": (True, False, False, False),   # the table read through its slabs (_table_arg)
+    "slab": (True, False, False, False),   # the table read through its slabs (_table_arg)
     "plain-win": (False, False, True, False),
 }
 _KERNEL_NAMES = {  # config kind, "-win" stripped -> kernel
@@ -877,7 +877,7 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
     else:
         c.update(BLOCK_M=bm, BLOCK_N=bn)
     if base in ("fwd", "dkdv", "dq"):
-        c["DENSE_TAB"] = flags == "dense"
+        c["SLAB_TAB"] = flags == "slab"
         c["EVEN"] = _even_blocks(_example(D, windowed, odd=odd)["n_win"], bm, bn)
     if base == "dq":
         c.update(STORE_DS=store)
@@ -926,7 +926,7 @@ def aot_specs():
                 if flags == "table" and D == 72 and elt == 2 and kind in ("fwd", "dkdv", "dkdv-acc",
                                                                           "dq"):
                     # global attention's table through its slabs (_table_arg)
-                    specs.append(_kernel_spec(kind, dt, D, "dense", cfg, spill_ok=i > 0))
+                    specs.append(_kernel_spec(kind, dt, D, "slab", cfg, spill_ok=i > 0))
             if kind == "window" and cfgs and cfgs[0][0] > 16:
                 specs.append(_kernel_spec(kind, dt, D, flags,
                                           (16, 16) + _fused_launch(16, cfgs[0], elt)))
@@ -936,7 +936,7 @@ def aot_specs():
                 specs.append(_kernel_spec(kind, "fp16", D, flags, cfgs[0]))
             if kind.split("-")[0] in ("fwd", "dkdv", "dq"):
                 # the masked variant (EVEN off): an odd grid or window, as the examples are not
-                odd_flags = "dense" if elt == 2 and flags == "table" else flags
+                odd_flags = "slab" if elt == 2 and flags == "table" else flags
                 specs.append(_kernel_spec(kind, dt, D, odd_flags, cfgs[0], odd=True))
             if not has_bias and kind in ("fwd", "dkdv", "dq", "dbias"):
                 specs.append(_kernel_spec(kind, dt, D, "plain", cfgs[0]))
@@ -953,9 +953,9 @@ def aot_specs():
                                f"{dt} table {TABLE_BLOCK_R}x{bk}", dot=False,
                                example=_example(72, False)))
         # global attention's table slabs (_table_arg), from a table in either dtype
-        specs.append(_spec(_kernels._tmsa_attention_dense_table_kernel, dt,
-                           dict(BLOCK_I=DENSE_BLOCK_I, BLOCK_J=DENSE_BLOCK_J), 4, 1,
-                           f"{dt} table -> dense {DENSE_BLOCK_I}x{DENSE_BLOCK_J}", dot=False,
+        specs.append(_spec(_kernels._tmsa_attention_table_slab_kernel, dt,
+                           dict(BLOCK_I=SLAB_BLOCK_I, BLOCK_J=SLAB_BLOCK_J), 4, 1,
+                           f"{dt} table -> slab {SLAB_BLOCK_I}x{SLAB_BLOCK_J}", dot=False,
                            example=_example(72, False)))
     unique = {(s.kernel, s.config): s for s in specs}  # fwd and fwd-win lists may share one
     return list(unique.values())

@@ -111,10 +111,10 @@ def test_windows_on_the_flash_path(B, N, H, D, kw, dtype, monkeypatch):
     _check(dtype, B, H, N, D, **kw)
 
 
-def _table_run(B, H, N, D, grid, dtype, card, dense_cap, monkeypatch, window=None):
+def _table_run(B, H, N, D, grid, dtype, card, slab_cap, monkeypatch, window=None):
     """Output, gradients (q, k, v, table) and launch log of one attention call with a table
     (global, or in windows)."""
-    monkeypatch.setattr(A, "DENSE_TABLE_MAX_BYTES", dense_cap)
+    monkeypatch.setattr(A, "SLAB_MAX_BYTES", slab_cap)
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D).to(dtype).requires_grad_() for _ in range(3))
     gh, gw = window or grid
@@ -140,22 +140,22 @@ def _table_run(B, H, N, D, grid, dtype, card, dense_cap, monkeypatch, window=Non
     pytest.param(1, 128, 1, 72, (4, 32), (2, 0), False, id="4x32-16bit-cfg"),
     pytest.param(2, 64, 1, 72, (4, 16), (2, 0), True, id="4x16-dbias-pass"),
 ])
-def test_dense_table_copy_is_bitwise_the_gathered_table(B, N, H, D, grid, card, ds_pass, dtype,
-                                                        monkeypatch):
+def test_table_slabs_are_bitwise_the_gathered_table(B, N, H, D, grid, card, ds_pass, dtype,
+                                                     monkeypatch):
     """Global attention on 16-bit inputs reads its table through per-head slabs of gw x gw
-    matrices, one per relative grid row; grids past DENSE_TABLE_MAX_BYTES, other widths (and
+    matrices, one per relative grid row; grids past SLAB_MAX_BYTES, other widths (and
     float32) gather it per score element. The same float32 numbers reach the same sums:
     outputs and every gradient are bitwise equal (the dbias pass, which gathers from the
     [H, R] table beside the slab-reading dK/dV and dQ kernels, included)."""
     if ds_pass:
         monkeypatch.setattr(A, "_DS_MAX_ELEMENTS", 0)
-    dense, log_d = _table_run(B, H, N, D, grid, dtype, card, A.DENSE_TABLE_MAX_BYTES,
+    slabs, log_s = _table_run(B, H, N, D, grid, dtype, card, A.SLAB_MAX_BYTES,
                               monkeypatch)
     gathered, log_g = _table_run(B, H, N, D, grid, dtype, card, 0, monkeypatch)
-    assert sum(e[0] == "dense-table" for e in log_d) == 2   # forward and backward
-    assert not any(e[0] == "dense-table" for e in log_g)
-    assert any(e[0] == "dbias" for e in log_d) == ds_pass
-    for name, a, b in zip(("o", "dq", "dk", "dv", "dtable"), dense, gathered):
+    assert sum(e[0] == "table-slab" for e in log_s) == 2   # forward and backward
+    assert not any(e[0] == "table-slab" for e in log_g)
+    assert any(e[0] == "dbias" for e in log_s) == ds_pass
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dtable"), slabs, gathered):
         assert torch.equal(a, b), name
 
 
@@ -177,10 +177,10 @@ def test_even_tiles_are_bitwise_the_masked_kernels(dtype, card, window, monkeypa
     CUDA configs of d = 72 (the 16-bit list with the most entries, dK/dV with the table
     partials, has four)."""
     B, H, N, D, grid = 2, 1, 128, 72, (8, 16)
-    even, log_e = _table_run(B, H, N, D, grid, dtype, card, A.DENSE_TABLE_MAX_BYTES,
+    even, log_e = _table_run(B, H, N, D, grid, dtype, card, A.SLAB_MAX_BYTES,
                              monkeypatch, window)
     monkeypatch.setattr(A, "_EVEN_OK", False)
-    masked, log_m = _table_run(B, H, N, D, grid, dtype, card, A.DENSE_TABLE_MAX_BYTES,
+    masked, log_m = _table_run(B, H, N, D, grid, dtype, card, A.SLAB_MAX_BYTES,
                                monkeypatch, window)
     ran = {e[1] for e in log_e if e[0] == "even"}
     want = {"fwd", "dkdv-acc", "dq"} if window is None else {"fwd-win", "dkdv-win-acc", "dq-win"}
@@ -213,10 +213,10 @@ def test_token_table_maps_virtual_tokens_as_the_reference_windows(grid, window):
     assert not tok[:, N:].any()
 
 
-def test_dense_table_promises_hold_for_every_config():
+def test_slab_promises_hold_for_every_config():
     """The slab load is unmasked and hinted (multiple_of / max_contiguous 16 along the keys):
     true only if every tile starts at a multiple of 16 (every block of a kernel that reads it
-    a power of two >= 16) and the grid width is a power of two >= 16 (_dense_table_ok), so
+    a power of two >= 16) and the grid width is a power of two >= 16 (_slab_ok), so
     runs of 16 keys share a grid row. The interpreter ignores hints, so a config or grid
     breaking this would fail on a GPU only."""
     for (kind, has_bias, elt), (default, per_shape) in A._CONFIG_TABLE.items():
@@ -228,20 +228,20 @@ def test_dense_table_promises_hold_for_every_config():
     assert all(c[:2] == (32, 32) for k, c in A._INTERP.items() if k in ("fwd", "dkdv", "dq"))
     table = torch.empty(63 * 63, 2)
     for gw in (4, 8, 24, 48):
-        assert not A._dense_table_ok(table, A._Geom(32 * gw, (32, gw, 32, gw)), 32 * gw, 2), gw
+        assert not A._slab_ok(table, A._Geom(32 * gw, (32, gw, 32, gw)), 32 * gw, 2), gw
 
 
-def test_dense_table_size_limit():
+def test_slab_size_limit():
     """Slabs of (2gh - 1) gw x gw fp32 per head: 63 x 32 x 32 x 4 B = 252 KiB per head at
     512 px (a dense [N, N] copy: 4 MiB), within the cap for 16 heads and up to 260."""
     geom = A._Geom(1024, (32, 32, 32, 32))
     table = torch.empty(63 * 63, 16)
-    assert A._dense_table_ok(table, geom, 1024, 2)
-    assert A._dense_table_ok(torch.empty(63 * 63, 260), geom, 1024, 2)
-    assert not A._dense_table_ok(torch.empty(63 * 63, 261), geom, 1024, 2)
-    assert not A._dense_table_ok(None, geom, 1024, 2)
-    assert not A._dense_table_ok(table, geom, 1024, 4)      # float32 inputs gather
-    assert not A._dense_table_ok(torch.empty(49, 16), A._Geom(64, (8, 8, 4, 4)), 64, 2)
+    assert A._slab_ok(table, geom, 1024, 2)
+    assert A._slab_ok(torch.empty(63 * 63, 260), geom, 1024, 2)
+    assert not A._slab_ok(torch.empty(63 * 63, 261), geom, 1024, 2)
+    assert not A._slab_ok(None, geom, 1024, 2)
+    assert not A._slab_ok(table, geom, 1024, 4)      # float32 inputs gather
+    assert not A._slab_ok(torch.empty(49, 16), A._Geom(64, (8, 8, 4, 4)), 64, 2)
 
 
 @pytest.mark.interpreter
@@ -475,8 +475,8 @@ def test_check_cases_and_aot_specs_are_listed():
     assert len(cases) >= 3 and all(c.op == "tmsa_attention" for c in cases)
     specs = A.aot_specs()
     kernels = {s.kernel for s in specs}
-    # every kernel the module defines is built by the compile gate (the dense table copy was
-    # once left out)
+    # every kernel the module defines is built by the compile gate (the table's expansion
+    # kernel was once left out)
     from triton.runtime import JITFunction
 
     defined = {n for n, f in vars(A._kernels).items()

@@ -53,10 +53,10 @@ def test_ab_providers_run_the_designs_they_name():
         kinds[name] = {entry[0] for entry in log}
     assert any("acc" in kd for kd in kinds["tmsa"]) and "dbias" not in kinds["tmsa"], kinds
     assert "dbias" in kinds["tmsa-2pass"] and not any("acc" in kd for kd in kinds["tmsa-2pass"])
-    assert "dense-table" in kinds["tmsa"] and "dense-table" not in kinds["tmsa-gather"], kinds
+    assert "table-slab" in kinds["tmsa"] and "table-slab" not in kinds["tmsa-gather"], kinds
     for other in ("tmsa-2pass", "tmsa-gather"):
         for a, b in zip(grads["tmsa"], grads[other]):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
-    assert attention._DS_MAX_ELEMENTS > 0 and attention.DENSE_TABLE_MAX_BYTES > 0
+    assert attention._DS_MAX_ELEMENTS > 0 and attention.SLAB_MAX_BYTES > 0
     with pytest.raises(ValueError, match="windows always gather"):
         bench_attention._providers((8, 8), (4, 4), ["tmsa-gather"])

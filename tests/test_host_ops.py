@@ -16,13 +16,13 @@ def test_counts_are_the_code_paths_and_every_block_launches_the_same_kernels():
     for k in per_block:
         assert a["launches"][k] == depth, (k, a["launches"])
     # global attention's table slabs (a 16 x 16 grid): one in the forward, one in the backward
-    assert a["launches"]["_tmsa_attention_dense_table_kernel"] == 2 * depth
+    assert a["launches"]["_tmsa_attention_table_slab_kernel"] == 2 * depth
     # one adaln_norm per block and the final layer's
     assert a["launches"]["_adaln_norm_fwd_kernel"] == a["launches"]["_adaln_norm_bwd_kernel"] \
         == depth + 1
     assert set(a["launches"]) == set(per_block) | {"_adaln_norm_fwd_kernel",
                                                    "_adaln_norm_bwd_kernel",
-                                                   "_tmsa_attention_dense_table_kernel"}
+                                                   "_tmsa_attention_table_slab_kernel"}
     # no copy kernel in the blocks' own code: the attention output's head merge is a view
     copies = {(site, op): n for (site, op), n in a["aten_site_ops"].items()
               if site.startswith("layers.py") and op in ("aten.clone", "aten.copy_")}

@@ -178,13 +178,17 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
     # ones, whose two warpgroups split each tile's keys; per score element they issue 40-55%
     # fewer instructions (compile report's loop column x warps / tile, sm_90a, 8x8 windows:
     # fwd d 72 64x64 w4 s2 18.0, 64x32 w4 24.2 against 41.1 for 64x32 w8, Triton 3.9; 21.5 /
-    # 31.5 / 47.1 under 3.6), spill-free for sm_80 and sm_90a under both: the card measures
+    # 31.5 / 47.1 under 3.6), spill-free for sm_80 and sm_90a under both: the card measures.
+    # The forward's 16x16 one-warp tile is for 4x4 windows (16 tokens): one whole window per
+    # tile, unmasked (EVEN), where a 64-row tile holds four windows and computes 4x the scores
+    # it keeps (whole kernel's SASS at img32-win4's launch, sm_90a, 3.9: ~3.9 warp-instructions
+    # per kept score against 13.3 for 64x32 w8, 7.7 for 64x64 w4); HMMA, as M < 64
     ("fwd-win", False, 2): (
         [(64, 32, 4, 3)],
         {(16, 0): [(64, 64, 8, 1)], (32, 16): [(64, 32, 8, 3)],
-         (64, 0): [(64, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
-         (64, 16): [(64, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)], (64, 32): [(64, 32, 8, 3)],
-         (128, 0): [(32, 16, 4, 2)]}),
+         (64, 0): [(64, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (16, 16, 1, 2)],
+         (64, 16): [(64, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (16, 16, 1, 2)],
+         (64, 32): [(64, 32, 8, 3)], (128, 0): [(32, 16, 4, 2)]}),
     ("dkdv", False, 2): (
         [(32, 128, 8, 1), (32, 64, 4, 3)],
         {(32, 0): [(32, 128, 8, 2)],

@@ -23,8 +23,8 @@ batches go in groups of G samples, each with its own copy of [W | cb_g^T] (8 MB 
 written once per call). The H200 measured the alternative, a broadcast write of cb into y that
 the GEMM accumulates onto (beta = 1), at 1.76x a bare GEMM's time at B256 (still taken where B
 has no divisor in [TIME_GROUP_MIN, TIME_GROUP] and exceeds TIME_COLS_MAX, and without
-LayerNorm, where no row kernel writes the operand). Without a time
-term the bias rides cuBLASLt's epilogue.
+LayerNorm, where no row kernel writes the operand). Without a time term the bias rides
+cuBLASLt's epilogue.
 """
 from __future__ import annotations
 

@@ -154,22 +154,21 @@ def _time_qkv_fwd(x, temb, weight, bias, temb_weight, temb_bias, num_heads: int,
             return out, xhat, mean, rstd
     a = xhat if has_ln else x.reshape(M, C)  # a view for rows or a channel slice of a buffer
     out2, wt = out.view(M, C3), weight.t()
-    if width > C and G == B:
-        # [xhat | onehot(b)] [W | cb^T]^T: the time term is B more columns of one plain GEMM
-        cb = _per_sample_bias(temb, bias, temb_weight, temb_bias)
-        pad = weight.new_zeros(C3, width - C - B)
-        torch.mm(a, torch.cat((weight, cb.t(), pad), dim=1).t(), out=out2)
-    elif width > C:
-        # groups of G samples: group g's rows [xhat | onehot(b % G)] against [W | cb_g^T]
+    if width > C:
+        # groups of G samples (one group when G == B): group g's rows [xhat | onehot(b % G)]
+        # against [W | cb_g^T | 0], built by one cat (W broadcast over the groups, not copied
+        # before it)
         cb = _per_sample_bias(temb, bias, temb_weight, temb_bias)
         groups = B // G
-        _launched("time_groups", (groups, G))
-        wg = empty((groups, C3, width), dt, x.device)
-        wg[:, :, :C] = weight
-        wg[:, :, C:C + G] = cb.view(groups, G, C3).transpose(1, 2)
-        wg[:, :, C + G:] = 0
-        torch.bmm(a.view(groups, G * N, width), wg.transpose(1, 2),
-                  out=out.view(groups, G * N, C3))
+        pad = weight.new_zeros(C3, width - C - G)
+        wg = torch.cat((weight.expand(groups, C3, C), cb.view(groups, G, C3).transpose(1, 2),
+                        pad.expand(groups, C3, width - C - G)), dim=2)
+        if groups == 1:
+            torch.mm(a, wg[0].t(), out=out2)
+        else:
+            _launched("time_groups", (groups, G))
+            torch.bmm(a.view(groups, G * N, width), wg.transpose(1, 2),
+                      out=out.view(groups, G * N, C3))
     elif temb is not None:
         # the GEMM accumulates onto cb[b] broadcast over each sample's rows (beta = 1)
         cb = _per_sample_bias(temb, bias, temb_weight, temb_bias)

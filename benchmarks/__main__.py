@@ -15,7 +15,9 @@ Runs the speed-of-light rows first (copy bandwidth, GEMM rate: benchmarks/peak.p
 chosen benchmark's run(quick, dtype, out_dir, tiny_cpu), and writes into
 benchmarks/results/<gpu-slug>/ (or --out): one CSV and one plot per benchmark, run.json (the
 environment, the exact command, what ran and how long it took) and summary.md, built from the
-CSVs by benchmarks/summary.py with every rate also stated as a fraction of the measured peaks.
+CSVs by benchmarks/summary.py with every rate also stated as a fraction of the measured peaks,
+and autotune.csv: every candidate config the kernels' autotuners timed on the card, at each key
+they tuned (summary.md's Autotune section), the data for ordering the shipped candidate lists.
 `--quick` is sized to finish in under 10 minutes on an H100 (run.json and summary.md record
 the wall time each benchmark took).
 
@@ -243,7 +245,8 @@ def _clear_previous_run(out: Path) -> List[str]:
     except (OSError, ValueError):
         return []
     names = {n for e in meta.get("benchmarks", []) for n in e.get("csv", []) + e.get("png", [])}
-    names |= {"run.json", "summary.md", "note.md"}  # the note described that run
+    # the note described that run; autotune.csv holds its autotuners' candidate times
+    names |= {"run.json", "summary.md", "note.md", "autotune.csv"}
     gone = []
     for n in sorted(names):
         p = out / n
@@ -365,6 +368,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             meta["seconds"] = _seconds(meta, t0)
             _write_json(out / "run.json", meta)
             entry = run_benchmark(name, modname, out, args.quick, args.dtype, args.tiny_cpu)
+            tuned = common.write_autotune(out)
+            if tuned:
+                print(f"  {tuned} autotune candidate times -> {common.AUTOTUNE_CSV}")
             meta["benchmarks"][-1] = entry
             meta["seconds"] = _seconds(meta, t0)
             _write_json(out / "run.json", meta)

@@ -279,6 +279,45 @@ def write_csv(path: Path, rows: List[dict]) -> None:
     os.replace(tmp, path)
 
 
+AUTOTUNE_CSV = "autotune.csv"
+
+
+def write_autotune(out: Path) -> int:
+    """Write every candidate time the kernels' autotuners measured in this process
+    (diffit_kernels._common.autotune_timings) to out/autotune.csv, one row per (kernel, key,
+    candidate), after the rows already there (an --append run's earlier process; a new run
+    removes the file first). Returns how many rows this process added. Atomic, like every
+    result file; called after each benchmark, so a killed run keeps what was tuned."""
+    from diffit_kernels._common import autotune_timings
+
+    path = Path(out) / AUTOTUNE_CSV
+    old = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+    seen = {(r.get("kernel"), r.get("key"), r.get("candidate")) for r in old}
+    env = environment()
+    new = []
+    for rec in autotune_timings():
+        times = [t for _, t in rec["candidates"] if t is not None and t != float("inf")]
+        fastest = min(times) if times else None
+        for cand, t in rec["candidates"]:
+            if (rec["kernel"], rec["key"], cand) in seen:
+                continue
+            seen.add((rec["kernel"], rec["key"], cand))
+            fits = t is not None and t != float("inf")
+            new.append(dict(kernel=rec["kernel"], kind=rec["kind"], key=rec["key"],
+                            candidate=cand, ms=f"{t:.5g}" if fits else "",
+                            vs_fastest=f"{t / fastest:.3f}" if fits and fastest else "",
+                            chosen="yes" if cand == rec["best"] else "",
+                            note="" if fits else ("did not fit the card" if t is not None
+                                                  else "not measured"),
+                            card=env["card"], triton=env["triton"], torch=env["torch"]))
+    if new:
+        write_csv(path, old + new)
+    return len(new)
+
+
 OURS = ("ours", "tmsa")  # provider names meaning this library's kernels
 # providers that are limits, not alternatives: bare GEMMs, attention without the bias, bytes at
 # the copy bandwidth

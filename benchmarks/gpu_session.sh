@@ -75,7 +75,8 @@ else
     slug=$("$PY" -c "from benchmarks.common import gpu_slug; print(gpu_slug())")
 fi
 echo "== python -m benchmarks ${bench[*]} (stopped at ${BENCH_TIMEOUT} s)"
-# the autotune picks of each key go into the log: the data for choosing the shipped defaults
+# the autotune picks of each key go into the log, and every candidate's time into
+# autotune.csv (summary.md's Autotune section): the data for choosing the shipped defaults
 TRITON_PRINT_AUTOTUNING=1 timeout -s TERM -k 15 "$BENCH_TIMEOUT" "$PY" -m benchmarks "${bench[@]}" 2>&1 \
     | tee "$LOGS/benchmarks.log"
 bench_rc=$?

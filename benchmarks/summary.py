@@ -156,6 +156,39 @@ def table(rows: List[dict], peaks: Dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(candidate: str) -> str:
+    """'BLOCK_M=64 BLOCK_N=32 w4 s3' -> '64x32 w4 s3' (the attention kernels' tiles)."""
+    return re.sub(r"BLOCK_M=(\d+) BLOCK_N=(\d+)", r"\1x\2", candidate)
+
+
+def autotune_section(out: Path) -> List[str]:
+    """Markdown lines for autotune.csv (benchmarks.common.write_autotune): one row per
+    autotuned kernel and key, the chosen candidate first, every candidate's ms and its ratio
+    to the fastest. Nothing when the run tuned nothing."""
+    path = Path(out) / "autotune.csv"
+    if not path.is_file():
+        return []
+    groups: Dict[tuple, List[dict]] = {}
+    for r in load_csv(path):
+        groups.setdefault((r.get("kernel", ""), r.get("kind", ""), r.get("key", "")),
+                          []).append(r)
+    L = ["## Autotune", "", "Every candidate of each autotuned launch as Triton's autotuner "
+         "timed it on this card (median ms at that key; x: the ratio to the fastest; the "
+         "candidate lists are diffit_kernels/attention.py `_CONFIG_TABLE` and "
+         "diffit_kernels/norm.py `candidates`).", "",
+         "| kernel | list | key | chosen | candidates: ms (x fastest) |", "|---|---|---|---|---|"]
+    for (kernel, kind, key), rows in groups.items():
+        chosen = next((_short(r["candidate"]) for r in rows if r.get("chosen") == "yes"), "-")
+        cells = []
+        for r in rows:
+            t = _num(r.get("ms"))
+            cells.append(f"{_short(r['candidate'])}: " + (
+                f"{_fmt(t)} ({_num(r.get('vs_fastest')) or 0:.2f})" if t is not None
+                else (r.get("note") or "-")))
+        L.append(f"| {kernel} | {kind} | {key} | {chosen} | {'; '.join(cells)} |")
+    return L + ["", f"Data: [{path.name}]({path.name})", ""]
+
+
 def build_summary(out: Path) -> str:
     """The text of summary.md for a results folder (run.json + the CSVs it lists)."""
     out = Path(out)
@@ -254,6 +287,7 @@ def build_summary(out: Path) -> str:
             mine = [q for q in pngs if len(csvs[name]) == 1 or Path(q).stem.startswith(p.stem)]
             L += [f"![{Path(q).stem}]({q})" for q in mine]
             L += ["", f"Data: [{p.name}]({p.name})", ""]
+    L += autotune_section(out)
     if any("seconds" in e for e in entries):
         L += ["## Wall time", "", "| benchmark | status | seconds |", "|---|---|---|"]
         for e in entries:
@@ -375,6 +409,8 @@ def readme_section(dirs: Sequence[Path], readme: Path) -> str:
     for d in dirs:
         rel = os.path.relpath(d, readme.parent).replace(os.sep, "/")
         text = (d / "summary.md").read_text()
+        # the per-candidate autotune table is data for the kernels' authors: summary.md only
+        text = re.sub(r"^## Autotune\n.*?(?=^## |\Z)", "", text, flags=re.M | re.S)
         text = re.sub(r"^(#+) ", lambda m: "#" * min(len(m.group(1)) + 2, 6) + " ", text,
                       flags=re.M)
         text = re.sub(r"\]\(([^)/:#]+\.(?:png|csv))\)", lambda m: f"]({rel}/{m.group(1)})", text)

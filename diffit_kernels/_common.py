@@ -227,3 +227,48 @@ def planned_sms(device: torch.device, override: Optional[int]) -> Optional[int]:
     if override is not None:
         return override
     return sm_count(device) if device.type == "cuda" else None
+
+
+# Every key an autotuner of ours tuned in this process, with each candidate's measured time
+# (record_tuning; autotune_timings() hands out a copy): the benchmarks write it out
+# (autotune.csv), so the shipped candidate lists can be ordered and pruned by what a card
+# measured rather than by the one winner Triton's TRITON_PRINT_AUTOTUNING reports
+_TUNED: list = []
+
+
+def _candidate(cfg) -> str:
+    """'BLOCK_M=64 BLOCK_N=32 w4 s3' for a triton.Config."""
+    kw = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+    return f"{kw} w{cfg.num_warps} s{cfg.num_stages}".strip()
+
+
+def record_tuning(kernel: str, kind: str, tuner, known: int) -> None:
+    """After a call of a triton.autotune object that had `known` cached keys before it: when
+    it tuned a new key, append what it measured (each candidate's median ms, inf for one that
+    did not fit the card) to the process's record. The key just tuned is the cache's newest
+    (dicts keep insertion order). Costs one len() per call otherwise."""
+    cache = getattr(tuner, "cache", None)
+    if cache is None or len(cache) <= known:
+        return
+    key = list(cache)[-1]
+    names = list(getattr(tuner, "keys", []))
+    desc = [f"{n}={v}" for n, v in zip(names, key)]
+    desc += sorted({str(v).replace("torch.", "") for v in key[len(names):]})  # the dtypes
+    timings = getattr(tuner, "configs_timings", None) or {}
+    if not all(c in tuner.configs for c in timings):
+        timings = {}  # left from another key: this one was not benchmarked
+    cands = []
+    for cfg in tuner.configs:
+        t = timings.get(cfg)
+        if isinstance(t, (list, tuple)):
+            t = t[0] if t else None
+        cands.append((_candidate(cfg), None if t is None else float(t)))
+    _TUNED.append(dict(kernel=kernel, kind=kind, key=" ".join(desc), best=_candidate(cache[key]),
+                       candidates=cands))
+
+
+def autotune_timings() -> list:
+    """What record_tuning recorded in this process, oldest first: dicts of kernel (its name),
+    kind (the launcher's label for the config list), key (the autotune key, readable), best
+    (the candidate chosen) and candidates [(candidate, median ms or None)]."""
+    return [dict(r, candidates=list(r["candidates"])) for r in _TUNED]

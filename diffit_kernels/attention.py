@@ -64,8 +64,8 @@ from . import reference
 from ._attention_index import _Geom, _dbias_plan, _ds_table_plan, _fused_bins, _reduce_slots
 from ._attention_kernels import LOG2E
 from ._common import (call_op, cdiv, check_kernel_dtype, dispatch, dot_upcast, empty,
-                      interpreting, next_power_of_2, overriding, planned_sms, resolve_backend,
-                      unit_last_stride)
+                      interpreting, next_power_of_2, overriding, planned_sms, record_tuning,
+                      resolve_backend, unit_last_stride)
 
 try:
     import triton
@@ -383,7 +383,9 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
         tuner = triton.autotune(cfgs, key=["N_BUCKET", "SPAN_BUCKET", "D", "WINDOWED", *flags])(
             inner)
         _TUNERS[key] = tuner
+    known = len(tuner.cache)
     tuner[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
+    record_tuning(kernel.fn.__name__, kind, tuner, known)
     best = tuner.best_config.kwargs
     return best["BLOCK_M"], best["BLOCK_N"]
 

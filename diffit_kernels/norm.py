@@ -25,8 +25,8 @@ import torch
 
 from . import reference
 from ._common import (call_op, cdiv, check_kernel_dtype, dispatch, empty, interpreting,
-                      next_power_of_2, overriding, planned_sms, resolve_backend, row_warps,
-                      unit_last_stride)
+                      next_power_of_2, overriding, planned_sms, record_tuning, resolve_backend,
+                      row_warps, unit_last_stride)
 
 MAX_C = 8192
 FWD_MAX_ROWS = 8
@@ -503,7 +503,9 @@ def _launch(kernel, grid: tuple, cfgs: List[Tuple[int, int]], key: List[str], ar
         tuner = triton.autotune([triton.Config({"AHEAD": a}, num_warps=w) for w, a in cfgs],
                                 key=key)(kernel)
         _TUNERS[tkey] = tuner
+    known = len(tuner.cache)
     tuner[grid](*args, **kwargs)
+    record_tuning(kernel.fn.__name__, "rows", tuner, known)
 
 
 def _check_c(C: int) -> int:

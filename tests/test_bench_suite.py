@@ -610,3 +610,70 @@ def test_op_timing_by_cuda_graph_with_a_named_fallback(monkeypatch):
     assert common.last_timing() == ("do_bench (no CUDA graph: RuntimeError: operation not "
                                     "permitted when stream is capturing)")
     assert common.bench(fn) == 1.5 and common.last_timing() == "do_bench"
+
+
+class _Tuner:
+    """What record_tuning reads of a triton.autotune object: configs, keys, cache and the
+    timings of its latest benchmark."""
+
+    def __init__(self, configs, keys):
+        self.configs, self.keys, self.cache = configs, keys, {}
+
+    def tune(self, key, timings):
+        self.configs_timings = dict(zip(self.configs, timings))
+        self.cache[key] = min(self.configs_timings, key=lambda c: self.configs_timings[c][0])
+
+
+def test_autotune_candidate_times_are_recorded_written_and_summarised(tmp_path, monkeypatch):
+    import triton
+
+    from benchmarks import common, summary
+    from diffit_kernels import _common
+
+    monkeypatch.setattr(_common, "_TUNED", [])
+    cfgs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)]
+    tuner = _Tuner(cfgs, ["N_BUCKET", "D"])
+    _common.record_tuning("_k", "fwd", tuner, 0)          # nothing tuned: nothing recorded
+    assert _common.autotune_timings() == []
+    tuner.tune((256, 72, "torch.bfloat16", "torch.float32"),
+               [[0.02, 0.019, 0.021], [0.01, 0.009, 0.011], [float("inf")] * 3])
+    _common.record_tuning("_k", "fwd", tuner, 0)
+    _common.record_tuning("_k", "fwd", tuner, 1)          # the same key again: cached
+    rec, = _common.autotune_timings()
+    assert rec["key"] == "N_BUCKET=256 D=72 bfloat16 float32"
+    assert rec["best"] == "BLOCK_M=64 BLOCK_N=64 w4 s2"
+    assert rec["candidates"] == [("BLOCK_M=64 BLOCK_N=32 w8 s3", 0.02),
+                                 ("BLOCK_M=64 BLOCK_N=64 w4 s2", 0.01),
+                                 ("BLOCK_M=128 BLOCK_N=64 w8 s3", float("inf"))]
+
+    assert common.write_autotune(tmp_path) == 3
+    assert common.write_autotune(tmp_path) == 0          # each row once, however often written
+    rows = _rows(tmp_path / common.AUTOTUNE_CSV)
+    assert [r["vs_fastest"] for r in rows] == ["2.000", "1.000", ""]
+    assert [r["chosen"] for r in rows] == ["", "yes", ""]
+    assert rows[2]["note"] == "did not fit the card" and rows[2]["ms"] == ""
+
+    # a key whose single pruned config was never benchmarked keeps no stale timings
+    tuner.configs_timings = {triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}): [1.0]}
+    tuner.cache[(1024, 72, "torch.bfloat16")] = cfgs[0]
+    _common.record_tuning("_k", "fwd", tuner, 1)
+    assert all(t is None for _, t in _common.autotune_timings()[1]["candidates"])
+    # a second process of the same run (--append) adds its rows after the first's
+    monkeypatch.setattr(_common, "_TUNED", _common._TUNED[1:])
+    assert common.write_autotune(tmp_path) == 3
+    assert len(_rows(tmp_path / common.AUTOTUNE_CSV)) == 6
+
+    lines = "\n".join(summary.autotune_section(tmp_path))
+    assert "| _k | fwd | N_BUCKET=256 D=72 bfloat16 float32 | 64x64 w4 s2 |" in lines
+    assert "64x32 w8 s3: 0.0200 (2.00); 64x64 w4 s2: 0.0100 (1.00); " \
+           "128x64 w8 s3: did not fit the card" in lines
+    assert "64x32 w8 s3: not measured" in lines
+    assert summary.autotune_section(tmp_path / "none") == []
+
+    # summary.md has the section; the README's copy of it does not
+    (tmp_path / "summary.md").write_text(summary.build_summary(tmp_path))
+    assert "## Autotune" in (tmp_path / "summary.md").read_text()
+    inner = summary.readme_section([tmp_path], tmp_path / "README.md")
+    assert "Autotune" not in inner and "_k" not in inner

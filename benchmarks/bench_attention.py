@@ -7,7 +7,14 @@ Providers (every row's gradient includes the bias table, or the dense bias, wher
                    deterministically
     tmsa-2pass     the same with the table gradient in a pass of its own (the design before the
                    dK/dV pass summed dS into the table; the library keeps it for spans above
-                   attention._DS_MAX_ELEMENTS): the A/B row that sets that threshold by measurement
+                   attention._DS_MAX_ELEMENTS): the A/B row that sets that threshold by
+                   measurement (this and tmsa-1launch: backward rows only, global attention
+                   and windows of more than attention.FUSED_MAX_SPAN tokens)
+    tmsa-1launch   the same with one batch share per sample (attention.DS_PROGRAMS_PER_SM past
+                   any batch): the dK/dV pass is one launch whose table partials are only
+                   stored, B / shares times larger, where tmsa read-modify-writes a few
+                   L2-sized shares over one launch per sample of a share: the A/B row of that
+                   choice
     tmsa-gather    global shapes: the table gathered per score element in every kernel instead of
                    read through its slabs (attention.SLAB_MAX_BYTES = 0, what other grids
                    run): the A/B row of the slabs
@@ -76,10 +83,14 @@ QUICK = ("latent256-B64", "latent512-B8", "img32-win4-B64", "img64-win8-B16")
 TINY_CPU = [("tiny-global", 1, 2, (4, 4), None, 16), ("tiny-win", 1, 2, (4, 4), (2, 2), 16)]
 MODES = ("fwd", "bwd", "fwd+bwd")
 # run order: speed of light first; flex (two compiles per shape) last, after every shape
-PROVIDERS = ("sdpa-flash", "memory limit", "tmsa", "tmsa-2pass", "tmsa-gather", "sdpa-membias",
+PROVIDERS = ("sdpa-flash", "memory limit", "tmsa", "tmsa-2pass", "tmsa-1launch", "tmsa-gather",
+             "sdpa-membias",
              "eager",
              "flex")
 SPEED_OF_LIGHT = ("sdpa-flash", "memory limit")
+# A/B variants of the backward only: no forward row (it is tmsa's), and no rows at windows of
+# at most attention.FUSED_MAX_SPAN tokens (their fused backward kernel makes neither choice)
+BACKWARD_ONLY = ("tmsa-2pass", "tmsa-1launch")
 SLOW = ("flex",)           # run at every shape after the others have run at every shape
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -153,7 +164,8 @@ def _providers(grid, window, names) -> Dict[str, Callable]:
 
     if "tmsa-gather" in names and window is not None:
         raise ValueError("tmsa-gather is a global-attention row: windows always gather (= tmsa)")
-    make = {"tmsa": lambda: tmsa, "tmsa-2pass": lambda: tmsa, "tmsa-gather": lambda: tmsa,
+    make = {"tmsa": lambda: tmsa, "tmsa-2pass": lambda: tmsa, "tmsa-1launch": lambda: tmsa,
+            "tmsa-gather": lambda: tmsa,
             "eager": lambda: eager,
             "memory limit": lambda: None,
             "sdpa-membias": lambda: _sdpa_membias(gh, gw), "sdpa-flash": _sdpa_flash,
@@ -206,25 +218,28 @@ def _flops(B, H, grid, window, d) -> float:
     return 4.0 * B * H * N * keys * d
 
 
-# the library's size limits each A/B provider sets to 0 (see the module docstring)
-_VARIANTS = {"tmsa-2pass": "_DS_MAX_ELEMENTS", "tmsa-gather": "SLAB_MAX_BYTES"}
+# the library's setting each A/B provider changes (see the module docstring), and its value
+_VARIANTS = {"tmsa-2pass": ("_DS_MAX_ELEMENTS", 0), "tmsa-gather": ("SLAB_MAX_BYTES", 0),
+             "tmsa-1launch": ("DS_PROGRAMS_PER_SM", 1 << 30)}
 
 
 @contextlib.contextmanager
 def _variant(name):
     """tmsa-2pass: every backward inside takes the separate table-gradient pass;
-    tmsa-gather: every kernel gathers from the [H, R] table."""
+    tmsa-1launch: one batch share per sample; tmsa-gather: every kernel gathers from the
+    [H, R] table."""
     if name not in _VARIANTS:
         yield
         return
     from diffit_kernels import attention
 
-    old = getattr(attention, _VARIANTS[name])
-    setattr(attention, _VARIANTS[name], 0)
+    attr, value = _VARIANTS[name]
+    old = getattr(attention, attr)
+    setattr(attention, attr, value)
     try:
         yield
     finally:
-        setattr(attention, _VARIANTS[name], old)
+        setattr(attention, attr, old)
 
 
 def _measure(name, fn, q, k, v, table, grid, window, mode, tiny_cpu):
@@ -281,6 +296,12 @@ def by_shape(rows: List[dict], shapes) -> List[dict]:
                                        mo.get(r["mode"], 0)))
 
 
+def _fused_max_span() -> int:
+    from diffit_kernels import attention
+
+    return attention.FUSED_MAX_SPAN
+
+
 def _run_shape(label, B, H, grid, window, d, dtype, device, names, env, tiny_cpu
                ) -> List[dict]:
     """The rows of `names` at one shape (inputs built once, freed after)."""
@@ -288,6 +309,8 @@ def _run_shape(label, B, H, grid, window, d, dtype, device, names, env, tiny_cpu
     # recompile limit for this one
     torch._dynamo.reset()
     flops = _flops(B, H, grid, window, d)
+    if window is not None and window[0] * window[1] <= _fused_max_span():
+        names = [n for n in names if n not in BACKWARD_ONLY]
     provs, errs, rows = {}, {}, []
     q = k = v = table = None
     timed = [n for n in names if n != "memory limit"]
@@ -305,6 +328,8 @@ def _run_shape(label, B, H, grid, window, d, dtype, device, names, env, tiny_cpu
                 errs[name] = error_text(e)
     for name in names:
         for mode in MODES:
+            if mode == "fwd" and name in BACKWARD_ONLY:
+                continue
             row = _row(label, B, H, grid, window, d, dtype, name, mode)
             nan = float("nan")
             row.update(ms=nan, tflops=nan, peak_mb=nan, error="")

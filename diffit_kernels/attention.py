@@ -122,11 +122,19 @@ def _programs_per_head(device: torch.device, H: int) -> int:
     return max(1, cdiv(4 * sms, H))
 
 
+# dK/dV programs per SM that the batch shares of the table-summing kernel aim for: few shares
+# keep the fp32 partials small (L2-resident; each share read-modify-writes its own, one launch
+# per sample of a share); as many shares as samples make one launch that only stores, at a
+# partial B / shares times larger. The benchmark's tmsa-1launch row sets it past any batch.
+DS_PROGRAMS_PER_SM = 4
+
+
 def _batch_groups(device: torch.device, B: int, programs: int) -> int:
-    """Batch shares of the dK/dV kernel that sums dS into the table: as few as keep ~4
-    programs per SM (each share's partial is reduced afterwards); two under the interpreter."""
+    """Batch shares of the dK/dV kernel that sums dS into the table: as few as keep
+    DS_PROGRAMS_PER_SM programs per SM (each share's partial is reduced afterwards); two under
+    the interpreter."""
     sms = _sms(device)
-    want = 2 if sms is None else cdiv(4 * sms, programs)
+    want = 2 if sms is None else cdiv(DS_PROGRAMS_PER_SM * sms, programs)
     return max(1, min(B, want))
 
 

@@ -36,27 +36,41 @@ def test_without_cuda_it_explains_and_returns_nothing(capsys, monkeypatch):
 
 @pytest.mark.interpreter
 def test_ab_providers_run_the_designs_they_name():
-    """tmsa-2pass really runs the old design (a dbias pass, no in-pass sums) and tmsa-gather
-    gathers the table in every kernel, while tmsa sums dS in the dK/dV pass and reads the
-    table's slabs (a grid 16 wide); all three give the same gradients, and the library's limits
-    come back."""
+    """tmsa-2pass really runs the old design (a dbias pass, no in-pass sums), tmsa-1launch
+    one batch share per sample (one dK/dV launch) and tmsa-gather gathers the table in every
+    kernel, while tmsa sums dS in the dK/dV pass over shares of the batch and reads the table's
+    slabs (a grid 16 wide); all four give the same gradients, and the library's settings come
+    back. A 2-SM card, so that tmsa's shares hold two samples each."""
     from diffit_kernels import attention
 
-    grads, kinds = {}, {}
-    q, k, v, table = bench_attention._inputs(2, 2, (4, 16), None, 16, torch.float16, "cpu")
-    for name in ("tmsa", "tmsa-2pass", "tmsa-gather"):
+    grads, kinds, shares = {}, {}, {}
+    q, k, v, table = bench_attention._inputs(4, 2, (4, 16), None, 16, torch.float16, "cpu")
+    for name in ("tmsa", "tmsa-2pass", "tmsa-1launch", "tmsa-gather"):
         fn = bench_attention._providers((4, 16), None, [name])[name]
         log: list = []
-        with attention._emulate_card(132, log=log), bench_attention._variant(name):
+        with attention._emulate_card(2, log=log), bench_attention._variant(name):
             o = fn(q, k, v, table)
             grads[name] = torch.autograd.grad(o, (q, k, v, table), torch.ones_like(o))
         kinds[name] = {entry[0] for entry in log}
+        shares[name] = [entry[1] for entry in log if entry[0] == "ds-shares"]
     assert any("acc" in kd for kd in kinds["tmsa"]) and "dbias" not in kinds["tmsa"], kinds
     assert "dbias" in kinds["tmsa-2pass"] and not any("acc" in kd for kd in kinds["tmsa-2pass"])
     assert "table-slab" in kinds["tmsa"] and "table-slab" not in kinds["tmsa-gather"], kinds
-    for other in ("tmsa-2pass", "tmsa-gather"):
+    assert shares["tmsa"] == [(2, 2)] and shares["tmsa-1launch"] == [(4, 1)], shares
+    for other in ("tmsa-2pass", "tmsa-1launch", "tmsa-gather"):
         for a, b in zip(grads["tmsa"], grads[other]):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
     assert attention._DS_MAX_ELEMENTS > 0 and attention.SLAB_MAX_BYTES > 0
+    assert attention.DS_PROGRAMS_PER_SM == 4
     with pytest.raises(ValueError, match="windows always gather"):
         bench_attention._providers((8, 8), (4, 4), ["tmsa-gather"])
+
+
+def test_backward_variants_have_backward_rows_where_their_choice_exists(tmp_path):
+    # no forward row (it is tmsa's); none at windows small enough for the fused backward (the
+    # tiny window is 2x2 tokens). On CPU the triton provider fails: error rows, still rows.
+    rows = bench_attention.run(tiny_cpu=True, dtype=torch.float32, out_dir=str(tmp_path),
+                               providers=["eager", "tmsa-1launch"])
+    got = [(r["shape"], r["mode"]) for r in rows if r["provider"] == "tmsa-1launch"]
+    assert got == [("tiny-global", "bwd"), ("tiny-global", "fwd+bwd")], got
+    assert sum(r["provider"] == "eager" for r in rows) == 2 * len(bench_attention.MODES)

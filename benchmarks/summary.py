@@ -157,10 +157,8 @@ def table(rows: List[dict], peaks: Dict[str, float]) -> str:
 
 
 def _short(candidate: str) -> str:
-    """'BLOCK_M=64 BLOCK_N=32 w4 s3' -> '64x32 w4 s3' (the attention kernels' tiles; dK/dV's
-    EARLY_DS=True -> 'early', False dropped)."""
-    short = re.sub(r"BLOCK_M=(\d+) BLOCK_N=(\d+)", r"\1x\2", candidate)
-    return short.replace(" EARLY_DS=False", "").replace("EARLY_DS=True", "early")
+    """'BLOCK_M=64 BLOCK_N=32 w4 s3' -> '64x32 w4 s3' (the attention kernels' tiles)."""
+    return re.sub(r"BLOCK_M=(\d+) BLOCK_N=(\d+)", r"\1x\2", candidate)
 
 
 def autotune_section(out: Path) -> List[str]:

@@ -280,7 +280,8 @@ if triton is not None:
                      H, N, D, gw_log2, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
                      HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
                      SLAB_TAB: tl.constexpr, EVEN: tl.constexpr, ACC_DS: tl.constexpr,
-                     EARLY_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                     BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                      HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         """dK, dV of one key tile of one (sample b, head h); ACC_DS: ds added to PART
         ([BLOCK_N, span] row-major, stored when `first`, else accumulated)."""
@@ -304,14 +305,6 @@ if triton is not None:
             do0, do1 = _load_rows(DO, do_bh, row_m, mask_m, stride_do_n, D, D0, D1, HAS_D1)
             lse = tl.load(LSE + pid_bh * N + row_m, mask=mask_m, other=0.0)
             delta = tl.load(DELTA + pid_bh * N + row_m, mask=mask_m, other=0.0)
-            # ds partial of this tile (ACC_DS): the share's first sample stores, the others
-            # add. The pipeliner cannot prefetch it (the loop stores to the same buffer), so
-            # EARLY_DS loads it here, before the dots, which hide its latency (L2 at best)
-            # at the cost of its registers across them (they spill for sm_80); else where it
-            # is used, which stalls the program on it
-            again = (tl.zeros([BLOCK_N, BLOCK_M], tl.int32) + first) == 0
-            if ACC_DS and EARLY_DS:
-                prev = tl.load(PART + start_m, mask=again, other=0.0)
             # [BLOCK_N, BLOCK_M]: keys are rows
             sT, valid = _logits(k0, k1, q0, q1, TAB_H, BIAS_BH, row_n, code_n, win_n, mask_n,
                                 row_m, code_m, win_m, mask_m, stride_bias_n, stride_bias_m,
@@ -330,8 +323,9 @@ if triton is not None:
             if HAS_D1:
                 dk1 = _mm(dsTc, q1, dk1, UPCAST, PRECISION)
             if ACC_DS:
-                if not EARLY_DS:
-                    prev = tl.load(PART + start_m, mask=again, other=0.0)
+                # the share's first sample stores, the others add
+                again = (tl.zeros([BLOCK_N, BLOCK_M], tl.int32) + first) == 0
+                prev = tl.load(PART + start_m, mask=again, other=0.0)
                 tl.store(PART + start_m, prev + dsT)
         _store_rows(DK, pid_bh * N * D, row_n, mask_n, D, D, dk0 * sm_scale, dk1 * sm_scale,
                     D0, D1, HAS_D1)
@@ -358,7 +352,6 @@ if triton is not None:
         N_BUCKET, SPAN_BUCKET,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
         SLAB_TAB: tl.constexpr, EVEN: tl.constexpr, ACC_DS: tl.constexpr,
-        EARLY_DS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -390,8 +383,8 @@ if triton is not None:
                          stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
                          stride_bias_m, stride_bias_n, H, N, D, gw_log2, n_win, gw, TOK,
                          n_lut, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
-                         SLAB_TAB, EVEN, True, EARLY_DS, BLOCK_M, BLOCK_N, D0, D1, HAS_D1,
-                         UPCAST, PRECISION)
+                         SLAB_TAB, EVEN, True, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST,
+                         PRECISION)
         else:
             _dkdv_sample(Q, K, V, DO, TAB_H, BIAS, LSE, DELTA, DK, DV, PARTIAL,
                          g.to(tl.int64), h, True, row_n, code_n, win_n, mask_n, lo, hi,
@@ -400,8 +393,8 @@ if triton is not None:
                          stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
                          stride_bias_m, stride_bias_n, H, N, D, gw_log2, n_win, gw, TOK,
                          n_lut, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
-                         SLAB_TAB, EVEN, False, False, BLOCK_M, BLOCK_N, D0, D1, HAS_D1,
-                         UPCAST, PRECISION)
+                         SLAB_TAB, EVEN, False, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST,
+                         PRECISION)
 
     @triton.jit
     def _tmsa_attention_bwd_kernel_dq(

@@ -165,9 +165,6 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
-# A dK/dV-with-partials config whose 5th element is EARLY loads its tile of the ds partial
-# before the dots (EARLY_DS; see _dkdv_sample): sm_90 only (_hopper_only), as it spills for sm_80
-EARLY = "early-ds"
 # Launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, dense bias or not,
 # element size and head-dim chunks (D0, D1 or 0). Chosen offline by compiling candidate lists
 # (largest tiles first) for sm_80 and sm_90a and keeping the first spill-free ones under every
@@ -212,24 +209,18 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
     # launch, sm_90a, Triton 3.9: 32x128 w8 0.98, 32x64 w4 0.97 warp-instructions per score,
     # against 1.57 for 32x64 w8 and 2.70 for 16x64 w8); clean for sm_90a under Triton 3.6 and
     # 3.9, they spill 12-36 bytes for sm_80: the card measures
-    # EARLY variants (sm_90 only) where ptxas leaves the partial's load after most of the
-    # dots (SASS of Triton 3.9), at the same occupancy as the plain config
     ("dkdv-acc", False, 2): (
         [(16, 128, 8, 1)],
         {(16, 0): [(32, 128, 8, 2)], (32, 0): [(32, 128, 8, 1)],
-         (64, 0): [(32, 64, 8, 1), (16, 64, 4, 1),  # 30 instructions per score against 45
-                   (16, 64, 4, 1, EARLY)],
-         (64, 16): [(16, 64, 8, 3), (32, 64, 8, 1), (32, 128, 8, 2), (32, 64, 4, 2),
-                    (32, 128, 8, 2, EARLY), (32, 64, 8, 1, EARLY)],
+         (64, 0): [(32, 64, 8, 1), (16, 64, 4, 1)],  # 30 instructions per score against 45
+         (64, 16): [(16, 64, 8, 3), (32, 64, 8, 1), (32, 128, 8, 2), (32, 64, 4, 2)],
          (64, 32): [(16, 64, 8, 1)],
          (128, 0): [(16, 64, 8, 1)]}),
     # (16x64 w4: 34.5 per score against 75.0 for w8 at d 72, 29.0 against 69.0 at d 64)
     ("dkdv-win-acc", False, 2): (
         [(16, 64, 8, 1), (16, 64, 4, 1)],
         {(16, 0): [(32, 64, 8, 1)], (32, 0): [(32, 64, 8, 1)], (32, 16): [(16, 64, 8, 1)],
-         (64, 0): [(16, 64, 8, 2), (16, 64, 4, 1), (16, 64, 8, 2, EARLY)],
-         (64, 16): [(16, 64, 8, 1), (16, 64, 4, 1), (16, 64, 8, 1, EARLY)],
-         (64, 32): [(16, 16, 8, 1)],
+         (64, 0): [(16, 64, 8, 2), (16, 64, 4, 1)], (64, 32): [(16, 16, 8, 1)],
          (128, 0): [(16, 16, 4, 1)]}),
     ("dkdv-win", False, 2): (
         [(32, 64, 4, 2)],
@@ -372,28 +363,6 @@ def _arg_index(kernel, name: str) -> int:
     return kernel.arg_names.index(name)
 
 
-def _variant_flags(kernel, cfg: tuple) -> dict:
-    """The constexprs a config sets besides its tiles: EARLY_DS of the dK/dV kernel (a
-    5-tuple's last element, see EARLY; False for the others)."""
-    if "EARLY_DS" in kernel.arg_names:
-        return {"EARLY_DS": len(cfg) > 4 and cfg[4] == EARLY}
-    return {}
-
-
-@functools.lru_cache(maxsize=8)
-def _major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-def _hopper_only(cfgs: List[tuple], device: torch.device) -> List[tuple]:
-    """cfgs without the EARLY ones on a CUDA card before sm_90 (they spill there); the CPU
-    keeps them all (the interpreter tests run every entry)."""
-    if device.type != "cuda" or _major(device.index if device.index is not None
-                                       else torch.cuda.current_device()) >= 9:
-        return cfgs
-    return [c for c in cfgs if len(c) < 5] or cfgs[:1]
-
-
 def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwargs: dict):
     """One config: launch it. Several (CUDA only): a cached autotuner over exactly that list,
     keyed on the sequence-length bucket, span bucket, head dim and windowing (plus dtypes);
@@ -401,21 +370,21 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
     _log(kind, *configs)
     has_even = "EVEN" in kernel.arg_names
     if len(configs) == 1:
-        bm, bn, w, s = configs[0][:4]
+        bm, bn, w, s = configs[0]
         if has_even:
             even = _even_blocks(args[_arg_index(kernel, "n_win")], bm, bn)
             kwargs = dict(kwargs, EVEN=even)
             if even:
                 _log("even", kind)
-        kernel[grid_of(bm, bn)](*args, **kwargs, **_variant_flags(kernel, configs[0]),
-                                BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+        kernel[grid_of(bm, bn)](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
+                                num_stages=s)
         return bm, bn
     flags = ("HAS_TABLE", "HAS_BIAS", "SLAB_TAB") + (("ACC_DS",) if "ACC_DS" in kwargs else ())
     key = (kind, tuple(configs), flags)
     tuner = _TUNERS.get(key)
     if tuner is None:
-        cfgs = [triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1], **_variant_flags(kernel, c)},
-                              num_warps=c[2], num_stages=c[3]) for c in configs]
+        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                for bm, bn, w, s in configs]
         # every output of these kernels is stored (never accumulated) once per launch, so
         # the autotuner's repeated launches need no reset
         inner = triton.heuristics({"EVEN": _even})(kernel) if has_even else kernel
@@ -628,7 +597,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         acc_cfgs = _configs("dkdv" + win + "-acc", *shape) if acc_table else [(16, 16, 1, 1)]
         span_pad, tiles = _ds_layout(N, geom.n_win, tuple(c[:2] for c in acc_cfgs))
         acc_ds = acc_table and tiles * span_pad <= _DS_MAX_ELEMENTS
-        dkdv_cfgs = _hopper_only(acc_cfgs, dev) if acc_ds else _configs("dkdv" + win, *shape)
+        dkdv_cfgs = acc_cfgs if acc_ds else _configs("dkdv" + win, *shape)
         if acc_ds:
             # dS summed into per-program table partials where it is made: no second pass
             groups = _batch_groups(dev, B, H * min(cdiv(N, c[1]) for c in dkdv_cfgs))
@@ -929,8 +898,7 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
                  odd: bool = False):
     table, bias, windowed, store = _AOT_FLAGS[flags]
     D0, D1, HAS_D1 = _head_split(D)
-    bm, bn, w, s = cfg[:4]
-    early = len(cfg) > 4 and cfg[4] == EARLY
+    bm, bn, w, s = cfg
     c = dict(HAS_TABLE=table, HAS_BIAS=bias, WINDOWED=windowed, D0=D0, D1=D1, HAS_D1=HAS_D1,
              UPCAST=False, PRECISION="ieee")
     base = kind.split("-")[0]
@@ -944,18 +912,15 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
     if base == "dq":
         c.update(STORE_DS=store)
     if base == "dkdv":
-        c.update(ACC_DS=kind.endswith("-acc"), EARLY_DS=early)
+        c.update(ACC_DS=kind.endswith("-acc"))
     if bias:
         c["stride_bias_n"] = 1  # the launcher makes the bias unit-stride: Triton specialises 1
     fn = getattr(_kernels, _KERNEL_NAMES[base])
     acc = "-acc" if kind.endswith("-acc") else ""
     example = _example(D, windowed, bm, bn, bias, odd)
     spec = _spec(fn, dt, c, w, s, f"{dt} D={D} {flags}{acc} {bm}x{bn} w{w} s{s}"
-                 + (" early" if early else "") + (f" n_win {example['n_win']}" if odd else ""),
-                 example=example)
+                 + (f" n_win {example['n_win']}" if odd else ""), example=example)
     spec.spill_ok = spill_ok
-    if early:
-        spec.archs = (90,)  # never launched before sm_90 (_hopper_only)
     return spec
 
 

@@ -19,6 +19,10 @@ groups:
 and, on the host, the CPU time per step inside each of this library's custom ops (the
 "diffit_kernels::" profiler events, outermost call only: the op's Python, its torch ops and its
 Triton launches), the part of the host's work that is ours; under CUDA graphs it is ~0.
+And the eager torch ops (aten::) that ran kernels, by op and input shapes, with the GPU time of
+the kernels each launched itself (the profiler's self device time; shapes recorded): which
+copy, cast, reduction or elementwise op of which tensor makes up "copies and casts" and "other"
+(inductor's and our kernels are launched by no aten op, cuBLAS's by aten::mm and its kin).
 
 Writes profile_<provider>.csv for the XL/2 step and profile_unet_<provider>.csv for the U-Net's
 (one row per group, then one per kernel, per step), profile.png and profile_unet.png (a stacked
@@ -56,7 +60,9 @@ QUICK_PROVIDERS = ("ours+graphs", "ours+compile", "compile")
 # unknown): the training default against the goal's yardstick
 UNET_QUICK_PROVIDERS = ("ours+graphs", "compile")
 STEPS = 3          # profiled steps (after the warm-up bench_model does and the timing)
-TOP = 10           # kernels listed per provider in summary.md
+TOP = 10           # kernels (and eager ops) listed per provider in summary.md
+OPS_KEPT = 40      # eager ops (by op and input shapes) kept per provider in the CSV
+EAGER_OP = "eager op"  # the group column of those rows
 
 _CUBLAS = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|gemv", re.I)
 _COPY = re.compile(r"copy|memcpy|memset|CatArrayBatched", re.I)
@@ -110,13 +116,16 @@ def _per_step(events: Sequence[Tuple[str, float]], steps: int) -> List[Tuple[str
 
 
 def aggregate(events: Sequence[Tuple[str, float]], steps: int, step_ms: float,
-              ours: Iterable[str], host: Sequence[Tuple[str, float]] = ()) -> Dict[str, object]:
+              ours: Iterable[str], host: Sequence[Tuple[str, float]] = (),
+              ops: Sequence[Tuple[str, float, int]] = ()) -> Dict[str, object]:
     """Group (kernel name, milliseconds) events recorded over `steps` steps into per-step
     totals. Returns {"groups": {group: ms per step, ..., IDLE: ms}, "kernels": [(name, group,
     ms per step, calls per step), ... slowest first], "kernel_ms": ms, "step_ms": step_ms,
-    "host": [(op, CPU ms per step, calls per step), ...], "host_ms": their sum}.
+    "host": [(op, CPU ms per step, calls per step), ...], "host_ms": their sum, "ops":
+    [(op and shapes, ms per step, calls per step), ... slowest first, OPS_KEPT of them]}.
     GPU idle is the step time minus the summed kernel time (never below 0: kernels on
-    several streams may overlap). `host`: (custom op, CPU ms) events (see _host_events)."""
+    several streams may overlap). `host`: (custom op, CPU ms) events (see _host_events);
+    `ops`: (op and shapes, ms over the steps, calls over the steps) (see _eager_ops)."""
     ours = frozenset(ours)
     kernels = [(n, classify(n, ours), ms, c) for n, ms, c in _per_step(events, steps)]
     groups = {g: 0.0 for g in GROUPS}
@@ -124,9 +133,10 @@ def aggregate(events: Sequence[Tuple[str, float]], steps: int, step_ms: float,
         groups[g] += ms
     kernel_ms = sum(groups.values())
     groups[IDLE] = max(0.0, step_ms - kernel_ms)
-    ops = _per_step(host, steps)
+    host_ops = _per_step(host, steps)
+    eager = sorted(((n, ms / steps, c / steps) for n, ms, c in ops), key=lambda k: (-k[1], k[0]))
     return dict(groups=groups, kernels=kernels, kernel_ms=kernel_ms, step_ms=step_ms,
-                host=ops, host_ms=sum(ms for _, ms, _ in ops))
+                host=host_ops, host_ms=sum(ms for _, ms, _ in host_ops), ops=eager[:OPS_KEPT])
 
 
 def csv_rows(agg: Dict[str, object], base: dict) -> List[dict]:
@@ -142,6 +152,8 @@ def csv_rows(agg: Dict[str, object], base: dict) -> List[dict]:
                   share_pct=share(ms)) for n, g, ms, c in agg["kernels"]]
     rows += [dict(base, kind="host", group=HOST, kernel=n, ms=round(ms, 4), calls=round(c, 2),
                   share_pct=share(ms)) for n, ms, c in agg.get("host", ())]
+    rows += [dict(base, kind="op", group=EAGER_OP, kernel=n, ms=round(ms, 4), calls=round(c, 2),
+                  share_pct=share(ms)) for n, ms, c in agg.get("ops", ())]
     return rows
 
 
@@ -187,6 +199,26 @@ def _host_events(prof) -> List[Tuple[str, float]]:
     return out
 
 
+def _eager_ops(prof, cuda: bool) -> List[Tuple[str, float, int]]:
+    """("aten::op [input shapes]", ms, calls) over the profiled steps of every eager torch op
+    that ran kernels of its own (self device time; on CPU, self CPU time of the ops with no
+    child op, the harness' stand-in). Shapes need the profile's record_shapes."""
+    out = []
+    for row in prof.key_averages(group_by_input_shape=True):
+        if not row.key.startswith("aten::"):
+            continue
+        if cuda:
+            us = getattr(row, "self_device_time_total", None)
+            if us is None:  # torch before the device-neutral names
+                us = getattr(row, "self_cuda_time_total", 0.0)
+        else:
+            us = row.self_cpu_time_total
+        if us > 0:
+            shapes = str(row.input_shapes or []).replace(" ", "")
+            out.append((f"{row.key} {shapes}", us / 1e3, row.count))
+    return out
+
+
 def profile_case(case, provider: str, dtype: str, device, steps: int = STEPS) -> dict:
     """Build `provider`'s model for `case` (bench_model.prepared), time the step, profile
     `steps` steps; returns the aggregate (see aggregate())."""
@@ -198,14 +230,14 @@ def profile_case(case, provider: str, dtype: str, device, steps: int = STEPS) ->
     with bench_model.prepared(case, provider, dtype, device, quick=True) as fn:
         step_ms = bench(fn, rep=case.rep_ms)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=True) as prof:
             for _ in range(steps):
                 fn()
             if cuda:
                 torch.cuda.synchronize()
-        events, host = _events(prof, cuda), _host_events(prof)
+        events, host, ops = _events(prof, cuda), _host_events(prof), _eager_ops(prof, cuda)
         del fn
-    return aggregate(events, steps, step_ms, our_kernel_names(), host)
+    return aggregate(events, steps, step_ms, our_kernel_names(), host, ops)
 
 
 def profiled_cases(quick: bool, tiny_cpu: bool, providers: Optional[Sequence[str]] = None
@@ -372,4 +404,15 @@ def _case_section(data: Dict[str, list]) -> str:
             name = name if len(name) <= 90 else name[:87] + "..."
             L.append(f"| `{name}` | {r.get('group')} | {_fmt(_num(r.get('ms')))} | "
                      f"{r.get('calls')} |")
+    for p in provs:
+        ops = [r for r in data[p] if r.get("kind") == "op"][:TOP]
+        if not ops:
+            continue
+        L += ["", f"{first.get('case', '')}, {p}: the {len(ops)} eager torch ops with the most "
+              "kernel time of their own, by input shapes", "",
+              "| op [input shapes] | ms | calls |", "|---|---|---|"]
+        for r in ops:
+            name = str(r.get("kernel", "")).replace("|", "/")
+            name = name if len(name) <= 110 else name[:107] + "..."
+            L.append(f"| `{name}` | {_fmt(_num(r.get('ms')))} | {r.get('calls')} |")
     return "\n".join(L) + "\n"

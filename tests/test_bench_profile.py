@@ -184,7 +184,13 @@ def test_profile_run_on_cpu_writes_csv_plot_and_summary_section(tmp_path, cpu_co
         step = float(rows[0]["step_ms"])
         assert step > 0 and sum(float(r["ms"]) for r in groups) >= step * 0.999
         assert any(r["kind"] == "kernel" and float(r["ms"]) > 0 for r in rows)
+        ops = [r for r in rows if r["kind"] == "op"]
+        assert ops and all(r["kernel"].startswith("aten::") and "[" in r["kernel"]
+                           and float(r["ms"]) > 0 for r in ops), ops[:3]
+        assert [float(r["ms"]) for r in ops] == sorted((float(r["ms"]) for r in ops),
+                                                       reverse=True)
     text = (tmp_path / "summary.md").read_text()
+    assert "eager torch ops with the most kernel time of their own" in text
     assert "## profile" in text and text.count("| group | eager | ours+compile |") == 2
     assert "| GPU idle |" in text and "](profile.png)" in text and "](profile_unet.png)" in text
     latent, unet = (f"{c.name} {c.pass_}, ms per step" for c, _, _ in

@@ -10,11 +10,11 @@ Providers (every row's gradient includes the bias table, or the dense bias, wher
                    attention._DS_MAX_ELEMENTS): the A/B row that sets that threshold by
                    measurement (this and tmsa-1launch: backward rows only, global attention
                    and windows of more than attention.FUSED_MAX_SPAN tokens)
-    tmsa-1launch   the same with one batch share per sample (attention.DS_PROGRAMS_PER_SM past
-                   any batch): the dK/dV pass is one launch whose table partials are only
+    tmsa-1launch   the same with one batch share per sample (attention.DS_ONE_SHARE_MAX_BYTES
+                   past any size): the dK/dV pass is one launch whose table partials are only
                    stored, B / shares times larger, where tmsa read-modify-writes a few
-                   L2-sized shares over one launch per sample of a share: the A/B row of that
-                   choice
+                   L2-sized shares over one launch per sample of a share: the A/B row that
+                   sets that limit by measurement
     tmsa-gather    global shapes: the table gathered per score element in every kernel instead of
                    read through its slabs (attention.SLAB_MAX_BYTES = 0, what other grids
                    run): the A/B row of the slabs
@@ -220,7 +220,7 @@ def _flops(B, H, grid, window, d) -> float:
 
 # the library's setting each A/B provider changes (see the module docstring), and its value
 _VARIANTS = {"tmsa-2pass": ("_DS_MAX_ELEMENTS", 0), "tmsa-gather": ("SLAB_MAX_BYTES", 0),
-             "tmsa-1launch": ("DS_PROGRAMS_PER_SM", 1 << 30)}
+             "tmsa-1launch": ("DS_ONE_SHARE_MAX_BYTES", 1 << 62)}
 
 
 @contextlib.contextmanager

@@ -122,20 +122,21 @@ def _programs_per_head(device: torch.device, H: int) -> int:
     return max(1, cdiv(4 * sms, H))
 
 
-# dK/dV programs per SM that the batch shares of the table-summing kernel aim for: few shares
-# keep the fp32 partials small (L2-resident; each share read-modify-writes its own, one launch
-# per sample of a share); as many shares as samples make one launch that only stores, at a
-# partial B / shares times larger. The benchmark's tmsa-1launch row sets it past any batch.
-DS_PROGRAMS_PER_SM = 4
-
-
 def _batch_groups(device: torch.device, B: int, programs: int) -> int:
-    """Batch shares of the dK/dV kernel that sums dS into the table: as few as keep
-    DS_PROGRAMS_PER_SM programs per SM (each share's partial is reduced afterwards); two under
-    the interpreter."""
+    """Batch shares of the dK/dV kernel that sums dS into the table: as few as keep ~4
+    programs per SM (each share's partial is reduced afterwards); two under the interpreter."""
     sms = _sms(device)
-    want = 2 if sms is None else cdiv(DS_PROGRAMS_PER_SM * sms, programs)
+    want = 2 if sms is None else cdiv(4 * sms, programs)
     return max(1, min(B, want))
+
+
+# The dK/dV pass's fp32 table partials, one per batch share: as many shares as samples (one
+# launch whose partials are only stored) when all of them take at most this many bytes, else
+# the few shares of _batch_groups (L2-sized partials, read-modify-written by one launch per
+# sample of a share: per query tile a load, two layout conversions through shared memory, and
+# +26% SASS instructions in the loop at d 72, sm_90a, Triton 3.9). 0: always the few shares;
+# the benchmark's tmsa-1launch row measures the other side (unmeasured yet on a card).
+DS_ONE_SHARE_MAX_BYTES = 0
 
 
 # the dK/dV kernel sums dS into the table when its partial of one head and batch group has at
@@ -600,7 +601,10 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         dkdv_cfgs = acc_cfgs if acc_ds else _configs("dkdv" + win, *shape)
         if acc_ds:
             # dS summed into per-program table partials where it is made: no second pass
-            groups = _batch_groups(dev, B, H * min(cdiv(N, c[1]) for c in dkdv_cfgs))
+            if H * B * tiles * span_pad * 4 <= DS_ONE_SHARE_MAX_BYTES:
+                groups = B
+            else:
+                groups = _batch_groups(dev, B, H * min(cdiv(N, c[1]) for c in dkdv_cfgs))
             per_b = cdiv(B, groups)
             groups = cdiv(B, per_b)
             _log("ds-shares", (groups, per_b))

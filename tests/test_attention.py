@@ -683,3 +683,20 @@ def test_launch_plans_of_real_cards(sms, kw, N, monkeypatch):
     if kw.get("table"):
         # 2 SMs: 2 heads x 2 key tiles fill them, so 2 shares of 2 and 1 samples; else one each
         assert shares == [(2, 2)] if sms == 2 else shares == [(3, 1)], shares
+
+
+@pytest.mark.interpreter
+def test_one_share_per_sample_while_the_partials_fit(monkeypatch):
+    """DS_ONE_SHARE_MAX_BYTES: one batch share per sample (a single dK/dV launch of stores)
+    when the fp32 partials of all of them fit, else the few shares of _batch_groups; the
+    gradients are the reference's either way."""
+    B, H, N, D = 3, 2, 64, 16
+    cfg = A._INTERP["dkdv"]
+    span_pad, tiles = A._ds_layout(N, N, (cfg[:2],))
+    size = H * B * tiles * span_pad * 4
+    for limit, want in ((size - 1, (2, 2)), (size, (3, 1))):
+        monkeypatch.setattr(A, "DS_ONE_SHARE_MAX_BYTES", limit)
+        log = []
+        with A._emulate_card(2, log=log):
+            _check(torch.float32, B, H, N, D, grid=(8, 8), table=True)
+        assert [e[1] for e in log if e[0] == "ds-shares"] == [want], (limit, log)

@@ -61,7 +61,7 @@ def test_ab_providers_run_the_designs_they_name():
         for a, b in zip(grads["tmsa"], grads[other]):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
     assert attention._DS_MAX_ELEMENTS > 0 and attention.SLAB_MAX_BYTES > 0
-    assert attention.DS_PROGRAMS_PER_SM == 4
+    assert attention.DS_ONE_SHARE_MAX_BYTES == 0
     with pytest.raises(ValueError, match="windows always gather"):
         bench_attention._providers((8, 8), (4, 4), ["tmsa-gather"])
 

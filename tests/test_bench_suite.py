@@ -677,3 +677,32 @@ def test_autotune_candidate_times_are_recorded_written_and_summarised(tmp_path, 
     assert "## Autotune" in (tmp_path / "summary.md").read_text()
     inner = summary.readme_section([tmp_path], tmp_path / "README.md")
     assert "Autotune" not in inner and "_k" not in inner
+
+
+def test_model_run_measures_every_cases_first_two_providers_first(tmp_path, monkeypatch):
+    """A spent budget skips extra providers, not a goal's case: the run measures each case's
+    first two providers (the default, the yardstick) before any case's third; the CSV lists
+    rows case by case in provider order."""
+    from benchmarks import bench_model as bm
+
+    MC = bm.ModelCase
+    fake = [MC("DiffiT-tiny", "latent", 32, 2, "fwd+bwd+adamw", ("ours", "eager", "compile"),
+               rep_ms=1),
+            MC("tiny", "unet", 8, 2, "fwd+bwd+adamw", ("eager", "ours"), rep_ms=1),
+            MC("DiffiT-tiny", "latent", 32, 2, "fwd", ("eager", "ours", "ours+compile"),
+               rep_ms=1)]
+    calls = []
+
+    def measure(case, provider, dtype, device, quick):
+        calls.append((case.id, provider))
+        return dict(ms=1.0, images_per_s=2.0, tflops=0.0, peak_mb=0.0, activations_mb=0.0)
+
+    monkeypatch.setattr(bm, "cases", lambda quick=False, tiny_cpu=False: fake)
+    monkeypatch.setattr(bm, "measure", measure)
+    rows = bm.run(tiny_cpu=True, out_dir=str(tmp_path))
+    firsts = [(c.id, p) for c in fake for p in c.providers[:2]]
+    assert calls[:len(firsts)] == firsts, calls
+    assert [(r["case"], r["provider"]) for r in rows] == \
+        [(c.name, p) for c in fake for p in c.providers]
+    assert [(r["case"], r["provider"]) for r in _rows(tmp_path / "model.csv")] == \
+        [(c.name, p) for c in fake for p in c.providers]

@@ -81,6 +81,16 @@ if triton is not None:
                      mask=mask[:, None] & (offs1[None, :] < D))
 
     @triton.jit
+    def _grad_rows(b, h, bh, H, N, D, PACKED: tl.constexpr):
+        """(offset of sample b's head h, row stride) in the backward's gradient buffer, the
+        launcher's own: PACKED [B, N, 3, H, D] (dq | dk | dv, DQ, DK, DV at its three slots),
+        else three contiguous [B, H, N, D] (bh = b * H + h, as the float32 configs were
+        chosen under: other arithmetic made some spill)."""
+        if PACKED:
+            return b * (N * 3 * H * D) + h * D, 3 * H * D
+        return bh * N * D, D
+
+    @triton.jit
     def _mm(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         # the interpreter's bf16 dot is wrong: upcast there (values already rounded to bf16)
         if UPCAST:
@@ -280,7 +290,7 @@ if triton is not None:
                      H, N, D, gw_log2, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
                      HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
                      SLAB_TAB: tl.constexpr, EVEN: tl.constexpr, ACC_DS: tl.constexpr,
-                     BLOCK_M: tl.constexpr,
+                     PACKED: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                      HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         """dK, dV of one key tile of one (sample b, head h); ACC_DS: ds added to PART
@@ -327,9 +337,10 @@ if triton is not None:
                 again = (tl.zeros([BLOCK_N, BLOCK_M], tl.int32) + first) == 0
                 prev = tl.load(PART + start_m, mask=again, other=0.0)
                 tl.store(PART + start_m, prev + dsT)
-        _store_rows(DK, pid_bh * N * D, row_n, mask_n, D, D, dk0 * sm_scale, dk1 * sm_scale,
+        g_bh, g_n = _grad_rows(b, h, pid_bh, H, N, D, PACKED)
+        _store_rows(DK, g_bh, row_n, mask_n, g_n, D, dk0 * sm_scale, dk1 * sm_scale,
                     D0, D1, HAS_D1)
-        _store_rows(DV, pid_bh * N * D, row_n, mask_n, D, D, dv0, dv1, D0, D1, HAS_D1)
+        _store_rows(DV, g_bh, row_n, mask_n, g_n, D, dv0, dv1, D0, D1, HAS_D1)
 
     @triton.jit
     def _tmsa_attention_bwd_kernel_dkdv(
@@ -339,7 +350,7 @@ if triton is not None:
         BIAS,     # [B or 1, H, N, N] dense bias (HAS_BIAS)
         LSE,      # [B, H, N] fp32
         DELTA,    # [B, H, N] fp32
-        DK, DV,   # [B, H, N, D] out, contiguous
+        DK, DV,   # [B, H, N, D] out: views of one [B, N, 3, H, D] buffer with dq (PACKED)
         PARTIAL,  # [H, n_groups, key tiles, BLOCK_N, span_pad] fp32 out (ACC_DS): ds summed
                   # over the program's samples; column r = query lo + r of the key tile's span
         stride_q_b, stride_q_h, stride_q_n,
@@ -351,7 +362,7 @@ if triton is not None:
         per_b, step, n_groups, span_pad,
         N_BUCKET, SPAN_BUCKET,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, WINDOWED: tl.constexpr,
-        SLAB_TAB: tl.constexpr, EVEN: tl.constexpr, ACC_DS: tl.constexpr,
+        SLAB_TAB: tl.constexpr, EVEN: tl.constexpr, ACC_DS: tl.constexpr, PACKED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -383,7 +394,7 @@ if triton is not None:
                          stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
                          stride_bias_m, stride_bias_n, H, N, D, gw_log2, n_win, gw, TOK,
                          n_lut, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
-                         SLAB_TAB, EVEN, True, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST,
+                         SLAB_TAB, EVEN, True, PACKED, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST,
                          PRECISION)
         else:
             _dkdv_sample(Q, K, V, DO, TAB_H, BIAS, LSE, DELTA, DK, DV, PARTIAL,
@@ -393,7 +404,7 @@ if triton is not None:
                          stride_do_h, stride_do_n, stride_bias_b, stride_bias_h,
                          stride_bias_m, stride_bias_n, H, N, D, gw_log2, n_win, gw, TOK,
                          n_lut, rel_off, qk_scale, sm_scale, HAS_TABLE, HAS_BIAS, WINDOWED,
-                         SLAB_TAB, EVEN, False, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST,
+                         SLAB_TAB, EVEN, False, PACKED, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, UPCAST,
                          PRECISION)
 
     @triton.jit
@@ -404,7 +415,7 @@ if triton is not None:
         BIAS,     # [B or 1, H, N, N] (HAS_BIAS)
         LSE,      # [B, H, N] fp32
         DELTA,    # [B, H, N] fp32
-        DQ,       # [B, H, N, D] out, contiguous
+        DQ,       # [B, H, N, D] out: a view of one [B, N, 3, H, D] buffer (PACKED)
         DBIAS,    # [B, H, N, N] out, contiguous (STORE_DS: the per-sample dense bias gradient)
         stride_q_b, stride_q_h, stride_q_n,
         stride_k_b, stride_k_h, stride_k_n,
@@ -414,7 +425,7 @@ if triton is not None:
         H, N, D, R, slab, gw_log2, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
         N_BUCKET, SPAN_BUCKET,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DS: tl.constexpr,
-        WINDOWED: tl.constexpr, SLAB_TAB: tl.constexpr, EVEN: tl.constexpr,
+        WINDOWED: tl.constexpr, SLAB_TAB: tl.constexpr, EVEN: tl.constexpr, PACKED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
         HAS_D1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -461,7 +472,8 @@ if triton is not None:
             dq0 = _mm(dsc, k0, dq0, UPCAST, PRECISION)
             if HAS_D1:
                 dq1 = _mm(dsc, k1, dq1, UPCAST, PRECISION)
-        _store_rows(DQ, pid_bh * N * D, row_m, mask_m, D, D, dq0 * sm_scale, dq1 * sm_scale,
+        g_bh, g_n = _grad_rows(b, h, pid_bh, H, N, D, PACKED)
+        _store_rows(DQ, g_bh, row_m, mask_m, g_n, D, dq0 * sm_scale, dq1 * sm_scale,
                     D0, D1, HAS_D1)
 
     @triton.jit
@@ -537,7 +549,7 @@ if triton is not None:
         TAB,      # [H, R] fp32 * log2(e) (HAS_TABLE)
         BIAS,     # [B or 1, H, N, N] (HAS_BIAS; global spans only)
         LSE,      # [B, H, N] fp32
-        DQ, DK, DV,  # [B, H, N, D] out, contiguous
+        DQ, DK, DV,  # [B, H, N, D] out: views of one [B, N, 3, H, D] buffer (PACKED)
         DBIAS,    # [B, H, N, N] out, contiguous (STORE_DS)
         PARTIAL,  # [H, P, BLOCK, BLOCK] fp32 out: ds summed over the program's units (ACC_DS)
         stride_q_b, stride_q_h, stride_q_n,
@@ -548,7 +560,7 @@ if triton is not None:
         H, N, D, R, n_win, gw, TOK, n_lut, rel_off, qk_scale, sm_scale,
         units, groups, group_tokens, per_prog, P,
         HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DS: tl.constexpr,
-        STORE_DS: tl.constexpr, WINDOWED: tl.constexpr, BLOCK: tl.constexpr,
+        STORE_DS: tl.constexpr, WINDOWED: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr,
         D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
@@ -584,7 +596,8 @@ if triton is not None:
             dv1 = dv0
             if HAS_D1:
                 dv1 = _mm(pT, do1, None, UPCAST, PRECISION)
-            _store_rows(DV, bh * N * D, row, mask, D, D, dv0, dv1, D0, D1, HAS_D1)
+            g_bh, g_n = _grad_rows(b, h, bh, H, N, D, PACKED)
+            _store_rows(DV, g_bh, row, mask, g_n, D, dv0, dv1, D0, D1, HAS_D1)
             v0, v1 = _load_rows(V, b * stride_v_b + h * stride_v_h, row, mask, stride_v_n, D,
                                 D0, D1, HAS_D1)
             dp = _mm_nt(do0, do1, v0, v1, HAS_D1, UPCAST, PRECISION)
@@ -601,14 +614,14 @@ if triton is not None:
             dq1 = dq0
             if HAS_D1:
                 dq1 = _mm(dsc, k1, None, UPCAST, PRECISION)
-            _store_rows(DQ, bh * N * D, row, mask, D, D, dq0 * sm_scale, dq1 * sm_scale,
+            _store_rows(DQ, g_bh, row, mask, g_n, D, dq0 * sm_scale, dq1 * sm_scale,
                         D0, D1, HAS_D1)
             dsT = tl.trans(dsc)
             dk0 = _mm(dsT, q0, None, UPCAST, PRECISION)
             dk1 = dk0
             if HAS_D1:
                 dk1 = _mm(dsT, q1, None, UPCAST, PRECISION)
-            _store_rows(DK, bh * N * D, row, mask, D, D, dk0 * sm_scale, dk1 * sm_scale,
+            _store_rows(DK, g_bh, row, mask, g_n, D, dk0 * sm_scale, dk1 * sm_scale,
                         D0, D1, HAS_D1)
         if ACC_DS:
             offs2 = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]

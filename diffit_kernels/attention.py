@@ -49,6 +49,9 @@ stored by the dQ kernel; either is then summed over the bias's broadcast dims. f
 use exact (ieee) FMA dots with small tiles; TF32 only when the user enabled it for CUDA
 matmuls. With several windows packed in one tile a NaN key or value can also reach
 the neighbouring window's rows (0 * NaN in the tile's dot); finite inputs are unaffected.
+For 16-bit inputs over spans longer than the fused kernel's, dq, dk and dv come out as
+[B, H, N, D] views of one [B, N, 3, H, D] buffer: the layout of time_qkv's output, whose
+backward then reads them as one [M, 3C'] matrix without a copy (_packs).
 """
 from __future__ import annotations
 
@@ -538,13 +541,42 @@ def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
     return o, lse
 
 
+def _packs(q: torch.Tensor, geometry: Sequence[int], bias: Optional[torch.Tensor]) -> bool:
+    """Whether the backward writes dq, dk, dv into one [B, N, 3, H, D] buffer, the layout of
+    time_qkv's output, whose backward then reads them as one [M, 3C'] matrix without a copy:
+    16-bit inputs whose spans take the dK/dV and dQ kernels. float32 and the fused kernel of
+    short spans keep three contiguous [B, H, N, D]: the packed store's address arithmetic made
+    their configs spill (FMA-dot configs for sm_80 / sm_90a under Triton 3.9, the fused kernel's
+    one-warp 16x16 tile for sm_90a under 3.6)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    B, H, N, D = q.shape
+    fused = _fused_block(*_head_split(D), q.element_size(), bias is not None)
+    return _Geom(N, geometry).n_win > fused
+
+
+def _grads_shape(q: torch.Tensor, packed: bool) -> Tuple[int, ...]:
+    B, H, N, D = q.shape
+    return (B, N, 3, H, D) if packed else (3, B, H, N, D)
+
+
+def _grad_views(grads: torch.Tensor, packed: bool):
+    """dq, dk, dv [B, H, N, D]: views of the backward's gradient buffer (see _packs)."""
+    if packed:
+        return tuple(t.transpose(1, 2) for t in grads.unbind(2))
+    return grads.unbind(0)
+
+
 def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_extra):
     B, H, N, D = q.shape
     geom = _Geom(N, geometry)
     do, o = _rows_aligned(do), _rows_aligned(o)
     dev = q.device
-    dq, dk, dv = (empty((B, H, N, D), q.dtype, dev) for _ in range(3))
+    packs = _packs(q, geometry, bias)
+    grads = empty(_grads_shape(q, packs), q.dtype, dev)
+    dq, dk, dv = _grad_views(grads, packs)
     kw = _common_kwargs(q, geom, table, bias)
+    packed = dict(PACKED=packs)
     acc_table = table is not None and need_extra
     # a bias shared by the batch gets ds summed over B ([H, N, N]); a per-sample one ds per
     # sample ([B, H, N, N]); either is then summed over the bias's other broadcast dims
@@ -578,7 +610,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
             q, k, v, do, tab, bias_arg, lse, dq, dk, dv,
             dbias if dbias is not None else q, partial, *strides, *geo, float(scale),
             units, groups, G * n, per_prog, P, ACC_DS=acc, STORE_DS=store_ds, BLOCK=BLOCK,
-            num_warps=warps, num_stages=stages, **kw)
+            num_warps=warps, num_stages=stages, **kw, **packed)
         if acc_table:
             dextra = _table_grad(partial.sum(1).reshape(H, BLOCK * BLOCK),
                                  _fused_bins(n, G, BLOCK, geom.gh, geom.gw, str(dev)),
@@ -618,12 +650,12 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
                              lambda bm, bn: (cdiv(N, bn), H, live),
                              (q, k, v, do, tab, bias_arg, lse, delta, dk, dv, partial, *strides,
                               *geo_p, float(scale), per_b, step, groups, span_pad, *buckets),
-                             dict(kw, ACC_DS=acc_ds, SLAB_TAB=on_slabs))
+                             dict(kw, ACC_DS=acc_ds, SLAB_TAB=on_slabs, **packed))
         _launch(_kernels._tmsa_attention_bwd_kernel_dq, "dq" + win, _configs("dq" + win, *shape),
                 lambda bm, bn: (cdiv(N, bm), B * H),
                 (q, k, v, do, tab, bias_arg, lse, delta, dq, dbias if dbias is not None else q,
                  *strides, *geo_p, float(scale), *buckets),
-                dict(kw, STORE_DS=store_ds, SLAB_TAB=on_slabs))
+                dict(kw, STORE_DS=store_ds, SLAB_TAB=on_slabs, **packed))
         if acc_ds:
             bins, L = _ds_table_plan(N, geom.n_win, geom.gh, geom.gw, bn, span_pad, str(dev))
             # [H, groups, key tiles * BN * span_pad] summed over the batch groups in order
@@ -654,15 +686,20 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         dextra = _bias_grad(dextra, bias)
     elif store_ds:
         dextra = _bias_grad(dbias, bias)
-    return dq, dk, dv, dextra
+    return grads, dextra
 
 
 # ---------------------------------------------------------------------------------------------
-# The forward op's name says its output layout (o over [B, N, H, D] memory, _out_layout): a
-# torch.compile cache keys on the graph's code, not on an op's fake implementation, so code
-# compiled against an earlier layout (which asserts that layout's strides) must not be found
-# under the same name after an upgrade.
-_FWD_OP = "tmsa_attention_fwd_bnhd"
+# The ops' names carry a version. torch.compile's on-disk caches (AOTAutograd's, inductor's FX
+# graph cache) key a compiled graph on its code, which names the forward op only, and keep the
+# backward compiled with it: when the forward's outputs or the backward's change, both names
+# change, or a graph compiled by an older release is found and asserts the old layout or calls
+# an op that no longer exists. v2 ("tmsa_attention_fwd_bnhd"): o over [B, N, H, D] memory
+# (_out_layout). v3: the backward returns one gradient buffer, [B, N, 3, H, D] (dq | dk | dv)
+# where _packs (custom ops may not return aliases of each other, so the autograd formula makes
+# the views).
+_FWD_OP = "tmsa_attention_fwd_v3"
+_BWD_OP = "tmsa_attention_bwd_v3"
 
 
 @torch.library.custom_op("diffit_kernels::" + _FWD_OP, mutates_args=())
@@ -680,7 +717,7 @@ def _(q, k, v, table, bias, geometry, scale, deterministic):
             q.new_empty((B, H, N), dtype=torch.float32))
 
 
-@torch.library.custom_op("diffit_kernels::tmsa_attention_bwd", mutates_args=())
+@torch.library.custom_op("diffit_kernels::" + _BWD_OP, mutates_args=())
 def _tmsa_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            o: torch.Tensor, lse: torch.Tensor, table: Optional[torch.Tensor],
                            bias: Optional[torch.Tensor], geometry: List[int], scale: float,
@@ -697,7 +734,7 @@ def _(do, q, k, v, o, lse, table, bias, geometry, scale, need_extra, determinist
         extra = table.new_empty(table.shape)
     elif need_extra and bias is not None:
         extra = bias.new_empty(bias.shape)
-    return [q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), extra]
+    return [q.new_empty(_grads_shape(q, _packs(q, geometry, bias))), extra]
 
 
 def _setup_context(ctx, inputs, output):
@@ -713,10 +750,11 @@ def _backward(ctx, do, _dlse):
         return (None,) * 8
     q, k, v, o, lse, table, bias = ctx.saved_tensors
     need_extra = bool(ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-    dq, dk, dv, dextra = dispatch(
-        "tmsa_attention_bwd", getattr(ctx, "direct", False), _tmsa_attention_bwd_op,
+    grads, dextra = dispatch(
+        _BWD_OP, getattr(ctx, "direct", False), _tmsa_attention_bwd_op,
         lambda *a: _tmsa_attention_bwd(*a[:-1]),
         do, q, k, v, o, lse, table, bias, ctx.geometry, ctx.scale, need_extra, ctx.deterministic)
+    dq, dk, dv = _grad_views(grads, _packs(q, ctx.geometry, bias))
     dtable = dextra if (table is not None and ctx.needs_input_grad[3]) else None
     dbias = dextra if (bias is not None and ctx.needs_input_grad[4]) else None
     return dq, dk, dv, dtable, dbias, None, None, None
@@ -845,8 +883,7 @@ def _example(D: int, windowed: bool, bm: int = 64, bn: int = 64, bias: bool = Fa
     heads, a 16x16 token grid) for global attention, a 64x64 image-space map in 8x8 windows
     (B 16, 4 heads) for windowed; odd: a 15x16 grid (N 240), 6x6 windows of a 48x48 map,
     whose tiles are masked (EVEN off). q, k, v are head-split views of the packed [B, N, 3C]
-    projection (time_qkv's), o and dO over [B, N, H, D] memory, dq, dk, dv contiguous; on 132
-    SMs."""
+    projection (time_qkv's), o and dO over [B, N, H, D] memory; on 132 SMs."""
     B, H, Gh, Gw, gh, gw = {(False, False): (32, 16, 16, 16, 16, 16),
                             (False, True): (32, 16, 15, 16, 15, 16),
                             (True, False): (16, 4, 64, 64, 8, 8),
@@ -913,6 +950,8 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
     if base in ("fwd", "dkdv", "dq"):
         c["SLAB_TAB"] = flags == "slab"
         c["EVEN"] = _even_blocks(_example(D, windowed, odd=odd)["n_win"], bm, bn)
+    if base in ("dkdv", "dq", "window"):
+        c["PACKED"] = dt != "fp32" and base != "window"  # _packs
     if base == "dq":
         c.update(STORE_DS=store)
     if base == "dkdv":

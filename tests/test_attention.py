@@ -379,6 +379,23 @@ def test_opcheck():
                                                      True))
     bias = torch.randn(2, 16, 16, requires_grad=True)
     torch.library.opcheck(A._tmsa_attention_fwd_op, (q, k, v, None, bias, [], 0.25, True))
+    # the backward op: one [B, N, 3, H, D] gradient buffer (shape and strides as its fake's)
+    o, lse = A._tmsa_attention_fwd_op(q, k, v, table, None, [4, 4, 4, 4], 0.25, True)
+    do = torch.randn_like(o)
+    args = (do, q.detach(), k.detach(), v.detach(), o.detach(), lse, table.detach(), None,
+            [4, 4, 4, 4], 0.25, True, True)
+    torch.library.opcheck(A._tmsa_attention_bwd_op, args)
+    grads, dtable = A._tmsa_attention_bwd_op(*args)
+    assert grads.shape == (3, 1, 2, 16, 16) and grads.is_contiguous()  # float32: unpacked
+    assert dtable.shape == table.shape
+    # 16-bit over a span past the fused kernel's (64 tokens): packed [B, N, 3, H, D]
+    q, k, v = (torch.randn(1, 2, 64, 16, dtype=torch.bfloat16) for _ in range(3))
+    table = torch.randn(225, 2)
+    o, lse = A._tmsa_attention_fwd_op(q, k, v, table, None, [8, 8, 8, 8], 0.25, True)
+    args = (torch.randn_like(o), q, k, v, o, lse, table, None, [8, 8, 8, 8], 0.25, True, True)
+    torch.library.opcheck(A._tmsa_attention_bwd_op, args)
+    grads, _ = A._tmsa_attention_bwd_op(*args)
+    assert grads.shape == (1, 64, 3, 2, 16) and grads.is_contiguous()
 
 
 @pytest.mark.interpreter

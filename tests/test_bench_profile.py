@@ -150,8 +150,8 @@ def test_host_time_of_our_custom_ops_is_found_once_per_call():
             y = adaln_norm(x, backend="triton")
             (o.sum() + y.sum()).backward()
     calls = sorted(name for name, ms in _host_events(prof) if ms > 0)
-    assert calls == sorted(["tmsa_attention_fwd_bnhd", "tmsa_attention_bwd", "adaln_norm_fwd",
-                            "adaln_norm_bwd"] * 2), calls
+    assert calls == sorted(["tmsa_attention_fwd_v3", "tmsa_attention_bwd_v3",
+                            "adaln_norm_fwd", "adaln_norm_bwd"] * 2), calls
 
 
 def test_profile_run_on_cpu_writes_csv_plot_and_summary_section(tmp_path, cpu_compile,
@@ -337,7 +337,7 @@ def test_annotation_spans_on_the_gpu_timeline_are_no_kernels():
 
     prof = SimpleNamespace(events=lambda: [
         ev("nvjet_sm90_tst_192x192", 2000), ev("Optimizer.step#AdamW.step", 4800),
-        ev("diffit_kernels::tmsa_attention_fwd_bnhd", 900), ev("_tmsa_attention_fwd_kernel", 800),
+        ev("diffit_kernels::tmsa_attention_fwd_v3", 900), ev("_tmsa_attention_fwd_kernel", 800),
         ev("a span torch marks", 100, annotation=True)])
     assert _events(prof, cuda=True) == [("nvjet_sm90_tst_192x192", 2.0),
                                          ("_tmsa_attention_fwd_kernel", 0.8)]

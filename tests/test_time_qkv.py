@@ -536,3 +536,43 @@ def test_gpu_packed_and_separate_head_gradients_agree_bitwise():
 
     for a, b in zip(run(packed), run(separate)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("compile_backend", [None, "aot_eager"])
+def test_attention_gradients_reach_the_projection_packed(compile_backend):
+    """tmsa_attention's backward writes 16-bit dq, dk, dv of spans past the fused kernel's into
+    one [B, N, 3, H, D] buffer, the layout of time_qkv's output: time_qkv's backward takes them as one [M, 3C'] matrix and its pack
+    kernel only sums (no copy of dY), eager and compiled alike."""
+    torch.manual_seed(0)
+    B, N, C, H, Ct = 2, 64, 64, 4, 32  # 64 tokens: past the fused kernel's spans
+    bf = dict(dtype=torch.bfloat16)  # 16-bit: the packed layout (float32 stays unpacked)
+    x = torch.randn(B, N, C, **bf, requires_grad=True)
+    temb = torch.randn(B, Ct, **bf)
+    w = (torch.randn(3 * C, C, **bf) * 0.05).requires_grad_()
+    bias = torch.zeros(3 * C, **bf, requires_grad=True)
+    tw = (torch.randn(3 * C, Ct, **bf) * 0.05).requires_grad_()
+    tb = torch.zeros(3 * C, **bf, requires_grad=True)
+    table = torch.randn(225, H, requires_grad=True)
+    seen = {}
+
+    def block(x):
+        q, k, v = diffit_kernels.time_qkv(x, temb, w, bias, tw, tb, H, norm_eps=1e-6,
+                                          backend="triton")
+        if compile_backend is None:  # hooks see the eager autograd graph's tensors
+            for name, t in zip("qkv", (q, k, v)):
+                t.register_hook(lambda g, name=name: seen.__setitem__(name, g))
+        return diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(8, 8),
+                                             backend="triton")
+
+    fn = block if compile_backend is None else torch.compile(block, backend=compile_backend,
+                                                             fullgraph=True)
+    log = []
+    with projection._record_launches(log):
+        fn(x).sum().backward()
+    assert [plan[-1] for kernel, plan in log if kernel == "pack"] == [False], log
+    if compile_backend is None:
+        dq, dk, dv = seen["q"], seen["k"], seen["v"]
+        assert dq.untyped_storage().data_ptr() == dv.untyped_storage().data_ptr()
+        assert dq.shape == (B, H, N, C // H) and dq.stride() == (N * 3 * C, C // H, 3 * C, 1)
+        assert dk.data_ptr() - dq.data_ptr() == C * dq.element_size()

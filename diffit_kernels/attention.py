@@ -541,18 +541,22 @@ def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
     return o, lse
 
 
-def _packs(q: torch.Tensor, geometry: Sequence[int], bias: Optional[torch.Tensor]) -> bool:
+def _packs(dtype: torch.dtype, n_win: int, fused_span: int) -> bool:
     """Whether the backward writes dq, dk, dv into one [B, N, 3, H, D] buffer, the layout of
     time_qkv's output, whose backward then reads them as one [M, 3C'] matrix without a copy:
-    16-bit inputs whose spans take the dK/dV and dQ kernels. float32 and the fused kernel of
-    short spans keep three contiguous [B, H, N, D]: the packed store's address arithmetic made
-    their configs spill (FMA-dot configs for sm_80 / sm_90a under Triton 3.9, the fused kernel's
-    one-warp 16x16 tile for sm_90a under 3.6)."""
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    B, H, N, D = q.shape
-    fused = _fused_block(*_head_split(D), q.element_size(), bias is not None)
-    return _Geom(N, geometry).n_win > fused
+    16-bit inputs whose spans (n_win) take the dK/dV and dQ kernels, not the fused kernel of
+    spans up to fused_span (_fused_block). float32 and the fused kernel keep three contiguous
+    [B, H, N, D]: the packed store's address arithmetic made their configs spill (FMA-dot
+    configs for sm_80 / sm_90a under Triton 3.9, the fused kernel's one-warp 16x16 tile for
+    sm_90a under 3.6)."""
+    return dtype in (torch.float16, torch.bfloat16) and n_win > fused_span
+
+
+def _packs_for(q: torch.Tensor, geometry: Sequence[int], bias: Optional[torch.Tensor]) -> bool:
+    """_packs from the op's arguments (its fake implementation and autograd formula)."""
+    N, D = q.shape[2], q.shape[3]
+    return _packs(q.dtype, _Geom(N, geometry).n_win,
+                  _fused_block(*_head_split(D), q.element_size(), bias is not None))
 
 
 def _grads_shape(q: torch.Tensor, packed: bool) -> Tuple[int, ...]:
@@ -572,10 +576,12 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
     geom = _Geom(N, geometry)
     do, o = _rows_aligned(do), _rows_aligned(o)
     dev = q.device
-    packs = _packs(q, geometry, bias)
+    kw = _common_kwargs(q, geom, table, bias)
+    shape = (kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size(), bias is not None)
+    span = _fused_block(*shape)
+    packs = _packs(q.dtype, geom.n_win, span)
     grads = empty(_grads_shape(q, packs), q.dtype, dev)
     dq, dk, dv = _grad_views(grads, packs)
-    kw = _common_kwargs(q, geom, table, bias)
     packed = dict(PACKED=packs)
     acc_table = table is not None and need_extra
     # a bias shared by the batch gets ds summed over B ([H, N, N]); a per-sample one ds per
@@ -590,8 +596,6 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
     geo = (H, N, D, geom.R, *geom.args(dev), geom.rel_off, float(scale) * LOG2E)
     dextra = q.new_empty(0)
 
-    shape = (kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size(), bias is not None)
-    span = _fused_block(*shape)
     if geom.n_win <= span:
         n = geom.n_win
         G = max(1, min(span // n, geom.nW))   # windows packed per tile
@@ -734,7 +738,7 @@ def _(do, q, k, v, o, lse, table, bias, geometry, scale, need_extra, determinist
         extra = table.new_empty(table.shape)
     elif need_extra and bias is not None:
         extra = bias.new_empty(bias.shape)
-    return [q.new_empty(_grads_shape(q, _packs(q, geometry, bias))), extra]
+    return [q.new_empty(_grads_shape(q, _packs_for(q, geometry, bias))), extra]
 
 
 def _setup_context(ctx, inputs, output):
@@ -754,7 +758,7 @@ def _backward(ctx, do, _dlse):
         _BWD_OP, getattr(ctx, "direct", False), _tmsa_attention_bwd_op,
         lambda *a: _tmsa_attention_bwd(*a[:-1]),
         do, q, k, v, o, lse, table, bias, ctx.geometry, ctx.scale, need_extra, ctx.deterministic)
-    dq, dk, dv = _grad_views(grads, _packs(q, ctx.geometry, bias))
+    dq, dk, dv = _grad_views(grads, _packs_for(q, ctx.geometry, bias))
     dtable = dextra if (table is not None and ctx.needs_input_grad[3]) else None
     dbias = dextra if (bias is not None and ctx.needs_input_grad[4]) else None
     return dq, dk, dv, dtable, dbias, None, None, None

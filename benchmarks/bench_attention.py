@@ -66,6 +66,7 @@ from benchmarks.common import (after_error, bench, bench_main, compiled,  # noqa
 from benchmarks.peak import copy_gbps  # noqa: E402
 from diffit_kernels import reference  # noqa: E402
 from diffit_kernels import tmsa_attention  # noqa: E402
+from diffit_kernels.attention import FUSED_MAX_SPAN  # noqa: E402
 
 # (label, B, H, grid, window, d). Batch sizes of the windowed rows are ours (the paper's
 # image-space models train at batch 256-512 on 8 GPUs): they keep a run within seconds.
@@ -296,12 +297,6 @@ def by_shape(rows: List[dict], shapes) -> List[dict]:
                                        mo.get(r["mode"], 0)))
 
 
-def _fused_max_span() -> int:
-    from diffit_kernels import attention
-
-    return attention.FUSED_MAX_SPAN
-
-
 def _run_shape(label, B, H, grid, window, d, dtype, device, names, env, tiny_cpu
                ) -> List[dict]:
     """The rows of `names` at one shape (inputs built once, freed after)."""
@@ -309,7 +304,7 @@ def _run_shape(label, B, H, grid, window, d, dtype, device, names, env, tiny_cpu
     # recompile limit for this one
     torch._dynamo.reset()
     flops = _flops(B, H, grid, window, d)
-    if window is not None and window[0] * window[1] <= _fused_max_span():
+    if window is not None and window[0] * window[1] <= FUSED_MAX_SPAN:
         names = [n for n in names if n not in BACKWARD_ONLY]
     provs, errs, rows = {}, {}, []
     q = k = v = table = None

@@ -15,6 +15,7 @@ import csv
 import functools
 import inspect
 import logging
+import math
 import os
 import platform
 import re
@@ -296,25 +297,25 @@ def write_autotune(out: Path) -> int:
         with open(path, newline="") as f:
             old = list(csv.DictReader(f))
     seen = {(r.get("kernel"), r.get("key"), r.get("candidate")) for r in old}
-    env = environment()
     new = []
     for rec in autotune_timings():
-        times = [t for _, t in rec["candidates"] if t is not None and t != float("inf")]
-        fastest = min(times) if times else None
+        fits = {c: t is not None and math.isfinite(t) for c, t in rec["candidates"]}
+        fastest = min((t for c, t in rec["candidates"] if fits[c]), default=None)
         for cand, t in rec["candidates"]:
             if (rec["kernel"], rec["key"], cand) in seen:
                 continue
             seen.add((rec["kernel"], rec["key"], cand))
-            fits = t is not None and t != float("inf")
+            ok = fits[cand]
             new.append(dict(kernel=rec["kernel"], kind=rec["kind"], key=rec["key"],
-                            candidate=cand, ms=f"{t:.5g}" if fits else "",
-                            vs_fastest=f"{t / fastest:.3f}" if fits and fastest else "",
+                            candidate=cand, ms=f"{t:.5g}" if ok else "",
+                            vs_fastest=f"{t / fastest:.3f}" if ok and fastest else "",
                             chosen="yes" if cand == rec["best"] else "",
-                            note="" if fits else ("did not fit the card" if t is not None
-                                                  else "not measured"),
-                            card=env["card"], triton=env["triton"], torch=env["torch"]))
+                            note="" if ok else ("did not fit the card" if t is not None
+                                                else "not measured")))
     if new:
-        write_csv(path, old + new)
+        env = environment()
+        write_csv(path, old + [dict(r, card=env["card"], triton=env["triton"],
+                                    torch=env["torch"]) for r in new])
     return len(new)
 
 

@@ -201,8 +201,8 @@ def _host_events(prof) -> List[Tuple[str, float]]:
 
 def _eager_ops(prof, cuda: bool) -> List[Tuple[str, float, int]]:
     """("aten::op [input shapes]", ms, calls) over the profiled steps of every eager torch op
-    that ran kernels of its own (self device time; on CPU, self CPU time of the ops with no
-    child op, the harness' stand-in). Shapes need the profile's record_shapes."""
+    that ran kernels of its own (self device time; on CPU, the harness, self CPU time stands
+    in). Shapes need the profile's record_shapes."""
     out = []
     for row in prof.key_averages(group_by_input_shape=True):
         if not row.key.startswith("aten::"):

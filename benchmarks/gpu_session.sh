@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one-shot GPU session: install check, the gpu-marked tests, `python -m benchmarks --quick`,
-# the profiles of the XL/2 and U-Net training steps, results handed back and the goal ratios
-# printed. Run from anywhere on the CUDA machine, as ONE command (one device call, 585 s at most):
+# the profiles of the XL/2 and U-Net training steps, Nsight Compute's counters of our kernels,
+# results handed back and the goal ratios printed. Run from anywhere on the CUDA machine, as ONE
+# command (one device call, 585 s at most):
 #     bash benchmarks/gpu_session.sh
 # Each stage runs under `timeout`, so a hang in one cannot eat the others' time. The worst case
 # at the default limits (each can be set in the environment):
@@ -14,12 +15,15 @@
 #                   110; ours+graphs, ours+compile and compile of the XL/2 256 px B32 step, ~20 s
 #                   each, then ours+graphs and compile of the ffhq64 U-Net step, ~35 s each: its
 #                   blocks compile one graph per level)
+#     ncu           what is left of 565 s, NCU_MIN_S 45 to NCU_TIMEOUT 150 (skipped below the
+#                   minimum; the XL/2 step's three ops alone below 90 s)
 #     tar, summary, goal ratios                           ~5 s
-#     total                                              585 s  (expected ~8 minutes)
+#     total                                              585 s  (expected ~8 minutes, ncu's
+#                   share included)
 # With $OUT set, it gets results.tar.gz (benchmarks/results/<gpu-slug>/ including the profile
-# CSVs and plot), summary.md, goals.txt and the three logs (the device tool returns at most 8
-# files). Afterwards, on the development machine (the old folder goes first: a new run does not
-# rewrite every file an old one had, e.g. its note.md):
+# CSVs and plot, and ncu_details.csv), summary.md, goals.txt, the four logs and ncu_sass.csv.gz
+# (the device tool returns at most 8 files). Afterwards, on the development machine (the old
+# folder goes first: a new run does not rewrite every file an old one had, e.g. its note.md):
 #     rm -rf benchmarks/results/<gpu-slug> && tar -xzf results.tar.gz -C benchmarks/results \
 #         && python -m benchmarks.summary --readme
 # CPU_CHECK=1 runs the same steps without CUDA (the --tiny-cpu harness) to check this script.
@@ -88,6 +92,45 @@ timeout -s TERM -k 10 "$PROFILE_TIMEOUT" "$PY" -m benchmarks --ops profile --app
 prof_rc=$?
 
 dir=benchmarks/results/$slug
+# Nsight Compute on one fwd+bwd of each op at its costliest shapes (benchmarks/ncu_kernels.py):
+# stall reasons, occupancy and, per SASS instruction, where the warps stall. It gets what is
+# left of the 585 s (at least NCU_MIN_S, at most NCU_TIMEOUT), the XL/2 step's three ops alone
+# when little is left; ncu_details.csv goes into the results, the per-instruction table
+# (tens of MB as text) back as ncu_sass.csv.gz only.
+ncu_rc=skipped
+left=$((565 - SECONDS))
+[ "$left" -gt "${NCU_TIMEOUT:-150}" ] && left=${NCU_TIMEOUT:-150}
+ncu_cases=()
+[ "$left" -lt 90 ] && ncu_cases=(--cases "attention latent256-B32,time_qkv xl256-B32,adaln_norm xl256-B32")
+if [ "${CPU_CHECK:-0}" = 1 ]; then
+    echo "== benchmarks.ncu_kernels --tiny-cpu (the harness, no ncu)"
+    TRITON_INTERPRET=1 timeout -k 5 120 "$PY" -m benchmarks.ncu_kernels --tiny-cpu 2>&1 \
+        | tee "$LOGS/ncu.log"
+    ncu_rc=$?
+elif ! command -v ncu >/dev/null; then
+    echo "== ncu: not on PATH, skipped" | tee "$LOGS/ncu.log"
+elif [ "$left" -lt "${NCU_MIN_S:-45}" ]; then
+    echo "== ncu: ${left} s left, skipped" | tee "$LOGS/ncu.log"
+else
+    echo "== ncu on benchmarks.ncu_kernels ${ncu_cases[*]} (stopped at ${left} s)"
+    rep=${TMPDIR:-/tmp}/diffit_ncu
+    mkdir -p "$dir"
+    timeout -k 5 "$left" ncu --profile-from-start off --clock-control none --nvtx \
+        --kernel-name regex:'^_(tmsa|adaln|time_qkv)' \
+        --section SpeedOfLight --section LaunchStats --section Occupancy \
+        --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+        --section ComputeWorkloadAnalysis --section SourceCounters \
+        -f -o "$rep" "$PY" -m benchmarks.ncu_kernels "${ncu_cases[@]}" 2>&1 | tee "$LOGS/ncu.log"
+    ncu_rc=$?
+    if [ -f "$rep.ncu-rep" ]; then
+        ncu -i "$rep.ncu-rep" --page details --csv > "$dir/ncu_details.csv" 2>> "$LOGS/ncu.log" \
+            || echo "ncu: the details page could not be exported" | tee -a "$LOGS/ncu.log"
+        ncu -i "$rep.ncu-rep" --page source --csv --print-source sass 2>> "$LOGS/ncu.log" \
+            | gzip > "$LOGS/ncu_sass.csv.gz" \
+            || echo "ncu: the SASS page could not be exported" | tee -a "$LOGS/ncu.log"
+    fi
+fi
+
 if [ -f "$dir/run.json" ]; then
     "$PY" -m benchmarks.summary "$dir" >/dev/null || echo "summary.md could not be rebuilt"
     tar -czf "$LOGS/results.tar.gz" -C benchmarks/results "$slug"
@@ -100,6 +143,7 @@ echo "== done in ${SECONDS} s"
 echo "gpu tests: exit ${tests_rc} (0 passed, 1 failed, 5 none collected, 124/137 stopped at the limit)"
 echo "benchmarks: exit ${bench_rc} (0 all ran, 1 errors, 2 time budget left cases out, 124/130/137 stopped)"
 echo "profile: exit ${prof_rc} (the same codes)"
+echo "ncu: exit ${ncu_rc} (0 profiled, 124/137 stopped at the limit; files: ncu_details.csv in the results, ncu_sass.csv.gz)"
 "$PY" - "$dir" <<'EOF' || true
 import json, sys
 m = json.load(open(sys.argv[1] + "/run.json"))

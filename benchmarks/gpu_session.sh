@@ -93,7 +93,8 @@ prof_rc=$?
 
 dir=benchmarks/results/$slug
 # Nsight Compute on one fwd+bwd of each op at its costliest shapes (benchmarks/ncu_kernels.py):
-# stall reasons, occupancy and, per SASS instruction, where the warps stall. It gets what is
+# stall reasons, occupancy and, per SASS instruction, where the warps stall (ncu.log names the
+# config each autotuner picked, i.e. the one profiled). It gets what is
 # left of the 585 s (at least NCU_MIN_S, at most NCU_TIMEOUT), the XL/2 step's three ops alone
 # when little is left; ncu_details.csv goes into the results, the per-instruction table
 # (tens of MB as text) back as ncu_sass.csv.gz only.
@@ -115,7 +116,7 @@ else
     echo "== ncu on benchmarks.ncu_kernels ${ncu_cases[*]} (stopped at ${left} s)"
     rep=${TMPDIR:-/tmp}/diffit_ncu
     mkdir -p "$dir"
-    timeout -k 5 "$left" ncu --profile-from-start off --clock-control none --nvtx \
+    TRITON_PRINT_AUTOTUNING=1 timeout -k 5 "$left" ncu --profile-from-start off --clock-control none --nvtx \
         --kernel-name regex:'^_(tmsa|adaln|time_qkv)' \
         --section SpeedOfLight --section LaunchStats --section Occupancy \
         --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \

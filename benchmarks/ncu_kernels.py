@@ -14,7 +14,7 @@ benchmarks/gpu_session.sh runs it under ncu when the card's image has ncu:
     ncu --profile-from-start off --clock-control none -o ncu python -m benchmarks.ncu_kernels
 
 Cases (bf16): the DiffiT-XL/2 256 px B32 training step's attention, time_qkv and adaln_norm
-(one block's shapes), and the attention at latent512-B8 and both windowed benchmark shapes.
+(one block's shapes), the attention at latent512-B8 and at the U-Nets' windowed first levels.
 --tiny-cpu runs the same code at tiny shapes on CPU tensors (the kernels under
 TRITON_INTERPRET=1), without the profiler range: the harness check of CI.
 
@@ -35,8 +35,10 @@ CASES = [
     ("time_qkv xl256-B32", "time_qkv", (32, 256, 1152, 16, 1152)),
     ("adaln_norm xl256-B32", "adaln_norm", (32, 256, 1152)),
     ("attention latent512-B8", "attention", (8, 16, (32, 32), None, 72)),
-    ("attention img32-win4-B64", "attention", (64, 16, (32, 32), (4, 4), 72)),
-    ("attention img64-win8-B16", "attention", (16, 16, (64, 64), (8, 8), 72)),
+    # the U-Nets' first levels (128 channels, heads of 64): ffhq64's 8x8 windows on 64x64
+    # tokens at the model benchmark's batch, cifar10's 4x4 windows on 32x32
+    ("attention ffhq64-level0-B64", "attention", (64, 2, (64, 64), (8, 8), 64)),
+    ("attention cifar10-level0-B128", "attention", (128, 2, (32, 32), (4, 4), 64)),
 ]
 TINY_CPU = {"attention": [(1, 2, (4, 4), None, 16), (1, 2, (8, 8), (4, 4), 16)],
             "time_qkv": [(2, 8, 64, 4, 32)], "adaln_norm": [(2, 8, 64)]}

@@ -183,7 +183,13 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
          # d 64: 64x64 w4 issues what 128x64 w8 does per score and fills a 64-token grid
          # (the U-Net's 8x8 level, global) where 128-row tiles are half masked
          (64, 0): [(128, 64, 8, 3), (64, 64, 4, 3)],
-         (64, 16): [(128, 32, 8, 3), (128, 32, 8, 1), (64, 64, 4, 3), (128, 64, 8, 2)],
+         # d 72: the last two give more warps per SM than the H200's pick (64x64 w4 s3: 102 KB
+         # of shared memory, 2 programs = 8 warps per SM, sm_90a, Triton 3.6): 64x64 s2 66 KB,
+         # 12 warps; 64x32 s2 38 KB and 124 registers, 16 warps. The H200 chose one stage for
+         # both backward kernels where offered (more programs per SM), so the card measures
+         # whether warps in flight beat pipelining here too (autotune.csv)
+         (64, 16): [(128, 32, 8, 3), (128, 32, 8, 1), (64, 64, 4, 3), (128, 64, 8, 2),
+                    (64, 64, 4, 2), (64, 32, 4, 2)],
          (64, 32): [(128, 32, 8, 3)],
          (128, 0): [(64, 32, 4, 3), (64, 32, 4, 2)]}),
     # windowed at d = 64 (the U-Net's heads) and 72: 4-warp candidates after the 8-warp first
@@ -217,7 +223,12 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
         [(16, 128, 8, 1)],
         {(16, 0): [(32, 128, 8, 2)], (32, 0): [(32, 128, 8, 1)],
          (64, 0): [(32, 64, 8, 1), (16, 64, 4, 1)],  # 30 instructions per score against 45
-         (64, 16): [(16, 64, 8, 3), (32, 64, 8, 1), (32, 128, 8, 2), (32, 64, 4, 2)],
+         # d 72, the last two: the H200's pick (32x64 w8 s1: 165 registers, one program = 8
+         # warps per SM, every load of its loop exposed) with Q / dO prefetched a tile ahead
+         # (s2: 158 registers, 56 KB), and 16x64 w4 s2 (168 registers, 38 KB: 3 programs = 12
+         # warps per SM, prefetched); sm_90a, Triton 3.6
+         (64, 16): [(16, 64, 8, 3), (32, 64, 8, 1), (32, 128, 8, 2), (32, 64, 4, 2),
+                    (32, 64, 8, 2), (16, 64, 4, 2)],
          (64, 32): [(16, 64, 8, 1)],
          (128, 0): [(16, 64, 8, 1)]}),
     # (16x64 w4: 34.5 per score against 75.0 for w8 at d 72, 29.0 against 69.0 at d 64)
@@ -233,7 +244,11 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
     ("dq", False, 2): (
         [(128, 32, 8, 2), (64, 32, 4, 3)],
         {(64, 0): [(128, 32, 8, 1), (64, 32, 4, 3)],
-         (64, 16): [(128, 32, 8, 1), (64, 32, 8, 3), (64, 32, 4, 2), (64, 64, 8, 2)],
+         # d 72: 128x32 w8 s2 last, the H200's pick (128x32 w8 s1: 130 registers, one
+         # program = 8 warps per SM) with K / V prefetched a tile ahead, which Triton builds in
+         # 119 registers (76 KB): two programs, 16 warps per SM (sm_90a, Triton 3.6)
+         (64, 16): [(128, 32, 8, 1), (64, 32, 8, 3), (64, 32, 4, 2), (64, 64, 8, 2),
+                    (128, 32, 8, 2)],
          (64, 32): [(128, 32, 8, 1), (64, 32, 4, 3)], (128, 0): [(128, 16, 8, 2), (64, 32, 8, 3)]}),
     # (64x32 w4: 22.2 per score against 63.0 for 64x16 w8 at d 72, 17.6 against 32.1 for
     # 64x32 w8 at d 64)

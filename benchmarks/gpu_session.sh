@@ -21,7 +21,7 @@
 #     total                                              585 s  (expected ~8 minutes, ncu's
 #                   share included)
 # With $OUT set, it gets results.tar.gz (benchmarks/results/<gpu-slug>/ including the profile
-# CSVs and plot, and ncu_details.csv), summary.md, goals.txt, the four logs and ncu_sass.csv.gz
+# CSVs and plot, and ncu's CSVs), summary.md, goals.txt, the four logs and ncu_sass.csv.gz
 # (the device tool returns at most 8 files). Afterwards, on the development machine (the old
 # folder goes first: a new run does not rewrite every file an old one had, e.g. its note.md):
 #     rm -rf benchmarks/results/<gpu-slug> && tar -xzf results.tar.gz -C benchmarks/results \
@@ -96,8 +96,8 @@ dir=benchmarks/results/$slug
 # stall reasons, occupancy and, per SASS instruction, where the warps stall (ncu.log names the
 # config each autotuner picked, i.e. the one profiled). It gets what is
 # left of the 585 s (at least NCU_MIN_S, at most NCU_TIMEOUT), the XL/2 step's three ops alone
-# when little is left; ncu_details.csv goes into the results, the per-instruction table
-# (tens of MB as text) back as ncu_sass.csv.gz only.
+# when little is left; ncu_details.csv and ncu_raw.csv go into the results, the
+# per-instruction table (tens of MB as text) back as ncu_sass.csv.gz only.
 ncu_rc=skipped
 left=$((565 - SECONDS))
 [ "$left" -gt "${NCU_TIMEOUT:-150}" ] && left=${NCU_TIMEOUT:-150}
@@ -126,6 +126,9 @@ else
     if [ -f "$rep.ncu-rep" ]; then
         ncu -i "$rep.ncu-rep" --page details --csv > "$dir/ncu_details.csv" 2>> "$LOGS/ncu.log" \
             || echo "ncu: the details page could not be exported" | tee -a "$LOGS/ncu.log"
+        # every collected metric (the stall reasons among them), one row per kernel
+        ncu -i "$rep.ncu-rep" --page raw --csv > "$dir/ncu_raw.csv" 2>> "$LOGS/ncu.log" \
+            || echo "ncu: the raw page could not be exported" | tee -a "$LOGS/ncu.log"
         ncu -i "$rep.ncu-rep" --page source --csv --print-source sass 2>> "$LOGS/ncu.log" \
             | gzip > "$LOGS/ncu_sass.csv.gz" \
             || echo "ncu: the SASS page could not be exported" | tee -a "$LOGS/ncu.log"
@@ -144,7 +147,7 @@ echo "== done in ${SECONDS} s"
 echo "gpu tests: exit ${tests_rc} (0 passed, 1 failed, 5 none collected, 124/137 stopped at the limit)"
 echo "benchmarks: exit ${bench_rc} (0 all ran, 1 errors, 2 time budget left cases out, 124/130/137 stopped)"
 echo "profile: exit ${prof_rc} (the same codes)"
-echo "ncu: exit ${ncu_rc} (0 profiled, 124/137 stopped at the limit; files: ncu_details.csv in the results, ncu_sass.csv.gz)"
+echo "ncu: exit ${ncu_rc} (0 profiled, 124/137 stopped at the limit; files: ncu_details.csv and ncu_raw.csv in the results, ncu_sass.csv.gz)"
 "$PY" - "$dir" <<'EOF' || true
 import json, sys
 m = json.load(open(sys.argv[1] + "/run.json"))

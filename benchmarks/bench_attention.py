@@ -15,6 +15,10 @@ Providers (every row's gradient includes the bias table, or the dense bias, wher
                    stored, B / shares times larger, where tmsa read-modify-writes a few
                    L2-sized shares over one launch per sample of a share: the A/B row that
                    sets that limit by measurement
+    tmsa-fused64   spans of 33-64 tokens (8x8 windows): the fused backward at one window per
+                   64-wide tile (attention.FUSED_WIDE_SPAN = 64) where tmsa runs delta, dK/dV
+                   and dQ: the A/B row that decides whether the library turns it on (backward
+                   rows only, and only at such spans)
     tmsa-gather    global shapes: the table gathered per score element in every kernel instead of
                    read through its slabs (attention.SLAB_MAX_BYTES = 0, what other grids
                    run): the A/B row of the slabs
@@ -84,14 +88,16 @@ QUICK = ("latent256-B64", "latent512-B8", "img32-win4-B64", "img64-win8-B16")
 TINY_CPU = [("tiny-global", 1, 2, (4, 4), None, 16), ("tiny-win", 1, 2, (4, 4), (2, 2), 16)]
 MODES = ("fwd", "bwd", "fwd+bwd")
 # run order: speed of light first; flex (two compiles per shape) last, after every shape
-PROVIDERS = ("sdpa-flash", "memory limit", "tmsa", "tmsa-2pass", "tmsa-1launch", "tmsa-gather",
+PROVIDERS = ("sdpa-flash", "memory limit", "tmsa", "tmsa-2pass", "tmsa-1launch", "tmsa-fused64",
+             "tmsa-gather",
              "sdpa-membias",
              "eager",
              "flex")
 SPEED_OF_LIGHT = ("sdpa-flash", "memory limit")
 # A/B variants of the backward only: no forward row (it is tmsa's), and no rows at windows of
 # at most attention.FUSED_MAX_SPAN tokens (their fused backward kernel makes neither choice)
-BACKWARD_ONLY = ("tmsa-2pass", "tmsa-1launch")
+BACKWARD_ONLY = ("tmsa-2pass", "tmsa-1launch", "tmsa-fused64")
+WIDE_SPAN = 64  # tmsa-fused64's attention.FUSED_WIDE_SPAN: its rows only where it changes the path
 SLOW = ("flex",)           # run at every shape after the others have run at every shape
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -166,7 +172,7 @@ def _providers(grid, window, names) -> Dict[str, Callable]:
     if "tmsa-gather" in names and window is not None:
         raise ValueError("tmsa-gather is a global-attention row: windows always gather (= tmsa)")
     make = {"tmsa": lambda: tmsa, "tmsa-2pass": lambda: tmsa, "tmsa-1launch": lambda: tmsa,
-            "tmsa-gather": lambda: tmsa,
+            "tmsa-fused64": lambda: tmsa, "tmsa-gather": lambda: tmsa,
             "eager": lambda: eager,
             "memory limit": lambda: None,
             "sdpa-membias": lambda: _sdpa_membias(gh, gw), "sdpa-flash": _sdpa_flash,
@@ -221,14 +227,15 @@ def _flops(B, H, grid, window, d) -> float:
 
 # the library's setting each A/B provider changes (see the module docstring), and its value
 _VARIANTS = {"tmsa-2pass": ("_DS_MAX_ELEMENTS", 0), "tmsa-gather": ("SLAB_MAX_BYTES", 0),
-             "tmsa-1launch": ("DS_ONE_SHARE_MAX_BYTES", 1 << 62)}
+             "tmsa-1launch": ("DS_ONE_SHARE_MAX_BYTES", 1 << 62),
+             "tmsa-fused64": ("FUSED_WIDE_SPAN", WIDE_SPAN)}
 
 
 @contextlib.contextmanager
 def _variant(name):
     """tmsa-2pass: every backward inside takes the separate table-gradient pass;
-    tmsa-1launch: one batch share per sample; tmsa-gather: every kernel gathers from the
-    [H, R] table."""
+    tmsa-1launch: one batch share per sample; tmsa-fused64: spans up to 64 tokens take the
+    fused backward; tmsa-gather: every kernel gathers from the [H, R] table."""
     if name not in _VARIANTS:
         yield
         return
@@ -304,8 +311,11 @@ def _run_shape(label, B, H, grid, window, d, dtype, device, names, env, tiny_cpu
     # recompile limit for this one
     torch._dynamo.reset()
     flops = _flops(B, H, grid, window, d)
-    if window is not None and window[0] * window[1] <= FUSED_MAX_SPAN:
+    span = window[0] * window[1] if window is not None else grid[0] * grid[1]
+    if window is not None and span <= FUSED_MAX_SPAN:
         names = [n for n in names if n not in BACKWARD_ONLY]
+    if not FUSED_MAX_SPAN < span <= WIDE_SPAN:
+        names = [n for n in names if n != "tmsa-fused64"]
     provs, errs, rows = {}, {}, []
     q = k = v = table = None
     timed = [n for n in names if n != "memory limit"]

@@ -77,6 +77,13 @@ except ImportError:  # pragma: no cover - triton is a requirement; the torch pat
 
 HEAD_DIMS = tuple(range(8, 129, 8))  # d = 8 (the tiny presets) runs in a 16-wide chunk
 FUSED_MAX_SPAN = 32   # attention spans up to this many tokens take the fused backward
+# Opt-in (0 = off): 16-bit windows of FUSED_MAX_SPAN < n <= FUSED_WIDE_SPAN tokens (8x8 windows:
+# 64, the image-space U-Nets') take the fused backward too, one window per [64, 64] tile (the
+# "window-wide" configs), instead of delta + dK/dV + dQ, which compute P twice, read q, k, v
+# and dO twice, sum dS into table partials across programs and launch three kernels. Its tile
+# holds ~250 registers in 4 warps: spill-free for sm_90a (Triton 3.6 and 3.9), 60-124 bytes
+# spilled for sm_80 at d 72. The benchmark's tmsa-fused64 row measures it against the default.
+FUSED_WIDE_SPAN = 0
 
 
 def _head_split(D: int) -> Tuple[int, int, bool]:
@@ -261,6 +268,8 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
         [(64, 64, 4, 2)],
         {(64, 0): [(64, 64, 4, 1)], (64, 16): [(32, 32, 4, 2)], (64, 32): [(32, 32, 4, 2)],
          (128, 0): [(16, 16, 2, 1)]}),
+    # FUSED_WIDE_SPAN's tile: the whole 8x8 window, 4 warps (one warpgroup: HGMMA on sm_90a)
+    ("window-wide", False, 2): ([], {(64, 0): [(64, 64, 4, 1)], (64, 16): [(64, 64, 4, 1)]}),
     ("window", False, 2): (
         [(32, 32, 2, 1)],
         {(32, 16): [(32, 32, 4, 1)], (64, 0): [(16, 16, 1, 1)], (64, 16): [(16, 16, 1, 1)],
@@ -345,12 +354,31 @@ def _fused_launch(BLOCK: int, cfg: tuple, elt: int) -> Tuple[int, int]:
     return (1 if elt == 2 else 2), 1
 
 
-def _fused_block(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> int:
-    """Largest span the fused backward takes (0: none). Its dots are chained, for which Triton
-    stacks the warps along M, so its configs start from one warp per 16 rows (more where that
-    spills)."""
+def _packed_span(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> int:
+    """Largest span the fused backward packs into its "window" config's tiles (0: none). Its
+    dots are chained, for which Triton stacks the warps along M, so its configs start from one
+    warp per 16 rows (more where that spills)."""
     cfgs = _configs("window", D0, D1, HAS_D1, elt, has_bias)
     return min(FUSED_MAX_SPAN, cfgs[0][0]) if cfgs else 0
+
+
+def _wide_config(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> Optional[tuple]:
+    """The fused backward's config for one window per tile past _packed_span (FUSED_WIDE_SPAN,
+    16-bit, no dense bias), or None. elt: the inputs' element size (a test's emulated card
+    decides the config lists)."""
+    if not FUSED_WIDE_SPAN or (_CARD["elt"] or elt) != 2 or has_bias:
+        return None
+    cfgs = _configs("window-wide", D0, D1, HAS_D1, elt, has_bias)
+    return cfgs[0] if cfgs else None
+
+
+def _fused_block(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> int:
+    """Largest span the fused backward takes (0: none): _packed_span, or FUSED_WIDE_SPAN
+    where that is on and has a config."""
+    span = _packed_span(D0, D1, HAS_D1, elt, has_bias)
+    if FUSED_WIDE_SPAN > span and _wide_config(D0, D1, HAS_D1, elt, has_bias):
+        return FUSED_WIDE_SPAN
+    return span
 
 
 _TUNERS: dict = {}
@@ -613,8 +641,17 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
 
     if geom.n_win <= span:
         n = geom.n_win
-        G = max(1, min(span // n, geom.nW))   # windows packed per tile
+        narrow = _packed_span(*shape)
+        G = max(1, min(narrow // n, geom.nW))   # windows packed per tile (1 past narrow)
         BLOCK = max(16, next_power_of_2(G * n))
+        if n <= narrow:
+            cfg = _configs("window", *shape)[0]
+            warps, stages = _fused_launch(BLOCK, cfg, q.element_size())
+            _log("window", cfg)
+        else:  # FUSED_WIDE_SPAN: one window per tile
+            cfg = _wide_config(*shape)
+            warps, stages = cfg[2], cfg[3]
+            _log("window-wide", cfg)
         groups = cdiv(geom.nW, G)
         units = B * groups
         acc = acc_table or acc_dense
@@ -623,8 +660,6 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         P = cdiv(units, per_prog)
         partial = torch.empty((H, P, BLOCK, BLOCK), dtype=torch.float32, device=dev) if acc else q
         tab = _prep_table(table, q)
-        warps, stages = _fused_launch(BLOCK, _configs("window", *shape)[0], q.element_size())
-        _log("window", _configs("window", *shape)[0])
         _kernels._tmsa_attention_bwd_kernel_window[(P, H)](
             q, k, v, do, tab, bias_arg, lse, dq, dk, dv,
             dbias if dbias is not None else q, partial, *strides, *geo, float(scale),
@@ -1004,7 +1039,8 @@ def aot_specs():
     for (kind, has_bias, elt), (default, per_shape) in _CONFIG_TABLE.items():
         dt = "bf16" if elt == 2 else "fp32"
         flags = "bias" if has_bias else ("table-win" if kind in (
-            "window", "fwd-win", "dkdv-win", "dq-win", "dkdv-win-acc") else "table")
+            "window", "window-wide", "fwd-win", "dkdv-win", "dq-win", "dkdv-win-acc")
+            else "table")
         for shape, D in _SHAPE_D.items():
             cfgs = per_shape.get(shape, default)
             if D == 72 or shape in per_shape:
@@ -1014,7 +1050,9 @@ def aot_specs():
             else:
                 continue
             for i, cfg in enumerate(pick):
-                specs.append(_kernel_spec(kind, dt, D, flags, cfg, spill_ok=i > 0))
+                # the opt-in wide window tile spills for sm_80 at d 72 (FUSED_WIDE_SPAN)
+                specs.append(_kernel_spec(kind, dt, D, flags, cfg,
+                                          spill_ok=i > 0 or (kind == "window-wide" and D == 72)))
                 if flags == "table" and D == 72 and elt == 2 and kind in ("fwd", "dkdv", "dkdv-acc",
                                                                           "dq"):
                     # global attention's table through its slabs (_table_arg)
@@ -1024,8 +1062,9 @@ def aot_specs():
                                           (16, 16) + _fused_launch(16, cfgs[0], elt)))
             if D != 72 or not cfgs:
                 continue
+            wide = kind == "window-wide"
             if elt == 2:
-                specs.append(_kernel_spec(kind, "fp16", D, flags, cfgs[0]))
+                specs.append(_kernel_spec(kind, "fp16", D, flags, cfgs[0], spill_ok=wide))
             if kind.split("-")[0] in ("fwd", "dkdv", "dq"):
                 # the masked variant (EVEN off): an odd grid or window, as the examples are not
                 odd_flags = "slab" if elt == 2 and flags == "table" else flags
@@ -1034,8 +1073,8 @@ def aot_specs():
                 specs.append(_kernel_spec(kind, dt, D, "plain", cfgs[0]))
             if not has_bias and kind == "dbias":
                 specs.append(_kernel_spec(kind, dt, D, "table-win", cfgs[0]))
-            if not has_bias and kind == "window":
-                specs.append(_kernel_spec(kind, dt, D, "table", cfgs[0]))
+            if not has_bias and kind in ("window", "window-wide"):  # a global grid's span
+                specs.append(_kernel_spec(kind, dt, D, "table", cfgs[0], spill_ok=wide))
     for dt in ("bf16", "fp32"):
         for D in (72, 128):
             specs.append(_delta_spec(dt, D))

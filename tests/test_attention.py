@@ -547,6 +547,23 @@ def test_gpu_backward_is_bitwise_deterministic(kw, N):
         assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 72])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_wide_spans_fused_backward(dtype, D, monkeypatch):
+    """attention.FUSED_WIDE_SPAN on the card (the tmsa-fused64 benchmark row): 8x8 windows and
+    a global 8x8 grid through the fused backward's 64-wide tile, every output and gradient
+    against the reference, and bitwise repeatable."""
+    monkeypatch.setattr(A, "FUSED_WIDE_SPAN", 64)
+    _check(dtype, 2, 2, 256, D, device="cuda", grid=(16, 16), window=(8, 8), table=True)
+    _check(dtype, 2, 2, 64, D, device="cuda", grid=(8, 8), table=True)
+    kw = dict(grid=(16, 16), window=(8, 8), table=True)
+    first = _grads(kw, B=4, H=2, N=256, D=D, dtype=dtype, device="cuda")
+    second = _grads(kw, B=4, H=2, N=256, D=D, dtype=dtype, device="cuda")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 # ---- GPU readiness: a few shipped configs compiled for sm_80 / sm_90a ----------------------
 @pytest.mark.aot
 def test_main_configs_compile_without_spills():
@@ -616,7 +633,14 @@ _GEOMS = {  # name: (B, H, N, case kwargs, has_bias, kinds it launches)
                     ("fwd-win", "window")),
     "bias": (2, 1, 72, dict(bias="H"), True, ("fwd", "dkdv", "dq", "dbias")),
     "bias-fused": (2, 2, 16, dict(bias="H"), True, ("fwd", "window")),
+    # attention.FUSED_WIDE_SPAN on: 6x6 windows (36 tokens, a masked 64 tile), a global 8x8
+    "table-wide": (2, 1, 72, dict(grid=(6, 12), window=(6, 6), table=True), False,
+                   ("fwd-win", "window-wide")),
+    "global-wide": (2, 1, 64, dict(grid=(8, 8), table=True), False, ("fwd", "window-wide")),
 }
+# the library setting a geometry runs under (attribute, value)
+_GEOM_SETTINGS = {"table-dbias-pass": ("_DS_MAX_ELEMENTS", 0),
+                  "table-wide": ("FUSED_WIDE_SPAN", 64), "global-wide": ("FUSED_WIDE_SPAN", 64)}
 
 
 def _table_items():
@@ -633,6 +657,8 @@ def _run_items(geom, elt, shape, pick):
     has_bias, kinds = _GEOMS[geom][4], _GEOMS[geom][5]
     out = set()
     for kind in kinds:
+        if (kind, has_bias, elt) not in A._CONFIG_TABLE:  # "window-wide": 16-bit only
+            continue
         default, per_shape = A._CONFIG_TABLE[(kind, has_bias, elt)]
         cfgs = per_shape.get(shape, default)
         if cfgs:
@@ -672,8 +698,8 @@ def test_every_cuda_config_is_run_under_the_interpreter():
     for r in TABLE_RUNS])
 def test_cuda_config_table_entry(geom, elt, D, pick, items, monkeypatch):
     B, H, N, kw, _, _ = _GEOMS[geom]
-    if geom == "table-dbias-pass":
-        monkeypatch.setattr(A, "_DS_MAX_ELEMENTS", 0)
+    if geom in _GEOM_SETTINGS:
+        monkeypatch.setattr(A, *_GEOM_SETTINGS[geom])
     sms = CARDS[(D + pick + elt) % len(CARDS)]
     log = []
     with A._emulate_card(sms, elt=elt, pick=pick, log=log):
@@ -700,6 +726,32 @@ def test_launch_plans_of_real_cards(sms, kw, N, monkeypatch):
     if kw.get("table"):
         # 2 SMs: 2 heads x 2 key tiles fill them, so 2 shares of 2 and 1 samples; else one each
         assert shares == [(2, 2)] if sms == 2 else shares == [(3, 1)], shares
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("B,N,D,kw", [
+    pytest.param(2, 256, 64, dict(grid=(16, 16), window=(8, 8), table=True), id="w8x8-D64"),
+    pytest.param(1, 72, 72, dict(grid=(6, 12), window=(6, 6), table=True), id="w6x6-D72"),
+    pytest.param(2, 64, 64, dict(grid=(8, 8), table=True), id="global8x8-D64"),
+    pytest.param(1, 64, 64, dict(grid=(8, 8), window=(8, 8)), id="w8x8-nobias-D64"),
+])
+def test_wide_spans_take_the_fused_backward_when_asked(dtype, B, N, D, kw, monkeypatch):
+    """FUSED_WIDE_SPAN (opt-in): 16-bit spans of 33-64 tokens take the fused backward, one
+    window per 64-wide tile with the "window-wide" config, on an H100's launch plan; every
+    output and gradient meets the flash-attention rule. Off (the default), the same spans run
+    dK/dV and dQ."""
+    monkeypatch.setattr(A, "FUSED_WIDE_SPAN", 64)
+    log = []
+    with A._emulate_card(132, elt=2, log=log):
+        _check(dtype, B, 2, N, D, **kw)
+    assert ("window-wide", (64, 64, 4, 1)) in log, log
+    assert not any(e[0].startswith("dq") for e in log), log
+    monkeypatch.setattr(A, "FUSED_WIDE_SPAN", 0)
+    log = []
+    with A._emulate_card(132, elt=2, log=log):
+        _check(dtype, B, 2, N, D, **kw)
+    assert not any(e[0].startswith("window") for e in log), log
 
 
 @pytest.mark.interpreter

@@ -66,6 +66,28 @@ def test_ab_providers_run_the_designs_they_name():
         bench_attention._providers((8, 8), (4, 4), ["tmsa-gather"])
 
 
+@pytest.mark.interpreter
+def test_fused64_runs_the_wide_fused_backward():
+    """tmsa-fused64 runs 8x8 windows through the fused backward (one window per 64-wide tile)
+    where tmsa runs dK/dV and dQ; the gradients agree, and the library's setting comes back."""
+    from diffit_kernels import attention
+
+    grads, kinds = {}, {}
+    q, k, v, table = bench_attention._inputs(2, 2, (8, 16), (8, 8), 64, torch.float16, "cpu")
+    for name in ("tmsa", "tmsa-fused64"):
+        fn = bench_attention._providers((8, 16), (8, 8), [name])[name]
+        log: list = []
+        with attention._emulate_card(132, elt=2, log=log), bench_attention._variant(name):
+            o = fn(q, k, v, table)
+            grads[name] = torch.autograd.grad(o, (q, k, v, table), torch.ones_like(o))
+        kinds[name] = {entry[0] for entry in log}
+    assert "window-wide" in kinds["tmsa-fused64"] and "dq-win" not in kinds["tmsa-fused64"]
+    assert "dq-win" in kinds["tmsa"] and "window-wide" not in kinds["tmsa"], kinds
+    for a, b in zip(grads["tmsa"], grads["tmsa-fused64"]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    assert attention.FUSED_WIDE_SPAN == 0
+
+
 def test_backward_variants_have_backward_rows_where_their_choice_exists(tmp_path):
     # no forward row (it is tmsa's); none at windows small enough for the fused backward (the
     # tiny window is 2x2 tokens). On CPU the triton provider fails: error rows, still rows.
@@ -74,3 +96,7 @@ def test_backward_variants_have_backward_rows_where_their_choice_exists(tmp_path
     got = [(r["shape"], r["mode"]) for r in rows if r["provider"] == "tmsa-1launch"]
     assert got == [("tiny-global", "bwd"), ("tiny-global", "fwd+bwd")], got
     assert sum(r["provider"] == "eager" for r in rows) == 2 * len(bench_attention.MODES)
+    # tmsa-fused64 only at spans of 33-64 tokens, which neither tiny shape has (16 and 4)
+    rows = bench_attention.run(tiny_cpu=True, dtype=torch.float32, out_dir=str(tmp_path),
+                               providers=["eager", "tmsa-fused64"])
+    assert not any(r["provider"] == "tmsa-fused64" for r in rows)

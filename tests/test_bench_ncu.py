@@ -32,6 +32,18 @@ def test_session_script_asks_for_known_cases():
         ncu_kernels.cases(names.split(","))  # raises on an unknown name
 
 
+def test_settings_name_cases_and_come_back():
+    from diffit_kernels import attention
+
+    names = {c[0] for c in ncu_kernels.CASES}
+    assert set(ncu_kernels.SETTINGS) <= names
+    for name, (attr, value) in ncu_kernels.SETTINGS.items():
+        before = getattr(attention, attr)
+        with ncu_kernels.setting(name):
+            assert getattr(attention, attr) == value != before
+        assert getattr(attention, attr) == before
+
+
 def test_no_cuda_is_explained(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert ncu_kernels.main([]) == 2

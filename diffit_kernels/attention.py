@@ -268,8 +268,11 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
         [(64, 64, 4, 2)],
         {(64, 0): [(64, 64, 4, 1)], (64, 16): [(32, 32, 4, 2)], (64, 32): [(32, 32, 4, 2)],
          (128, 0): [(16, 16, 2, 1)]}),
-    # FUSED_WIDE_SPAN's tile: the whole 8x8 window, 4 warps (one warpgroup: HGMMA on sm_90a)
-    ("window-wide", False, 2): ([], {(64, 0): [(64, 64, 4, 1)], (64, 16): [(64, 64, 4, 1)]}),
+    # FUSED_WIDE_SPAN's tile: the whole 8x8 window, 4 warps (one warpgroup: HGMMA on sm_90a);
+    # the second stage prefetches the program's next window (sm_90a, Triton 3.9: 210 / 236
+    # registers and 88 / 104 KB at d 64 / 72, still two programs per SM; it spills for sm_80)
+    ("window-wide", False, 2): ([], {(64, 0): [(64, 64, 4, 1), (64, 64, 4, 2)],
+                                     (64, 16): [(64, 64, 4, 1), (64, 64, 4, 2)]}),
     ("window", False, 2): (
         [(32, 32, 2, 1)],
         {(32, 16): [(32, 32, 4, 1)], (64, 0): [(16, 16, 1, 1)], (64, 16): [(16, 16, 1, 1)],
@@ -362,21 +365,20 @@ def _packed_span(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> in
     return min(FUSED_MAX_SPAN, cfgs[0][0]) if cfgs else 0
 
 
-def _wide_config(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> Optional[tuple]:
-    """The fused backward's config for one window per tile past _packed_span (FUSED_WIDE_SPAN,
-    16-bit, no dense bias), or None. elt: the inputs' element size (a test's emulated card
+def _wide_configs(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> List[tuple]:
+    """The fused backward's configs for one window per tile past _packed_span (FUSED_WIDE_SPAN,
+    16-bit, no dense bias; [] where off). elt: the inputs' element size (a test's emulated card
     decides the config lists)."""
     if not FUSED_WIDE_SPAN or (_CARD["elt"] or elt) != 2 or has_bias:
-        return None
-    cfgs = _configs("window-wide", D0, D1, HAS_D1, elt, has_bias)
-    return cfgs[0] if cfgs else None
+        return []
+    return _configs("window-wide", D0, D1, HAS_D1, elt, has_bias)
 
 
 def _fused_block(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> int:
     """Largest span the fused backward takes (0: none): _packed_span, or FUSED_WIDE_SPAN
     where that is on and has a config."""
     span = _packed_span(D0, D1, HAS_D1, elt, has_bias)
-    if FUSED_WIDE_SPAN > span and _wide_config(D0, D1, HAS_D1, elt, has_bias):
+    if FUSED_WIDE_SPAN > span and _wide_configs(D0, D1, HAS_D1, elt, has_bias):
         return FUSED_WIDE_SPAN
     return span
 
@@ -443,6 +445,28 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
     record_tuning(kernel.fn.__name__, kind, tuner, known)
     best = tuner.best_config.kwargs
     return best["BLOCK_M"], best["BLOCK_N"]
+
+
+def _launch_window(configs: List[tuple], grid: tuple, args: tuple, kwargs: dict) -> None:
+    """The fused backward kernel at one window per tile (FUSED_WIDE_SPAN): one config, or (CUDA)
+    a cached autotuner over the list's warps and stages, keyed on the span's tile, the head dim
+    and the windowing; every output is stored once per launch (each program's partial
+    included), so the tuner's repeated launches need no reset."""
+    kernel = _kernels._tmsa_attention_bwd_kernel_window
+    _log("window-wide", *configs)
+    if len(configs) == 1:
+        kernel[grid](*args, **kwargs, num_warps=configs[0][2], num_stages=configs[0][3])
+        return
+    key = ("window-wide", tuple(configs))
+    tuner = _TUNERS.get(key)
+    if tuner is None:
+        tuner = triton.autotune([triton.Config({}, num_warps=w, num_stages=st)
+                                 for _, _, w, st in configs],
+                                key=["BLOCK", "D", "WINDOWED", "HAS_TABLE", "ACC_DS"])(kernel)
+        _TUNERS[key] = tuner
+    known = len(tuner.cache)
+    tuner[grid](*args, **kwargs)
+    record_tuning(kernel.fn.__name__, "window-wide", tuner, known)
 
 
 def _rows_aligned(t: torch.Tensor) -> torch.Tensor:
@@ -644,14 +668,6 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         narrow = _packed_span(*shape)
         G = max(1, min(narrow // n, geom.nW))   # windows packed per tile (1 past narrow)
         BLOCK = max(16, next_power_of_2(G * n))
-        if n <= narrow:
-            cfg = _configs("window", *shape)[0]
-            warps, stages = _fused_launch(BLOCK, cfg, q.element_size())
-            _log("window", cfg)
-        else:  # FUSED_WIDE_SPAN: one window per tile
-            cfg = _wide_config(*shape)
-            warps, stages = cfg[2], cfg[3]
-            _log("window-wide", cfg)
         groups = cdiv(geom.nW, G)
         units = B * groups
         acc = acc_table or acc_dense
@@ -660,11 +676,17 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         P = cdiv(units, per_prog)
         partial = torch.empty((H, P, BLOCK, BLOCK), dtype=torch.float32, device=dev) if acc else q
         tab = _prep_table(table, q)
-        _kernels._tmsa_attention_bwd_kernel_window[(P, H)](
-            q, k, v, do, tab, bias_arg, lse, dq, dk, dv,
-            dbias if dbias is not None else q, partial, *strides, *geo, float(scale),
-            units, groups, G * n, per_prog, P, ACC_DS=acc, STORE_DS=store_ds, BLOCK=BLOCK,
-            num_warps=warps, num_stages=stages, **kw, **packed)
+        args = (q, k, v, do, tab, bias_arg, lse, dq, dk, dv, dbias if dbias is not None else q,
+                partial, *strides, *geo, float(scale), units, groups, G * n, per_prog, P)
+        kwargs = dict(ACC_DS=acc, STORE_DS=store_ds, BLOCK=BLOCK, **kw, **packed)
+        if n <= narrow:
+            cfg = _configs("window", *shape)[0]
+            warps, stages = _fused_launch(BLOCK, cfg, q.element_size())
+            _log("window", cfg)
+            _kernels._tmsa_attention_bwd_kernel_window[(P, H)](*args, **kwargs, num_warps=warps,
+                                                               num_stages=stages)
+        else:  # FUSED_WIDE_SPAN: one window per tile
+            _launch_window(_wide_configs(*shape), (P, H), args, kwargs)
         if acc_table:
             dextra = _table_grad(partial.sum(1).reshape(H, BLOCK * BLOCK),
                                  _fused_bins(n, G, BLOCK, geom.gh, geom.gw, str(dev)),

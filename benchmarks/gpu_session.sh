@@ -15,14 +15,14 @@
 #                   110; ours+graphs, ours+compile and compile of the XL/2 256 px B32 step, ~20 s
 #                   each, then ours+graphs and compile of the ffhq64 U-Net step, ~35 s each: its
 #                   blocks compile one graph per level)
-#     ncu           what is left of 565 s, NCU_MIN_S 45 to NCU_TIMEOUT 150 (skipped below the
-#                   minimum; the XL/2 step's three ops alone below 90 s)
 #     tar, summary, goal ratios                           ~5 s
+#     ncu           what is left of 530 s, NCU_MIN_S 45 to NCU_TIMEOUT 150 (skipped below the
+#                   minimum; the XL/2 step's three ops alone below 90 s), + 3 exports of 12 s
 #     total                                              585 s  (expected ~8 minutes, ncu's
 #                   share included)
 # With $OUT set, it gets results.tar.gz (benchmarks/results/<gpu-slug>/ including the profile
-# CSVs and plot, and ncu's CSVs), summary.md, goals.txt, the four logs and ncu_sass.csv.gz
-# (the device tool returns at most 8 files). Afterwards, on the development machine (the old
+# CSVs and plot), summary.md, goals.txt, the four logs and ncu.tar.gz (ncu's details, raw and
+# SASS pages as CSV; the device tool returns at most 8 files). Afterwards, on the development machine (the old
 # folder goes first: a new run does not rewrite every file an old one had, e.g. its note.md):
 #     rm -rf benchmarks/results/<gpu-slug> && tar -xzf results.tar.gz -C benchmarks/results \
 #         && python -m benchmarks.summary --readme
@@ -92,14 +92,23 @@ timeout -s TERM -k 10 "$PROFILE_TIMEOUT" "$PY" -m benchmarks --ops profile --app
 prof_rc=$?
 
 dir=benchmarks/results/$slug
+if [ -f "$dir/run.json" ]; then
+    "$PY" -m benchmarks.summary "$dir" >/dev/null || echo "summary.md could not be rebuilt"
+    tar -czf "$LOGS/results.tar.gz" -C benchmarks/results "$slug"
+    cp "$dir/summary.md" "$LOGS/summary.md"
+    "$PY" -m benchmarks.summary --goals "$dir" > "$LOGS/goals.txt" 2>&1 \
+        || echo "the goal ratios could not be computed" >> "$LOGS/goals.txt"
+fi
+
 # Nsight Compute on one fwd+bwd of each op at its costliest shapes (benchmarks/ncu_kernels.py):
 # stall reasons, occupancy and, per SASS instruction, where the warps stall (ncu.log names the
-# config each autotuner picked, i.e. the one profiled). It gets what is
-# left of the 585 s (at least NCU_MIN_S, at most NCU_TIMEOUT), the XL/2 step's three ops alone
-# when little is left; ncu_details.csv and ncu_raw.csv go into the results, the
-# per-instruction table (tens of MB as text) back as ncu_sass.csv.gz only.
+# config each autotuner picked, i.e. the one profiled). After the results are packed, so a
+# stage cut short loses only itself. The profiled run gets what is left of 530 s (at least
+# NCU_MIN_S, at most NCU_TIMEOUT; the XL/2 step's three ops alone below 90 s), each export
+# 12 s: the details page, the raw page (every metric, one row per kernel) and the SASS page
+# (per-instruction stall samples), packed as ncu.tar.gz.
 ncu_rc=skipped
-left=$((565 - SECONDS))
+left=$((530 - SECONDS))
 [ "$left" -gt "${NCU_TIMEOUT:-150}" ] && left=${NCU_TIMEOUT:-150}
 ncu_cases=()
 [ "$left" -lt 90 ] && ncu_cases=(--cases "attention latent256-B32,time_qkv xl256-B32,adaln_norm xl256-B32")
@@ -114,40 +123,32 @@ elif [ "$left" -lt "${NCU_MIN_S:-45}" ]; then
     echo "== ncu: ${left} s left, skipped" | tee "$LOGS/ncu.log"
 else
     echo "== ncu on benchmarks.ncu_kernels ${ncu_cases[*]} (stopped at ${left} s)"
-    rep=${TMPDIR:-/tmp}/diffit_ncu
-    mkdir -p "$dir"
-    TRITON_PRINT_AUTOTUNING=1 timeout -k 5 "$left" ncu --profile-from-start off --clock-control none --nvtx \
-        --kernel-name regex:'^_(tmsa|adaln|time_qkv)' \
+    nd=${TMPDIR:-/tmp}/diffit_ncu
+    rm -rf "$nd" && mkdir -p "$nd"
+    TRITON_PRINT_AUTOTUNING=1 timeout -k 5 "$left" ncu --profile-from-start off \
+        --clock-control none --nvtx --kernel-name regex:'^_(tmsa|adaln|time_qkv)' \
         --section SpeedOfLight --section LaunchStats --section Occupancy \
         --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
         --section ComputeWorkloadAnalysis --section SourceCounters \
-        -f -o "$rep" "$PY" -m benchmarks.ncu_kernels "${ncu_cases[@]}" 2>&1 | tee "$LOGS/ncu.log"
+        -f -o "$nd/ncu" "$PY" -m benchmarks.ncu_kernels "${ncu_cases[@]}" 2>&1 | tee "$LOGS/ncu.log"
     ncu_rc=$?
-    if [ -f "$rep.ncu-rep" ]; then
-        ncu -i "$rep.ncu-rep" --page details --csv > "$dir/ncu_details.csv" 2>> "$LOGS/ncu.log" \
-            || echo "ncu: the details page could not be exported" | tee -a "$LOGS/ncu.log"
-        # every collected metric (the stall reasons among them), one row per kernel
-        ncu -i "$rep.ncu-rep" --page raw --csv > "$dir/ncu_raw.csv" 2>> "$LOGS/ncu.log" \
-            || echo "ncu: the raw page could not be exported" | tee -a "$LOGS/ncu.log"
-        ncu -i "$rep.ncu-rep" --page source --csv --print-source sass 2>> "$LOGS/ncu.log" \
-            | gzip > "$LOGS/ncu_sass.csv.gz" \
-            || echo "ncu: the SASS page could not be exported" | tee -a "$LOGS/ncu.log"
+    if [ -f "$nd/ncu.ncu-rep" ]; then
+        for page in details raw; do
+            timeout -k 2 12 ncu -i "$nd/ncu.ncu-rep" --page "$page" --csv > "$nd/ncu_$page.csv" \
+                2>> "$LOGS/ncu.log" || echo "ncu: the $page page: not exported" | tee -a "$LOGS/ncu.log"
+        done
+        timeout -k 2 12 ncu -i "$nd/ncu.ncu-rep" --page source --csv --print-source sass \
+            > "$nd/ncu_sass.csv" 2>> "$LOGS/ncu.log" \
+            || echo "ncu: the SASS page: not exported (in full)" | tee -a "$LOGS/ncu.log"
+        tar -czf "$LOGS/ncu.tar.gz" -C "$nd" $(cd "$nd" && ls ncu_*.csv 2>/dev/null)
     fi
-fi
-
-if [ -f "$dir/run.json" ]; then
-    "$PY" -m benchmarks.summary "$dir" >/dev/null || echo "summary.md could not be rebuilt"
-    tar -czf "$LOGS/results.tar.gz" -C benchmarks/results "$slug"
-    cp "$dir/summary.md" "$LOGS/summary.md"
-    "$PY" -m benchmarks.summary --goals "$dir" > "$LOGS/goals.txt" 2>&1 \
-        || echo "the goal ratios could not be computed" >> "$LOGS/goals.txt"
 fi
 
 echo "== done in ${SECONDS} s"
 echo "gpu tests: exit ${tests_rc} (0 passed, 1 failed, 5 none collected, 124/137 stopped at the limit)"
 echo "benchmarks: exit ${bench_rc} (0 all ran, 1 errors, 2 time budget left cases out, 124/130/137 stopped)"
 echo "profile: exit ${prof_rc} (the same codes)"
-echo "ncu: exit ${ncu_rc} (0 profiled, 124/137 stopped at the limit; files: ncu_details.csv and ncu_raw.csv in the results, ncu_sass.csv.gz)"
+echo "ncu: exit ${ncu_rc} (0 profiled, 124/137 stopped at the limit; its CSVs in ncu.tar.gz)"
 "$PY" - "$dir" <<'EOF' || true
 import json, sys
 m = json.load(open(sys.argv[1] + "/run.json"))

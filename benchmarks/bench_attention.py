@@ -54,7 +54,6 @@ saying they were skipped. The CSV is rewritten after every shape.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
@@ -63,8 +62,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (after_error, bench, bench_main, compiled,  # noqa: E402
-                               cuda_or_explain, environment, error_text, last_timing,
+from benchmarks.common import (after_error, attention_setting, bench, bench_main,  # noqa: E402
+                               compiled, cuda_or_explain, environment, error_text, last_timing,
                                out_of_time, peak_memory_mb, plot, results_dir, skipped_text,
                                write_csv)
 from benchmarks.peak import copy_gbps  # noqa: E402
@@ -231,23 +230,11 @@ _VARIANTS = {"tmsa-2pass": ("_DS_MAX_ELEMENTS", 0), "tmsa-gather": ("SLAB_MAX_BY
              "tmsa-fused64": ("FUSED_WIDE_SPAN", WIDE_SPAN)}
 
 
-@contextlib.contextmanager
 def _variant(name):
     """tmsa-2pass: every backward inside takes the separate table-gradient pass;
     tmsa-1launch: one batch share per sample; tmsa-fused64: spans up to 64 tokens take the
     fused backward; tmsa-gather: every kernel gathers from the [H, R] table."""
-    if name not in _VARIANTS:
-        yield
-        return
-    from diffit_kernels import attention
-
-    attr, value = _VARIANTS[name]
-    old = getattr(attention, attr)
-    setattr(attention, attr, value)
-    try:
-        yield
-    finally:
-        setattr(attention, attr, old)
+    return attention_setting(_VARIANTS.get(name))
 
 
 def _measure(name, fn, q, k, v, table, grid, window, mode, tiny_cpu):

@@ -11,6 +11,7 @@ case, CUDA out-of-memory included, is a row, never the end of the run).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import inspect
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -222,6 +223,24 @@ def after_error() -> None:
 
 # ---- torch.compile baselines ------------------------------------------------------------------
 COMPILE_BACKEND = "inductor"  # tests on CPU swap in "aot_eager" (same Dynamo guards, no codegen)
+@contextlib.contextmanager
+def attention_setting(setting: Optional[Tuple[str, Any]]):
+    """diffit_kernels.attention's module setting (attribute, value) for the block, restored
+    afterwards (the A/B rows' and the ncu cases' variants); None: nothing changed."""
+    if setting is None:
+        yield
+        return
+    from diffit_kernels import attention
+
+    attr, value = setting
+    old = getattr(attention, attr)
+    setattr(attention, attr, value)
+    try:
+        yield
+    finally:
+        setattr(attention, attr, old)
+
+
 def compiled(fn: Callable, **kwargs) -> Callable:
     """torch.compile(fn) as every benchmark compiles a baseline: static shapes (each case has
     fixed shapes; a dynamic-shape recompile would be timed as warm-up), COMPILE_BACKEND."""

@@ -112,21 +112,11 @@ BUILDERS: Dict[str, Callable] = {"attention": _attention, "time_qkv": _time_qkv,
                                  "adaln_norm": _adaln_norm}
 
 
-@contextlib.contextmanager
 def setting(name: str):
     """The case's attention setting (SETTINGS), restored afterwards; none for other cases."""
-    if name not in SETTINGS:
-        yield
-        return
-    from diffit_kernels import attention
+    from benchmarks.common import attention_setting
 
-    attr, value = SETTINGS[name]
-    old = getattr(attention, attr)
-    setattr(attention, attr, value)
-    try:
-        yield
-    finally:
-        setattr(attention, attr, old)
+    return attention_setting(SETTINGS.get(name))
 
 
 def cases(names: Sequence[str] = (), tiny_cpu: bool = False) -> List[Tuple[str, str, tuple]]:

@@ -131,7 +131,7 @@ if triton is not None:
         BLOCK_C: tl.constexpr, AHEAD: tl.constexpr,
     ):
         # program = (b, p): rows p*ROWS.. of sample b. Unless WIDE, the sample's modulation
-        # vectors are read once and the next AHEAD (1 or 2) rows' x / residual are loaded before
+        # vectors are read once and the next AHEAD (1-3) rows' x / residual are loaded before
         # this row's reductions, so a row's memory latency hides behind the arithmetic before.
         pid = tl.program_id(0).to(tl.int64)
         b = pid // P
@@ -153,13 +153,24 @@ if triton is not None:
             x_nx, r_nx = _adaln_norm_fwd_row(X, RES, b, n0, offs_c,
                                              offs_c < _limit(n0, n_end, C), stride_x_b,
                                              stride_x_n, stride_r_b, stride_r_n, HAS_RES)
-            if AHEAD == 2:  # a second row in flight
+            if AHEAD >= 2:  # a second row in flight
                 x_n2, r_n2 = _adaln_norm_fwd_row(X, RES, b, n0 + 1, offs_c,
                                                  offs_c < _limit(n0 + 1, n_end, C), stride_x_b,
                                                  stride_x_n, stride_r_b, stride_r_n, HAS_RES)
+            if AHEAD == 3:  # and a third
+                x_n3, r_n3 = _adaln_norm_fwd_row(X, RES, b, n0 + 2, offs_c,
+                                                 offs_c < _limit(n0 + 2, n_end, C), stride_x_b,
+                                                 stride_x_n, stride_r_b, stride_r_n, HAS_RES)
             for n in range(n0, n_end):
                 x_cur, r_cur = x_nx, r_nx
-                if AHEAD == 2:
+                if AHEAD == 3:
+                    x_nx, r_nx = x_n2, r_n2
+                    x_n2, r_n2 = x_n3, r_n3
+                    x_n3, r_n3 = _adaln_norm_fwd_row(X, RES, b, n + 3, offs_c,
+                                                     offs_c < _limit(n + 3, n_end, C),
+                                                     stride_x_b, stride_x_n, stride_r_b,
+                                                     stride_r_n, HAS_RES)
+                elif AHEAD == 2:
                     x_nx, r_nx = x_n2, r_n2
                     x_n2, r_n2 = _adaln_norm_fwd_row(X, RES, b, n + 2, offs_c,
                                                      offs_c < _limit(n + 2, n_end, C),
@@ -280,7 +291,7 @@ if triton is not None:
     ):
         # program = (b, p): rows p*ROWS.. of sample b. A row of C <= BLOCK_C is one chunk: the
         # sample's modulation vectors are read once, the three per-sample accumulators stay in
-        # registers and the next AHEAD (1 or 2) rows' four tensors are loaded before this row's
+        # registers and the next AHEAD (1-3) rows' four tensors are loaded before this row's
         # reductions. Little's law at ~32 GB/s per SM of an H200 and ~0.7 us of DRAM latency:
         # ~25 KB in flight per SM, where one 1152-wide bf16 row of the four tensors is 9 KB and
         # the 16-warp program of that width fits once per SM (86 registers).
@@ -313,14 +324,26 @@ if triton is not None:
                 DY, DH_OUT, X, RES, b, n0, offs, offs < _limit(n0, n_end, C), stride_dy_b,
                 stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b, stride_x_n, stride_r_b,
                 stride_r_n, HAS_RES, HAS_DH_OUT)
-            if AHEAD == 2:  # a second row's four tensors in flight
+            if AHEAD >= 2:  # a second row's four tensors in flight
                 dy_n2, dho_n2, x_n2, r_n2 = _adaln_norm_bwd_row(
                     DY, DH_OUT, X, RES, b, n0 + 1, offs, offs < _limit(n0 + 1, n_end, C),
                     stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b, stride_x_n,
                     stride_r_b, stride_r_n, HAS_RES, HAS_DH_OUT)
+            if AHEAD == 3:  # and a third's
+                dy_n3, dho_n3, x_n3, r_n3 = _adaln_norm_bwd_row(
+                    DY, DH_OUT, X, RES, b, n0 + 2, offs, offs < _limit(n0 + 2, n_end, C),
+                    stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b, stride_x_n,
+                    stride_r_b, stride_r_n, HAS_RES, HAS_DH_OUT)
             for n in range(n0, n_end):
                 dy, dho, x, r = dy_nx, dho_nx, x_nx, r_nx
-                if AHEAD == 2:
+                if AHEAD == 3:
+                    dy_nx, dho_nx, x_nx, r_nx = dy_n2, dho_n2, x_n2, r_n2
+                    dy_n2, dho_n2, x_n2, r_n2 = dy_n3, dho_n3, x_n3, r_n3
+                    dy_n3, dho_n3, x_n3, r_n3 = _adaln_norm_bwd_row(
+                        DY, DH_OUT, X, RES, b, n + 3, offs, offs < _limit(n + 3, n_end, C),
+                        stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b,
+                        stride_x_n, stride_r_b, stride_r_n, HAS_RES, HAS_DH_OUT)
+                elif AHEAD == 2:
                     dy_nx, dho_nx, x_nx, r_nx = dy_n2, dho_n2, x_n2, r_n2
                     dy_n2, dho_n2, x_n2, r_n2 = _adaln_norm_bwd_row(
                         DY, DH_OUT, X, RES, b, n + 2, offs, offs < _limit(n + 2, n_end, C),
@@ -458,12 +481,14 @@ TUNE_MIN_BLOCK = 1024
 def candidates(warps: int, tunable: bool) -> List[Tuple[int, int]]:
     """The autotune list (num_warps, AHEAD rows prefetched) of a launch whose plan gives
     `warps`: (warps, 1) first (the interpreter's and the compile gate's spill-free default, so
-    no card picks worse), then two rows in flight, and half / twice the warps (within 4..32)
-    with one and two. Measured on the user's card at the first call of each (C, rows per
-    program, features) key; `tunable` False keeps the plan's alone."""
+    no card picks worse), then two and three rows in flight, and half / twice the warps (within
+    4..32) with one and two. Measured on the user's card at the first call of each (C, rows per
+    program, features) key; `tunable` False keeps the plan's alone. Three rows: at DiffiT's
+    C = 1152 one 16-warp backward program fits per SM, and Little's law at an H200's copy rate
+    asks ~25-36 KB in flight per SM where a row of its four tensors is 9-14 KB."""
     if not tunable:
         return [(warps, 1)]
-    out = [(warps, 1), (warps, 2)]
+    out = [(warps, 1), (warps, 2), (warps, 3)]
     for w in (warps // 2, warps * 2):
         if 4 <= w <= 32 and w != warps:
             out += [(w, 1), (w, 2)]

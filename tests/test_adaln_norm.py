@@ -318,14 +318,15 @@ def test_cuda_parity_and_determinism(dtype):
 
 def test_autotune_candidates_keep_the_plan_first_and_the_accumulating_backward_fixed():
     # the plan's (warps, one row ahead) leads: the interpreter's, the compile gate's spill-free
-    # default, and what no card can do worse than; then two rows in flight, half / twice the
-    # warps within 4..32; the chunked backward (partials accumulated across chunks) and the
-    # 8192-wide forward are never re-launched by a tuner; rows narrower than TUNE_MIN_BLOCK
-    # keep their plan (many small programs per SM), and so do float32 rows
-    assert norm.candidates(16, True) == [(16, 1), (16, 2), (8, 1), (8, 2), (32, 1), (32, 2)]
-    assert norm.candidates(2, True) == [(2, 1), (2, 2), (4, 1), (4, 2)]
-    assert norm.candidates(1, True) == [(1, 1), (1, 2)]
-    assert norm.candidates(32, True) == [(32, 1), (32, 2), (16, 1), (16, 2)]
+    # default, and what no card can do worse than; then two and three rows in flight, half /
+    # twice the warps within 4..32; the chunked backward (partials accumulated across chunks)
+    # and the 8192-wide forward are never re-launched by a tuner; rows narrower than
+    # TUNE_MIN_BLOCK keep their plan (many small programs per SM), and so do float32 rows
+    assert norm.candidates(16, True) == [(16, 1), (16, 2), (16, 3), (8, 1), (8, 2), (32, 1),
+                                         (32, 2)]
+    assert norm.candidates(2, True) == [(2, 1), (2, 2), (2, 3), (4, 1), (4, 2)]
+    assert norm.candidates(1, True) == [(1, 1), (1, 2), (1, 3)]
+    assert norm.candidates(32, True) == [(32, 1), (32, 2), (32, 3), (16, 1), (16, 2)]
     assert norm.candidates(16, False) == [(16, 1)]
     specs = norm.aot_specs()
     for (fwd, bwd), C in norm.plans().items():
@@ -341,18 +342,20 @@ def test_autotune_candidates_keep_the_plan_first_and_the_accumulating_backward_f
                                                      and not fwd[2])
         assert (len(norm.bwd_candidates(C)) > 1) == (bwd[0] >= norm.TUNE_MIN_BLOCK
                                                      and not bwd[1])
-    assert len(norm.fwd_candidates(1152)) == 6 and len(norm.bwd_candidates(1152)) == 6
+    assert len(norm.fwd_candidates(1152)) == 7 and len(norm.bwd_candidates(1152)) == 7
     # float32 rows move twice the bytes per row in flight: their plan alone
     assert norm.fwd_candidates(1152, 4) == [(8, 1)] and norm.bwd_candidates(1152, 4) == [(16, 1)]
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("pick", range(6))
+@pytest.mark.parametrize("pick", range(7))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_every_autotune_candidate_of_diffits_width(pick, dtype):
     # each (warps, rows ahead) a card may pick at C = 1152 runs here. A one-SM card makes long
-    # programs (forward 3 rows, backward 12, the last ones shorter: N = 23), so the two-deep
-    # prefetch rotates and runs past a program's last rows (masked); test_launch_plans_of_real_
-    # cards runs the first candidate at real cards' SM counts
+    # programs (forward 3 rows, backward 12, the last ones shorter: N = 23), so the two- and
+    # three-deep prefetches rotate and run past a program's last rows (masked);
+    # test_launch_plans_of_real_cards runs the first candidate at real cards' SM counts
     with norm._emulate_card(1, pick=pick):
         _run(dtype, 2, 23, 1152, True, True, True, True, True, strided_x=True)
+        # the model's mix under autocast: a float32 residual stream, a 16-bit branch
+        _run(dtype, 2, 23, 1152, True, True, True, True, True, keep_fp32=("res",))

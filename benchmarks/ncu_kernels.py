@@ -1,10 +1,10 @@
 """One forward+backward of each op at the shapes that cost the most, for Nsight Compute.
 
 Why: the H200 timed every kernel but could not say why one is slow. The attention forward
-at latent512-B8 ran at ~70 TFLOP/s where its instruction count and its tensor-core work each
-bound it near 60 us of the 557 measured, so it stalls on something neither count shows. The
-hardware counters say on what: warp stall reasons, occupancy, and per SASS instruction where
-the stalls are sampled.
+at latent512-B8 took 557 us (~70 TFLOP/s, ec83eac) where, estimated from its SASS instruction
+count and its tensor-core work, each alone would take ~60 us: it stalls on something neither
+count shows. The hardware counters say on what: warp stall reasons, occupancy, and per SASS
+instruction where the stalls are sampled.
 
 Each case is warmed up first (compilation and the autotuners' choices stay outside), then one
 fwd+bwd runs between torch.cuda.profiler.start() and stop(), inside an NVTX range named after

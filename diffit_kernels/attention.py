@@ -80,9 +80,11 @@ FUSED_MAX_SPAN = 32   # attention spans up to this many tokens take the fused ba
 # Opt-in (0 = off): 16-bit windows of FUSED_MAX_SPAN < n <= FUSED_WIDE_SPAN tokens (8x8 windows:
 # 64, the image-space U-Nets') take the fused backward too, one window per [64, 64] tile (the
 # "window-wide" configs), instead of delta + dK/dV + dQ, which compute P twice, read q, k, v
-# and dO twice, sum dS into table partials across programs and launch three kernels. Its tile
-# holds ~250 registers in 4 warps: spill-free for sm_90a (Triton 3.6 and 3.9), 60-124 bytes
-# spilled for sm_80 at d 72. The benchmark's tmsa-fused64 row measures it against the default.
+# and dO twice, sum dS into table partials across programs and launch three kernels. It writes
+# dq, dk, dv packed like them (_packs), so time_qkv's backward still reads them in place. Its
+# tile holds ~250 registers in 4 warps: spill-free for sm_90a (Triton 3.6, 3.8, 3.9) and sm_80
+# at d 64; at d 72 up to 124 bytes spill for sm_80 (and 24 for sm_90a under 3.6 at one stage).
+# The benchmark's tmsa-fused64 row measures it against the default.
 FUSED_WIDE_SPAN = 0
 
 
@@ -608,22 +610,22 @@ def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
     return o, lse
 
 
-def _packs(dtype: torch.dtype, n_win: int, fused_span: int) -> bool:
+def _packs(dtype: torch.dtype, n_win: int, packed_span: int) -> bool:
     """Whether the backward writes dq, dk, dv into one [B, N, 3, H, D] buffer, the layout of
     time_qkv's output, whose backward then reads them as one [M, 3C'] matrix without a copy:
-    16-bit inputs whose spans (n_win) take the dK/dV and dQ kernels, not the fused kernel of
-    spans up to fused_span (_fused_block). float32 and the fused kernel keep three contiguous
-    [B, H, N, D]: the packed store's address arithmetic made their configs spill (FMA-dot
-    configs for sm_80 / sm_90a under Triton 3.9, the fused kernel's one-warp 16x16 tile for
-    sm_90a under 3.6)."""
-    return dtype in (torch.float16, torch.bfloat16) and n_win > fused_span
+    16-bit inputs whose spans (n_win) take the dK/dV and dQ kernels or the fused kernel's
+    one-window tile (FUSED_WIDE_SPAN), not the fused kernel's packed tiles of spans up to
+    packed_span (_packed_span). float32 and those tiles keep three contiguous [B, H, N, D]: the
+    packed store's address arithmetic made their configs spill (FMA-dot configs for sm_80 /
+    sm_90a under Triton 3.9, the fused kernel's one-warp 16x16 tile for sm_90a under 3.6)."""
+    return dtype in (torch.float16, torch.bfloat16) and n_win > packed_span
 
 
 def _packs_for(q: torch.Tensor, geometry: Sequence[int], bias: Optional[torch.Tensor]) -> bool:
     """_packs from the op's arguments (its fake implementation and autograd formula)."""
     N, D = q.shape[2], q.shape[3]
     return _packs(q.dtype, _Geom(N, geometry).n_win,
-                  _fused_block(*_head_split(D), q.element_size(), bias is not None))
+                  _packed_span(*_head_split(D), q.element_size(), bias is not None))
 
 
 def _grads_shape(q: torch.Tensor, packed: bool) -> Tuple[int, ...]:
@@ -646,7 +648,8 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
     kw = _common_kwargs(q, geom, table, bias)
     shape = (kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size(), bias is not None)
     span = _fused_block(*shape)
-    packs = _packs(q.dtype, geom.n_win, span)
+    narrow = _packed_span(*shape)
+    packs = _packs(q.dtype, geom.n_win, narrow)
     grads = empty(_grads_shape(q, packs), q.dtype, dev)
     dq, dk, dv = _grad_views(grads, packs)
     packed = dict(PACKED=packs)
@@ -665,7 +668,6 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
 
     if geom.n_win <= span:
         n = geom.n_win
-        narrow = _packed_span(*shape)
         G = max(1, min(narrow // n, geom.nW))   # windows packed per tile (1 past narrow)
         BLOCK = max(16, next_power_of_2(G * n))
         groups = cdiv(geom.nW, G)
@@ -1027,7 +1029,7 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
         c["SLAB_TAB"] = flags == "slab"
         c["EVEN"] = _even_blocks(_example(D, windowed, odd=odd)["n_win"], bm, bn)
     if base in ("dkdv", "dq", "window"):
-        c["PACKED"] = dt != "fp32" and base != "window"  # _packs
+        c["PACKED"] = dt != "fp32" and (base != "window" or kind == "window-wide")  # _packs
     if base == "dq":
         c.update(STORE_DS=store)
     if base == "dkdv":
@@ -1072,7 +1074,7 @@ def aot_specs():
             else:
                 continue
             for i, cfg in enumerate(pick):
-                # the opt-in wide window tile spills for sm_80 at d 72 (FUSED_WIDE_SPAN)
+                # the opt-in wide window tile may spill at d 72 (FUSED_WIDE_SPAN)
                 specs.append(_kernel_spec(kind, dt, D, flags, cfg,
                                           spill_ok=i > 0 or (kind == "window-wide" and D == 72)))
                 if flags == "table" and D == 72 and elt == 2 and kind in ("fwd", "dkdv", "dkdv-acc",

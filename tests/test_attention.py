@@ -745,6 +745,13 @@ def test_wide_spans_take_the_fused_backward_when_asked(dtype, B, N, D, kw, monke
     log = []
     with A._emulate_card(132, elt=2, log=log):
         _check(dtype, B, 2, N, D, **kw)
+        # dq, dk, dv in time_qkv's [B, N, 3, H, D] layout, as the dK/dV and dQ kernels write
+        leaves, build, _ = _case(B, 2, N, D, **kw)
+        t = {n: v.to(dtype).requires_grad_() for n, v in leaves.items()}
+        o = diffit_kernels.tmsa_attention(**build(t), backend="triton")
+        dq, dk, dv = torch.autograd.grad(o, (t["q"], t["k"], t["v"]), torch.ones_like(o))
+    assert dq.stride() == (N * 3 * 2 * D, D, 3 * 2 * D, 1), dq.stride()
+    assert dk.data_ptr() - dq.data_ptr() == 2 * D * dq.element_size()
     assert ("window-wide", (64, 64, 4, 1)) in log, log
     assert not any(e[0].startswith("dq") for e in log), log
     monkeypatch.setattr(A, "FUSED_WIDE_SPAN", 0)

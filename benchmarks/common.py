@@ -221,8 +221,6 @@ def after_error() -> None:
         torch.cuda.empty_cache()
 
 
-# ---- torch.compile baselines ------------------------------------------------------------------
-COMPILE_BACKEND = "inductor"  # tests on CPU swap in "aot_eager" (same Dynamo guards, no codegen)
 @contextlib.contextmanager
 def attention_setting(setting: Optional[Tuple[str, Any]]):
     """diffit_kernels.attention's module setting (attribute, value) for the block, restored
@@ -241,6 +239,8 @@ def attention_setting(setting: Optional[Tuple[str, Any]]):
         setattr(attention, attr, old)
 
 
+# ---- torch.compile baselines ------------------------------------------------------------------
+COMPILE_BACKEND = "inductor"  # tests on CPU swap in "aot_eager" (same Dynamo guards, no codegen)
 def compiled(fn: Callable, **kwargs) -> Callable:
     """torch.compile(fn) as every benchmark compiles a baseline: static shapes (each case has
     fixed shapes; a dynamic-shape recompile would be timed as warm-up), COMPILE_BACKEND."""

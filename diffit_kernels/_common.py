@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -265,6 +265,22 @@ def record_tuning(kernel: str, kind: str, tuner, known: int) -> None:
         cands.append((_candidate(cfg), None if t is None else float(t)))
     _TUNED.append(dict(kernel=kernel, kind=kind, key=" ".join(desc), best=_candidate(cache[key]),
                        candidates=cands))
+
+
+_TUNERS: dict = {}  # every cached triton.autotune object of the ops, by the launcher's key
+
+
+def launch_tuned(key, build: Callable[[], object], kernel: str, kind: str, grid, args: tuple,
+                 kwargs: dict):
+    """Launch through the cached autotuner _TUNERS[key] (made by build() at its first use) and
+    record what it tunes (record_tuning, for autotune.csv); returns the autotuner."""
+    tuner = _TUNERS.get(key)
+    if tuner is None:
+        tuner = _TUNERS[key] = build()
+    known = len(tuner.cache)
+    tuner[grid](*args, **kwargs)
+    record_tuning(kernel, kind, tuner, known)
+    return tuner
 
 
 def autotune_timings() -> list:

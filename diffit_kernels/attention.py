@@ -67,7 +67,7 @@ from . import reference
 from ._attention_index import _Geom, _dbias_plan, _ds_table_plan, _fused_bins, _reduce_slots
 from ._attention_kernels import LOG2E
 from ._common import (call_op, cdiv, check_kernel_dtype, dispatch, dot_upcast, empty,
-                      interpreting, next_power_of_2, overriding, planned_sms, record_tuning,
+                      interpreting, launch_tuned, next_power_of_2, overriding, planned_sms,
                       resolve_backend, unit_last_stride)
 
 try:
@@ -385,9 +385,6 @@ def _fused_block(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> in
     return span
 
 
-_TUNERS: dict = {}
-
-
 def _log(kind: str, *configs: tuple) -> None:
     if _CARD["log"] is not None:
         _CARD["log"].append((kind,) + configs)
@@ -431,20 +428,19 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
                                 num_stages=s)
         return bm, bn
     flags = ("HAS_TABLE", "HAS_BIAS", "SLAB_TAB") + (("ACC_DS",) if "ACC_DS" in kwargs else ())
-    key = (kind, tuple(configs), flags)
-    tuner = _TUNERS.get(key)
-    if tuner is None:
+
+    def build():
         cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                 for bm, bn, w, s in configs]
         # every output of these kernels is stored (never accumulated) once per launch, so
         # the autotuner's repeated launches need no reset
         inner = triton.heuristics({"EVEN": _even})(kernel) if has_even else kernel
-        tuner = triton.autotune(cfgs, key=["N_BUCKET", "SPAN_BUCKET", "D", "WINDOWED", *flags])(
+        return triton.autotune(cfgs, key=["N_BUCKET", "SPAN_BUCKET", "D", "WINDOWED", *flags])(
             inner)
-        _TUNERS[key] = tuner
-    known = len(tuner.cache)
-    tuner[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
-    record_tuning(kernel.fn.__name__, kind, tuner, known)
+
+    name = kernel.fn.__name__
+    tuner = launch_tuned((name, kind, tuple(configs), flags), build, name, kind,
+                         lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"]), args, kwargs)
     best = tuner.best_config.kwargs
     return best["BLOCK_M"], best["BLOCK_N"]
 
@@ -459,16 +455,13 @@ def _launch_window(configs: List[tuple], grid: tuple, args: tuple, kwargs: dict)
     if len(configs) == 1:
         kernel[grid](*args, **kwargs, num_warps=configs[0][2], num_stages=configs[0][3])
         return
-    key = ("window-wide", tuple(configs))
-    tuner = _TUNERS.get(key)
-    if tuner is None:
-        tuner = triton.autotune([triton.Config({}, num_warps=w, num_stages=st)
-                                 for _, _, w, st in configs],
-                                key=["BLOCK", "D", "WINDOWED", "HAS_TABLE", "ACC_DS"])(kernel)
-        _TUNERS[key] = tuner
-    known = len(tuner.cache)
-    tuner[grid](*args, **kwargs)
-    record_tuning(kernel.fn.__name__, "window-wide", tuner, known)
+    name = kernel.fn.__name__
+    launch_tuned((name, "window-wide", tuple(configs)),
+                 lambda: triton.autotune([triton.Config({}, num_warps=w, num_stages=st)
+                                          for _, _, w, st in configs],
+                                         key=["BLOCK", "D", "WINDOWED", "HAS_TABLE", "ACC_DS"])(
+                                             kernel),
+                 name, "window-wide", grid, args, kwargs)
 
 
 def _rows_aligned(t: torch.Tensor) -> torch.Tensor:
@@ -1065,6 +1058,7 @@ def aot_specs():
         flags = "bias" if has_bias else ("table-win" if kind in (
             "window", "window-wide", "fwd-win", "dkdv-win", "dq-win", "dkdv-win-acc")
             else "table")
+        wide = kind == "window-wide"  # opt-in (FUSED_WIDE_SPAN): its tile may spill at d 72
         for shape, D in _SHAPE_D.items():
             cfgs = per_shape.get(shape, default)
             if D == 72 or shape in per_shape:
@@ -1074,9 +1068,8 @@ def aot_specs():
             else:
                 continue
             for i, cfg in enumerate(pick):
-                # the opt-in wide window tile may spill at d 72 (FUSED_WIDE_SPAN)
                 specs.append(_kernel_spec(kind, dt, D, flags, cfg,
-                                          spill_ok=i > 0 or (kind == "window-wide" and D == 72)))
+                                          spill_ok=i > 0 or (wide and D == 72)))
                 if flags == "table" and D == 72 and elt == 2 and kind in ("fwd", "dkdv", "dkdv-acc",
                                                                           "dq"):
                     # global attention's table through its slabs (_table_arg)
@@ -1086,7 +1079,6 @@ def aot_specs():
                                           (16, 16) + _fused_launch(16, cfgs[0], elt)))
             if D != 72 or not cfgs:
                 continue
-            wide = kind == "window-wide"
             if elt == 2:
                 specs.append(_kernel_spec(kind, "fp16", D, flags, cfgs[0], spill_ok=wide))
             if kind.split("-")[0] in ("fwd", "dkdv", "dq"):

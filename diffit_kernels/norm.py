@@ -25,7 +25,7 @@ import torch
 
 from . import reference
 from ._common import (call_op, cdiv, check_kernel_dtype, dispatch, empty, interpreting,
-                      next_power_of_2, overriding, planned_sms, record_tuning, resolve_backend,
+                      launch_tuned, next_power_of_2, overriding, planned_sms, resolve_backend,
                       row_warps, unit_last_stride)
 
 MAX_C = 8192
@@ -510,9 +510,6 @@ def bwd_candidates(C: int, elsize: int = 2) -> List[Tuple[int, int]]:
     return candidates(warps, elsize == 2 and block >= TUNE_MIN_BLOCK and not chunked)
 
 
-_TUNERS: dict = {}
-
-
 def _launch(kernel, grid: tuple, cfgs: List[Tuple[int, int]], key: List[str], args: tuple,
             kwargs: dict):
     """One candidate (or the interpreter): launch it. Several (CUDA): a cached triton.autotune
@@ -522,15 +519,11 @@ def _launch(kernel, grid: tuple, cfgs: List[Tuple[int, int]], key: List[str], ar
         warps, ahead = cfgs[(_CARD["pick"] or 0) % len(cfgs)]
         kernel[grid](*args, **kwargs, AHEAD=ahead, num_warps=warps)
         return
-    tkey = (kernel.fn.__name__, tuple(cfgs))
-    tuner = _TUNERS.get(tkey)
-    if tuner is None:
-        tuner = triton.autotune([triton.Config({"AHEAD": a}, num_warps=w) for w, a in cfgs],
-                                key=key)(kernel)
-        _TUNERS[tkey] = tuner
-    known = len(tuner.cache)
-    tuner[grid](*args, **kwargs)
-    record_tuning(kernel.fn.__name__, "rows", tuner, known)
+    name = kernel.fn.__name__
+    launch_tuned((name, tuple(cfgs)),
+                 lambda: triton.autotune([triton.Config({"AHEAD": a}, num_warps=w)
+                                          for w, a in cfgs], key=key)(kernel),
+                 name, "rows", grid, args, kwargs)
 
 
 def _check_c(C: int) -> int:

@@ -78,13 +78,14 @@ except ImportError:  # pragma: no cover - triton is a requirement; the torch pat
 HEAD_DIMS = tuple(range(8, 129, 8))  # d = 8 (the tiny presets) runs in a 16-wide chunk
 FUSED_MAX_SPAN = 32   # attention spans up to this many tokens take the fused backward
 # Opt-in (0 = off): 16-bit windows of FUSED_MAX_SPAN < n <= FUSED_WIDE_SPAN tokens (8x8 windows:
-# 64, the image-space U-Nets') take the fused backward too, one window per [64, 64] tile (the
-# "window-wide" configs), instead of delta + dK/dV + dQ, which compute P twice, read q, k, v
-# and dO twice, sum dS into table partials across programs and launch three kernels. It writes
-# dq, dk, dv packed like them (_packs), so time_qkv's backward still reads them in place. Its
-# tile holds ~250 registers in 4 warps: spill-free for sm_90a (Triton 3.6, 3.8, 3.9) and sm_80
-# at d 64; at d 72 up to 124 bytes spill for sm_80 (and 24 for sm_90a under 3.6 at one stage).
-# The benchmark's tmsa-fused64 row measures it against the default.
+# 64, the image-space U-Nets'; not global spans, see _wide_configs) take the fused backward
+# too, one window per [64, 64] tile (the "window-wide" configs), instead of delta + dK/dV + dQ,
+# which compute P twice, read q, k, v and dO twice, sum dS into table partials across programs
+# and launch three kernels. It writes dq, dk, dv packed like them (_packs), so time_qkv's
+# backward still reads them in place. Its tile holds ~250 registers in 4 warps: spill-free for
+# sm_90a (Triton 3.6, 3.8, 3.9) and sm_80 at d 64; at d 72 up to 108 bytes spill for sm_80 (and
+# 24 for sm_90a under 3.6 at one stage). The benchmark's tmsa-fused64 row measures it against
+# the default.
 FUSED_WIDE_SPAN = 0
 
 
@@ -367,20 +368,23 @@ def _packed_span(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> in
     return min(FUSED_MAX_SPAN, cfgs[0][0]) if cfgs else 0
 
 
-def _wide_configs(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> List[tuple]:
-    """The fused backward's configs for one window per tile past _packed_span (FUSED_WIDE_SPAN,
-    16-bit, no dense bias; [] where off). elt: the inputs' element size (a test's emulated card
-    decides the config lists)."""
-    if not FUSED_WIDE_SPAN or (_CARD["elt"] or elt) != 2 or has_bias:
+def _wide_configs(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool,
+                  windowed: bool) -> List[tuple]:
+    """The fused backward's configs for one window per tile past _packed_span (FUSED_WIDE_SPAN:
+    16-bit windows, no dense bias; [] where off). Global spans stay on dK/dV and dQ: the tile's
+    global token arithmetic spills 420-2100 bytes even at d 64 (sm_80 and sm_90a, Triton 3.6
+    and 3.9). elt: the inputs' element size (a test's emulated card decides the lists)."""
+    if not FUSED_WIDE_SPAN or not windowed or (_CARD["elt"] or elt) != 2 or has_bias:
         return []
     return _configs("window-wide", D0, D1, HAS_D1, elt, has_bias)
 
 
-def _fused_block(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> int:
+def _fused_block(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool,
+                 windowed: bool) -> int:
     """Largest span the fused backward takes (0: none): _packed_span, or FUSED_WIDE_SPAN
     where that is on and has a config."""
     span = _packed_span(D0, D1, HAS_D1, elt, has_bias)
-    if FUSED_WIDE_SPAN > span and _wide_configs(D0, D1, HAS_D1, elt, has_bias):
+    if FUSED_WIDE_SPAN > span and _wide_configs(D0, D1, HAS_D1, elt, has_bias, windowed):
         return FUSED_WIDE_SPAN
     return span
 
@@ -640,7 +644,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
     dev = q.device
     kw = _common_kwargs(q, geom, table, bias)
     shape = (kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size(), bias is not None)
-    span = _fused_block(*shape)
+    span = _fused_block(*shape, geom.windowed)
     narrow = _packed_span(*shape)
     packs = _packs(q.dtype, geom.n_win, narrow)
     grads = empty(_grads_shape(q, packs), q.dtype, dev)
@@ -681,7 +685,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
             _kernels._tmsa_attention_bwd_kernel_window[(P, H)](*args, **kwargs, num_warps=warps,
                                                                num_stages=stages)
         else:  # FUSED_WIDE_SPAN: one window per tile
-            _launch_window(_wide_configs(*shape), (P, H), args, kwargs)
+            _launch_window(_wide_configs(*shape, True), (P, H), args, kwargs)
         if acc_table:
             dextra = _table_grad(partial.sum(1).reshape(H, BLOCK * BLOCK),
                                  _fused_bins(n, G, BLOCK, geom.gh, geom.gw, str(dev)),
@@ -1089,8 +1093,8 @@ def aot_specs():
                 specs.append(_kernel_spec(kind, dt, D, "plain", cfgs[0]))
             if not has_bias and kind == "dbias":
                 specs.append(_kernel_spec(kind, dt, D, "table-win", cfgs[0]))
-            if not has_bias and kind in ("window", "window-wide"):  # a global grid's span
-                specs.append(_kernel_spec(kind, dt, D, "table", cfgs[0], spill_ok=wide))
+            if not has_bias and kind == "window":
+                specs.append(_kernel_spec(kind, dt, D, "table", cfgs[0]))
     for dt in ("bf16", "fp32"):
         for D in (72, 128):
             specs.append(_delta_spec(dt, D))

@@ -15,10 +15,10 @@ Providers (every row's gradient includes the bias table, or the dense bias, wher
                    stored, B / shares times larger, where tmsa read-modify-writes a few
                    L2-sized shares over one launch per sample of a share: the A/B row that
                    sets that limit by measurement
-    tmsa-fused64   spans of 33-64 tokens (8x8 windows): the fused backward at one window per
+    tmsa-fused64   windows of 33-64 tokens (8x8): the fused backward at one window per
                    64-wide tile (attention.FUSED_WIDE_SPAN = 64) where tmsa runs delta, dK/dV
                    and dQ: the A/B row that decides whether the library turns it on (backward
-                   rows only, and only at such spans)
+                   rows only, and only at such windows)
     tmsa-gather    global shapes: the table gathered per score element in every kernel instead of
                    read through its slabs (attention.SLAB_MAX_BYTES = 0, what other grids
                    run): the A/B row of the slabs
@@ -232,8 +232,8 @@ _VARIANTS = {"tmsa-2pass": ("_DS_MAX_ELEMENTS", 0), "tmsa-gather": ("SLAB_MAX_BY
 
 def _variant(name):
     """tmsa-2pass: every backward inside takes the separate table-gradient pass;
-    tmsa-1launch: one batch share per sample; tmsa-fused64: spans up to 64 tokens take the
-    fused backward; tmsa-gather: every kernel gathers from the [H, R] table."""
+    tmsa-1launch: one batch share per sample; tmsa-fused64: windows up to 64 tokens take
+    the fused backward; tmsa-gather: every kernel gathers from the [H, R] table."""
     return attention_setting(_VARIANTS.get(name))
 
 
@@ -301,7 +301,7 @@ def _run_shape(label, B, H, grid, window, d, dtype, device, names, env, tiny_cpu
     span = window[0] * window[1] if window is not None else grid[0] * grid[1]
     if window is not None and span <= FUSED_MAX_SPAN:
         names = [n for n in names if n not in BACKWARD_ONLY]
-    if not FUSED_MAX_SPAN < span <= WIDE_SPAN:
+    if window is None or not FUSED_MAX_SPAN < span <= WIDE_SPAN:
         names = [n for n in names if n != "tmsa-fused64"]
     provs, errs, rows = {}, {}, []
     q = k = v = table = None

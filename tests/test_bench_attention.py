@@ -96,7 +96,7 @@ def test_backward_variants_have_backward_rows_where_their_choice_exists(tmp_path
     got = [(r["shape"], r["mode"]) for r in rows if r["provider"] == "tmsa-1launch"]
     assert got == [("tiny-global", "bwd"), ("tiny-global", "fwd+bwd")], got
     assert sum(r["provider"] == "eager" for r in rows) == 2 * len(bench_attention.MODES)
-    # tmsa-fused64 only at spans of 33-64 tokens, which neither tiny shape has (16 and 4)
+    # tmsa-fused64 only at windows of 33-64 tokens, which neither tiny shape has (16 and 4)
     rows = bench_attention.run(tiny_cpu=True, dtype=torch.float32, out_dir=str(tmp_path),
                                providers=["eager", "tmsa-fused64"])
     assert not any(r["provider"] == "tmsa-fused64" for r in rows)

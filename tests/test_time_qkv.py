@@ -542,8 +542,9 @@ def test_gpu_packed_and_separate_head_gradients_agree_bitwise():
 @pytest.mark.parametrize("compile_backend", [None, "aot_eager"])
 def test_attention_gradients_reach_the_projection_packed(compile_backend):
     """tmsa_attention's backward writes 16-bit dq, dk, dv of spans past the fused kernel's into
-    one [B, N, 3, H, D] buffer, the layout of time_qkv's output: time_qkv's backward takes them as one [M, 3C'] matrix and its pack
-    kernel only sums (no copy of dY), eager and compiled alike."""
+    one [B, N, 3, H, D] buffer, the layout of time_qkv's output: time_qkv's backward takes them
+    as one [M, 3C'] matrix and its pack kernel only sums (no copy of dY), eager and compiled
+    alike."""
     torch.manual_seed(0)
     B, N, C, H, Ct = 2, 64, 64, 4, 32  # 64 tokens: past the fused kernel's spans
     bf = dict(dtype=torch.bfloat16)  # 16-bit: the packed layout (float32 stays unpacked)

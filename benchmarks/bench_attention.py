@@ -5,20 +5,14 @@ Providers (every row's gradient includes the bias table, or the dense bias, wher
                    slabs of gw x gw matrices, one per relative grid row (global grids whose width
                    is a power of two >= 16), or gathered in-kernel (windows), d_table reduced
                    deterministically
-    tmsa-2pass     the same with the table gradient in a pass of its own (the design before the
-                   dK/dV pass summed dS into the table; the library keeps it for spans above
-                   attention._DS_MAX_ELEMENTS): the A/B row that sets that threshold by
-                   measurement (this and tmsa-1launch: backward rows only, global attention
-                   and windows of more than attention.FUSED_MAX_SPAN tokens)
-    tmsa-1launch   the same with one batch share per sample (attention.DS_ONE_SHARE_MAX_BYTES
-                   past any size): the dK/dV pass is one launch whose table partials are only
-                   stored, B / shares times larger, where tmsa read-modify-writes a few
-                   L2-sized shares over one launch per sample of a share: the A/B row that
-                   sets that limit by measurement
-    tmsa-fused64   windows of 33-64 tokens (8x8): the fused backward at one window per
-                   64-wide tile (attention.FUSED_WIDE_SPAN = 64) where tmsa runs delta, dK/dV
-                   and dQ: the A/B row that decides whether the library turns it on (backward
-                   rows only, and only at such windows)
+    tmsa-shares    the same with the backward plan forced (attention.BWD_PLAN; tmsa times the
+    tmsa-samples   plans a shape can take at its first backward and keeps the fastest, whose
+    tmsa-separate  times autotune.csv lists): "shares" sums dS into the table in the dK/dV pass
+    tmsa-wide      over a few read-modify-written batch shares, "samples" over one share per
+                   sample (one launch of stores), "separate" in a pass of its own, "wide" runs
+                   8x8 windows through the fused backward at one window per 64-wide tile.
+                   Backward rows only, at shapes with more than one plan, for each plan the
+                   shape has: the rows that check the choice tmsa made
     tmsa-gather    global shapes: the table gathered per score element in every kernel instead of
                    read through its slabs (attention.SLAB_MAX_BYTES = 0, what other grids
                    run): the A/B row of the slabs
@@ -69,7 +63,7 @@ from benchmarks.common import (after_error, attention_setting, bench, bench_main
 from benchmarks.peak import copy_gbps  # noqa: E402
 from diffit_kernels import reference  # noqa: E402
 from diffit_kernels import tmsa_attention  # noqa: E402
-from diffit_kernels.attention import FUSED_MAX_SPAN  # noqa: E402
+from diffit_kernels import attention  # noqa: E402
 
 # (label, B, H, grid, window, d). Batch sizes of the windowed rows are ours (the paper's
 # image-space models train at batch 256-512 on 8 GPUs): they keep a run within seconds.
@@ -87,16 +81,16 @@ QUICK = ("latent256-B64", "latent512-B8", "img32-win4-B64", "img64-win8-B16")
 TINY_CPU = [("tiny-global", 1, 2, (4, 4), None, 16), ("tiny-win", 1, 2, (4, 4), (2, 2), 16)]
 MODES = ("fwd", "bwd", "fwd+bwd")
 # run order: speed of light first; flex (two compiles per shape) last, after every shape
-PROVIDERS = ("sdpa-flash", "memory limit", "tmsa", "tmsa-2pass", "tmsa-1launch", "tmsa-fused64",
-             "tmsa-gather",
+PROVIDERS = ("sdpa-flash", "memory limit", "tmsa", "tmsa-shares", "tmsa-samples", "tmsa-separate",
+             "tmsa-wide", "tmsa-gather",
              "sdpa-membias",
              "eager",
              "flex")
 SPEED_OF_LIGHT = ("sdpa-flash", "memory limit")
-# A/B variants of the backward only: no forward row (it is tmsa's), and no rows at windows of
-# at most attention.FUSED_MAX_SPAN tokens (their fused backward kernel makes neither choice)
-BACKWARD_ONLY = ("tmsa-2pass", "tmsa-1launch", "tmsa-fused64")
-WIDE_SPAN = 64  # tmsa-fused64's attention.FUSED_WIDE_SPAN: its rows only where it changes the path
+# the backward plan each plan row forces (attention.BWD_PLAN): backward rows only (the forward
+# is tmsa's), at shapes with several plans, for the plans the shape has
+PLAN_ROWS = {"tmsa-shares": "shares", "tmsa-samples": "samples", "tmsa-separate": "separate",
+             "tmsa-wide": "wide"}
 SLOW = ("flex",)           # run at every shape after the others have run at every shape
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -170,8 +164,8 @@ def _providers(grid, window, names) -> Dict[str, Callable]:
 
     if "tmsa-gather" in names and window is not None:
         raise ValueError("tmsa-gather is a global-attention row: windows always gather (= tmsa)")
-    make = {"tmsa": lambda: tmsa, "tmsa-2pass": lambda: tmsa, "tmsa-1launch": lambda: tmsa,
-            "tmsa-fused64": lambda: tmsa, "tmsa-gather": lambda: tmsa,
+    make = {"tmsa": lambda: tmsa, "tmsa-gather": lambda: tmsa,
+            **{name: (lambda: tmsa) for name in PLAN_ROWS},
             "eager": lambda: eager,
             "memory limit": lambda: None,
             "sdpa-membias": lambda: _sdpa_membias(gh, gw), "sdpa-flash": _sdpa_flash,
@@ -225,16 +219,22 @@ def _flops(B, H, grid, window, d) -> float:
 
 
 # the library's setting each A/B provider changes (see the module docstring), and its value
-_VARIANTS = {"tmsa-2pass": ("_DS_MAX_ELEMENTS", 0), "tmsa-gather": ("SLAB_MAX_BYTES", 0),
-             "tmsa-1launch": ("DS_ONE_SHARE_MAX_BYTES", 1 << 62),
-             "tmsa-fused64": ("FUSED_WIDE_SPAN", WIDE_SPAN)}
+_VARIANTS = {"tmsa-gather": ("SLAB_MAX_BYTES", 0),
+             **{name: ("BWD_PLAN", plan) for name, plan in PLAN_ROWS.items()}}
 
 
 def _variant(name):
-    """tmsa-2pass: every backward inside takes the separate table-gradient pass;
-    tmsa-1launch: one batch share per sample; tmsa-fused64: windows up to 64 tokens take
-    the fused backward; tmsa-gather: every kernel gathers from the [H, R] table."""
+    """The plan rows: every backward inside takes that plan; tmsa-gather: every kernel
+    gathers from the [H, R] table."""
     return attention_setting(_VARIANTS.get(name))
+
+
+def _shape_names(names, B, H, grid, window, d, dtype, device) -> List[str]:
+    """names less the plan rows a shape has no use for: a plan it cannot take, or any plan
+    where it has only one."""
+    geometry = [*grid, *(window or grid)]
+    plans = attention._plans_of(B, H, grid[0] * grid[1], d, dtype, geometry, device)
+    return [n for n in names if n not in PLAN_ROWS or (len(plans) > 1 and PLAN_ROWS[n] in plans)]
 
 
 def _measure(name, fn, q, k, v, table, grid, window, mode, tiny_cpu):
@@ -298,11 +298,7 @@ def _run_shape(label, B, H, grid, window, d, dtype, device, names, env, tiny_cpu
     # recompile limit for this one
     torch._dynamo.reset()
     flops = _flops(B, H, grid, window, d)
-    span = window[0] * window[1] if window is not None else grid[0] * grid[1]
-    if window is not None and span <= FUSED_MAX_SPAN:
-        names = [n for n in names if n not in BACKWARD_ONLY]
-    if window is None or not FUSED_MAX_SPAN < span <= WIDE_SPAN:
-        names = [n for n in names if n != "tmsa-fused64"]
+    names = _shape_names(names, B, H, grid, window, d, dtype, device)
     provs, errs, rows = {}, {}, []
     q = k = v = table = None
     timed = [n for n in names if n != "memory limit"]
@@ -320,7 +316,7 @@ def _run_shape(label, B, H, grid, window, d, dtype, device, names, env, tiny_cpu
                 errs[name] = error_text(e)
     for name in names:
         for mode in MODES:
-            if mode == "fwd" and name in BACKWARD_ONLY:
+            if mode != "bwd" and name in PLAN_ROWS:
                 continue
             row = _row(label, B, H, grid, window, d, dtype, name, mode)
             nan = float("nan")

@@ -37,13 +37,15 @@ CASES = [
     ("attention latent512-B8", "attention", (8, 16, (32, 32), None, 72)),
     # the U-Nets' first levels (128 channels, heads of 64): ffhq64's 8x8 windows on 64x64
     # tokens at the model benchmark's batch, cifar10's 4x4 windows on 32x32
-    ("attention ffhq64-level0-B64", "attention", (64, 2, (64, 64), (8, 8), 64)),
-    ("attention ffhq64-level0-B64 fused64", "attention", (64, 2, (64, 64), (8, 8), 64)),
+    ("attention ffhq64-level0-B64 shares", "attention", (64, 2, (64, 64), (8, 8), 64)),
+    ("attention ffhq64-level0-B64 wide", "attention", (64, 2, (64, 64), (8, 8), 64)),
     ("attention cifar10-level0-B128", "attention", (128, 2, (32, 32), (4, 4), 64)),
 ]
-# the library setting a case runs under (module attribute, value): the opt-in fused backward
-# of 8x8 windows (the benchmark's tmsa-fused64 row)
-SETTINGS = {"attention ffhq64-level0-B64 fused64": ("FUSED_WIDE_SPAN", 64)}
+# the library setting a case runs under (module attribute, value): 8x8 windows through both of
+# their main backward plans, delta + dK/dV + dQ and the fused kernel's 64-wide tile (the
+# benchmark's tmsa-shares and tmsa-wide rows); the other cases take the plan the card chose
+SETTINGS = {"attention ffhq64-level0-B64 shares": ("BWD_PLAN", "shares"),
+            "attention ffhq64-level0-B64 wide": ("BWD_PLAN", "wide")}
 TINY_CPU = {"attention": [(1, 2, (4, 4), None, 16), (1, 2, (8, 8), (4, 4), 16)],
             "time_qkv": [(2, 8, 64, 4, 32)], "adaln_norm": [(2, 8, 64)]}
 WARMUP = 3  # fwd+bwd calls before the profiled one: compiles and autotuning

@@ -230,7 +230,8 @@ def planned_sms(device: torch.device, override: Optional[int]) -> Optional[int]:
 
 
 # Every key an autotuner of ours tuned in this process, with each candidate's measured time
-# (record_tuning; autotune_timings() hands out a copy): the benchmarks write it out
+# (record_tuning; record_choice for choices timed by the ops themselves, e.g. attention's
+# backward plans; autotune_timings() hands out a copy): the benchmarks write it out
 # (autotune.csv), so the shipped candidate lists can be ordered and pruned by what a card
 # measured rather than by the one winner Triton's TRITON_PRINT_AUTOTUNING reports
 _TUNED: list = []
@@ -263,8 +264,14 @@ def record_tuning(kernel: str, kind: str, tuner, known: int) -> None:
         if isinstance(t, (list, tuple)):
             t = t[0] if t else None
         cands.append((_candidate(cfg), None if t is None else float(t)))
-    _TUNED.append(dict(kernel=kernel, kind=kind, key=" ".join(desc), best=_candidate(cache[key]),
-                       candidates=cands))
+    record_choice(kernel, kind, " ".join(desc), _candidate(cache[key]), cands)
+
+
+def record_choice(kernel: str, kind: str, key: str, best: str, candidates: list) -> None:
+    """Append one measured choice to the process's record: kernel (or op) name, kind (the
+    launcher's label), key (readable), the candidate chosen and [(candidate, median ms, inf
+    for one that did not fit the card, or None)]."""
+    _TUNED.append(dict(kernel=kernel, kind=kind, key=key, best=best, candidates=candidates))
 
 
 _TUNERS: dict = {}  # every cached triton.autotune object of the ops, by the launcher's key
@@ -284,7 +291,7 @@ def launch_tuned(key, build: Callable[[], object], kernel: str, kind: str, grid,
 
 
 def autotune_timings() -> list:
-    """What record_tuning recorded in this process, oldest first: dicts of kernel (its name),
-    kind (the launcher's label for the config list), key (the autotune key, readable), best
-    (the candidate chosen) and candidates [(candidate, median ms or None)]."""
+    """What record_tuning and record_choice recorded in this process, oldest first: dicts of
+    kernel (its name), kind (the launcher's label for the config list), key (the autotune key,
+    readable), best (the candidate chosen) and candidates [(candidate, median ms or None)]."""
     return [dict(r, candidates=list(r["candidates"])) for r in _TUNED]

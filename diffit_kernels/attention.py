@@ -30,17 +30,19 @@ every iteration of a program and reduced once at the end:
     fp32): one fused kernel does the whole backward of a window group (dq, dk, dv: 5 dots,
     no recompute) and sums ds over all the (batch, window) units it owns in a [32, 32] fp32
     register tile (64-token tiles spill on sm_80);
-  * larger spans: FlashAttention-2 dK/dV and dQ kernels. The dK/dV kernel sums ds where it
-    makes it: the batch is cut into shares (as many as keep ~4 programs per SM), and the
-    program of (head, key tile, share) adds its fp32 ds tiles into a [BLOCK_N, span] slice of
-    a partial that only that share writes, one launch per sample of the share (the first
-    stores, the next ones add: no atomics, no [B, H, N, N]; a loop over the share inside the
-    kernel spilled badly under Triton 3.6).
+  * larger spans: FlashAttention-2 dK/dV and dQ kernels, by one of several plans the card
+    chooses between by timing them (_choose_plan). The dK/dV kernel can sum ds where it
+    makes it: the batch is cut into shares (a few, as many as keep ~4 programs per SM, or
+    one per sample), and the program of (head, key tile, share) adds its fp32 ds tiles into
+    a [BLOCK_N, span] slice of a partial that only that share writes, one launch per sample
+    of the share (the first stores, the next ones add: no atomics, no [B, H, N, N]; a loop
+    over the share inside the kernel spilled badly under Triton 3.6).
     The partials (O(H * groups * N * span), at most 4M elements per head and group) are summed
     over groups, then [BN, BN] blocks with the same offset map (a block diagonal when gw | BN)
-    are summed, then gathered by offset. Longer spans fall back to a second pass that
-    recomputes p and dp (2 dots) for the tile pairs of one "slot" (a tile pair, or a whole
-    square-tile diagonal when gw divides the tile) over windows and batch.
+    are summed, then gathered by offset. Or a second pass recomputes p and dp (2 dots) for
+    the tile pairs of one "slot" (a tile pair, or a whole square-tile diagonal when gw divides
+    the tile) over windows and batch: the only way for longer spans. 16-bit windows of up to
+    64 tokens can also take the fused kernel, one window per tile.
 torch sums the partials and gathers them by relative offset in a fixed order (a padded
 [rows, k] index). deterministic=False takes the same path (no atomic variant is shipped). A
 dense bias shared by the batch (any shape broadcastable to [B, H, N, N] with B-dim 1) takes
@@ -68,7 +70,7 @@ from ._attention_index import _Geom, _dbias_plan, _ds_table_plan, _fused_bins, _
 from ._attention_kernels import LOG2E
 from ._common import (call_op, cdiv, check_kernel_dtype, dispatch, dot_upcast, empty,
                       interpreting, launch_tuned, next_power_of_2, overriding, planned_sms,
-                      resolve_backend, unit_last_stride)
+                      record_choice, resolve_backend, unit_last_stride)
 
 try:
     import triton
@@ -77,16 +79,16 @@ except ImportError:  # pragma: no cover - triton is a requirement; the torch pat
 
 HEAD_DIMS = tuple(range(8, 129, 8))  # d = 8 (the tiny presets) runs in a 16-wide chunk
 FUSED_MAX_SPAN = 32   # attention spans up to this many tokens take the fused backward
-# Opt-in (0 = off): 16-bit windows of FUSED_MAX_SPAN < n <= FUSED_WIDE_SPAN tokens (8x8 windows:
-# 64, the image-space U-Nets'; not global spans, see _wide_configs) take the fused backward
-# too, one window per [64, 64] tile (the "window-wide" configs), instead of delta + dK/dV + dQ,
-# which compute P twice, read q, k, v and dO twice, sum dS into table partials across programs
-# and launch three kernels. It writes dq, dk, dv packed like them (_packs), so time_qkv's
-# backward still reads them in place. Its tile holds ~250 registers in 4 warps: spill-free for
-# sm_90a (Triton 3.6, 3.8, 3.9) and sm_80 at d 64; at d 72 up to 108 bytes spill for sm_80 (and
-# 24 for sm_90a under 3.6 at one stage). The benchmark's tmsa-fused64 row measures it against
-# the default.
-FUSED_WIDE_SPAN = 0
+# 16-bit windows of FUSED_MAX_SPAN < n <= WIDE_SPAN tokens (8x8 windows: 64, the image-space
+# U-Nets'; not global spans, see _wide_configs) can take the fused backward too, one window per
+# [64, 64] tile (the "window-wide" configs; the backward plan "wide"), instead of delta + dK/dV
+# + dQ, which compute P twice, read q, k, v and dO twice, sum dS into table partials across
+# programs and launch three kernels. It writes dq, dk, dv packed like them (_packs), so
+# time_qkv's backward still reads them in place. Its tile holds ~250 registers in 4 warps:
+# spill-free for sm_90a (Triton 3.6, 3.8, 3.9) and sm_80 at d 64; at d 72 up to 108 bytes spill
+# for sm_80 (and 24 for sm_90a under 3.6 at one stage). The card's measurement chooses it or
+# not (_choose_plan).
+WIDE_SPAN = 64
 
 
 def _head_split(D: int) -> Tuple[int, int, bool]:
@@ -143,13 +145,12 @@ def _batch_groups(device: torch.device, B: int, programs: int) -> int:
     return max(1, min(B, want))
 
 
-# The dK/dV pass's fp32 table partials, one per batch share: as many shares as samples (one
-# launch whose partials are only stored) when all of them take at most this many bytes, else
-# the few shares of _batch_groups (L2-sized partials, read-modify-written by one launch per
-# sample of a share: per query tile a load, two layout conversions through shared memory, and
-# +26% SASS instructions in the loop at d 72, sm_90a, Triton 3.9). 0: always the few shares;
-# the benchmark's tmsa-1launch row measures the other side (unmeasured yet on a card).
-DS_ONE_SHARE_MAX_BYTES = 0
+# The backward plan "samples" (one batch share per sample: a single dK/dV launch whose fp32
+# table partials are only stored) is offered while the partials of all samples take at most
+# this many bytes; "shares" read-modify-writes the few L2-sized shares of _batch_groups instead,
+# one launch per sample of a share (per query tile a load, two layout conversions through
+# shared memory, and +26% SASS instructions in the loop at d 72, sm_90a, Triton 3.9).
+SAMPLES_MAX_BYTES = 512 << 20
 
 
 # the dK/dV kernel sums dS into the table when its partial of one head and batch group has at
@@ -271,7 +272,7 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
         [(64, 64, 4, 2)],
         {(64, 0): [(64, 64, 4, 1)], (64, 16): [(32, 32, 4, 2)], (64, 32): [(32, 32, 4, 2)],
          (128, 0): [(16, 16, 2, 1)]}),
-    # FUSED_WIDE_SPAN's tile: the whole 8x8 window, 4 warps (one warpgroup: HGMMA on sm_90a);
+    # the "wide" plan's tile: the whole 8x8 window, 4 warps (one warpgroup: HGMMA on sm_90a);
     # the second stage prefetches the program's next window (sm_90a, Triton 3.9: 210 / 236
     # registers and 88 / 104 KB at d 64 / 72, still two programs per SM; it spills for sm_80)
     ("window-wide", False, 2): ([], {(64, 0): [(64, 64, 4, 1), (64, 64, 4, 2)],
@@ -370,23 +371,14 @@ def _packed_span(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> in
 
 def _wide_configs(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool,
                   windowed: bool) -> List[tuple]:
-    """The fused backward's configs for one window per tile past _packed_span (FUSED_WIDE_SPAN:
-    16-bit windows, no dense bias; [] where off). Global spans stay on dK/dV and dQ: the tile's
-    global token arithmetic spills 420-2100 bytes even at d 64 (sm_80 and sm_90a, Triton 3.6
-    and 3.9). elt: the inputs' element size (a test's emulated card decides the lists)."""
-    if not FUSED_WIDE_SPAN or not windowed or (_CARD["elt"] or elt) != 2 or has_bias:
+    """The fused backward's configs for one window per tile past _packed_span (the "wide"
+    plan: 16-bit windows, no dense bias; [] elsewhere). Global spans stay on dK/dV and dQ: the
+    tile's global token arithmetic spills 420-2100 bytes even at d 64 (sm_80 and sm_90a,
+    Triton 3.6 and 3.9). elt: the inputs' element size (a test's emulated card decides the
+    lists)."""
+    if not windowed or (_CARD["elt"] or elt) != 2 or has_bias:
         return []
     return _configs("window-wide", D0, D1, HAS_D1, elt, has_bias)
-
-
-def _fused_block(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool,
-                 windowed: bool) -> int:
-    """Largest span the fused backward takes (0: none): _packed_span, or FUSED_WIDE_SPAN
-    where that is on and has a config."""
-    span = _packed_span(D0, D1, HAS_D1, elt, has_bias)
-    if FUSED_WIDE_SPAN > span and _wide_configs(D0, D1, HAS_D1, elt, has_bias, windowed):
-        return FUSED_WIDE_SPAN
-    return span
 
 
 def _log(kind: str, *configs: tuple) -> None:
@@ -450,7 +442,7 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
 
 
 def _launch_window(configs: List[tuple], grid: tuple, args: tuple, kwargs: dict) -> None:
-    """The fused backward kernel at one window per tile (FUSED_WIDE_SPAN): one config, or (CUDA)
+    """The fused backward kernel at one window per tile (plan "wide"): one config, or (CUDA)
     a cached autotuner over the list's warps and stages, keyed on the span's tile, the head dim
     and the windowing; every output is stored once per launch (each program's partial
     included), so the tuner's repeated launches need no reset."""
@@ -611,7 +603,7 @@ def _packs(dtype: torch.dtype, n_win: int, packed_span: int) -> bool:
     """Whether the backward writes dq, dk, dv into one [B, N, 3, H, D] buffer, the layout of
     time_qkv's output, whose backward then reads them as one [M, 3C'] matrix without a copy:
     16-bit inputs whose spans (n_win) take the dK/dV and dQ kernels or the fused kernel's
-    one-window tile (FUSED_WIDE_SPAN), not the fused kernel's packed tiles of spans up to
+    one-window tile (the "wide" plan), not the fused kernel's packed tiles of spans up to
     packed_span (_packed_span). float32 and those tiles keep three contiguous [B, H, N, D]: the
     packed store's address arithmetic made their configs spill (FMA-dot configs for sm_80 /
     sm_90a under Triton 3.9, the fused kernel's one-warp 16x16 tile for sm_90a under 3.6)."""
@@ -637,14 +629,148 @@ def _grad_views(grads: torch.Tensor, packed: bool):
     return grads.unbind(0)
 
 
+# ---- the backward's plan ------------------------------------------------------------------------
+# Spans past the fused kernel's packed tiles have several exact, deterministic ways through the
+# backward, and which is fastest depends on the shape and the card (the H200 at ec83eac: the
+# table gradient summed in the dK/dV pass took 1.6x the time of a pass of its own at
+# latent256-B64, and 0.85x at latent512-B8):
+#   "shares"    delta, dK/dV summing dS into the fp32 table partials of a few batch shares
+#               (read-modify-written, one launch per sample of a share), dQ
+#   "samples"   the same with one share per sample: one dK/dV launch that only stores its
+#               partials, B / shares times more bytes of them (up to SAMPLES_MAX_BYTES)
+#   "separate"  delta, dK/dV, dQ, and the table's (or a dense bias's) gradient, where asked,
+#               in a pass of its own that recomputes P and dP: the only way past
+#               _DS_MAX_ELEMENTS, for a dense bias, and where no table gradient is asked
+#   "wide"      16-bit windows of FUSED_MAX_SPAN + 1 to WIDE_SPAN tokens: the fused kernel at
+#               one window per 64-wide tile
+# ("fused": spans of at most _packed_span tokens, the fused kernel's packed tiles, the only
+# plan there.) On CUDA the first backward of each shape times every plan it can take and keeps
+# the fastest for the process (_choose_plan), as the kernels' autotuners keep configs; on
+# other devices, under the interpreter and while a CUDA graph is being captured, the first
+# plan of _bwd_plans' list (what ran before plans were measured). BWD_PLAN forces one plan
+# wherever it is among a shape's plans (the benchmark's A/B rows, the tests).
+BWD_PLAN: Optional[str] = None
+PLAN_TUNING = True
+PLAN_SLEEP_CYCLES = 2_000_000   # ~1 ms of GPU sleep while the timed calls are launched
+_PLAN_CHOICE: dict = {}         # (device, shape, dtype, flags) -> the plan the card chose
+
+
+def _bwd_plans(geom: _Geom, shape: tuple, B: int, H: int, N: int, device: torch.device,
+               acc_table: bool) -> List[str]:
+    """The backward plans a shape can take (see above), the one to run untimed first."""
+    if geom.n_win <= _packed_span(*shape):
+        return ["fused"]
+    plans = []
+    if acc_table:
+        cfgs = _configs("dkdv" + ("-win" if geom.windowed else "") + "-acc", *shape)
+        span_pad, tiles = _ds_layout(N, geom.n_win, tuple(c[:2] for c in cfgs))
+        if tiles * span_pad <= _DS_MAX_ELEMENTS:
+            plans.append("shares")
+            if _share_size(device, B, H, N, cfgs) > 1 \
+                    and H * B * tiles * span_pad * 4 <= SAMPLES_MAX_BYTES:
+                plans.append("samples")
+    plans.append("separate")
+    if geom.n_win <= WIDE_SPAN and _wide_configs(*shape, geom.windowed):
+        plans.append("wide")
+    return plans
+
+
+def _share_size(device: torch.device, B: int, H: int, N: int, cfgs: List[tuple]) -> int:
+    """Samples per batch share of the "shares" plan (the dK/dV launches it makes)."""
+    return cdiv(B, _batch_groups(device, B, H * min(cdiv(N, c[1]) for c in cfgs)))
+
+
+def _plans_of(B: int, H: int, N: int, D: int, dtype: torch.dtype, geometry: Sequence[int],
+              device, table: bool = True) -> List[str]:
+    """_bwd_plans of a shape without its tensors (the benchmark's plan rows): a table whose
+    gradient is asked, or (table=False) no bias at all."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    return _bwd_plans(_Geom(N, geometry), (*_head_split(D), elt, False), B, H, N,
+                      torch.device(device), table)
+
+
+def _plan_tunable(device: torch.device) -> bool:
+    return (PLAN_TUNING and device.type == "cuda" and not interpreting()
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _time_plan(plan: str, run) -> float:
+    """GPU milliseconds of one call of run() (one plan's whole backward): a first call, in
+    which its kernels compile and autotune, then the least of three means of three calls
+    queued behind a ~1 ms GPU sleep, so the host's launch work does not show (training replays
+    CUDA graphs by default)."""
+    run()
+    best = math.inf
+    for _ in range(3):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(PLAN_SLEEP_CYCLES)
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            run()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 3)
+    return best
+
+
+def _choose_plan(plans: List[str], key: tuple, run, describe) -> str:
+    """BWD_PLAN where it is among plans; else the plan chosen for key before; else, where
+    _plan_tunable, each plan timed (_time_plan; one that runs out of memory counts as not
+    fitting), the fastest kept for key and recorded with every plan's time (autotune.csv's
+    rows, kernel "tmsa_attention backward", kind "plan"); else plans[0]."""
+    if BWD_PLAN in plans:
+        return BWD_PLAN
+    if key in _PLAN_CHOICE:
+        return _PLAN_CHOICE[key]
+    if len(plans) == 1 or not _plan_tunable(key[0]):
+        return plans[0]
+    times = {}
+    with torch.cuda.device(key[0]) if key[0].type == "cuda" else contextlib.nullcontext():
+        for plan in plans:
+            try:
+                times[plan] = _time_plan(plan, lambda: run(plan))
+            except torch.cuda.OutOfMemoryError:
+                times[plan] = math.inf
+    best = min(plans, key=lambda p: times[p])
+    _PLAN_CHOICE[key] = best
+    record_choice("tmsa_attention backward", "plan", describe(), best,
+                  [(p, times[p]) for p in plans])
+    return best
+
+
 def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_extra):
     B, H, N, D = q.shape
-    geom = _Geom(N, geometry)
-    do, o = _rows_aligned(do), _rows_aligned(o)
     dev = q.device
+    do, o = _rows_aligned(do), _rows_aligned(o)
+    key = (dev, q.dtype, B, H, N, D, tuple(geometry), table is not None,
+           None if bias is None else tuple(bias.shape), need_extra)
+    plan = None if BWD_PLAN is not None else _PLAN_CHOICE.get(key)
+    if plan is None:
+        geom = _Geom(N, geometry)
+        shape = (*_head_split(D), q.element_size(), bias is not None)
+        plans = _bwd_plans(geom, shape, B, H, N, dev, table is not None and need_extra)
+
+        def describe():
+            what = "table" if table is not None else "bias" if bias is not None else "plain"
+            win = "x".join(map(str, geometry[2:])) if geom.windowed else "global"
+            return (f"B={B} H={H} N={N} D={D} {str(q.dtype).split('.')[-1]} {what} "
+                    f"window={win}" + ("" if need_extra else " no-extra-grad"))
+
+        plan = _choose_plan(plans, key, lambda p: _bwd_run(
+            p, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra), describe)
+    return _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra)
+
+
+def _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra):
+    """The backward by one plan (_bwd_plans names them); do and o rows aligned."""
+    B, H, N, D = q.shape
+    geom = _Geom(N, geometry)
+    dev = q.device
+    _log("plan", plan)
     kw = _common_kwargs(q, geom, table, bias)
     shape = (kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size(), bias is not None)
-    span = _fused_block(*shape, geom.windowed)
     narrow = _packed_span(*shape)
     packs = _packs(q.dtype, geom.n_win, narrow)
     grads = empty(_grads_shape(q, packs), q.dtype, dev)
@@ -663,7 +789,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
     geo = (H, N, D, geom.R, *geom.args(dev), geom.rel_off, float(scale) * LOG2E)
     dextra = q.new_empty(0)
 
-    if geom.n_win <= span:
+    if plan in ("fused", "wide"):
         n = geom.n_win
         G = max(1, min(narrow // n, geom.nW))   # windows packed per tile (1 past narrow)
         BLOCK = max(16, next_power_of_2(G * n))
@@ -684,7 +810,7 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
             _log("window", cfg)
             _kernels._tmsa_attention_bwd_kernel_window[(P, H)](*args, **kwargs, num_warps=warps,
                                                                num_stages=stages)
-        else:  # FUSED_WIDE_SPAN: one window per tile
+        else:  # "wide": one window per tile
             _launch_window(_wide_configs(*shape, True), (P, H), args, kwargs)
         if acc_table:
             dextra = _table_grad(partial.sum(1).reshape(H, BLOCK * BLOCK),
@@ -702,22 +828,17 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
             D0=kw["D0"], D1=kw["D1"], HAS_D1=kw["HAS_D1"], num_warps=DELTA_WARPS)
         buckets = (next_power_of_2(N), next_power_of_2(geom.n_win))
         win = "-win" if geom.windowed else ""
-        acc_cfgs = _configs("dkdv" + win + "-acc", *shape) if acc_table else [(16, 16, 1, 1)]
-        span_pad, tiles = _ds_layout(N, geom.n_win, tuple(c[:2] for c in acc_cfgs))
-        acc_ds = acc_table and tiles * span_pad <= _DS_MAX_ELEMENTS
-        dkdv_cfgs = acc_cfgs if acc_ds else _configs("dkdv" + win, *shape)
+        acc_ds = plan in ("shares", "samples")   # dS summed into table partials in dK/dV
+        dkdv_cfgs = _configs("dkdv" + win + ("-acc" if acc_ds else ""), *shape)
         if acc_ds:
-            # dS summed into per-program table partials where it is made: no second pass
-            if H * B * tiles * span_pad * 4 <= DS_ONE_SHARE_MAX_BYTES:
-                groups = B
-            else:
-                groups = _batch_groups(dev, B, H * min(cdiv(N, c[1]) for c in dkdv_cfgs))
-            per_b = cdiv(B, groups)
+            span_pad, tiles = _ds_layout(N, geom.n_win, tuple(c[:2] for c in dkdv_cfgs))
+            per_b = 1 if plan == "samples" else _share_size(dev, B, H, N, dkdv_cfgs)
             groups = cdiv(B, per_b)
             _log("ds-shares", (groups, per_b))
             partial = torch.empty(H * groups * tiles * span_pad, dtype=torch.float32, device=dev)
         else:
             groups, per_b, partial = B, 1, q
+            span_pad = _ds_layout(N, geom.n_win, ((16, 16),))[0]  # unused: an int all the same
         for step in range(per_b):  # ACC_DS: share g's sample step (the first stores)
             live = cdiv(B - step, per_b)   # the shares that have a sample `step`
             bm, bn = _launch(_kernels._tmsa_attention_bwd_kernel_dkdv,
@@ -742,14 +863,14 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
             # the pairs of one tile diagonal share their relative offsets only when both tiles
             # step by the same whole number of grid rows (square tiles, gw | BM)
             group = acc_table and BM == BN and BM % geom.gw == 0
-            plan, slots, slot_index, bins, P = _dbias_plan(
+            pairs, slots, slot_index, bins, P = _dbias_plan(
                 geom.n_win, geom.nW, B, BM, BN, group, _programs_per_head(dev, H),
                 (geom.gh, geom.gw) if acc_table else None, str(dev))
             partial = torch.empty((H, P, BM, BN), dtype=torch.float32, device=dev)
             if on_slabs:  # this pass gathers from the [H, R] table
                 tab = _prep_table(table, q)
             _kernels._tmsa_attention_bwd_kernel_dbias[(P, H)](
-                q, k, v, do, tab, bias_arg, lse, delta, plan, slots, partial, *strides,
+                q, k, v, do, tab, bias_arg, lse, delta, pairs, slots, partial, *strides,
                 H, N, D, geom.R, geom.n_win, geom.nW, *geom.args(dev)[1:],
                 geom.rel_off, float(scale) * LOG2E, P, BLOCK_M=BM, BLOCK_N=BN,
                 num_warps=warps, num_stages=stages, **kw)
@@ -1062,7 +1183,7 @@ def aot_specs():
         flags = "bias" if has_bias else ("table-win" if kind in (
             "window", "window-wide", "fwd-win", "dkdv-win", "dq-win", "dkdv-win-acc")
             else "table")
-        wide = kind == "window-wide"  # opt-in (FUSED_WIDE_SPAN): its tile may spill at d 72
+        wide = kind == "window-wide"  # a measured plan ("wide"): its tile may spill at d 72
         for shape, D in _SHAPE_D.items():
             cfgs = per_shape.get(shape, default)
             if D == 72 or shape in per_shape:

@@ -551,10 +551,10 @@ def test_gpu_backward_is_bitwise_deterministic(kw, N):
 @pytest.mark.parametrize("D", [64, 72])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_gpu_wide_spans_fused_backward(dtype, D, monkeypatch):
-    """attention.FUSED_WIDE_SPAN on the card (the tmsa-fused64 benchmark row): 8x8 and 6x6
+    """The "wide" backward plan on the card (the tmsa-wide benchmark row): 8x8 and 6x6
     windows through the fused backward's 64-wide tile, every output and gradient against the
     reference, and bitwise repeatable."""
-    monkeypatch.setattr(A, "FUSED_WIDE_SPAN", 64)
+    monkeypatch.setattr(A, "BWD_PLAN", "wide")
     _check(dtype, 2, 2, 256, D, device="cuda", grid=(16, 16), window=(8, 8), table=True)
     _check(dtype, 2, 2, 72, D, device="cuda", grid=(6, 12), window=(6, 6), table=True)
     kw = dict(grid=(16, 16), window=(8, 8), table=True)
@@ -562,6 +562,30 @@ def test_gpu_wide_spans_fused_backward(dtype, D, monkeypatch):
     second = _grads(kw, B=4, H=2, N=256, D=D, dtype=dtype, device="cuda")
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_plan_is_timed_once_and_kept(monkeypatch):
+    """On the card the first backward of a shape times its plans (DiffiT-XL/2's heads on its
+    16x16 grid: shares, samples, separate), keeps one and records every plan's time; the next
+    backward reuses it (bitwise the same gradients); every plan meets the reference."""
+    from diffit_kernels import _common
+
+    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
+    monkeypatch.setattr(_common, "_TUNED", [])
+    kw = dict(grid=(16, 16), table=True)
+    first = _grads(kw, B=8, H=2, N=256, D=72, dtype=torch.bfloat16, device="cuda")
+    rec, = [r for r in _common.autotune_timings() if r["kind"] == "plan"]
+    assert [p for p, _ in rec["candidates"]] == ["shares", "samples", "separate"], rec
+    assert all(0 < t < math.inf for _, t in rec["candidates"]), rec
+    assert list(A._PLAN_CHOICE.values()) == [rec["best"]]
+    second = _grads(kw, B=8, H=2, N=256, D=72, dtype=torch.bfloat16, device="cuda")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert len([r for r in _common.autotune_timings() if r["kind"] == "plan"]) == 1
+    for plan in ("shares", "samples", "separate"):
+        monkeypatch.setattr(A, "BWD_PLAN", plan)
+        _check(torch.bfloat16, 8, 2, 256, 72, device="cuda", **kw)
 
 
 # ---- GPU readiness: a few shipped configs compiled for sm_80 / sm_90a ----------------------
@@ -633,13 +657,13 @@ _GEOMS = {  # name: (B, H, N, case kwargs, has_bias, kinds it launches)
                     ("fwd-win", "window")),
     "bias": (2, 1, 72, dict(bias="H"), True, ("fwd", "dkdv", "dq", "dbias")),
     "bias-fused": (2, 2, 16, dict(bias="H"), True, ("fwd", "window")),
-    # attention.FUSED_WIDE_SPAN on: 6x6 windows (36 tokens, a masked 64 tile)
+    # the "wide" plan: 6x6 windows (36 tokens, a masked 64 tile)
     "table-wide": (2, 1, 72, dict(grid=(6, 12), window=(6, 6), table=True), False,
                    ("fwd-win", "window-wide")),
 }
 # the library setting a geometry runs under (attribute, value)
 _GEOM_SETTINGS = {"table-dbias-pass": ("_DS_MAX_ELEMENTS", 0),
-                  "table-wide": ("FUSED_WIDE_SPAN", 64)}
+                  "table-wide": ("BWD_PLAN", "wide")}
 
 
 def _table_items():
@@ -735,11 +759,11 @@ def test_launch_plans_of_real_cards(sms, kw, N, monkeypatch):
     pytest.param(1, 128, 64, dict(grid=(8, 16), window=(8, 8)), id="w8x8-nobias-D64"),
 ])
 def test_wide_spans_take_the_fused_backward_when_asked(dtype, B, N, D, kw, monkeypatch):
-    """FUSED_WIDE_SPAN (opt-in): 16-bit windows of 33-64 tokens take the fused backward, one
-    window per 64-wide tile with the "window-wide" config, on an H100's launch plan; every
-    output and gradient meets the flash-attention rule. Off (the default), the same spans run
+    """The "wide" plan: 16-bit windows of 33-64 tokens take the fused backward, one window per
+    64-wide tile with the "window-wide" config, on an H100's launch plan; every output and
+    gradient meets the flash-attention rule. Untimed (no card to measure), the same spans run
     dK/dV and dQ."""
-    monkeypatch.setattr(A, "FUSED_WIDE_SPAN", 64)
+    monkeypatch.setattr(A, "BWD_PLAN", "wide")
     log = []
     with A._emulate_card(132, elt=2, log=log):
         _check(dtype, B, 2, N, D, **kw)
@@ -752,7 +776,7 @@ def test_wide_spans_take_the_fused_backward_when_asked(dtype, B, N, D, kw, monke
     assert dk.data_ptr() - dq.data_ptr() == 2 * D * dq.element_size()
     assert ("window-wide", (64, 64, 4, 1)) in log, log
     assert not any(e[0].startswith("dq") for e in log), log
-    monkeypatch.setattr(A, "FUSED_WIDE_SPAN", 0)
+    monkeypatch.setattr(A, "BWD_PLAN", None)
     log = []
     with A._emulate_card(132, elt=2, log=log):
         _check(dtype, B, 2, N, D, **kw)
@@ -761,9 +785,9 @@ def test_wide_spans_take_the_fused_backward_when_asked(dtype, B, N, D, kw, monke
 
 @pytest.mark.interpreter
 def test_wide_fused_backward_leaves_global_spans_alone(monkeypatch):
-    """A global 8x8 grid (64 tokens, the U-Net's coarsest level) stays on dK/dV and dQ with
-    FUSED_WIDE_SPAN on: the wide tile's global token arithmetic spills."""
-    monkeypatch.setattr(A, "FUSED_WIDE_SPAN", 64)
+    """A global 8x8 grid (64 tokens, the U-Net's coarsest level) has no "wide" plan, so
+    asking for it leaves dK/dV and dQ: the wide tile's global token arithmetic spills."""
+    monkeypatch.setattr(A, "BWD_PLAN", "wide")
     log = []
     with A._emulate_card(132, elt=2, log=log):
         _check(torch.bfloat16, 2, 2, 64, 64, grid=(8, 8), table=True)
@@ -773,16 +797,107 @@ def test_wide_fused_backward_leaves_global_spans_alone(monkeypatch):
 
 @pytest.mark.interpreter
 def test_one_share_per_sample_while_the_partials_fit(monkeypatch):
-    """DS_ONE_SHARE_MAX_BYTES: one batch share per sample (a single dK/dV launch of stores)
-    when the fp32 partials of all of them fit, else the few shares of _batch_groups; the
-    gradients are the reference's either way."""
+    """The "samples" plan: one batch share per sample (a single dK/dV launch of stores), offered
+    while the fp32 partials of all of them fit SAMPLES_MAX_BYTES; past it only "shares" (the few
+    shares of _batch_groups) remains. The gradients are the reference's either way."""
     B, H, N, D = 3, 2, 64, 16
     cfg = A._INTERP["dkdv"]
     span_pad, tiles = A._ds_layout(N, N, (cfg[:2],))
     size = H * B * tiles * span_pad * 4
+    monkeypatch.setattr(A, "BWD_PLAN", "samples")
     for limit, want in ((size - 1, (2, 2)), (size, (3, 1))):
-        monkeypatch.setattr(A, "DS_ONE_SHARE_MAX_BYTES", limit)
+        monkeypatch.setattr(A, "SAMPLES_MAX_BYTES", limit)
         log = []
         with A._emulate_card(2, log=log):
             _check(torch.float32, B, H, N, D, grid=(8, 8), table=True)
         assert [e[1] for e in log if e[0] == "ds-shares"] == [want], (limit, log)
+
+
+def _plans(B, N, D, geometry, elt=2, table=True, bias=False, sms=132, H=16):
+    """The backward plans of a shape on an emulated card of `sms` SMs (16-bit lists at elt 2)."""
+    with A._emulate_card(sms, elt=elt):
+        return A._bwd_plans(A._Geom(N, geometry), (*A._head_split(D), elt, bias), B, H, N,
+                            torch.device("cpu"), table)
+
+
+def test_backward_plans_by_shape():
+    """What each shape can take, the untimed default first: DiffiT-XL/2's global attention
+    all three dK/dV plans, 8x8 windows the wide fused tile too (16-bit only), 4x4 windows and
+    dense biases one plan each; "samples" only where the shares hold several samples and the
+    partials fit."""
+    xl = [16, 16, 16, 16]
+    assert _plans(32, 256, 72, xl) == ["shares", "samples", "separate"]
+    assert _plans(32, 256, 72, xl, table=False) == ["separate"]   # no table gradient asked
+    assert _plans(1, 256, 72, xl) == ["shares", "separate"]        # one sample: one share
+    # 512 px: 16 heads x B 8 x 1024^2 fp32 partials are 512 MiB, the cap; B 9 is past it
+    assert _plans(8, 1024, 72, [32, 32, 32, 32]) == ["shares", "samples", "separate"]
+    assert _plans(9, 1024, 72, [32, 32, 32, 32]) == ["shares", "separate"]
+    win8 = [64, 64, 8, 8]
+    assert _plans(16, 4096, 64, win8) == ["shares", "samples", "separate", "wide"]
+    assert _plans(16, 4096, 64, win8, table=False) == ["separate", "wide"]
+    assert "wide" not in _plans(16, 4096, 64, win8, elt=4)
+    assert "wide" not in _plans(2, 64, 64, [8, 8, 8, 8])              # global 8x8: spills
+    assert _plans(64, 1024, 72, [32, 32, 4, 4]) == ["fused"]
+    assert _plans(2, 256, 72, [], table=False, bias=True) == ["separate"]
+
+
+@pytest.mark.interpreter
+def test_backward_plan_is_chosen_by_its_time(monkeypatch):
+    """Where plans are timed (CUDA), the first backward of a shape times each plan, runs and
+    keeps the fastest (one out of memory counts as not fitting), records every plan's time
+    for autotune.csv, and later backwards of the shape time nothing; BWD_PLAN still forces a
+    plan. Here the timer is a stand-in around the plans' real runs (the interpreter)."""
+    from diffit_kernels import _common
+
+    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
+    monkeypatch.setattr(_common, "_TUNED", [])
+    monkeypatch.setattr(A, "_plan_tunable", lambda device: True)
+    timed = []
+
+    def fake_time(plan, run):
+        timed.append(plan)
+        run()
+        if plan == "samples":
+            raise torch.cuda.OutOfMemoryError("a stand-in")
+        return {"shares": 3.0, "separate": 1.0}[plan]
+
+    monkeypatch.setattr(A, "_time_plan", fake_time)
+    shape = (torch.float32, 3, 2, 64, 16)
+    log = []
+    with A._emulate_card(2, log=log):
+        _check(*shape, grid=(8, 8), table=True)
+    assert timed == ["shares", "samples", "separate"]
+    assert [e[1] for e in log if e[0] == "plan"][-1] == "separate", log
+    rec, = _common.autotune_timings()
+    assert (rec["kernel"], rec["kind"], rec["best"]) == ("tmsa_attention backward", "plan",
+                                                         "separate")
+    assert rec["candidates"] == [("shares", 3.0), ("samples", math.inf), ("separate", 1.0)]
+    assert rec["key"] == "B=3 H=2 N=64 D=16 float32 table window=global"
+    timed.clear()
+    log = []
+    with A._emulate_card(2, log=log):
+        _check(*shape, grid=(8, 8), table=True)
+    assert timed == [] and [e[1] for e in log if e[0] == "plan"] == ["separate"], log
+    monkeypatch.setattr(A, "BWD_PLAN", "shares")
+    log = []
+    with A._emulate_card(2, log=log):
+        _check(*shape, grid=(8, 8), table=True)
+    assert timed == [] and [e[1] for e in log if e[0] == "plan"] == ["shares"], log
+    assert len(_common.autotune_timings()) == 1
+
+
+def test_backward_plans_are_not_timed_off_cuda_or_while_capturing(monkeypatch):
+    """No timing under the interpreter, on the CPU, with PLAN_TUNING off, or while a CUDA graph
+    is being captured (its first plan runs, and nothing is kept)."""
+    assert not A._plan_tunable(torch.device("cpu"))
+    monkeypatch.setattr(A, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not A._plan_tunable(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert A._plan_tunable(torch.device("cuda"))
+    monkeypatch.setattr(A, "PLAN_TUNING", False)
+    assert not A._plan_tunable(torch.device("cuda"))
+    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
+    key = (torch.device("cuda"),)
+    assert A._choose_plan(["shares", "separate"], key, None, None) == "shares"
+    assert A._PLAN_CHOICE == {}

@@ -68,6 +68,9 @@ def environment() -> Dict[str, str]:
     }
     if torch.cuda.is_available():
         env["driver"] = _driver()
+    from diffit_kernels._common import autotune_enabled
+    if not autotune_enabled():  # a row timed so ran each list's first config, untuned
+        env["autotune"] = "off (DIFFIT_KERNELS_AUTOTUNE=0)"
     return env
 
 

@@ -26,6 +26,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# DIFFIT_KERNELS_AUTOTUNE=0 (read at import): every autotuned launch takes its candidate list's
+# first config and tmsa_attention's backward its first plan, as under the interpreter, so two
+# runs (two processes, two cards of one kind) compute bitwise the same results. The card's own
+# measurements do not promise that: timing noise can pick another tile, which sums in another
+# order. Slower wherever the first candidate is not the fastest.
+AUTOTUNE = os.environ.get("DIFFIT_KERNELS_AUTOTUNE", "1").strip() != "0"
+
+
+def autotune_enabled() -> bool:
+    """Whether launches choose among their candidates by timing them (see AUTOTUNE)."""
+    return AUTOTUNE
+
+
 def triton_importable() -> bool:
     try:
         import triton  # noqa: F401

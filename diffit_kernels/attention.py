@@ -68,9 +68,10 @@ from . import _attention_kernels as _kernels
 from . import reference
 from ._attention_index import _Geom, _dbias_plan, _ds_table_plan, _fused_bins, _reduce_slots
 from ._attention_kernels import LOG2E
-from ._common import (call_op, cdiv, check_kernel_dtype, dispatch, dot_upcast, empty,
-                      interpreting, launch_tuned, next_power_of_2, overriding, planned_sms,
-                      record_choice, resolve_backend, unit_last_stride)
+from ._common import (autotune_enabled, call_op, cdiv, check_kernel_dtype, dispatch,
+                      dot_upcast, empty, interpreting, launch_tuned, next_power_of_2,
+                      overriding, planned_sms, record_choice, resolve_backend,
+                      unit_last_stride)
 
 try:
     import triton
@@ -350,7 +351,8 @@ def _configs(kind: str, D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool
     if interpreting():
         return [_INTERP[kind.split("-")[0]]]
     default, per_shape = _CONFIG_TABLE[(kind, has_bias, elt)]
-    return per_shape.get((D0, D1 if HAS_D1 else 0), default)
+    cfgs = per_shape.get((D0, D1 if HAS_D1 else 0), default)
+    return cfgs if autotune_enabled() else cfgs[:1]
 
 
 def _fused_launch(BLOCK: int, cfg: tuple, elt: int) -> Tuple[int, int]:
@@ -647,7 +649,8 @@ def _grad_views(grads: torch.Tensor, packed: bool):
 # plan there.) On CUDA the first backward of each shape times every plan it can take and keeps
 # the fastest for the process (_choose_plan), as the kernels' autotuners keep configs; on
 # other devices, under the interpreter and while a CUDA graph is being captured, the first
-# plan of _bwd_plans' list (what ran before plans were measured). BWD_PLAN forces one plan
+# plan of _bwd_plans' list (what ran before plans were measured), as with
+# DIFFIT_KERNELS_AUTOTUNE=0 (_common.AUTOTUNE). BWD_PLAN forces one plan
 # wherever it is among a shape's plans (the benchmark's A/B rows, the tests).
 BWD_PLAN: Optional[str] = None
 PLAN_TUNING = True
@@ -690,7 +693,7 @@ def _plans_of(B: int, H: int, N: int, D: int, dtype: torch.dtype, geometry: Sequ
 
 
 def _plan_tunable(device: torch.device) -> bool:
-    return (PLAN_TUNING and device.type == "cuda" and not interpreting()
+    return (PLAN_TUNING and autotune_enabled() and device.type == "cuda" and not interpreting()
             and not torch.cuda.is_current_stream_capturing())
 
 
@@ -1014,7 +1017,9 @@ def tmsa_attention(
             is reduced over it without a [B, H, N, N] buffer).
         scale: logit scale, default D ** -0.5.
         deterministic: bitwise-reproducible gradients (the default; every path is
-            deterministic, the flag is kept for API stability).
+            deterministic, the flag is kept for API stability). Across processes the
+            autotuned tiles and backward plan may differ; DIFFIT_KERNELS_AUTOTUNE=0 pins them
+            (see diffit_kernels._common.AUTOTUNE).
         backend: "auto" | "triton" | "torch" (see diffit_kernels._common.resolve_backend).
     Returns:
         o [B, H, N, D] in q's dtype, differentiable w.r.t. q, k, v, table and bias. The

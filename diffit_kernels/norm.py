@@ -24,9 +24,9 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import reference
-from ._common import (call_op, cdiv, check_kernel_dtype, dispatch, empty, interpreting,
-                      launch_tuned, next_power_of_2, overriding, planned_sms, resolve_backend,
-                      row_warps, unit_last_stride)
+from ._common import (autotune_enabled, call_op, cdiv, check_kernel_dtype, dispatch, empty,
+                      interpreting, launch_tuned, next_power_of_2, overriding, planned_sms,
+                      resolve_backend, row_warps, unit_last_stride)
 
 MAX_C = 8192
 FWD_MAX_ROWS = 8
@@ -512,10 +512,11 @@ def bwd_candidates(C: int, elsize: int = 2) -> List[Tuple[int, int]]:
 
 def _launch(kernel, grid: tuple, cfgs: List[Tuple[int, int]], key: List[str], args: tuple,
             kwargs: dict):
-    """One candidate (or the interpreter): launch it. Several (CUDA): a cached triton.autotune
+    """One candidate (or the interpreter, or DIFFIT_KERNELS_AUTOTUNE=0: the first): launch it.
+    Several (CUDA): a cached triton.autotune
     over exactly those (num_warps, AHEAD), keyed on `key`; every output is stored once per
     launch, so the autotuner's repeated launches need no reset."""
-    if len(cfgs) == 1 or interpreting() or _CARD["pick"] is not None:
+    if len(cfgs) == 1 or interpreting() or _CARD["pick"] is not None or not autotune_enabled():
         warps, ahead = cfgs[(_CARD["pick"] or 0) % len(cfgs)]
         kernel[grid](*args, **kwargs, AHEAD=ahead, num_warps=warps)
         return

@@ -347,6 +347,24 @@ def test_autotune_candidates_keep_the_plan_first_and_the_accumulating_backward_f
     assert norm.fwd_candidates(1152, 4) == [(8, 1)] and norm.bwd_candidates(1152, 4) == [(16, 1)]
 
 
+def test_autotune_off_launches_the_first_candidate(monkeypatch):
+    """DIFFIT_KERNELS_AUTOTUNE=0: a launch with several candidates runs the first (the plan's)
+    directly, as the interpreter does, where a card would build and time an autotuner."""
+    from diffit_kernels import _common
+
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append((grid, kw["num_warps"], kw["AHEAD"]))
+
+    monkeypatch.setattr(norm, "interpreting", lambda: False)
+    monkeypatch.setattr(_common, "AUTOTUNE", False)
+    monkeypatch.setattr(norm, "launch_tuned", lambda *a: pytest.fail("an autotuner was built"))
+    norm._launch(Kernel(), (4,), norm.candidates(16, True), ["C"], (), {})
+    assert launched == [((4,), 16, 1)]
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("pick", range(7))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])

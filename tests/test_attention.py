@@ -813,6 +813,19 @@ def test_one_share_per_sample_while_the_partials_fit(monkeypatch):
         assert [e[1] for e in log if e[0] == "ds-shares"] == [want], (limit, log)
 
 
+def test_autotune_off_takes_each_lists_first_config(monkeypatch):
+    """DIFFIT_KERNELS_AUTOTUNE=0: every kernel's CUDA list shrinks to its first config (and
+    the backward's plan is the first, see the next tests), the same on every run."""
+    from diffit_kernels import _common
+
+    assert not _common.interpreting()
+    lists = {kind: A._configs(kind, 64, 16, True, 2, False) for kind in ("fwd", "dkdv-acc", "dq")}
+    assert all(len(c) > 1 for c in lists.values()), lists
+    monkeypatch.setattr(_common, "AUTOTUNE", False)
+    for kind, cfgs in lists.items():
+        assert A._configs(kind, 64, 16, True, 2, False) == cfgs[:1]
+
+
 def _plans(B, N, D, geometry, elt=2, table=True, bias=False, sms=132, H=16):
     """The backward plans of a shape on an emulated card of `sms` SMs (16-bit lists at elt 2)."""
     with A._emulate_card(sms, elt=elt):
@@ -887,8 +900,11 @@ def test_backward_plan_is_chosen_by_its_time(monkeypatch):
 
 
 def test_backward_plans_are_not_timed_off_cuda_or_while_capturing(monkeypatch):
-    """No timing under the interpreter, on the CPU, with PLAN_TUNING off, or while a CUDA graph
-    is being captured (its first plan runs, and nothing is kept)."""
+    """No timing under the interpreter, on the CPU, with PLAN_TUNING off or
+    DIFFIT_KERNELS_AUTOTUNE=0, or while a CUDA graph is being captured (its first plan runs,
+    and nothing is kept)."""
+    from diffit_kernels import _common
+
     assert not A._plan_tunable(torch.device("cpu"))
     monkeypatch.setattr(A, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
@@ -896,6 +912,9 @@ def test_backward_plans_are_not_timed_off_cuda_or_while_capturing(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert A._plan_tunable(torch.device("cuda"))
     monkeypatch.setattr(A, "PLAN_TUNING", False)
+    assert not A._plan_tunable(torch.device("cuda"))
+    monkeypatch.setattr(A, "PLAN_TUNING", True)
+    monkeypatch.setattr(_common, "AUTOTUNE", False)      # DIFFIT_KERNELS_AUTOTUNE=0
     assert not A._plan_tunable(torch.device("cuda"))
     monkeypatch.setattr(A, "_PLAN_CHOICE", {})
     key = (torch.device("cuda"),)

@@ -13,6 +13,16 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_IDS = lambda d: str(d)[6:]  # noqa: E731
 
 
+@pytest.fixture(autouse=True)
+def _untimed_plans(request, monkeypatch):
+    """On a card the op tests run each shape's first backward plan untimed, as the interpreter
+    does: each plan has tests of its own, and timing them all at every test shape would compile
+    every plan's kernels there too (the GPU session's test stage has a time limit). The
+    plan-choice test turns timing back on; the model and training tests keep it."""
+    if "gpu" in request.keywords:
+        monkeypatch.setattr(A, "PLAN_TUNING", False)
+
+
 def _case(B, H, N, D, *, grid=None, window=None, table=False, bias=None, packed=False):
     """float32 leaves and a builder. packed: q, k, v are strided views of one [B, N, 3, H, D]
     buffer, as time_qkv returns them."""
@@ -571,6 +581,7 @@ def test_gpu_backward_plan_is_timed_once_and_kept(monkeypatch):
     backward reuses it (bitwise the same gradients); every plan meets the reference."""
     from diffit_kernels import _common
 
+    monkeypatch.setattr(A, "PLAN_TUNING", True)
     monkeypatch.setattr(A, "_PLAN_CHOICE", {})
     monkeypatch.setattr(_common, "_TUNED", [])
     kw = dict(grid=(16, 16), table=True)

@@ -499,7 +499,7 @@ def run(args) -> int:
     from .accel import compile_for_run, mark_graph_steps
     try:
         # every rank samples on its own (no DDP): CUDA graphs need no single process here
-        _, mode, run_mode = compile_for_run(model, args.compile, device, args.backend,
+        compiled, mode, run_mode = compile_for_run(model, args.compile, device, args.backend,
                                             mode=args.compile_mode, graphs_by_default=False)
     except ValueError as e:
         return _fail(str(e))
@@ -553,6 +553,14 @@ def run(args) -> int:
         if not latent_space or vae is not None:
             x = to_uint8_rgb(x)                                          # [b, H, W, 3]
         outs.append(x)
+        if b0 == 0 and rank == 0:
+            # the first batch pays what the samples/s below averages in: compilation
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            what = ("torch.compile of the blocks and kernel autotuning" if compiled
+                    else "kernel compilation and autotuning")
+            print(f"diffit sample: first batch {time.perf_counter() - start:.1f} s "
+                  f"(includes {what})", flush=True)
     if outs:
         local = torch.cat(outs)
     elif latent_space and vae is None:  # more ranks than samples

@@ -415,6 +415,10 @@ def test_compile_mode_option_and_log_line(tmp_path, capsys, monkeypatch):
     cap = capsys.readouterr()
     assert ("diffit sample: runs the plain-PyTorch reference ops inside regional torch.compile "
             "(2 blocks, fullgraph, backend aot_eager; --compile)") in cap.out.splitlines()
+    # issue 16: the first batch's time, which includes the compile, is stated
+    first = [ln for ln in cap.out.splitlines() if ln.startswith("diffit sample: first batch ")]
+    assert len(first) == 1 and first[0].endswith(
+        " s (includes torch.compile of the blocks and kernel autotuning)"), first
     assert "compile_mode reduce-overhead (CUDA graphs) runs on CUDA" in cap.err
 
 

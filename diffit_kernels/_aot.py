@@ -18,6 +18,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory per block (A100, H100)
 ARCH_NAME = {80: "sm_80", 90: "sm_90a"}
+# Scalar 16-bit global loads / stores (LDG / STG .U16) a vectorised kernel may have in its
+# longest loop: a 16-row tile of a head dim's narrow second chunk (d 72 = 64 + 16) spread one
+# element per thread over 8 warps loads 2. Rows whose address hints the compiler misreads
+# load every element alone: Triton 3.6 with the old [8, 1] hint built 20-224 of them per
+# iteration (the H200's ec83eac run), invisible to the interpreter.
+MAX_SCALAR16 = 4
 
 
 @dataclasses.dataclass
@@ -35,6 +41,7 @@ class AotSpec:
     # int args given by an example value (a DiffiT launch's), typed and specialised the way
     # Triton's JIT does for that value (jit_int): the build is the one that runs at that shape
     example: Dict[str, int] = dataclasses.field(default_factory=dict)
+    vector16: bool = False       # 16-bit rows, vectorised: <= MAX_SCALAR16 scalar in the loop
 
 
 @dataclasses.dataclass
@@ -53,6 +60,8 @@ class AotRow:
     error: Optional[str] = None
     spill_ok: bool = False
     loop: int = 0                # SASS instructions in the longest loop body (see loop_size)
+    scalar16: int = 0            # scalar 16-bit global loads / stores in that loop
+    vector16: bool = False
 
     @property
     def problems(self) -> List[str]:
@@ -66,6 +75,9 @@ class AotRow:
             out.append(f"shared memory {self.shared_bytes} B > {limit} B")
         if self.uses_dot and self.hmma + self.hgmma == 0:
             out.append("no tensor-core instruction (HMMA/HGMMA) in the SASS")
+        if self.vector16 and self.scalar16 > MAX_SCALAR16:
+            out.append(f"{self.scalar16} scalar 16-bit global loads / stores in the loop: rows "
+                       "not vectorised")
         return out
 
 
@@ -94,20 +106,34 @@ def _ptxas(arch: int) -> str:
         return get_ptxas().path
 
 
-def loop_size(sass: str) -> int:
-    """Instructions in the longest loop body of a SASS listing (from a backward branch's
-    target to the branch): one iteration's static work per thread, e.g. the instructions an
-    attention kernel issues per key tile. A rough cost to compare variants of one loop."""
+def loop_body(sass: str) -> List[str]:
+    """The instructions of the longest loop body of a SASS listing (from a backward branch's
+    target to the branch): one iteration's static work per thread, e.g. what an attention
+    kernel issues per key tile."""
     code = [(int(m.group(1), 16), m.group(2)) for m in
             (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*)", line) for line in sass.splitlines())
             if m]
     addrs = [a for a, _ in code]  # ascending
-    best = 0
+    best: Tuple[int, int] = (0, 0)
     for i, (end, text) in enumerate(code):
         m = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < end:
-            best = max(best, i - bisect.bisect_left(addrs, int(m.group(1), 16)) + 1)
-    return best
+            start = bisect.bisect_left(addrs, int(m.group(1), 16))
+            if i + 1 - start > best[1] - best[0]:
+                best = (start, i + 1)
+    return [text for _, text in code[best[0]:best[1]]]
+
+
+def loop_size(sass: str) -> int:
+    """Instructions in the longest loop body (loop_body): a rough cost to compare variants of
+    one loop."""
+    return len(loop_body(sass))
+
+
+def scalar16(instructions: Sequence[str]) -> int:
+    """Scalar 16-bit global loads and stores (LDG / STG with a .U16 or .S16 width) among
+    SASS instructions."""
+    return sum(1 for t in instructions if re.search(r"\b(LDG|STG)\.\S*\.[US]16\b", t))
 
 
 def jit_int(value: int) -> Tuple[str, bool]:
@@ -147,7 +173,7 @@ def compile_spec(spec: AotSpec, arch: int) -> AotRow:
     from triton.compiler import ASTSource
 
     row = AotRow(spec.kernel, spec.config, ARCH_NAME[arch], spec.num_warps, spec.num_stages,
-                 0, 0, 0, 0, 0, spec.uses_dot, spill_ok=spec.spill_ok)
+                 0, 0, 0, 0, 0, spec.uses_dot, spill_ok=spec.spill_ok, vector16=spec.vector16)
     sig = _full_signature(spec)
     # pointers are 16-byte aligned, as the JIT specialises torch allocations (and example
     # ints that are multiples of 16)
@@ -184,7 +210,8 @@ def compile_spec(spec: AotSpec, arch: int) -> AotRow:
                               text=True).stdout
         row.hgmma = len(re.findall(r"\bHGMMA\.", sass))
         row.hmma = len(re.findall(r"\bHMMA\.", sass))
-        row.loop = loop_size(sass)
+        body = loop_body(sass)
+        row.loop, row.scalar16 = len(body), scalar16(body)
     return row
 
 
@@ -206,7 +233,7 @@ def run_report(specs: Optional[Sequence[AotSpec]] = None, archs: Sequence[int] =
     specs = all_specs() if specs is None else specs
     rows = []
     head = (f"{'kernel':34} {'config':34} {'arch':7} {'warps':>5} {'stg':>3} {'regs':>4} "
-            f"{'spill':>5} {'smem KiB':>8} {'HMMA':>5} {'HGMMA':>5} {'loop':>5}  status")
+            f"{'spill':>5} {'smem KiB':>8} {'HMMA':>5} {'HGMMA':>5} {'loop':>5} {'s16':>3}  status")
     printer(head)
     printer("-" * len(head))
     for spec in specs:
@@ -218,7 +245,8 @@ def run_report(specs: Optional[Sequence[AotSpec]] = None, archs: Sequence[int] =
             status = "ok" if not r.problems else "FAIL: " + "; ".join(r.problems)
             printer(f"{r.kernel[:34]:34} {r.config[:34]:34} {r.arch:7} {r.num_warps:5d} "
                     f"{r.num_stages:3d} {r.registers:4d} {r.spill_bytes:5d} "
-                    f"{r.shared_bytes / 1024:8.1f} {r.hmma:5d} {r.hgmma:5d} {r.loop:5d}  {status}")
+                    f"{r.shared_bytes / 1024:8.1f} {r.hmma:5d} {r.hgmma:5d} {r.loop:5d} "
+                    f"{r.scalar16:3d}  {status}")
     bad = sum(1 for r in rows if r.problems)
     printer(f"{len(rows)} kernel builds, {bad} with problems")
     return rows

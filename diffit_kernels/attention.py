@@ -1071,9 +1071,9 @@ def _spec(fn, dt: str, constexprs: dict, warps: int, stages: int, label: str,
             sig[name] = "fp32"
         else:
             ints[name] = (example or {})[name]
-    # fp32 is exact (ieee): FMA, not tensor cores
+    # fp32 is exact (ieee): FMA, not tensor cores; 16-bit rows load vectorised (MAX_SCALAR16)
     return AotSpec(fn.__name__, fn, sig, constexprs, warps, stages, label, dot and dt != "fp32",
-                   example=ints)
+                   example=ints, vector16=dot and dt != "fp32")
 
 
 @functools.lru_cache(maxsize=None)

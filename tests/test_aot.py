@@ -44,6 +44,33 @@ def test_loop_size_counts_the_longest_backward_branch_body():
     assert loop_size("") == 0
 
 
+def test_scalar_16bit_accesses_are_counted_in_the_loop_only():
+    from diffit_kernels._aot import AotRow, MAX_SCALAR16, loop_body, scalar16
+
+    code = [(0x00, "LDG.E.U16 R1, desc[UR4][R2.64]"), (0x10, "LDG.E.128 R4, desc[UR4][R2.64]"),
+            (0x20, "@!P1 LDG.E.U16 R9, desc[UR8][R22.64+0x80]"), (0x30, "STG.E.S16 [R2], R1"),
+            (0x40, "LDS.U16 R3, [R5]"), (0x50, "@P0 BRA 0x10"), (0x60, "STG.E.U16 [R2], R1")]
+    sass = "\n".join(f"        /*{a:04x}*/                   {t} ;    /* 0x0 */" for a, t in code)
+    body = loop_body(sass)
+    assert len(body) == 5 and scalar16(body) == 2      # shared-memory and out-of-loop ones not
+    row = AotRow("k", "c", "sm_90a", 4, 2, 0, 0, 0, 0, 1, True, vector16=True)
+    row.scalar16 = MAX_SCALAR16
+    assert not row.problems
+    row.scalar16 = MAX_SCALAR16 + 1
+    assert row.problems == [f"{MAX_SCALAR16 + 1} scalar 16-bit global loads / stores in the "
+                            "loop: rows not vectorised"]
+    row.vector16 = False
+    assert not row.problems
+
+
+def test_attention_16bit_specs_check_vectorised_rows():
+    from diffit_kernels import attention
+
+    specs = attention.aot_specs()
+    assert all(s.vector16 == (s.uses_dot and not s.config.startswith("fp32")) for s in specs)
+    assert sum(s.vector16 for s in specs) > 100
+
+
 def _jit_specialisation(value: int):
     """(type, divisibility key) the installed Triton's JIT gives an int argument."""
     try:

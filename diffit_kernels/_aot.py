@@ -106,6 +106,13 @@ def _ptxas(arch: int) -> str:
         return get_ptxas().path
 
 
+def rows_vectorise(dtype: str, width: int) -> bool:
+    """Whether a row kernel's 16-bit rows of `width` elements are expected to load vectorised
+    (AotSpec.vector16): a multiple of 8 elements, at least 64 (narrower rows leave a thread one
+    element; odd widths cannot align)."""
+    return dtype in ("bf16", "fp16") and width % 8 == 0 and width >= 64
+
+
 def loop_body(sass: str) -> List[str]:
     """The instructions of the longest loop body of a SASS listing (from a backward branch's
     target to the branch): one iteration's static work per thread, e.g. what an attention

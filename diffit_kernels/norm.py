@@ -753,7 +753,7 @@ def aot_specs():
     (B 32, N 256 on 132 SMs), typed as the JIT types them: the full builds at a width that is a
     multiple of 16 (every DiffiT width), so rows vectorise as they do on the card; the plain
     and fp16 builds at the odd edge widths (scalar rows)."""
-    from ._aot import AotSpec
+    from ._aot import AotSpec, rows_vectorise
 
     specs = []
     B, N, SMS = 32, 256, 132
@@ -790,7 +790,8 @@ def aot_specs():
                                          fwd_sig, {**flags, "WIDE": wide, "BLOCK_C": block,
                                                    "AHEAD": a}, w, 3,
                                          label + (f" w{w} ahead {a} candidate" if cand else ""),
-                                         False, spill_ok=cand, example=fwd_ints))
+                                         False, spill_ok=cand, example=fwd_ints,
+                                         vector16=rows_vectorise(dt, W)))
                 bwd_sig = {"DY": f"*{dt}", "DH_OUT": f"*{rt}", "X": f"*{dt}", "RES": f"*{rt}",
                            "GATE": f"*{dt}", "SHIFT": f"*{dt}", "SCALE": f"*{dt}", "MEAN": "*fp32",
                            "RSTD": "*fp32", "DX": f"*{dt}", "DRES": f"*{rt}", "DSHIFT_P": "*fp32",
@@ -805,7 +806,8 @@ def aot_specs():
                                                    "CHUNKED": chunked, "AHEAD": a}, w, 3,
                                          label + (" chunked" if chunked else "") +
                                          (f" w{w} ahead {a} candidate" if cand else ""),
-                                         False, spill_ok=cand, example=bwd_ints))
+                                         False, spill_ok=cand, example=bwd_ints,
+                                         vector16=rows_vectorise(dt, W)))
     return specs
 
 

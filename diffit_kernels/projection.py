@@ -420,7 +420,7 @@ def aot_specs():
     (B 32, N 256), typed as the JIT types them: DiffiT-XL's width C 1152 (16 heads of d 72) for
     the plan it takes, the plan's smallest (odd) width for the others; the dY pack kernel
     (storing and sum-only) at XL's head-split layout."""
-    from ._aot import AotSpec
+    from ._aot import AotSpec, rows_vectorise
 
     specs = []
     B, N = 32, 256
@@ -454,14 +454,16 @@ def aot_specs():
                         f"{dt} C{w} {rows}x{block}{' chunked' if chunked else ''} w{warps}"
                         + mixed + (f" time cols {tc}" if tc else ""), False,
                         example=dict(M=(samples or B) * N, N=N, C=w, LD=ld, G=samples or 1,
-                                     stride_x_b=N * w, stride_x_n=w)))
+                                     stride_x_b=N * w, stride_x_n=w),
+                        vector16=rows_vectorise(dt, w)))
                 specs.append(AotSpec(
                     "_time_qkv_bwd_kernel_ln", _kernels._time_qkv_bwd_kernel_ln,
                     {"DXN": f"*{dt}", "DX": f"*{xdt}", "X": f"*{xdt}", "MEAN": "*fp32",
                      "RSTD": "*fp32"},
                     dict(plan, XVEC=_vec(4 if xdt == "fp32" else el, N * W, W)), warps, 1,
                     label + mixed, False,
-                    example=dict(M=B * N, N=N, C=W, stride_x_b=N * W, stride_x_n=W)))
+                    example=dict(M=B * N, N=N, C=W, stride_x_b=N * W, stride_x_n=W),
+                    vector16=rows_vectorise(dt, W)))
         H, D = 16, 72
         gs = (H * N * D, N * D, D) * 3  # contiguous [B, H, N, D] gradients of q, k, v
         for store in (True, False):
@@ -475,7 +477,7 @@ def aot_specs():
                 f"{'pack+sum' if store else 'sum'}", False,
                 example=dict(N=N, CP=H * D, T=cdiv(N, PACK_BLOCK_R),
                              **dict(zip((f"stride_g{t}_{a}" for t in "qkv" for a in "bhn"),
-                                        gs)))))
+                                        gs))), vector16=rows_vectorise(dt, D)))
     return specs
 
 

@@ -63,12 +63,25 @@ def test_scalar_16bit_accesses_are_counted_in_the_loop_only():
     assert not row.problems
 
 
-def test_attention_16bit_specs_check_vectorised_rows():
-    from diffit_kernels import attention
+def test_16bit_specs_check_vectorised_rows():
+    """Every 16-bit attention build, and the row kernels' 16-bit builds at widths a vector
+    covers (the plan of DiffiT's C = 1152 among them; odd and narrow widths load
+    element-wise)."""
+    from diffit_kernels import attention, norm, projection
+    from diffit_kernels._aot import rows_vectorise
 
     specs = attention.aot_specs()
     assert all(s.vector16 == (s.uses_dot and not s.config.startswith("fp32")) for s in specs)
     assert sum(s.vector16 for s in specs) > 100
+    assert rows_vectorise("bf16", 1152) and rows_vectorise("fp16", 72)
+    assert not any((rows_vectorise("bf16", 1025), rows_vectorise("bf16", 32),
+                    rows_vectorise("fp32", 1152)))
+    for mod, width in ((norm, 1040), (projection, 1152)):  # the example width of that plan
+        rows = [s for s in mod.aot_specs() if f" C{width} " in f" {s.config} "
+                and not s.config.startswith("fp32")]
+        assert rows and all(s.vector16 for s in rows), mod.__name__
+        assert all(rows_vectorise(s.config.split()[0], int(s.config.split()[1][1:]))
+                   for s in mod.aot_specs() if s.vector16 and s.config.split()[1][0] == "C")
 
 
 def _jit_specialisation(value: int):

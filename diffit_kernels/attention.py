@@ -718,11 +718,22 @@ def _time_plan(plan: str, run) -> float:
     return best
 
 
+def _misfits() -> tuple:
+    """The exceptions that mean a plan does not fit the card: CUDA out of memory, or (Triton)
+    a kernel config past the card's shared memory or registers, e.g. the wide tile's 104 KB on
+    a card with 100 KB per block."""
+    errs = [torch.cuda.OutOfMemoryError]
+    if triton is not None:
+        from triton.runtime import errors
+        errs += [getattr(errors, n) for n in ("OutOfResources", "PTXASError") if hasattr(errors, n)]
+    return tuple(errs)
+
+
 def _choose_plan(plans: List[str], key: tuple, run, describe) -> str:
     """BWD_PLAN where it is among plans; else the plan chosen for key before; else, where
-    _plan_tunable, each plan timed (_time_plan; one that runs out of memory counts as not
-    fitting), the fastest kept for key and recorded with every plan's time (autotune.csv's
-    rows, kernel "tmsa_attention backward", kind "plan"); else plans[0]."""
+    _plan_tunable, each plan timed (_time_plan; one that does not fit the card, _misfits,
+    counts as infinitely slow), the fastest kept for key and recorded with every plan's time
+    (autotune.csv's rows, kernel "tmsa_attention backward", kind "plan"); else plans[0]."""
     if BWD_PLAN in plans:
         return BWD_PLAN
     if key in _PLAN_CHOICE:
@@ -734,7 +745,7 @@ def _choose_plan(plans: List[str], key: tuple, run, describe) -> str:
         for plan in plans:
             try:
                 times[plan] = _time_plan(plan, lambda: run(plan))
-            except torch.cuda.OutOfMemoryError:
+            except _misfits():
                 times[plan] = math.inf
     best = min(plans, key=lambda p: times[p])
     _PLAN_CHOICE[key] = best

@@ -865,12 +865,21 @@ def test_backward_plans_by_shape():
     assert _plans(2, 256, 72, [], table=False, bias=True) == ["separate"]
 
 
+def _misfit(kind):
+    from triton.runtime.errors import OutOfResources
+
+    return (torch.cuda.OutOfMemoryError("a stand-in") if kind == "oom"
+            else OutOfResources(106496, 101376, "shared memory"))
+
+
 @pytest.mark.interpreter
-def test_backward_plan_is_chosen_by_its_time(monkeypatch):
+@pytest.mark.parametrize("misfit", ["oom", "out-of-resources"])
+def test_backward_plan_is_chosen_by_its_time(misfit, monkeypatch):
     """Where plans are timed (CUDA), the first backward of a shape times each plan, runs and
-    keeps the fastest (one out of memory counts as not fitting), records every plan's time
-    for autotune.csv, and later backwards of the shape time nothing; BWD_PLAN still forces a
-    plan. Here the timer is a stand-in around the plans' real runs (the interpreter)."""
+    keeps the fastest (one out of memory, or with a kernel past the card's shared memory,
+    counts as not fitting), records every plan's time for autotune.csv, and later backwards
+    of the shape time nothing; BWD_PLAN still forces a plan. Here the timer is a stand-in
+    around the plans' real runs (the interpreter)."""
     from diffit_kernels import _common
 
     monkeypatch.setattr(A, "_PLAN_CHOICE", {})
@@ -882,7 +891,7 @@ def test_backward_plan_is_chosen_by_its_time(monkeypatch):
         timed.append(plan)
         run()
         if plan == "samples":
-            raise torch.cuda.OutOfMemoryError("a stand-in")
+            raise _misfit(misfit)
         return {"shares": 3.0, "separate": 1.0}[plan]
 
     monkeypatch.setattr(A, "_time_plan", fake_time)

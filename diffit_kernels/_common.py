@@ -27,10 +27,10 @@ def interpreting() -> bool:
 
 
 # DIFFIT_KERNELS_AUTOTUNE=0 (read at import): every autotuned launch takes its candidate list's
-# first config and tmsa_attention's backward its first plan, as under the interpreter, so two
-# runs (two processes, two cards of one kind) compute bitwise the same results. The card's own
-# measurements do not promise that: timing noise can pick another tile, which sums in another
-# order. Slower wherever the first candidate is not the fastest.
+# first config (the first the card can load) and tmsa_attention's backward its first plan, as
+# under the interpreter, so two runs (two processes, two cards of one kind) compute bitwise the
+# same results. The card's own measurements do not promise that: timing noise can pick another
+# tile, which sums in another order. Slower wherever the first candidate is not the fastest.
 AUTOTUNE = os.environ.get("DIFFIT_KERNELS_AUTOTUNE", "1").strip() != "0"
 
 

@@ -351,8 +351,7 @@ def _configs(kind: str, D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool
     if interpreting():
         return [_INTERP[kind.split("-")[0]]]
     default, per_shape = _CONFIG_TABLE[(kind, has_bias, elt)]
-    cfgs = per_shape.get((D0, D1 if HAS_D1 else 0), default)
-    return cfgs if autotune_enabled() else cfgs[:1]
+    return per_shape.get((D0, D1 if HAS_D1 else 0), default)
 
 
 def _fused_launch(BLOCK: int, cfg: tuple, elt: int) -> Tuple[int, int]:
@@ -409,22 +408,60 @@ def _arg_index(kernel, name: str) -> int:
     return kernel.arg_names.index(name)
 
 
+def _resource_errors() -> tuple:
+    """Triton's errors for a kernel config past the card's shared memory or registers (raised
+    when the kernel loads, before it runs)."""
+    if triton is None:
+        return ()
+    from triton.runtime import errors
+    return tuple(getattr(errors, n) for n in ("OutOfResources", "PTXASError")
+                 if hasattr(errors, n))
+
+
+_FIRST_FIT: dict = {}  # (kernel, kind, list) -> index of the list's first config the card runs
+
+
+def _first_fit(key: tuple, configs: List[tuple], launch):
+    """DIFFIT_KERNELS_AUTOTUNE=0 with several candidates: launch(config) with the list's first
+    config this card can run (the first of every list fits sm_80 / sm_90a; on a card with less
+    shared memory per block, e.g. 99 KB, a later one), remembered per list."""
+    i = _FIRST_FIT.get(key, 0)
+    while True:
+        try:
+            out = launch(configs[i])
+        except _resource_errors():
+            if i + 1 == len(configs):
+                raise
+            i += 1
+            continue
+        _FIRST_FIT[key] = i
+        return out
+
+
+def _launch_one(kernel, kind: str, cfg: tuple, grid_of, args: tuple, kwargs: dict):
+    bm, bn, w, s = cfg
+    if "EVEN" in kernel.arg_names:
+        even = _even_blocks(args[_arg_index(kernel, "n_win")], bm, bn)
+        kwargs = dict(kwargs, EVEN=even)
+        if even:
+            _log("even", kind)
+    kernel[grid_of(bm, bn)](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
+                            num_stages=s)
+    return bm, bn
+
+
 def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwargs: dict):
     """One config: launch it. Several (CUDA only): a cached autotuner over exactly that list,
-    keyed on the sequence-length bucket, span bucket, head dim and windowing (plus dtypes);
-    EVEN is set per launch from the config's blocks (kernels that take it)."""
+    keyed on the sequence-length bucket, span bucket, head dim and windowing (plus dtypes), or
+    with autotuning off the first that fits the card (_first_fit); EVEN is set per launch from
+    the config's blocks (kernels that take it)."""
     _log(kind, *configs)
     has_even = "EVEN" in kernel.arg_names
     if len(configs) == 1:
-        bm, bn, w, s = configs[0]
-        if has_even:
-            even = _even_blocks(args[_arg_index(kernel, "n_win")], bm, bn)
-            kwargs = dict(kwargs, EVEN=even)
-            if even:
-                _log("even", kind)
-        kernel[grid_of(bm, bn)](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
-                                num_stages=s)
-        return bm, bn
+        return _launch_one(kernel, kind, configs[0], grid_of, args, kwargs)
+    if not autotune_enabled():
+        return _first_fit((kernel.fn.__name__, kind, tuple(configs)), configs,
+                          lambda cfg: _launch_one(kernel, kind, cfg, grid_of, args, kwargs))
     flags = ("HAS_TABLE", "HAS_BIAS", "SLAB_TAB") + (("ACC_DS",) if "ACC_DS" in kwargs else ())
 
     def build():
@@ -450,9 +487,14 @@ def _launch_window(configs: List[tuple], grid: tuple, args: tuple, kwargs: dict)
     included), so the tuner's repeated launches need no reset."""
     kernel = _kernels._tmsa_attention_bwd_kernel_window
     _log("window-wide", *configs)
+
+    def one(cfg):
+        kernel[grid](*args, **kwargs, num_warps=cfg[2], num_stages=cfg[3])
+
     if len(configs) == 1:
-        kernel[grid](*args, **kwargs, num_warps=configs[0][2], num_stages=configs[0][3])
-        return
+        return one(configs[0])
+    if not autotune_enabled():
+        return _first_fit((kernel.fn.__name__, "window-wide", tuple(configs)), configs, one)
     name = kernel.fn.__name__
     launch_tuned((name, "window-wide", tuple(configs)),
                  lambda: triton.autotune([triton.Config({}, num_warps=w, num_stages=st)
@@ -722,11 +764,7 @@ def _misfits() -> tuple:
     """The exceptions that mean a plan does not fit the card: CUDA out of memory, or (Triton)
     a kernel config past the card's shared memory or registers, e.g. the wide tile's 104 KB on
     a card with 100 KB per block."""
-    errs = [torch.cuda.OutOfMemoryError]
-    if triton is not None:
-        from triton.runtime import errors
-        errs += [getattr(errors, n) for n in ("OutOfResources", "PTXASError") if hasattr(errors, n)]
-    return tuple(errs)
+    return (torch.cuda.OutOfMemoryError,) + _resource_errors()
 
 
 def _choose_plan(plans: List[str], key: tuple, run, describe) -> str:

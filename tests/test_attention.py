@@ -824,17 +824,40 @@ def test_one_share_per_sample_while_the_partials_fit(monkeypatch):
         assert [e[1] for e in log if e[0] == "ds-shares"] == [want], (limit, log)
 
 
-def test_autotune_off_takes_each_lists_first_config(monkeypatch):
-    """DIFFIT_KERNELS_AUTOTUNE=0: every kernel's CUDA list shrinks to its first config (and
-    the backward's plan is the first, see the next tests), the same on every run."""
+def test_autotune_off_takes_each_lists_first_config_that_fits(monkeypatch):
+    """DIFFIT_KERNELS_AUTOTUNE=0: a kernel with several candidates launches its list's first
+    config without building an autotuner, or, where the card cannot load it (Triton's
+    OutOfResources at load, before it runs: e.g. d 64's 112 KB forward tile on a card with
+    99 KB per block), the next; the index is remembered, so later calls go straight there."""
+    from triton.runtime.errors import OutOfResources
+
     from diffit_kernels import _common
 
-    assert not _common.interpreting()
-    lists = {kind: A._configs(kind, 64, 16, True, 2, False) for kind in ("fwd", "dkdv-acc", "dq")}
-    assert all(len(c) > 1 for c in lists.values()), lists
+    tried = []
+
+    class Kernel:
+        arg_names = ["n_win", "EVEN"]
+        fn = type("fn", (), {"__name__": "_stand_in_kernel"})
+
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_M, BLOCK_N, num_warps, num_stages, **kw):
+                tried.append((BLOCK_M, BLOCK_N, num_warps, num_stages))
+                if BLOCK_M == 128:
+                    raise OutOfResources(114688, 101376, "shared memory")
+            return launch
+
     monkeypatch.setattr(_common, "AUTOTUNE", False)
-    for kind, cfgs in lists.items():
-        assert A._configs(kind, 64, 16, True, 2, False) == cfgs[:1]
+    monkeypatch.setattr(A, "_FIRST_FIT", {})
+    monkeypatch.setattr(A, "launch_tuned", lambda *a: pytest.fail("an autotuner was built"))
+    cfgs = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+    for _ in range(2):
+        assert A._launch(Kernel(), "fwd", cfgs, lambda bm, bn: (1,), (64,), {}) == (64, 64)
+    assert tried == [cfgs[0], cfgs[1], cfgs[1]]
+    tried.clear()
+    assert A._launch(Kernel(), "fwd", cfgs[1:], lambda bm, bn: (1,), (64,), {}) == (64, 64)
+    assert tried == [cfgs[1]]                         # a list of its own: its own first fit
+    with pytest.raises(OutOfResources):
+        A._launch(Kernel(), "fwd", [cfgs[0], cfgs[0]], lambda bm, bn: (1,), (64,), {})
 
 
 def _plans(B, N, D, geometry, elt=2, table=True, bias=False, sms=132, H=16):

@@ -599,6 +599,44 @@ def test_gpu_backward_plan_is_timed_once_and_kept(monkeypatch):
         _check(torch.bfloat16, 8, 2, 256, 72, device="cuda", **kw)
 
 
+@pytest.mark.gpu
+def test_gpu_backward_plans_are_timed_inside_cuda_graph_regions(monkeypatch):
+    """Training first calls the backward inside a compiled region replayed as CUDA graphs
+    (torch.compile mode reduce-overhead, the trainer's default): the plans are timed in
+    cudagraph trees' warm-up run, never during a capture, and the replays run the kept plan,
+    bitwise the gradients of an eager call."""
+    from diffit_kernels import _common
+
+    monkeypatch.setattr(A, "PLAN_TUNING", True)
+    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
+    monkeypatch.setattr(_common, "_TUNED", [])
+    B, H, N, D = 4, 2, 256, 72
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    table = torch.randn(31 * 31, H, device="cuda", requires_grad=True)
+    do = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
+
+    def f(q, k, v, table):
+        return diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(16, 16),
+                                             backend="triton")
+
+    torch._dynamo.reset()
+    try:
+        g = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+        for _ in range(4):
+            torch.compiler.cudagraph_mark_step_begin()
+            graphed = [t.clone() for t in torch.autograd.grad(g(q, k, v, table),
+                                                               (q, k, v, table), do)]
+    finally:
+        torch._dynamo.reset()
+    rec = [r for r in _common.autotune_timings() if r["kind"] == "plan"]
+    assert len(rec) == 1 and all(0 < t < math.inf for _, t in rec[0]["candidates"]), rec
+    eager = torch.autograd.grad(f(q, k, v, table), (q, k, v, table), do)
+    for a, b in zip(graphed, eager):
+        assert torch.equal(a, b)
+
+
 # ---- GPU readiness: a few shipped configs compiled for sm_80 / sm_90a ----------------------
 @pytest.mark.aot
 def test_main_configs_compile_without_spills():

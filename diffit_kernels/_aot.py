@@ -42,6 +42,9 @@ class AotSpec:
     # Triton's JIT does for that value (jit_int): the build is the one that runs at that shape
     example: Dict[str, int] = dataclasses.field(default_factory=dict)
     vector16: bool = False       # 16-bit rows, vectorised: <= MAX_SCALAR16 scalar in the loop
+    # a 16-bit dot tile wgmma takes on sm_90a (a 64+ dimension, one warpgroup or more): HGMMA
+    # expected there, never HMMA alone (smaller tiles and single warps run HMMA by design)
+    hgmma: bool = False
 
 
 @dataclasses.dataclass
@@ -62,6 +65,7 @@ class AotRow:
     loop: int = 0                # SASS instructions in the longest loop body (see loop_size)
     scalar16: int = 0            # scalar 16-bit global loads / stores in that loop
     vector16: bool = False
+    hgmma_expected: bool = False
 
     @property
     def problems(self) -> List[str]:
@@ -75,6 +79,8 @@ class AotRow:
             out.append(f"shared memory {self.shared_bytes} B > {limit} B")
         if self.uses_dot and self.hmma + self.hgmma == 0:
             out.append("no tensor-core instruction (HMMA/HGMMA) in the SASS")
+        elif self.hgmma_expected and self.arch == "sm_90a" and self.hgmma == 0:
+            out.append("HMMA only on sm_90a: no HGMMA (wgmma) for a 64-wide 16-bit dot tile")
         if self.vector16 and self.scalar16 > MAX_SCALAR16:
             out.append(f"{self.scalar16} scalar 16-bit global loads / stores in the loop: rows "
                        "not vectorised")
@@ -180,7 +186,8 @@ def compile_spec(spec: AotSpec, arch: int) -> AotRow:
     from triton.compiler import ASTSource
 
     row = AotRow(spec.kernel, spec.config, ARCH_NAME[arch], spec.num_warps, spec.num_stages,
-                 0, 0, 0, 0, 0, spec.uses_dot, spill_ok=spec.spill_ok, vector16=spec.vector16)
+                 0, 0, 0, 0, 0, spec.uses_dot, spill_ok=spec.spill_ok, vector16=spec.vector16,
+                 hgmma_expected=spec.hgmma)
     sig = _full_signature(spec)
     # pointers are 16-byte aligned, as the JIT specialises torch allocations (and example
     # ints that are multiples of 16)

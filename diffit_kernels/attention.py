@@ -1214,6 +1214,9 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
     spec = _spec(fn, dt, c, w, s, f"{dt} D={D} {flags}{acc} {bm}x{bn} w{w} s{s}"
                  + (f" n_win {example['n_win']}" if odd else ""), example=example)
     spec.spill_ok = spill_ok
+    # wgmma's tiles: 64 rows per warpgroup; every 16-bit tile with a 64+ side in one or more
+    # warpgroups builds HGMMA on sm_90a today (Triton 3.6, 3.8, 3.9)
+    spec.hgmma = spec.uses_dot and w >= 4 and max(bm, bn) >= 64
     return spec
 
 

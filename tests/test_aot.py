@@ -63,6 +63,24 @@ def test_scalar_16bit_accesses_are_counted_in_the_loop_only():
     assert not row.problems
 
 
+def test_hgmma_is_expected_on_sm90a_for_wgmma_sized_tiles_only():
+    from diffit_kernels import attention
+    from diffit_kernels._aot import AotRow
+
+    row = AotRow("k", "c", "sm_90a", 4, 2, 0, 0, 0, 16, 0, True, hgmma_expected=True)
+    assert row.problems == ["HMMA only on sm_90a: no HGMMA (wgmma) for a 64-wide 16-bit dot "
+                            "tile"]
+    row.hgmma = 4
+    assert not row.problems
+    row = AotRow("k", "c", "sm_80", 4, 2, 0, 0, 0, 16, 0, True, hgmma_expected=True)
+    assert not row.problems                            # sm_80 has no wgmma
+    specs = {s.config: s for s in attention.aot_specs()}
+    assert specs["bf16 D=72 slab 128x32 w8 s3"].hgmma
+    assert not specs["bf16 D=72 table-win 16x16 w1 s2"].hgmma   # one warp: HMMA by design
+    assert not specs["bf16 D=72 table 32x32 w4 s2"].hgmma       # no 64-wide side
+    assert not any(s.hgmma for s in specs.values() if s.config.startswith("fp32"))
+
+
 def test_16bit_specs_check_vectorised_rows():
     """Every 16-bit attention build, and the row kernels' 16-bit builds at widths a vector
     covers (the plan of DiffiT's C = 1152 among them; odd and narrow widths load

@@ -7,12 +7,15 @@
 # Each stage runs under `timeout`, so a hang in one cannot eat the others' time. The worst case
 # at the default limits (each can be set in the environment):
 #     install check                                     ~15 s
-#     gpu tests     TESTS_TIMEOUT 145 s + 5 s to SIGKILL   150 s  (63 tests took 107 s on an H200)
-#     benchmarks    BENCH_TIMEOUT 240 s + 15 s to SIGKILL  255 s  (--budget-s BENCH_BUDGET 190:
+#     gpu tests     TESTS_TIMEOUT 165 s + 5 s to SIGKILL   170 s  (63 tests took 107 s on an H200
+#                   at ec83eac; there are more now, with more autotune candidates and backward
+#                   plans to compile; -v prints each test's verdict as it ends, so a stage cut
+#                   short still says which passed)
+#     benchmarks    BENCH_TIMEOUT 230 s + 15 s to SIGKILL  245 s  (--budget-s BENCH_BUDGET 180:
 #                   cases that would start later are skipped rows; the speed-of-light rows keep
 #                   a 30 s reserve; a case already running finishes, hence the 50 s margin)
-#     profile       PROFILE_TIMEOUT 150 s + 10 s to SIGKILL 160 s  (--budget-s PROFILE_BUDGET
-#                   110; ours+graphs, ours+compile and compile of the XL/2 256 px B32 step, ~20 s
+#     profile       PROFILE_TIMEOUT 140 s + 10 s to SIGKILL 150 s  (--budget-s PROFILE_BUDGET
+#                   100; ours+graphs, ours+compile and compile of the XL/2 256 px B32 step, ~20 s
 #                   each, then ours+graphs and compile of the ffhq64 U-Net step, ~35 s each: its
 #                   blocks compile one graph per level)
 #     tar, summary, goal ratios                           ~5 s
@@ -30,11 +33,11 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-TESTS_TIMEOUT=${TESTS_TIMEOUT:-145}
-BENCH_BUDGET=${BENCH_BUDGET:-190}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-240}
-PROFILE_BUDGET=${PROFILE_BUDGET:-110}
-PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-150}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-165}
+BENCH_BUDGET=${BENCH_BUDGET:-180}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-230}
+PROFILE_BUDGET=${PROFILE_BUDGET:-100}
+PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-140}
 BENCH_OPS=${BENCH_OPS:-all}  # e.g. tmsa_attention,time_qkv: a shorter session for one question
 LOGS=${OUT:-benchmarks/results/_tmp-session}
 mkdir -p "$LOGS"
@@ -67,7 +70,7 @@ EOF
 echo "== gpu tests (stopped at ${TESTS_TIMEOUT} s)"
 par=()
 if "$PY" -c "import xdist" 2>/dev/null; then par=(-n 8); fi  # the kernels' compiles in parallel
-timeout -k 5 "$TESTS_TIMEOUT" "$PY" -m pytest -q -m gpu -rf "${par[@]}" 2>&1 \
+timeout -k 5 "$TESTS_TIMEOUT" "$PY" -m pytest -v -m gpu -rf "${par[@]}" 2>&1 \
     | tee "$LOGS/gpu_tests.log"
 tests_rc=$?
 

@@ -3,8 +3,9 @@
 Providers (every row's gradient includes the bias table, or the dense bias, where it has one):
     tmsa           diffit_kernels.tmsa_attention (Triton): the table expanded into per-head
                    slabs of gw x gw matrices, one per relative grid row (global grids whose width
-                   is a power of two >= 16), or gathered in-kernel (windows), d_table reduced
-                   deterministically
+                   is a power of two >= 16), or gathered in-kernel (windows; global grids where
+                   the card timed the gather faster at the shape's first forward: autotune.csv,
+                   kind table), d_table reduced deterministically
     tmsa-shares    the same with the backward plan forced (attention.BWD_PLAN; tmsa times the
     tmsa-samples   plans a shape can take at its first backward and keeps the fastest, whose
     tmsa-separate  times autotune.csv lists): "shares" sums dS into the table in the dK/dV pass
@@ -13,9 +14,9 @@ Providers (every row's gradient includes the bias table, or the dense bias, wher
                    8x8 windows through the fused backward at one window per 64-wide tile.
                    Backward rows only, at shapes with more than one plan, for each plan the
                    shape has: the rows that check the choice tmsa made
-    tmsa-gather    global shapes: the table gathered per score element in every kernel instead of
+    tmsa-gather    global shapes: the table gathered per score element in every kernel, never
                    read through its slabs (attention.SLAB_MAX_BYTES = 0, what other grids
-                   run): the A/B row of the slabs
+                   run): the A/B row of the slabs, which checks tmsa's choice
     sdpa-membias   SDPA, memory-efficient backend forced, dense bias built from the table that
                    requires grad (its backward writes a dense bias gradient); the bias is made
                    contiguous [1, H, n, n] and expanded over the batch (stride 0), so SDPA need not

@@ -175,9 +175,9 @@ def autotune_section(out: Path) -> List[str]:
     L = ["## Autotune", "", "Every candidate of each autotuned launch as Triton's autotuner "
          "timed it on this card (median ms at that key; x: the ratio to the fastest; the "
          "candidate lists are diffit_kernels/attention.py `_CONFIG_TABLE` and "
-         "diffit_kernels/norm.py `candidates`), and list `plan`: the attention backward's "
-         "plans, each timed whole at the shape's first backward (attention.py "
-         "`_choose_plan`).", "",
+         "diffit_kernels/norm.py `candidates`), and lists `plan` and `table`: the attention "
+         "backward's plans and the global table's read (slabs or gather), each timed whole at "
+         "the shape's first backward or forward (attention.py `_choose_plan`).", "",
          "| kernel | list | key | chosen | candidates: ms (x fastest) |", "|---|---|---|---|---|"]
     for (kernel, kind, key), rows in groups.items():
         chosen = next((_short(r["candidate"]) for r in rows if r.get("chosen") == "yes"), "-")

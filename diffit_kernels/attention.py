@@ -15,9 +15,10 @@ virtual token's row, code and window from an int32 table built once per geometry
 values per token (the windowed loops issue 33-48% fewer instructions, compile report). The
 relative index is code(a) - code(b) + const with code(t) = (t // gw) * (2gw - 1) + t % gw: no
 [N, N] index exists. Global attention on 16-bit inputs and grids 16, 32, 64... tokens wide
-reads the table through per-head slabs of gw x gw matrices, one per relative grid row, that
+can read the table through per-head slabs of gw x gw matrices, one per relative grid row, that
 one launch expands per call (see _table_arg): the same numbers, bitwise the same results, with
-a vector load per tile where the gather costs index arithmetic per score.
+a vector load per tile where the gather costs index arithmetic per score; the card times both
+at a shape's first forward (TABLE_READ).
 
 Head dims: tl.arange needs powers of two, so d is covered by one power-of-two chunk D0 or by
 D0 + D1 (e.g. 72 = 64 + 16 with 8 columns masked: 10% padding where 128 would waste 44%);
@@ -582,11 +583,36 @@ def _slab_ok(table: Optional[torch.Tensor], geom: _Geom, N: int, elsize: int) ->
     return table.shape[1] * _slab_rows(N, gw) * gw * 4 <= SLAB_MAX_BYTES
 
 
+# Where the slabs can serve (_slab_ok), the kernels can still gather from [H, R] instead, as
+# windows do: bitwise the same numbers. Per tile the slabs cost one contiguous fp32 tile load
+# (16 KB for 64 x 64, from L2), the gather index arithmetic and a masked load per score from a
+# small, L1-resident table: which is faster is the card's to say. The first forward of each
+# shape times both (_choose_plan) and the backward reads the table the same way;
+# TABLE_READ forces one ("slabs" / "gather").
+TABLE_READ: Optional[str] = None
+
+
+def _table_key(q: torch.Tensor, geometry: Sequence[int]) -> tuple:
+    return (q.device, "table", q.dtype, *q.shape, tuple(geometry))  # the device first
+
+
+def _reads_slabs(table: Optional[torch.Tensor], q: torch.Tensor, geom: _Geom,
+                 geometry: Sequence[int]) -> bool:
+    """Whether the kernels read the table through its slabs: where they can, as forced, as the
+    card chose for this shape, or (not timed) yes."""
+    if not _slab_ok(table, geom, q.shape[2], q.element_size()):
+        return False
+    if TABLE_READ is not None:
+        return TABLE_READ == "slabs"
+    return _PLAN_CHOICE.get(_table_key(q, geometry), "slabs") == "slabs"
+
+
 def _table_arg(table: Optional[torch.Tensor], like: torch.Tensor, geom: _Geom,
-               N: int) -> Tuple[torch.Tensor, int, int, bool]:
+               N: int, slabs: bool) -> Tuple[torch.Tensor, int, int, bool]:
     """(the kernels' TAB argument, slab, gw_log2, on_slabs): global attention's [H, 2gh - 1, gw,
-    gw] slabs where _slab_ok (slab: elements per head), else the [H, R] table."""
-    if not _slab_ok(table, geom, N, like.element_size()):
+    gw] slabs where asked (slabs; _slab_ok must hold; slab: elements per head), else the [H, R]
+    table."""
+    if not slabs:
         return _prep_table(table, like), 0, 0, False
     H, gw = table.shape[1], geom.gw
     n_rows = _slab_rows(N, gw)
@@ -625,11 +651,27 @@ def _common_kwargs(q, geom: _Geom, table, bias):
 
 
 def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
-    B, H, N, D = q.shape
+    N = q.shape[2]
     geom = _Geom(N, geometry)
+    key = _table_key(q, geometry)
+    if _slab_ok(table, geom, N, q.element_size()) and TABLE_READ is None \
+            and key not in _PLAN_CHOICE:
+        def describe():
+            B, H, _, D = q.shape
+            return (f"B={B} H={H} N={N} D={D} {str(q.dtype).split('.')[-1]} table "
+                    f"grid={geometry[0]}x{geometry[1]}")
+
+        _choose_plan(["slabs", "gather"], key, lambda p: _fwd_run(
+            q, k, v, table, bias, geom, scale, p == "slabs"), describe,
+            "tmsa_attention table read", "table")
+    return _fwd_run(q, k, v, table, bias, geom, scale, _reads_slabs(table, q, geom, geometry))
+
+
+def _fwd_run(q, k, v, table, bias, geom: _Geom, scale, slabs: bool):
+    B, H, N, D = q.shape
     o = _out_layout(B, H, N, D, q.dtype, q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    tab, slab, gw_log2, on_slabs = _table_arg(table, q, geom, N)
+    tab, slab, gw_log2, on_slabs = _table_arg(table, q, geom, N, slabs)
     kw = dict(_common_kwargs(q, geom, table, bias), SLAB_TAB=on_slabs)
     args = (q, k, v, tab, bias if bias is not None else q, o, lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_bias_strides(bias),
@@ -698,6 +740,7 @@ BWD_PLAN: Optional[str] = None
 PLAN_TUNING = True
 PLAN_SLEEP_CYCLES = 2_000_000   # ~1 ms of GPU sleep while the timed calls are launched
 _PLAN_CHOICE: dict = {}         # (device, shape, dtype, flags) -> the plan the card chose
+                                # (and _table_key -> "slabs" or "gather")
 
 
 def _bwd_plans(geom: _Geom, shape: tuple, B: int, H: int, N: int, device: torch.device,
@@ -767,11 +810,13 @@ def _misfits() -> tuple:
     return (torch.cuda.OutOfMemoryError,) + _resource_errors()
 
 
-def _choose_plan(plans: List[str], key: tuple, run, describe) -> str:
+def _choose_plan(plans: List[str], key: tuple, run, describe,
+                 what: str = "tmsa_attention backward", kind: str = "plan") -> str:
     """BWD_PLAN where it is among plans; else the plan chosen for key before; else, where
     _plan_tunable, each plan timed (_time_plan; one that does not fit the card, _misfits,
     counts as infinitely slow), the fastest kept for key and recorded with every plan's time
-    (autotune.csv's rows, kernel "tmsa_attention backward", kind "plan"); else plans[0]."""
+    (autotune.csv's rows: kernel `what`, kind `kind`); else plans[0]. (The forward's table
+    read uses it too, with its own key, what and kind.)"""
     if BWD_PLAN in plans:
         return BWD_PLAN
     if key in _PLAN_CHOICE:
@@ -787,8 +832,7 @@ def _choose_plan(plans: List[str], key: tuple, run, describe) -> str:
                 times[plan] = math.inf
     best = min(plans, key=lambda p: times[p])
     _PLAN_CHOICE[key] = best
-    record_choice("tmsa_attention backward", "plan", describe(), best,
-                  [(p, times[p]) for p in plans])
+    record_choice(what, kind, describe(), best, [(p, times[p]) for p in plans])
     return best
 
 
@@ -871,7 +915,8 @@ def _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra
         elif acc_dense:
             dextra = partial.sum(1)[:, :N, :N]
     else:
-        tab, slab, gw_log2, on_slabs = _table_arg(table, q, geom, N)
+        tab, slab, gw_log2, on_slabs = _table_arg(table, q, geom, N,
+                                                  _reads_slabs(table, q, geom, geometry))
         geo_p = (H, N, D, geom.R, slab, gw_log2, *geom.args(dev), geom.rel_off,
                  float(scale) * LOG2E)
         delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)

@@ -980,6 +980,45 @@ def test_backward_plan_is_chosen_by_its_time(misfit, monkeypatch):
     assert len(_common.autotune_timings()) == 1
 
 
+@pytest.mark.interpreter
+def test_table_read_is_chosen_by_the_forwards_time(monkeypatch):
+    """Global attention whose table the slabs can serve: the first forward of a shape times
+    the slabs against the gather (bitwise the same numbers), keeps the faster for the forward
+    and the backward, and records both times; TABLE_READ forces one. A stand-in timer around
+    the interpreter's real runs, on an H100's 16-bit plan (a 16-wide grid)."""
+    from diffit_kernels import _common
+
+    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
+    monkeypatch.setattr(_common, "_TUNED", [])
+    monkeypatch.setattr(A, "_plan_tunable", lambda device: True)
+    monkeypatch.setattr(A, "BWD_PLAN", "shares")          # one backward plan: nothing else timed
+    timed = []
+
+    def fake_time(plan, run):
+        timed.append(plan)
+        run()
+        return {"slabs": 2.0, "gather": 1.0}[plan]
+
+    monkeypatch.setattr(A, "_time_plan", fake_time)
+    runs = {}
+    for name in ("chosen", "again", "forced"):
+        if name == "forced":
+            monkeypatch.setattr(A, "TABLE_READ", "slabs")
+        runs[name] = _table_run(2, 1, 64, 72, (4, 16), torch.bfloat16, (2, 0), A.SLAB_MAX_BYTES,
+                                monkeypatch)
+    assert timed == ["slabs", "gather"]
+    # the timing's own slab run expands them once; the forward and backward after it gather
+    assert sum(e[0] == "table-slab" for e in runs["chosen"][1]) == 1
+    assert not any(e[0] == "table-slab" for e in runs["again"][1])
+    assert sum(e[0] == "table-slab" for e in runs["forced"][1]) == 2   # forward and backward
+    rec, = _common.autotune_timings()
+    assert (rec["kernel"], rec["kind"], rec["best"]) == ("tmsa_attention table read", "table",
+                                                         "gather")
+    assert rec["candidates"] == [("slabs", 2.0), ("gather", 1.0)]
+    for a, b in zip(runs["chosen"][0], runs["forced"][0]):
+        assert torch.equal(a, b)
+
+
 def test_backward_plans_are_not_timed_off_cuda_or_while_capturing(monkeypatch):
     """No timing under the interpreter, on the CPU, with PLAN_TUNING off or
     DIFFIT_KERNELS_AUTOTUNE=0, or while a CUDA graph is being captured (its first plan runs,

@@ -576,27 +576,30 @@ def test_gpu_wide_spans_fused_backward(dtype, D, monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_backward_plan_is_timed_once_and_kept(monkeypatch):
-    """On the card the first backward of a shape times its plans (DiffiT-XL/2's heads on its
-    16x16 grid: shares, samples, separate), keeps one and records every plan's time; the next
-    backward reuses it (bitwise the same gradients); every plan meets the reference."""
+    """On the card the first backward of a shape times its plans (DiffiT-XL/2's 16 heads on its
+    16x16 grid at B 32: shares, samples, separate on an H100 / H200), keeps one and records
+    every plan's time; the next backward reuses it (bitwise the same gradients); every plan
+    meets the reference."""
     from diffit_kernels import _common
 
     monkeypatch.setattr(A, "PLAN_TUNING", True)
     monkeypatch.setattr(A, "_PLAN_CHOICE", {})
     monkeypatch.setattr(_common, "_TUNED", [])
-    kw = dict(grid=(16, 16), table=True)
-    first = _grads(kw, B=8, H=2, N=256, D=72, dtype=torch.bfloat16, device="cuda")
+    kw, shape = dict(grid=(16, 16), table=True), dict(B=32, H=16, N=256, D=72)
+    plans = A._plans_of(32, 16, 256, 72, torch.bfloat16, [16, 16, 16, 16], "cuda")
+    assert len(plans) > 1 and "separate" in plans, plans
+    first = _grads(kw, dtype=torch.bfloat16, device="cuda", **shape)
     rec, = [r for r in _common.autotune_timings() if r["kind"] == "plan"]
-    assert [p for p, _ in rec["candidates"]] == ["shares", "samples", "separate"], rec
+    assert [p for p, _ in rec["candidates"]] == plans, rec
     assert all(0 < t < math.inf for _, t in rec["candidates"]), rec
-    assert list(A._PLAN_CHOICE.values()) == [rec["best"]]
-    second = _grads(kw, B=8, H=2, N=256, D=72, dtype=torch.bfloat16, device="cuda")
+    assert rec["best"] in A._PLAN_CHOICE.values()
+    second = _grads(kw, dtype=torch.bfloat16, device="cuda", **shape)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     assert len([r for r in _common.autotune_timings() if r["kind"] == "plan"]) == 1
-    for plan in ("shares", "samples", "separate"):
+    for plan in plans:
         monkeypatch.setattr(A, "BWD_PLAN", plan)
-        _check(torch.bfloat16, 8, 2, 256, 72, device="cuda", **kw)
+        _check(torch.bfloat16, 32, 16, 256, 72, device="cuda", **kw)
 
 
 @pytest.mark.gpu

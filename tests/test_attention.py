@@ -1022,6 +1022,45 @@ def test_table_read_is_chosen_by_the_forwards_time(monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.interpreter
+def test_plans_are_chosen_at_run_time_under_torch_compile(monkeypatch):
+    """Inside a torch.compile region (training's regional compile; aot_eager here) the ops run
+    on fake tensors while tracing and on real ones after: the plans are chosen at the first
+    real backward, once, and the compiled gradients are bitwise an eager call's."""
+    from diffit_kernels import _common
+
+    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
+    monkeypatch.setattr(_common, "_TUNED", [])
+    monkeypatch.setattr(A, "_plan_tunable", lambda device: True)
+    timed = []
+
+    def fake_time(plan, run):
+        timed.append(plan)
+        run()
+        return {"shares": 2.0, "samples": 3.0, "separate": 1.0}[plan]
+
+    monkeypatch.setattr(A, "_time_plan", fake_time)
+    B, H, N, D = 2, 2, 64, 16
+    q, k, v = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(3))
+    table = torch.randn(15 * 15, H, requires_grad=True)
+    do = torch.randn(B, H, N, D)
+
+    def f(q, k, v, t):
+        return diffit_kernels.tmsa_attention(q, k, v, table=t, grid=(8, 8), backend="triton")
+
+    torch._dynamo.reset()
+    try:
+        g = torch.compile(f, backend="aot_eager", fullgraph=True)
+        for _ in range(3):
+            compiled = torch.autograd.grad(g(q, k, v, table), (q, k, v, table), do)
+    finally:
+        torch._dynamo.reset()
+    assert timed == ["shares", "separate"] and list(A._PLAN_CHOICE.values()) == ["separate"]
+    eager = torch.autograd.grad(f(q, k, v, table), (q, k, v, table), do)
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
+
+
 def test_backward_plans_are_not_timed_off_cuda_or_while_capturing(monkeypatch):
     """No timing under the interpreter, on the CPU, with PLAN_TUNING off or
     DIFFIT_KERNELS_AUTOTUNE=0, or while a CUDA graph is being captured (its first plan runs,

@@ -9,9 +9,10 @@ Providers (every row's gradient includes the bias table, or the dense bias, wher
     tmsa-shares    the same with the backward plan forced (attention.BWD_PLAN; tmsa times the
     tmsa-samples   plans a shape can take at its first backward and keeps the fastest, whose
     tmsa-separate  times autotune.csv lists): "shares" sums dS into the table in the dK/dV pass
-    tmsa-wide      over a few read-modify-written batch shares, "samples" over one share per
-                   sample (one launch of stores), "separate" in a pass of its own, "wide" runs
-                   8x8 windows through the fused backward at one window per 64-wide tile.
+    tmsa-separate-64  over a few read-modify-written batch shares, "samples" over one share
+    tmsa-wide      per sample (one launch of stores), "separate" in a pass of its own
+                   ("separate-64" on 64x64 tiles), "wide" runs 8x8 windows through the fused
+                   backward at one window per 64-wide tile.
                    Backward rows only, at shapes with more than one plan, for each plan the
                    shape has: the rows that check the choice tmsa made
     tmsa-gather    global shapes: the table gathered per score element in every kernel, never
@@ -83,7 +84,7 @@ TINY_CPU = [("tiny-global", 1, 2, (4, 4), None, 16), ("tiny-win", 1, 2, (4, 4), 
 MODES = ("fwd", "bwd", "fwd+bwd")
 # run order: speed of light first; flex (two compiles per shape) last, after every shape
 PROVIDERS = ("sdpa-flash", "memory limit", "tmsa", "tmsa-shares", "tmsa-samples", "tmsa-separate",
-             "tmsa-wide", "tmsa-gather",
+             "tmsa-separate-64", "tmsa-wide", "tmsa-gather",
              "sdpa-membias",
              "eager",
              "flex")
@@ -91,7 +92,7 @@ SPEED_OF_LIGHT = ("sdpa-flash", "memory limit")
 # the backward plan each plan row forces (attention.BWD_PLAN): backward rows only (the forward
 # is tmsa's), at shapes with several plans, for the plans the shape has
 PLAN_ROWS = {"tmsa-shares": "shares", "tmsa-samples": "samples", "tmsa-separate": "separate",
-             "tmsa-wide": "wide"}
+             "tmsa-separate-64": "separate-64", "tmsa-wide": "wide"}
 SLOW = ("flex",)           # run at every shape after the others have run at every shape
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -902,26 +902,31 @@ def test_autotune_off_takes_each_lists_first_config_that_fits(monkeypatch):
 
 
 def _plans(B, N, D, geometry, elt=2, table=True, bias=False, sms=132, H=16):
-    """The backward plans of a shape on an emulated card of `sms` SMs (16-bit lists at elt 2)."""
-    with A._emulate_card(sms, elt=elt):
+    """The backward plans of a shape on a card of `sms` SMs, from the CUDA config lists (this
+    is the plain process: no interpreter) for inputs of element size elt."""
+    assert not A.interpreting()
+    with A._emulate_card(sms):
         return A._bwd_plans(A._Geom(N, geometry), (*A._head_split(D), elt, bias), B, H, N,
                             torch.device("cpu"), table)
 
 
 def test_backward_plans_by_shape():
     """What each shape can take, the untimed default first: DiffiT-XL/2's global attention
-    all three dK/dV plans, 8x8 windows the wide fused tile too (16-bit only), 4x4 windows and
-    dense biases one plan each; "samples" only where the shares hold several samples and the
-    partials fit."""
+    every dK/dV plan and, at d 72, the table pass on 64x64 tiles; 8x8 windows the wide fused
+    tile too (16-bit only); 4x4 windows and dense biases one plan each; "samples" only where
+    the shares hold several samples and the partials fit."""
     xl = [16, 16, 16, 16]
-    assert _plans(32, 256, 72, xl) == ["shares", "samples", "separate"]
+    assert _plans(32, 256, 72, xl) == ["shares", "samples", "separate", "separate-64"]
     assert _plans(32, 256, 72, xl, table=False) == ["separate"]   # no table gradient asked
-    assert _plans(1, 256, 72, xl) == ["shares", "separate"]        # one sample: one share
+    assert _plans(1, 256, 72, xl) == ["shares", "separate", "separate-64"]  # one share
     # 512 px: 16 heads x B 8 x 1024^2 fp32 partials are 512 MiB, the cap; B 9 is past it
-    assert _plans(8, 1024, 72, [32, 32, 32, 32]) == ["shares", "samples", "separate"]
-    assert _plans(9, 1024, 72, [32, 32, 32, 32]) == ["shares", "separate"]
+    assert _plans(8, 1024, 72, [32, 32, 32, 32]) == ["shares", "samples", "separate",
+                                                     "separate-64"]
+    assert _plans(9, 1024, 72, [32, 32, 32, 32]) == ["shares", "separate", "separate-64"]
     win8 = [64, 64, 8, 8]
     assert _plans(16, 4096, 64, win8) == ["shares", "samples", "separate", "wide"]
+    assert _plans(16, 4096, 72, win8) == ["shares", "samples", "separate", "separate-64",
+                                          "wide"]
     assert _plans(16, 4096, 64, win8, table=False) == ["separate", "wide"]
     assert "wide" not in _plans(16, 4096, 64, win8, elt=4)
     assert "wide" not in _plans(2, 64, 64, [8, 8, 8, 8])              # global 8x8: spills

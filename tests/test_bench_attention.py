@@ -104,7 +104,8 @@ def test_plan_rows_only_where_the_shape_has_the_plan(tmp_path):
         got = bench_attention._shape_names(names, B, H, grid, window, d, torch.bfloat16, "cpu")
         return [n for n in got if n in plan_rows]
 
-    assert rows_at("latent256-B64") == ["tmsa-shares", "tmsa-samples", "tmsa-separate"]
+    assert rows_at("latent256-B64") == ["tmsa-shares", "tmsa-samples", "tmsa-separate",
+                                        "tmsa-separate-64"]
     assert rows_at("img64-win8-B16") == plan_rows
     assert rows_at("img32-win4-B64") == []                 # the fused backward: one plan
     # the tiny shapes in fp32, whose CUDA lists have no fused tile: two plans each (B 1: no

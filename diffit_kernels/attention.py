@@ -61,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -818,13 +819,22 @@ def _misfits() -> tuple:
     return (torch.cuda.OutOfMemoryError,) + _resource_errors()
 
 
+def _compile_errors() -> tuple:
+    """Triton's compile-time errors (a kernel this Triton release cannot build)."""
+    if triton is None:
+        return ()
+    from triton.compiler.errors import CompilationError
+    return (CompilationError,)
+
+
 def _choose_plan(plans: List[str], key: tuple, run, describe,
                  what: str = "tmsa_attention backward", kind: str = "plan") -> str:
     """BWD_PLAN where it is among plans; else the plan chosen for key before; else, where
     _plan_tunable, each plan timed (_time_plan; one that does not fit the card, _misfits,
     counts as infinitely slow), the fastest kept for key and recorded with every plan's time
-    (autotune.csv's rows: kernel `what`, kind `kind`); else plans[0]. (The forward's table
-    read uses it too, with its own key, what and kind.)"""
+    (autotune.csv's rows: kernel `what`, kind `kind`); else plans[0]. A plan other than the
+    first that fails to compile is left out with a warning (the first's error is raised, as
+    untimed). (The forward's table read uses it too, with its own key, what and kind.)"""
     if BWD_PLAN in plans:
         return BWD_PLAN
     if key in _PLAN_CHOICE:
@@ -837,6 +847,14 @@ def _choose_plan(plans: List[str], key: tuple, run, describe,
             try:
                 times[plan] = _time_plan(plan, lambda: run(plan))
             except _misfits():
+                times[plan] = math.inf
+            except _compile_errors() as e:
+                if plan == plans[0]:  # what runs untimed: its error is the op's
+                    raise
+                # a plan the card was only offered: the op goes on without it, and says why
+                warnings.warn(f"{what}: plan {plan!r} did not compile with this Triton and is "
+                              f"left out: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                              RuntimeWarning, stacklevel=2)
                 times[plan] = math.inf
     best = min(plans, key=lambda p: times[p])
     _PLAN_CHOICE[key] = best

@@ -1066,6 +1066,39 @@ def test_plans_are_chosen_at_run_time_under_torch_compile(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_a_plan_that_does_not_compile_is_left_out_with_a_warning(monkeypatch):
+    """A Triton release that cannot build an offered plan's kernel: the plan is left out with a
+    RuntimeWarning naming it; the first plan (what runs untimed) raises as it always would."""
+    from triton.compiler.errors import CompilationError
+
+    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
+    monkeypatch.setattr(A, "_plan_tunable", lambda device: True)
+    class Broken(CompilationError):
+        def __init__(self):
+            Exception.__init__(self, "a stand-in")
+
+        def __str__(self):
+            return "a stand-in"
+
+    broken = set()
+
+    def fake_time(plan, run):
+        if plan in broken:
+            raise Broken()
+        return {"shares": 2.0, "separate": 1.0, "wide": 0.5}[plan]
+
+    monkeypatch.setattr(A, "_time_plan", fake_time)
+    monkeypatch.setattr(A, "record_choice", lambda *a: None)
+    key = (torch.device("cpu"), "k1")   # (a CUDA device key picks the device to time on)
+    broken.add("wide")
+    with pytest.warns(RuntimeWarning, match="plan 'wide' did not compile"):
+        assert A._choose_plan(["shares", "separate", "wide"], key, None, lambda: "") == \
+            "separate"
+    broken.add("shares")
+    with pytest.raises(CompilationError):
+        A._choose_plan(["shares", "separate"], (torch.device("cpu"), "k2"), None, lambda: "")
+
+
 def test_backward_plans_are_not_timed_off_cuda_or_while_capturing(monkeypatch):
     """No timing under the interpreter, on the CPU, with PLAN_TUNING off or
     DIFFIT_KERNELS_AUTOTUNE=0, or while a CUDA graph is being captured (its first plan runs,

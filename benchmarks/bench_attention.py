@@ -351,7 +351,7 @@ def _run_shape(label, B, H, grid, window, d, dtype, device, names, env, tiny_cpu
                     after_error()
             row.update({f"env_{k}": v for k, v in env.items()})
             rows.append(row)
-            print(f"{label:16} {name:13} {mode:8} {row['ms']:>9} ms {row['tflops']:>8} "
+            print(f"{label:16} {name:16} {mode:8} {row['ms']:>9} ms {row['tflops']:>8} "
                   f"TFLOP/s {row['peak_mb']:>9} MB {row['error']}", flush=True)
     q = k = v = table = provs = None
     if device.type == "cuda":

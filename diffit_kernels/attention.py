@@ -274,10 +274,11 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
     # d 72's second entry is the backward plan "separate-64" (the table-gradient pass on 64x64
     # tiles): HGMMA and 0.86 warp-instructions per score on sm_90a against 1.97 for 32x32 w4
     # (HMMA), spill-free there (Triton 3.9); 12 bytes spill for sm_80. The pass's tile fixes its
-    # partials' layout, so it is chosen as a plan, not autotuned
+    # partials' layout, so it is chosen as a plan, not autotuned. The first is single-stage: two
+    # stages spilled 20 bytes for sm_90a under Triton 3.4 (windowed)
     ("dbias", False, 2): (
         [(64, 64, 4, 2)],
-        {(64, 0): [(64, 64, 4, 1)], (64, 16): [(32, 32, 4, 2), (64, 64, 4, 1)],
+        {(64, 0): [(64, 64, 4, 1)], (64, 16): [(32, 32, 4, 1), (64, 64, 4, 1)],
          (64, 32): [(32, 32, 4, 2)], (128, 0): [(16, 16, 2, 1)]}),
     # the "wide" plan's tile: the whole 8x8 window, 4 warps (one warpgroup: HGMMA on sm_90a);
     # the second stage prefetches the program's next window (sm_90a, Triton 3.9: 210 / 236
@@ -303,7 +304,8 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
     ("fwd", False, 4): (
         [(32, 32, 8, 1)],
         {(64, 16): [(32, 16, 4, 1)]}),
-    ("fwd-win", False, 4): ([(32, 32, 8, 1)], {(64, 16): [(32, 32, 4, 1)]}),
+    # d 72: 32x16 (32x32 spilled 56 bytes for sm_90a under Triton 3.4, in masked windows)
+    ("fwd-win", False, 4): ([(32, 32, 8, 1)], {(64, 16): [(32, 16, 4, 1)]}),
     ("dkdv", False, 4): (
         [(16, 16, 4, 1)],
         {(32, 0): [(16, 16, 4, 1)], (32, 16): [(32, 32, 8, 1)]}),
@@ -334,9 +336,11 @@ _CONFIG_TABLE = {  # (kind, dense bias, element size): (default list, {(D0, D1):
     ("dkdv", True, 4): (
         [(16, 16, 2, 1)],
         {(64, 16): [(16, 32, 4, 1)]}),
+    # d 72: 16x32 w4, d 128: 16x16 w8 (32x32 w8 and 32x16 w8 spilled 32 / 12 bytes under
+    # Triton 3.4; 32x16 w8 at d 72 12-24 under 3.6-3.9)
     ("dq", True, 4): (
         [(32, 32, 8, 1)],
-        {(16, 0): [(32, 32, 8, 1)], (128, 0): [(32, 16, 8, 1)]}),
+        {(16, 0): [(32, 32, 8, 1)], (64, 16): [(16, 32, 4, 1)], (128, 0): [(16, 16, 8, 1)]}),
     ("dbias", True, 4): ([(16, 16, 2, 1)], {}),
     ("window", True, 4): ([], {}),
 }
@@ -1311,7 +1315,7 @@ def aot_specs():
         flags = "bias" if has_bias else ("table-win" if kind in (
             "window", "window-wide", "fwd-win", "dkdv-win", "dq-win", "dkdv-win-acc")
             else "table")
-        wide = kind == "window-wide"  # a measured plan ("wide"): its tile may spill at d 72
+        wide = kind == "window-wide"  # a measured plan ("wide"): its tile may spill
         for shape, D in _SHAPE_D.items():
             cfgs = per_shape.get(shape, default)
             if D == 72 or shape in per_shape:
@@ -1321,8 +1325,7 @@ def aot_specs():
             else:
                 continue
             for i, cfg in enumerate(pick):
-                specs.append(_kernel_spec(kind, dt, D, flags, cfg,
-                                          spill_ok=i > 0 or (wide and D == 72)))
+                specs.append(_kernel_spec(kind, dt, D, flags, cfg, spill_ok=i > 0 or wide))
                 if flags == "table" and D == 72 and elt == 2 and kind in ("fwd", "dkdv", "dkdv-acc",
                                                                           "dq"):
                     # global attention's table through its slabs (_table_arg)

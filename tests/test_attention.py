@@ -934,6 +934,28 @@ def test_backward_plans_by_shape():
     assert _plans(2, 256, 72, [], table=False, bias=True) == ["separate"]
 
 
+def _stand_in_timer(monkeypatch, times: dict, misfit=None) -> list:
+    """Plans timed as on a card, by a stand-in: each plan really runs (the interpreter) and
+    takes times[plan] ms, or raises _misfit(misfit) for a plan not in times; fresh choices and
+    record. Returns the list of the plans timed, in order."""
+    from diffit_kernels import _common
+
+    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
+    monkeypatch.setattr(_common, "_TUNED", [])
+    monkeypatch.setattr(A, "_plan_tunable", lambda device: True)
+    timed = []
+
+    def fake_time(plan, run):
+        timed.append(plan)
+        run()
+        if plan not in times:
+            raise _misfit(misfit)
+        return times[plan]
+
+    monkeypatch.setattr(A, "_time_plan", fake_time)
+    return timed
+
+
 def _misfit(kind):
     from triton.runtime.errors import OutOfResources
 
@@ -951,19 +973,7 @@ def test_backward_plan_is_chosen_by_its_time(misfit, monkeypatch):
     around the plans' real runs (the interpreter)."""
     from diffit_kernels import _common
 
-    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
-    monkeypatch.setattr(_common, "_TUNED", [])
-    monkeypatch.setattr(A, "_plan_tunable", lambda device: True)
-    timed = []
-
-    def fake_time(plan, run):
-        timed.append(plan)
-        run()
-        if plan == "samples":
-            raise _misfit(misfit)
-        return {"shares": 3.0, "separate": 1.0}[plan]
-
-    monkeypatch.setattr(A, "_time_plan", fake_time)
+    timed = _stand_in_timer(monkeypatch, {"shares": 3.0, "separate": 1.0}, misfit)
     shape = (torch.float32, 3, 2, 64, 16)
     log = []
     with A._emulate_card(2, log=log):
@@ -996,18 +1006,8 @@ def test_table_read_is_chosen_by_the_forwards_time(monkeypatch):
     the interpreter's real runs, on an H100's 16-bit plan (a 16-wide grid)."""
     from diffit_kernels import _common
 
-    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
-    monkeypatch.setattr(_common, "_TUNED", [])
-    monkeypatch.setattr(A, "_plan_tunable", lambda device: True)
+    timed = _stand_in_timer(monkeypatch, {"slabs": 2.0, "gather": 1.0})
     monkeypatch.setattr(A, "BWD_PLAN", "shares")          # one backward plan: nothing else timed
-    timed = []
-
-    def fake_time(plan, run):
-        timed.append(plan)
-        run()
-        return {"slabs": 2.0, "gather": 1.0}[plan]
-
-    monkeypatch.setattr(A, "_time_plan", fake_time)
     runs = {}
     for name in ("chosen", "again", "forced"):
         if name == "forced":
@@ -1032,19 +1032,7 @@ def test_plans_are_chosen_at_run_time_under_torch_compile(monkeypatch):
     """Inside a torch.compile region (training's regional compile; aot_eager here) the ops run
     on fake tensors while tracing and on real ones after: the plans are chosen at the first
     real backward, once, and the compiled gradients are bitwise an eager call's."""
-    from diffit_kernels import _common
-
-    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
-    monkeypatch.setattr(_common, "_TUNED", [])
-    monkeypatch.setattr(A, "_plan_tunable", lambda device: True)
-    timed = []
-
-    def fake_time(plan, run):
-        timed.append(plan)
-        run()
-        return {"shares": 2.0, "samples": 3.0, "separate": 1.0}[plan]
-
-    monkeypatch.setattr(A, "_time_plan", fake_time)
+    timed = _stand_in_timer(monkeypatch, {"shares": 2.0, "samples": 3.0, "separate": 1.0})
     B, H, N, D = 2, 2, 64, 16
     q, k, v = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(3))
     table = torch.randn(15 * 15, H, requires_grad=True)

@@ -77,7 +77,7 @@ def test_hgmma_is_expected_on_sm90a_for_wgmma_sized_tiles_only():
     specs = {s.config: s for s in attention.aot_specs()}
     assert specs["bf16 D=72 slab 128x32 w8 s3"].hgmma
     assert not specs["bf16 D=72 table-win 16x16 w1 s2"].hgmma   # one warp: HMMA by design
-    assert not specs["bf16 D=72 table 32x32 w4 s2"].hgmma       # no 64-wide side
+    assert not specs["bf16 D=72 table 32x32 w4 s1"].hgmma       # no 64-wide side
     assert not any(s.hgmma for s in specs.values() if s.config.startswith("fp32"))
 
 

@@ -44,7 +44,7 @@ class AotSpec:
     vector16: bool = False       # 16-bit rows, vectorised: <= MAX_SCALAR16 scalar in the loop
     # a 16-bit dot tile wgmma takes on sm_90a (a 64+ dimension, one warpgroup or more): HGMMA
     # expected there, never HMMA alone (smaller tiles and single warps run HMMA by design)
-    hgmma: bool = False
+    hgmma_expected: bool = False
 
 
 @dataclasses.dataclass
@@ -62,7 +62,7 @@ class AotRow:
     uses_dot: bool
     error: Optional[str] = None
     spill_ok: bool = False
-    loop: int = 0                # SASS instructions in the longest loop body (see loop_size)
+    loop: int = 0                # SASS instructions in the longest loop body (loop_body)
     scalar16: int = 0            # scalar 16-bit global loads / stores in that loop
     vector16: bool = False
     hgmma_expected: bool = False
@@ -122,7 +122,7 @@ def rows_vectorise(dtype: str, width: int) -> bool:
 def loop_body(sass: str) -> List[str]:
     """The instructions of the longest loop body of a SASS listing (from a backward branch's
     target to the branch): one iteration's static work per thread, e.g. what an attention
-    kernel issues per key tile."""
+    kernel issues per key tile; its length is a rough cost to compare variants of one loop."""
     code = [(int(m.group(1), 16), m.group(2)) for m in
             (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*)", line) for line in sass.splitlines())
             if m]
@@ -135,12 +135,6 @@ def loop_body(sass: str) -> List[str]:
             if i + 1 - start > best[1] - best[0]:
                 best = (start, i + 1)
     return [text for _, text in code[best[0]:best[1]]]
-
-
-def loop_size(sass: str) -> int:
-    """Instructions in the longest loop body (loop_body): a rough cost to compare variants of
-    one loop."""
-    return len(loop_body(sass))
 
 
 def scalar16(instructions: Sequence[str]) -> int:
@@ -187,7 +181,7 @@ def compile_spec(spec: AotSpec, arch: int) -> AotRow:
 
     row = AotRow(spec.kernel, spec.config, ARCH_NAME[arch], spec.num_warps, spec.num_stages,
                  0, 0, 0, 0, 0, spec.uses_dot, spill_ok=spec.spill_ok, vector16=spec.vector16,
-                 hgmma_expected=spec.hgmma)
+                 hgmma_expected=spec.hgmma_expected)
     sig = _full_signature(spec)
     # pointers are 16-byte aligned, as the JIT specialises torch allocations (and example
     # ints that are multiples of 16)

@@ -605,15 +605,27 @@ def _table_key(q: torch.Tensor, geometry: Sequence[int]) -> tuple:
     return (q.device, "table", q.dtype, *q.shape, tuple(geometry))  # the device first
 
 
+def _shape_text(q: torch.Tensor) -> str:
+    """'B=32 H=16 N=256 D=72 bfloat16': the start of a timed choice's key in autotune.csv."""
+    B, H, N, D = q.shape
+    return f"B={B} H={H} N={N} D={D} {str(q.dtype).split('.')[-1]}"
+
+
 def _reads_slabs(table: Optional[torch.Tensor], q: torch.Tensor, geom: _Geom,
-                 geometry: Sequence[int]) -> bool:
+                 geometry: Sequence[int], run=None) -> bool:
     """Whether the kernels read the table through its slabs: where they can, as forced, as the
-    card chose for this shape, or (not timed) yes."""
+    card chose for this shape, or (not timed) yes. run(slabs) (the forward) times both reads
+    where the shape has no choice yet (_choose_plan)."""
     if not _slab_ok(table, geom, q.shape[2], q.element_size()):
         return False
     if TABLE_READ is not None:
         return TABLE_READ == "slabs"
-    return _PLAN_CHOICE.get(_table_key(q, geometry), "slabs") == "slabs"
+    key = _table_key(q, geometry)
+    if run is None:
+        return _PLAN_CHOICE.get(key, "slabs") == "slabs"
+    return _choose_plan(["slabs", "gather"], key, lambda p: run(p == "slabs"),
+                        lambda: f"{_shape_text(q)} table grid={geometry[0]}x{geometry[1]}",
+                        "tmsa_attention table read", "table") == "slabs"
 
 
 def _table_arg(table: Optional[torch.Tensor], like: torch.Tensor, geom: _Geom,
@@ -660,20 +672,10 @@ def _common_kwargs(q, geom: _Geom, table, bias):
 
 
 def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
-    N = q.shape[2]
-    geom = _Geom(N, geometry)
-    key = _table_key(q, geometry)
-    if _slab_ok(table, geom, N, q.element_size()) and TABLE_READ is None \
-            and key not in _PLAN_CHOICE:
-        def describe():
-            B, H, _, D = q.shape
-            return (f"B={B} H={H} N={N} D={D} {str(q.dtype).split('.')[-1]} table "
-                    f"grid={geometry[0]}x{geometry[1]}")
-
-        _choose_plan(["slabs", "gather"], key, lambda p: _fwd_run(
-            q, k, v, table, bias, geom, scale, p == "slabs"), describe,
-            "tmsa_attention table read", "table")
-    return _fwd_run(q, k, v, table, bias, geom, scale, _reads_slabs(table, q, geom, geometry))
+    geom = _Geom(q.shape[2], geometry)
+    slabs = _reads_slabs(table, q, geom, geometry,
+                         lambda s: _fwd_run(q, k, v, table, bias, geom, scale, s))
+    return _fwd_run(q, k, v, table, bias, geom, scale, slabs)
 
 
 def _fwd_run(q, k, v, table, bias, geom: _Geom, scale, slabs: bool):
@@ -881,8 +883,8 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
         def describe():
             what = "table" if table is not None else "bias" if bias is not None else "plain"
             win = "x".join(map(str, geometry[2:])) if geom.windowed else "global"
-            return (f"B={B} H={H} N={N} D={D} {str(q.dtype).split('.')[-1]} {what} "
-                    f"window={win}" + ("" if need_extra else " no-extra-grad"))
+            return (f"{_shape_text(q)} {what} window={win}"
+                    + ("" if need_extra else " no-extra-grad"))
 
         plan = _choose_plan(plans, key, lambda p: _bwd_run(
             p, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra), describe)
@@ -964,8 +966,8 @@ def _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra
             _log("ds-shares", (groups, per_b))
             partial = torch.empty(H * groups * tiles * span_pad, dtype=torch.float32, device=dev)
         else:
-            groups, per_b, partial = B, 1, q
-            span_pad = _ds_layout(N, geom.n_win, ((16, 16),))[0]  # unused: an int all the same
+            # span_pad is read under ACC_DS only; 0 types as the JIT types any multiple of 16
+            groups, per_b, partial, span_pad = B, 1, q, 0
         for step in range(per_b):  # ACC_DS: share g's sample step (the first stores)
             live = cdiv(B - step, per_b)   # the shares that have a sample `step`
             bm, bn = _launch(_kernels._tmsa_attention_bwd_kernel_dkdv,
@@ -1291,7 +1293,7 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
     spec.spill_ok = spill_ok
     # wgmma's tiles: 64 rows per warpgroup; every 16-bit tile with a 64+ side in one or more
     # warpgroups builds HGMMA on sm_90a today (Triton 3.6, 3.8, 3.9)
-    spec.hgmma = spec.uses_dot and w >= 4 and max(bm, bn) >= 64
+    spec.hgmma_expected = spec.uses_dot and w >= 4 and max(bm, bn) >= 64
     return spec
 
 

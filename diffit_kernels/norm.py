@@ -513,9 +513,9 @@ def bwd_candidates(C: int, elsize: int = 2) -> List[Tuple[int, int]]:
 def _launch(kernel, grid: tuple, cfgs: List[Tuple[int, int]], key: List[str], args: tuple,
             kwargs: dict):
     """One candidate (or the interpreter, or DIFFIT_KERNELS_AUTOTUNE=0: the first): launch it.
-    Several (CUDA): a cached triton.autotune
-    over exactly those (num_warps, AHEAD), keyed on `key`; every output is stored once per
-    launch, so the autotuner's repeated launches need no reset."""
+    Several (CUDA): a cached triton.autotune over exactly those (num_warps, AHEAD), keyed on
+    `key`; every output is stored once per launch, so the autotuner's repeated launches need
+    no reset."""
     if len(cfgs) == 1 or interpreting() or _CARD["pick"] is not None or not autotune_enabled():
         warps, ahead = cfgs[(_CARD["pick"] or 0) % len(cfgs)]
         kernel[grid](*args, **kwargs, AHEAD=ahead, num_warps=warps)

@@ -32,8 +32,11 @@ def test_every_op_module_ships_configs():
         assert mod.aot_specs(), f"{mod.__name__} lists no kernel configs for the compile report"
 
 
-def test_loop_size_counts_the_longest_backward_branch_body():
-    from diffit_kernels._aot import loop_size
+def test_loop_body_is_the_longest_backward_branch_body():
+    from diffit_kernels._aot import loop_body
+
+    def loop_size(sass):
+        return len(loop_body(sass))
 
     code = [(0x00, "MOV R1, R2"), (0x10, "IADD3 R1, R1, 0x1, RZ"), (0x20, "FADD R2, R2, R3"),
             (0x30, "@P0 BRA 0x10"), (0x40, "ISETP.GE.AND P1, PT, R1, R4, PT"),
@@ -75,10 +78,10 @@ def test_hgmma_is_expected_on_sm90a_for_wgmma_sized_tiles_only():
     row = AotRow("k", "c", "sm_80", 4, 2, 0, 0, 0, 16, 0, True, hgmma_expected=True)
     assert not row.problems                            # sm_80 has no wgmma
     specs = {s.config: s for s in attention.aot_specs()}
-    assert specs["bf16 D=72 slab 128x32 w8 s3"].hgmma
-    assert not specs["bf16 D=72 table-win 16x16 w1 s2"].hgmma   # one warp: HMMA by design
-    assert not specs["bf16 D=72 table 32x32 w4 s1"].hgmma       # no 64-wide side
-    assert not any(s.hgmma for s in specs.values() if s.config.startswith("fp32"))
+    assert specs["bf16 D=72 slab 128x32 w8 s3"].hgmma_expected
+    assert not specs["bf16 D=72 table-win 16x16 w1 s2"].hgmma_expected   # one warp: HMMA
+    assert not specs["bf16 D=72 table 32x32 w4 s1"].hgmma_expected       # no 64-wide side
+    assert not any(s.hgmma_expected for s in specs.values() if s.config.startswith("fp32"))
 
 
 def test_16bit_specs_check_vectorised_rows():

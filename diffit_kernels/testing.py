@@ -9,7 +9,8 @@ reference in float32 on the same (rounded) inputs, `pt` the reference in the low
 where the second term is the rounding of the low-precision dtype near the data. For float32 the
 bound is tight and fixed (no TF32). Outputs are NaN-filled before every kernel call
 (`nan_fill`), and under the interpreter every masked load / store is checked against the
-memory of the tensors passed to the kernel (`interpreter_bounds_guard`).
+memory of the tensors passed to the kernel, and each launch's programs against one another's
+writes, which race on a GPU (`interpreter_memory_guard`).
 """
 from __future__ import annotations
 
@@ -185,31 +186,90 @@ def interpreter_problem() -> Optional[str]:
     return None
 
 
-# ---- interpreter out-of-bounds guard --------------------------------------------------------
+# ---- interpreter memory guard -----------------------------------------------------------------
 class OutOfBoundsAccess(AssertionError):
     pass
 
 
-@contextlib.contextmanager
-def interpreter_bounds_guard():
-    """Check every masked load / store of the Triton interpreter against the kernel's tensors.
+class RaceBetweenPrograms(AssertionError):
+    pass
 
-    The interpreter returns garbage for an out-of-bounds load instead of faulting; this guard
-    records the byte ranges of the storages passed to each launch and raises
-    OutOfBoundsAccess when an enabled lane touches memory outside all of them.
+
+def _expand(records: list, grain: int):
+    """(addresses, program ids) of every `grain`-byte unit the recorded accesses touch."""
+    import numpy as np
+
+    addrs, pids = [], []
+    for addr, width, pid in records:
+        units = addr[:, None] + np.arange(0, width, grain, dtype=np.uint64)[None, :]
+        addrs.append(units.ravel())
+        pids.append(np.full(units.size, pid, dtype=np.int64))
+    return np.concatenate(addrs), np.concatenate(pids)
+
+
+def races(loads: list, stores: list) -> Optional[str]:
+    """Why the accesses of one launch race on a GPU, or None. Records are (live lanes' start
+    addresses, element bytes, program index). A GPU runs a launch's programs in any order and
+    at once, with nothing ordering one program's global memory accesses against another's
+    (the kernels use no atomics), so a unit of memory written by one program must be neither
+    written nor read by any other in the same launch. The interpreter runs programs one after
+    another, where such a kernel computes the right numbers anyway."""
+    import numpy as np
+
+    if not stores:
+        return None
+    grain = min(w for _, w, _ in loads + stores)
+    wa, wp = _expand(stores, grain)
+    order = np.lexsort((wp, wa))
+    wa, wp = wa[order], wp[order]
+    clash = (wa[1:] == wa[:-1]) & (wp[1:] != wp[:-1])
+    if clash.any():
+        i = int(np.argmax(clash))
+        return (f"programs {int(wp[i])} and {int(wp[i + 1])} both store to {int(wa[i]):#x} "
+                f"({int(clash.sum())} units written by more than one program)")
+    if not loads:
+        return None
+    first = np.concatenate(([True], wa[1:] != wa[:-1]))
+    written, writer = wa[first], wp[first]
+    ra, rp = _expand(loads, grain)
+    pos = np.minimum(np.searchsorted(written, ra), written.size - 1)
+    bad = (written[pos] == ra) & (writer[pos] != rp)
+    if bad.any():
+        i = int(np.argmax(bad))
+        return (f"program {int(rp[i])} loads {int(ra[i]):#x}, which program "
+                f"{int(writer[pos[i]])} of the same launch stores ({int(bad.sum())} such units)")
+    return None
+
+
+@contextlib.contextmanager
+def interpreter_memory_guard():
+    """Check every masked load / store of the Triton interpreter, as a GPU would need it.
+
+    Bounds: the interpreter returns garbage for an out-of-bounds load instead of faulting; the
+    byte ranges of the storages passed to each launch are recorded, and OutOfBoundsAccess is
+    raised when an enabled lane touches memory outside all of them.
+    Races: the interpreter runs a launch's programs one after another, so a kernel whose
+    programs read or write what another program of the launch writes gives the right numbers
+    here and wrong ones on a card; each launch's accesses are recorded per program and
+    RaceBetweenPrograms is raised at its end (see `races`).
     """
     import numpy as np
     from triton.runtime import interpreter as interp
 
     builder_cls = interp.InterpreterBuilder
     ranges: List[tuple] = []
+    loads: list = []
+    stores: list = []
     orig_init = interp.GridExecutor._init_args_hst
+    orig_restore = interp.GridExecutor._restore_args_dev
     orig_load = builder_cls.create_masked_load
     orig_store = builder_cls.create_masked_store
 
     def init_args(self, args_dev, kwargs):
         args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
         ranges.clear()
+        loads.clear()
+        stores.clear()
 
         def visit(a):
             if isinstance(a, (tuple, list)):
@@ -224,7 +284,16 @@ def interpreter_bounds_guard():
         visit(list(args_hst) + list(kwargs_hst.values()))
         return args_hst, kwargs_hst
 
-    def check(ptrs, mask, what):
+    def restore(self, *args, **kwargs):
+        # the launch ran every program: check it before its results reach the caller
+        why = races(loads, stores)
+        loads.clear()
+        stores.clear()
+        if why is not None:
+            raise RaceBetweenPrograms(f"{self.fn.__name__}: {why}")
+        return orig_restore(self, *args, **kwargs)
+
+    def check(builder, ptrs, mask, what, log):
         addr = np.asarray(ptrs.data).astype(np.uint64)
         m = np.broadcast_to(np.asarray(mask.data).astype(bool), addr.shape)
         live = addr[m]
@@ -239,21 +308,26 @@ def interpreter_bounds_guard():
             raise OutOfBoundsAccess(
                 f"interpreter {what} touched address {bad:#x}, outside every tensor passed to "
                 f"the kernel ({len(ranges)} storages; {int((~ok).sum())} bad lanes)")
+        x, y, z = builder.grid_idx
+        gx, gy, _ = builder.grid_dim
+        log.append((live, int(width), x + gx * (y + gy * z)))
 
     def load(self, ptrs, mask, other, *a, **kw):
-        check(ptrs, mask, "load")
+        check(self, ptrs, mask, "load", loads)
         return orig_load(self, ptrs, mask, other, *a, **kw)
 
     def store(self, ptrs, value, mask, *a, **kw):
-        check(ptrs, mask, "store")
+        check(self, ptrs, mask, "store", stores)
         return orig_store(self, ptrs, value, mask, *a, **kw)
 
     interp.GridExecutor._init_args_hst = init_args
+    interp.GridExecutor._restore_args_dev = restore
     builder_cls.create_masked_load = load
     builder_cls.create_masked_store = store
     try:
         yield
     finally:
         interp.GridExecutor._init_args_hst = orig_init
+        interp.GridExecutor._restore_args_dev = orig_restore
         builder_cls.create_masked_load = orig_load
         builder_cls.create_masked_store = orig_store

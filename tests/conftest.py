@@ -35,15 +35,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _guards(request):
-    """Interpreter tests: every masked load / store is bounds-checked; seeds are fresh per test
+    """Interpreter tests: every masked load / store is bounds- and race-checked; seeds are fresh per test
     but reproducible from the test id."""
     import zlib
 
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     if INTERPRET and "interpreter" in request.keywords:
-        from diffit_kernels.testing import interpreter_bounds_guard
+        from diffit_kernels.testing import interpreter_memory_guard
 
-        with interpreter_bounds_guard():
+        with interpreter_memory_guard():
             yield
     else:
         yield

@@ -1,0 +1,89 @@
+"""The interpreter's memory guard (diffit_kernels.testing.interpreter_memory_guard), which every
+interpreter test runs under (conftest): it must fire on what a GPU would get wrong and the
+interpreter silently gets right (or reads as garbage), and stay quiet on what is correct."""
+import numpy as np
+import pytest
+import torch
+
+from diffit_kernels import testing
+from diffit_kernels._common import triton_importable
+
+pytestmark = pytest.mark.skipif(not triton_importable(), reason="needs triton")
+
+if triton_importable():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _shift_kernel(X, Y, SHIFT, N, BLOCK: tl.constexpr):
+        # program p reads X[p*BLOCK + SHIFT + i], writes Y[p*BLOCK + i]
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + offs + SHIFT, mask=offs + SHIFT < N, other=0.0)
+        tl.store(Y + offs, x + 1.0, mask=offs < N)
+
+    @triton.jit
+    def _sum_into_kernel(X, ACC, N, BLOCK: tl.constexpr):
+        # every program adds its block into ACC[0:BLOCK] (a read-modify-write shared by all)
+        pid = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(X + pid * BLOCK + offs, mask=pid * BLOCK + offs < N, other=0.0)
+        acc = tl.load(ACC + offs)
+        tl.store(ACC + offs, acc + x)
+
+    @triton.jit
+    def _own_rmw_kernel(ACC, ROUNDS, BLOCK: tl.constexpr):
+        # each program reads and rewrites its own block several times (stores then loads)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        for _ in range(ROUNDS):
+            tl.store(ACC + offs, tl.load(ACC + offs) * 2.0)
+
+
+@pytest.mark.interpreter
+def test_clean_launches_pass():
+    x = torch.randn(100)
+    y = torch.full((100,), float("nan"))
+    _shift_kernel[(4,)](x, y, 0, 100, BLOCK=32)  # the conftest guard is on
+    torch.testing.assert_close(y, x + 1.0)
+    acc = torch.ones(96)
+    _own_rmw_kernel[(3,)](acc, 3, BLOCK=32)
+    torch.testing.assert_close(acc, torch.full((96,), 8.0))
+
+
+@pytest.mark.interpreter
+def test_read_of_another_programs_write_is_a_race():
+    # in place: program p reads the first element of program p + 1's block, which that
+    # program overwrites; the interpreter's order gives one answer, a GPU any
+    x = torch.randn(128)
+    with pytest.raises(testing.RaceBetweenPrograms, match="loads .* which program 1"):
+        _shift_kernel[(4,)](x, x, 1, 128, BLOCK=32)
+
+
+@pytest.mark.interpreter
+def test_two_programs_writing_one_address_is_a_race():
+    acc = torch.zeros(32)
+    with pytest.raises(testing.RaceBetweenPrograms, match="both store"):
+        _sum_into_kernel[(3,)](torch.randn(96), acc, 96, BLOCK=32)
+
+
+@pytest.mark.interpreter
+def test_out_of_bounds_load_is_caught():
+    x = torch.randn(64)
+    y = torch.empty(64)
+    # the mask allows lanes past x's end: garbage under the interpreter, a fault on a card
+    # (raised inside the program, so the interpreter may wrap it in an error of its own)
+    with pytest.raises(Exception, match="OutOfBoundsAccess|load touched address") as err:
+        _shift_kernel[(2,)](x, y, 40, 200, BLOCK=32)
+    assert "outside every tensor passed to the kernel" in str(err.value)
+
+
+def test_race_rule_on_recorded_accesses():
+    """The rule itself, on hand-made records (start addresses, element bytes, program)."""
+    a = lambda *v: np.array(v, dtype=np.uint64)
+    assert testing.races([], []) is None
+    # the same program loading what it stores, others reading untouched memory: fine
+    assert testing.races([(a(0, 4), 4, 0), (a(64), 4, 1)], [(a(0, 4), 4, 0), (a(8), 4, 1)]) is None
+    assert "both store" in testing.races([], [(a(0), 4, 0), (a(0), 4, 1)])
+    # a 2-byte store inside another program's 4-byte element overlaps it
+    assert "both store" in testing.races([], [(a(0), 4, 0), (a(2), 2, 1)])
+    assert "program 1 loads" in testing.races([(a(8), 4, 1)], [(a(8), 4, 0)])
+    assert testing.races([(a(12), 4, 1)], [(a(8), 4, 0)]) is None

@@ -681,7 +681,7 @@ def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
 def _fwd_run(q, k, v, table, bias, geom: _Geom, scale, slabs: bool):
     B, H, N, D = q.shape
     o = _out_layout(B, H, N, D, q.dtype, q.device)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    lse = empty((B, H, N), torch.float32, q.device)
     tab, slab, gw_log2, on_slabs = _table_arg(table, q, geom, N, slabs)
     kw = dict(_common_kwargs(q, geom, table, bias), SLAB_TAB=on_slabs)
     args = (q, k, v, tab, bias if bias is not None else q, o, lse,
@@ -927,7 +927,7 @@ def _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra
         P = min(units, _programs_per_head(dev, H)) if acc else units
         per_prog = cdiv(units, P)
         P = cdiv(units, per_prog)
-        partial = torch.empty((H, P, BLOCK, BLOCK), dtype=torch.float32, device=dev) if acc else q
+        partial = empty((H, P, BLOCK, BLOCK), torch.float32, dev) if acc else q
         tab = _prep_table(table, q)
         args = (q, k, v, do, tab, bias_arg, lse, dq, dk, dv, dbias if dbias is not None else q,
                 partial, *strides, *geo, float(scale), units, groups, G * n, per_prog, P)
@@ -951,7 +951,7 @@ def _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra
                                                   _reads_slabs(table, q, geom, geometry))
         geo_p = (H, N, D, geom.R, slab, gw_log2, *geom.args(dev), geom.rel_off,
                  float(scale) * LOG2E)
-        delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
+        delta = empty((B, H, N), torch.float32, dev)
         _kernels._tmsa_attention_bwd_kernel_delta[(cdiv(N, DELTA_BLOCK_M), B * H)](
             o, do, delta, *_strides3(o), *_strides3(do), H, N, D, BLOCK_M=DELTA_BLOCK_M,
             D0=kw["D0"], D1=kw["D1"], HAS_D1=kw["HAS_D1"], num_warps=DELTA_WARPS)
@@ -964,7 +964,7 @@ def _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra
             per_b = 1 if plan == "samples" else _share_size(dev, B, H, N, dkdv_cfgs)
             groups = cdiv(B, per_b)
             _log("ds-shares", (groups, per_b))
-            partial = torch.empty(H * groups * tiles * span_pad, dtype=torch.float32, device=dev)
+            partial = empty((H * groups * tiles * span_pad,), torch.float32, dev)
         else:
             # span_pad is read under ACC_DS only; 0 types as the JIT types any multiple of 16
             groups, per_b, partial, span_pad = B, 1, q, 0
@@ -995,7 +995,7 @@ def _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra
             pairs, slots, slot_index, bins, P = _dbias_plan(
                 geom.n_win, geom.nW, B, BM, BN, group, _programs_per_head(dev, H),
                 (geom.gh, geom.gw) if acc_table else None, str(dev))
-            partial = torch.empty((H, P, BM, BN), dtype=torch.float32, device=dev)
+            partial = empty((H, P, BM, BN), torch.float32, dev)
             if on_slabs:  # this pass gathers from the [H, R] table
                 tab = _prep_table(table, q)
             _kernels._tmsa_attention_bwd_kernel_dbias[(P, H)](

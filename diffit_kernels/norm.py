@@ -564,8 +564,8 @@ def _adaln_norm_fwd(x, shift, scale, residual, gate, eps: float, silu: bool):
     P = cdiv(N, ROWS)
     y = empty((B, N, C), x.dtype, x.device)
     h = empty((B, N, C), residual.dtype, x.device) if residual is not None else x.new_empty(0)
-    mean = torch.empty(B * N, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(B * N, dtype=torch.float32, device=x.device)
+    mean = empty((B * N,), torch.float32, x.device)
+    rstd = empty((B * N,), torch.float32, x.device)
     if B * N:
         dummy = x
         _launch(_adaln_norm_fwd_kernel, (B * P,), fwd_candidates(C, x.element_size()),
@@ -591,9 +591,12 @@ def _adaln_norm_bwd(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, sil
     dx = empty((B, N, C), x.dtype, x.device)
     dres = empty((B, N, C), residual.dtype, x.device) if residual is not None else None
 
-    def partial(flag):
-        alloc = torch.zeros if chunked else torch.empty
-        return alloc((B, P, C), dtype=torch.float32, device=x.device) if flag else None
+    def partial(flag):  # chunked rows add into theirs chunk by chunk, whole rows store
+        if not flag:
+            return None
+        if chunked:
+            return torch.zeros((B, P, C), dtype=torch.float32, device=x.device)
+        return empty((B, P, C), torch.float32, x.device)
 
     dshift_p, dscale_p, dgate_p = partial(shift is not None), partial(scale is not None), \
         partial(gate is not None)

@@ -248,6 +248,9 @@ def interpreter_memory_guard():
     Bounds: the interpreter returns garbage for an out-of-bounds load instead of faulting; the
     byte ranges of the storages passed to each launch are recorded, and OutOfBoundsAccess is
     raised when an enabled lane touches memory outside all of them.
+    Undefined lanes: a masked load without `other` leaves its masked-off lanes undefined on a
+    GPU, where the interpreter gives zeros; here they hold NaN (integers: an extreme value), so a
+    kernel that uses them fails its parity check or the bounds check.
     Races: the interpreter runs a launch's programs one after another, so a kernel whose
     programs read or write what another program of the launch writes gives the right numbers
     here and wrong ones on a card; each launch's accesses are recorded per program and
@@ -314,7 +317,26 @@ def interpreter_memory_guard():
 
     def load(self, ptrs, mask, other, *a, **kw):
         check(self, ptrs, mask, "load", loads)
+        if other is None and not np.asarray(mask.data).all():
+            other = poison(ptrs)
         return orig_load(self, ptrs, mask, other, *a, **kw)
+
+    def poison(ptrs):
+        """What masked-off lanes of a load without `other` hold: undefined on a GPU, zeros
+        under the interpreter (which hides a kernel using them); NaN for floats (bfloat16 as
+        its bits), the extreme integer (most negative, or largest unsigned)."""
+        ty = ptrs.get_element_ty()
+        np_ty = interp._get_np_dtype(ty)
+        if ty.is_bf16():
+            fill = 0x7FC0
+        elif ty.is_floating():
+            fill = np.nan
+        elif ty.is_int1():
+            fill = True
+        else:
+            info = np.iinfo(np_ty)
+            fill = info.min if info.min < 0 else info.max
+        return interp.TensorHandle(np.full(np.shape(ptrs.data), fill, dtype=np_ty), ty)
 
     def store(self, ptrs, value, mask, *a, **kw):
         check(self, ptrs, mask, "store", stores)

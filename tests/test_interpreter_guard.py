@@ -31,6 +31,16 @@ if triton_importable():
         tl.store(ACC + offs, acc + x)
 
     @triton.jit
+    def _masked_sum_kernel(X, OUT, N, BLOCK: tl.constexpr, OTHER: tl.constexpr):
+        # the sum of X[:N] in one block: right only where the masked-off lanes load 0
+        offs = tl.arange(0, BLOCK)
+        if OTHER:
+            x = tl.load(X + offs, mask=offs < N, other=0.0)
+        else:
+            x = tl.load(X + offs, mask=offs < N)
+        tl.store(OUT, tl.sum(x, 0))
+
+    @triton.jit
     def _own_rmw_kernel(ACC, ROUNDS, BLOCK: tl.constexpr):
         # each program reads and rewrites its own block several times (stores then loads)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -63,6 +73,21 @@ def test_two_programs_writing_one_address_is_a_race():
     acc = torch.zeros(32)
     with pytest.raises(testing.RaceBetweenPrograms, match="both store"):
         _sum_into_kernel[(3,)](torch.randn(96), acc, 96, BLOCK=32)
+
+
+@pytest.mark.interpreter
+def test_masked_lanes_without_other_are_undefined():
+    """A masked load without `other` leaves masked-off lanes undefined on a GPU; the
+    interpreter's zeros would make the sum below right, the guard's NaN makes it fail."""
+    x = torch.randn(20)
+    out = torch.empty(1)
+    _masked_sum_kernel[(1,)](x, out, 20, BLOCK=32, OTHER=True)
+    torch.testing.assert_close(out[0], x.sum())
+    _masked_sum_kernel[(1,)](x, out, 20, BLOCK=32, OTHER=False)
+    assert out.isnan().all()
+    full = torch.randn(32)
+    _masked_sum_kernel[(1,)](full, out, 32, BLOCK=32, OTHER=False)  # no lane masked off
+    torch.testing.assert_close(out[0], full.sum())
 
 
 @pytest.mark.interpreter

@@ -215,6 +215,25 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def on_tensor_device(launcher: Callable) -> Callable:
+    """Decorate an op's forward or backward launcher: run it with its first tensor argument's
+    CUDA device current. Triton launches on the current device while torch ops follow their
+    tensors, so an op on cuda:1 while cuda:0 is current would fail inside Triton ("pointer
+    argument cannot be accessed from Triton") or reach the other card's memory over peer
+    access. (Autograd's backward threads and compiled graphs set the device themselves; an
+    eager forward on a second card does not.) The inputs share one device (checked)."""
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+        if dev.type != "cuda":
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(dev):
+            return launcher(*args, **kwargs)
+
+    run.on_tensor_device = True
+    return run
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached): launchers size their grids by it."""
     return _multiprocessors(device.index if device.index is not None

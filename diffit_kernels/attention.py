@@ -72,7 +72,7 @@ from ._attention_index import _Geom, _dbias_plan, _ds_table_plan, _fused_bins, _
 from ._attention_kernels import LOG2E
 from ._common import (autotune_enabled, call_op, cdiv, check_kernel_dtype, dispatch,
                       dot_upcast, empty, interpreting, launch_tuned, next_power_of_2,
-                      overriding, planned_sms, record_choice, resolve_backend,
+                      on_tensor_device, overriding, planned_sms, record_choice, resolve_backend,
                       unit_last_stride)
 
 try:
@@ -671,6 +671,7 @@ def _common_kwargs(q, geom: _Geom, table, bias):
                 PRECISION=_precision(q.dtype, q.device))
 
 
+@on_tensor_device
 def _tmsa_attention_fwd(q, k, v, table, bias, geometry, scale):
     geom = _Geom(q.shape[2], geometry)
     slabs = _reads_slabs(table, q, geom, geometry,
@@ -848,26 +849,26 @@ def _choose_plan(plans: List[str], key: tuple, run, describe,
     if len(plans) == 1 or not _plan_tunable(key[0]):
         return plans[0]
     times = {}
-    with torch.cuda.device(key[0]) if key[0].type == "cuda" else contextlib.nullcontext():
-        for plan in plans:
-            try:
-                times[plan] = _time_plan(plan, lambda: run(plan))
-            except _misfits():
-                times[plan] = math.inf
-            except _compile_errors() as e:
-                if plan == plans[0]:  # what runs untimed: its error is the op's
-                    raise
-                # a plan the card was only offered: the op goes on without it, and says why
-                warnings.warn(f"{what}: plan {plan!r} did not compile with this Triton and is "
-                              f"left out: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                              RuntimeWarning, stacklevel=2)
-                times[plan] = math.inf
+    for plan in plans:
+        try:
+            times[plan] = _time_plan(plan, lambda: run(plan))
+        except _misfits():
+            times[plan] = math.inf
+        except _compile_errors() as e:
+            if plan == plans[0]:  # what runs untimed: its error is the op's
+                raise
+            # a plan the card was only offered: the op goes on without it, and says why
+            warnings.warn(f"{what}: plan {plan!r} did not compile with this Triton and is "
+                          f"left out: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                          RuntimeWarning, stacklevel=2)
+            times[plan] = math.inf
     best = min(plans, key=lambda p: times[p])
     _PLAN_CHOICE[key] = best
     record_choice(what, kind, describe(), best, [(p, times[p]) for p in plans])
     return best
 
 
+@on_tensor_device
 def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_extra):
     B, H, N, D = q.shape
     dev = q.device

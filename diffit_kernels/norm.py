@@ -25,8 +25,8 @@ import torch
 
 from . import reference
 from ._common import (autotune_enabled, call_op, cdiv, check_kernel_dtype, dispatch, empty,
-                      interpreting, launch_tuned, next_power_of_2, overriding, planned_sms,
-                      resolve_backend, row_warps, unit_last_stride)
+                      interpreting, launch_tuned, next_power_of_2, on_tensor_device, overriding,
+                      planned_sms, resolve_backend, row_warps, unit_last_stride)
 
 MAX_C = 8192
 FWD_MAX_ROWS = 8
@@ -557,6 +557,7 @@ def plans():
     return out
 
 
+@on_tensor_device
 def _adaln_norm_fwd(x, shift, scale, residual, gate, eps: float, silu: bool):
     B, N, C = x.shape
     BLOCK_C, _, wide = fwd_plan(C)  # the warps: fwd_candidates
@@ -581,6 +582,7 @@ def _adaln_norm_fwd(x, shift, scale, residual, gate, eps: float, silu: bool):
     return y, h, mean, rstd
 
 
+@on_tensor_device
 def _adaln_norm_bwd(dy, dh_out, x, shift, scale, residual, gate, mean, rstd, silu: bool):
     B, N, C = x.shape
     block, chunked, _ = bwd_plan(C)  # the warps: bwd_candidates

@@ -36,7 +36,7 @@ import torch
 from . import _projection_kernels as _kernels
 from . import reference
 from ._common import (cdiv, check_kernel_dtype, direct_call, dispatch, empty, next_power_of_2,
-                      overriding, resolve_backend, unit_last_stride)
+                      on_tensor_device, overriding, resolve_backend, unit_last_stride)
 
 # Row kernels (LayerNorm forward / backward): [ROWS, BLOCK_C] tiles of about ROW_TILE elements
 # (~16 per thread, 512 per warp), whole rows up to LN_BLOCK_C channels, wider rows in chunks.
@@ -137,6 +137,7 @@ def _layernorm_rows(x: torch.Tensor, eps: float, width: int, group: int, dtype: 
     return xhat, mean, rstd
 
 
+@on_tensor_device
 def _time_qkv_fwd(x, temb, weight, bias, temb_weight, temb_bias, num_heads: int,
                   norm_eps: Optional[float]):
     B, N, C = x.shape
@@ -212,6 +213,7 @@ def _pack_and_sum(grads, B: int, N: int, C3: int, store: bool):
     return g2, spart.sum(1)  # fixed-order sum over the row blocks: deterministic
 
 
+@on_tensor_device
 def _time_qkv_bwd(dq, dk, dv, x, xhat, weight, mean, rstd, has_ln: bool, need_dx: bool,
                   need_dw: bool):
     B, N, C = x.shape

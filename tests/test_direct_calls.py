@@ -79,3 +79,37 @@ def test_direct_call_is_for_plain_eager_tensors_only():
     seen = []
     torch.compile(lambda x: seen.append(direct_call(x)) or x + 1, backend="eager")(t)
     assert seen == [False]  # traced by torch.compile: the custom op, never the direct path
+
+
+def test_every_launcher_runs_on_its_tensors_device():
+    """Triton launches on the current CUDA device; each op's launchers make it their tensors'
+    (_common.on_tensor_device), so ops on a second card work without torch.cuda.set_device."""
+    from diffit_kernels import attention, norm
+
+    for fn in (attention._tmsa_attention_fwd, attention._tmsa_attention_bwd,
+               norm._adaln_norm_fwd, norm._adaln_norm_bwd,
+               projection._time_qkv_fwd, projection._time_qkv_bwd):
+        assert getattr(fn, "on_tensor_device", False), fn.__name__
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_op_on_a_second_card_while_the_first_is_current(op):
+    """Tensors on cuda:1 with cuda:0 current: outputs and gradients on cuda:1, bitwise those
+    of the same call with cuda:1 current (Triton alone would launch on cuda:0)."""
+    leaves = _leaves(op, torch.Generator().manual_seed(0))
+
+    def run(current: int):
+        with torch.cuda.device(current):
+            t = {k: v.to("cuda:1", torch.bfloat16).requires_grad_() for k, v in leaves.items()}
+            outs = _call(op, t)
+            grads = torch.autograd.grad([o.float().square().sum() for o in outs],
+                                        list(t.values()), allow_unused=True)
+        torch.cuda.synchronize(1)
+        return [x for x in (*outs, *grads) if x is not None]
+
+    other, own = run(0), run(1)
+    for x, y in zip(other, own):
+        assert x.device == torch.device("cuda", 1)
+        assert torch.equal(x, y)

@@ -127,15 +127,17 @@ if triton is not None:
             if not EVEN:
                 valid = valid & (win_a[:, None] == win_b[None, :])
         if HAS_TABLE and SLAB_TAB:
-            # tokens past N (masked tiles) read token 0's entries, which are then dropped; N is a
-            # multiple of gw (>= 16), so each aligned run of 16 keys is whole or wholly masked
+            # tokens past N (masked tiles) read entries of the first grid row's tokens, which are
+            # then dropped: a query token 0's, a key the token of its own column (kt mod gw), so
+            # an aligned run of 16 keys reads 16 consecutive entries, as the hints below claim
+            # (N is a multiple of gw >= 16: each run is whole or wholly masked)
             if KEYS_FIRST:
                 qt, kt, mq, mk = row_b, row_a, mask_b, mask_a
             else:
                 qt, kt, mq, mk = row_a, row_b, mask_a, mask_b
             if not EVEN:
                 qt = tl.where(mq, qt, 0)
-                kt = tl.where(mk, kt, 0)
+                kt = tl.where(mk, kt, kt & (gw - 1))
             qpart = tl.multiple_of(qt * gw, 16)
             kpart = tl.max_contiguous(tl.multiple_of(kt - (kt >> gw_log2) * (gw * gw + gw), 16),
                                       16)

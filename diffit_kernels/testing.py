@@ -10,7 +10,7 @@ where the second term is the rounding of the low-precision dtype near the data. 
 bound is tight and fixed (no TF32). Outputs are NaN-filled before every kernel call
 (`nan_fill`), and under the interpreter every masked load / store is checked against the
 memory of the tensors passed to the kernel, and each launch's programs against one another's
-writes, which race on a GPU (`interpreter_memory_guard`).
+writes, which race on a GPU (`interpreter_guard`).
 """
 from __future__ import annotations
 
@@ -195,6 +195,47 @@ class RaceBetweenPrograms(AssertionError):
     pass
 
 
+class FalseHint(AssertionError):
+    pass
+
+
+def hint_problem(values, key: str, claims: Sequence[int]) -> Optional[str]:
+    """Why the compiler hint `key` ("tt.divisibility" from tl.multiple_of, "tt.contiguity"
+    from tl.max_contiguous) with one claim per dim is false for these values, or None. The
+    compiler vectorises memory accesses on these claims without checking them, so a false one
+    loads or stores the wrong elements on a card; the interpreter ignores hints.
+    multiple_of: along each dim, the first element of every contiguous group is a multiple of
+    the claim; each maximal run of consecutive values starts such a group, so its first value
+    must be one (a weaker test than the compiler's own groups need, never a stricter one).
+    max_contiguous: along each dim, every aligned group of the claim's length (at most the
+    dim's) holds consecutive values."""
+    import numpy as np
+
+    x = np.asarray(values)
+    x = x.reshape(1) if x.ndim == 0 else x
+    for d, claim in enumerate(claims):
+        if claim <= 1:
+            continue
+        xd = np.moveaxis(x, d, -1).astype(np.int64)
+        if key == "tt.divisibility":
+            start = np.ones(xd.shape, dtype=bool)
+            start[..., 1:] = xd[..., 1:] - xd[..., :-1] != 1
+            bad = start & (xd % claim != 0)
+            if bad.any():
+                return (f"tl.multiple_of claims {claim} along dim {d}, but {int(xd[bad][0])} "
+                        f"starts a run of consecutive values")
+        elif key == "tt.contiguity":
+            n = xd.shape[-1]
+            c = min(claim, n)
+            if n % c:
+                return f"tl.max_contiguous claims {claim} along dim {d} of length {n}"
+            groups = xd.reshape(*xd.shape[:-1], n // c, c)
+            if not (np.diff(groups, axis=-1) == 1).all():
+                return (f"tl.max_contiguous claims runs of {claim} consecutive values along "
+                        f"dim {d}, which the values do not hold")
+    return None
+
+
 def _expand(records: list, grain: int):
     """(addresses, program ids) of every `grain`-byte unit the recorded accesses touch."""
     import numpy as np
@@ -241,9 +282,12 @@ def races(loads: list, stores: list) -> Optional[str]:
     return None
 
 
+HINTS = ("tt.divisibility", "tt.contiguity")
+
+
 @contextlib.contextmanager
-def interpreter_memory_guard():
-    """Check every masked load / store of the Triton interpreter, as a GPU would need it.
+def interpreter_guard():
+    """Make the Triton interpreter fail where a GPU would go wrong and it would not.
 
     Bounds: the interpreter returns garbage for an out-of-bounds load instead of faulting; the
     byte ranges of the storages passed to each launch are recorded, and OutOfBoundsAccess is
@@ -251,6 +295,8 @@ def interpreter_memory_guard():
     Undefined lanes: a masked load without `other` leaves its masked-off lanes undefined on a
     GPU, where the interpreter gives zeros; here they hold NaN (integers: an extreme value), so a
     kernel that uses them fails its parity check or the bounds check.
+    Hints: tl.multiple_of / tl.max_contiguous claims are checked on the values they are made
+    for (hint_problem); a false one raises FalseHint.
     Races: the interpreter runs a launch's programs one after another, so a kernel whose
     programs read or write what another program of the launch writes gives the right numbers
     here and wrong ones on a card; each launch's accesses are recorded per program and
@@ -267,6 +313,7 @@ def interpreter_memory_guard():
     orig_restore = interp.GridExecutor._restore_args_dev
     orig_load = builder_cls.create_masked_load
     orig_store = builder_cls.create_masked_store
+    orig_set_attr = interp.TensorHandle.set_attr
 
     def init_args(self, args_dev, kwargs):
         args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
@@ -342,6 +389,13 @@ def interpreter_memory_guard():
         check(self, ptrs, mask, "store", stores)
         return orig_store(self, ptrs, value, mask, *a, **kw)
 
+    def set_attr(handle, key, claims):
+        why = hint_problem(handle.data, key, claims) if key in HINTS else None
+        if why is not None:
+            raise FalseHint(why)
+        return orig_set_attr(handle, key, claims)
+
+    interp.TensorHandle.set_attr = set_attr
     interp.GridExecutor._init_args_hst = init_args
     interp.GridExecutor._restore_args_dev = restore
     builder_cls.create_masked_load = load
@@ -349,6 +403,7 @@ def interpreter_memory_guard():
     try:
         yield
     finally:
+        interp.TensorHandle.set_attr = orig_set_attr
         interp.GridExecutor._init_args_hst = orig_init
         interp.GridExecutor._restore_args_dev = orig_restore
         builder_cls.create_masked_load = orig_load

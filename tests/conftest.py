@@ -41,9 +41,9 @@ def _guards(request):
 
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     if INTERPRET and "interpreter" in request.keywords:
-        from diffit_kernels.testing import interpreter_memory_guard
+        from diffit_kernels.testing import interpreter_guard
 
-        with interpreter_memory_guard():
+        with interpreter_guard():
             yield
     else:
         yield

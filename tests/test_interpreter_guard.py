@@ -1,4 +1,4 @@
-"""The interpreter's memory guard (diffit_kernels.testing.interpreter_memory_guard), which every
+"""The interpreter's guard (diffit_kernels.testing.interpreter_guard), which every
 interpreter test runs under (conftest): it must fire on what a GPU would get wrong and the
 interpreter silently gets right (or reads as garbage), and stay quiet on what is correct."""
 import numpy as np
@@ -39,6 +39,12 @@ if triton_importable():
         else:
             x = tl.load(X + offs, mask=offs < N)
         tl.store(OUT, tl.sum(x, 0))
+
+    @triton.jit
+    def _hinted_copy_kernel(X, Y, START, BLOCK: tl.constexpr, HINT: tl.constexpr):
+        # copies X[START : START + BLOCK], claiming START is a multiple of HINT
+        offs = tl.max_contiguous(tl.multiple_of(START + tl.arange(0, BLOCK), HINT), BLOCK)
+        tl.store(Y + tl.arange(0, BLOCK), tl.load(X + offs))
 
     @triton.jit
     def _own_rmw_kernel(ACC, ROUNDS, BLOCK: tl.constexpr):
@@ -88,6 +94,33 @@ def test_masked_lanes_without_other_are_undefined():
     full = torch.randn(32)
     _masked_sum_kernel[(1,)](full, out, 32, BLOCK=32, OTHER=False)  # no lane masked off
     torch.testing.assert_close(out[0], full.sum())
+
+
+@pytest.mark.interpreter
+def test_false_alignment_hint_is_caught():
+    x = torch.randn(64)
+    y = torch.empty(16)
+    _hinted_copy_kernel[(1,)](x, y, 32, BLOCK=16, HINT=16)  # true: 32 is a multiple of 16
+    torch.testing.assert_close(y, x[32:48])
+    # false: a card would load 16-element vectors from 16-aligned addresses around 40
+    with pytest.raises(Exception, match="multiple_of claims 16 along dim 0, but 40"):
+        _hinted_copy_kernel[(1,)](x, y, 40, BLOCK=16, HINT=16)
+
+
+def test_hint_rule():
+    import numpy as np
+
+    rows = np.arange(4)[:, None] * 24          # [4, 1] row offsets, stride 24
+    assert testing.hint_problem(rows, "tt.divisibility", [8, 8]) is None
+    assert "claims 16 along dim 0" in testing.hint_problem(rows, "tt.divisibility", [16, 1])
+    cols = np.concatenate([np.arange(16, 24), np.arange(40, 48)])
+    assert testing.hint_problem(cols, "tt.divisibility", [8]) is None
+    assert testing.hint_problem(cols, "tt.contiguity", [8]) is None
+    assert "do not hold" in testing.hint_problem(cols, "tt.contiguity", [16])
+    assert "but 17" in testing.hint_problem(cols + 1, "tt.divisibility", [8])
+    # contiguity 1 (all starts): every element must be a multiple
+    assert "but 12" in testing.hint_problem(np.array([0, 8, 12]), "tt.divisibility", [4 * 2])
+    assert testing.hint_problem(np.array(48), "tt.divisibility", [16]) is None
 
 
 @pytest.mark.interpreter

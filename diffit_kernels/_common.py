@@ -253,6 +253,31 @@ def overriding(state: dict, **values):
         state.update(old)
 
 
+# Test hook (testing.autotuner_repeats): the autotune keys launched so far in this process, or
+# None (off). A card's triton.autotune launches a kernel many times on the same arguments at
+# the first call of each key (timing the candidates) and then once more; the interpreter tunes
+# nothing, so a kernel whose result depends on how often it ran (it accumulates into its output)
+# would pass there and be wrong on a card. With the hook on, the launchers run such a first
+# launch once more first.
+_REPEATS: dict = {"seen": None}
+
+
+def autotuner_repeats(kernel, keys: Sequence[str], args: tuple, kwargs: dict) -> int:
+    """How many extra times a launcher runs this launch before its own (0 or 1): 1 when the
+    hook is on and this is the first launch of its autotune key, built as Triton's autotuner
+    builds it (the values of the `keys` arguments, then the dtype of every tensor argument)."""
+    seen = _REPEATS["seen"]
+    if seen is None:
+        return 0
+    named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    key = (kernel.fn.__name__,) + tuple(named[k] for k in keys if k in named) + tuple(
+        str(v.dtype) for v in named.values() if hasattr(v, "dtype"))
+    if key in seen:
+        return 0
+    seen.add(key)
+    return 1
+
+
 def planned_sms(device: torch.device, override: Optional[int]) -> Optional[int]:
     """The SM count a launch plan is sized for: a test hook's emulated card, else the CUDA
     device's, else None (the interpreter's own small plans)."""

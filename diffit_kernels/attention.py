@@ -70,8 +70,8 @@ from . import _attention_kernels as _kernels
 from . import reference
 from ._attention_index import _Geom, _dbias_plan, _ds_table_plan, _fused_bins, _reduce_slots
 from ._attention_kernels import LOG2E
-from ._common import (autotune_enabled, call_op, cdiv, check_kernel_dtype, dispatch,
-                      dot_upcast, empty, interpreting, launch_tuned, next_power_of_2,
+from ._common import (autotune_enabled, autotuner_repeats, call_op, cdiv, check_kernel_dtype,
+                      dispatch, dot_upcast, empty, interpreting, launch_tuned, next_power_of_2,
                       on_tensor_device, overriding, planned_sms, record_choice, resolve_backend,
                       unit_last_stride)
 
@@ -467,12 +467,15 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
     the config's blocks (kernels that take it)."""
     _log(kind, *configs)
     has_even = "EVEN" in kernel.arg_names
+    flags = ("HAS_TABLE", "HAS_BIAS", "SLAB_TAB") + (("ACC_DS",) if "ACC_DS" in kwargs else ())
+    keys = ["N_BUCKET", "SPAN_BUCKET", "D", "WINDOWED", *flags]
     if len(configs) == 1:
+        for _ in range(autotuner_repeats(kernel, keys, args, kwargs)):
+            _launch_one(kernel, kind, configs[0], grid_of, args, kwargs)
         return _launch_one(kernel, kind, configs[0], grid_of, args, kwargs)
     if not autotune_enabled():
         return _first_fit((kernel.fn.__name__, kind, tuple(configs)), configs,
                           lambda cfg: _launch_one(kernel, kind, cfg, grid_of, args, kwargs))
-    flags = ("HAS_TABLE", "HAS_BIAS", "SLAB_TAB") + (("ACC_DS",) if "ACC_DS" in kwargs else ())
 
     def build():
         cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -480,8 +483,7 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
         # every output of these kernels is stored (never accumulated) once per launch, so
         # the autotuner's repeated launches need no reset
         inner = triton.heuristics({"EVEN": _even})(kernel) if has_even else kernel
-        return triton.autotune(cfgs, key=["N_BUCKET", "SPAN_BUCKET", "D", "WINDOWED", *flags])(
-            inner)
+        return triton.autotune(cfgs, key=keys)(inner)
 
     name = kernel.fn.__name__
     tuner = launch_tuned((name, kind, tuple(configs), flags), build, name, kind,
@@ -501,16 +503,17 @@ def _launch_window(configs: List[tuple], grid: tuple, args: tuple, kwargs: dict)
     def one(cfg):
         kernel[grid](*args, **kwargs, num_warps=cfg[2], num_stages=cfg[3])
 
+    keys = ["BLOCK", "D", "WINDOWED", "HAS_TABLE", "ACC_DS"]
     if len(configs) == 1:
+        for _ in range(autotuner_repeats(kernel, keys, args, kwargs)):
+            one(configs[0])
         return one(configs[0])
     if not autotune_enabled():
         return _first_fit((kernel.fn.__name__, "window-wide", tuple(configs)), configs, one)
     name = kernel.fn.__name__
     launch_tuned((name, "window-wide", tuple(configs)),
                  lambda: triton.autotune([triton.Config({}, num_warps=w, num_stages=st)
-                                          for _, _, w, st in configs],
-                                         key=["BLOCK", "D", "WINDOWED", "HAS_TABLE", "ACC_DS"])(
-                                             kernel),
+                                          for _, _, w, st in configs], key=keys)(kernel),
                  name, "window-wide", grid, args, kwargs)
 
 

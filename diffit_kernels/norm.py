@@ -24,9 +24,10 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import reference
-from ._common import (autotune_enabled, call_op, cdiv, check_kernel_dtype, dispatch, empty,
-                      interpreting, launch_tuned, next_power_of_2, on_tensor_device, overriding,
-                      planned_sms, resolve_backend, row_warps, unit_last_stride)
+from ._common import (autotune_enabled, autotuner_repeats, call_op, cdiv, check_kernel_dtype,
+                      dispatch, empty, interpreting, launch_tuned, next_power_of_2,
+                      on_tensor_device, overriding, planned_sms, resolve_backend, row_warps,
+                      unit_last_stride)
 
 MAX_C = 8192
 FWD_MAX_ROWS = 8
@@ -518,6 +519,8 @@ def _launch(kernel, grid: tuple, cfgs: List[Tuple[int, int]], key: List[str], ar
     no reset."""
     if len(cfgs) == 1 or interpreting() or _CARD["pick"] is not None or not autotune_enabled():
         warps, ahead = cfgs[(_CARD["pick"] or 0) % len(cfgs)]
+        for _ in range(autotuner_repeats(kernel, key, args, kwargs) if len(cfgs) > 1 else 0):
+            kernel[grid](*args, **kwargs, AHEAD=ahead, num_warps=warps)
         kernel[grid](*args, **kwargs, AHEAD=ahead, num_warps=warps)
         return
     name = kernel.fn.__name__

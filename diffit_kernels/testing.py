@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from . import _common
+from ._common import overriding
 
 FP32_RTOL = 2e-5  # relative to max|ref| of the tensor: summation order only, no TF32
 
@@ -184,6 +185,20 @@ def interpreter_problem() -> Optional[str]:
     if out.tolist() != [0, 1, 2]:
         return f"the Triton {triton.__version__} interpreter ran a probe loop wrongly: {out.tolist()}"
     return None
+
+
+# ---- the autotuner's repeated launches ---------------------------------------------------------
+@contextlib.contextmanager
+def autotuner_repeats():
+    """Run the first launch of each autotune key twice, as a card's autotuner runs it many
+    times before its own launch (see _common.autotuner_repeats): a kernel whose result depends
+    on how often it ran then fails its parity check here instead of on a card. Keys are
+    remembered for the process, as the autotuner's cache is."""
+    with overriding(_common._REPEATS, seen=_TUNED_KEYS):
+        yield
+
+
+_TUNED_KEYS: set = set()
 
 
 # ---- interpreter memory guard -----------------------------------------------------------------

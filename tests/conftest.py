@@ -35,15 +35,16 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _guards(request):
-    """Interpreter tests: every masked load / store is bounds- and race-checked; seeds are fresh per test
+    """Interpreter tests: under the interpreter guard (what a card would get wrong made to fail)
+    and with first launches repeated as a card's autotuner repeats them; seeds are fresh per test
     but reproducible from the test id."""
     import zlib
 
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     if INTERPRET and "interpreter" in request.keywords:
-        from diffit_kernels.testing import interpreter_guard
+        from diffit_kernels.testing import autotuner_repeats, interpreter_guard
 
-        with interpreter_guard():
+        with interpreter_guard(), autotuner_repeats():
             yield
     else:
         yield

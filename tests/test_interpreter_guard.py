@@ -145,3 +145,62 @@ def test_race_rule_on_recorded_accesses():
     assert "both store" in testing.races([], [(a(0), 4, 0), (a(2), 2, 1)])
     assert "program 1 loads" in testing.races([(a(8), 4, 1)], [(a(8), 4, 0)])
     assert testing.races([(a(12), 4, 1)], [(a(8), 4, 0)]) is None
+
+
+def test_autotune_key_rule():
+    """_common.autotuner_repeats: one repeat at the first launch of a key (the values of the
+    key arguments, then every tensor argument's dtype, as Triton's autotuner keys), none after
+    it, none with the hook off."""
+    from diffit_kernels import _common
+
+    class Kernel:
+        arg_names = ["X", "N", "D", "FLAG"]
+
+        class fn:
+            __name__ = "k"
+
+    x16, x32 = torch.zeros(1, dtype=torch.float16), torch.zeros(1)
+    assert _common.autotuner_repeats(Kernel, ["N"], (x16, 64, 8), {"FLAG": True}) == 0  # off
+    with testing.autotuner_repeats():
+        seen = _common._REPEATS["seen"]
+        seen.clear()
+        assert _common.autotuner_repeats(Kernel, ["N"], (x16, 64, 8), {"FLAG": True}) == 1
+        assert _common.autotuner_repeats(Kernel, ["N"], (x16, 64, 9), {"FLAG": True}) == 0
+        assert _common.autotuner_repeats(Kernel, ["N"], (x32, 64, 8), {"FLAG": True}) == 1
+        assert _common.autotuner_repeats(Kernel, ["N", "FLAG"], (x16, 64, 8), {"FLAG": 0}) == 1
+        assert _common.autotuner_repeats(Kernel, ["N"], (x16, 128, 8), {}) == 1
+
+
+@pytest.mark.interpreter
+def test_repeated_first_launches_catch_an_accumulating_launch(monkeypatch):
+    """The attention backward's dK/dV pass adds its later batch-share steps into the table
+    partials its first step stored: right only because a card's autotuner tunes (repeats)
+    the key's first launch, the storing one. Treating every launch as a key's first repeats
+    the adding steps too, and the table gradient comes out wrong: the hook sees what a
+    repeated accumulating launch would do."""
+    import diffit_kernels
+    from diffit_kernels import _common, attention as A
+
+    class EveryLaunchFirst(set):
+        def __contains__(self, key):
+            return False
+
+    def grads(backend="triton"):
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(4, 2, 64, 16, requires_grad=True) for _ in range(3))
+        table = torch.randn(15 * 15, 2, requires_grad=True)
+        log = []
+        with A._emulate_card(1, elt=2, log=log):  # one SM: shares of 2 samples, 2 steps
+            o = diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(8, 8),
+                                              backend=backend)
+            g = torch.autograd.grad(o.square().sum(), (q, table))
+        assert backend == "torch" or ("ds-shares", (2, 2)) in log
+        return g
+
+    dq_ref, dtable_ref = grads("torch")
+    dq, dtable = grads()  # the conftest hook is on: first launches repeated, and right
+    torch.testing.assert_close(dtable, dtable_ref, rtol=1e-4, atol=1e-4)
+    monkeypatch.setitem(_common._REPEATS, "seen", EveryLaunchFirst())
+    dq2, dtable2 = grads()
+    assert torch.equal(dq, dq2)   # dQ stores: repeats change nothing
+    assert not torch.allclose(dtable2, dtable_ref, rtol=1e-2, atol=1e-2)

@@ -350,18 +350,27 @@ _INTERP = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1),
            "dbias": (32, 32, 2, 1), "window": (32, 32, 2, 1)}
 
 
-def _configs(kind: str, D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> List[tuple]:
-    """The pruned autotune list of one kernel for one (dense bias, dtype size, head dim).
+def _card_list(kind: str, D0: int, D1: int, HAS_D1: bool, elt: int,
+               has_bias: bool) -> List[tuple]:
+    """The whole candidate list of one kernel for one (dense bias, dtype size, head dim) on a
+    card (the emulated card's under _emulate_card; [the interpreter's config] under the plain
+    interpreter): what a CUDA launch tunes over, and so what sizes the buffers and work splits
+    that must suit whichever candidate the card picks.
     kinds "fwd-win", "dkdv-win", "dq-win": the windowed variants (their index arithmetic
     needs registers of its own; small query tiles also waste less on other windows' keys)."""
-    if _CARD["elt"] is not None:
-        default, per_shape = _CONFIG_TABLE[(kind, has_bias, _CARD["elt"])]
-        cfgs = per_shape.get((D0, D1 if HAS_D1 else 0), default)
-        return [cfgs[_CARD["pick"] % len(cfgs)]] if cfgs else []
-    if interpreting():
+    if _CARD["elt"] is None and interpreting():
         return [_INTERP[kind.split("-")[0]]]
-    default, per_shape = _CONFIG_TABLE[(kind, has_bias, elt)]
+    default, per_shape = _CONFIG_TABLE[(kind, has_bias, _CARD["elt"] or elt)]
     return per_shape.get((D0, D1 if HAS_D1 else 0), default)
+
+
+def _configs(kind: str, D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> List[tuple]:
+    """The configs a launch takes: the card's list (_card_list), or under _emulate_card the
+    one of it the test picks (the interpreter runs one config)."""
+    cfgs = _card_list(kind, D0, D1, HAS_D1, elt, has_bias)
+    if _CARD["elt"] is not None:
+        return [cfgs[_CARD["pick"] % len(cfgs)]] if cfgs else []
+    return cfgs
 
 
 def _fused_launch(BLOCK: int, cfg: tuple, elt: int) -> Tuple[int, int]:
@@ -767,7 +776,7 @@ def _bwd_plans(geom: _Geom, shape: tuple, B: int, H: int, N: int, device: torch.
         return ["fused"]
     plans = []
     if acc_table:
-        cfgs = _configs("dkdv" + ("-win" if geom.windowed else "") + "-acc", *shape)
+        cfgs = _card_list("dkdv" + ("-win" if geom.windowed else "") + "-acc", *shape)
         span_pad, tiles = _ds_layout(N, geom.n_win, tuple(c[:2] for c in cfgs))
         if tiles * span_pad <= _DS_MAX_ELEMENTS:
             plans.append("shares")
@@ -964,8 +973,10 @@ def _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra
         acc_ds = plan in ("shares", "samples")   # dS summed into table partials in dK/dV
         dkdv_cfgs = _configs("dkdv" + win + ("-acc" if acc_ds else ""), *shape)
         if acc_ds:
-            span_pad, tiles = _ds_layout(N, geom.n_win, tuple(c[:2] for c in dkdv_cfgs))
-            per_b = 1 if plan == "samples" else _share_size(dev, B, H, N, dkdv_cfgs)
+            # sized for any candidate of the card's list, as on the card, whichever one runs
+            cands = _card_list("dkdv" + win + "-acc", *shape)
+            span_pad, tiles = _ds_layout(N, geom.n_win, tuple(c[:2] for c in cands))
+            per_b = 1 if plan == "samples" else _share_size(dev, B, H, N, cands)
             groups = cdiv(B, per_b)
             _log("ds-shares", (groups, per_b))
             partial = empty((H * groups * tiles * span_pad,), torch.float32, dev)

@@ -784,7 +784,7 @@ def _bwd_plans(geom: _Geom, shape: tuple, B: int, H: int, N: int, device: torch.
                     and H * B * tiles * span_pad * 4 <= SAMPLES_MAX_BYTES:
                 plans.append("samples")
     plans.append("separate")
-    if acc_table and len(_configs("dbias", *shape)) > 1:
+    if acc_table and len(_card_list("dbias", *shape)) > 1:
         plans.append("separate-64")
     if geom.n_win <= WIDE_SPAN and _wide_configs(*shape, geom.windowed):
         plans.append("wide")
@@ -1002,7 +1002,8 @@ def _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra
             dextra = _table_grad(partial[:H * groups * L].view(H, groups, L).sum(1), bins,
                                  table.dtype)
         elif acc_table or acc_dense:
-            BM, BN, warps, stages = _configs("dbias", *shape)[plan == "separate-64"]
+            # the plan picks the tile (not an emulated card's pick: the pass is never tuned)
+            BM, BN, warps, stages = _card_list("dbias", *shape)[plan == "separate-64"]
             _log("dbias", (BM, BN, warps, stages))
             # the pairs of one tile diagonal share their relative offsets only when both tiles
             # step by the same whole number of grid rows (square tiles, gw | BM)

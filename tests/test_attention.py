@@ -707,15 +707,19 @@ _GEOMS = {  # name: (B, H, N, case kwargs, has_bias, kinds it launches)
     "win": (1, 2, 72, dict(grid=(6, 12), window=(6, 6)), False, ("fwd-win", "dkdv-win", "dq-win")),
     "table-fused": (2, 1, 64, dict(grid=(8, 8), window=(4, 4), table=True), False,
                     ("fwd-win", "window")),
+    "table-dbias-64": (2, 1, 72, dict(grid=(6, 12), table=True), False,
+                       ("fwd", "dkdv", "dq", "dbias")),
     "bias": (2, 1, 72, dict(bias="H"), True, ("fwd", "dkdv", "dq", "dbias")),
     "bias-fused": (2, 2, 16, dict(bias="H"), True, ("fwd", "window")),
     # the "wide" plan: 6x6 windows (36 tokens, a masked 64 tile)
     "table-wide": (2, 1, 72, dict(grid=(6, 12), window=(6, 6), table=True), False,
                    ("fwd-win", "window-wide")),
 }
-# the library setting a geometry runs under (attribute, value)
-_GEOM_SETTINGS = {"table-dbias-pass": ("_DS_MAX_ELEMENTS", 0),
-                  "table-wide": ("BWD_PLAN", "wide")}
+# the library settings a geometry runs under ((attribute, value), ...): the table's pass of its
+# own at its first tile (plan "separate"), at its second where the list has one ("separate-64")
+_GEOM_SETTINGS = {"table-dbias-pass": (("_DS_MAX_ELEMENTS", 0),),
+                  "table-dbias-64": (("_DS_MAX_ELEMENTS", 0), ("BWD_PLAN", "separate-64")),
+                  "table-wide": (("BWD_PLAN", "wide"),)}
 
 
 def _table_items():
@@ -728,7 +732,9 @@ def _table_items():
 
 
 def _run_items(geom, elt, shape, pick):
-    """The entries a run launches: each kind of the geometry takes its list's pick-th config."""
+    """The entries a run launches: each kind of the geometry takes its list's pick-th config,
+    but the table's own pass the tile its plan names (the first; "separate-64": the second
+    where the list has one)."""
     has_bias, kinds = _GEOMS[geom][4], _GEOMS[geom][5]
     out = set()
     for kind in kinds:
@@ -737,8 +743,10 @@ def _run_items(geom, elt, shape, pick):
         default, per_shape = A._CONFIG_TABLE[(kind, has_bias, elt)]
         cfgs = per_shape.get(shape, default)
         if cfgs:
-            out.add((kind, has_bias, elt, shape if shape in per_shape else "default",
-                     cfgs[pick % len(cfgs)]))
+            i = pick % len(cfgs)
+            if kind == "dbias":
+                i = 1 if geom == "table-dbias-64" and len(cfgs) > 1 else 0
+            out.add((kind, has_bias, elt, shape if shape in per_shape else "default", cfgs[i]))
     return out
 
 
@@ -773,8 +781,8 @@ def test_every_cuda_config_is_run_under_the_interpreter():
     for r in TABLE_RUNS])
 def test_cuda_config_table_entry(geom, elt, D, pick, items, monkeypatch):
     B, H, N, kw, _, _ = _GEOMS[geom]
-    if geom in _GEOM_SETTINGS:
-        monkeypatch.setattr(A, *_GEOM_SETTINGS[geom])
+    for setting in _GEOM_SETTINGS.get(geom, ()):
+        monkeypatch.setattr(A, *setting)
     sms = CARDS[(D + pick + elt) % len(CARDS)]
     log = []
     with A._emulate_card(sms, elt=elt, pick=pick, log=log):

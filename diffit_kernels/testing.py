@@ -300,6 +300,29 @@ def races(loads: list, stores: list) -> Optional[str]:
 HINTS = ("tt.divisibility", "tt.contiguity")
 
 
+def lanes_disagree(ptrs, values, mask) -> Optional[str]:
+    """Why one store's enabled lanes race among themselves, or None: two lanes storing different
+    values to one address leave either on a card (the interpreter keeps the last)."""
+    import numpy as np
+
+    addr = np.asarray(ptrs)
+    m = np.broadcast_to(np.asarray(mask).astype(bool), addr.shape)
+    live = addr[m]
+    if live.size < 2:
+        return None
+    order = np.argsort(live, kind="stable")
+    a = live[order]
+    dup = a[1:] == a[:-1]
+    if not dup.any():
+        return None
+    v = np.broadcast_to(np.asarray(values), addr.shape)[m][order]
+    differ = dup & ~((v[1:] == v[:-1]) | ((v[1:] != v[1:]) & (v[:-1] != v[:-1])))
+    if differ.any():
+        return (f"one store writes different values to {int(a[1:][differ][0]):#x} from two "
+                f"lanes ({int(differ.sum())} such pairs)")
+    return None
+
+
 @contextlib.contextmanager
 def interpreter_guard():
     """Make the Triton interpreter fail where a GPU would go wrong and it would not.
@@ -315,7 +338,8 @@ def interpreter_guard():
     Races: the interpreter runs a launch's programs one after another, so a kernel whose
     programs read or write what another program of the launch writes gives the right numbers
     here and wrong ones on a card; each launch's accesses are recorded per program and
-    RaceBetweenPrograms is raised at its end (see `races`).
+    RaceBetweenPrograms is raised at its end (see `races`); so is a store whose lanes write
+    different values to one address (lanes_disagree).
     """
     import numpy as np
     from triton.runtime import interpreter as interp
@@ -402,6 +426,9 @@ def interpreter_guard():
 
     def store(self, ptrs, value, mask, *a, **kw):
         check(self, ptrs, mask, "store", stores)
+        why = lanes_disagree(ptrs.data, value.data, mask.data)
+        if why is not None:
+            raise RaceBetweenPrograms(why)
         return orig_store(self, ptrs, value, mask, *a, **kw)
 
     def set_attr(handle, key, claims):

@@ -47,6 +47,15 @@ if triton_importable():
         tl.store(Y + tl.arange(0, BLOCK), tl.load(X + offs))
 
     @triton.jit
+    def _scatter_kernel(X, Y, BLOCK: tl.constexpr, SAME: tl.constexpr):
+        # lanes i and i + BLOCK / 2 store to Y[i % (BLOCK / 2)]: X's values, or zeros
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(X + offs)
+        if SAME:
+            x = x * 0.0
+        tl.store(Y + offs % (BLOCK // 2), x)
+
+    @triton.jit
     def _own_rmw_kernel(ACC, ROUNDS, BLOCK: tl.constexpr):
         # each program reads and rewrites its own block several times (stores then loads)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -134,6 +143,16 @@ def test_out_of_bounds_load_is_caught():
     assert "outside every tensor passed to the kernel" in str(err.value)
 
 
+@pytest.mark.interpreter
+def test_lanes_of_one_store_writing_one_address_differently_is_a_race():
+    y = torch.zeros(4)
+    _scatter_kernel[(1,)](torch.arange(8.0), y, BLOCK=8, SAME=True)   # equal values: fine
+    assert y.tolist() == [0.0, 0.0, 0.0, 0.0]
+    # (raised inside the program: the interpreter may wrap it in an error of its own)
+    with pytest.raises(Exception, match="writes different values to 0x.* from two lanes"):
+        _scatter_kernel[(1,)](torch.arange(8.0), y, BLOCK=8, SAME=False)
+
+
 def test_race_rule_on_recorded_accesses():
     """The rule itself, on hand-made records (start addresses, element bytes, program)."""
     a = lambda *v: np.array(v, dtype=np.uint64)
@@ -145,6 +164,11 @@ def test_race_rule_on_recorded_accesses():
     assert "both store" in testing.races([], [(a(0), 4, 0), (a(2), 2, 1)])
     assert "program 1 loads" in testing.races([(a(8), 4, 1)], [(a(8), 4, 0)])
     assert testing.races([(a(12), 4, 1)], [(a(8), 4, 0)]) is None
+    nan = float("nan")
+    assert testing.lanes_disagree(a(0, 4, 0), np.array([1.0, 2.0, 1.0]), True) is None
+    assert testing.lanes_disagree(a(0, 0), np.array([nan, nan]), True) is None
+    assert "different values" in testing.lanes_disagree(a(0, 0), np.array([1.0, 2.0]), True)
+    assert testing.lanes_disagree(a(0, 0), np.array([1.0, 2.0]), np.array([True, False])) is None
 
 
 def test_autotune_key_rule():

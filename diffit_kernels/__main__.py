@@ -43,8 +43,10 @@ def main(argv=None) -> int:
     if args.cmd == "_numerics":
         import torch
 
+        import contextlib
+
         from ._check import run_check
-        from .testing import interpreter_problem
+        from .testing import autotuner_repeats, interpreter_guard, interpreter_problem
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         problem = interpreter_problem() if device.type == "cpu" else None
@@ -52,9 +54,15 @@ def main(argv=None) -> int:
             print(f"numerics not checked: {problem}")
             return 1
         where = (f"CUDA ({torch.cuda.get_device_name()})" if device.type == "cuda"
-                 else "CPU tensors under the Triton interpreter (TRITON_INTERPRET=1)")
+                 else "CPU tensors under the Triton interpreter (TRITON_INTERPRET=1), with "
+                      "what a card would get wrong made to fail (races, out-of-bounds and "
+                      "undefined lanes, false hints, autotuner repeats)")
         print(f"Kernels vs the reference on {where}; torch {torch.__version__}")
-        return 0 if run_check(device) else 1
+        with contextlib.ExitStack() as guards:
+            if device.type == "cpu":
+                guards.enter_context(interpreter_guard())
+                guards.enter_context(autotuner_repeats())
+            return 0 if run_check(device) else 1
 
     # check: numerics in a process of its own (with the interpreter when there is no CUDA)
     import torch

@@ -82,3 +82,18 @@ def test_reference_upcast_returns_input_dtype():
     y = reference.adaln_norm(x, upcast=True)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), reference.adaln_norm(x.float()), atol=2e-2, rtol=0)
+
+
+def test_check_command_on_a_cpu_machine():
+    """`python -m diffit_kernels check` (the README's) runs every op against the reference under
+    the interpreter, with the interpreter guard and autotuner repeats on, and passes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",
+                                                           "CUDA_VISIBLE_DEVICES")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-m", "diffit_kernels", "check", "--no-report"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "made to fail" in out.stdout and "check: all within bounds" in out.stdout
+    for op in ("tmsa_attention", "adaln_norm", "time_qkv"):
+        assert f"\n{op} " in out.stdout, op
+    assert "FAIL" not in out.stdout

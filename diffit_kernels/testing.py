@@ -8,9 +8,9 @@ reference in float32 on the same (rounded) inputs, `pt` the reference in the low
 
 where the second term is the rounding of the low-precision dtype near the data. For float32 the
 bound is tight and fixed (no TF32). Outputs are NaN-filled before every kernel call
-(`nan_fill`), and under the interpreter every masked load / store is checked against the
-memory of the tensors passed to the kernel, and each launch's programs against one another's
-writes, which race on a GPU (`interpreter_guard`).
+(`nan_fill`). Under the interpreter, `interpreter_guard` makes fail what a card would get wrong
+and the interpreter would not (out-of-bounds and undefined lanes, races, false compiler hints),
+and `autotuner_repeats` repeats launches as a card's autotuner does.
 """
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def autotuner_repeats():
 _TUNED_KEYS: set = set()
 
 
-# ---- interpreter memory guard -----------------------------------------------------------------
+# ---- interpreter guard ------------------------------------------------------------------------
 class OutOfBoundsAccess(AssertionError):
     pass
 
@@ -212,6 +212,9 @@ class RaceBetweenPrograms(AssertionError):
 
 class FalseHint(AssertionError):
     pass
+
+
+HINTS = ("tt.divisibility", "tt.contiguity")   # the hints hint_problem checks
 
 
 def hint_problem(values, key: str, claims: Sequence[int]) -> Optional[str]:
@@ -295,9 +298,6 @@ def races(loads: list, stores: list) -> Optional[str]:
         return (f"program {int(rp[i])} loads {int(ra[i]):#x}, which program "
                 f"{int(writer[pos[i]])} of the same launch stores ({int(bad.sum())} such units)")
     return None
-
-
-HINTS = ("tt.divisibility", "tt.contiguity")
 
 
 def lanes_disagree(ptrs, values, mask) -> Optional[str]:

@@ -489,8 +489,10 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
     def build():
         cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                 for bm, bn, w, s in configs]
-        # every output of these kernels is stored (never accumulated) once per launch, so
-        # the autotuner's repeated launches need no reset
+        # the autotuner repeats a key's first launch, which needs no reset: every output is
+        # stored once per launch, but for the dK/dV pass's later batch-share steps, which add
+        # into the table partials and never start a key (step 0 stores; the interpreter tests
+        # repeat first launches too: testing.autotuner_repeats)
         inner = triton.heuristics({"EVEN": _even})(kernel) if has_even else kernel
         return triton.autotune(cfgs, key=keys)(inner)
 

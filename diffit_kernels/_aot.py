@@ -17,6 +17,10 @@ import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory per block (A100, H100)
+# per block on sm_86 / sm_89 cards (RTX 30 / 40 series, A10, A40, L4, L40): each launch list
+# keeps a config within it (the one its AotSpec marks fits_99kb), which such a card's
+# autotuner falls back to (it times a config past the card as not fitting)
+SMEM_99KB = 99 * 1024
 ARCH_NAME = {80: "sm_80", 90: "sm_90a"}
 # Scalar 16-bit global loads / stores (LDG / STG .U16) a vectorised kernel may have in its
 # longest loop: a 16-row tile of a head dim's narrow second chunk (d 72 = 64 + 16) spread one
@@ -45,6 +49,9 @@ class AotSpec:
     # a 16-bit dot tile wgmma takes on sm_90a (a 64+ dimension, one warpgroup or more): HGMMA
     # expected there, never HMMA alone (smaller tiles and single warps run HMMA by design)
     hgmma_expected: bool = False
+    # the config of its list that a 99 KB card runs (the list's last, or its only one): its
+    # sm_80 build must fit SMEM_99KB (earlier, larger candidates may not)
+    fits_99kb: bool = True
 
 
 @dataclasses.dataclass
@@ -66,6 +73,7 @@ class AotRow:
     scalar16: int = 0            # scalar 16-bit global loads / stores in that loop
     vector16: bool = False
     hgmma_expected: bool = False
+    fits_99kb: bool = True
 
     @property
     def problems(self) -> List[str]:
@@ -77,6 +85,9 @@ class AotRow:
         limit = SMEM_LIMIT[80 if self.arch == "sm_80" else 90]
         if self.shared_bytes > limit:
             out.append(f"shared memory {self.shared_bytes} B > {limit} B")
+        elif self.fits_99kb and self.arch == "sm_80" and self.shared_bytes > SMEM_99KB:
+            out.append(f"shared memory {self.shared_bytes} B > {SMEM_99KB} B: the config its "
+                       "list keeps for sm_86 / sm_89 cards must fit them")
         if self.uses_dot and self.hmma + self.hgmma == 0:
             out.append("no tensor-core instruction (HMMA/HGMMA) in the SASS")
         elif self.hgmma_expected and self.arch == "sm_90a" and self.hgmma == 0:
@@ -181,7 +192,7 @@ def compile_spec(spec: AotSpec, arch: int) -> AotRow:
 
     row = AotRow(spec.kernel, spec.config, ARCH_NAME[arch], spec.num_warps, spec.num_stages,
                  0, 0, 0, 0, 0, spec.uses_dot, spill_ok=spec.spill_ok, vector16=spec.vector16,
-                 hgmma_expected=spec.hgmma_expected)
+                 hgmma_expected=spec.hgmma_expected, fits_99kb=spec.fits_99kb)
     sig = _full_signature(spec)
     # pointers are 16-byte aligned, as the JIT specialises torch allocations (and example
     # ints that are multiples of 16)

@@ -1281,7 +1281,7 @@ _SHAPE_D = {(16, 0): 16, (32, 0): 32, (32, 16): 40, (64, 0): 64, (64, 16): 72, (
 
 
 def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: bool = False,
-                 odd: bool = False):
+                 odd: bool = False, fits_99kb: bool = True):
     table, bias, windowed, store = _AOT_FLAGS[flags]
     D0, D1, HAS_D1 = _head_split(D)
     bm, bn, w, s = cfg
@@ -1309,6 +1309,7 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
     spec = _spec(fn, dt, c, w, s, f"{dt} D={D} {flags}{acc} {bm}x{bn} w{w} s{s}"
                  + (f" n_win {example['n_win']}" if odd else ""), example=example)
     spec.spill_ok = spill_ok
+    spec.fits_99kb = fits_99kb
     # wgmma's tiles: 64 rows per warpgroup; every 16-bit tile with a 64+ side in one or more
     # warpgroups builds HGMMA on sm_90a today (Triton 3.6, 3.8, 3.9)
     spec.hgmma_expected = spec.uses_dot and w >= 4 and max(bm, bn) >= 64
@@ -1321,6 +1322,17 @@ def _delta_spec(dt: str, D: int):
                  dict(BLOCK_M=DELTA_BLOCK_M, D0=D0, D1=D1, HAS_D1=HAS_D1), DELTA_WARPS, 1,
                  f"{dt} D={D} {DELTA_BLOCK_M} w{DELTA_WARPS}", dot=False,  # row sums, no dot
                  example=_example(D, False))
+
+
+def _fits_99kb(kind: str, cfgs: List[tuple], cfg: tuple) -> bool:
+    """Whether cfg is the config of its list a 99 KB card (sm_86 / sm_89) relies on, so its
+    build must fit (_aot.SMEM_99KB): an autotuned list's last (the tuner, or _first_fit with
+    tuning off, passes over candidates that do not fit); the table pass's first (its plan
+    "separate" runs untimed; "separate-64" is timed, and one that does not fit counts as
+    slowest); none of the wide plan's tiles (a timed plan). Lists run largest tiles first."""
+    if kind == "window-wide":
+        return False
+    return cfg == (cfgs[0] if kind == "dbias" else cfgs[-1])
 
 
 def aot_specs():
@@ -1345,27 +1357,34 @@ def aot_specs():
             else:
                 continue
             for i, cfg in enumerate(pick):
-                specs.append(_kernel_spec(kind, dt, D, flags, cfg, spill_ok=i > 0 or wide))
+                fits = _fits_99kb(kind, cfgs, cfg)
+                specs.append(_kernel_spec(kind, dt, D, flags, cfg, spill_ok=i > 0 or wide,
+                                          fits_99kb=fits))
                 if flags == "table" and D == 72 and elt == 2 and kind in ("fwd", "dkdv", "dkdv-acc",
                                                                           "dq"):
                     # global attention's table through its slabs (_table_arg)
-                    specs.append(_kernel_spec(kind, dt, D, "slab", cfg, spill_ok=i > 0))
+                    specs.append(_kernel_spec(kind, dt, D, "slab", cfg, spill_ok=i > 0,
+                                              fits_99kb=fits))
             if kind == "window" and cfgs and cfgs[0][0] > 16:
                 specs.append(_kernel_spec(kind, dt, D, flags,
                                           (16, 16) + _fused_launch(16, cfgs[0], elt)))
             if D != 72 or not cfgs:
                 continue
             if elt == 2:
-                specs.append(_kernel_spec(kind, "fp16", D, flags, cfgs[0], spill_ok=wide))
+                specs.append(_kernel_spec(kind, "fp16", D, flags, cfgs[0], spill_ok=wide,
+                                          fits_99kb=_fits_99kb(kind, cfgs, cfgs[0])))
             if kind.split("-")[0] in ("fwd", "dkdv", "dq"):
                 # the masked variant (EVEN off): an odd grid or window, as the examples are not
                 odd_flags = "slab" if elt == 2 and flags == "table" else flags
-                specs.append(_kernel_spec(kind, dt, D, odd_flags, cfgs[0], odd=True))
+                specs.append(_kernel_spec(kind, dt, D, odd_flags, cfgs[0], odd=True,
+                                          fits_99kb=_fits_99kb(kind, cfgs, cfgs[0])))
             if not has_bias and kind in ("fwd", "dkdv", "dq", "dbias"):
-                specs.append(_kernel_spec(kind, dt, D, "plain", cfgs[0]))
+                specs.append(_kernel_spec(kind, dt, D, "plain", cfgs[0],
+                                          fits_99kb=_fits_99kb(kind, cfgs, cfgs[0])))
             if not has_bias and kind == "dbias":  # windows past the partials' limit too
                 for i, cfg in enumerate(cfgs):
-                    specs.append(_kernel_spec(kind, dt, D, "table-win", cfg, spill_ok=i > 0))
+                    specs.append(_kernel_spec(kind, dt, D, "table-win", cfg, spill_ok=i > 0,
+                                              fits_99kb=_fits_99kb(kind, cfgs, cfg)))
             if not has_bias and kind == "window":
                 specs.append(_kernel_spec(kind, dt, D, "table", cfgs[0]))
     for dt in ("bf16", "fp32"):

@@ -385,7 +385,7 @@ def _packed_span(D0: int, D1: int, HAS_D1: bool, elt: int, has_bias: bool) -> in
     """Largest span the fused backward packs into its "window" config's tiles (0: none). Its
     dots are chained, for which Triton stacks the warps along M, so its configs start from one
     warp per 16 rows (more where that spills)."""
-    cfgs = _configs("window", D0, D1, HAS_D1, elt, has_bias)
+    cfgs = _card_list("window", D0, D1, HAS_D1, elt, has_bias)  # never tuned: the first runs
     return min(FUSED_MAX_SPAN, cfgs[0][0]) if cfgs else 0
 
 
@@ -948,7 +948,7 @@ def _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra
                 partial, *strides, *geo, float(scale), units, groups, G * n, per_prog, P)
         kwargs = dict(ACC_DS=acc, STORE_DS=store_ds, BLOCK=BLOCK, **kw, **packed)
         if n <= narrow:
-            cfg = _configs("window", *shape)[0]
+            cfg = _card_list("window", *shape)[0]   # never tuned: a card runs the first
             warps, stages = _fused_launch(BLOCK, cfg, q.element_size())
             _log("window", cfg)
             _kernels._tmsa_attention_bwd_kernel_window[(P, H)](*args, **kwargs, num_warps=warps,

@@ -743,7 +743,7 @@ def _run_items(geom, elt, shape, pick):
         default, per_shape = A._CONFIG_TABLE[(kind, has_bias, elt)]
         cfgs = per_shape.get(shape, default)
         if cfgs:
-            i = pick % len(cfgs)
+            i = pick % len(cfgs) if kind != "window" else 0   # the fused kernel: untuned
             if kind == "dbias":
                 i = 1 if geom == "table-dbias-64" and len(cfgs) > 1 else 0
             out.add((kind, has_bias, elt, shape if shape in per_shape else "default", cfgs[i]))

@@ -5,6 +5,8 @@
 # accepts, and register allocation differs between releases, so a config clean on one can
 # spill on another. CI runs it for 3.6 (torch 2.11's pin, the common GPU image); any other:
 #     bash tests/aot_triton.sh 3.4.0
+# WITH_INTERPRETER=1 runs the interpreter tests under that release too (its interpreter is what
+# the tests hook to make GPU-only faults fail there: testing.interpreter_guard).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${1:?usage: bash tests/aot_triton.sh TRITON_VERSION}
@@ -18,3 +20,7 @@ venv=.venv-triton-$version
 par=()
 if "$venv/bin/python" -c "import xdist" 2>/dev/null; then par=(-n "$(nproc)"); fi
 env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 "$venv/bin/python" -m pytest -q "${par[@]}" -m aot tests/
+if [ "${WITH_INTERPRETER:-0}" = 1 ]; then
+    TRITON_INTERPRET=1 TRITON_DEFAULT_FP_FUSION=1 "$venv/bin/python" -m pytest -q "${par[@]}" \
+        -m interpreter tests/
+fi

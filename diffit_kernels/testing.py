@@ -323,6 +323,30 @@ def lanes_disagree(ptrs, values, mask) -> Optional[str]:
     return None
 
 
+def reload_problem(stored: list, lanes, addrs, shape) -> Optional[str]:
+    """Why a program's load reads what the same program stored since its last barrier through
+    another thread, or None. The load: a pointer tile of `shape`, its enabled lanes (flat
+    indices) `lanes` at addresses `addrs`; `stored`: (lanes, addresses, shape) of each store.
+    A card holds a tile's lanes in different threads, and only a barrier (tl.debug_barrier)
+    orders one thread's store before another's load; the same lane of a tile of the same shape
+    is the same thread (one layout per pointer tile), the one case that needs none."""
+    import numpy as np
+
+    for s_lanes, s_addrs, s_shape in stored:
+        hit = np.isin(addrs, s_addrs)
+        if not hit.any():
+            continue
+        if tuple(s_shape) != tuple(shape):
+            return (f"a program loads, as a {list(shape)} tile, what it stored as a "
+                    f"{list(s_shape)} tile, with no barrier between")
+        order = np.argsort(s_addrs)
+        at = order[np.searchsorted(s_addrs, addrs[hit], sorter=order)]
+        if (s_lanes[at] != lanes[hit]).any():
+            return ("a program loads through one lane what another lane of it stored, with no "
+                    "barrier between")
+    return None
+
+
 @contextlib.contextmanager
 def interpreter_guard():
     """Make the Triton interpreter fail where a GPU would go wrong and it would not.
@@ -339,7 +363,8 @@ def interpreter_guard():
     programs read or write what another program of the launch writes gives the right numbers
     here and wrong ones on a card; each launch's accesses are recorded per program and
     RaceBetweenPrograms is raised at its end (see `races`); so is a store whose lanes write
-    different values to one address (lanes_disagree).
+    different values to one address (lanes_disagree), and a program's load of what it stored
+    itself through another thread with no barrier between (reload_problem).
     """
     import numpy as np
     from triton.runtime import interpreter as interp
@@ -348,17 +373,20 @@ def interpreter_guard():
     ranges: List[tuple] = []
     loads: list = []
     stores: list = []
+    program: dict = {"pid": None, "stored": []}   # the running program's stores since a barrier
     orig_init = interp.GridExecutor._init_args_hst
     orig_restore = interp.GridExecutor._restore_args_dev
     orig_load = builder_cls.create_masked_load
     orig_store = builder_cls.create_masked_store
     orig_set_attr = interp.TensorHandle.set_attr
+    orig_barrier = builder_cls.create_barrier
 
     def init_args(self, args_dev, kwargs):
         args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
         ranges.clear()
         loads.clear()
         stores.clear()
+        program.update(pid=None, stored=[])
 
         def visit(a):
             if isinstance(a, (tuple, list)):
@@ -399,7 +427,17 @@ def interpreter_guard():
                 f"the kernel ({len(ranges)} storages; {int((~ok).sum())} bad lanes)")
         x, y, z = builder.grid_idx
         gx, gy, _ = builder.grid_dim
-        log.append((live, int(width), x + gx * (y + gy * z)))
+        pid = x + gx * (y + gy * z)
+        log.append((live, int(width), pid))
+        if program["pid"] != pid:   # a new program: nothing of its own stored yet
+            program.update(pid=pid, stored=[])
+        lanes = np.flatnonzero(m)
+        if log is stores:
+            program["stored"].append((lanes, live, addr.shape))
+        elif program["stored"]:
+            why = reload_problem(program["stored"], lanes, live, addr.shape)
+            if why is not None:
+                raise RaceBetweenPrograms(why)
 
     def load(self, ptrs, mask, other, *a, **kw):
         check(self, ptrs, mask, "load", loads)
@@ -437,7 +475,12 @@ def interpreter_guard():
             raise FalseHint(why)
         return orig_set_attr(handle, key, claims)
 
+    def barrier(self, *a, **kw):
+        program["stored"] = []   # later loads see every earlier store of the program
+        return orig_barrier(self, *a, **kw)
+
     interp.TensorHandle.set_attr = set_attr
+    builder_cls.create_barrier = barrier
     interp.GridExecutor._init_args_hst = init_args
     interp.GridExecutor._restore_args_dev = restore
     builder_cls.create_masked_load = load
@@ -446,6 +489,7 @@ def interpreter_guard():
         yield
     finally:
         interp.TensorHandle.set_attr = orig_set_attr
+        builder_cls.create_barrier = orig_barrier
         interp.GridExecutor._init_args_hst = orig_init
         interp.GridExecutor._restore_args_dev = orig_restore
         builder_cls.create_masked_load = orig_load

@@ -56,6 +56,24 @@ if triton_importable():
         tl.store(Y + offs % (BLOCK // 2), x)
 
     @triton.jit
+    def _reload_kernel(X, Y, BLOCK: tl.constexpr, HOW: tl.constexpr):
+        # stores X's block to Y, then reads Y back: in the same lanes (0), reversed (1),
+        # reversed after a barrier (2), as a [2, BLOCK / 2] tile (3); writes it to X
+        offs = tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs) * 2.0)
+        if HOW == 0:
+            back = tl.load(Y + offs)
+        elif HOW == 1:
+            back = tl.load(Y + BLOCK - 1 - offs)
+        elif HOW == 2:
+            tl.debug_barrier()
+            back = tl.load(Y + BLOCK - 1 - offs)
+        else:
+            two = tl.arange(0, 2)[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
+            back = tl.reshape(tl.load(Y + two), [BLOCK])
+        tl.store(X + offs, back)
+
+    @triton.jit
     def _own_rmw_kernel(ACC, ROUNDS, BLOCK: tl.constexpr):
         # each program reads and rewrites its own block several times (stores then loads)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -151,6 +169,24 @@ def test_lanes_of_one_store_writing_one_address_differently_is_a_race():
     # (raised inside the program: the interpreter may wrap it in an error of its own)
     with pytest.raises(Exception, match="writes different values to 0x.* from two lanes"):
         _scatter_kernel[(1,)](torch.arange(8.0), y, BLOCK=8, SAME=False)
+
+
+@pytest.mark.interpreter
+def test_reload_of_a_programs_own_store_needs_the_same_lane_or_a_barrier():
+    """A program reading back what it stored: fine from the same lane (the same thread) or
+    after tl.debug_barrier; through another lane or another tile shape with no barrier, a
+    card's other thread may read before the store lands."""
+    x = torch.arange(8.0)
+    y = torch.empty(8)
+    _reload_kernel[(1,)](x, y, BLOCK=8, HOW=0)
+    assert x.tolist() == [2.0 * i for i in range(8)]
+    x = torch.arange(8.0)
+    _reload_kernel[(1,)](x, y, BLOCK=8, HOW=2)
+    assert x.tolist() == [2.0 * i for i in reversed(range(8))]
+    with pytest.raises(Exception, match="through one lane what another lane of it stored"):
+        _reload_kernel[(1,)](torch.arange(8.0), y, BLOCK=8, HOW=1)
+    with pytest.raises(Exception, match=r"as a \[2, 4\] tile, what it stored as a \[8\]"):
+        _reload_kernel[(1,)](torch.arange(8.0), y, BLOCK=8, HOW=3)
 
 
 def test_race_rule_on_recorded_accesses():

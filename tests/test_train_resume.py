@@ -249,6 +249,10 @@ def _two_rank_worker(rank, port, root, lat):
         for i, n in enumerate(names) for k in ("exp_avg", "exp_avg_sq"))
     res["fsdp_step"] = t.fit()["step"]
     torch.save(res, root / f"rank{rank}.pt")
+    # both ranks past every collective before either tears the group down: a rank that
+    # destroyed it while the other still talked to it aborted once ("terminate called without
+    # an active exception", SIGABRT in CI)
+    dist.barrier()
     dist.destroy_process_group()
 
 

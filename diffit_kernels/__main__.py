@@ -9,6 +9,7 @@ The interpreter and the compiler cannot share a process, so each part runs in it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -42,8 +43,6 @@ def main(argv=None) -> int:
 
     if args.cmd == "_numerics":
         import torch
-
-        import contextlib
 
         from ._check import run_check
         from .testing import autotuner_repeats, interpreter_guard, interpreter_problem

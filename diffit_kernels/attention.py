@@ -469,6 +469,20 @@ def _launch_one(kernel, kind: str, cfg: tuple, grid_of, args: tuple, kwargs: dic
     return bm, bn
 
 
+def _launch_list(kernel, kind: str, configs: List[tuple], keys: List[str], args: tuple,
+                 kwargs: dict, one, tuned):
+    """A candidate list launched as a card launches it: one config by one(config) (its key's
+    first launch repeated where testing.autotuner_repeats asks); several with autotuning off,
+    the first the card can load (_first_fit); else tuned(), the cached autotuner (CUDA)."""
+    if len(configs) == 1:
+        for _ in range(autotuner_repeats(kernel, keys, args, kwargs)):
+            one(configs[0])
+        return one(configs[0])
+    if not autotune_enabled():
+        return _first_fit((kernel.fn.__name__, kind, tuple(configs)), configs, one)
+    return tuned()
+
+
 def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwargs: dict):
     """One config: launch it. Several (CUDA only): a cached autotuner over exactly that list,
     keyed on the sequence-length bucket, span bucket, head dim and windowing (plus dtypes), or
@@ -478,13 +492,6 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
     has_even = "EVEN" in kernel.arg_names
     flags = ("HAS_TABLE", "HAS_BIAS", "SLAB_TAB") + (("ACC_DS",) if "ACC_DS" in kwargs else ())
     keys = ["N_BUCKET", "SPAN_BUCKET", "D", "WINDOWED", *flags]
-    if len(configs) == 1:
-        for _ in range(autotuner_repeats(kernel, keys, args, kwargs)):
-            _launch_one(kernel, kind, configs[0], grid_of, args, kwargs)
-        return _launch_one(kernel, kind, configs[0], grid_of, args, kwargs)
-    if not autotune_enabled():
-        return _first_fit((kernel.fn.__name__, kind, tuple(configs)), configs,
-                          lambda cfg: _launch_one(kernel, kind, cfg, grid_of, args, kwargs))
 
     def build():
         cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -496,11 +503,16 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
         inner = triton.heuristics({"EVEN": _even})(kernel) if has_even else kernel
         return triton.autotune(cfgs, key=keys)(inner)
 
-    name = kernel.fn.__name__
-    tuner = launch_tuned((name, kind, tuple(configs), flags), build, name, kind,
-                         lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"]), args, kwargs)
-    best = tuner.best_config.kwargs
-    return best["BLOCK_M"], best["BLOCK_N"]
+    def tuned():
+        name = kernel.fn.__name__
+        tuner = launch_tuned((name, kind, tuple(configs), flags), build, name, kind,
+                             lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"]), args,
+                             kwargs)
+        best = tuner.best_config.kwargs
+        return best["BLOCK_M"], best["BLOCK_N"]
+
+    return _launch_list(kernel, kind, configs, keys, args, kwargs,
+                        lambda cfg: _launch_one(kernel, kind, cfg, grid_of, args, kwargs), tuned)
 
 
 def _launch_window(configs: List[tuple], grid: tuple, args: tuple, kwargs: dict) -> None:
@@ -515,17 +527,15 @@ def _launch_window(configs: List[tuple], grid: tuple, args: tuple, kwargs: dict)
         kernel[grid](*args, **kwargs, num_warps=cfg[2], num_stages=cfg[3])
 
     keys = ["BLOCK", "D", "WINDOWED", "HAS_TABLE", "ACC_DS"]
-    if len(configs) == 1:
-        for _ in range(autotuner_repeats(kernel, keys, args, kwargs)):
-            one(configs[0])
-        return one(configs[0])
-    if not autotune_enabled():
-        return _first_fit((kernel.fn.__name__, "window-wide", tuple(configs)), configs, one)
-    name = kernel.fn.__name__
-    launch_tuned((name, "window-wide", tuple(configs)),
-                 lambda: triton.autotune([triton.Config({}, num_warps=w, num_stages=st)
-                                          for _, _, w, st in configs], key=keys)(kernel),
-                 name, "window-wide", grid, args, kwargs)
+
+    def tuned():
+        name = kernel.fn.__name__
+        launch_tuned((name, "window-wide", tuple(configs)),
+                     lambda: triton.autotune([triton.Config({}, num_warps=w, num_stages=st)
+                                              for _, _, w, st in configs], key=keys)(kernel),
+                     name, "window-wide", grid, args, kwargs)
+
+    _launch_list(kernel, "window-wide", configs, keys, args, kwargs, one, tuned)
 
 
 def _rows_aligned(t: torch.Tensor) -> torch.Tensor:
@@ -1329,10 +1339,11 @@ def _fits_99kb(kind: str, cfgs: List[tuple], cfg: tuple) -> bool:
     build must fit (_aot.SMEM_99KB): an autotuned list's last (the tuner, or _first_fit with
     tuning off, passes over candidates that do not fit); the table pass's first (its plan
     "separate" runs untimed; "separate-64" is timed, and one that does not fit counts as
-    slowest); none of the wide plan's tiles (a timed plan). Lists run largest tiles first."""
+    slowest) and the fused kernel's (never tuned: its first runs); none of the wide plan's
+    tiles (a timed plan). Lists run largest tiles first."""
     if kind == "window-wide":
         return False
-    return cfg == (cfgs[0] if kind == "dbias" else cfgs[-1])
+    return cfg == (cfgs[0] if kind in ("dbias", "window") else cfgs[-1])
 
 
 def aot_specs():
@@ -1356,37 +1367,35 @@ def aot_specs():
                 pick = cfgs[:1]
             else:
                 continue
+
+            def add(dt_, flags_, cfg, **kw):  # a config of this list (cfgs)
+                specs.append(_kernel_spec(kind, dt_, D, flags_, cfg,
+                                          fits_99kb=_fits_99kb(kind, cfgs, cfg), **kw))
+
             for i, cfg in enumerate(pick):
-                fits = _fits_99kb(kind, cfgs, cfg)
-                specs.append(_kernel_spec(kind, dt, D, flags, cfg, spill_ok=i > 0 or wide,
-                                          fits_99kb=fits))
+                add(dt, flags, cfg, spill_ok=i > 0 or wide)
                 if flags == "table" and D == 72 and elt == 2 and kind in ("fwd", "dkdv", "dkdv-acc",
                                                                           "dq"):
                     # global attention's table through its slabs (_table_arg)
-                    specs.append(_kernel_spec(kind, dt, D, "slab", cfg, spill_ok=i > 0,
-                                              fits_99kb=fits))
+                    add(dt, "slab", cfg, spill_ok=i > 0)
             if kind == "window" and cfgs and cfgs[0][0] > 16:
                 specs.append(_kernel_spec(kind, dt, D, flags,
                                           (16, 16) + _fused_launch(16, cfgs[0], elt)))
             if D != 72 or not cfgs:
                 continue
             if elt == 2:
-                specs.append(_kernel_spec(kind, "fp16", D, flags, cfgs[0], spill_ok=wide,
-                                          fits_99kb=_fits_99kb(kind, cfgs, cfgs[0])))
+                add("fp16", flags, cfgs[0], spill_ok=wide)
             if kind.split("-")[0] in ("fwd", "dkdv", "dq"):
                 # the masked variant (EVEN off): an odd grid or window, as the examples are not
                 odd_flags = "slab" if elt == 2 and flags == "table" else flags
-                specs.append(_kernel_spec(kind, dt, D, odd_flags, cfgs[0], odd=True,
-                                          fits_99kb=_fits_99kb(kind, cfgs, cfgs[0])))
+                add(dt, odd_flags, cfgs[0], odd=True)
             if not has_bias and kind in ("fwd", "dkdv", "dq", "dbias"):
-                specs.append(_kernel_spec(kind, dt, D, "plain", cfgs[0],
-                                          fits_99kb=_fits_99kb(kind, cfgs, cfgs[0])))
+                add(dt, "plain", cfgs[0])
             if not has_bias and kind == "dbias":  # windows past the partials' limit too
                 for i, cfg in enumerate(cfgs):
-                    specs.append(_kernel_spec(kind, dt, D, "table-win", cfg, spill_ok=i > 0,
-                                              fits_99kb=_fits_99kb(kind, cfgs, cfg)))
+                    add(dt, "table-win", cfg, spill_ok=i > 0)
             if not has_bias and kind == "window":
-                specs.append(_kernel_spec(kind, dt, D, "table", cfgs[0]))
+                add(dt, "table", cfgs[0])
     for dt in ("bf16", "fp32"):
         for D in (72, 128):
             specs.append(_delta_spec(dt, D))

@@ -519,6 +519,8 @@ def _launch(kernel, grid: tuple, cfgs: List[Tuple[int, int]], key: List[str], ar
     no reset."""
     if len(cfgs) == 1 or interpreting() or _CARD["pick"] is not None or not autotune_enabled():
         warps, ahead = cfgs[(_CARD["pick"] or 0) % len(cfgs)]
+        # repeated only where a card tunes: a one-candidate list never is (the chunked
+        # backward's, whose partials accumulate across chunks)
         for _ in range(autotuner_repeats(kernel, key, args, kwargs) if len(cfgs) > 1 else 0):
             kernel[grid](*args, **kwargs, AHEAD=ahead, num_warps=warps)
         kernel[grid](*args, **kwargs, AHEAD=ahead, num_warps=warps)

@@ -6,7 +6,7 @@ Providers (every row's gradient includes the bias table, or the dense bias, wher
                    is a power of two >= 16), or gathered in-kernel (windows; global grids where
                    the card timed the gather faster at the shape's first forward: autotune.csv,
                    kind table), d_table reduced deterministically
-    tmsa-shares    the same with the backward plan forced (attention.BWD_PLAN; tmsa times the
+    tmsa-shares    the same with the backward plan forced (_attention_plans.BWD_PLAN; tmsa times the
     tmsa-samples   plans a shape can take at its first backward and keeps the fastest, whose
     tmsa-separate  times autotune.csv lists): "shares" sums dS into the table in the dK/dV pass
     tmsa-separate-64  over a few read-modify-written batch shares, "samples" over one share
@@ -65,7 +65,7 @@ from benchmarks.common import (after_error, attention_setting, bench, bench_main
 from benchmarks.peak import copy_gbps  # noqa: E402
 from diffit_kernels import reference  # noqa: E402
 from diffit_kernels import tmsa_attention  # noqa: E402
-from diffit_kernels import attention  # noqa: E402
+from diffit_kernels import _attention_plans  # noqa: E402
 
 # (label, B, H, grid, window, d). Batch sizes of the windowed rows are ours (the paper's
 # image-space models train at batch 256-512 on 8 GPUs): they keep a run within seconds.
@@ -89,8 +89,8 @@ PROVIDERS = ("sdpa-flash", "memory limit", "tmsa", "tmsa-shares", "tmsa-samples"
              "eager",
              "flex")
 SPEED_OF_LIGHT = ("sdpa-flash", "memory limit")
-# the backward plan each plan row forces (attention.BWD_PLAN): backward rows only (the forward
-# is tmsa's), at shapes with several plans, for the plans the shape has
+# the backward plan each plan row forces (_attention_plans.BWD_PLAN): backward rows only (the
+# forward is tmsa's), at shapes with several plans, for the plans the shape has
 PLAN_ROWS = {"tmsa-shares": "shares", "tmsa-samples": "samples", "tmsa-separate": "separate",
              "tmsa-separate-64": "separate-64", "tmsa-wide": "wide"}
 SLOW = ("flex",)           # run at every shape after the others have run at every shape
@@ -221,8 +221,8 @@ def _flops(B, H, grid, window, d) -> float:
 
 
 # the library's setting each A/B provider changes (see the module docstring), and its value
-_VARIANTS = {"tmsa-gather": ("SLAB_MAX_BYTES", 0),
-             **{name: ("BWD_PLAN", plan) for name, plan in PLAN_ROWS.items()}}
+_VARIANTS = {"tmsa-gather": ("attention", "SLAB_MAX_BYTES", 0),
+             **{name: ("_attention_plans", "BWD_PLAN", plan) for name, plan in PLAN_ROWS.items()}}
 
 
 def _variant(name):
@@ -235,7 +235,7 @@ def _shape_names(names, B, H, grid, window, d, dtype, device) -> List[str]:
     """names less the plan rows a shape has no use for: a plan it cannot take, or any plan
     where it has only one."""
     geometry = [*grid, *(window or grid)]
-    plans = attention._plans_of(B, H, grid[0] * grid[1], d, dtype, geometry, device)
+    plans = _attention_plans._plans_of(B, H, grid[0] * grid[1], d, dtype, geometry, device)
     return [n for n in names if n not in PLAN_ROWS or (len(plans) > 1 and PLAN_ROWS[n] in plans)]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import importlib
 import inspect
 import logging
 import math
@@ -225,21 +226,21 @@ def after_error() -> None:
 
 
 @contextlib.contextmanager
-def attention_setting(setting: Optional[Tuple[str, Any]]):
-    """diffit_kernels.attention's module setting (attribute, value) for the block, restored
-    afterwards (the A/B rows' and the ncu cases' variants); None: nothing changed."""
+def attention_setting(setting: Optional[Tuple[str, str, Any]]):
+    """A module setting of tmsa_attention's, (module, attribute, value), for the block, restored
+    afterwards (the A/B rows' and the ncu cases' variants): the module is diffit_kernels'
+    that reads it ("attention", "_attention_plans"); None: nothing changed."""
     if setting is None:
         yield
         return
-    from diffit_kernels import attention
-
-    attr, value = setting
-    old = getattr(attention, attr)
-    setattr(attention, attr, value)
+    name, attr, value = setting
+    module = importlib.import_module(f"diffit_kernels.{name}")
+    old = getattr(module, attr)
+    setattr(module, attr, value)
     try:
         yield
     finally:
-        setattr(attention, attr, old)
+        setattr(module, attr, old)
 
 
 # ---- torch.compile baselines ------------------------------------------------------------------

@@ -41,11 +41,11 @@ CASES = [
     ("attention ffhq64-level0-B64 wide", "attention", (64, 2, (64, 64), (8, 8), 64)),
     ("attention cifar10-level0-B128", "attention", (128, 2, (32, 32), (4, 4), 64)),
 ]
-# the library setting a case runs under (module attribute, value): 8x8 windows through both of
+# the library setting a case runs under (module, attribute, value): 8x8 windows through both of
 # their main backward plans, delta + dK/dV + dQ and the fused kernel's 64-wide tile (the
 # benchmark's tmsa-shares and tmsa-wide rows); the other cases take the plan the card chose
-SETTINGS = {"attention ffhq64-level0-B64 shares": ("BWD_PLAN", "shares"),
-            "attention ffhq64-level0-B64 wide": ("BWD_PLAN", "wide")}
+SETTINGS = {"attention ffhq64-level0-B64 shares": ("_attention_plans", "BWD_PLAN", "shares"),
+            "attention ffhq64-level0-B64 wide": ("_attention_plans", "BWD_PLAN", "wide")}
 TINY_CPU = {"attention": [(1, 2, (4, 4), None, 16), (1, 2, (8, 8), (4, 4), 16)],
             "time_qkv": [(2, 8, 64, 4, 32)], "adaln_norm": [(2, 8, 64)]}
 WARMUP = 3  # fwd+bwd calls before the profiled one: compiles and autotuning

@@ -174,10 +174,10 @@ def autotune_section(out: Path) -> List[str]:
                           []).append(r)
     L = ["## Autotune", "", "Every candidate of each autotuned launch as Triton's autotuner "
          "timed it on this card (median ms at that key; x: the ratio to the fastest; the "
-         "candidate lists are diffit_kernels/attention.py `_CONFIG_TABLE` and "
+         "candidate lists are diffit_kernels/_attention_launch.py `_CONFIG_TABLE` and "
          "diffit_kernels/norm.py `candidates`), and lists `plan` and `table`: the attention "
          "backward's plans and the global table's read (slabs or gather), each timed whole at "
-         "the shape's first backward or forward (attention.py `_choose_plan`).", "",
+         "the shape's first backward or forward (_attention_plans.py `_choose_plan`).", "",
          "| kernel | list | key | chosen | candidates: ms (x fastest) |", "|---|---|---|---|---|"]
     for (kernel, kind, key), rows in groups.items():
         chosen = next((_short(r["candidate"]) for r in rows if r.get("chosen") == "yes"), "-")

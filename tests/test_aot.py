@@ -88,7 +88,7 @@ def test_each_list_keeps_a_config_for_99kb_cards():
     """sm_86 / sm_89 cards (RTX 30 / 40, A10, L4) give a block 99 KB of shared memory: the
     config of each list such a card relies on must fit it there (its sm_80 build); others
     may not (the d 64 global forward's first tile takes 112 KB)."""
-    from diffit_kernels import attention
+    from diffit_kernels import _attention_aot, _attention_launch, attention
     from diffit_kernels._aot import SMEM_99KB, AotRow
 
     row = AotRow("k", "c", "sm_80", 8, 3, 0, 0, SMEM_99KB + 1024, 16, 0, True)
@@ -101,9 +101,9 @@ def test_each_list_keeps_a_config_for_99kb_cards():
     specs = {s.config: s for s in attention.aot_specs()}
     assert not specs["bf16 D=64 table 128x64 w8 s3"].fits_99kb    # the list's first of two
     assert specs["bf16 D=64 table 64x64 w4 s3"].fits_99kb         # its last
-    d72 = attention._CONFIG_TABLE[("dbias", False, 2)][1][(64, 16)]
-    assert attention._fits_99kb("dbias", d72, d72[0])             # plan "separate": untimed
-    assert not attention._fits_99kb("dbias", d72, d72[1])         # "separate-64": timed
+    d72 = _attention_launch._CONFIG_TABLE[("dbias", False, 2)][1][(64, 16)]
+    assert _attention_aot._fits_99kb("dbias", d72, d72[0])        # plan "separate": untimed
+    assert not _attention_aot._fits_99kb("dbias", d72, d72[1])    # "separate-64": timed
     # the wide plan's tile (the fused kernel at one 64-token window per tile): a timed plan
     assert not any(s.fits_99kb for s in specs.values() if s.constexprs.get("BLOCK") == 64)
 

@@ -5,6 +5,9 @@ import pytest
 import torch
 
 import diffit_kernels
+from diffit_kernels import _attention_aot as AA
+from diffit_kernels import _attention_launch as AL
+from diffit_kernels import _attention_plans as AP
 from diffit_kernels import attention as A
 from diffit_kernels import reference
 from diffit_kernels.testing import assert_parity, parity
@@ -20,7 +23,7 @@ def _untimed_plans(request, monkeypatch):
     every plan's kernels there too (the GPU session's test stage has a time limit). The
     plan-choice test turns timing back on; the model and training tests keep it."""
     if "gpu" in request.keywords:
-        monkeypatch.setattr(A, "PLAN_TUNING", False)
+        monkeypatch.setattr(AP, "PLAN_TUNING", False)
 
 
 def _case(B, H, N, D, *, grid=None, window=None, table=False, bias=None, packed=False):
@@ -117,7 +120,7 @@ def test_forward_and_gradients(B, N, H, D, kw, dtype):
 ])
 def test_windows_on_the_flash_path(B, N, H, D, kw, dtype, monkeypatch):
     """Spans the fused kernel would take, forced through the dK/dV + dQ + dbias kernels."""
-    monkeypatch.setattr(A, "FUSED_MAX_SPAN", 0)
+    monkeypatch.setattr(AL, "FUSED_MAX_SPAN", 0)
     _check(dtype, B, H, N, D, **kw)
 
 
@@ -158,7 +161,7 @@ def test_table_slabs_are_bitwise_the_gathered_table(B, N, H, D, grid, card, ds_p
     outputs and every gradient are bitwise equal (the dbias pass, which gathers from the
     [H, R] table beside the slab-reading dK/dV and dQ kernels, included)."""
     if ds_pass:
-        monkeypatch.setattr(A, "_DS_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(AP, "_DS_MAX_ELEMENTS", 0)
     slabs, log_s = _table_run(B, H, N, D, grid, dtype, card, A.SLAB_MAX_BYTES,
                               monkeypatch)
     gathered, log_g = _table_run(B, H, N, D, grid, dtype, card, 0, monkeypatch)
@@ -191,7 +194,7 @@ def test_even_tiles_are_bitwise_the_masked_kernels(dtype, card, window, monkeypa
     B, H, N, D, grid = 2, 1, 128, 72, (8, 16)
     even, log_e = _table_run(B, H, N, D, grid, dtype, card, A.SLAB_MAX_BYTES,
                              monkeypatch, window)
-    monkeypatch.setattr(A, "_EVEN_OK", False)
+    monkeypatch.setattr(AL, "_EVEN_OK", False)
     masked, log_m = _table_run(B, H, N, D, grid, dtype, card, A.SLAB_MAX_BYTES,
                                monkeypatch, window)
     ran = {e[1] for e in log_e if e[0] == "even"}
@@ -232,13 +235,13 @@ def test_slab_promises_hold_for_every_config():
     a power of two >= 16) and the grid width is a power of two >= 16 (_slab_ok), so
     runs of 16 keys share a grid row. The interpreter ignores hints, so a config or grid
     breaking this would fail on a GPU only."""
-    for (kind, has_bias, elt), (default, per_shape) in A._CONFIG_TABLE.items():
+    for (kind, has_bias, elt), (default, per_shape) in AL._CONFIG_TABLE.items():
         if has_bias or kind not in ("fwd", "dkdv", "dkdv-acc", "dq"):
             continue
         for cfg in [*default, *(c for cs in per_shape.values() for c in cs)]:
             for block in cfg[:2]:
                 assert block >= 16 and block & (block - 1) == 0, (kind, elt, cfg)
-    assert all(c[:2] == (32, 32) for k, c in A._INTERP.items() if k in ("fwd", "dkdv", "dq"))
+    assert all(c[:2] == (32, 32) for k, c in AL._INTERP.items() if k in ("fwd", "dkdv", "dq"))
     table = torch.empty(63 * 63, 2)
     for gw in (4, 8, 24, 48):
         assert not A._slab_ok(table, A._Geom(32 * gw, (32, gw, 32, gw)), 32 * gw, 2), gw
@@ -449,11 +452,11 @@ def test_torch_backend_is_the_reference():
 
 def test_head_dim_split_pads_at_most_a_quarter():
     for D in A.HEAD_DIMS:
-        D0, D1, has_d1 = A._head_split(D)
+        D0, D1, has_d1 = AL._head_split(D)
         width = D0 + (D1 if has_d1 else 0)
         assert width >= D and ((width - D) <= 0.25 * width or width == 16), D
         assert D0 & (D0 - 1) == 0 and D1 & (D1 - 1) == 0 and D1 >= 16
-    assert A._head_split(72) == (64, 16, True)
+    assert AL._head_split(72) == (64, 16, True)
 
 
 def _qkv(B=1, H=2, N=16, D=16, **kw):
@@ -564,7 +567,7 @@ def test_gpu_wide_spans_fused_backward(dtype, D, monkeypatch):
     """The "wide" backward plan on the card (the tmsa-wide benchmark row): 8x8 and 6x6
     windows through the fused backward's 64-wide tile, every output and gradient against the
     reference, and bitwise repeatable."""
-    monkeypatch.setattr(A, "BWD_PLAN", "wide")
+    monkeypatch.setattr(AP, "BWD_PLAN", "wide")
     _check(dtype, 2, 2, 256, D, device="cuda", grid=(16, 16), window=(8, 8), table=True)
     _check(dtype, 2, 2, 72, D, device="cuda", grid=(6, 12), window=(6, 6), table=True)
     kw = dict(grid=(16, 16), window=(8, 8), table=True)
@@ -582,23 +585,23 @@ def test_gpu_backward_plan_is_timed_once_and_kept(monkeypatch):
     meets the reference."""
     from diffit_kernels import _common
 
-    monkeypatch.setattr(A, "PLAN_TUNING", True)
-    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
+    monkeypatch.setattr(AP, "PLAN_TUNING", True)
+    monkeypatch.setattr(AP, "_PLAN_CHOICE", {})
     monkeypatch.setattr(_common, "_TUNED", [])
     kw, shape = dict(grid=(16, 16), table=True), dict(B=32, H=16, N=256, D=72)
-    plans = A._plans_of(32, 16, 256, 72, torch.bfloat16, [16, 16, 16, 16], "cuda")
+    plans = AP._plans_of(32, 16, 256, 72, torch.bfloat16, [16, 16, 16, 16], "cuda")
     assert len(plans) > 1 and "separate" in plans, plans
     first = _grads(kw, dtype=torch.bfloat16, device="cuda", **shape)
     rec, = [r for r in _common.autotune_timings() if r["kind"] == "plan"]
     assert [p for p, _ in rec["candidates"]] == plans, rec
     assert all(0 < t < math.inf for _, t in rec["candidates"]), rec
-    assert rec["best"] in A._PLAN_CHOICE.values()
+    assert rec["best"] in AP._PLAN_CHOICE.values()
     second = _grads(kw, dtype=torch.bfloat16, device="cuda", **shape)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     assert len([r for r in _common.autotune_timings() if r["kind"] == "plan"]) == 1
     for plan in plans:
-        monkeypatch.setattr(A, "BWD_PLAN", plan)
+        monkeypatch.setattr(AP, "BWD_PLAN", plan)
         _check(torch.bfloat16, 32, 16, 256, 72, device="cuda", **kw)
 
 
@@ -610,8 +613,8 @@ def test_gpu_backward_plans_are_timed_inside_cuda_graph_regions(monkeypatch):
     bitwise the gradients of an eager call."""
     from diffit_kernels import _common
 
-    monkeypatch.setattr(A, "PLAN_TUNING", True)
-    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
+    monkeypatch.setattr(AP, "PLAN_TUNING", True)
+    monkeypatch.setattr(AP, "_PLAN_CHOICE", {})
     monkeypatch.setattr(_common, "_TUNED", [])
     B, H, N, D = 4, 2, 256, 72
     torch.manual_seed(0)
@@ -685,7 +688,7 @@ def test_fp32_table_gradient_with_the_cuda_configs(ds_pass, monkeypatch):
     tiles, so dS landed in the wrong table rows (the interpreter's own config hid it). The
     separate dbias pass now serves only spans too long for the dK/dV kernel's partials."""
     if ds_pass == "dbias-pass":
-        monkeypatch.setattr(A, "_DS_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(AP, "_DS_MAX_ELEMENTS", 0)
     log = []
     with A._emulate_card(132, elt=4, log=log):
         _check(torch.float32, 1, 1, 64, 72, grid=(8, 8), table=True)
@@ -725,7 +728,7 @@ _GEOM_SETTINGS = {"table-dbias-pass": (("_DS_MAX_ELEMENTS", 0),),
 def _table_items():
     """(kind, dense bias, element size, chunk shape or "default", config) of every entry."""
     items = set()
-    for (kind, has_bias, elt), (default, per_shape) in A._CONFIG_TABLE.items():
+    for (kind, has_bias, elt), (default, per_shape) in AL._CONFIG_TABLE.items():
         items |= {(kind, has_bias, elt, "default", c) for c in default}
         items |= {(kind, has_bias, elt, sh, c) for sh, cs in per_shape.items() for c in cs}
     return items
@@ -738,9 +741,9 @@ def _run_items(geom, elt, shape, pick):
     has_bias, kinds = _GEOMS[geom][4], _GEOMS[geom][5]
     out = set()
     for kind in kinds:
-        if (kind, has_bias, elt) not in A._CONFIG_TABLE:  # "window-wide": 16-bit only
+        if (kind, has_bias, elt) not in AL._CONFIG_TABLE:  # "window-wide": 16-bit only
             continue
-        default, per_shape = A._CONFIG_TABLE[(kind, has_bias, elt)]
+        default, per_shape = AL._CONFIG_TABLE[(kind, has_bias, elt)]
         cfgs = per_shape.get(shape, default)
         if cfgs:
             i = pick % len(cfgs) if kind != "window" else 0   # the fused kernel: untuned
@@ -750,13 +753,13 @@ def _run_items(geom, elt, shape, pick):
     return out
 
 
-_LONGEST = max(len(c) for d, p in A._CONFIG_TABLE.values() for c in [d, *p.values()])
+_LONGEST = max(len(c) for d, p in AL._CONFIG_TABLE.values() for c in [d, *p.values()])
 
 
 def _table_runs():
     """A short list of runs (greedy, d = 72 first) that launches every entry of the table."""
     todo, runs = _table_items(), []
-    shapes = sorted(A._SHAPE_D, key=lambda sh: (A._SHAPE_D[sh] != 72, A._SHAPE_D[sh]))
+    shapes = sorted(AA._SHAPE_D, key=lambda sh: (AA._SHAPE_D[sh] != 72, AA._SHAPE_D[sh]))
     for geom in _GEOMS:
         for elt in (2, 4):
             for shape in shapes:
@@ -764,7 +767,7 @@ def _table_runs():
                     items = _run_items(geom, elt, shape, pick)
                     if items & todo:
                         todo -= items
-                        runs.append((geom, elt, A._SHAPE_D[shape], pick, items))
+                        runs.append((geom, elt, AA._SHAPE_D[shape], pick, items))
     return runs, todo
 
 
@@ -782,7 +785,7 @@ def test_every_cuda_config_is_run_under_the_interpreter():
 def test_cuda_config_table_entry(geom, elt, D, pick, items, monkeypatch):
     B, H, N, kw, _, _ = _GEOMS[geom]
     for setting in _GEOM_SETTINGS.get(geom, ()):
-        monkeypatch.setattr(A, *setting)
+        monkeypatch.setattr(AP, *setting)
     sms = CARDS[(D + pick + elt) % len(CARDS)]
     log = []
     with A._emulate_card(sms, elt=elt, pick=pick, log=log):
@@ -828,7 +831,7 @@ def test_wide_spans_take_the_fused_backward_when_asked(dtype, B, N, D, kw, monke
     64-wide tile with the "window-wide" config, on an H100's launch plan; every output and
     gradient meets the flash-attention rule. Untimed (no card to measure), the same spans run
     dK/dV and dQ."""
-    monkeypatch.setattr(A, "BWD_PLAN", "wide")
+    monkeypatch.setattr(AP, "BWD_PLAN", "wide")
     log = []
     with A._emulate_card(132, elt=2, log=log):
         _check(dtype, B, 2, N, D, **kw)
@@ -841,7 +844,7 @@ def test_wide_spans_take_the_fused_backward_when_asked(dtype, B, N, D, kw, monke
     assert dk.data_ptr() - dq.data_ptr() == 2 * D * dq.element_size()
     assert ("window-wide", (64, 64, 4, 1)) in log, log
     assert not any(e[0].startswith("dq") for e in log), log
-    monkeypatch.setattr(A, "BWD_PLAN", None)
+    monkeypatch.setattr(AP, "BWD_PLAN", None)
     log = []
     with A._emulate_card(132, elt=2, log=log):
         _check(dtype, B, 2, N, D, **kw)
@@ -852,7 +855,7 @@ def test_wide_spans_take_the_fused_backward_when_asked(dtype, B, N, D, kw, monke
 def test_wide_fused_backward_leaves_global_spans_alone(monkeypatch):
     """A global 8x8 grid (64 tokens, the U-Net's coarsest level) has no "wide" plan, so
     asking for it leaves dK/dV and dQ: the wide tile's global token arithmetic spills."""
-    monkeypatch.setattr(A, "BWD_PLAN", "wide")
+    monkeypatch.setattr(AP, "BWD_PLAN", "wide")
     log = []
     with A._emulate_card(132, elt=2, log=log):
         _check(torch.bfloat16, 2, 2, 64, 64, grid=(8, 8), table=True)
@@ -866,12 +869,12 @@ def test_one_share_per_sample_while_the_partials_fit(monkeypatch):
     while the fp32 partials of all of them fit SAMPLES_MAX_BYTES; past it only "shares" (the few
     shares of _batch_groups) remains. The gradients are the reference's either way."""
     B, H, N, D = 3, 2, 64, 16
-    cfg = A._INTERP["dkdv"]
-    span_pad, tiles = A._ds_layout(N, N, (cfg[:2],))
+    cfg = AL._INTERP["dkdv"]
+    span_pad, tiles = AL._ds_layout(N, N, (cfg[:2],))
     size = H * B * tiles * span_pad * 4
-    monkeypatch.setattr(A, "BWD_PLAN", "samples")
+    monkeypatch.setattr(AP, "BWD_PLAN", "samples")
     for limit, want in ((size - 1, (2, 2)), (size, (3, 1))):
-        monkeypatch.setattr(A, "SAMPLES_MAX_BYTES", limit)
+        monkeypatch.setattr(AP, "SAMPLES_MAX_BYTES", limit)
         log = []
         with A._emulate_card(2, log=log):
             _check(torch.float32, B, H, N, D, grid=(8, 8), table=True)
@@ -901,26 +904,26 @@ def test_autotune_off_takes_each_lists_first_config_that_fits(monkeypatch):
             return launch
 
     monkeypatch.setattr(_common, "AUTOTUNE", False)
-    monkeypatch.setattr(A, "_FIRST_FIT", {})
-    monkeypatch.setattr(A, "launch_tuned", lambda *a: pytest.fail("an autotuner was built"))
+    monkeypatch.setattr(AL, "_FIRST_FIT", {})
+    monkeypatch.setattr(AL, "launch_tuned", lambda *a: pytest.fail("an autotuner was built"))
     cfgs = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
     for _ in range(2):
-        assert A._launch(Kernel(), "fwd", cfgs, lambda bm, bn: (1,), (64,), {}) == (64, 64)
+        assert AL._launch(Kernel(), "fwd", cfgs, lambda bm, bn: (1,), (64,), {}) == (64, 64)
     assert tried == [cfgs[0], cfgs[1], cfgs[1]]
     tried.clear()
-    assert A._launch(Kernel(), "fwd", cfgs[1:], lambda bm, bn: (1,), (64,), {}) == (64, 64)
+    assert AL._launch(Kernel(), "fwd", cfgs[1:], lambda bm, bn: (1,), (64,), {}) == (64, 64)
     assert tried == [cfgs[1]]                         # a list of its own: its own first fit
     with pytest.raises(OutOfResources):
-        A._launch(Kernel(), "fwd", [cfgs[0], cfgs[0]], lambda bm, bn: (1,), (64,), {})
+        AL._launch(Kernel(), "fwd", [cfgs[0], cfgs[0]], lambda bm, bn: (1,), (64,), {})
 
 
 def _plans(B, N, D, geometry, elt=2, table=True, bias=False, sms=132, H=16):
     """The backward plans of a shape on a card of `sms` SMs, from the CUDA config lists (this
     is the plain process: no interpreter) for inputs of element size elt."""
-    assert not A.interpreting()
+    assert not AP.interpreting()
     with A._emulate_card(sms):
-        return A._bwd_plans(A._Geom(N, geometry), (*A._head_split(D), elt, bias), B, H, N,
-                            torch.device("cpu"), table)
+        return AP._bwd_plans(A._Geom(N, geometry), (*AL._head_split(D), elt, bias), B, H, N,
+                             torch.device("cpu"), table)
 
 
 def test_backward_plans_by_shape():
@@ -953,9 +956,9 @@ def _stand_in_timer(monkeypatch, times: dict, misfit=None) -> list:
     record. Returns the list of the plans timed, in order."""
     from diffit_kernels import _common
 
-    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
+    monkeypatch.setattr(AP, "_PLAN_CHOICE", {})
     monkeypatch.setattr(_common, "_TUNED", [])
-    monkeypatch.setattr(A, "_plan_tunable", lambda device: True)
+    monkeypatch.setattr(AP, "_plan_tunable", lambda device: True)
     timed = []
 
     def fake_time(plan, run):
@@ -965,7 +968,7 @@ def _stand_in_timer(monkeypatch, times: dict, misfit=None) -> list:
             raise _misfit(misfit)
         return times[plan]
 
-    monkeypatch.setattr(A, "_time_plan", fake_time)
+    monkeypatch.setattr(AP, "_time_plan", fake_time)
     return timed
 
 
@@ -1003,7 +1006,7 @@ def test_backward_plan_is_chosen_by_its_time(misfit, monkeypatch):
     with A._emulate_card(2, log=log):
         _check(*shape, grid=(8, 8), table=True)
     assert timed == [] and [e[1] for e in log if e[0] == "plan"] == ["separate"], log
-    monkeypatch.setattr(A, "BWD_PLAN", "shares")
+    monkeypatch.setattr(AP, "BWD_PLAN", "shares")
     log = []
     with A._emulate_card(2, log=log):
         _check(*shape, grid=(8, 8), table=True)
@@ -1020,7 +1023,7 @@ def test_table_read_is_chosen_by_the_forwards_time(monkeypatch):
     from diffit_kernels import _common
 
     timed = _stand_in_timer(monkeypatch, {"slabs": 2.0, "gather": 1.0})
-    monkeypatch.setattr(A, "BWD_PLAN", "shares")          # one backward plan: nothing else timed
+    monkeypatch.setattr(AP, "BWD_PLAN", "shares")          # one backward plan: nothing else timed
     runs = {}
     for name in ("chosen", "again", "forced"):
         if name == "forced":
@@ -1061,7 +1064,7 @@ def test_plans_are_chosen_at_run_time_under_torch_compile(monkeypatch):
             compiled = torch.autograd.grad(g(q, k, v, table), (q, k, v, table), do)
     finally:
         torch._dynamo.reset()
-    assert timed == ["shares", "separate"] and list(A._PLAN_CHOICE.values()) == ["separate"]
+    assert timed == ["shares", "separate"] and list(AP._PLAN_CHOICE.values()) == ["separate"]
     eager = torch.autograd.grad(f(q, k, v, table), (q, k, v, table), do)
     for a, b in zip(compiled, eager):
         assert torch.equal(a, b)
@@ -1072,8 +1075,8 @@ def test_a_plan_that_does_not_compile_is_left_out_with_a_warning(monkeypatch):
     RuntimeWarning naming it; the first plan (what runs untimed) raises as it always would."""
     from triton.compiler.errors import CompilationError
 
-    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
-    monkeypatch.setattr(A, "_plan_tunable", lambda device: True)
+    monkeypatch.setattr(AP, "_PLAN_CHOICE", {})
+    monkeypatch.setattr(AP, "_plan_tunable", lambda device: True)
     class Broken(CompilationError):
         def __init__(self):
             Exception.__init__(self, "a stand-in")
@@ -1088,16 +1091,16 @@ def test_a_plan_that_does_not_compile_is_left_out_with_a_warning(monkeypatch):
             raise Broken()
         return {"shares": 2.0, "separate": 1.0, "wide": 0.5}[plan]
 
-    monkeypatch.setattr(A, "_time_plan", fake_time)
-    monkeypatch.setattr(A, "record_choice", lambda *a: None)
+    monkeypatch.setattr(AP, "_time_plan", fake_time)
+    monkeypatch.setattr(AP, "record_choice", lambda *a: None)
     key = (torch.device("cpu"), "k1")   # (a CUDA device key picks the device to time on)
     broken.add("wide")
     with pytest.warns(RuntimeWarning, match="plan 'wide' did not compile"):
-        assert A._choose_plan(["shares", "separate", "wide"], key, None, lambda: "") == \
+        assert AP._choose_plan(["shares", "separate", "wide"], key, None, lambda: "") == \
             "separate"
     broken.add("shares")
     with pytest.raises(CompilationError):
-        A._choose_plan(["shares", "separate"], (torch.device("cpu"), "k2"), None, lambda: "")
+        AP._choose_plan(["shares", "separate"], (torch.device("cpu"), "k2"), None, lambda: "")
 
 
 def test_backward_plans_are_not_timed_off_cuda_or_while_capturing(monkeypatch):
@@ -1106,18 +1109,18 @@ def test_backward_plans_are_not_timed_off_cuda_or_while_capturing(monkeypatch):
     and nothing is kept)."""
     from diffit_kernels import _common
 
-    assert not A._plan_tunable(torch.device("cpu"))
-    monkeypatch.setattr(A, "interpreting", lambda: False)
+    assert not AP._plan_tunable(torch.device("cpu"))
+    monkeypatch.setattr(AP, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert not A._plan_tunable(torch.device("cuda"))
+    assert not AP._plan_tunable(torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert A._plan_tunable(torch.device("cuda"))
-    monkeypatch.setattr(A, "PLAN_TUNING", False)
-    assert not A._plan_tunable(torch.device("cuda"))
-    monkeypatch.setattr(A, "PLAN_TUNING", True)
+    assert AP._plan_tunable(torch.device("cuda"))
+    monkeypatch.setattr(AP, "PLAN_TUNING", False)
+    assert not AP._plan_tunable(torch.device("cuda"))
+    monkeypatch.setattr(AP, "PLAN_TUNING", True)
     monkeypatch.setattr(_common, "AUTOTUNE", False)      # DIFFIT_KERNELS_AUTOTUNE=0
-    assert not A._plan_tunable(torch.device("cuda"))
-    monkeypatch.setattr(A, "_PLAN_CHOICE", {})
+    assert not AP._plan_tunable(torch.device("cuda"))
+    monkeypatch.setattr(AP, "_PLAN_CHOICE", {})
     key = (torch.device("cuda"),)
-    assert A._choose_plan(["shares", "separate"], key, None, None) == "shares"
-    assert A._PLAN_CHOICE == {}
+    assert AP._choose_plan(["shares", "separate"], key, None, None) == "shares"
+    assert AP._PLAN_CHOICE == {}

@@ -41,7 +41,7 @@ def test_ab_providers_run_the_designs_they_name():
     tmsa-separate in a dbias pass of its own, tmsa-gather gathers the table in every kernel
     where tmsa reads its slabs (a grid 16 wide); all give the same gradients, and the
     library's settings come back. A 2-SM card, so that the shares hold two samples each."""
-    from diffit_kernels import attention
+    from diffit_kernels import _attention_plans, attention
 
     grads, kinds, shares, plans = {}, {}, {}, {}
     q, k, v, table = bench_attention._inputs(4, 2, (4, 16), None, 16, torch.float16, "cpu")
@@ -65,7 +65,7 @@ def test_ab_providers_run_the_designs_they_name():
     for other in names[1:]:
         for a, b in zip(grads["tmsa"], grads[other]):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
-    assert attention.BWD_PLAN is None and attention.SLAB_MAX_BYTES > 0
+    assert _attention_plans.BWD_PLAN is None and attention.SLAB_MAX_BYTES > 0
     with pytest.raises(ValueError, match="windows always gather"):
         bench_attention._providers((8, 8), (4, 4), ["tmsa-gather"])
 
@@ -75,7 +75,7 @@ def test_wide_row_runs_the_wide_fused_backward():
     """tmsa-wide runs 8x8 windows through the fused backward (one window per 64-wide tile)
     where untimed tmsa runs dK/dV and dQ; the gradients agree, and the library's setting
     comes back."""
-    from diffit_kernels import attention
+    from diffit_kernels import _attention_plans, attention
 
     grads, kinds = {}, {}
     q, k, v, table = bench_attention._inputs(2, 2, (8, 16), (8, 8), 64, torch.float16, "cpu")
@@ -90,7 +90,7 @@ def test_wide_row_runs_the_wide_fused_backward():
     assert "dq-win" in kinds["tmsa"] and "window-wide" not in kinds["tmsa"], kinds
     for a, b in zip(grads["tmsa"], grads["tmsa-wide"]):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
-    assert attention.BWD_PLAN is None
+    assert _attention_plans.BWD_PLAN is None
 
 
 def test_plan_rows_only_where_the_shape_has_the_plan(tmp_path):

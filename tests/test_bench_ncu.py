@@ -33,15 +33,16 @@ def test_session_script_asks_for_known_cases():
 
 
 def test_settings_name_cases_and_come_back():
-    from diffit_kernels import attention
+    import importlib
 
     names = {c[0] for c in ncu_kernels.CASES}
     assert set(ncu_kernels.SETTINGS) <= names
-    for name, (attr, value) in ncu_kernels.SETTINGS.items():
-        before = getattr(attention, attr)
+    for name, (module, attr, value) in ncu_kernels.SETTINGS.items():
+        module = importlib.import_module(f"diffit_kernels.{module}")
+        before = getattr(module, attr)
         with ncu_kernels.setting(name):
-            assert getattr(attention, attr) == value != before
-        assert getattr(attention, attr) == before
+            assert getattr(module, attr) == value != before
+        assert getattr(module, attr) == before
 
 
 def test_no_cuda_is_explained(monkeypatch, capsys):

@@ -84,13 +84,50 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
+# The kernels address the rows of one (sample, head) with 32-bit offsets (row * row stride, plus
+# a 64-bit sample and head offset; the dense bias and its per-sample gradient: row * row stride
+# + column * column stride), which wrap past 2^31 elements: a silent wrong answer on a card.
+I32_SPAN = 1 << 31
+
+
 def _rows_aligned(t: torch.Tensor) -> torch.Tensor:
     """Unit last stride and every other stride (of a dim > 1) a multiple of 8, as the kernels'
-    vector-load hints assume; anything else is copied."""
+    vector-load hints assume, and the rows of one head within I32_SPAN elements; anything else
+    is copied (a contiguous [B, H, N, D] head spans N * D elements)."""
     t = unit_last_stride(t)
-    if any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+    if any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1) \
+            or (t.shape[-2] - 1) * t.stride(-2) >= I32_SPAN:
         t = t.contiguous()
     return t
+
+
+def _bias_span(bias: torch.Tensor, N: int) -> int:
+    """The largest offset in one (sample, head) of the bias broadcast to [B, H, N, N]."""
+    _, _, sm, sn = _bias_strides(bias)
+    return (N - 1) * (sm + sn)
+
+
+def _within_i32(q: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """bias (copied where a view's strides would reach I32_SPAN) once the sizes the kernels'
+    32-bit offsets address are known to fit: the rows of a sample in the [B, N, 3, H, D]
+    gradient buffer (_packs; o's [B, N, H, D] has fewer), one (sample, head) of the bias, and
+    of a per-sample bias's [B, H, N, N] gradient."""
+    B, H, N, D = q.shape
+    if (N - 1) * 3 * H * D >= I32_SPAN:
+        raise NotImplementedError(
+            f"tmsa_attention's Triton kernels address one sample's rows with 32-bit offsets: "
+            f"N={N} tokens of 3 x H={H} x D={D} reach 2^31 elements; use backend='torch'")
+    if bias is None:
+        return None
+    if _bias_span(bias, N) >= I32_SPAN:
+        bias = bias.contiguous()
+    per_sample = bias.dim() == 4 and bias.shape[0] > 1
+    if _bias_span(bias, N) >= I32_SPAN or (per_sample and N * N > I32_SPAN):
+        raise NotImplementedError(
+            f"tmsa_attention's Triton kernels address a dense bias's [N, N] (and a per-sample "
+            f"bias's gradient) with 32-bit offsets: N={N} reaches 2^31 elements (bias "
+            f"{tuple(bias.shape)}); use table= or backend='torch'")
+    return bias
 
 
 def _out_layout(B: int, H: int, N: int, D: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -565,7 +602,8 @@ def tmsa_attention(
     Args:
         q, k, v: [B, H, N, D] float32 / float16 / bfloat16, the same dtype and device; any
             strides with a unit last-dim stride (views of one packed qkv buffer are not copied).
-            The Triton path takes D = 16, 24, ..., 128.
+            The Triton path takes D = 8, 16, ..., 128, and N x 3 x H x D and a dense
+            bias's N x N under 2^31 (its row offsets are 32-bit).
         table: [(2gh-1)(2gw-1), H] learnable relative-position table (any float dtype; its
             gradient is accumulated in float32). Needs grid.
         grid: (Gh, Gw) token grid, Gh * Gw == N, tokens row-major.
@@ -603,7 +641,7 @@ def tmsa_attention(
     uses_grid = grid is not None and (table is not None or window is not None)
     geometry = [Gh, Gw, gh, gw] if uses_grid else []
     q, k, v = (_rows_aligned(t) for t in (q, k, v))
-    bias = unit_last_stride(bias) if bias is not None else None
+    bias = _within_i32(q, unit_last_stride(bias) if bias is not None else None)
     return call_op(_FWD_OP, _tmsa_attention_fwd_op, _fwd_impl, _TmsaAttentionDirect,
                    (q, k, v, table, bias, geometry, scale, bool(deterministic)),
                    (q, k, v, table, bias))[0]

@@ -307,6 +307,47 @@ def test_non_unit_last_stride_is_copied_and_correct():
     torch.testing.assert_close(o, reference.tmsa_attention(q, k, v), rtol=2e-4, atol=2e-5)
 
 
+def test_rows_past_32_bit_offsets_are_copied_or_refused():
+    """The kernels address the rows of a (sample, head) with 32-bit offsets (row * row stride):
+    a view whose rows span 2^31 elements is copied (a contiguous head spans N * D), and what no
+    copy brings under it is a NotImplementedError naming the sizes, never an offset that wraps
+    on a card. Meta tensors: shapes and strides only."""
+    def meta(shape, stride=None):
+        if stride is None:
+            return torch.empty(shape, device="meta")
+        return torch.empty_strided(shape, stride, device="meta")
+
+    near = meta((1, 1, 3, 8), (0, 0, 2 ** 30 - 8, 1))         # rows end 16 short of 2^31
+    assert A._rows_aligned(near) is near
+    assert A._rows_aligned(meta((1, 1, 3, 8), (0, 0, 2 ** 30, 1))).stride() == (24, 24, 8, 1)
+    # the [B, N, 3, H, D] gradient buffer: (N - 1) * 3 * 64 * 128 against 2^31
+    assert A._within_i32(meta((1, 64, 87382, 128)), None) is None
+    with pytest.raises(NotImplementedError, match="N=87383 .*H=64 x D=128"):
+        A._within_i32(meta((1, 64, 87383, 128)), None)
+    # a dense bias: one head's [N, N] spans N^2 - 1 elements once contiguous
+    q = meta((2, 1, 46341, 8))
+    with pytest.raises(NotImplementedError, match=r"N=46341 .*\(1, 46341, 46341\)"):
+        A._within_i32(q, meta((1, 46341, 46341)))
+    bias = meta((1, 46340, 46340))
+    assert A._within_i32(q[:, :, :46340], bias) is bias
+    # a view whose rows are 2^28 apart is copied; a broadcast bias is read at offset 0, but a
+    # per-sample bias's gradient [B, H, N, N] is stored whole
+    assert A._within_i32(meta((2, 2, 16, 8)), meta((2, 16, 16), (2 ** 29, 2 ** 28, 1))
+                         ).stride() == (256, 16, 1)
+    broadcast = meta((1, 1, 1, 1)).expand(1, 1, 46341, 46341)
+    assert A._within_i32(q, broadcast) is broadcast
+    with pytest.raises(NotImplementedError, match="per-sample"):
+        A._within_i32(q, meta((1, 1, 1, 1)).expand(2, 1, 46341, 46341))
+
+
+@pytest.mark.interpreter
+def test_sizes_past_32_bit_offsets_are_not_implemented():
+    """The public function refuses before any launch (an expanded q: no memory behind it)."""
+    q = torch.randn(1, 1, 1, 128).expand(1, 64, 87383, 128)
+    with pytest.raises(NotImplementedError, match="N=87383"):
+        diffit_kernels.tmsa_attention(q, q, q, backend="triton")
+
+
 def _grads(kw, backend="triton", seed=0, dtype=torch.float32, device="cpu", **shape):
     torch.manual_seed(seed)
     B, H, N, D = shape["B"], shape["H"], shape["N"], shape["D"]

@@ -40,6 +40,20 @@ class _Geom:
         return self._args[1]
 
 
+def _to_device(t: torch.Tensor, device: str) -> torch.Tensor:
+    """t copied to the device of the cached table it becomes. Inside a CUDA graph capture it
+    cannot be: the copy would run only at the graph's replays, leaving the cached table
+    unwritten for every call outside the graph (and a copy from pageable memory synchronizes,
+    which a capture forbids). Nothing is cached then: the error says to call first."""
+    if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "tmsa_attention builds its index tables on the device at the first call of each "
+            "geometry (token grid, window, batch, tile), which a CUDA graph capture cannot do: "
+            "call it once outside the capture with the same shapes first, as "
+            "torch.cuda.make_graphed_callables and torch.compile's CUDA graphs do")
+    return t.to(device)
+
+
 # virtual tokens past N that a tile may reach (tiles overhang N by less than one block, and
 # no block exceeds 128): the token table's zero padding
 LUT_PAD = 256
@@ -51,7 +65,7 @@ def _token_lut(N: int, gh: int, gw: int, Gw: int, windowed: bool, device: str) -
     of windowed attention (the kernels' _tokens), zero past N; n_lut a multiple of 16. Global
     attention computes its own (the identity): a zero placeholder."""
     if not windowed:
-        return torch.zeros(3, 16, dtype=torch.int32, device=device)
+        return _to_device(torch.zeros(3, 16, dtype=torch.int32), device)
     n_win, nWw = gh * gw, Gw // gw
     v = torch.arange(N)
     w, t = v // n_win, v % n_win
@@ -59,7 +73,7 @@ def _token_lut(N: int, gh: int, gw: int, Gw: int, windowed: bool, device: str) -
     row = ((w // nWw) * gh + i) * Gw + (w % nWw) * gw + t % gw
     out = torch.zeros(3, cdiv(N + LUT_PAD, 16) * 16, dtype=torch.int32)
     out[0, :N], out[1, :N], out[2, :N] = row, t + i * (gw - 1), w
-    return out.to(device)
+    return _to_device(out, device)
 
 
 def _code(t: torch.Tensor, gw: int) -> torch.Tensor:
@@ -99,7 +113,7 @@ def _fused_bins(n_win: int, G: int, BLOCK: int, gh: int, gw: int, device: str) -
     ta, tc = (a % n_win)[:, None].expand(BLOCK, BLOCK), (a % n_win)[None, :].expand(BLOCK, BLOCK)
     valid = ((a // n_win)[:, None] == (a // n_win)[None, :]) & (a < G * n_win)[:, None] & \
         (a < G * n_win)[None, :]
-    return _bin_gather_index(ta.flatten(), tc.flatten(), valid, (gh, gw)).to(device)
+    return _to_device(_bin_gather_index(ta.flatten(), tc.flatten(), valid, (gh, gw)), device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -139,9 +153,11 @@ def _dbias_plan(n_win: int, nW: int, B: int, BM: int, BN: int, group_diagonals: 
         ta = (i0 * BM + torch.arange(BM)[None, :, None]).expand(P, BM, BN)
         tc = (j0 * BN + torch.arange(BN)[None, None, :]).expand(P, BM, BN)
         valid = (ta < n_win) & (tc < n_win)
-        bins = _bin_gather_index(ta.flatten(), tc.flatten(), valid, table_gh_gw).to(device)
-    return (torch.tensor(plan, dtype=torch.int32).to(device),
-            torch.tensor(slots, dtype=torch.int32).to(device), slot_index.to(device), bins, P)
+        bins = _to_device(_bin_gather_index(ta.flatten(), tc.flatten(), valid, table_gh_gw),
+                          device)
+    return (_to_device(torch.tensor(plan, dtype=torch.int32), device),
+            _to_device(torch.tensor(slots, dtype=torch.int32), device),
+            _to_device(slot_index, device), bins, P)
 
 
 def _reduce_slots(partial: torch.Tensor, slot_index: torch.Tensor, N: int) -> torch.Tensor:
@@ -172,4 +188,5 @@ def _ds_table_plan(N: int, n_win: int, gh: int, gw: int, BN: int, span_pad: int,
     valid = (c < N) & (a < hi) & (a // n_win == c // n_win)
     bins = _code(a % n_win, gw) - _code(c % n_win, gw) + (gh - 1) * (2 * gw - 1) + gw - 1
     R = (2 * gh - 1) * (2 * gw - 1)
-    return _index_of_bins(torch.where(valid, bins, 0), valid, R).to(device), Tn * BN * span_pad
+    return (_to_device(_index_of_bins(torch.where(valid, bins, 0), valid, R), device),
+            Tn * BN * span_pad)

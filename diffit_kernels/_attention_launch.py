@@ -17,7 +17,7 @@ import torch
 
 from . import _attention_kernels as _kernels
 from ._common import (autotune_enabled, autotuner_repeats, cdiv, interpreting, launch_tuned,
-                      next_power_of_2, overriding, planned_sms)
+                      next_power_of_2, overriding, planned_sms, untuned_while_capturing)
 
 try:
     import triton
@@ -394,15 +394,17 @@ def _launch_one(kernel, kind: str, cfg: tuple, grid_of, args: tuple, kwargs: dic
 
 
 def _launch_list(kernel, kind: str, configs: List[tuple], keys: List[str], args: tuple,
-                 kwargs: dict, one, tuned):
+                 kwargs: dict, one, tuner_key, tuned):
     """A candidate list launched as a card launches it: one config by one(config) (its key's
     first launch repeated where testing.autotuner_repeats asks); several with autotuning off,
-    the first the card can load (_first_fit); else tuned(), the cached autotuner (CUDA)."""
+    or a key not yet tuned inside a CUDA graph capture (untuned_while_capturing), the first
+    the card can load (_first_fit); else tuned(), the cached autotuner _TUNERS[tuner_key]
+    (CUDA)."""
     if len(configs) == 1:
         for _ in range(autotuner_repeats(kernel, keys, args, kwargs)):
             one(configs[0])
         return one(configs[0])
-    if not autotune_enabled():
+    if not autotune_enabled() or untuned_while_capturing(tuner_key, kernel, keys, args, kwargs):
         return _first_fit((kernel.fn.__name__, kind, tuple(configs)), configs, one)
     return tuned()
 
@@ -427,16 +429,19 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
         inner = triton.heuristics({"EVEN": _even})(kernel) if has_even else kernel
         return triton.autotune(cfgs, key=keys)(inner)
 
+    name = kernel.fn.__name__
+    tuner_key = (name, kind, tuple(configs), flags)
+
     def tuned():
-        name = kernel.fn.__name__
-        tuner = launch_tuned((name, kind, tuple(configs), flags), build, name, kind,
+        tuner = launch_tuned(tuner_key, build, name, kind,
                              lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"]), args,
                              kwargs)
         best = tuner.best_config.kwargs
         return best["BLOCK_M"], best["BLOCK_N"]
 
     return _launch_list(kernel, kind, configs, keys, args, kwargs,
-                        lambda cfg: _launch_one(kernel, kind, cfg, grid_of, args, kwargs), tuned)
+                        lambda cfg: _launch_one(kernel, kind, cfg, grid_of, args, kwargs),
+                        tuner_key, tuned)
 
 
 def _launch_window(configs: List[tuple], grid: tuple, args: tuple, kwargs: dict) -> None:
@@ -451,12 +456,13 @@ def _launch_window(configs: List[tuple], grid: tuple, args: tuple, kwargs: dict)
         kernel[grid](*args, **kwargs, num_warps=cfg[2], num_stages=cfg[3])
 
     keys = ["BLOCK", "D", "WINDOWED", "HAS_TABLE", "ACC_DS"]
+    name = kernel.fn.__name__
+    tuner_key = (name, "window-wide", tuple(configs))
 
     def tuned():
-        name = kernel.fn.__name__
-        launch_tuned((name, "window-wide", tuple(configs)),
+        launch_tuned(tuner_key,
                      lambda: triton.autotune([triton.Config({}, num_warps=w, num_stages=st)
                                               for _, _, w, st in configs], key=keys)(kernel),
                      name, "window-wide", grid, args, kwargs)
 
-    _launch_list(kernel, "window-wide", configs, keys, args, kwargs, one, tuned)
+    _launch_list(kernel, "window-wide", configs, keys, args, kwargs, one, tuner_key, tuned)

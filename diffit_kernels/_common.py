@@ -269,13 +269,19 @@ def autotuner_repeats(kernel, keys: Sequence[str], args: tuple, kwargs: dict) ->
     seen = _REPEATS["seen"]
     if seen is None:
         return 0
-    named = {**dict(zip(kernel.arg_names, args)), **kwargs}
-    key = (kernel.fn.__name__,) + tuple(named[k] for k in keys if k in named) + tuple(
-        str(v.dtype) for v in named.values() if hasattr(v, "dtype"))
+    key = (kernel.fn.__name__,) + _tuning_key(kernel, keys, args, kwargs)
     if key in seen:
         return 0
     seen.add(key)
     return 1
+
+
+def _tuning_key(kernel, keys: Sequence[str], args: tuple, kwargs: dict) -> tuple:
+    """A launch's autotune key as Triton's autotuner builds it (3.4-3.9): the values of the
+    `keys` arguments, then the dtype of every tensor argument."""
+    named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    return tuple(named[k] for k in keys if k in named) + tuple(
+        str(v.dtype) for v in named.values() if hasattr(v, "dtype"))
 
 
 def planned_sms(device: torch.device, override: Optional[int]) -> Optional[int]:
@@ -345,6 +351,20 @@ def launch_tuned(key, build: Callable[[], object], kernel: str, kind: str, grid,
     tuner[grid](*args, **kwargs)
     record_tuning(kernel, kind, tuner, known)
     return tuner
+
+
+def untuned_while_capturing(tuner_key, kernel, keys: Sequence[str], args: tuple,
+                            kwargs: dict) -> bool:
+    """Whether the cached autotuner _TUNERS[tuner_key] would time its candidates for this
+    launch (a key it has not tuned) inside a CUDA graph capture, which cannot be timed
+    (Triton's benchmark synchronizes the device, which a capture forbids: the capture would
+    fail inside Triton). The launcher then runs its list's first config the card can load,
+    untimed and not kept, as with DIFFIT_KERNELS_AUTOTUNE=0; the key is tuned at its first
+    launch outside a capture. Call it for CUDA launches only."""
+    if not torch.cuda.is_current_stream_capturing():
+        return False
+    tuner = _TUNERS.get(tuner_key)
+    return tuner is None or _tuning_key(kernel, keys, args, kwargs) not in tuner.cache
 
 
 def autotune_timings() -> list:

@@ -28,7 +28,7 @@ from . import reference
 from ._common import (autotune_enabled, autotuner_repeats, call_op, cdiv, check_kernel_dtype,
                       dispatch, empty, interpreting, launch_tuned, next_power_of_2,
                       on_tensor_device, overriding, planned_sms, resolve_backend, row_warps,
-                      unit_last_stride)
+                      unit_last_stride, untuned_while_capturing)
 
 MAX_C = 8192
 FWD_MAX_ROWS = 8
@@ -142,11 +142,14 @@ def bwd_candidates(C: int, elsize: int = 2) -> List[Tuple[int, int]]:
 
 def _launch(kernel, grid: tuple, cfgs: List[Tuple[int, int]], key: List[str], args: tuple,
             kwargs: dict):
-    """One candidate (or the interpreter, or DIFFIT_KERNELS_AUTOTUNE=0: the first): launch it.
-    Several (CUDA): a cached triton.autotune over exactly those (num_warps, AHEAD), keyed on
-    `key`; every output is stored once per launch, so the autotuner's repeated launches need
-    no reset."""
-    if len(cfgs) == 1 or interpreting() or _CARD["pick"] is not None or not autotune_enabled():
+    """One candidate (or the interpreter, or DIFFIT_KERNELS_AUTOTUNE=0, or a key not yet tuned
+    inside a CUDA graph capture: the first): launch it. Several (CUDA): a cached
+    triton.autotune over exactly those (num_warps, AHEAD), keyed on `key`; every output is
+    stored once per launch, so the autotuner's repeated launches need no reset."""
+    name = kernel.fn.__name__
+    tuner_key = (name, tuple(cfgs))
+    if len(cfgs) == 1 or interpreting() or _CARD["pick"] is not None or not autotune_enabled() \
+            or untuned_while_capturing(tuner_key, kernel, key, args, kwargs):
         warps, ahead = cfgs[(_CARD["pick"] or 0) % len(cfgs)]
         # repeated only where a card tunes: a one-candidate list never is (the chunked
         # backward's, whose partials accumulate across chunks)
@@ -154,8 +157,7 @@ def _launch(kernel, grid: tuple, cfgs: List[Tuple[int, int]], key: List[str], ar
             kernel[grid](*args, **kwargs, AHEAD=ahead, num_warps=warps)
         kernel[grid](*args, **kwargs, AHEAD=ahead, num_warps=warps)
         return
-    name = kernel.fn.__name__
-    launch_tuned((name, tuple(cfgs)),
+    launch_tuned(tuner_key,
                  lambda: triton.autotune([triton.Config({"AHEAD": a}, num_warps=w)
                                           for w, a in cfgs], key=key)(kernel),
                  name, "rows", grid, args, kwargs)

@@ -347,22 +347,39 @@ def test_autotune_candidates_keep_the_plan_first_and_the_accumulating_backward_f
     assert norm.fwd_candidates(1152, 4) == [(8, 1)] and norm.bwd_candidates(1152, 4) == [(16, 1)]
 
 
-def test_autotune_off_launches_the_first_candidate(monkeypatch):
-    """DIFFIT_KERNELS_AUTOTUNE=0: a launch with several candidates runs the first (the plan's)
-    directly, as the interpreter does, where a card would build and time an autotuner."""
+@pytest.mark.parametrize("why", ["autotune-off", "capturing", "capturing-tuned"])
+def test_first_candidate_where_nothing_is_timed(monkeypatch, why):
+    """DIFFIT_KERNELS_AUTOTUNE=0, or a key its autotuner has not tuned inside a CUDA graph
+    capture (which cannot time it: Triton's benchmark synchronizes the device): a launch with
+    several candidates runs the first (the plan's) directly, as the interpreter does, and
+    builds no autotuner. A key tuned before a capture goes through its autotuner there."""
     from diffit_kernels import _common
 
     launched = []
 
     class Kernel:
+        arg_names = ["X", "C"]
+        fn = type("_stand_in_kernel", (), {})
+
         def __getitem__(self, grid):
             return lambda *args, **kw: launched.append((grid, kw["num_warps"], kw["AHEAD"]))
 
+    cfgs = norm.candidates(16, True)
+    args = (torch.empty(2), 16)
     monkeypatch.setattr(norm, "interpreting", lambda: False)
-    monkeypatch.setattr(_common, "AUTOTUNE", False)
-    monkeypatch.setattr(norm, "launch_tuned", lambda *a: pytest.fail("an autotuner was built"))
-    norm._launch(Kernel(), (4,), norm.candidates(16, True), ["C"], (), {})
-    assert launched == [((4,), 16, 1)]
+    monkeypatch.setattr(_common, "_TUNERS", {})
+    if why == "autotune-off":
+        monkeypatch.setattr(_common, "AUTOTUNE", False)
+    else:
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    if why == "capturing-tuned":
+        cache = {(16, "torch.float32"): cfgs[1]}    # Triton's key: C, then the tensors' dtypes
+        _common._TUNERS[("_stand_in_kernel", tuple(cfgs))] = type("T", (), {"cache": cache})
+        monkeypatch.setattr(norm, "launch_tuned", lambda *a: launched.append("tuner"))
+    else:
+        monkeypatch.setattr(norm, "launch_tuned", lambda *a: pytest.fail("autotuner built"))
+    norm._launch(Kernel(), (4,), cfgs, ["C"], args, {})
+    assert launched == (["tuner"] if why == "capturing-tuned" else [((4,), 16, 1)])
 
 
 @pytest.mark.interpreter

@@ -935,7 +935,7 @@ def test_autotune_off_takes_each_lists_first_config_that_fits(monkeypatch):
 
     class Kernel:
         arg_names = ["n_win", "EVEN"]
-        fn = type("fn", (), {"__name__": "_stand_in_kernel"})
+        fn = type("_stand_in_kernel", (), {})
 
         def __getitem__(self, grid):
             def launch(*args, BLOCK_M, BLOCK_N, num_warps, num_stages, **kw):
@@ -956,6 +956,61 @@ def test_autotune_off_takes_each_lists_first_config_that_fits(monkeypatch):
     assert tried == [cfgs[1]]                         # a list of its own: its own first fit
     with pytest.raises(OutOfResources):
         AL._launch(Kernel(), "fwd", [cfgs[0], cfgs[0]], lambda bm, bn: (1,), (64,), {})
+
+
+@pytest.mark.parametrize("tuned", [False, True], ids=["untuned", "tuned-before"])
+def test_capture_launches_the_first_fit_of_keys_not_yet_tuned(monkeypatch, tuned):
+    """Inside a CUDA graph capture, which cannot time (Triton's benchmark synchronizes the
+    device), a key the list's autotuner has not tuned launches the list's first config the
+    card can load and builds no autotuner; a key tuned before the capture goes through its
+    autotuner (Triton's key: the key arguments' values, then the tensors' dtypes)."""
+    from diffit_kernels import _common
+
+    tried = []
+
+    class Kernel:
+        arg_names = ["n_win", "N_BUCKET", "EVEN"]
+        fn = type("_stand_in_kernel", (), {})
+
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_M, BLOCK_N, num_warps, num_stages, **kw):
+                tried.append((BLOCK_M, BLOCK_N, num_warps, num_stages))
+            return launch
+
+    class Tuner:
+        cache = {(256,): None}
+        best_config = type("Config", (), {"kwargs": {"BLOCK_M": 64, "BLOCK_N": 64}})
+
+    cfgs = [(128, 64, 8, 3), (64, 64, 4, 3)]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(AL, "_FIRST_FIT", {})
+    monkeypatch.setattr(_common, "_TUNERS", {})
+    if tuned:
+        flags = ("HAS_TABLE", "HAS_BIAS", "SLAB_TAB")
+        _common._TUNERS[("_stand_in_kernel", "fwd", tuple(cfgs), flags)] = Tuner()
+        monkeypatch.setattr(AL, "launch_tuned", lambda *a: tried.append("tuner") or Tuner())
+    else:
+        monkeypatch.setattr(AL, "launch_tuned", lambda *a: pytest.fail("an autotuner was built"))
+    got = AL._launch(Kernel(), "fwd", cfgs, lambda bm, bn: (1,), (256, 256), {})
+    assert tried == (["tuner"] if tuned else [cfgs[0]])
+    assert got == ((64, 64) if tuned else (128, 64))
+
+
+def test_index_tables_are_not_built_inside_a_capture(monkeypatch):
+    """The per-geometry index tables copied to the card (the window token table, the
+    table-gradient bins, the dbias pass's plan) cannot be made inside a CUDA graph capture:
+    the copy would run only at replays, leaving the cached table unwritten outside the graph.
+    A clear error, and nothing cached, so the same call outside the capture builds them."""
+    from diffit_kernels import _attention_index as index
+
+    index._token_lut.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="outside the capture with the same shapes first"):
+        index._token_lut(64, 4, 4, 8, True, "cuda:0")
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        index._dbias_plan(16, 4, 2, 16, 16, True, 4, (4, 4), "cuda")
+    assert index._token_lut.cache_info().currsize == 0
+    assert index._token_lut(64, 4, 4, 8, True, "cpu").shape[0] == 3   # not a CUDA device
 
 
 def _plans(B, N, D, geometry, elt=2, table=True, bias=False, sms=132, H=16):

@@ -684,6 +684,53 @@ def test_gpu_backward_plans_are_timed_inside_cuda_graph_regions(monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
+def test_gpu_calls_inside_a_cuda_graph_capture(monkeypatch):
+    """torch.cuda.graph around forward + backward (8x8 windows, the U-Nets'): a geometry's
+    first call inside the capture is refused before any launch (its index tables cannot be
+    copied to the card there) and keeps nothing; after one call outside (float16), a capture
+    in bfloat16, whose autotune keys no tuner has seen, runs each list's first config the card
+    can load, and its replay agrees with an eager call (which then tunes those keys)."""
+    from diffit_kernels import _attention_index as index
+    from diffit_kernels import _common
+
+    monkeypatch.setattr(_common, "_TUNERS", {})
+    for cached in (index._token_lut, index._fused_bins, index._ds_table_plan, index._dbias_plan):
+        cached.cache_clear()
+    B, H, N, D = 2, 2, 256, 72
+
+    def inputs(dtype):
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        table = torch.randn(15 * 15, H, device="cuda", requires_grad=True)
+        return q, k, v, table, torch.randn(B, H, N, D, device="cuda", dtype=dtype)
+
+    def step(q, k, v, table, do):
+        o = diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(16, 16), window=(8, 8),
+                                          backend="triton")
+        return (o,) + torch.autograd.grad(o, (q, k, v, table), do)
+
+    half = inputs(torch.float16)
+    with pytest.raises(RuntimeError, match="outside the capture with the same shapes first"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            step(*half)
+    assert index._token_lut.cache_info().currsize == 0
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                    # the warm-up, as torch's docs show it
+        step(*half)
+    torch.cuda.current_stream().wait_stream(side)
+    bf16 = inputs(torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(*bf16)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, step(*bf16)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
 # ---- GPU readiness: a few shipped configs compiled for sm_80 / sm_90a ----------------------
 @pytest.mark.aot
 def test_main_configs_compile_without_spills():

@@ -30,10 +30,11 @@ if triton is not None:
         return x, r
 
     @triton.jit
-    def _adaln_norm_fwd_mod(GATE, SCALE, SHIFT, b, offs_c, mask_c, stride_g_b, stride_sc_b,
-                            stride_sh_b, HAS_GATE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                            HAS_SHIFT: tl.constexpr):
-        """Sample b's gate, 1 + scale and shift in fp32 (1, 1, 0 where absent)."""
+    def _adaln_norm_mod(GATE, SCALE, SHIFT, b, offs_c, mask_c, stride_g_b, stride_sc_b,
+                        stride_sh_b, HAS_GATE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        HAS_SHIFT: tl.constexpr):
+        """Sample b's gate, 1 + scale and shift in fp32 (1, 1, 0 where absent or not asked:
+        the backward reads shift only to rebuild SiLU's input)."""
         gate = tl.full(offs_c.shape, 1.0, tl.float32)
         scale1 = tl.full(offs_c.shape, 1.0, tl.float32)
         shift = tl.zeros(offs_c.shape, tl.float32)
@@ -59,9 +60,9 @@ if triton is not None:
         if HAS_RES:
             if HAS_GATE:
                 if LOAD_MOD:
-                    gate, _, _ = _adaln_norm_fwd_mod(GATE, SCALE, SHIFT, b, offs_c, mask_c,
-                                                     stride_g_b, stride_sc_b, stride_sh_b,
-                                                     HAS_GATE, False, False)
+                    gate, _, _ = _adaln_norm_mod(GATE, SCALE, SHIFT, b, offs_c, mask_c,
+                                                 stride_g_b, stride_sc_b, stride_sh_b,
+                                                 HAS_GATE, False, False)
                 h *= gate
             h += r.to(tl.float32)
             tl.store(H + row * C + offs_c, h.to(H.dtype.element_ty), mask=mask_c)
@@ -69,9 +70,9 @@ if triton is not None:
         d = tl.where(mask_c, h - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
         if LOAD_MOD:
-            _, scale1, shift = _adaln_norm_fwd_mod(GATE, SCALE, SHIFT, b, offs_c, mask_c,
-                                                   stride_g_b, stride_sc_b, stride_sh_b,
-                                                   False, HAS_SCALE, HAS_SHIFT)
+            _, scale1, shift = _adaln_norm_mod(GATE, SCALE, SHIFT, b, offs_c, mask_c,
+                                               stride_g_b, stride_sc_b, stride_sh_b,
+                                               False, HAS_SCALE, HAS_SHIFT)
         z = d * rstd * scale1 + shift
         if SILU:
             z = z * tl.sigmoid(z)
@@ -115,9 +116,9 @@ if triton is not None:
                                 stride_g_b, stride_sc_b, stride_sh_b, HAS_RES, HAS_GATE,
                                 HAS_SHIFT, HAS_SCALE, SILU, True)
         else:
-            gate, scale1, shift = _adaln_norm_fwd_mod(GATE, SCALE, SHIFT, b, offs_c, mask_c,
-                                                      stride_g_b, stride_sc_b, stride_sh_b,
-                                                      HAS_GATE, HAS_SCALE, HAS_SHIFT)
+            gate, scale1, shift = _adaln_norm_mod(GATE, SCALE, SHIFT, b, offs_c, mask_c,
+                                                  stride_g_b, stride_sc_b, stride_sh_b,
+                                                  HAS_GATE, HAS_SCALE, HAS_SHIFT)
             x_nx, r_nx = _adaln_norm_fwd_row(X, RES, b, n0, offs_c,
                                              offs_c < _limit(n0, n_end, C), stride_x_b,
                                              stride_x_n, stride_r_b, stride_r_n, HAS_RES)
@@ -218,17 +219,9 @@ if triton is not None:
         dy, dho, x, r = _adaln_norm_bwd_row(
             DY, DH_OUT, X, RES, b, n, offs_c, mask_c, stride_dy_b, stride_dy_n, stride_dh_b,
             stride_dh_n, stride_x_b, stride_x_n, stride_r_b, stride_r_n, HAS_RES, HAS_DH_OUT)
-        gate = tl.full(offs_c.shape, 1.0, tl.float32)
-        scale1 = tl.full(offs_c.shape, 1.0, tl.float32)
-        shift = tl.zeros(offs_c.shape, tl.float32)
-        if HAS_GATE:
-            gate = tl.load(GATE + b * stride_g_b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            scale1 += tl.load(SCALE + b * stride_sc_b + offs_c, mask=mask_c,
-                              other=0.0).to(tl.float32)
-        if SILU and HAS_SHIFT:
-            shift = tl.load(SHIFT + b * stride_sh_b + offs_c, mask=mask_c,
-                            other=0.0).to(tl.float32)
+        gate, scale1, shift = _adaln_norm_mod(GATE, SCALE, SHIFT, b, offs_c, mask_c, stride_g_b,
+                                              stride_sc_b, stride_sh_b, HAS_GATE, HAS_SCALE,
+                                              SILU and HAS_SHIFT)
         xf, xhat, g, gx = _adaln_norm_bwd_math(dy, x, r, gate, scale1, shift, mean, rstd, mask_c,
                                                HAS_RES, HAS_GATE, SILU)
         return gx, xhat, g, xf, gate, dho
@@ -274,17 +267,9 @@ if triton is not None:
         offs = tl.arange(0, BLOCK_C)
         if not CHUNKED:
             mask_c = offs < C
-            gate = tl.full((BLOCK_C,), 1.0, tl.float32)
-            scale1 = tl.full((BLOCK_C,), 1.0, tl.float32)
-            shift = tl.zeros((BLOCK_C,), tl.float32)
-            if HAS_GATE:
-                gate = tl.load(GATE + b * stride_g_b + offs, mask=mask_c, other=0.0).to(tl.float32)
-            if HAS_SCALE:
-                scale1 += tl.load(SCALE + b * stride_sc_b + offs, mask=mask_c,
-                                  other=0.0).to(tl.float32)
-            if SILU and HAS_SHIFT:
-                shift = tl.load(SHIFT + b * stride_sh_b + offs, mask=mask_c,
-                                other=0.0).to(tl.float32)
+            gate, scale1, shift = _adaln_norm_mod(GATE, SCALE, SHIFT, b, offs, mask_c,
+                                                  stride_g_b, stride_sc_b, stride_sh_b,
+                                                  HAS_GATE, HAS_SCALE, SILU and HAS_SHIFT)
             acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
             acc_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
             acc_gate = tl.zeros([BLOCK_C], dtype=tl.float32)

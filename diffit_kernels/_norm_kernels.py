@@ -227,6 +227,58 @@ if triton is not None:
         return gx, xhat, g, xf, gate, dho
 
     @triton.jit
+    def _adaln_norm_bwd_chunked_rows(
+        DY, DH_OUT, X, RES, GATE, SHIFT, SCALE, MEAN, RSTD, DX, DRES, DSHIFT_P, DSCALE_P,
+        DGATE_P, b, p, n0, n_end, N, C, P, offs,
+        stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b, stride_x_n,
+        stride_r_b, stride_r_n, stride_g_b, stride_sh_b, stride_sc_b,
+        HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        HAS_SCALE: tl.constexpr, SILU: tl.constexpr, HAS_DH_OUT: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """The backward's rows n0..n_end of sample b wider than BLOCK_C: each row walked in
+        chunks twice (its sums, then its gradients), the modulation sums added into this
+        program's zeroed partial rows."""
+        for n in range(n0, n_end):
+            row = b * N + n
+            mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            c1 = 0.0
+            c2 = 0.0
+            for ci in range(tl.cdiv(C, BLOCK_C)):
+                offs_c = ci * BLOCK_C + offs
+                mask_c = offs_c < C
+                gx, xhat, g, xf, gate, dho = _adaln_norm_bwd_chunk(
+                    DY, DH_OUT, X, RES, GATE, SHIFT, SCALE, b, n, mean, rstd, offs_c, mask_c,
+                    stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b,
+                    stride_x_n, stride_r_b, stride_r_n, stride_g_b, stride_sh_b, stride_sc_b,
+                    HAS_RES, HAS_GATE, HAS_SHIFT, HAS_SCALE, SILU, HAS_DH_OUT)
+                c1 += tl.sum(gx * xhat, axis=0)
+                c2 += tl.sum(gx, axis=0)
+            c1 = c1 / C
+            c2 = c2 / C
+            for ci in range(tl.cdiv(C, BLOCK_C)):
+                offs_c = ci * BLOCK_C + offs
+                mask_c = offs_c < C
+                gx, xhat, g, xf, gate, dho = _adaln_norm_bwd_chunk(
+                    DY, DH_OUT, X, RES, GATE, SHIFT, SCALE, b, n, mean, rstd, offs_c, mask_c,
+                    stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b,
+                    stride_x_n, stride_r_b, stride_r_n, stride_g_b, stride_sh_b, stride_sc_b,
+                    HAS_RES, HAS_GATE, HAS_SHIFT, HAS_SCALE, SILU, HAS_DH_OUT)
+                dh = _adaln_norm_bwd_store(DX, DRES, row, C, offs_c, mask_c, xhat, gx, gate,
+                                           rstd, c1, c2, dho, HAS_RES, HAS_DH_OUT)
+                part = (b * P + p) * C + offs_c
+                if HAS_SHIFT:
+                    tl.store(DSHIFT_P + part, tl.load(DSHIFT_P + part, mask=mask_c) + g,
+                             mask=mask_c)
+                if HAS_SCALE:
+                    tl.store(DSCALE_P + part, tl.load(DSCALE_P + part, mask=mask_c)
+                             + g * xhat, mask=mask_c)
+                if HAS_GATE:
+                    tl.store(DGATE_P + part, tl.load(DGATE_P + part, mask=mask_c) + dh * xf,
+                             mask=mask_c)
+
+    @triton.jit
     def _adaln_norm_bwd_kernel(
         DY,        # [B, N, C] grad of y (strided rows)
         DH_OUT,    # [B, N, C] grad of the returned h (HAS_DH_OUT, strided rows)
@@ -327,41 +379,9 @@ if triton is not None:
             if HAS_GATE:
                 tl.store(DGATE_P + part, acc_gate, mask=mask_c)
         else:
-            for n in range(n0, n_end):
-                row = b * N + n
-                mean = tl.load(MEAN + row)
-                rstd = tl.load(RSTD + row)
-                c1 = 0.0
-                c2 = 0.0
-                for ci in range(tl.cdiv(C, BLOCK_C)):
-                    offs_c = ci * BLOCK_C + offs
-                    mask_c = offs_c < C
-                    gx, xhat, g, xf, gate, dho = _adaln_norm_bwd_chunk(
-                        DY, DH_OUT, X, RES, GATE, SHIFT, SCALE, b, n, mean, rstd, offs_c, mask_c,
-                        stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b,
-                        stride_x_n, stride_r_b, stride_r_n, stride_g_b, stride_sh_b, stride_sc_b,
-                        HAS_RES, HAS_GATE, HAS_SHIFT, HAS_SCALE, SILU, HAS_DH_OUT)
-                    c1 += tl.sum(gx * xhat, axis=0)
-                    c2 += tl.sum(gx, axis=0)
-                c1 = c1 / C
-                c2 = c2 / C
-                for ci in range(tl.cdiv(C, BLOCK_C)):
-                    offs_c = ci * BLOCK_C + offs
-                    mask_c = offs_c < C
-                    gx, xhat, g, xf, gate, dho = _adaln_norm_bwd_chunk(
-                        DY, DH_OUT, X, RES, GATE, SHIFT, SCALE, b, n, mean, rstd, offs_c, mask_c,
-                        stride_dy_b, stride_dy_n, stride_dh_b, stride_dh_n, stride_x_b,
-                        stride_x_n, stride_r_b, stride_r_n, stride_g_b, stride_sh_b, stride_sc_b,
-                        HAS_RES, HAS_GATE, HAS_SHIFT, HAS_SCALE, SILU, HAS_DH_OUT)
-                    dh = _adaln_norm_bwd_store(DX, DRES, row, C, offs_c, mask_c, xhat, gx, gate,
-                                               rstd, c1, c2, dho, HAS_RES, HAS_DH_OUT)
-                    part = (b * P + p) * C + offs_c
-                    if HAS_SHIFT:
-                        tl.store(DSHIFT_P + part, tl.load(DSHIFT_P + part, mask=mask_c) + g,
-                                 mask=mask_c)
-                    if HAS_SCALE:
-                        tl.store(DSCALE_P + part, tl.load(DSCALE_P + part, mask=mask_c)
-                                 + g * xhat, mask=mask_c)
-                    if HAS_GATE:
-                        tl.store(DGATE_P + part, tl.load(DGATE_P + part, mask=mask_c) + dh * xf,
-                                 mask=mask_c)
+            _adaln_norm_bwd_chunked_rows(
+                DY, DH_OUT, X, RES, GATE, SHIFT, SCALE, MEAN, RSTD, DX, DRES, DSHIFT_P, DSCALE_P,
+                DGATE_P, b, p, n0, n_end, N, C, P, offs, stride_dy_b, stride_dy_n, stride_dh_b,
+                stride_dh_n, stride_x_b, stride_x_n, stride_r_b, stride_r_n, stride_g_b,
+                stride_sh_b, stride_sc_b, HAS_RES, HAS_GATE, HAS_SHIFT, HAS_SCALE, SILU,
+                HAS_DH_OUT, BLOCK_C)

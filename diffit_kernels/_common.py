@@ -360,8 +360,8 @@ def untuned_while_capturing(tuner_key, kernel, keys: Sequence[str], args: tuple,
     (Triton's benchmark synchronizes the device, which a capture forbids: the capture would
     fail inside Triton). The launcher then runs its list's first config the card can load,
     untimed and not kept, as with DIFFIT_KERNELS_AUTOTUNE=0; the key is tuned at its first
-    launch outside a capture. Call it for CUDA launches only."""
-    if not torch.cuda.is_current_stream_capturing():
+    launch outside a capture."""
+    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return False
     tuner = _TUNERS.get(tuner_key)
     return tuner is None or _tuning_key(kernel, keys, args, kwargs) not in tuner.cache

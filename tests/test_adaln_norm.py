@@ -371,6 +371,7 @@ def test_first_candidate_where_nothing_is_timed(monkeypatch, why):
     if why == "autotune-off":
         monkeypatch.setattr(_common, "AUTOTUNE", False)
     else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     if why == "capturing-tuned":
         cache = {(16, "torch.float32"): cfgs[1]}    # Triton's key: C, then the tensors' dtypes

@@ -1029,8 +1029,11 @@ def test_capture_launches_the_first_fit_of_keys_not_yet_tuned(monkeypatch, tuned
         best_config = type("Config", (), {"kwargs": {"BLOCK_M": 64, "BLOCK_N": 64}})
 
     cfgs = [(128, 64, 8, 3), (64, 64, 4, 3)]
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(AL, "_FIRST_FIT", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)     # no CUDA: never capturing
+    assert not _common.untuned_while_capturing("k", Kernel(), ["N_BUCKET"], (256, 256), {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(_common, "_TUNERS", {})
     if tuned:
         flags = ("HAS_TABLE", "HAS_BIAS", "SLAB_TAB")

@@ -316,6 +316,45 @@ def test_cuda_parity_and_determinism(dtype):
     assert_parity(rows)
 
 
+@pytest.mark.gpu
+def test_gpu_calls_inside_a_cuda_graph_capture(monkeypatch):
+    """torch.cuda.graph around forward + backward at DiffiT's width (C 1152: 16-bit rows have
+    several autotune candidates) with no key tuned: the capture runs each launch's first
+    candidate (the plan's), so its replay is bitwise an eager call that takes the first
+    candidates too (DIFFIT_KERNELS_AUTOTUNE=0)."""
+    from diffit_kernels import _common
+
+    monkeypatch.setattr(_common, "_TUNERS", {})
+
+    def inputs(dtype):
+        torch.manual_seed(0)
+        x, res = (torch.randn(4, 256, 1152, device="cuda", dtype=dtype, requires_grad=True)
+                  for _ in range(2))
+        mod = torch.randn(4, 3 * 1152, device="cuda", dtype=dtype, requires_grad=True)
+        return x, res, mod, torch.randn(4, 256, 1152, device="cuda", dtype=dtype)
+
+    def step(x, res, mod, dy):
+        shift, scale, gate = mod.chunk(3, dim=1)
+        y, h = diffit_kernels.adaln_norm(x, shift=shift, scale=scale, residual=res, gate=gate,
+                                         activation="silu", backend="triton")
+        return (y, h) + torch.autograd.grad((y, h), (x, res, mod), (dy, dy))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                    # the warm-up, as torch's docs show it
+        step(*inputs(torch.float16))
+    torch.cuda.current_stream().wait_stream(side)
+    args = inputs(torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(_common, "AUTOTUNE", False)
+    for a, b in zip(captured, step(*args)):
+        assert torch.equal(a, b)
+
+
 def test_autotune_candidates_keep_the_plan_first_and_the_accumulating_backward_fixed():
     # the plan's (warps, one row ahead) leads: the interpreter's, the compile gate's spill-free
     # default, and what no card can do worse than; then two and three rows in flight, half /

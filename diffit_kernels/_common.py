@@ -118,14 +118,15 @@ def resolve_backend(backend: Optional[str], *tensors: Optional[torch.Tensor]) ->
         return "torch"
     if backend == "triton":
         if not triton_importable():
-            raise RuntimeError("backend='triton' needs the triton package, which cannot be imported")
+            raise RuntimeError("backend='triton' needs the triton package, which cannot be "
+                               "imported")
         if devices <= {"cuda"} and devices:
             return "triton"
         if devices <= {"cpu"} and interpreting():
             return "triton"
         raise RuntimeError(
-            f"backend='triton' cannot run on tensors on {sorted(devices)}: Triton kernels need CUDA "
-            "tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported; "
+            f"backend='triton' cannot run on tensors on {sorted(devices)}: Triton kernels need "
+            "CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported; "
             "use backend='torch' or 'auto' for the plain-PyTorch path"
         )
     return "torch"
@@ -173,8 +174,6 @@ def check_kernel_dtype(name: str, t: torch.Tensor) -> None:
                         f"{describe(t)} (use backend='torch' for it)")
 
 
-
-
 def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """Copy only a tensor whose last dim is not contiguous; strided views pass through."""
     if t.dim() and t.stride(-1) != 1 and t.shape[-1] > 1:
@@ -187,8 +186,6 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     if _NAN_FILL and dtype.is_floating_point:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
 
 
 def dot_upcast(dtype: torch.dtype) -> bool:

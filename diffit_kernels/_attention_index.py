@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ._common import cdiv
+from ._common import cdiv, cuda_capturing
 
 
 class _Geom:
@@ -45,7 +45,7 @@ def _to_device(t: torch.Tensor, device: str) -> torch.Tensor:
     cannot be: the copy would run only at the graph's replays, leaving the cached table
     unwritten for every call outside the graph (and a copy from pageable memory synchronizes,
     which a capture forbids). Nothing is cached then: the error says to call first."""
-    if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
+    if device.startswith("cuda") and cuda_capturing():
         raise RuntimeError(
             "tmsa_attention builds its index tables on the device at the first call of each "
             "geometry (token grid, window, batch, tile), which a CUDA graph capture cannot do: "

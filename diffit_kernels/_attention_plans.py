@@ -35,7 +35,7 @@ import torch
 from ._attention_index import _Geom
 from ._attention_launch import (WIDE_SPAN, _batch_groups, _card_list, _ds_layout, _head_split,
                                 _packed_span, _resource_errors, _wide_configs)
-from ._common import autotune_enabled, cdiv, interpreting, record_choice
+from ._common import autotune_enabled, cdiv, cuda_capturing, interpreting, record_choice
 
 try:
     import triton
@@ -96,7 +96,7 @@ def _plans_of(B: int, H: int, N: int, D: int, dtype: torch.dtype, geometry: Sequ
 
 def _plan_tunable(device: torch.device) -> bool:
     return (PLAN_TUNING and autotune_enabled() and device.type == "cuda" and not interpreting()
-            and not torch.cuda.is_current_stream_capturing())
+            and not cuda_capturing())
 
 
 def _time_plan(plan: str, run) -> float:

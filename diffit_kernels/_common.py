@@ -350,6 +350,13 @@ def launch_tuned(key, build: Callable[[], object], kernel: str, kind: str, grid,
     return tuner
 
 
+def cuda_capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current CUDA stream: nothing may be timed,
+    synchronized or copied from host memory into a cache then. False without CUDA (a CPU-only
+    torch build's capture query is a stub that raises)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def untuned_while_capturing(tuner_key, kernel, keys: Sequence[str], args: tuple,
                             kwargs: dict) -> bool:
     """Whether the cached autotuner _TUNERS[tuner_key] would time its candidates for this
@@ -358,7 +365,7 @@ def untuned_while_capturing(tuner_key, kernel, keys: Sequence[str], args: tuple,
     fail inside Triton). The launcher then runs its list's first config the card can load,
     untimed and not kept, as with DIFFIT_KERNELS_AUTOTUNE=0; the key is tuned at its first
     launch outside a capture."""
-    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    if not cuda_capturing():
         return False
     tuner = _TUNERS.get(tuner_key)
     return tuner is None or _tuning_key(kernel, keys, args, kwargs) not in tuner.cache

@@ -1054,6 +1054,7 @@ def test_index_tables_are_not_built_inside_a_capture(monkeypatch):
     from diffit_kernels import _attention_index as index
 
     index._token_lut.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="outside the capture with the same shapes first"):
         index._token_lut(64, 4, 4, 8, True, "cuda:0")
@@ -1257,6 +1258,7 @@ def test_backward_plans_are_not_timed_off_cuda_or_while_capturing(monkeypatch):
 
     assert not AP._plan_tunable(torch.device("cpu"))
     monkeypatch.setattr(AP, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert not AP._plan_tunable(torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)

@@ -161,6 +161,24 @@ def assert_parity(rows: Sequence[ParityRow]) -> None:
         raise AssertionError("parity with the reference failed:\n  " + "\n  ".join(lines))
 
 
+# ---- CUDA graphs ------------------------------------------------------------------------------
+def captured_replay(step: Callable, warmup: tuple, args: tuple) -> tuple:
+    """step(*warmup) on a side stream (the warm-up torch's CUDA-graph docs ask for), then
+    step(*args) captured in a CUDA graph and replayed once: its outputs, as the replay left
+    them (CUDA)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(*warmup)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 # ---- interpreter readiness ------------------------------------------------------------------
 def interpreter_problem() -> Optional[str]:
     """None when this Triton's interpreter runs a loop with tensor bounds (every backward

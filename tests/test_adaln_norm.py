@@ -6,7 +6,7 @@ import torch
 
 import diffit_kernels
 from diffit_kernels import norm, reference
-from diffit_kernels.testing import assert_parity, nan_fill, parity
+from diffit_kernels.testing import assert_parity, captured_replay, nan_fill, parity
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FEATURES = [  # (residual, gate, shift, scale, silu): every combination (gate needs residual)
@@ -339,17 +339,8 @@ def test_gpu_calls_inside_a_cuda_graph_capture(monkeypatch):
                                          activation="silu", backend="triton")
         return (y, h) + torch.autograd.grad((y, h), (x, res, mod), (dy, dy))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):                    # the warm-up, as torch's docs show it
-        step(*inputs(torch.float16))
-    torch.cuda.current_stream().wait_stream(side)
     args = inputs(torch.bfloat16)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step(*args)
-    graph.replay()
-    torch.cuda.synchronize()
+    captured = captured_replay(step, inputs(torch.float16), args)
     monkeypatch.setattr(_common, "AUTOTUNE", False)
     for a, b in zip(captured, step(*args)):
         assert torch.equal(a, b)

@@ -10,7 +10,7 @@ from diffit_kernels import _attention_launch as AL
 from diffit_kernels import _attention_plans as AP
 from diffit_kernels import attention as A
 from diffit_kernels import reference
-from diffit_kernels.testing import assert_parity, parity
+from diffit_kernels.testing import assert_parity, captured_replay, parity
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_IDS = lambda d: str(d)[6:]  # noqa: E731
@@ -716,17 +716,8 @@ def test_gpu_calls_inside_a_cuda_graph_capture(monkeypatch):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             step(*half)
     assert index._token_lut.cache_info().currsize == 0
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):                    # the warm-up, as torch's docs show it
-        step(*half)
-    torch.cuda.current_stream().wait_stream(side)
     bf16 = inputs(torch.bfloat16)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step(*bf16)
-    graph.replay()
-    torch.cuda.synchronize()
+    captured = captured_replay(step, half, bf16)
     for a, b in zip(captured, step(*bf16)):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 

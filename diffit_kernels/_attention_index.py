@@ -34,8 +34,10 @@ class _Geom:
         """The kernels' geometry arguments: n_win, gw, TOK, n_lut (looked up once per call's
         geometry: the backward launches three kernels with them)."""
         if self._args is None or self._args[0] != str(device):
-            tok = _token_lut(self.nW * self.n_win, self.gh, self.gw, self.Gw, self.windowed,
-                             str(device))
+            if self.windowed:
+                tok = _token_lut(self.nW * self.n_win, self.gh, self.gw, self.Gw, str(device))
+            else:
+                tok = _placeholder(str(device))
             self._args = (str(device), (self.n_win, self.gw, tok, tok.shape[1]))
         return self._args[1]
 
@@ -59,13 +61,26 @@ def _to_device(t: torch.Tensor, device: str) -> torch.Tensor:
 LUT_PAD = 256
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_placeholder(device: str) -> torch.Tensor:
+    return torch.empty(3, 16, dtype=torch.int32, device=device)
+
+
+def _placeholder(device: str) -> torch.Tensor:
+    """Global attention's token-table argument. Its kernels compute their tokens (WINDOWED is
+    a constexpr) and never read it, so uninitialised memory of the device does: no copy, so
+    it can be allocated inside a CUDA graph capture too (from the graph's pool, not cached),
+    and a global geometry's forward needs no call before a capture."""
+    if device.startswith("cuda") and cuda_capturing():
+        return torch.empty(3, 16, dtype=torch.int32, device=device)
+    return _cached_placeholder(device)
+
+
 @functools.lru_cache(maxsize=64)
-def _token_lut(N: int, gh: int, gw: int, Gw: int, windowed: bool, device: str) -> torch.Tensor:
+def _token_lut(N: int, gh: int, gw: int, Gw: int, device: str) -> torch.Tensor:
     """[3, n_lut] int32: the row, relative-position code and window of every virtual token
     of windowed attention (the kernels' _tokens), zero past N; n_lut a multiple of 16. Global
-    attention computes its own (the identity): a zero placeholder."""
-    if not windowed:
-        return _to_device(torch.zeros(3, 16, dtype=torch.int32), device)
+    attention computes its own (the identity) and takes _placeholder instead."""
     n_win, nWw = gh * gw, Gw // gw
     v = torch.arange(N)
     w, t = v // n_win, v % n_win

@@ -25,7 +25,7 @@ if triton is not None:
     def _tokens(offs, gw, TOK, n_lut, WINDOWED: tl.constexpr, HAS_TABLE: tl.constexpr):
         """Virtual token index -> (row in the [N] token axis, relative-position code, window).
         Windows: read from TOK [3, n_lut] int32 (row | code | window of every virtual token,
-        padded past the last tile; see attention._token_lut), which costs three vector loads
+        padded past the last tile; see _attention_index._token_lut), which costs three vector loads
         where the arithmetic costs three integer divisions by runtime values per token."""
         if WINDOWED:
             row = tl.load(TOK + offs)

@@ -229,6 +229,22 @@ def test_token_table_maps_virtual_tokens_as_the_reference_windows(grid, window):
     assert not tok[:, N:].any()
 
 
+@pytest.mark.interpreter
+def test_global_attention_never_reads_its_token_table_placeholder():
+    """Global attention computes its tokens and takes an uninitialised placeholder for the
+    token table (no copy, so a CUDA graph capture can allocate it): poisoned, the forward and
+    every gradient still match the reference."""
+    from diffit_kernels import _attention_index as index
+
+    index._cached_placeholder.cache_clear()
+    index._cached_placeholder("cpu").fill_(-(2 ** 30))
+    try:
+        _check(torch.float32, 2, 2, 48, 24, grid=(6, 8), table=True)
+        _check(torch.float32, 1, 2, 17, 16)
+    finally:
+        index._cached_placeholder.cache_clear()
+
+
 def test_slab_promises_hold_for_every_config():
     """The slab load is unmasked and hinted (multiple_of / max_contiguous 16 along the keys):
     true only if every tile starts at a multiple of 16 (every block of a kernel that reads it
@@ -722,6 +738,27 @@ def test_gpu_calls_inside_a_cuda_graph_capture(monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.gpu
+def test_gpu_global_forward_captures_at_its_first_call(monkeypatch):
+    """Global attention (the latent model's, which sampling graphs capture) needs no index
+    table copied to the card in its forward: its first call may be inside torch.cuda.graph,
+    and the replay is bitwise an eager call run the same untuned way."""
+    from diffit_kernels import _common
+
+    monkeypatch.setattr(_common, "_TUNERS", {})
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 144, 72, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    table = torch.randn(23 * 23, 3, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o = diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(12, 12), backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(_common, "AUTOTUNE", False)
+    eager = diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(12, 12), backend="triton")
+    assert torch.equal(o, eager)
+
+
 # ---- GPU readiness: a few shipped configs compiled for sm_80 / sm_90a ----------------------
 @pytest.mark.aot
 def test_main_configs_compile_without_spills():
@@ -1048,11 +1085,11 @@ def test_index_tables_are_not_built_inside_a_capture(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="outside the capture with the same shapes first"):
-        index._token_lut(64, 4, 4, 8, True, "cuda:0")
+        index._token_lut(64, 4, 4, 8, "cuda:0")
     with pytest.raises(RuntimeError, match="CUDA graph capture"):
         index._dbias_plan(16, 4, 2, 16, 16, True, 4, (4, 4), "cuda")
     assert index._token_lut.cache_info().currsize == 0
-    assert index._token_lut(64, 4, 4, 8, True, "cpu").shape[0] == 3   # not a CUDA device
+    assert index._token_lut(64, 4, 4, 8, "cpu").shape[0] == 3   # not a CUDA device
 
 
 def _plans(B, N, D, geometry, elt=2, table=True, bias=False, sms=132, H=16):

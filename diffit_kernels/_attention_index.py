@@ -70,7 +70,7 @@ def _placeholder(device: str) -> torch.Tensor:
     """Global attention's token-table argument. Its kernels compute their tokens (WINDOWED is
     a constexpr) and never read it, so uninitialised memory of the device does: no copy, so
     it can be allocated inside a CUDA graph capture too (from the graph's pool, not cached),
-    and a global geometry's forward needs no call before a capture."""
+    and a new global grid's forward can be captured once its kernels are loaded."""
     if device.startswith("cuda") and cuda_capturing():
         return torch.empty(3, 16, dtype=torch.int32, device=device)
     return _cached_placeholder(device)

@@ -218,17 +218,41 @@ def on_tensor_device(launcher: Callable) -> Callable:
     tensors, so an op on cuda:1 while cuda:0 is current would fail inside Triton ("pointer
     argument cannot be accessed from Triton") or reach the other card's memory over peer
     access. (Autograd's backward threads and compiled graphs set the device themselves; an
-    eager forward on a second card does not.) The inputs share one device (checked)."""
+    eager forward on a second card does not.) The inputs share one device (checked).
+    CUDA's refusal of a call inside a graph capture is re-raised saying what to do
+    (_capture_refused)."""
     @functools.wraps(launcher)
     def run(*args, **kwargs):
         dev = next(a.device for a in args if isinstance(a, torch.Tensor))
-        if dev.type != "cuda":
-            return launcher(*args, **kwargs)
-        with torch.cuda.device(dev):
-            return launcher(*args, **kwargs)
+        try:
+            if dev.type != "cuda":
+                return launcher(*args, **kwargs)
+            with torch.cuda.device(dev):
+                return launcher(*args, **kwargs)
+        except RuntimeError as e:
+            if not any(m in str(e) for m in CAPTURE_REFUSALS):
+                raise
+            raise RuntimeError(_capture_refused(launcher.__name__, e)) from e
 
     run.on_tensor_device = True
     return run
+
+
+# CUDA's messages for a call refused inside a stream capture (cudaErrorStreamCaptureUnsupported,
+# and the invalidated capture's later calls), as Triton's and torch's errors quote them
+CAPTURE_REFUSALS = ("operation not permitted when stream is capturing",
+                    "operation failed due to a previous error during capture")
+
+
+def _capture_refused(name: str, error: Exception) -> str:
+    """What to do when CUDA refused a call of launcher `name` inside a CUDA graph capture: the
+    usual cause is a Triton kernel's first launch in this process, at which Triton loads the
+    kernel onto the card (cuModuleLoadData), which a capture in torch's default modes forbids."""
+    return (f"diffit_kernels ({name}): CUDA refused a call inside a CUDA graph capture ({error}); "
+            "the capture is invalid now. Triton loads each kernel onto the card at its first "
+            "launch in a process, which a capture forbids: run the same calls once outside the "
+            "capture first (the warm-up on a side stream that torch's CUDA graph docs ask for, "
+            "and that torch.cuda.make_graphed_callables and torch.compile's CUDA graphs do)")
 
 
 def sm_count(device: torch.device) -> int:
@@ -364,7 +388,10 @@ def untuned_while_capturing(tuner_key, kernel, keys: Sequence[str], args: tuple,
     (Triton's benchmark synchronizes the device, which a capture forbids: the capture would
     fail inside Triton). The launcher then runs its list's first config the card can load,
     untimed and not kept, as with DIFFIT_KERNELS_AUTOTUNE=0; the key is tuned at its first
-    launch outside a capture."""
+    launch outside a capture. That config's kernel must have been launched before the capture
+    (a tuned key of the same kernels, or a call under DIFFIT_KERNELS_AUTOTUNE=0): Triton loads a
+    kernel onto the card at its first launch, which a capture forbids (on_tensor_device says
+    so when it happens)."""
     if not cuda_capturing():
         return False
     tuner = _TUNERS.get(tuner_key)

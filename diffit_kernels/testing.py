@@ -162,14 +162,15 @@ def assert_parity(rows: Sequence[ParityRow]) -> None:
 
 
 # ---- CUDA graphs ------------------------------------------------------------------------------
-def captured_replay(step: Callable, warmup: tuple, args: tuple) -> tuple:
-    """step(*warmup) on a side stream (the warm-up torch's CUDA-graph docs ask for), then
-    step(*args) captured in a CUDA graph and replayed once: its outputs, as the replay left
-    them (CUDA)."""
+def captured_replay(step: Callable, args: tuple, warmup: Callable[[], object]) -> tuple:
+    """warmup() on a side stream (the warm-up torch's CUDA-graph docs ask for; it must launch
+    every kernel the capture will, since Triton loads a kernel onto the card at its first
+    launch, which a capture forbids), then step(*args) captured in a CUDA graph and replayed
+    once: its outputs, as the replay left them (CUDA)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step(*warmup)
+        warmup()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -201,7 +202,8 @@ def interpreter_problem() -> Optional[str]:
                 f"NumPy {np.__version__} ({type(e).__name__}: {str(e)[:120]}); install "
                 f"'numpy<2.4' or Triton >= 3.7")
     if out.tolist() != [0, 1, 2]:
-        return f"the Triton {triton.__version__} interpreter ran a probe loop wrongly: {out.tolist()}"
+        return (f"the Triton {triton.__version__} interpreter ran a probe loop wrongly: "
+                f"{out.tolist()}")
     return None
 
 

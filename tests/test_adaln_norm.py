@@ -319,9 +319,10 @@ def test_cuda_parity_and_determinism(dtype):
 @pytest.mark.gpu
 def test_gpu_calls_inside_a_cuda_graph_capture(monkeypatch):
     """torch.cuda.graph around forward + backward at DiffiT's width (C 1152: 16-bit rows have
-    several autotune candidates) with no key tuned: the capture runs each launch's first
-    candidate (the plan's), so its replay is bitwise an eager call that takes the first
-    candidates too (DIFFIT_KERNELS_AUTOTUNE=0)."""
+    several autotune candidates) with no key tuned: after a warm-up that tunes nothing (it
+    loads the kernels onto the card, which a capture cannot), the capture runs each launch's
+    first candidate (the plan's) and builds no autotuner, so its replay is bitwise an eager
+    call that takes the first candidates too (DIFFIT_KERNELS_AUTOTUNE=0)."""
     from diffit_kernels import _common
 
     monkeypatch.setattr(_common, "_TUNERS", {})
@@ -339,8 +340,14 @@ def test_gpu_calls_inside_a_cuda_graph_capture(monkeypatch):
                                          activation="silu", backend="triton")
         return (y, h) + torch.autograd.grad((y, h), (x, res, mod), (dy, dy))
 
+    def untuned_warmup():
+        with monkeypatch.context() as m:
+            m.setattr(_common, "AUTOTUNE", False)
+            step(*args)
+
     args = inputs(torch.bfloat16)
-    captured = captured_replay(step, inputs(torch.float16), args)
+    captured = captured_replay(step, args, untuned_warmup)
+    assert not _common._TUNERS
     monkeypatch.setattr(_common, "AUTOTUNE", False)
     for a, b in zip(captured, step(*args)):
         assert torch.equal(a, b)

@@ -92,6 +92,26 @@ def test_every_launcher_runs_on_its_tensors_device():
         assert getattr(fn, "on_tensor_device", False), fn.__name__
 
 
+@pytest.mark.parametrize("message", _common.CAPTURE_REFUSALS)
+def test_a_call_refused_inside_a_cuda_graph_capture_says_what_to_do(message):
+    """Triton loads a kernel onto the card at its first launch, which CUDA refuses inside a
+    graph capture, and Triton's error says only that. The launchers re-raise it saying to run
+    the calls once before the capture, keeping CUDA's words and the original error; any other
+    error passes through unchanged."""
+    def launcher(x):
+        raise RuntimeError(f"Triton Error [CUDA]: {message}")
+
+    def other(x):
+        raise RuntimeError("Triton Error [CUDA]: out of memory")
+
+    with pytest.raises(RuntimeError, match="once outside the capture first") as info:
+        _common.on_tensor_device(launcher)(torch.ones(1))
+    assert message in str(info.value) and "launcher" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(RuntimeError, match="^Triton Error \\[CUDA\\]: out of memory$"):
+        _common.on_tensor_device(other)(torch.ones(1))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 @pytest.mark.parametrize("op", OPS)

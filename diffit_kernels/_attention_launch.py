@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import _attention_kernels as _kernels
+from . import _common
 from ._common import (autotune_enabled, autotuner_repeats, cdiv, interpreting, launch_tuned,
                       next_power_of_2, overriding, planned_sms, untuned_while_capturing)
 
@@ -86,10 +87,11 @@ def _programs_per_head(device: torch.device, H: int) -> int:
 
 def _batch_groups(device: torch.device, B: int, programs: int) -> int:
     """Batch shares of the dK/dV kernel that sums dS into the table: as few as keep ~4
-    programs per SM (each share's partial is reduced afterwards); two under the interpreter."""
+    programs per SM (each share's partial is reduced afterwards); two under the interpreter.
+    A share per z of the launch grid: at most GRID_YZ_MAX."""
     sms = _sms(device)
     want = 2 if sms is None else cdiv(4 * sms, programs)
-    return max(1, min(B, want))
+    return max(1, min(B, want, _common.GRID_YZ_MAX))
 
 
 @functools.lru_cache(maxsize=64)

@@ -32,6 +32,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from . import _common
 from ._attention_index import _Geom
 from ._attention_launch import (WIDE_SPAN, _batch_groups, _card_list, _ds_layout, _head_split,
                                 _packed_span, _resource_errors, _wide_configs)
@@ -69,7 +70,8 @@ def _bwd_plans(geom: _Geom, shape: tuple, B: int, H: int, N: int, device: torch.
         span_pad, tiles = _ds_layout(N, geom.n_win, tuple(c[:2] for c in cfgs))
         if tiles * span_pad <= _DS_MAX_ELEMENTS:
             plans.append("shares")
-            if _share_size(device, B, H, N, cfgs) > 1 \
+            # (a share per sample puts B programs on the dK/dV grid's z axis)
+            if _share_size(device, B, H, N, cfgs) > 1 and B <= _common.GRID_YZ_MAX \
                     and H * B * tiles * span_pad * 4 <= SAMPLES_MAX_BYTES:
                 plans.append("samples")
     plans.append("separate")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -199,6 +199,20 @@ def next_power_of_2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+# A CUDA grid has up to 2^31 - 1 programs along x but 65535 along y and z (a larger launch
+# fails inside Triton on a card; the interpreter runs it). Launches with a program per sample
+# or per (sample, head) on y or z run the batch in runs that fit (batch_slices).
+GRID_YZ_MAX = 65535
+
+
+def batch_slices(B: int, per_sample: int) -> List[Tuple[int, int]]:
+    """[b0, b1) runs of a batch of B whose per_sample programs per sample fit a grid's y or z
+    axis (GRID_YZ_MAX): the whole batch in one run up to GRID_YZ_MAX // per_sample samples
+    (DiffiT-XL's 16 heads: 4095)."""
+    step = max(1, GRID_YZ_MAX // max(per_sample, 1))
+    return [(b0, min(B, b0 + step)) for b0 in range(0, B, step)] or [(0, B)]
 
 
 def row_warps(block: int) -> int:

@@ -73,8 +73,9 @@ from ._attention_launch import (DELTA_BLOCK_M, DELTA_WARPS, _card_list, _check_h
                                 _launch_window, _log, _packed_span, _programs_per_head,
                                 _wide_configs)
 from ._attention_launch import HEAD_DIMS, _emulate_card  # noqa: F401 (the op's, for callers)
-from ._common import (call_op, cdiv, check_kernel_dtype, dispatch, dot_upcast, empty,
-                      next_power_of_2, on_tensor_device, resolve_backend, unit_last_stride)
+from ._common import (batch_slices, call_op, cdiv, check_kernel_dtype, dispatch, dot_upcast,
+                      empty, next_power_of_2, on_tensor_device, resolve_backend,
+                      unit_last_stride)
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -149,6 +150,24 @@ def _bias_strides(bias: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
     pad = (1,) * (4 - bias.dim())
     return tuple(0 if n == 1 else st for n, st in zip(pad + tuple(bias.shape),
                                                      (0,) * len(pad) + tuple(bias.stride())))
+
+
+def _rows_of(b0: int, b1: int, B: int, *ts):
+    """Samples b0..b1 of per-sample tensors (the batch their first dim) for a launch over that
+    run of the batch (batch_slices); the tensors themselves for the whole batch."""
+    if (b0, b1) == (0, B):
+        return ts
+    return tuple(None if t is None else t[b0:b1] for t in ts)
+
+
+def _bias_rows(b0: int, b1: int, B: int, bias: Optional[torch.Tensor], like: torch.Tensor):
+    """The kernels' BIAS argument for samples b0..b1: a per-sample bias's rows, a bias
+    broadcast over the batch as it is, `like` (any tensor of the launch) when there is none."""
+    if bias is None:
+        return like
+    if bias.dim() < 4 or bias.shape[0] == 1:
+        return bias
+    return _rows_of(b0, b1, B, bias)[0]
 
 
 def _bias_grad(ds: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -293,15 +312,17 @@ def _fwd_run(q, k, v, table, bias, geom: _Geom, scale, slabs: bool):
     lse = empty((B, H, N), torch.float32, q.device)
     tab, slab, gw_log2, on_slabs = _table_arg(table, q, geom, N, slabs)
     kw = dict(_common_kwargs(q, geom, table, bias), SLAB_TAB=on_slabs)
-    args = (q, k, v, tab, bias if bias is not None else q, o, lse,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_bias_strides(bias),
+    rest = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_bias_strides(bias),
             H, N, D, geom.R, slab, gw_log2, *geom.args(q.device), geom.rel_off,
             float(scale) * LOG2E,
             next_power_of_2(N), next_power_of_2(geom.n_win))
     kind = "fwd-win" if geom.windowed else "fwd"
     configs = _configs(kind, kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size(), bias is not None)
-    _launch(_kernels._tmsa_attention_fwd_kernel, kind, configs,
-            lambda bm, bn: (cdiv(N, bm), B * H), args, kw)
+    for b0, b1 in batch_slices(B, H):   # a program per (sample, head) on the grid's y axis
+        q_, k_, v_, o_, lse_ = _rows_of(b0, b1, B, q, k, v, o, lse)
+        _launch(_kernels._tmsa_attention_fwd_kernel, kind, configs,
+                lambda bm, bn, n=b1 - b0: (cdiv(N, bm), n * H),
+                (q_, k_, v_, tab, _bias_rows(b0, b1, B, bias, q_), o_, lse_, *rest), kw)
     return o, lse
 
 
@@ -420,9 +441,11 @@ def _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra
         geo_p = (H, N, D, geom.R, slab, gw_log2, *geom.args(dev), geom.rel_off,
                  float(scale) * LOG2E)
         delta = empty((B, H, N), torch.float32, dev)
-        _kernels._tmsa_attention_bwd_kernel_delta[(cdiv(N, DELTA_BLOCK_M), B * H)](
-            o, do, delta, *_strides3(o), *_strides3(do), H, N, D, BLOCK_M=DELTA_BLOCK_M,
-            D0=kw["D0"], D1=kw["D1"], HAS_D1=kw["HAS_D1"], num_warps=DELTA_WARPS)
+        for b0, b1 in batch_slices(B, H):   # a program per (sample, head) on y, as dQ below
+            o_, do_, delta_ = _rows_of(b0, b1, B, o, do, delta)
+            _kernels._tmsa_attention_bwd_kernel_delta[(cdiv(N, DELTA_BLOCK_M), (b1 - b0) * H)](
+                o_, do_, delta_, *_strides3(o), *_strides3(do), H, N, D, BLOCK_M=DELTA_BLOCK_M,
+                D0=kw["D0"], D1=kw["D1"], HAS_D1=kw["HAS_D1"], num_warps=DELTA_WARPS)
         buckets = (next_power_of_2(N), next_power_of_2(geom.n_win))
         win = "-win" if geom.windowed else ""
         acc_ds = plan in ("shares", "samples")   # dS summed into table partials in dK/dV
@@ -437,20 +460,33 @@ def _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra
             partial = empty((H * groups * tiles * span_pad,), torch.float32, dev)
         else:
             # span_pad is read under ACC_DS only; 0 types as the JIT types any multiple of 16
-            groups, per_b, partial, span_pad = B, 1, q, 0
-        for step in range(per_b):  # ACC_DS: share g's sample step (the first stores)
-            live = cdiv(B - step, per_b)   # the shares that have a sample `step`
+            per_b, partial, span_pad = 1, q, 0
+        # ACC_DS: a launch per sample step of the shares (share g's `step`: the first stores),
+        # groups <= GRID_YZ_MAX on z (_bwd_plans); else a sample per z, a launch per run of them
+        runs = ([(0, B, step) for step in range(per_b)] if acc_ds
+                else [(b0, b1, 0) for b0, b1 in batch_slices(B, 1)])
+        for b0, b1, step in runs:
+            live = cdiv(B - step, per_b) if acc_ds else b1 - b0   # shares with a sample `step`
+            q_, k_, v_, do_, lse_, delta_, dk_, dv_ = _rows_of(
+                b0, b1, B, q, k, v, do, lse, delta, dk, dv)
+            bias_ = _bias_rows(b0, b1, B, bias, q_)
             bm, bn = _launch(_kernels._tmsa_attention_bwd_kernel_dkdv,
                              "dkdv" + win + ("-acc" if acc_ds else ""), dkdv_cfgs,
-                             lambda bm, bn: (cdiv(N, bn), H, live),
-                             (q, k, v, do, tab, bias_arg, lse, delta, dk, dv, partial, *strides,
-                              *geo_p, float(scale), per_b, step, groups, span_pad, *buckets),
+                             lambda bm, bn, z=live: (cdiv(N, bn), H, z),
+                             (q_, k_, v_, do_, tab, bias_, lse_, delta_, dk_, dv_, partial,
+                              *strides, *geo_p, float(scale), per_b, step,
+                              groups if acc_ds else live, span_pad, *buckets),
                              dict(kw, ACC_DS=acc_ds, SLAB_TAB=on_slabs, **packed))
-        _launch(_kernels._tmsa_attention_bwd_kernel_dq, "dq" + win, _configs("dq" + win, *shape),
-                lambda bm, bn: (cdiv(N, bm), B * H),
-                (q, k, v, do, tab, bias_arg, lse, delta, dq, dbias if dbias is not None else q,
-                 *strides, *geo_p, float(scale), *buckets),
-                dict(kw, STORE_DS=store_ds, SLAB_TAB=on_slabs, **packed))
+        for b0, b1 in batch_slices(B, H):   # a program per (sample, head) on y
+            q_, k_, v_, do_, lse_, delta_, dq_, dbias_ = _rows_of(
+                b0, b1, B, q, k, v, do, lse, delta, dq, dbias)
+            bias_ = _bias_rows(b0, b1, B, bias, q_)
+            _launch(_kernels._tmsa_attention_bwd_kernel_dq, "dq" + win,
+                    _configs("dq" + win, *shape), lambda bm, bn, n=b1 - b0: (cdiv(N, bm), n * H),
+                    (q_, k_, v_, do_, tab, bias_, lse_, delta_, dq_,
+                     dbias_ if dbias is not None else q_, *strides, *geo_p, float(scale),
+                     *buckets),
+                    dict(kw, STORE_DS=store_ds, SLAB_TAB=on_slabs, **packed))
         if acc_ds:
             bins, L = _ds_table_plan(N, geom.n_win, geom.gh, geom.gw, bn, span_pad, str(dev))
             # [H, groups, key tiles * BN * span_pad] summed over the batch groups in order

@@ -234,6 +234,10 @@ class FalseHint(AssertionError):
     pass
 
 
+class GridTooLarge(AssertionError):
+    pass
+
+
 HINTS = ("tt.divisibility", "tt.contiguity")   # the hints hint_problem checks
 
 
@@ -379,6 +383,9 @@ def interpreter_guard():
     kernel that uses them fails its parity check or the bounds check.
     Hints: tl.multiple_of / tl.max_contiguous claims are checked on the values they are made
     for (hint_problem); a false one raises FalseHint.
+    Grids: a card launches at most GRID_YZ_MAX (65535) programs along a grid's y and z axes,
+    the interpreter any number; GridTooLarge is raised past _common.GRID_YZ_MAX (which a test
+    may lower, to run the batch runs that keep the attention's launches within it).
     Races: the interpreter runs a launch's programs one after another, so a kernel whose
     programs read or write what another program of the launch writes gives the right numbers
     here and wrong ones on a card; each launch's accesses are recorded per program and
@@ -431,6 +438,10 @@ def interpreter_guard():
         return orig_restore(self, *args, **kwargs)
 
     def check(builder, ptrs, mask, what, log):
+        if max(builder.grid_dim[1:]) > _common.GRID_YZ_MAX:
+            raise GridTooLarge(
+                f"a launch of grid {tuple(builder.grid_dim)}: a card allows at most "
+                f"{_common.GRID_YZ_MAX} programs along y and z")
         addr = np.asarray(ptrs.data).astype(np.uint64)
         m = np.broadcast_to(np.asarray(mask.data).astype(bool), addr.shape)
         live = addr[m]

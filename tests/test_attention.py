@@ -357,6 +357,46 @@ def test_rows_past_32_bit_offsets_are_copied_or_refused():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("kw,N,plan", [
+    pytest.param(dict(grid=(8, 8), table=True), 64, "shares", id="table-8x8-shares"),
+    pytest.param(dict(grid=(8, 8), table=True), 64, "separate", id="table-8x8-separate"),
+    pytest.param(dict(grid=(4, 8), window=(4, 4), table=True), 32, "separate",
+                 id="table-4x8-w4x4-separate"),
+    pytest.param(dict(bias="B"), 48, None, id="bias-BHNN"),
+])
+def test_batches_past_the_grid_limit_launch_in_runs(kw, N, plan, monkeypatch):
+    """A card runs at most 65535 programs along a grid's y and z axes, the interpreter any
+    number: with a program per (sample, head) on y, DiffiT-XL's 16 heads reach it at 4096
+    samples (guided sampling at batch 2048). The launches then take the batch in runs that
+    fit. Here the limit is lowered to 3 (the interpreter guard fails a launch past it) for 5
+    samples of 2 heads: the forward and every gradient are bitwise the one-launch results, and
+    a share per sample is not offered."""
+    from diffit_kernels import _common
+
+    B, H, D = 5, 2, 16
+
+    def run():
+        torch.manual_seed(0)
+        leaves, build, names = _case(B, H, N, D, **kw)
+        ts = {n: t.requires_grad_() for n, t in leaves.items()}
+        o = diffit_kernels.tmsa_attention(**build(ts), backend="triton")
+        o.backward(torch.randn(o.shape))
+        return [o.detach()] + [ts[n].grad for n in names]
+
+    if plan is not None:
+        monkeypatch.setattr(AP, "BWD_PLAN", plan)
+    whole = run()
+    monkeypatch.setattr(_common, "GRID_YZ_MAX", 3)
+    assert "samples" not in AP._plans_of(B, H, N, D, torch.float32, [8, 8], "cpu")
+    assert _common.batch_slices(B, H) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    for a, b in zip(whole, run()):
+        assert torch.equal(a, b)
+    with pytest.raises(Exception, match="at most 3 programs along y and z"):  # the guard
+        monkeypatch.setattr(A, "batch_slices", lambda B, per: [(0, B)])
+        run()
+
+
+@pytest.mark.interpreter
 def test_sizes_past_32_bit_offsets_are_not_implemented():
     """The public function refuses before any launch (an expanded q: no memory behind it)."""
     q = torch.randn(1, 1, 1, 128).expand(1, 64, 87383, 128)
@@ -698,6 +738,14 @@ def test_gpu_backward_plans_are_timed_inside_cuda_graph_regions(monkeypatch):
     eager = torch.autograd.grad(f(q, k, v, table), (q, k, v, table), do)
     for a, b in zip(graphed, eager):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_batch_past_the_grid_limit():
+    """4097 samples of 16 heads: 65552 (sample, head) programs, past the 65535 a card allows
+    along a grid's y axis (a launch past it fails inside Triton). The forward, delta and dQ
+    launches take the batch in runs; every output and gradient against the reference."""
+    _check(torch.bfloat16, 4097, 16, 16, 16, device="cuda", grid=(4, 4), table=True)
 
 
 @pytest.mark.gpu

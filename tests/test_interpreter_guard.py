@@ -162,6 +162,22 @@ def test_out_of_bounds_load_is_caught():
 
 
 @pytest.mark.interpreter
+def test_grid_past_the_cards_y_and_z_limit_is_caught(monkeypatch):
+    from diffit_kernels import _common
+
+    x = torch.randn(64)
+    y = torch.empty(64)
+    # a card launches at most 65535 programs along y and z; lowered here to see it fire
+    monkeypatch.setattr(_common, "GRID_YZ_MAX", 2)
+    _shift_kernel[(4, 1, 1)](x, y, 0, 64, BLOCK=16)   # x is not limited so
+    assert torch.equal(y, x + 1.0)
+    for grid in ((2, 3, 1), (2, 1, 3)):   # (the programs past x would race: never reached)
+        with pytest.raises(Exception, match="GridTooLarge|programs along y and z") as err:
+            _shift_kernel[grid](x, y, 0, 64, BLOCK=32)
+        assert "at most 2 programs along y and z" in str(err.value)
+
+
+@pytest.mark.interpreter
 def test_lanes_of_one_store_writing_one_address_differently_is_a_race():
     y = torch.zeros(4)
     _scatter_kernel[(1,)](torch.arange(8.0), y, BLOCK=8, SAME=True)   # equal values: fine

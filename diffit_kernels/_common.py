@@ -261,7 +261,8 @@ CAPTURE_REFUSALS = ("operation not permitted when stream is capturing",
 def _capture_refused(name: str, error: Exception) -> str:
     """What to do when CUDA refused a call of launcher `name` inside a CUDA graph capture: the
     usual cause is a Triton kernel's first launch in this process, at which Triton loads the
-    kernel onto the card (cuModuleLoadData), which a capture in torch's default modes forbids."""
+    kernel onto the card (cuModuleLoadData), which a capture in torch's default modes forbids
+    (capture_error_mode "global" or "thread_local"; "relaxed" tolerates it)."""
     return (f"diffit_kernels ({name}): CUDA refused a call inside a CUDA graph capture ({error}); "
             "the capture is invalid now. Triton loads each kernel onto the card at its first "
             "launch in a process, which a capture forbids: run the same calls once outside the "

@@ -396,6 +396,16 @@ def test_batches_past_the_grid_limit_launch_in_runs(kw, N, plan, monkeypatch):
         run()
 
 
+def test_batch_slices_fit_the_grid_limit():
+    from diffit_kernels._common import GRID_YZ_MAX, batch_slices
+
+    assert batch_slices(4095, 16) == [(0, 4095)]              # DiffiT-XL's heads: one run
+    assert batch_slices(4097, 16) == [(0, 4095), (4095, 4097)]
+    assert batch_slices(70000, 1) == [(0, GRID_YZ_MAX), (GRID_YZ_MAX, 70000)]
+    assert batch_slices(3, 70000) == [(0, 1), (1, 2), (2, 3)]  # one sample per run at least
+    assert batch_slices(0, 16) == [(0, 0)]
+
+
 @pytest.mark.interpreter
 def test_sizes_past_32_bit_offsets_are_not_implemented():
     """The public function refuses before any launch (an expanded q: no memory behind it)."""

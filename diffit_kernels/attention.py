@@ -59,7 +59,7 @@ backward then reads them as one [M, 3C'] matrix without a copy (_packs).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -380,145 +380,200 @@ def _tmsa_attention_bwd(do, q, k, v, o, lse, table, bias, geometry, scale, need_
     return _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra)
 
 
+class _Bwd(NamedTuple):
+    """One backward call: its tensors and what every plan's launches share."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    do: torch.Tensor
+    o: torch.Tensor
+    lse: torch.Tensor
+    table: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    geom: _Geom
+    geometry: Sequence[int]
+    scale: float
+    kw: dict          # the kernels' common constexprs (_common_kwargs)
+    shape: tuple      # (D0, D1, HAS_D1, element size, dense bias): the config lists' key
+    packs: bool       # dq, dk, dv views of one [B, N, 3, H, D] buffer (_packs)
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    dbias: Optional[torch.Tensor]   # [B, H, N, N] per-sample ds (store_ds)
+    acc_table: bool   # the table's gradient: ds summed into partials
+    acc_dense: bool   # a bias shared by the batch: ds summed over B ([H, N, N])
+    store_ds: bool    # a per-sample bias: ds stored per sample ([B, H, N, N])
+    strides: tuple    # q, k, v, dO, and the bias broadcast to [B, H, N, N]
+
+    @property
+    def bias_arg(self) -> torch.Tensor:
+        return self.bias if self.bias is not None else self.q
+
+    def geo(self, slab: int = 0, gw_log2: int = 0, with_slab: bool = False) -> tuple:
+        """The kernels' geometry arguments (with the table slab's where the kernel takes it)."""
+        B, H, N, D = self.q.shape
+        g = self.geom
+        head = (H, N, D, g.R) + ((slab, gw_log2) if with_slab else ())
+        return head + (*g.args(self.q.device), g.rel_off, self.scale * LOG2E)
+
+
 def _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra):
-    """The backward by one plan (_bwd_plans names them); do and o rows aligned."""
+    """The backward by one plan (_bwd_plans names them); do and o rows aligned: the gradient
+    buffer of dq, dk, dv (_grad_views) and the table's or bias's gradient (empty if none)."""
     B, H, N, D = q.shape
     geom = _Geom(N, geometry)
-    dev = q.device
     _log("plan", plan)
     kw = _common_kwargs(q, geom, table, bias)
     shape = (kw["D0"], kw["D1"], kw["HAS_D1"], q.element_size(), bias is not None)
-    narrow = _packed_span(*shape)
-    packs = _packs(q.dtype, geom.n_win, narrow)
-    grads = empty(_grads_shape(q, packs), q.dtype, dev)
-    dq, dk, dv = _grad_views(grads, packs)
-    packed = dict(PACKED=packs)
-    acc_table = table is not None and need_extra
+    packs = _packs(q.dtype, geom.n_win, _packed_span(*shape))
+    grads = empty(_grads_shape(q, packs), q.dtype, q.device)
     # a bias shared by the batch gets ds summed over B ([H, N, N]); a per-sample one ds per
     # sample ([B, H, N, N]); either is then summed over the bias's other broadcast dims
     per_sample = bias is not None and bias.dim() == 4 and bias.shape[0] > 1
-    acc_dense = bias is not None and not per_sample and need_extra
     store_ds = per_sample and need_extra
     exact = store_ds and tuple(bias.shape) == (B, H, N, N)  # else summed afterwards: in fp32
-    dbias = empty((B, H, N, N), bias.dtype if exact else torch.float32, dev) if store_ds else None
-    bias_arg = bias if bias is not None else q
-    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_bias_strides(bias))
-    geo = (H, N, D, geom.R, *geom.args(dev), geom.rel_off, float(scale) * LOG2E)
-    dextra = q.new_empty(0)
-
-    if plan in ("fused", "wide"):
-        n = geom.n_win
-        G = max(1, min(narrow // n, geom.nW))   # windows packed per tile (1 past narrow)
-        BLOCK = max(16, next_power_of_2(G * n))
-        groups = cdiv(geom.nW, G)
-        units = B * groups
-        acc = acc_table or acc_dense
-        P = min(units, _programs_per_head(dev, H)) if acc else units
-        per_prog = cdiv(units, P)
-        P = cdiv(units, per_prog)
-        partial = empty((H, P, BLOCK, BLOCK), torch.float32, dev) if acc else q
-        tab = _prep_table(table, q)
-        args = (q, k, v, do, tab, bias_arg, lse, dq, dk, dv, dbias if dbias is not None else q,
-                partial, *strides, *geo, float(scale), units, groups, G * n, per_prog, P)
-        kwargs = dict(ACC_DS=acc, STORE_DS=store_ds, BLOCK=BLOCK, **kw, **packed)
-        if n <= narrow:
-            cfg = _card_list("window", *shape)[0]   # never tuned: a card runs the first
-            warps, stages = _fused_launch(BLOCK, cfg, q.element_size())
-            _log("window", cfg)
-            _kernels._tmsa_attention_bwd_kernel_window[(P, H)](*args, **kwargs, num_warps=warps,
-                                                               num_stages=stages)
-        else:  # "wide": one window per tile
-            _launch_window(_wide_configs(*shape, True), (P, H), args, kwargs)
-        if acc_table:
-            dextra = _table_grad(partial.sum(1).reshape(H, BLOCK * BLOCK),
-                                 _fused_bins(n, G, BLOCK, geom.gh, geom.gw, str(dev)),
-                                 table.dtype)
-        elif acc_dense:
-            dextra = partial.sum(1)[:, :N, :N]
-    else:
-        tab, slab, gw_log2, on_slabs = _table_arg(table, q, geom, N,
-                                                  _reads_slabs(table, q, geom, geometry))
-        geo_p = (H, N, D, geom.R, slab, gw_log2, *geom.args(dev), geom.rel_off,
-                 float(scale) * LOG2E)
-        delta = empty((B, H, N), torch.float32, dev)
-        for b0, b1 in batch_slices(B, H):   # a program per (sample, head) on y, as dQ below
-            o_, do_, delta_ = _rows_of(b0, b1, B, o, do, delta)
-            _kernels._tmsa_attention_bwd_kernel_delta[(cdiv(N, DELTA_BLOCK_M), (b1 - b0) * H)](
-                o_, do_, delta_, *_strides3(o), *_strides3(do), H, N, D, BLOCK_M=DELTA_BLOCK_M,
-                D0=kw["D0"], D1=kw["D1"], HAS_D1=kw["HAS_D1"], num_warps=DELTA_WARPS)
-        buckets = (next_power_of_2(N), next_power_of_2(geom.n_win))
-        win = "-win" if geom.windowed else ""
-        acc_ds = plan in ("shares", "samples")   # dS summed into table partials in dK/dV
-        dkdv_cfgs = _configs("dkdv" + win + ("-acc" if acc_ds else ""), *shape)
-        if acc_ds:
-            # sized for any candidate of the card's list, as on the card, whichever one runs
-            cands = _card_list("dkdv" + win + "-acc", *shape)
-            span_pad, tiles = _ds_layout(N, geom.n_win, tuple(c[:2] for c in cands))
-            per_b = 1 if plan == "samples" else _plans._share_size(dev, B, H, N, cands)
-            groups = cdiv(B, per_b)
-            _log("ds-shares", (groups, per_b))
-            partial = empty((H * groups * tiles * span_pad,), torch.float32, dev)
-        else:
-            # span_pad is read under ACC_DS only; 0 types as the JIT types any multiple of 16
-            per_b, partial, span_pad = 1, q, 0
-        # ACC_DS: a launch per sample step of the shares (share g's `step`: the first stores),
-        # groups <= GRID_YZ_MAX on z (_bwd_plans); else a sample per z, a launch per run of them
-        runs = ([(0, B, step) for step in range(per_b)] if acc_ds
-                else [(b0, b1, 0) for b0, b1 in batch_slices(B, 1)])
-        for b0, b1, step in runs:
-            live = cdiv(B - step, per_b) if acc_ds else b1 - b0   # shares with a sample `step`
-            q_, k_, v_, do_, lse_, delta_, dk_, dv_ = _rows_of(
-                b0, b1, B, q, k, v, do, lse, delta, dk, dv)
-            bias_ = _bias_rows(b0, b1, B, bias, q_)
-            bm, bn = _launch(_kernels._tmsa_attention_bwd_kernel_dkdv,
-                             "dkdv" + win + ("-acc" if acc_ds else ""), dkdv_cfgs,
-                             lambda bm, bn, z=live: (cdiv(N, bn), H, z),
-                             (q_, k_, v_, do_, tab, bias_, lse_, delta_, dk_, dv_, partial,
-                              *strides, *geo_p, float(scale), per_b, step,
-                              groups if acc_ds else live, span_pad, *buckets),
-                             dict(kw, ACC_DS=acc_ds, SLAB_TAB=on_slabs, **packed))
-        for b0, b1 in batch_slices(B, H):   # a program per (sample, head) on y
-            q_, k_, v_, do_, lse_, delta_, dq_, dbias_ = _rows_of(
-                b0, b1, B, q, k, v, do, lse, delta, dq, dbias)
-            bias_ = _bias_rows(b0, b1, B, bias, q_)
-            _launch(_kernels._tmsa_attention_bwd_kernel_dq, "dq" + win,
-                    _configs("dq" + win, *shape), lambda bm, bn, n=b1 - b0: (cdiv(N, bm), n * H),
-                    (q_, k_, v_, do_, tab, bias_, lse_, delta_, dq_,
-                     dbias_ if dbias is not None else q_, *strides, *geo_p, float(scale),
-                     *buckets),
-                    dict(kw, STORE_DS=store_ds, SLAB_TAB=on_slabs, **packed))
-        if acc_ds:
-            bins, L = _ds_table_plan(N, geom.n_win, geom.gh, geom.gw, bn, span_pad, str(dev))
-            # [H, groups, key tiles * BN * span_pad] summed over the batch groups in order
-            dextra = _table_grad(partial[:H * groups * L].view(H, groups, L).sum(1), bins,
-                                 table.dtype)
-        elif acc_table or acc_dense:
-            # the plan picks the tile (not an emulated card's pick: the pass is never tuned)
-            BM, BN, warps, stages = _card_list("dbias", *shape)[plan == "separate-64"]
-            _log("dbias", (BM, BN, warps, stages))
-            # the pairs of one tile diagonal share their relative offsets only when both tiles
-            # step by the same whole number of grid rows (square tiles, gw | BM)
-            group = acc_table and BM == BN and BM % geom.gw == 0
-            pairs, slots, slot_index, bins, P = _dbias_plan(
-                geom.n_win, geom.nW, B, BM, BN, group, _programs_per_head(dev, H),
-                (geom.gh, geom.gw) if acc_table else None, str(dev))
-            partial = empty((H, P, BM, BN), torch.float32, dev)
-            if on_slabs:  # this pass gathers from the [H, R] table
-                tab = _prep_table(table, q)
-            _kernels._tmsa_attention_bwd_kernel_dbias[(P, H)](
-                q, k, v, do, tab, bias_arg, lse, delta, pairs, slots, partial, *strides,
-                H, N, D, geom.R, geom.n_win, geom.nW, *geom.args(dev)[1:],
-                geom.rel_off, float(scale) * LOG2E, P, BLOCK_M=BM, BLOCK_N=BN,
-                num_warps=warps, num_stages=stages, **kw)
-            if acc_table:
-                dextra = _table_grad(partial.view(H, P * BM * BN), bins, table.dtype)
-            else:
-                dextra = _reduce_slots(partial, slot_index, N)
-    if acc_dense:  # (a table's gradient comes out of _table_grad in its dtype and layout)
-        dextra = _bias_grad(dextra, bias)
-    elif store_ds:
-        dextra = _bias_grad(dbias, bias)
+    dbias = (empty((B, H, N, N), bias.dtype if exact else torch.float32, q.device)
+             if store_ds else None)
+    bw = _Bwd(q, k, v, do, o, lse, table, bias, geom, geometry, float(scale), kw, shape, packs,
+              *_grad_views(grads, packs), dbias, table is not None and need_extra,
+              bias is not None and not per_sample and need_extra, store_ds,
+              (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do),
+               *_bias_strides(bias)))
+    dextra = (_bwd_fused if plan in ("fused", "wide") else _bwd_flash)(bw, plan)
+    if bw.acc_dense:  # (a table's gradient comes out of _table_grad in its dtype and layout)
+        return grads, _bias_grad(dextra, bias)
+    if store_ds:
+        return grads, _bias_grad(dbias, bias)
     return grads, dextra
+
+
+def _bwd_fused(bw: _Bwd, plan: str) -> torch.Tensor:
+    """Plans "fused" (spans packed into the fused kernel's tiles) and "wide" (one window per
+    64-wide tile): one kernel writes dq, dk, dv and ds partial sums per program; the table's
+    or shared bias's gradient from them (empty if neither)."""
+    q, geom = bw.q, bw.geom
+    B, H, N, _ = q.shape
+    dev = q.device
+    n, narrow = geom.n_win, _packed_span(*bw.shape)
+    G = max(1, min(narrow // n, geom.nW))   # windows packed per tile (1 past narrow)
+    BLOCK = max(16, next_power_of_2(G * n))
+    groups = cdiv(geom.nW, G)
+    units = B * groups
+    acc = bw.acc_table or bw.acc_dense
+    P = min(units, _programs_per_head(dev, H)) if acc else units
+    per_prog = cdiv(units, P)
+    P = cdiv(units, per_prog)
+    partial = empty((H, P, BLOCK, BLOCK), torch.float32, dev) if acc else q
+    args = (q, bw.k, bw.v, bw.do, _prep_table(bw.table, q), bw.bias_arg, bw.lse, bw.dq, bw.dk,
+            bw.dv, bw.dbias if bw.dbias is not None else q, partial, *bw.strides, *bw.geo(),
+            bw.scale, units, groups, G * n, per_prog, P)
+    kwargs = dict(ACC_DS=acc, STORE_DS=bw.store_ds, BLOCK=BLOCK, PACKED=bw.packs, **bw.kw)
+    if n <= narrow:
+        cfg = _card_list("window", *bw.shape)[0]   # never tuned: a card runs the first
+        warps, stages = _fused_launch(BLOCK, cfg, q.element_size())
+        _log("window", cfg)
+        _kernels._tmsa_attention_bwd_kernel_window[(P, H)](*args, **kwargs, num_warps=warps,
+                                                           num_stages=stages)
+    else:  # "wide": one window per tile
+        _launch_window(_wide_configs(*bw.shape, True), (P, H), args, kwargs)
+    if bw.acc_table:
+        return _table_grad(partial.sum(1).reshape(H, BLOCK * BLOCK),
+                           _fused_bins(n, G, BLOCK, geom.gh, geom.gw, str(dev)), bw.table.dtype)
+    if bw.acc_dense:
+        return partial.sum(1)[:, :N, :N]
+    return q.new_empty(0)
+
+
+def _bwd_flash(bw: _Bwd, plan: str) -> torch.Tensor:
+    """FlashAttention-2's backward: delta = rowsum(O * dO), then dK / dV per key tile and dQ
+    per query tile. The table's gradient: summed into partials in dK / dV ("shares": a few
+    batch shares, "samples": one per sample), or a pass of its own ("separate", "separate-64",
+    _dbias_pass), which a bias shared by the batch takes too."""
+    q, k, v, do, lse, bias, geom = bw.q, bw.k, bw.v, bw.do, bw.lse, bw.bias, bw.geom
+    B, H, N, D = q.shape
+    dev = q.device
+    tab, slab, gw_log2, on_slabs = _table_arg(bw.table, q, geom, N,
+                                              _reads_slabs(bw.table, q, geom, bw.geometry))
+    geo_p = bw.geo(slab, gw_log2, with_slab=True)
+    kw = dict(bw.kw, SLAB_TAB=on_slabs, PACKED=bw.packs)
+    delta = empty((B, H, N), torch.float32, dev)
+    for b0, b1 in batch_slices(B, H):   # a program per (sample, head) on y, as dQ below
+        o_, do_, delta_ = _rows_of(b0, b1, B, bw.o, do, delta)
+        _kernels._tmsa_attention_bwd_kernel_delta[(cdiv(N, DELTA_BLOCK_M), (b1 - b0) * H)](
+            o_, do_, delta_, *_strides3(bw.o), *_strides3(do), H, N, D, BLOCK_M=DELTA_BLOCK_M,
+            D0=kw["D0"], D1=kw["D1"], HAS_D1=kw["HAS_D1"], num_warps=DELTA_WARPS)
+    buckets = (next_power_of_2(N), next_power_of_2(geom.n_win))
+    win = "-win" if geom.windowed else ""
+    acc_ds = plan in ("shares", "samples")   # dS summed into table partials in dK/dV
+    kind = "dkdv" + win + ("-acc" if acc_ds else "")
+    if acc_ds:
+        # sized for any candidate of the card's list, as on the card, whichever one runs
+        cands = _card_list(kind, *bw.shape)
+        span_pad, tiles = _ds_layout(N, geom.n_win, tuple(c[:2] for c in cands))
+        per_b = 1 if plan == "samples" else _plans._share_size(dev, B, H, N, cands)
+        groups = cdiv(B, per_b)
+        _log("ds-shares", (groups, per_b))
+        partial = empty((H * groups * tiles * span_pad,), torch.float32, dev)
+    else:
+        # span_pad is read under ACC_DS only; 0 types as the JIT types any multiple of 16
+        per_b, partial, span_pad = 1, q, 0
+    # ACC_DS: a launch per sample step of the shares (share g's `step`: the first stores),
+    # groups <= GRID_YZ_MAX on z (_bwd_plans); else a sample per z, a launch per run of them
+    runs = ([(0, B, step) for step in range(per_b)] if acc_ds
+            else [(b0, b1, 0) for b0, b1 in batch_slices(B, 1)])
+    for b0, b1, step in runs:
+        live = cdiv(B - step, per_b) if acc_ds else b1 - b0   # shares with a sample `step`
+        q_, k_, v_, do_, lse_, delta_, dk_, dv_ = _rows_of(
+            b0, b1, B, q, k, v, do, lse, delta, bw.dk, bw.dv)
+        bm, bn = _launch(_kernels._tmsa_attention_bwd_kernel_dkdv, kind,
+                         _configs(kind, *bw.shape), lambda bm, bn, z=live: (cdiv(N, bn), H, z),
+                         (q_, k_, v_, do_, tab, _bias_rows(b0, b1, B, bias, q_), lse_, delta_,
+                          dk_, dv_, partial, *bw.strides, *geo_p, bw.scale, per_b, step,
+                          groups if acc_ds else live, span_pad, *buckets),
+                         dict(kw, ACC_DS=acc_ds))
+    for b0, b1 in batch_slices(B, H):   # a program per (sample, head) on y
+        q_, k_, v_, do_, lse_, delta_, dq_, dbias_ = _rows_of(
+            b0, b1, B, q, k, v, do, lse, delta, bw.dq, bw.dbias)
+        _launch(_kernels._tmsa_attention_bwd_kernel_dq, "dq" + win,
+                _configs("dq" + win, *bw.shape), lambda bm, bn, n=b1 - b0: (cdiv(N, bm), n * H),
+                (q_, k_, v_, do_, tab, _bias_rows(b0, b1, B, bias, q_), lse_, delta_, dq_,
+                 dbias_ if dbias_ is not None else q_, *bw.strides, *geo_p, bw.scale, *buckets),
+                dict(kw, STORE_DS=bw.store_ds))
+    if acc_ds:
+        bins, L = _ds_table_plan(N, geom.n_win, geom.gh, geom.gw, bn, span_pad, str(dev))
+        # [H, groups, key tiles * BN * span_pad] summed over the batch groups in order
+        return _table_grad(partial[:H * groups * L].view(H, groups, L).sum(1), bins,
+                           bw.table.dtype)
+    if bw.acc_table or bw.acc_dense:
+        # this pass gathers from the [H, R] table
+        return _dbias_pass(bw, plan, _prep_table(bw.table, q) if on_slabs else tab, delta)
+    return q.new_empty(0)
+
+
+def _dbias_pass(bw: _Bwd, plan: str, tab: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The table's (or a shared bias's) gradient in a pass of its own over pairs of tiles,
+    each program summing its pairs' ds into its own partial, then reduced in a fixed order."""
+    q, geom = bw.q, bw.geom
+    B, H, N, D = q.shape
+    dev = q.device
+    # the plan picks the tile (not an emulated card's pick: the pass is never tuned)
+    BM, BN, warps, stages = _card_list("dbias", *bw.shape)[plan == "separate-64"]
+    _log("dbias", (BM, BN, warps, stages))
+    # the pairs of one tile diagonal share their relative offsets only when both tiles
+    # step by the same whole number of grid rows (square tiles, gw | BM)
+    group = bw.acc_table and BM == BN and BM % geom.gw == 0
+    pairs, slots, slot_index, bins, P = _dbias_plan(
+        geom.n_win, geom.nW, B, BM, BN, group, _programs_per_head(dev, H),
+        (geom.gh, geom.gw) if bw.acc_table else None, str(dev))
+    partial = empty((H, P, BM, BN), torch.float32, dev)
+    _kernels._tmsa_attention_bwd_kernel_dbias[(P, H)](
+        q, bw.k, bw.v, bw.do, tab, bw.bias_arg, bw.lse, delta, pairs, slots, partial,
+        *bw.strides, H, N, D, geom.R, geom.n_win, geom.nW, *geom.args(dev)[1:],
+        geom.rel_off, bw.scale * LOG2E, P, BLOCK_M=BM, BLOCK_N=BN,
+        num_warps=warps, num_stages=stages, **bw.kw)
+    if bw.acc_table:
+        return _table_grad(partial.view(H, P * BM * BN), bins, bw.table.dtype)
+    return _reduce_slots(partial, slot_index, N)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -162,22 +162,35 @@ def assert_parity(rows: Sequence[ParityRow]) -> None:
 
 
 # ---- CUDA graphs ------------------------------------------------------------------------------
-def captured_replay(step: Callable, args: tuple, warmup: Callable[[], object]) -> tuple:
-    """warmup() on a side stream (the warm-up torch's CUDA-graph docs ask for; it must launch
-    every kernel the capture will, since Triton loads a kernel onto the card at its first
-    launch, which a capture forbids), then step(*args) captured in a CUDA graph and replayed
-    once: its outputs, as the replay left them (CUDA)."""
+@contextlib.contextmanager
+def _autotune_off():
+    """DIFFIT_KERNELS_AUTOTUNE=0 for the with-block (the variable is read at import)."""
+    old, _common.AUTOTUNE = _common.AUTOTUNE, False
+    try:
+        yield
+    finally:
+        _common.AUTOTUNE = old
+
+
+def untuned_capture(step: Callable, args: tuple, warmup_args: tuple) -> Tuple[tuple, tuple]:
+    """(the replay's outputs, an eager call's) of step(*args) captured in a CUDA graph with no
+    autotune key tuned (CUDA). First step(*warmup_args) on a side stream with autotuning off:
+    the warm-up torch's CUDA-graph docs ask for, which must launch every kernel the capture
+    will (Triton loads a kernel onto the card at its first launch, which a capture forbids)
+    and here tunes nothing. The capture then runs each list's first config, as does the eager
+    call, made with autotuning off after one replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        warmup()
+    with torch.cuda.stream(side), _autotune_off():
+        step(*warmup_args)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step(*args)
     graph.replay()
     torch.cuda.synchronize()
-    return out
+    with _autotune_off():
+        return out, step(*args)
 
 
 # ---- interpreter readiness ------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 
 import diffit_kernels
 from diffit_kernels import norm, reference
-from diffit_kernels.testing import assert_parity, captured_replay, nan_fill, parity
+from diffit_kernels.testing import assert_parity, nan_fill, parity, untuned_capture
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FEATURES = [  # (residual, gate, shift, scale, silu): every combination (gate needs residual)
@@ -340,16 +340,10 @@ def test_gpu_calls_inside_a_cuda_graph_capture(monkeypatch):
                                          activation="silu", backend="triton")
         return (y, h) + torch.autograd.grad((y, h), (x, res, mod), (dy, dy))
 
-    def untuned_warmup():
-        with monkeypatch.context() as m:
-            m.setattr(_common, "AUTOTUNE", False)
-            step(*args)
-
     args = inputs(torch.bfloat16)
-    captured = captured_replay(step, args, untuned_warmup)
+    captured, eager = untuned_capture(step, args, args)
     assert not _common._TUNERS
-    monkeypatch.setattr(_common, "AUTOTUNE", False)
-    for a, b in zip(captured, step(*args)):
+    for a, b in zip(captured, eager):
         assert torch.equal(a, b)
 
 

@@ -10,7 +10,7 @@ from diffit_kernels import _attention_launch as AL
 from diffit_kernels import _attention_plans as AP
 from diffit_kernels import attention as A
 from diffit_kernels import reference
-from diffit_kernels.testing import assert_parity, captured_replay, parity
+from diffit_kernels.testing import assert_parity, parity, untuned_capture
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_IDS = lambda d: str(d)[6:]  # noqa: E731
@@ -784,19 +784,13 @@ def test_gpu_calls_inside_a_cuda_graph_capture(monkeypatch):
                                           backend="triton")
         return (o,) + torch.autograd.grad(o, (q, k, v, table), do)
 
-    def untuned_warmup():
-        with monkeypatch.context() as m:
-            m.setattr(_common, "AUTOTUNE", False)
-            step(*args)
-
     with pytest.raises(RuntimeError, match="outside the capture with the same shapes first"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             step(*args)
     assert index._token_lut.cache_info().currsize == 0
-    captured = captured_replay(step, args, untuned_warmup)
+    captured, eager = untuned_capture(step, args, args)
     assert not _common._TUNERS
-    monkeypatch.setattr(_common, "AUTOTUNE", False)
-    for a, b in zip(captured, step(*args)):
+    for a, b in zip(captured, eager):
         assert torch.equal(a, b)
 
 
@@ -818,14 +812,8 @@ def test_gpu_global_forward_of_a_new_grid_captures_at_its_first_call(monkeypatch
         return (diffit_kernels.tmsa_attention(q, k, v, table=tables[grid], grid=grid,
                                               backend="triton"),)
 
-    def untuned_warmup():
-        with monkeypatch.context() as m:
-            m.setattr(_common, "AUTOTUNE", False)
-            step((12, 12))
-
-    (o,) = captured_replay(step, ((16, 9),), untuned_warmup)
-    monkeypatch.setattr(_common, "AUTOTUNE", False)
-    assert torch.equal(o, step((16, 9))[0])
+    (o,), (eager,) = untuned_capture(step, ((16, 9),), ((12, 12),))
+    assert torch.equal(o, eager)
 
 
 # ---- GPU readiness: a few shipped configs compiled for sm_80 / sm_90a ----------------------

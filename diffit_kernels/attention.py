@@ -287,12 +287,12 @@ class _Bwd(NamedTuple):
     def bias_arg(self) -> torch.Tensor:
         return self.bias if self.bias is not None else self.q
 
-    def geo(self, slab: int = 0, gw_log2: int = 0, with_slab: bool = False) -> tuple:
-        """The kernels' geometry arguments (with the table slab's where the kernel takes it)."""
+    def geo(self, *slab_args: int) -> tuple:
+        """The kernels' geometry arguments, with (slab, gw_log2) where the kernel takes them."""
         B, H, N, D = self.q.shape
         g = self.geom
-        head = (H, N, D, g.R) + ((slab, gw_log2) if with_slab else ())
-        return head + (*g.args(self.q.device), g.rel_off, self.scale * LOG2E)
+        return (H, N, D, g.R, *slab_args, *g.args(self.q.device), g.rel_off,
+                self.scale * LOG2E)
 
 
 def _bwd_run(plan, do, q, k, v, o, lse, table, bias, geometry, scale, need_extra):
@@ -372,7 +372,7 @@ def _bwd_flash(bw: _Bwd, plan: str) -> torch.Tensor:
     dev = q.device
     tab, slab, gw_log2, on_slabs = _table_arg(bw.table, q, geom, N,
                                               _reads_slabs(bw.table, q, geom, bw.geometry))
-    geo_p = bw.geo(slab, gw_log2, with_slab=True)
+    geo_p = bw.geo(slab, gw_log2)
     kw = dict(bw.kw, SLAB_TAB=on_slabs, PACKED=bw.packs)
     delta = empty((B, H, N), torch.float32, dev)
     for b0, b1 in batch_slices(B, H):   # a program per (sample, head) on y, as dQ below

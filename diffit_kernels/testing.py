@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -191,6 +192,101 @@ def untuned_capture(step: Callable, args: tuple, warmup_args: tuple) -> Tuple[tu
     torch.cuda.synchronize()
     with _autotune_off():
         return out, step(*args)
+
+
+# ---- a card's compile path without a card ------------------------------------------------------
+class _CompileOnlyDriver:
+    """What Triton's JIT asks its driver before it compiles: the target, device and stream."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def _jit_function(tuner):
+    """The @triton.jit function under an autotuner (and heuristics)."""
+    fn = tuner.fn
+    while not hasattr(fn, "device_caches"):
+        fn = fn.fn
+    return fn
+
+
+@contextlib.contextmanager
+def compile_only_card(arch: int = 90, sms: int = 132):
+    """A card's launch path with nothing run (a process without TRITON_INTERPRET): the ops take
+    their Triton path on CPU tensors with the CUDA candidate lists and the work splits of a
+    `sms`-SM card, and each launch compiles its kernel for sm_<arch> into the kernel's JIT
+    cache, as on a card, and returns (outputs stay unwritten). An autotuned launch of a new key
+    looks each candidate up in that cache as Triton's autotuner does before timing it (compiling
+    what is missing) and takes the first. Yields the record: "tuned", a list of (kernel,
+    candidates, compiled at the look-up); "kernels", {(kernel, its JIT cache key): the SHA-1 of
+    its cubin} of every kernel compiled."""
+    if _common.interpreting():
+        raise RuntimeError("compile_only_card compiles for a card: it needs a process without "
+                           "TRITON_INTERPRET=1")
+    from triton.runtime import autotuner, jit
+    from triton.runtime.driver import driver
+
+    from . import _attention_launch, attention, norm, projection
+
+    record = {"tuned": [], "kernels": {}}
+    touched: set = set()
+    jit_run, tuner_run = jit.JITFunction.run, autotuner.Autotuner.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        touched.add(self)
+        return jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+
+    def look_up(self, *args, **kwargs):
+        named = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        key = _common._tuning_key(self, self.keys, args, named)
+        if key not in self.cache:
+            cache = _jit_function(self).device_caches[0][0]
+            before = len(cache)
+            for cfg in self.configs:
+                self.fn.run(*args, **kwargs, **cfg.all_kwargs())
+            record["tuned"].append((self.base_fn.__name__, len(self.configs),
+                                    len(cache) - before))
+            self.cache[key] = self.configs[0]
+        self.best_config = self.cache[key]
+        return self.fn.run(*args, **kwargs, **self.best_config.all_kwargs())
+
+    tuners, tuned = dict(_common._TUNERS), len(_common._TUNED)
+    saved = [(m, "resolve_backend", m.resolve_backend) for m in (attention, norm, projection)]
+    drivers = dict(vars(driver))  # reset_active() would make the default driver: no CUDA here
+    driver.set_active(_CompileOnlyDriver(arch))
+    jit.JITFunction.run, autotuner.Autotuner.run = compile_only, look_up
+    for m in (attention, norm, projection):
+        m.resolve_backend = lambda backend, *tensors: "triton"
+    try:
+        with _attention_launch._emulate_card(sms), norm._emulate_card(sms):
+            yield record
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+        jit.JITFunction.run, autotuner.Autotuner.run = jit_run, tuner_run
+        vars(driver).update(drivers)
+        for fn in touched:  # kernels built for the pretend card stay out of a later real one's
+            for key, kernel in fn.device_caches[0][0].items():
+                try:
+                    cubin = kernel.asm["cubin"]
+                except Exception:  # a candidate that failed to compile (Triton 3.8+ keeps it)
+                    continue
+                record["kernels"][fn.fn.__name__, key] = hashlib.sha1(cubin).hexdigest()
+            fn.device_caches.clear()
+        _common._TUNERS.clear()
+        _common._TUNERS.update(tuners)
+        del _common._TUNED[tuned:]
 
 
 # ---- interpreter readiness ------------------------------------------------------------------

@@ -1,0 +1,135 @@
+"""An autotuned launch's candidates compiled in threads before the autotuner times them
+(_common.precompile), checked on a card's compile path without a card (testing.compile_only_card:
+sm_90a builds, nothing run) in the compile tests' process."""
+import contextvars
+import types
+import warnings
+
+import pytest
+import torch
+
+from diffit_kernels import _common, adaln_norm, testing, tmsa_attention
+
+pytestmark = pytest.mark.aot
+
+THREADED = _common._async_compile_mode() is not None  # Triton 3.6+
+
+
+def _first_step(seed: int = 0):
+    """DiffiT-XL/2's attention (d 72, 16 x 16 grid, table) and adaLN norm (C 1152) forward and
+    backward in bf16, at two samples and two heads."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 2, 256, 72, generator=g, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    table = torch.randn(31 * 31, 2, generator=g, requires_grad=True)
+    o = tmsa_attention(q, k, v, table=table, grid=(16, 16))
+    o.backward(torch.randn(o.shape, generator=g, dtype=o.dtype))
+    x = torch.randn(2, 16, 1152, generator=g, dtype=torch.bfloat16, requires_grad=True)
+    shift, scale = (torch.randn(2, 1152, generator=g, dtype=torch.bfloat16, requires_grad=True)
+                    for _ in range(2))
+    y = adaln_norm(x, shift, scale, activation="silu")
+    y.backward(torch.randn(y.shape, generator=g, dtype=y.dtype))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_autotuner_finds_every_candidate_compiled(threads, monkeypatch, tmp_path):
+    monkeypatch.setattr(_common, "COMPILE_THREADS", threads)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    with testing.compile_only_card(90) as record:
+        _first_step()
+    tuned = {name: (n, late) for name, n, late in record["tuned"]}
+    for name in ("_tmsa_attention_fwd_kernel", "_tmsa_attention_bwd_kernel_dkdv",
+                 "_tmsa_attention_bwd_kernel_dq", "_adaln_norm_fwd_kernel",
+                 "_adaln_norm_bwd_kernel"):
+        assert name in tuned and tuned[name][0] > 1, (name, record["tuned"])
+    for name, n, late in record["tuned"]:
+        # late: compiled when the autotuner looked its candidates up, one after another
+        assert late == (0 if threads > 1 and THREADED else n), (name, n, late)
+    assert _async_mode() is None
+
+
+def _async_mode():
+    """The AsyncCompileMode active in this thread (None: none, or this Triton has none)."""
+    module = _common._async_compile_mode()
+    return module and module.active_mode.get()
+
+
+@pytest.mark.skipif(not THREADED, reason="this Triton has no AsyncCompileMode that skips a "
+                                         "failed compile (3.6+): candidates compile one by one")
+def test_threaded_builds_are_the_builds_of_one_thread(monkeypatch, tmp_path):
+    builds = []
+    for threads in (2, 1):
+        monkeypatch.setattr(_common, "COMPILE_THREADS", threads)
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / str(threads)))  # no cache hits
+        with testing.compile_only_card(90) as record:
+            _first_step()
+        builds.append(record["kernels"])
+    assert len(builds[0]) >= 20 and builds[0] == builds[1]
+
+
+@pytest.mark.skipif(not THREADED, reason="this Triton has no AsyncCompileMode that skips a "
+                                         "failed compile (3.6+): candidates compile one by one")
+def test_a_candidate_that_fails_to_compile_is_left_to_the_autotuner(monkeypatch, tmp_path):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def double(X, Y, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # 48: not a power of two
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < N) * 2, mask=offs < N)
+
+    monkeypatch.setattr(_common, "COMPILE_THREADS", 2)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    tuner = triton.autotune([triton.Config({"BLOCK": b}) for b in (64, 48, 128)], key=["N"])(double)
+    x = torch.randn(100)
+    with testing.compile_only_card(90) as record:
+        assert _common.precompile(tuner, (2,), (x, torch.empty_like(x), 100), {}) == 3
+        assert _async_mode() is None
+    assert sorted(key[0] for key in record["kernels"]) == ["double", "double"]
+
+
+def test_a_failed_precompile_warns_and_the_launch_goes_on(monkeypatch):
+    import triton
+
+    launches = []
+
+    class Tuner:
+        configs = [triton.Config({"BLOCK": 64}), triton.Config({"BLOCK": 128})]
+        keys, arg_names, cache = ["N"], ["X", "N"], {}
+
+        class fn:
+            @staticmethod
+            def warmup(*args, **kwargs):
+                raise ValueError("stand-in failure")
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(grid)
+
+    active = contextvars.ContextVar("active", default=None)
+
+    class Mode:
+        """Triton 3.6's AsyncCompileMode as precompile sees it: an error inside its with-block
+        leaves it active."""
+
+        def __init__(self, pool, ignore_errors):
+            assert ignore_errors
+
+        def __enter__(self):
+            active.set(self)
+
+        def __exit__(self, *exc):
+            if exc[0] is None:
+                active.set(None)
+
+    monkeypatch.setattr(_common, "COMPILE_THREADS", 2)
+    monkeypatch.setattr(_common, "_async_compile_mode",
+                        lambda: types.SimpleNamespace(AsyncCompileMode=Mode, active_mode=active))
+    monkeypatch.setitem(_common._TUNERS, "stand-in", Tuner())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _common.launch_tuned("stand-in", None, "stand_in_kernel", "test", (1,),
+                             (torch.zeros(4), 4), {})
+    assert launches == [(1,)]  # the autotuner's launch, as without threads
+    assert active.get() is None
+    assert any(w.category is RuntimeWarning and "stand_in_kernel" in str(w.message)
+               and "stand-in failure" in str(w.message) for w in caught)

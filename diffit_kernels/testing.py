@@ -230,7 +230,7 @@ def compile_only_card(arch: int = 90, sms: int = 132):
     looks each candidate up in that cache as Triton's autotuner does before timing it (compiling
     what is missing) and takes the first. Yields the record: "tuned", a list of (kernel,
     candidates, compiled at the look-up); "kernels", {(kernel, its JIT cache key): the SHA-1 of
-    its cubin} of every kernel compiled."""
+    its cubin} of every kernel compiled; "grids", (kernel, grid) of every launch."""
     if _common.interpreting():
         raise RuntimeError("compile_only_card compiles for a card: it needs a process without "
                            "TRITON_INTERPRET=1")
@@ -239,12 +239,16 @@ def compile_only_card(arch: int = 90, sms: int = 132):
 
     from . import _attention_launch, attention, norm, projection
 
-    record = {"tuned": [], "kernels": {}}
+    record = {"tuned": [], "kernels": {}, "grids": []}
     touched: set = set()
     jit_run, tuner_run = jit.JITFunction.run, autotuner.Autotuner.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         touched.add(self)
+        if not warmup:
+            named = {**dict(zip(self.arg_names, args)), **kwargs}
+            record["grids"].append((self.fn.__name__,
+                                    tuple(grid(named) if callable(grid) else grid)))
         return jit_run(self, *args, grid=grid, warmup=True, **kwargs)
 
     def look_up(self, *args, **kwargs):
@@ -254,7 +258,7 @@ def compile_only_card(arch: int = 90, sms: int = 132):
             cache = _jit_function(self).device_caches[0][0]
             before = len(cache)
             for cfg in self.configs:
-                self.fn.run(*args, **kwargs, **cfg.all_kwargs())
+                self.fn.run(*args, **dict(kwargs, warmup=True), **cfg.all_kwargs())
             record["tuned"].append((self.base_fn.__name__, len(self.configs),
                                     len(cache) - before))
             self.cache[key] = self.configs[0]

@@ -1,6 +1,7 @@
-"""An autotuned launch's candidates compiled in threads before the autotuner times them
-(_common.precompile), checked on a card's compile path without a card (testing.compile_only_card:
-sm_90a builds, nothing run) in the compile tests' process."""
+"""The launches a card makes, built without a card (testing.compile_only_card: the ops' CUDA
+launch path on CPU tensors, every launch compiled for sm_90a and nothing run), in the compile
+tests' process: every launch of the gpu tests' attention shapes compiles, and an autotuned
+launch's candidates compile in threads before the autotuner times them (_common.precompile)."""
 import contextvars
 import types
 import warnings
@@ -133,3 +134,30 @@ def test_a_failed_precompile_warns_and_the_launch_goes_on(monkeypatch):
     assert active.get() is None
     assert any(w.category is RuntimeWarning and "stand_in_kernel" in str(w.message)
                and "stand-in failure" in str(w.message) for w in caught)
+
+
+def _gpu_cases():
+    import test_attention
+
+    return test_attention.GPU_CASES
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,N,H,D,kw", _gpu_cases())
+def test_every_launch_of_the_gpu_attention_cases_compiles(B, N, H, D, kw, dtype, tmp_path):
+    """What the card's attention tests launch (their shapes, the card's candidate lists and
+    work splits for 132 SMs, the first backward plan as they run it) compiles for sm_90a: a
+    kernel that fails to build at a launch's own specialization (its ints' divisibility, its
+    views' alignment) fails here, not in the card's few minutes. Each launch's grid fits CUDA's
+    limits."""
+    import test_attention
+
+    leaves, build, _ = test_attention._case(B, H, N, D, **kw)
+    leaves = {n: (t if n == "table" else t.to(dtype)).requires_grad_() for n, t in leaves.items()}
+    with testing.compile_only_card(90) as record:
+        o = tmsa_attention(**build(leaves), backend="triton")
+        o.backward(torch.randn_like(o))
+    assert record["kernels"]
+    for name, grid in record["grids"]:
+        x, y, z = tuple(grid) + (1,) * (3 - len(grid))
+        assert 0 < x < 2 ** 31 and 0 < y <= 65535 and 0 < z <= 65535, (name, grid)

@@ -161,3 +161,45 @@ def test_every_launch_of_the_gpu_attention_cases_compiles(B, N, H, D, kw, dtype,
     for name, grid in record["grids"]:
         x, y, z = tuple(grid) + (1,) * (3 - len(grid))
         assert 0 < x < 2 ** 31 and 0 < y <= 65535 and 0 < z <= 65535, (name, grid)
+
+
+def _bench_cases():
+    from benchmarks.bench_attention import QUICK, SHAPES
+
+    return [pytest.param(*s, id=s[0]) for s in SHAPES if s[0] in QUICK]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label,B,H,grid,window,D", _bench_cases())
+def test_every_launch_of_the_attention_benchmark_compiles(label, B, H, grid, window, D,
+                                                          monkeypatch, tmp_path):
+    """The attention benchmark's quick shapes (the card's first runs) in bf16 under each
+    backward plan the shape has (its plan rows) and, for global attention, the gathered table
+    (tmsa-gather): every launch compiles for sm_90a and its grid fits CUDA's limits. q, k, v
+    are views of one packed projection, as the benchmark makes them; their values are not
+    read (nothing runs), so they are left uninitialised."""
+    from diffit_kernels import _attention_plans as AP
+    from diffit_kernels import attention as A
+
+    N = grid[0] * grid[1]
+    gh, gw = window or grid
+    qkv = torch.empty(B, N, 3, H, D, dtype=torch.bfloat16)
+    table = torch.zeros((2 * gh - 1) * (2 * gw - 1), H, dtype=torch.bfloat16)
+    geometry = [*grid, *(window or grid)]
+    with testing.compile_only_card(90) as record:
+        plans = AP._plans_of(B, H, N, D, torch.bfloat16, geometry, "cpu")
+        variants = [("_attention_plans", "BWD_PLAN", p) for p in plans]
+        if window is None:
+            variants.append(("attention", "SLAB_MAX_BYTES", 0))
+        for module, name, value in variants:
+            with monkeypatch.context() as m:
+                m.setattr(AP if module == "_attention_plans" else A, name, value)
+                q, k, v = (t.detach().requires_grad_()
+                           for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+                t = table.detach().requires_grad_()
+                o = tmsa_attention(q, k, v, table=t, grid=grid, window=window)
+                o.backward(torch.empty_like(o))
+    assert len(plans) > 1 or window is not None, plans
+    for name, g in record["grids"]:
+        x, y, z = tuple(g) + (1,) * (3 - len(g))
+        assert 0 < x < 2 ** 31 and 0 < y <= 65535 and 0 < z <= 65535, (label, name, g)

@@ -158,6 +158,11 @@ def test_every_launch_of_the_gpu_attention_cases_compiles(B, N, H, D, kw, dtype,
         o = tmsa_attention(**build(leaves), backend="triton")
         o.backward(torch.randn_like(o))
     assert record["kernels"]
+    _assert_grids_fit(record)
+
+
+def _assert_grids_fit(record):
+    """Every launch's grid within CUDA's limits: 2^31 - 1 programs along x, 65535 along y, z."""
     for name, grid in record["grids"]:
         x, y, z = tuple(grid) + (1,) * (3 - len(grid))
         assert 0 < x < 2 ** 31 and 0 < y <= 65535 and 0 < z <= 65535, (name, grid)
@@ -200,6 +205,33 @@ def test_every_launch_of_the_attention_benchmark_compiles(label, B, H, grid, win
                 o = tmsa_attention(q, k, v, table=t, grid=grid, window=window)
                 o.backward(torch.empty_like(o))
     assert len(plans) > 1 or window is not None, plans
-    for name, g in record["grids"]:
-        x, y, z = tuple(g) + (1,) * (3 - len(g))
-        assert 0 < x < 2 ** 31 and 0 < y <= 65535 and 0 < z <= 65535, (label, name, g)
+    _assert_grids_fit(record)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["DiffiT-XL/2-256", "DiffiT-XL/2-512", "ffhq64"])
+def test_every_launch_of_a_model_training_step_compiles(model):
+    """A training step of the models the model benchmark trains (bf16 autocast, fp32
+    weights; DiffiT-XL/2 at its width and heads with 2 of its 28 identical blocks, 2 samples;
+    the ffhq64 U-Net whole, 1 sample) builds every launch for sm_90a through the card's launch
+    path, grids inside CUDA's limits."""
+    from diffit.latent import DiffiT
+    from diffit.unet import DiffiTUNet
+
+    torch.manual_seed(0)
+    if model == "ffhq64":
+        net = DiffiTUNet.from_preset("ffhq64", backend="triton").to(
+            memory_format=torch.channels_last)  # as the trainer builds it
+        inputs = (torch.randn(1, net.config.in_channels, 64, 64), torch.rand(1))
+    else:
+        size = int(model.rsplit("-", 1)[1]) // 8  # the latent's side
+        net = DiffiT.from_preset("DiffiT-XL/2", input_size=size, depth=2, backend="triton")
+        inputs = (torch.randn(2, net.in_channels, size, size), torch.randint(0, 1000, (2,)),
+                  torch.randint(0, net.num_classes, (2,)))
+    with testing.compile_only_card(90) as record:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(*inputs)
+        out.float().sum().backward()
+    names = {name for name, _ in record["kernels"]}
+    assert "_tmsa_attention_fwd_kernel" in names and "_tmsa_attention_bwd_kernel_dq" in names
+    _assert_grids_fit(record)

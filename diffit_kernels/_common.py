@@ -383,7 +383,10 @@ def _compile_threads() -> int:
     (torchrun's LOCAL_WORLD_SIZE), at most 8."""
     env = os.environ.get("DIFFIT_KERNELS_COMPILE_THREADS", "").strip()
     if env:
-        return max(1, int(env))
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"DIFFIT_KERNELS_COMPILE_THREADS must be a positive integer (1: "
+                             f"compile an autotuned launch's candidates one by one), got {env!r}")
+        return int(env)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(1, min(8, (cores or 1) // ranks))

@@ -3,6 +3,7 @@ launch path on CPU tensors, every launch compiled for sm_90a and nothing run), i
 tests' process: every launch of the gpu tests' attention shapes compiles, and an autotuned
 launch's candidates compile in threads before the autotuner times them (_common.precompile)."""
 import contextvars
+import os
 import types
 import warnings
 
@@ -235,3 +236,18 @@ def test_every_launch_of_a_model_training_step_compiles(model):
     names = {name for name, _ in record["kernels"]}
     assert "_tmsa_attention_fwd_kernel" in names and "_tmsa_attention_bwd_kernel_dq" in names
     _assert_grids_fit(record)
+
+
+def test_compile_threads_come_from_the_environment(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("DIFFIT_KERNELS_COMPILE_THREADS", "")
+    assert _common._compile_threads() == 8                  # the usable cores, at most 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert _common._compile_threads() == 4                  # shared among a node's ranks
+    monkeypatch.setenv("DIFFIT_KERNELS_COMPILE_THREADS", "3")
+    assert _common._compile_threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("DIFFIT_KERNELS_COMPILE_THREADS", bad)
+        with pytest.raises(ValueError, match="DIFFIT_KERNELS_COMPILE_THREADS.*positive integer"):
+            _common._compile_threads()

@@ -162,6 +162,36 @@ def test_every_launch_of_the_gpu_attention_cases_compiles(B, N, H, D, kw, dtype,
     _assert_grids_fit(record)
 
 
+
+def _gpu_row_cases():
+    """The gpu tests' time_qkv shapes and adaln_norm's (DiffiT-XL/2's width, every input)."""
+    import test_time_qkv
+
+    tq = [pytest.param("time_qkv", p.values[:-1], p.values[-1], id="time_qkv-" + p.id)
+          for p in test_time_qkv.GPU_CASES]
+    return tq + [pytest.param("adaln_norm", (4, 256, 1152, True, True, True, True, True), {},
+                              id="adaln_norm-C1152")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op,shape,opts", _gpu_row_cases())
+def test_every_launch_of_the_gpu_row_op_cases_compiles(op, shape, opts, dtype):
+    """What the card's time_qkv and adaln_norm tests launch compiles for sm_90a (the
+    attention's: above), grids inside CUDA's limits."""
+    import diffit_kernels
+    import test_adaln_norm
+    import test_time_qkv
+
+    case = (test_time_qkv if op == "time_qkv" else test_adaln_norm)._case(*shape, **opts)
+    leaves, build = case[0], case[1]
+    leaves = {n: t.to(dtype).requires_grad_() for n, t in leaves.items()}
+    with testing.compile_only_card(90) as record:
+        out = getattr(diffit_kernels, op)(**build(leaves), backend="triton")
+        outs = [t for t in (out if isinstance(out, tuple) else (out,)) if t.requires_grad]
+        torch.autograd.backward(outs, [torch.randn_like(t) for t in outs])
+    assert record["kernels"]
+    _assert_grids_fit(record)
+
 def _assert_grids_fit(record):
     """Every launch's grid within CUDA's limits: 2^31 - 1 programs along x, 65535 along y, z."""
     for name, grid in record["grids"]:

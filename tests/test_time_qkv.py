@@ -492,15 +492,18 @@ def test_aot_specs_and_check_cases_cover_the_kernels():
 
 
 # ---- on a CUDA GPU: DiffiT-XL/2's projection through the compiled, autotuned kernels --------
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("B,N,C,H,Ct,opts", [
+GPU_CASES = [
     pytest.param(4, 256, 1152, 16, 1152, {}, id="xl256-ln"),
     pytest.param(2, 1024, 1152, 16, 1152, {"ln": False}, id="xl512-noln"),
     pytest.param(3, 250, 200, 4, 24, {"strided_x": True}, id="B3-N250-C200-strided"),
     pytest.param(2, 333, 384, 6, 384, {"mean": 50.0}, id="B2-N333-C384-mean50"),
     pytest.param(40, 64, 256, 4, 64, {}, id="B40-groups-of-20"),  # the batched time columns
-])
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("B,N,C,H,Ct,opts", GPU_CASES)
 def test_gpu_outputs_and_all_six_gradients(B, N, C, H, Ct, opts, dtype):
     leaves, build, grads = _case(B, N, C, H, Ct, **opts)
     leaves = {k: v.cuda() for k, v in leaves.items()}

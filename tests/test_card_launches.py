@@ -162,7 +162,6 @@ def test_every_launch_of_the_gpu_attention_cases_compiles(B, N, H, D, kw, dtype,
     _assert_grids_fit(record)
 
 
-
 def _gpu_row_cases():
     """The gpu tests' time_qkv shapes and adaln_norm's (DiffiT-XL/2's width, every input)."""
     import test_time_qkv
@@ -191,6 +190,7 @@ def test_every_launch_of_the_gpu_row_op_cases_compiles(op, shape, opts, dtype):
         torch.autograd.backward(outs, [torch.randn_like(t) for t in outs])
     assert record["kernels"]
     _assert_grids_fit(record)
+
 
 def _assert_grids_fit(record):
     """Every launch's grid within CUDA's limits: 2^31 - 1 programs along x, 65535 along y, z."""

@@ -68,9 +68,13 @@ import benchmarks.__main__, diffit, diffit_kernels  # noqa: E401,F401 - they imp
 EOF
 
 echo "== gpu tests (stopped at ${TESTS_TIMEOUT} s)"
-par=()
-if "$PY" -c "import xdist" 2>/dev/null; then par=(-n 8); fi  # the kernels' compiles in parallel
-timeout -k 5 "$TESTS_TIMEOUT" "$PY" -m pytest -v -m gpu -rf "${par[@]}" 2>&1 \
+par=() threads=()
+if "$PY" -c "import xdist" 2>/dev/null; then
+    # the kernels' compiles in parallel: 8 test processes, each compiling an autotuned
+    # launch's candidates in 2 threads (16 cores)
+    par=(-n 8) threads=(DIFFIT_KERNELS_COMPILE_THREADS=2)
+fi
+env "${threads[@]}" timeout -k 5 "$TESTS_TIMEOUT" "$PY" -m pytest -v -m gpu -rf "${par[@]}" 2>&1 \
     | tee "$LOGS/gpu_tests.log"
 tests_rc=$?
 

@@ -230,7 +230,8 @@ def compile_only_card(arch: int = 90, sms: int = 132):
     looks each candidate up in that cache as Triton's autotuner does before timing it (compiling
     what is missing) and takes the first. Yields the record: "tuned", a list of (kernel,
     candidates, compiled at the look-up); "kernels", {(kernel, its JIT cache key): the SHA-1 of
-    its cubin} of every kernel compiled; "grids", (kernel, grid) of every launch."""
+    its cubin} of every kernel compiled; "launches", (kernel, grid, shared memory bytes) of every
+    launch."""
     if _common.interpreting():
         raise RuntimeError("compile_only_card compiles for a card: it needs a process without "
                            "TRITON_INTERPRET=1")
@@ -239,17 +240,19 @@ def compile_only_card(arch: int = 90, sms: int = 132):
 
     from . import _attention_launch, attention, norm, projection
 
-    record = {"tuned": [], "kernels": {}, "grids": []}
+    record = {"tuned": [], "kernels": {}, "launches": []}
     touched: set = set()
     jit_run, tuner_run = jit.JITFunction.run, autotuner.Autotuner.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         touched.add(self)
+        kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         if not warmup:
             named = {**dict(zip(self.arg_names, args)), **kwargs}
-            record["grids"].append((self.fn.__name__,
-                                    tuple(grid(named) if callable(grid) else grid)))
-        return jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+            record["launches"].append((self.fn.__name__,
+                                       tuple(grid(named) if callable(grid) else grid),
+                                       int(getattr(kernel.metadata, "shared", 0) or 0)))
+        return kernel
 
     def look_up(self, *args, **kwargs):
         named = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}

@@ -149,8 +149,8 @@ def test_every_launch_of_the_gpu_attention_cases_compiles(B, N, H, D, kw, dtype,
     """What the card's attention tests launch (their shapes, the card's candidate lists and
     work splits for 132 SMs, the first backward plan as they run it) compiles for sm_90a: a
     kernel that fails to build at a launch's own specialization (its ints' divisibility, its
-    views' alignment) fails here, not in the card's few minutes. Each launch's grid fits CUDA's
-    limits."""
+    views' alignment) fails here, not in the card's few minutes. Each launch fits the card
+    (_assert_launches_fit)."""
     import test_attention
 
     leaves, build, _ = test_attention._case(B, H, N, D, **kw)
@@ -159,7 +159,7 @@ def test_every_launch_of_the_gpu_attention_cases_compiles(B, N, H, D, kw, dtype,
         o = tmsa_attention(**build(leaves), backend="triton")
         o.backward(torch.randn_like(o))
     assert record["kernels"]
-    _assert_grids_fit(record)
+    _assert_launches_fit(record)
 
 
 def _gpu_row_cases():
@@ -176,7 +176,7 @@ def _gpu_row_cases():
 @pytest.mark.parametrize("op,shape,opts", _gpu_row_cases())
 def test_every_launch_of_the_gpu_row_op_cases_compiles(op, shape, opts, dtype):
     """What the card's time_qkv and adaln_norm tests launch compiles for sm_90a (the
-    attention's: above), grids inside CUDA's limits."""
+    attention's: above), each launch within the card's limits."""
     import diffit_kernels
     import test_adaln_norm
     import test_time_qkv
@@ -189,14 +189,17 @@ def test_every_launch_of_the_gpu_row_op_cases_compiles(op, shape, opts, dtype):
         outs = [t for t in (out if isinstance(out, tuple) else (out,)) if t.requires_grad]
         torch.autograd.backward(outs, [torch.randn_like(t) for t in outs])
     assert record["kernels"]
-    _assert_grids_fit(record)
+    _assert_launches_fit(record)
 
 
-def _assert_grids_fit(record):
-    """Every launch's grid within CUDA's limits: 2^31 - 1 programs along x, 65535 along y, z."""
-    for name, grid in record["grids"]:
+def _assert_launches_fit(record):
+    """Every launch fits an H100 / H200: its grid within CUDA's limits (2^31 - 1 programs along
+    x, 65535 along y and z) and its shared memory within the 227 KB a block may take (a launch
+    past it fails on the card, OutOfResources)."""
+    for name, grid, shared in record["launches"]:
         x, y, z = tuple(grid) + (1,) * (3 - len(grid))
         assert 0 < x < 2 ** 31 and 0 < y <= 65535 and 0 < z <= 65535, (name, grid)
+        assert shared <= 227 * 1024, (name, grid, shared)
 
 
 def _bench_cases():
@@ -211,7 +214,7 @@ def test_every_launch_of_the_attention_benchmark_compiles(label, B, H, grid, win
                                                           monkeypatch, tmp_path):
     """The attention benchmark's quick shapes (the card's first runs) in bf16 under each
     backward plan the shape has (its plan rows) and, for global attention, the gathered table
-    (tmsa-gather): every launch compiles for sm_90a and its grid fits CUDA's limits. q, k, v
+    (tmsa-gather): every launch compiles for sm_90a and fits the card. q, k, v
     are views of one packed projection, as the benchmark makes them; their values are not
     read (nothing runs), so they are left uninitialised."""
     from diffit_kernels import _attention_plans as AP
@@ -236,7 +239,7 @@ def test_every_launch_of_the_attention_benchmark_compiles(label, B, H, grid, win
                 o = tmsa_attention(q, k, v, table=t, grid=grid, window=window)
                 o.backward(torch.empty_like(o))
     assert len(plans) > 1 or window is not None, plans
-    _assert_grids_fit(record)
+    _assert_launches_fit(record)
 
 
 @pytest.mark.slow
@@ -245,7 +248,7 @@ def test_every_launch_of_a_model_training_step_compiles(model):
     """A training step of the models the model benchmark trains (bf16 autocast, fp32
     weights; DiffiT-XL/2 at its width and heads with 2 of its 28 identical blocks, 2 samples;
     the ffhq64 U-Net whole, 1 sample) builds every launch for sm_90a through the card's launch
-    path, grids inside CUDA's limits."""
+    path, each launch within the card's limits."""
     from diffit.latent import DiffiT
     from diffit.unet import DiffiTUNet
 
@@ -265,7 +268,7 @@ def test_every_launch_of_a_model_training_step_compiles(model):
         out.float().sum().backward()
     names = {name for name, _ in record["kernels"]}
     assert "_tmsa_attention_fwd_kernel" in names and "_tmsa_attention_bwd_kernel_dq" in names
-    _assert_grids_fit(record)
+    _assert_launches_fit(record)
 
 
 def test_compile_threads_come_from_the_environment(monkeypatch):

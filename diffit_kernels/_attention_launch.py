@@ -17,8 +17,9 @@ import torch
 
 from . import _attention_kernels as _kernels
 from . import _common
-from ._common import (autotune_enabled, autotuner_repeats, cdiv, interpreting, launch_tuned,
-                      next_power_of_2, overriding, planned_sms, untuned_while_capturing)
+from ._common import (autotune_enabled, autotuner, autotuner_repeats, cdiv, interpreting,
+                      launch_tuned, next_power_of_2, overriding, planned_sms,
+                      untuned_while_capturing)
 
 try:
     import triton
@@ -429,7 +430,7 @@ def _launch(kernel, kind: str, configs: List[tuple], grid_of, args: tuple, kwarg
         # into the table partials and never start a key (step 0 stores; the interpreter tests
         # repeat first launches too: testing.autotuner_repeats)
         inner = triton.heuristics({"EVEN": _even})(kernel) if has_even else kernel
-        return triton.autotune(cfgs, key=keys)(inner)
+        return autotuner(cfgs, keys, inner)
 
     name = kernel.fn.__name__
     tuner_key = (name, kind, tuple(configs), flags)
@@ -463,8 +464,8 @@ def _launch_window(configs: List[tuple], grid: tuple, args: tuple, kwargs: dict)
 
     def tuned():
         launch_tuned(tuner_key,
-                     lambda: triton.autotune([triton.Config({}, num_warps=w, num_stages=st)
-                                              for _, _, w, st in configs], key=keys)(kernel),
+                     lambda: autotuner([triton.Config({}, num_warps=w, num_stages=st)
+                                        for _, _, w, st in configs], keys, kernel),
                      name, "window-wide", grid, args, kwargs)
 
     _launch_list(kernel, "window-wide", configs, keys, args, kwargs, one, tuner_key, tuned)

@@ -377,6 +377,29 @@ def record_choice(kernel: str, kind: str, key: str, best: str, candidates: list)
 
 _TUNERS: dict = {}  # every cached triton.autotune object of the ops, by the launcher's key
 
+# How long an autotuned launch times each candidate (ms of kernel time: triton.testing.do_bench's
+# warm-up and repetition budgets), a quarter of Triton's defaults (25 / 100). do_bench flushes the
+# L2 before every call (a 256 MB write, ~60 us on an H200) outside that budget, so at Triton's
+# defaults a 20 us kernel runs ~5000 times, ~0.4 s per candidate, and DiffiT-XL/2's first step
+# times 31 candidates; 25 ms still times a 1 ms candidate 25 times and a 20 us one ~1250 times,
+# and the choice is the least median.
+TUNE_WARMUP_MS, TUNE_REP_MS = 5, 25
+
+
+def tuning_bench(kernel_call, quantiles):
+    """The autotuners' benchmark: do_bench at TUNE_WARMUP_MS / TUNE_REP_MS."""
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS,
+                                   quantiles=quantiles)
+
+
+def autotuner(configs: list, key: Sequence[str], fn):
+    """triton.autotune over exactly `configs`, keyed on `key`, timing with tuning_bench."""
+    import triton
+
+    return triton.autotune(configs, key=list(key), do_bench=tuning_bench)(fn)
+
 
 def _compile_threads() -> int:
     """DIFFIT_KERNELS_COMPILE_THREADS, else the usable cores shared among the node's ranks

@@ -25,10 +25,10 @@ import torch
 
 from . import _norm_kernels as _kernels
 from . import reference
-from ._common import (autotune_enabled, autotuner_repeats, call_op, cdiv, check_kernel_dtype,
-                      dispatch, empty, interpreting, launch_tuned, next_power_of_2,
-                      on_tensor_device, overriding, planned_sms, resolve_backend, row_warps,
-                      unit_last_stride, untuned_while_capturing)
+from ._common import (autotune_enabled, autotuner, autotuner_repeats, call_op, cdiv,
+                      check_kernel_dtype, dispatch, empty, interpreting, launch_tuned,
+                      next_power_of_2, on_tensor_device, overriding, planned_sms,
+                      resolve_backend, row_warps, unit_last_stride, untuned_while_capturing)
 
 MAX_C = 8192
 FWD_MAX_ROWS = 8
@@ -158,8 +158,8 @@ def _launch(kernel, grid: tuple, cfgs: List[Tuple[int, int]], key: List[str], ar
         kernel[grid](*args, **kwargs, AHEAD=ahead, num_warps=warps)
         return
     launch_tuned(tuner_key,
-                 lambda: triton.autotune([triton.Config({"AHEAD": a}, num_warps=w)
-                                          for w, a in cfgs], key=key)(kernel),
+                 lambda: autotuner([triton.Config({"AHEAD": a}, num_warps=w) for w, a in cfgs],
+                                   key, kernel),
                  name, "rows", grid, args, kwargs)
 
 

@@ -745,3 +745,28 @@ def test_launch_tuned_builds_each_autotuner_once_and_records_what_it_tunes(monke
     assert compiled == [((4,), (1152, 2), {"X": 3})]    # the key's first launch only
     rec, = _common.autotune_timings()                   # tuned once, recorded once
     assert rec["kernel"] == "_k" and rec["best"] == "AHEAD=2 w8 s1"
+
+
+def test_the_autotuners_time_each_candidate_for_a_quarter_of_tritons_default(monkeypatch):
+    """Every autotuner of the ops (_common.autotuner) times with _common.tuning_bench:
+    do_bench's warm-up and repetition budgets at TUNE_WARMUP_MS / TUNE_REP_MS, not Triton's
+    25 / 100 ms (first calls wait for every candidate's timing)."""
+    import triton
+    import triton.language as tl
+    import triton.testing
+
+    from diffit_kernels import _common
+
+    @triton.jit
+    def kernel(X, N, BLOCK: tl.constexpr):
+        tl.store(X + tl.arange(0, BLOCK), 0.0, mask=tl.arange(0, BLOCK) < N)
+
+    tuner = _common.autotuner([triton.Config({"BLOCK": b}) for b in (16, 32)], ("N",), kernel)
+    assert tuner.do_bench is _common.tuning_bench and tuner.keys == ["N"]
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, **kw: calls.append(kw) or [1.0, 0.9, 1.1])
+    assert _common.tuning_bench(lambda: None, (0.5, 0.2, 0.8)) == [1.0, 0.9, 1.1]
+    assert calls == [dict(warmup=_common.TUNE_WARMUP_MS, rep=_common.TUNE_REP_MS,
+                          quantiles=(0.5, 0.2, 0.8))]
+    assert (_common.TUNE_WARMUP_MS, _common.TUNE_REP_MS) == (5, 25)

@@ -284,3 +284,19 @@ def test_compile_threads_come_from_the_environment(monkeypatch):
         monkeypatch.setenv("DIFFIT_KERNELS_COMPILE_THREADS", bad)
         with pytest.raises(ValueError, match="DIFFIT_KERNELS_COMPILE_THREADS.*positive integer"):
             _common._compile_threads()
+
+
+def test_a_batch_past_the_grid_limit_launches_in_runs_that_fit():
+    """4097 samples x 16 heads (65552 (sample, head) programs, past the 65535 a grid takes along
+    y; DiffiT-XL's heads at guided sampling's batch 2048 x 2) on a 4x4 token grid: every launch
+    of the card's plans fits, the programs along y split over runs of samples."""
+    B, H, N = 4097, 16, 16
+    q, k, v = (torch.empty(B, H, N, 72, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    table = torch.zeros(49, H, requires_grad=True)
+    with testing.compile_only_card(90) as record:
+        o = tmsa_attention(q, k, v, table=table, grid=(4, 4))
+        o.backward(torch.empty_like(o))
+    _assert_launches_fit(record)
+    forward = [grid for name, grid, _ in record["launches"]
+               if name == "_tmsa_attention_fwd_kernel"]
+    assert len(forward) > 1 and sum(g[1] for g in forward) == B * H, forward

@@ -1,7 +1,9 @@
 """The launches a card makes, built without a card (testing.compile_only_card: the ops' CUDA
-launch path on CPU tensors, every launch compiled for sm_90a and nothing run), in the compile
-tests' process: every launch of the gpu tests' attention shapes compiles, and an autotuned
-launch's candidates compile in threads before the autotuner times them (_common.precompile)."""
+launch path on CPU tensors with an H100 / H200's candidate lists and work splits, every launch
+compiled for sm_90a and nothing run), in the compile tests' process: the gpu tests' shapes of
+every op, the attention benchmark's shapes under each backward plan and a training step of each
+benchmarked model compile and fit the card; an autotuned launch's candidates compile in threads
+before the autotuner times them (_common.precompile)."""
 import contextvars
 import os
 import types

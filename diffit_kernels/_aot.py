@@ -14,7 +14,10 @@ import re
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from . import _common
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory per block (A100, H100)
 # per block on sm_86 / sm_89 cards (RTX 30 / 40 series, A10, A40, L4, L40): each launch list
@@ -255,11 +258,10 @@ def run_report(specs: Optional[Sequence[AotSpec]] = None, archs: Sequence[int] =
             f"{'spill':>5} {'smem KiB':>8} {'HMMA':>5} {'HGMMA':>5} {'loop':>5} {'s16':>3}  status")
     printer(head)
     printer("-" * len(head))
-    for spec in specs:
-        for arch in archs:
-            if arch not in spec.archs:
-                continue
-            r = compile_spec(spec, arch)
+    jobs = [(spec, arch) for spec in specs for arch in archs if arch in spec.archs]
+    # builds in threads (Triton's compiler, ptxas and cuobjdump release the GIL), printed in order
+    with ThreadPoolExecutor(_common.COMPILE_THREADS) as pool:
+        for r in pool.map(lambda job: compile_spec(*job), jobs):
             rows.append(r)
             status = "ok" if not r.problems else "FAIL: " + "; ".join(r.problems)
             printer(f"{r.kernel[:34]:34} {r.config[:34]:34} {r.arch:7} {r.num_warps:5d} "

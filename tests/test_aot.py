@@ -199,3 +199,20 @@ def test_readme_states_the_gates_build_counts():
     builds = sum(len(s.archs) for s in SPECS)
     strict = sum(len(s.archs) for s in SPECS if not s.spill_ok)
     assert (int(m.group(1)), int(m.group(2))) == (builds, strict)
+
+
+def test_the_report_builds_in_threads_and_prints_in_order(monkeypatch, tmp_path):
+    """run_report builds in COMPILE_THREADS threads and prints its rows in the specs' order,
+    each the row one thread builds."""
+    from diffit_kernels import _aot, _common
+
+    specs = SPECS[:3]
+    out = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(_common, "COMPILE_THREADS", threads)
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / str(threads)))  # no cache hits
+        lines = []
+        rows = _aot.run_report(specs, archs=(90,), printer=lines.append)
+        out[threads] = ([vars(r) for r in rows], lines)
+    assert [r["kernel"] for r in out[3][0]] == [s.kernel for s in specs]
+    assert out[1] == out[3]

@@ -440,9 +440,12 @@ def precompile(tuner, grid, args: tuple, kwargs: dict) -> int:
     compiler and ptxas release the GIL: on 2 cores, 8 attention forwards for sm_90a compile in
     2.35 s with two threads against 4.41 s in one, Triton 3.9; 1.49 against 2.86, Triton 3.6).
     Each goes into the kernel's own cache under the key the autotuner's launch looks up, so
-    the autotuner then finds them compiled; one that fails to compile is left out and fails
-    again, as before, when the autotuner runs it. Returns the number submitted (0: Triton has
-    no AsyncCompileMode with ignore_errors, one thread, one candidate)."""
+    the autotuner then finds them compiled; one that fails to compile is left to the
+    autotuner, which compiles it as before (and fails it again where its source does: a
+    threaded compile can also fail alone, as CPython's ast.parse, which Triton calls for every
+    @jit function, now and then does in threads, python/cpython#106905). Returns the number
+    submitted (0: Triton has no AsyncCompileMode with ignore_errors, one thread, one
+    candidate)."""
     module = _async_compile_mode()
     configs = list(getattr(tuner, "configs", ()))
     threads = min(COMPILE_THREADS, len(configs))

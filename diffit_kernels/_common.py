@@ -395,10 +395,23 @@ def tuning_bench(kernel_call, quantiles):
 
 
 def autotuner(configs: list, key: Sequence[str], fn):
-    """triton.autotune over exactly `configs`, keyed on `key`, timing with tuning_bench."""
+    """triton.autotune over exactly `configs`, keyed on `key`, timing with tuning_bench. At a
+    key's first launch, before it times them, the candidates compile in threads (precompile,
+    from the early_config_prune hook, which Triton calls only then and which prunes none)."""
     import triton
 
-    return triton.autotune(configs, key=list(key), do_bench=tuning_bench)(fn)
+    def first_launch(configs, named, **kwargs):
+        try:
+            precompile(tuner, named, kwargs)
+        except Exception as e:  # the autotuner compiles them one by one, as without threads
+            warnings.warn(f"{tuner.base_fn.__name__}: compiling its candidates in threads "
+                          f"failed ({type(e).__name__}: {e}); the autotuner compiles them one "
+                          "by one", RuntimeWarning, stacklevel=2)
+        return configs
+
+    tuner = triton.autotune(configs, key=list(key), do_bench=tuning_bench,
+                            prune_configs_by={"early_config_prune": first_launch})(fn)
+    return tuner
 
 
 def _compile_threads() -> int:
@@ -433,19 +446,20 @@ def _async_compile_mode():
     return _async_compile
 
 
-def precompile(tuner, grid, args: tuple, kwargs: dict) -> int:
-    """Compile every candidate of a triton.autotune object for this launch in COMPILE_THREADS
-    threads, before the autotuner times them: it compiles each when it first runs it, one after
-    another, so a key's first launch waits for every candidate's compile in turn (Triton's
-    compiler and ptxas release the GIL: on 2 cores, 8 attention forwards for sm_90a compile in
-    2.35 s with two threads against 4.41 s in one, Triton 3.9; 1.49 against 2.86, Triton 3.6).
-    Each goes into the kernel's own cache under the key the autotuner's launch looks up, so
-    the autotuner then finds them compiled; one that fails to compile is left to the
-    autotuner, which compiles it as before (and fails it again where its source does: a
-    threaded compile can also fail alone, as CPython's ast.parse, which Triton calls for every
-    @jit function, now and then does in threads, python/cpython#106905). Returns the number
-    submitted (0: Triton has no AsyncCompileMode with ignore_errors, one thread, one
-    candidate)."""
+def precompile(tuner, named: dict, kwargs: dict) -> int:
+    """Compile every candidate of a triton.autotune object for a launch (its positional
+    arguments by name, and its keyword arguments with the grid, as the autotuner's hooks get
+    them) in COMPILE_THREADS threads, before the autotuner times them: it compiles each when
+    it first runs it, one after another, so a key's first launch waits for every candidate's
+    compile in turn (Triton's compiler and ptxas release the GIL: on 2 cores, 8 attention
+    forwards for sm_90a compile in 2.35 s with two threads against 4.41 s in one, Triton 3.9;
+    1.49 against 2.86, Triton 3.6). Each goes into the kernel's own cache under the key the
+    autotuner's launch looks up, so the autotuner then finds them compiled; one that fails to
+    compile is left to the autotuner, which compiles it as before (and fails it again where its
+    source does: a threaded compile can also fail alone, as CPython's ast.parse, which Triton
+    calls for every @jit function, now and then does in threads, python/cpython#106905).
+    Returns the number submitted (0: Triton has no AsyncCompileMode with ignore_errors, one
+    thread, one candidate)."""
     module = _async_compile_mode()
     configs = list(getattr(tuner, "configs", ()))
     threads = min(COMPILE_THREADS, len(configs))
@@ -453,12 +467,13 @@ def precompile(tuner, grid, args: tuple, kwargs: dict) -> int:
         return 0
     from concurrent.futures import ThreadPoolExecutor
 
+    launch = {k: v for k, v in kwargs.items() if k != "warmup"}  # the grid, keyword arguments
     with ThreadPoolExecutor(threads, thread_name_prefix="diffit-compile") as pool:
         mode = module.AsyncCompileMode(pool, ignore_errors=True)
         try:
             with mode:
                 for cfg in configs:
-                    tuner.fn.warmup(*args, grid=grid, **kwargs, **cfg.all_kwargs())
+                    tuner.fn.warmup(**named, **launch, **cfg.all_kwargs())
         finally:
             if module.active_mode.get() is mode:  # left set by an error (Triton 3.6's exit)
                 module.active_mode.set(None)
@@ -468,19 +483,11 @@ def precompile(tuner, grid, args: tuple, kwargs: dict) -> int:
 def launch_tuned(key, build: Callable[[], object], kernel: str, kind: str, grid, args: tuple,
                  kwargs: dict):
     """Launch through the cached autotuner _TUNERS[key] (made by build() at its first use) and
-    record what it tunes (record_tuning, for autotune.csv); returns the autotuner. A key it
-    has not tuned has its candidates compiled in threads first (precompile)."""
+    record what it tunes (record_tuning, for autotune.csv); returns the autotuner."""
     tuner = _TUNERS.get(key)
     if tuner is None:
         tuner = _TUNERS[key] = build()
     known = len(tuner.cache)
-    if len(tuner.configs) > 1 and _tuning_key(tuner, tuner.keys, args, kwargs) not in tuner.cache:
-        try:
-            precompile(tuner, grid, args, kwargs)
-        except Exception as e:  # the autotuner compiles them one by one, as without threads
-            warnings.warn(f"{kernel}: compiling its candidates in threads failed "
-                          f"({type(e).__name__}: {e}); the autotuner compiles them one by one",
-                          RuntimeWarning, stacklevel=2)
     tuner[grid](*args, **kwargs)
     record_tuning(kernel, kind, tuner, known)
     return tuner

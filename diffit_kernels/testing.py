@@ -227,11 +227,11 @@ def compile_only_card(arch: int = 90, sms: int = 132):
     their Triton path on CPU tensors with the CUDA candidate lists and the work splits of a
     `sms`-SM card, and each launch compiles its kernel for sm_<arch> into the kernel's JIT
     cache, as on a card, and returns (outputs stay unwritten). An autotuned launch of a new key
-    looks each candidate up in that cache as Triton's autotuner does before timing it (compiling
-    what is missing) and takes the first. Yields the record: "tuned", a list of (kernel,
-    candidates, compiled at the look-up); "kernels", {(kernel, its JIT cache key): the SHA-1 of
-    its cubin} of every kernel compiled; "launches", (kernel, grid, shared memory bytes) of every
-    launch."""
+    runs the autotuner's prune hooks and looks each candidate up in that cache as Triton's
+    autotuner does before timing it (compiling what is missing), and takes the first. Yields
+    the record: "tuned", a list of (kernel, candidates, compiled at the look-up); "kernels",
+    {(kernel, its JIT cache key): the SHA-1 of its cubin} of every kernel compiled;
+    "launches", (kernel, grid, shared memory bytes) of every launch."""
     if _common.interpreting():
         raise RuntimeError("compile_only_card compiles for a card: it needs a process without "
                            "TRITON_INTERPRET=1")
@@ -258,13 +258,15 @@ def compile_only_card(arch: int = 90, sms: int = 132):
         named = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
         key = _common._tuning_key(self, self.keys, args, named)
         if key not in self.cache:
+            # as Triton's Autotuner.run: the prune hooks (ours precompile), then each candidate
+            self.nargs = dict(zip(self.arg_names, args))
+            configs = self.prune_configs(kwargs)
             cache = _jit_function(self).device_caches[0][0]
             before = len(cache)
-            for cfg in self.configs:
+            for cfg in configs:
                 self.fn.run(*args, **dict(kwargs, warmup=True), **cfg.all_kwargs())
-            record["tuned"].append((self.base_fn.__name__, len(self.configs),
-                                    len(cache) - before))
-            self.cache[key] = self.configs[0]
+            record["tuned"].append((self.base_fn.__name__, len(configs), len(cache) - before))
+            self.cache[key] = configs[0]
         self.best_config = self.cache[key]
         return self.fn.run(*args, **kwargs, **self.best_config.all_kwargs())
 

@@ -108,27 +108,47 @@ def test_a_candidate_that_fails_to_compile_is_left_to_the_autotuner(monkeypatch,
     tuner = triton.autotune([triton.Config({"BLOCK": b}) for b in (64, 48, 128)], key=["N"])(double)
     x = torch.randn(100)
     with testing.compile_only_card(90) as record:
-        assert _common.precompile(tuner, (2,), (x, torch.empty_like(x), 100), {}) == 3
+        named, kwargs = dict(X=x, Y=torch.empty_like(x), N=100), dict(grid=(2,), warmup=False)
+        assert _common.precompile(tuner, named, kwargs) == 3
         assert _async_mode() is None
     assert sorted(key[0] for key in record["kernels"]) == ["double", "double"]
 
 
-def test_a_failed_precompile_warns_and_the_launch_goes_on(monkeypatch):
+def test_a_failed_precompile_warns_and_the_autotuner_goes_on(monkeypatch, tmp_path):
+    """The autotuners' first-launch hook (_common.autotuner's early_config_prune): precompile
+    failing warns, names the kernel and the error, and the autotuner keeps every candidate and
+    compiles them itself, one by one."""
     import triton
+    import triton.language as tl
 
-    launches = []
+    @triton.jit
+    def zero(X, N, BLOCK: tl.constexpr):
+        tl.store(X + tl.arange(0, BLOCK), 0.0, mask=tl.arange(0, BLOCK) < N)
+
+    def failing(tuner, named, kwargs):
+        raise ValueError("stand-in failure")
+
+    monkeypatch.setattr(_common, "precompile", failing)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    tuner = _common.autotuner([triton.Config({"BLOCK": b}) for b in (16, 32)], ["N"], zero)
+    with testing.compile_only_card(90) as record, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tuner[(1,)](torch.empty(16), 10)
+    assert record["tuned"] == [("zero", 2, 2)]  # both candidates, compiled at the look-up
+    assert any(w.category is RuntimeWarning and "zero" in str(w.message)
+               and "stand-in failure" in str(w.message) for w in caught)
+
+
+def test_an_error_inside_precompile_leaves_no_compile_mode_active(monkeypatch):
+    import triton
 
     class Tuner:
         configs = [triton.Config({"BLOCK": 64}), triton.Config({"BLOCK": 128})]
-        keys, arg_names, cache = ["N"], ["X", "N"], {}
 
         class fn:
             @staticmethod
-            def warmup(*args, **kwargs):
+            def warmup(**kwargs):
                 raise ValueError("stand-in failure")
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(grid)
 
     active = contextvars.ContextVar("active", default=None)
 
@@ -149,15 +169,9 @@ def test_a_failed_precompile_warns_and_the_launch_goes_on(monkeypatch):
     monkeypatch.setattr(_common, "COMPILE_THREADS", 2)
     monkeypatch.setattr(_common, "_async_compile_mode",
                         lambda: types.SimpleNamespace(AsyncCompileMode=Mode, active_mode=active))
-    monkeypatch.setitem(_common._TUNERS, "stand-in", Tuner())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _common.launch_tuned("stand-in", None, "stand_in_kernel", "test", (1,),
-                             (torch.zeros(4), 4), {})
-    assert launches == [(1,)]  # the autotuner's launch, as without threads
+    with pytest.raises(ValueError, match="stand-in failure"):
+        _common.precompile(Tuner(), {"N": 4}, {"grid": (1,), "warmup": False})
     assert active.get() is None
-    assert any(w.category is RuntimeWarning and "stand_in_kernel" in str(w.message)
-               and "stand-in failure" in str(w.message) for w in caught)
 
 
 def _gpu_cases():

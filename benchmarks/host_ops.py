@@ -43,24 +43,22 @@ def stubbed_launches() -> Iterator[collections.Counter]:
     Triton path on CPU tensors with a 132-SM card's launch plans (one config per kernel)."""
     from triton.runtime import jit
 
-    from diffit_kernels import attention, norm, projection
+    from diffit_kernels import attention, norm
+    from diffit_kernels.testing import triton_path_anywhere
 
     launches: collections.Counter = collections.Counter()
 
     def run(self, *args, **kwargs):
         launches[self.fn.__name__] += 1
 
-    saved = [(jit.JITFunction, "run", jit.JITFunction.run)]
-    saved += [(m, "resolve_backend", m.resolve_backend) for m in (attention, norm, projection)]
+    saved = jit.JITFunction.run
     jit.JITFunction.run = run
-    for m in (attention, norm, projection):
-        m.resolve_backend = lambda backend, *tensors: "triton"
     try:
-        with attention._emulate_card(132, elt=2), norm._emulate_card(132, pick=0):
+        with triton_path_anywhere(), attention._emulate_card(132, elt=2), \
+                norm._emulate_card(132, pick=0):
             yield launches
     finally:
-        for obj, name, value in saved:
-            setattr(obj, name, value)
+        jit.JITFunction.run = saved
 
 
 def _site() -> str:

@@ -222,6 +222,23 @@ def _jit_function(tuner):
 
 
 @contextlib.contextmanager
+def triton_path_anywhere():
+    """The ops take their Triton path whatever their tensors' device (their resolve_backend
+    says "triton"): for CPU tensors whose launches run nothing (compile_only_card,
+    benchmarks.host_ops)."""
+    from . import attention, norm, projection
+
+    saved = [(m, m.resolve_backend) for m in (attention, norm, projection)]
+    for m, _ in saved:
+        m.resolve_backend = lambda backend, *tensors: "triton"
+    try:
+        yield
+    finally:
+        for m, resolve in saved:
+            m.resolve_backend = resolve
+
+
+@contextlib.contextmanager
 def compile_only_card(arch: int = 90, sms: int = 132):
     """A card's launch path with nothing run (a process without TRITON_INTERPRET): the ops take
     their Triton path on CPU tensors with the CUDA candidate lists and the work splits of a
@@ -238,7 +255,7 @@ def compile_only_card(arch: int = 90, sms: int = 132):
     from triton.runtime import autotuner, jit
     from triton.runtime.driver import driver
 
-    from . import _attention_launch, attention, norm, projection
+    from . import _attention_launch, norm
 
     record = {"tuned": [], "kernels": {}, "launches": []}
     touched: set = set()
@@ -271,18 +288,14 @@ def compile_only_card(arch: int = 90, sms: int = 132):
         return self.fn.run(*args, **kwargs, **self.best_config.all_kwargs())
 
     tuners, tuned = dict(_common._TUNERS), len(_common._TUNED)
-    saved = [(m, "resolve_backend", m.resolve_backend) for m in (attention, norm, projection)]
     drivers = dict(vars(driver))  # reset_active() would make the default driver: no CUDA here
     driver.set_active(_CompileOnlyDriver(arch))
     jit.JITFunction.run, autotuner.Autotuner.run = compile_only, look_up
-    for m in (attention, norm, projection):
-        m.resolve_backend = lambda backend, *tensors: "triton"
     try:
-        with _attention_launch._emulate_card(sms), norm._emulate_card(sms):
+        with triton_path_anywhere(), _attention_launch._emulate_card(sms), \
+                norm._emulate_card(sms):
             yield record
     finally:
-        for m, name, value in saved:
-            setattr(m, name, value)
         jit.JITFunction.run, autotuner.Autotuner.run = jit_run, tuner_run
         vars(driver).update(drivers)
         for fn in touched:  # kernels built for the pretend card stay out of a later real one's

@@ -7,6 +7,9 @@
     resolve_compile_mode(mode, ...)       auto: CUDA graphs too where they run (one process).
     mark_graph_steps(model)    inference with CUDA graphs: each model call a new graph step.
     describe_run(...)          the one log line saying which kernels and which compile mode run.
+    backends_to_time(backend, device)   what "auto" chooses between by timing (CUDA: both).
+    time_backends(step, modules, ...)   each backend's time per step, measured on this card.
+    pick_fastest(per_rank)     the choice every rank agrees on: the least of the slowest ranks.
 
 Why regional compile with our kernels inside: the fused ops are torch.library custom ops, opaque
 to inductor but traced through (no graph break); everything between them (dtype casts, residual
@@ -18,11 +21,23 @@ The forward of each block is replaced by a compiled one (an instance attribute),
 tree, the state-dict keys (no `_orig_mod.` prefix) and module hooks (FSDP's, DDP's) are unchanged
 and stay outside the compiled region. Compile after building the EMA copy (deepcopy) and after
 wrapping for DDP / FSDP.
+
+Why the trainer times the backends: which configuration trains fastest is settled by the card's
+own step, and it differs by model (and card, and kernel release). On H200s with commit 3c599d8's
+kernels, ours with CUDA graphs ran the ffhq64 U-Net step in 52 ms where the compiled reference
+took 67, while the compiled reference ran the DiffiT-XL/2 256 px B32 step in 75.4 ms against
+ours' 110 (README, "DiffiT on the kernels"). So the trainer's backend "auto" times a few forward
++ backward passes of its real step with each backend and keeps the faster (at start-up it costs
+the second backend's compile and autotuning, and 2 x 8 passes); "triton" or "torch" fixes the
+choice.
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Optional, Tuple
+import statistics
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -183,18 +198,122 @@ def describe_run(backend: str, device: torch.device, compiled: bool, why: str,
     return f"{kern}, eager (no torch.compile: {why})"
 
 
-def compile_for_run(model: nn.Module, flag: Optional[bool], device: torch.device,
-                    backend: str = "auto", *, fsdp: bool = False, mode: str = "default",
-                    world: int = 1, grad_checkpointing: bool = False,
-                    graphs_by_default: bool = True) -> Tuple[bool, str, str]:
+def compile_for_run(model: nn.Module, flag: Optional[bool], device: torch.device, *,
+                    fsdp: bool = False, mode: str = "default", world: int = 1,
+                    grad_checkpointing: bool = False, graphs_by_default: bool = True
+                    ) -> Tuple[bool, str, Callable[[str], str]]:
     """What a command does in one call: decide (resolve_compile, resolve_compile_mode), compile
-    the blocks of `model` when so decided, and say what runs. Returns (compiled, the compile
-    mode used, the description to log)."""
+    the blocks of `model` when so decided. Returns (compiled, the compile mode used, describe):
+    describe(backend) is the log line saying what runs (describe_run) with that backend, which
+    the trainer may choose after compiling (time_backends)."""
     compiled, why = resolve_compile(flag, device, fsdp)
     mode, mode_why = resolve_compile_mode(mode, device, world=world,
                                           grad_checkpointing=grad_checkpointing,
                                           graphs_by_default=graphs_by_default) \
         if compiled else ("default", "")
     n_blocks = compile_blocks(model, mode=mode) if compiled else 0
-    return compiled, mode, describe_run(backend, device, compiled, why, n_blocks, mode,
-                                        mode_why)
+    return compiled, mode, functools.partial(describe_run, device=device, compiled=compiled,
+                                             why=why, n_blocks=n_blocks, mode=mode,
+                                             mode_why=mode_why)
+
+
+# ---- the backend chosen by timing -------------------------------------------------------------
+TRIAL_BACKENDS = ("triton", "torch")  # in order of preference when two time the same
+TRIAL_DEVICES = ("cuda",)  # where "auto" times them (the tests add "cpu" under the interpreter)
+# passes before the timed ones: the first compiles (torch.compile, Triton's kernels and their
+# autotuning); under mode reduce-overhead cudagraph trees run the second eagerly and record the
+# third, so the timed passes replay
+TRIAL_WARMUP = 3
+TRIAL_STEPS = 5
+
+
+def set_backend(modules: Iterable[nn.Module], backend: str) -> None:
+    """Every layer of ours under `modules` (a model and its EMA copy) that carries a `backend`
+    takes `backend`: the next call of each op follows it (compiled blocks recompile once, as
+    Dynamo guards on the attribute). Parameters and state dicts are untouched."""
+    for root in modules:
+        for m in root.modules():
+            if type(m).__module__.startswith("diffit.") and isinstance(
+                    getattr(m, "backend", None), str):
+                m.backend = backend
+
+
+def backends_to_time(backend: str, device: torch.device) -> Tuple[str, ...]:
+    """The backends that `backend` chooses between by timing the step on `device`: both of
+    TRIAL_BACKENDS for "auto" on a TRIAL_DEVICES device where both run, else none (a fixed
+    choice: "triton", "torch", or "auto" where only the reference runs)."""
+    from diffit_kernels._common import resolve_backend
+
+    if backend != "auto" or device.type not in TRIAL_DEVICES:
+        return ()
+    probe = torch.empty(0, device=device)
+    runs = []
+    for b in TRIAL_BACKENDS:
+        try:
+            runs.append(resolve_backend(b, probe) == b)
+        except RuntimeError:
+            runs.append(False)
+    return TRIAL_BACKENDS if all(runs) else ()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_backends(step: Callable[[], None], modules: Sequence[nn.Module],
+                  candidates: Sequence[str], device: torch.device, *,
+                  warmup: Optional[int] = None, steps: Optional[int] = None,
+                  clock: Callable[[], float] = time.perf_counter) -> Dict[str, Union[float, str]]:
+    """{backend: the median wall time of one step() in ms, host included (what a training step
+    waits for), or why it failed}. Each backend in turn is set on `modules` (set_backend), runs
+    `warmup` untimed steps (TRIAL_WARMUP) and `steps` timed ones (TRIAL_STEPS), the device
+    synchronised around each. A backend that raises (out of memory, a kernel that does not
+    build) is left out with the error's text; the caller leaves `modules` on its choice."""
+    warmup = TRIAL_WARMUP if warmup is None else warmup
+    steps = TRIAL_STEPS if steps is None else steps
+    out: Dict[str, Union[float, str]] = {}
+    for b in candidates:
+        set_backend(modules, b)
+        try:
+            for _ in range(warmup):
+                step()
+            times = []
+            for _ in range(steps):
+                _sync(device)
+                t0 = clock()
+                step()
+                _sync(device)
+                times.append(clock() - t0)
+            out[b] = 1e3 * statistics.median(times)
+        except Exception as e:  # noqa: BLE001 - any failure leaves this backend out, said why
+            out[b] = f"{type(e).__name__}: {e}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # an out-of-memory backend's blocks, for the next
+    return out
+
+
+def pick_fastest(per_rank: List[Dict[str, Union[float, str]]]) -> Tuple[str, Dict[str, object]]:
+    """(the backend, {backend: ms of the slowest rank, or the first failure}) from every rank's
+    time_backends: a backend is as fast as its slowest rank (a step waits for all of them) and
+    out if it failed on any; ties go to the earlier one. The same on every rank, as each gets
+    every rank's results. RuntimeError naming each failure when every backend failed."""
+    merged: Dict[str, object] = {}
+    for b in per_rank[0]:
+        vals = [r[b] for r in per_rank]
+        failed = [v for v in vals if isinstance(v, str)]
+        merged[b] = failed[0] if failed else max(vals)
+    timed = [b for b, v in merged.items() if not isinstance(v, str)]
+    if not timed:
+        raise RuntimeError("no backend ran a training step: "
+                           + "; ".join(f"{b}: {v}" for b, v in merged.items()))
+    return min(timed, key=lambda b: merged[b]), merged
+
+
+def describe_choice(chosen: str, merged: Dict[str, object], how: str) -> str:
+    """'backend auto: <chosen> (<chosen> <ms> ms, <other> <ms> ms | failed (<error>) per
+    forward + backward, <how>; --backend triton or torch to fix it)'."""
+    parts = [f"{b} {v:.1f} ms" if not isinstance(v, str) else f"{b} failed ({v})"
+             for b, v in sorted(merged.items(), key=lambda kv: kv[0] != chosen)]
+    return (f"backend auto: {chosen} ({', '.join(parts)} per forward + backward, {how}; "
+            f"--backend {' or '.join(TRIAL_BACKENDS)} to fix it)")

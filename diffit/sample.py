@@ -499,8 +499,8 @@ def run(args) -> int:
     from .accel import compile_for_run, mark_graph_steps
     try:
         # every rank samples on its own (no DDP): CUDA graphs need no single process here
-        compiled, mode, run_mode = compile_for_run(model, args.compile, device, args.backend,
-                                            mode=args.compile_mode, graphs_by_default=False)
+        compiled, mode, describe = compile_for_run(model, args.compile, device,
+                                                   mode=args.compile_mode, graphs_by_default=False)
     except ValueError as e:
         return _fail(str(e))
     if mode == "reduce-overhead":
@@ -515,7 +515,7 @@ def run(args) -> int:
         print("diffit sample: " + (ck.describe() if ck is not None
                                    else f"randomly initialised {family} model {args.model}"),
               flush=True)
-        print(f"diffit sample: runs {run_mode}", flush=True)
+        print(f"diffit sample: runs {describe(args.backend)}", flush=True)
 
     # labels for all samples are drawn identically on every rank, so sharding does not change
     # which sample gets which class

@@ -549,7 +549,8 @@ def test_gpu_cuda_graph_mode_trains_like_the_default(tmp_path, capsys):
     graph) against --compile-mode default, on the card: the same losses within rounding over a few steps of a U-Net
     with windowed and global attention on the fused kernels (their cached launch plans and
     autotuning must survive the graphs' memory pool)."""
-    kw = dict(batch_size=16, steps=4, compile=True, model_args={"head_dim": 16})
+    kw = dict(batch_size=16, steps=4, compile=True, backend="triton",  # not timed: ours
+              model_args={"head_dim": 16})
     torch._dynamo.reset()
     try:
         train(_cfg(tmp_path / "default", compile_mode="default", **kw))
@@ -565,3 +566,139 @@ def test_gpu_cuda_graph_mode_trains_like_the_default(tmp_path, capsys):
     assert [s for s, _ in graphs] == [1, 2, 3, 4]
     torch.testing.assert_close([v for _, v in graphs], [v for _, v in default], rtol=2e-3,
                                atol=0)
+
+
+# ---- backend "auto": the faster of ours and the reference, timed on the run's step ----------
+def test_backend_trial_times_each_backend_on_the_model():
+    """time_backends: each backend set on every layer of ours in turn (model and EMA copy),
+    warm-up steps untimed, the median of the timed ones in ms; a backend whose step raises is
+    left out with the error's text and the next one still runs."""
+    from diffit import accel
+    from diffit.latent import DiffiT, preset_config
+
+    model = DiffiT(config=preset_config("DiffiT-tiny", input_size=8, backend="torch"))
+    ema = DiffiT(config=preset_config("DiffiT-tiny", input_size=8, backend="torch"))
+    ours = [m for m in (*model.modules(), *ema.modules()) if hasattr(m, "backend")]
+    assert len(ours) > 4
+    now, seen, cost = [0.0], [], {"triton": [5.0, 1.0, 2.0, 9.0], "torch": [3.0] * 4}
+
+    def step():
+        b = ours[0].backend
+        assert all(m.backend == b for m in ours)
+        seen.append(b)
+        if b == fail:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (stand-in)")
+        now[0] += cost[b][sum(s == b for s in seen) - 1]
+
+    for fail in (None, "triton"):
+        seen.clear()
+        got = accel.time_backends(step, (model, ema), ("triton", "torch"), torch.device("cpu"),
+                                  warmup=1, steps=3, clock=lambda: now[0])
+        if fail is None:
+            assert got == {"triton": 2000.0, "torch": 3000.0}      # medians of 1, 2, 9 / 3s
+            assert seen == ["triton"] * 4 + ["torch"] * 4
+        else:
+            assert got["torch"] == 3000.0 and seen == ["triton"] + ["torch"] * 4
+            assert got["triton"] == "OutOfMemoryError: CUDA out of memory (stand-in)"
+    assert all(m.backend == "torch" for m in ours)
+    accel.set_backend((model, ema), "triton")
+    assert all(m.backend == "triton" for m in ours)
+
+
+def test_backend_trial_every_rank_agrees():
+    """pick_fastest: a backend is as fast as its slowest rank and out if it failed on any; ties
+    go to the first (ours); every backend failed is an error naming each failure."""
+    from diffit import accel
+
+    assert accel.pick_fastest([{"triton": 5.0, "torch": 4.0}, {"triton": 5.5, "torch": 6.0}]) \
+        == ("triton", {"triton": 5.5, "torch": 6.0})
+    assert accel.pick_fastest([{"triton": "OutOfMemoryError: x", "torch": 9.0},
+                               {"triton": 1.0, "torch": 8.0}]) \
+        == ("torch", {"triton": "OutOfMemoryError: x", "torch": 9.0})
+    assert accel.pick_fastest([{"triton": 5.0, "torch": 5.0}])[0] == "triton"
+    with pytest.raises(RuntimeError, match="no backend ran a training step: triton: A; "
+                                           "torch: B"):
+        accel.pick_fastest([{"triton": "A", "torch": 1.0}, {"triton": 1.0, "torch": "B"}])
+    line = accel.describe_choice("torch", {"triton": 80.34, "torch": 75.06}, "timed over it")
+    assert line == ("backend auto: torch (torch 75.1 ms, triton 80.3 ms per forward + backward, "
+                    "timed over it; --backend triton or torch to fix it)")
+    line = accel.describe_choice("torch", {"triton": "OutOfMemoryError: x", "torch": 7.0}, "t")
+    assert "torch 7.0 ms, triton failed (OutOfMemoryError: x) per" in line
+
+
+def test_backend_auto_times_only_where_both_run(monkeypatch):
+    """Nothing is timed for a fixed backend, off TRIAL_DEVICES, or where Triton cannot run
+    (a CPU without TRITON_INTERPRET): the trainer then runs as before, no trial."""
+    from diffit import accel
+
+    cpu = torch.device("cpu")
+    assert accel.backends_to_time("auto", cpu) == ()
+    monkeypatch.setattr(accel, "TRIAL_DEVICES", ("cuda", "cpu"))
+    assert accel.backends_to_time("triton", cpu) == accel.backends_to_time("torch", cpu) == ()
+    assert accel.backends_to_time("auto", cpu) == ()  # this process: no interpreter
+
+
+@pytest.mark.interpreter
+def test_backend_auto_picks_by_timing_and_changes_nothing_else(
+        tmp_path, latent_file, monkeypatch, capsys):
+    """Backend auto where both backends run (here the interpreter's CPU, which stands in for a
+    card): the trial times a step with each, the log says which runs and why, and the run
+    trains exactly as one with that backend fixed (same losses and weights, bit for bit: the
+    trial moved no data, no random state, no optimizer state). The checkpoint keeps the choice
+    and a resumed run takes it without timing again."""
+    from diffit import accel
+
+    monkeypatch.setattr(accel, "TRIAL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(accel, "TRIAL_WARMUP", 1)
+    monkeypatch.setattr(accel, "TRIAL_STEPS", 1)
+    timed, pick = [], accel.pick_fastest
+
+    def ours_win(per_rank):  # the interpreter's kernels are slow: make the choice ours
+        timed.append(pick(per_rank)[1])
+        return "triton", timed[-1]
+
+    monkeypatch.setattr(accel, "pick_fastest", ours_win)
+    train(_cfg(tmp_path / "auto", "latent", latent_file, steps=2))
+    train(_cfg(tmp_path / "fixed", "latent", latent_file, steps=2, backend="triton"))
+    out = capsys.readouterr().out.splitlines()
+    assert len(timed) == 1 and sorted(timed[0]) == ["torch", "triton"]
+    assert all(isinstance(v, float) and v > 0 for v in timed[0].values())
+    note = [ln for ln in out if ln.startswith("diffit train: backend auto: ")]
+    assert len(note) == 1 and note[0].startswith("diffit train: backend auto: triton (triton ")
+    assert "timed over 1 steps after 1 warm-up on cpu in " in note[0]
+    runs = [ln for ln in out if ln.startswith("diffit train: runs ")]
+    assert runs == ["diffit train: runs our fused Triton kernels, eager (no torch.compile: the "
+                    "default on cpu (--compile to force))"] * 2
+    assert _losses(tmp_path / "auto") == _losses(tmp_path / "fixed")
+    auto, fixed = _final(tmp_path / "auto"), _final(tmp_path / "fixed")
+    for key in ("model", "ema"):
+        for name, v in fixed[key].items():
+            assert torch.equal(auto[key][name], v), (key, name)
+    assert auto["backend_choice"] == {"backend": "triton", "ms": timed[0], "device": "cpu"}
+    assert "backend_choice" not in fixed
+
+    def timed_again(*a, **k):
+        raise AssertionError("a resumed run timed the backends again")
+
+    monkeypatch.setattr(accel, "time_backends", timed_again)
+    train(_cfg(tmp_path / "auto", "latent", latent_file, steps=3), resume="latest")
+    note = [ln for ln in capsys.readouterr().out.splitlines() if "backend auto: " in ln]
+    assert len(note) == 1 and note[0].startswith("diffit train: backend auto: triton (")
+    assert "the choice of the run's checkpoint, timed on cpu;" in note[0]
+
+
+@pytest.mark.gpu
+def test_gpu_backend_auto_times_both_on_the_card(tmp_path, latent_file, capsys):
+    """On a card, backend auto (the default) times a step with our kernels and with the
+    reference (eager here, to keep the test short), logs both times and trains with the faster;
+    the checkpoint keeps the choice with the card's name."""
+    from diffit import accel
+
+    train(_cfg(tmp_path / "auto", "latent", latent_file, steps=3, compile=False))
+    note = [ln for ln in capsys.readouterr().out.splitlines() if "backend auto: " in ln]
+    assert len(note) == 1, note
+    choice = _final(tmp_path / "auto")["backend_choice"]
+    assert choice["backend"] in accel.TRIAL_BACKENDS
+    assert choice["device"] == torch.cuda.get_device_name()
+    assert all(isinstance(v, float) and v > 0 for v in choice["ms"].values()), choice
+    assert note[0].startswith(f"diffit train: backend auto: {choice['backend']} (")

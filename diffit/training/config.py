@@ -25,7 +25,10 @@ class TrainConfig:
                                       "'{\"channels\": [32, 64]}'", type=json.loads)
     class_cond: bool = _opt(True, "condition on the data's labels when it has any")
     class_dropout: float = _opt(0.1, "label dropout probability (classifier-free guidance)")
-    backend: str = _opt("auto", "diffit_kernels backend", choices=("auto", "triton", "torch"))
+    backend: str = _opt("auto", "diffit_kernels backend: triton (our fused kernels), torch (the "
+                        "plain reference), auto (on CUDA the faster of the two, timed on the "
+                        "run's own step at start-up; elsewhere the reference)",
+                        choices=("auto", "triton", "torch"))
     grad_checkpointing: bool = _opt(False, "recompute every block in backward (less memory)")
     # data
     data: str = _opt("digits", "dataset kind", choices=("digits", "folder", "latents"))

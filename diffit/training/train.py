@@ -12,10 +12,13 @@ loss (eps + learned variance) and sample with its ancestral sampler; image-space
 "cifar10", "ffhq64") train with EDM's loss and sample with EDM's Heun sampler. The data sets the
 model's input size, channels and (with class_cond) classes.
 
-How it runs: on CUDA the blocks are compiled in place with torch.compile (diffit/accel.py: our
-fused kernels inside, fullgraph), each compiled block replayed as a CUDA graph in one process
-without gradient checkpointing (--compile-mode default: compile only; --no-compile: eager); on
-CPU eager. The log names the configuration and the first step's time.
+How it runs: on CUDA the blocks are compiled in place with torch.compile (diffit/accel.py,
+fullgraph), each compiled block replayed as a CUDA graph in one process without gradient
+checkpointing (--compile-mode default: compile only; --no-compile: eager); on CPU eager. Inside
+them run our fused kernels or the plain reference ops: --backend auto (the default) times a few
+forward + backward passes of the run's own step with each at start-up and keeps the faster (a
+resumed run keeps its checkpoint's choice on a card of the same name); --backend triton or torch
+fixes it. The log names the configuration, the timings and the first step's time.
 
 Outputs under --out (rank 0 writes; every file is written atomically or appended line by line):
     config.json                     the resolved configuration
@@ -141,9 +144,9 @@ class Trainer:
         # after the EMA's deepcopy and the DDP / FSDP wrapping: only the trained model's blocks
         # are compiled (the state-dict keys do not change)
         from ..accel import compile_for_run
-        self.compiled, mode, self.run_mode = compile_for_run(
-            self.model, cfg.compile, d.device, cfg.backend, fsdp=self.fsdp,
-            mode=cfg.compile_mode, world=d.world, grad_checkpointing=cfg.grad_checkpointing)
+        self.compiled, mode, describe = compile_for_run(
+            self.model, cfg.compile, d.device, fsdp=self.fsdp, mode=cfg.compile_mode,
+            world=d.world, grad_checkpointing=cfg.grad_checkpointing)
         self.cudagraphs = self.compiled and mode == "reduce-overhead"
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
@@ -155,10 +158,11 @@ class Trainer:
         seed_all(cfg.seed * d.world + d.rank)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.saved_step: Optional[int] = None      # the step the newest checkpoint holds
+        self.backend_choice: Optional[dict] = None  # backend "auto" timed (_choose_backend)
 
         resume_path = self._find_resume(resume)
-        if resume_path is not None:
-            self._load(resume_path)
+        saved_choice = self._load(resume_path) if resume_path is not None else None
+        choice_note = self._choose_backend(saved_choice)
         if self.rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             from ..checkpoint import atomic_path
@@ -173,7 +177,11 @@ class Trainer:
                   f"{' (FSDP)' if self.fsdp else ' (DDP)' if d.world > 1 else ''}, "
                   f"batch {cfg.batch_size}, {cfg.steps} steps"
                   f"{f', resumed at step {self.step}' if resume_path is not None else ''}")
+        self.run_mode = describe(self.backend_choice["backend"] if self.backend_choice
+                                 else cfg.backend)
         self._log(f"diffit train: runs {self.run_mode}")
+        if choice_note:
+            self._log(f"diffit train: {choice_note}")
 
     # ---- setup helpers ----
     @property
@@ -193,9 +201,10 @@ class Trainer:
             return path
         return Path(resume)
 
-    def _load(self, path: Path) -> None:
+    def _load(self, path: Path) -> Optional[dict]:
         """Model, EMA, optimizer, step and data position from a checkpoint of any world size;
-        this rank's random state when the checkpoint has one (see the module docstring)."""
+        this rank's random state when the checkpoint has one (see the module docstring).
+        Returns the checkpoint's backend choice (_choose_backend), if it has one."""
         cfg, d = self.cfg, self.dist
         ck = read_checkpoint(path)
         free = _RESUME_FREE - ({"steps"} if cfg.lr_schedule == "cosine" else set())
@@ -228,6 +237,54 @@ class Trainer:
                       f"{saved}-rank run bit for bit")
         self.saved_step = self.step
         self._log(f"resumed from {path} at step {self.step}")
+        return ck.get("backend_choice")
+
+    def _choose_backend(self, saved: Optional[dict]) -> str:
+        """Backend "auto" where both backends run (CUDA): time the forward + backward of this
+        run's step with each (accel.time_backends) and keep the faster on the model and its EMA
+        copy; every rank agrees (the slowest rank's times decide). A resumed run keeps its
+        checkpoint's choice when it was made on a card of the same name. The trial changes
+        nothing a step depends on: one batch read from the dataset, no optimizer step, the
+        gradients dropped, every random state put back; under DDP it runs the bare model (DDP's
+        gradient hooks stay idle outside its forward). Returns the log line, or "" where the
+        choice is fixed."""
+        from .. import accel
+
+        d = self.dist
+        candidates = accel.backends_to_time(self.cfg.backend, d.device)
+        if not candidates:
+            return ""
+        card = _device_name(d.device)
+        if saved and saved.get("backend") in candidates and saved.get("device") == card:
+            self.backend_choice = saved
+            how = f"the choice of the run's checkpoint, timed on {card}"
+        else:
+            rng, t0 = rng_state(d.device), time.perf_counter()
+            x, y = self._trial_batch()
+            try:
+                # the model itself, not DDP's wrapper: no gradient all-reduce, the same for
+                # both, so a backend failing on one rank cannot leave the others waiting in one
+                mine = accel.time_backends(lambda: self._forward_backward(x, y, self.model),
+                                           (self.model, self.ema.module), candidates, d.device)
+            finally:
+                self.optimizer.zero_grad(set_to_none=True)
+                set_rng_state(rng, d.device)
+            chosen, merged = accel.pick_fastest(gather_objects(mine, d))
+            self.backend_choice = {"backend": chosen, "ms": merged, "device": card}
+            how = (f"timed over {accel.TRIAL_STEPS} steps after {accel.TRIAL_WARMUP} warm-up on "
+                   f"{card} in {time.perf_counter() - t0:.0f} s")
+        chosen = self.backend_choice["backend"]
+        accel.set_backend((self.model, self.ema.module), chosen)
+        return accel.describe_choice(chosen, self.backend_choice["ms"], how)
+
+    def _trial_batch(self):
+        """The first batch_per_rank items of the dataset, on the device (the loader's position
+        is not moved)."""
+        from torch.utils.data import default_collate
+
+        n, dev = self.batch_per_rank, self.dist.device
+        x, y = default_collate([self.dataset[i % len(self.dataset)] for i in range(n)])
+        return x.to(dev), (y.to(dev) if self.num_classes else None)
 
     # ---- checkpoint / samples / plots ----
     def save_checkpoint(self) -> Optional[Path]:
@@ -242,6 +299,8 @@ class Trainer:
                    "optimizer": opt_sd, "rng": rng, "config": dataclasses.asdict(self.cfg),
                    "model_config": self.model_config, "family": self.family.name,
                    "world_size": self.dist.world, "dataset_len": len(self.dataset)}
+            if self.backend_choice is not None:
+                obj["backend_choice"] = self.backend_choice
             path = write_checkpoint(obj, self.ckpt_dir, self.step, self.cfg.keep_checkpoints)
         barrier(self.dist)
         self.saved_step = self.step
@@ -322,16 +381,7 @@ class Trainer:
         lr = self.lr_at(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        dev = self.dist.device
-        if self.cudagraphs:
-            # a new step for inductor's cudagraph trees: the last step's block outputs (all
-            # consumed by now) may be overwritten by this step's replays
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(dev.type, dtype=self.amp or torch.float32,
-                            enabled=self.amp is not None):
-            loss = self.loss_fn(self.net, x, y).mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = self._forward_backward(x, y)
         params = [p for p in self.model.parameters() if p.grad is not None]
         gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
         if hasattr(gn, "full_tensor"):
@@ -340,6 +390,22 @@ class Trainer:
         self.ema.update(self.model, self.step)
         self.step += 1
         return loss.detach(), gn.detach(), lr
+
+    def _forward_backward(self, x: torch.Tensor, y: Optional[torch.Tensor],
+                          net: Optional[torch.nn.Module] = None) -> torch.Tensor:
+        """The loss of one batch and its gradients (the optimizer's zeroed first), through
+        `net` (default self.net)."""
+        dev = self.dist.device
+        if self.cudagraphs:
+            # a new step for inductor's cudagraph trees: the last step's block outputs (all
+            # consumed by now) may be overwritten by this step's replays
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(dev.type, dtype=self.amp or torch.float32,
+                            enabled=self.amp is not None):
+            loss = self.loss_fn(self.net if net is None else net, x, y).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
 
     def fit(self) -> dict:
         """Train to cfg.steps; then the final checkpoint, loss plot and sample grid. SIGTERM,
@@ -464,6 +530,10 @@ class Trainer:
             barrier(self.dist)
             dist.destroy_process_group()
             self.dist.owns_group = False
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _describe(ds) -> str:

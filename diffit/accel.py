@@ -310,10 +310,11 @@ def pick_fastest(per_rank: List[Dict[str, Union[float, str]]]) -> Tuple[str, Dic
     return min(timed, key=lambda b: merged[b]), merged
 
 
-def describe_choice(chosen: str, merged: Dict[str, object], how: str) -> str:
+def describe_choice(chosen: str, merged: Dict[str, object], how: str,
+                    per: str = "forward + backward") -> str:
     """'backend auto: <chosen> (<chosen> <ms> ms, <other> <ms> ms | failed (<error>) per
-    forward + backward, <how>; --backend triton or torch to fix it)'."""
+    <per>, <how>; --backend triton or torch to fix it)'."""
     parts = [f"{b} {v:.1f} ms" if not isinstance(v, str) else f"{b} failed ({v})"
              for b, v in sorted(merged.items(), key=lambda kv: kv[0] != chosen)]
-    return (f"backend auto: {chosen} ({', '.join(parts)} per forward + backward, {how}; "
+    return (f"backend auto: {chosen} ({', '.join(parts)} per {per}, {how}; "
             f"--backend {' or '.join(TRIAL_BACKENDS)} to fix it)")

@@ -69,7 +69,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--image-size", type=int, default=None,
                      help="image side in pixels (default: the model's; latent models: 8 x the "
                           "latent side, 256 for --random-init)")
-    src.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    src.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
+                     help="triton (our fused kernels), torch (the plain reference), auto (on "
+                          "CUDA the faster of the two, timed on a short run of this sampler at "
+                          "start-up; elsewhere the reference)")
     src.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                      help="regional torch.compile of the blocks, the fused kernels inside "
                           "(default: on for CUDA, off elsewhere; see diffit/accel.py)")
@@ -438,6 +441,55 @@ def _latent_sampler(args, model, ck):
                   f"{f', guidance {cfg:g}' if cfg != 1 else ''}")
 
 
+# sampler steps of one timed run in the backend trial: every model call of a sampler costs the
+# same, so a short run of the real sampler (its guidance, batch and precision) times the backends
+TRIAL_SAMPLER_STEPS = {"image": "2", "latent": "ddim2"}
+
+
+def _choose_backend(args, model, ck, make, labels, shape, device, amp, world):
+    """(backend, log line or ""): --backend auto where both backends run (accel.backends_to_time:
+    CUDA) times a short run of this command's sampler (TRIAL_SAMPLER_STEPS, the first batch's
+    size, labels and precision) with each and keeps the faster, every rank agreeing (the slowest
+    rank's times); otherwise args.backend as it is. The trial draws its own noise and puts the
+    global random state back, so the samples are those of the chosen backend fixed.
+    RuntimeError when no backend ran."""
+    import torch
+
+    from . import accel
+
+    candidates = accel.backends_to_time(args.backend, device)
+    if not candidates:
+        return args.backend, ""
+    family = "image" if make is _image_sampler else "latent"
+    steps = TRIAL_SAMPLER_STEPS[family]
+    trial, _ = make(argparse.Namespace(**{**vars(args), "steps": steps}), model, ck)
+    b = min(args.batch_size, len(labels))
+    z = torch.randn((b, *shape), generator=torch.Generator().manual_seed(0)).to(device)
+    y = labels[:b].to(device) if model.config.num_classes > 0 else None
+
+    def run():
+        gen = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32,
+                                             enabled=amp is not None):
+            trial(z, y, gen, False)
+
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        mine = accel.time_backends(run, (model,), candidates, device)
+    per_rank = [mine]
+    if world > 1:
+        import torch.distributed as dist
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, mine)
+    chosen, merged = accel.pick_fastest(per_rank)
+    accel.set_backend((model,), chosen)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    how = (f"timed over {accel.TRIAL_STEPS} runs after {accel.TRIAL_WARMUP} warm-up on {card} "
+           f"in {time.perf_counter() - t0:.0f} s")
+    return chosen, accel.describe_choice(chosen, merged, how,
+                                         per=f"sampler run ({b} samples, --steps {steps})")
+
+
 # ---- the command ----------------------------------------------------------------------------
 def _prepare(args):
     """(model, checkpoint or None, family, latent space?) or ValueError / FileNotFoundError."""
@@ -511,11 +563,6 @@ def run(args) -> int:
             vae = _load_vae(args.vae, device)
         except RuntimeError as e:
             return _fail(str(e))
-    if rank == 0:
-        print("diffit sample: " + (ck.describe() if ck is not None
-                                   else f"randomly initialised {family} model {args.model}"),
-              flush=True)
-        print(f"diffit sample: runs {describe(args.backend)}", flush=True)
 
     # labels for all samples are drawn identically on every rank, so sharding does not change
     # which sample gets which class
@@ -530,10 +577,22 @@ def run(args) -> int:
             labels = torch.randint(0, K, (N,), generator=torch.Generator().manual_seed(args.seed))
     else:
         labels = torch.full((N,), -1)
-
-    gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     channels = model.config.in_channels
+    try:
+        backend, choice = _choose_backend(args, model, ck, make, labels, (channels, side, side),
+                                          device, amp, world)
+    except RuntimeError as e:  # no backend ran the sampler
+        return _fail(str(e))
+    if rank == 0:
+        print("diffit sample: " + (ck.describe() if ck is not None
+                                   else f"randomly initialised {family} model {args.model}"),
+              flush=True)
+        print(f"diffit sample: runs {describe(backend)}", flush=True)
+        if choice:
+            print(f"diffit sample: {choice}", flush=True)
+
+    gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
     mine = list(range(rank, N, world))
     outs = []
     start = time.perf_counter()

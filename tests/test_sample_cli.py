@@ -435,10 +435,48 @@ def test_gpu_cuda_graph_sampling_matches_the_default_mode(tmp_path):
             argv = ["--random-init", "--model", "DiffiT-tiny", "--image-size", "128",
                     "--no-progress", "--latents-only", "--num-samples", "6", "--batch-size", "4",
                     "--steps", "ddim8", "--cfg-scale", "3", "--precision", "bf16", "--seed", "3",
-                    "--device", "cuda", "--compile", "--compile-mode", mode, "--out", str(d)]
+                    "--device", "cuda", "--compile", "--compile-mode", mode, "--out", str(d),
+                    "--backend", "triton"]  # both runs ours, not the timed choice
             assert _run(argv) == 0
             outs[mode] = np.load(next(d.glob("*.npz")))["arr_0"]
             torch._dynamo.reset()
     finally:
         torch._dynamo.reset()
     np.testing.assert_allclose(outs["reduce-overhead"], outs["default"], rtol=0, atol=2e-2)
+
+
+@pytest.mark.interpreter
+def test_backend_auto_times_the_sampler_and_samples_as_the_choice_fixed(
+        tmp_path, monkeypatch, capsys):
+    """--backend auto where both backends run (the interpreter's CPU standing in for a card):
+    a short run of the command's own sampler is timed with each, the log names the choice, and
+    the samples are those of that backend fixed, bit for bit (the trial drew its own noise)."""
+    from diffit import accel
+
+    monkeypatch.setattr(accel, "TRIAL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(accel, "TRIAL_WARMUP", 1)
+    monkeypatch.setattr(accel, "TRIAL_STEPS", 1)
+    timed, pick = [], accel.pick_fastest
+
+    def ours_win(per_rank):  # the interpreter's kernels are slow: make the choice ours
+        timed.append(pick(per_rank)[1])
+        return "triton", timed[-1]
+
+    monkeypatch.setattr(accel, "pick_fastest", ours_win)
+    argv = ["--random-init", "--model", "DiffiT-tiny", "--image-size", "64", "--no-progress",
+            "--latents-only", "--num-samples", "2", "--batch-size", "2", "--steps", "ddim2",
+            "--cfg-scale", "2", "--labels", "3,5"]
+    assert _run([*argv, "--out", str(tmp_path / "auto")]) == 0
+    assert _run([*argv, "--out", str(tmp_path / "fixed"), "--backend", "triton"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(timed) == 1 and sorted(timed[0]) == ["torch", "triton"], timed
+    note = [ln for ln in out if ln.startswith("diffit sample: backend auto: ")]
+    assert len(note) == 1 and note[0].startswith("diffit sample: backend auto: triton (triton ")
+    assert "per sampler run (2 samples, --steps ddim2), timed over 1 runs after 1 warm-up on " \
+        "cpu in " in note[0]
+    runs = [ln for ln in out if ln.startswith("diffit sample: runs ")]
+    assert runs == ["diffit sample: runs our fused Triton kernels, eager (no torch.compile: the "
+                    "default on cpu (--compile to force))"] * 2
+    auto, fixed = (np.load(next((tmp_path / d).glob("*.npz")))["arr_0"]
+                   for d in ("auto", "fixed"))
+    np.testing.assert_array_equal(auto, fixed)

@@ -305,9 +305,32 @@ def pick_fastest(per_rank: List[Dict[str, Union[float, str]]]) -> Tuple[str, Dic
         merged[b] = failed[0] if failed else max(vals)
     timed = [b for b, v in merged.items() if not isinstance(v, str)]
     if not timed:
-        raise RuntimeError("no backend ran a training step: "
+        raise RuntimeError("no backend ran the timed step: "
                            + "; ".join(f"{b}: {v}" for b, v in merged.items()))
     return min(timed, key=lambda b: merged[b]), merged
+
+
+def agree_fastest(mine: Dict[str, Union[float, str]], world: int
+                  ) -> Tuple[str, Dict[str, object]]:
+    """pick_fastest over every rank's results (gathered from the `world` ranks of the default
+    process group; a collective every rank must reach)."""
+    per_rank = [mine]
+    if world > 1:
+        import torch.distributed as dist
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, mine)
+    return pick_fastest(per_rank)
+
+
+def device_name(device: torch.device) -> str:
+    """The card's name (what a saved choice is kept for), or the device type."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def timing_note(unit: str, device: torch.device, seconds: float) -> str:
+    """How the choice was made, for describe_choice."""
+    return (f"timed over {TRIAL_STEPS} {unit} after {TRIAL_WARMUP} warm-up on "
+            f"{device_name(device)} in {seconds:.0f} s")
 
 
 def describe_choice(chosen: str, merged: Dict[str, object], how: str,

@@ -476,16 +476,9 @@ def _choose_backend(args, model, ck, make, labels, shape, device, amp, world):
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         mine = accel.time_backends(run, (model,), candidates, device)
-    per_rank = [mine]
-    if world > 1:
-        import torch.distributed as dist
-        per_rank = [None] * world
-        dist.all_gather_object(per_rank, mine)
-    chosen, merged = accel.pick_fastest(per_rank)
+    chosen, merged = accel.agree_fastest(mine, world)
     accel.set_backend((model,), chosen)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    how = (f"timed over {accel.TRIAL_STEPS} runs after {accel.TRIAL_WARMUP} warm-up on {card} "
-           f"in {time.perf_counter() - t0:.0f} s")
+    how = accel.timing_note("runs", device, time.perf_counter() - t0)
     return chosen, accel.describe_choice(chosen, merged, how,
                                          per=f"sampler run ({b} samples, --steps {steps})")
 

@@ -616,7 +616,7 @@ def test_backend_trial_every_rank_agrees():
                                {"triton": 1.0, "torch": 8.0}]) \
         == ("torch", {"triton": "OutOfMemoryError: x", "torch": 9.0})
     assert accel.pick_fastest([{"triton": 5.0, "torch": 5.0}])[0] == "triton"
-    with pytest.raises(RuntimeError, match="no backend ran a training step: triton: A; "
+    with pytest.raises(RuntimeError, match="no backend ran the timed step: triton: A; "
                                            "torch: B"):
         accel.pick_fastest([{"triton": "A", "torch": 1.0}, {"triton": 1.0, "torch": "B"}])
     line = accel.describe_choice("torch", {"triton": 80.34, "torch": 75.06}, "timed over it")

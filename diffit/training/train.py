@@ -254,7 +254,7 @@ class Trainer:
         candidates = accel.backends_to_time(self.cfg.backend, d.device)
         if not candidates:
             return ""
-        card = _device_name(d.device)
+        card = accel.device_name(d.device)
         if saved and saved.get("backend") in candidates and saved.get("device") == card:
             self.backend_choice = saved
             how = f"the choice of the run's checkpoint, timed on {card}"
@@ -269,10 +269,9 @@ class Trainer:
             finally:
                 self.optimizer.zero_grad(set_to_none=True)
                 set_rng_state(rng, d.device)
-            chosen, merged = accel.pick_fastest(gather_objects(mine, d))
+            chosen, merged = accel.agree_fastest(mine, d.world)
             self.backend_choice = {"backend": chosen, "ms": merged, "device": card}
-            how = (f"timed over {accel.TRIAL_STEPS} steps after {accel.TRIAL_WARMUP} warm-up on "
-                   f"{card} in {time.perf_counter() - t0:.0f} s")
+            how = accel.timing_note("steps", d.device, time.perf_counter() - t0)
         chosen = self.backend_choice["backend"]
         accel.set_backend((self.model, self.ema.module), chosen)
         return accel.describe_choice(chosen, self.backend_choice["ms"], how)
@@ -530,10 +529,6 @@ class Trainer:
             barrier(self.dist)
             dist.destroy_process_group()
             self.dist.owns_group = False
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _describe(ds) -> str:

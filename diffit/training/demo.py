@@ -14,8 +14,9 @@ and data, each next to what real held-out digits score. Printed and written to d
 The data is scikit-learn's 1797 8x8 digits (shipped with scikit-learn, no download), at their
 native 8x8, which the "tiny" U-Net preset is built for: 8x8 tokens in 4x4 windows, then a 4x4
 level with global attention. The model is class-conditional (label dropout 0.1), trained with
-EDM's loss and sampled with EDM's 18-step Heun sampler. On CUDA the fused kernels run (backend
-"auto"); on CPU the plain-PyTorch path.
+EDM's loss and sampled with EDM's 18-step Heun sampler. On CUDA our fused kernels or the
+plain-PyTorch path run, whichever trains faster (backend "auto" times both at start-up); on CPU
+the plain-PyTorch path.
 
 It is `diffit train` with a fixed configuration (DEMO_CONFIG); --steps, --batch-size, --seed and
 --out change it. Intra-op threads default to 1: the model's matrices are too small for a second

@@ -62,3 +62,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def trial_picks_ours(monkeypatch):
+    """Backend "auto" times both backends on this CPU too (under the interpreter both run), one
+    warm-up and one timed pass each, and the choice is forced to ours (the interpreter's kernels
+    are far slower than the reference). Yields the list of what each trial timed, merged over
+    ranks as pick_fastest returns it."""
+    from diffit import accel
+
+    monkeypatch.setattr(accel, "TRIAL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(accel, "TRIAL_WARMUP", 1)
+    monkeypatch.setattr(accel, "TRIAL_STEPS", 1)
+    timed, pick = [], accel.pick_fastest
+
+    def ours_win(per_rank):
+        timed.append(pick(per_rank)[1])
+        return "triton", timed[-1]
+
+    monkeypatch.setattr(accel, "pick_fastest", ours_win)
+    yield timed

@@ -447,22 +447,11 @@ def test_gpu_cuda_graph_sampling_matches_the_default_mode(tmp_path):
 
 @pytest.mark.interpreter
 def test_backend_auto_times_the_sampler_and_samples_as_the_choice_fixed(
-        tmp_path, monkeypatch, capsys):
+        tmp_path, capsys, trial_picks_ours):
     """--backend auto where both backends run (the interpreter's CPU standing in for a card):
     a short run of the command's own sampler is timed with each, the log names the choice, and
     the samples are those of that backend fixed, bit for bit (the trial drew its own noise)."""
-    from diffit import accel
-
-    monkeypatch.setattr(accel, "TRIAL_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(accel, "TRIAL_WARMUP", 1)
-    monkeypatch.setattr(accel, "TRIAL_STEPS", 1)
-    timed, pick = [], accel.pick_fastest
-
-    def ours_win(per_rank):  # the interpreter's kernels are slow: make the choice ours
-        timed.append(pick(per_rank)[1])
-        return "triton", timed[-1]
-
-    monkeypatch.setattr(accel, "pick_fastest", ours_win)
+    timed = trial_picks_ours
     argv = ["--random-init", "--model", "DiffiT-tiny", "--image-size", "64", "--no-progress",
             "--latents-only", "--num-samples", "2", "--batch-size", "2", "--steps", "ddim2",
             "--cfg-scale", "2", "--labels", "3,5"]

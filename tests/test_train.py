@@ -640,7 +640,7 @@ def test_backend_auto_times_only_where_both_run(monkeypatch):
 
 @pytest.mark.interpreter
 def test_backend_auto_picks_by_timing_and_changes_nothing_else(
-        tmp_path, latent_file, monkeypatch, capsys):
+        tmp_path, latent_file, monkeypatch, capsys, trial_picks_ours):
     """Backend auto where both backends run (here the interpreter's CPU, which stands in for a
     card): the trial times a step with each, the log says which runs and why, and the run
     trains exactly as one with that backend fixed (same losses and weights, bit for bit: the
@@ -648,16 +648,7 @@ def test_backend_auto_picks_by_timing_and_changes_nothing_else(
     and a resumed run takes it without timing again."""
     from diffit import accel
 
-    monkeypatch.setattr(accel, "TRIAL_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(accel, "TRIAL_WARMUP", 1)
-    monkeypatch.setattr(accel, "TRIAL_STEPS", 1)
-    timed, pick = [], accel.pick_fastest
-
-    def ours_win(per_rank):  # the interpreter's kernels are slow: make the choice ours
-        timed.append(pick(per_rank)[1])
-        return "triton", timed[-1]
-
-    monkeypatch.setattr(accel, "pick_fastest", ours_win)
+    timed = trial_picks_ours
     train(_cfg(tmp_path / "auto", "latent", latent_file, steps=2))
     train(_cfg(tmp_path / "fixed", "latent", latent_file, steps=2, backend="triton"))
     out = capsys.readouterr().out.splitlines()

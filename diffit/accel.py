@@ -8,6 +8,7 @@
     mark_graph_steps(model)    inference with CUDA graphs: each model call a new graph step.
     describe_run(...)          the one log line saying which kernels and which compile mode run.
     backends_to_time(backend, device)   what "auto" chooses between by timing (CUDA: both).
+    choose_backend(step, modules, ...)  the trial: time_backends, agree_fastest, set_backend.
     time_backends(step, modules, ...)   each backend's time per step, measured on this card.
     pick_fastest(per_rank)     the choice every rank agrees on: the least of the slowest ranks.
 
@@ -320,6 +321,24 @@ def agree_fastest(mine: Dict[str, Union[float, str]], world: int
         per_rank = [None] * world
         dist.all_gather_object(per_rank, mine)
     return pick_fastest(per_rank)
+
+
+def choose_backend(step: Callable[[], None], modules: Sequence[nn.Module],
+                   candidates: Sequence[str], device: torch.device, world: int = 1
+                   ) -> Tuple[str, Dict[str, object], float]:
+    """The trial in one call: time_backends, agree_fastest over the `world` ranks (a collective
+    every rank must reach), and the chosen backend set on `modules`. Returns (chosen, {backend:
+    ms or failure}, the trial's seconds). For a training loop of one's own:
+
+        candidates = backends_to_time("auto", device)       # () where only one backend runs
+        if candidates:
+            chosen, ms, _ = choose_backend(lambda: loss_fn(model, x, y).backward(), [model],
+                                           candidates, device)
+    """
+    t0 = time.perf_counter()
+    chosen, merged = agree_fastest(time_backends(step, modules, candidates, device), world)
+    set_backend(modules, chosen)
+    return chosen, merged, time.perf_counter() - t0
 
 
 def device_name(device: torch.device) -> str:

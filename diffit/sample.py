@@ -473,12 +473,9 @@ def _choose_backend(args, model, ck, make, labels, shape, device, amp, world):
                                              enabled=amp is not None):
             trial(z, y, gen, False)
 
-    t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        mine = accel.time_backends(run, (model,), candidates, device)
-    chosen, merged = accel.agree_fastest(mine, world)
-    accel.set_backend((model,), chosen)
-    how = accel.timing_note("runs", device, time.perf_counter() - t0)
+        chosen, merged, secs = accel.choose_backend(run, (model,), candidates, device, world)
+    how = accel.timing_note("runs", device, secs)
     return chosen, accel.describe_choice(chosen, merged, how,
                                          per=f"sampler run ({b} samples, --steps {steps})")
 

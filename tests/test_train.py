@@ -329,6 +329,40 @@ def test_ddp_two_processes_gloo_identical_parameters(tmp_path):
     assert [s for s, _ in _losses(tmp_path / "run")] == [1, 2, 3]
 
 
+def _trial_worker(rank, world, port, result_dir):
+    import time
+
+    import torch.distributed as dist
+
+    from diffit import accel
+    from diffit.latent import DiffiT, preset_config
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = DiffiT(config=preset_config("DiffiT-tiny", input_size=8, backend="torch"))
+    ms = {"triton": 1 if rank == 0 else 30, "torch": 8}  # ours: fast on rank 0 only
+
+    def step():
+        time.sleep(ms[model.backend] / 1e3)
+
+    got = accel.choose_backend(step, [model], ("triton", "torch"), torch.device("cpu"), world)
+    torch.save({"chosen": got[0], "ms": got[1], "set": model.backend},
+               Path(result_dir) / f"trial{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_backend_trial_ranks_agree_gloo(tmp_path):
+    """choose_backend under two gloo ranks: every rank's times are gathered, a backend counts
+    at its slowest rank, so both ranks choose the reference although rank 0 alone timed ours
+    faster, and both set it."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_trial_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"trial{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0 == r1 and r0["chosen"] == r0["set"] == "torch", r0
+    assert r0["ms"]["triton"] >= 30 > r0["ms"]["torch"] >= 8, r0
+
+
 @pytest.mark.slow
 def test_torchrun_cli_gloo(tmp_path):
     out = tmp_path / "run"

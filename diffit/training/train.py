@@ -257,24 +257,24 @@ class Trainer:
         card = accel.device_name(d.device)
         if saved and saved.get("backend") in candidates and saved.get("device") == card:
             self.backend_choice = saved
+            accel.set_backend((self.model, self.ema.module), saved["backend"])
             how = f"the choice of the run's checkpoint, timed on {card}"
         else:
-            rng, t0 = rng_state(d.device), time.perf_counter()
+            rng = rng_state(d.device)
             x, y = self._trial_batch()
             try:
                 # the model itself, not DDP's wrapper: no gradient all-reduce, the same for
                 # both, so a backend failing on one rank cannot leave the others waiting in one
-                mine = accel.time_backends(lambda: self._forward_backward(x, y, self.model),
-                                           (self.model, self.ema.module), candidates, d.device)
+                chosen, merged, secs = accel.choose_backend(
+                    lambda: self._forward_backward(x, y, self.model),
+                    (self.model, self.ema.module), candidates, d.device, d.world)
             finally:
                 self.optimizer.zero_grad(set_to_none=True)
                 set_rng_state(rng, d.device)
-            chosen, merged = accel.agree_fastest(mine, d.world)
             self.backend_choice = {"backend": chosen, "ms": merged, "device": card}
-            how = accel.timing_note("steps", d.device, time.perf_counter() - t0)
-        chosen = self.backend_choice["backend"]
-        accel.set_backend((self.model, self.ema.module), chosen)
-        return accel.describe_choice(chosen, self.backend_choice["ms"], how)
+            how = accel.timing_note("steps", d.device, secs)
+        return accel.describe_choice(self.backend_choice["backend"], self.backend_choice["ms"],
+                                     how)
 
     def _trial_batch(self):
         """The first batch_per_rank items of the dataset, on the device (the loader's position

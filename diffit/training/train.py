@@ -241,8 +241,8 @@ class Trainer:
 
     def _choose_backend(self, saved: Optional[dict]) -> str:
         """Backend "auto" where both backends run (CUDA): time the forward + backward of this
-        run's step with each (accel.time_backends) and keep the faster on the model and its EMA
-        copy; every rank agrees (the slowest rank's times decide). A resumed run keeps its
+        run's step with each and keep the faster on the model and its EMA copy
+        (accel.choose_backend); every rank agrees (the slowest rank's times decide). A resumed run keeps its
         checkpoint's choice when it was made on a card of the same name. The trial changes
         nothing a step depends on: one batch read from the dataset, no optimizer step, the
         gradients dropped, every random state put back; under DDP it runs the bare model (DDP's

@@ -1,6 +1,7 @@
 """diffit.training.train: exact resume, checkpoint safety, EMA, configuration, DDP on CPU (gloo),
 encode's messages. Everything runs tiny models for a handful of steps on CPU."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -727,3 +728,26 @@ def test_gpu_backend_auto_times_both_on_the_card(tmp_path, latent_file, capsys):
     assert choice["device"] == torch.cuda.get_device_name()
     assert all(isinstance(v, float) and v > 0 for v in choice["ms"].values()), choice
     assert note[0].startswith(f"diffit train: backend auto: {choice['backend']} (")
+
+
+@pytest.mark.gpu
+def test_gpu_backend_auto_under_cuda_graphs(tmp_path, latent_file, capsys):
+    """The default run on a card: blocks compiled and replayed as CUDA graphs, backend auto
+    timing both backends inside that (each backend's blocks compiled, recorded and replayed in
+    turn), then training on the choice: the log names the graphs and the choice, and the losses
+    are finite."""
+    torch._dynamo.reset()
+    try:
+        train(_cfg(tmp_path / "auto", "latent", latent_file, steps=3, compile=True))
+    finally:
+        torch._dynamo.reset()
+    out = capsys.readouterr().out.splitlines()
+    choice = _final(tmp_path / "auto")["backend_choice"]
+    assert all(isinstance(v, float) for v in choice["ms"].values()), choice
+    runs = [ln for ln in out if ln.startswith("diffit train: runs ")]
+    assert len(runs) == 1 and "mode reduce-overhead" in runs[0], runs
+    assert runs[0].startswith("diffit train: runs our fused Triton kernels" if
+                              choice["backend"] == "triton" else
+                              "diffit train: runs the plain-PyTorch reference ops"), runs
+    losses = [v for _, v in _losses(tmp_path / "auto")]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses), losses

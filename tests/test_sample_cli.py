@@ -469,3 +469,18 @@ def test_backend_auto_times_the_sampler_and_samples_as_the_choice_fixed(
     auto, fixed = (np.load(next((tmp_path / d).glob("*.npz")))["arr_0"]
                    for d in ("auto", "fixed"))
     np.testing.assert_array_equal(auto, fixed)
+
+
+@pytest.mark.gpu
+def test_gpu_sample_backend_auto_times_both_on_the_card(tmp_path, capsys):
+    """On a card, --backend auto (the default) times a short run of the sampler with our
+    kernels and with the reference (eager here, to keep the test short) and samples with the
+    faster; the log names both times."""
+    argv = ["--random-init", "--model", "DiffiT-tiny", "--image-size", "128", "--no-progress",
+            "--latents-only", "--num-samples", "4", "--batch-size", "4", "--steps", "ddim4",
+            "--cfg-scale", "3", "--precision", "bf16", "--device", "cuda", "--no-compile",
+            "--out", str(tmp_path)]
+    assert _run(argv) == 0
+    note = [ln for ln in capsys.readouterr().out.splitlines() if "backend auto: " in ln]
+    assert len(note) == 1 and "triton" in note[0] and "torch" in note[0], note
+    assert np.isfinite(np.load(next(tmp_path.glob("*.npz")))["arr_0"]).all()

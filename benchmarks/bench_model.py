@@ -10,12 +10,14 @@ Providers:
     ours          backend="triton": the fused kernels
     ours+compile  the fused kernels inside regional torch.compile of the blocks (fullgraph: the
                   ops are custom ops Dynamo traces through; what lies between them fuses), what
-                  `python -m diffit sample` and multi-process training run on CUDA
+                  `python -m diffit sample` and multi-process training run on CUDA when their
+                  backend trial chooses ours (--backend auto, the default, times ours against
+                  the reference; --backend triton always runs ours)
     ours+graphs   the same, each compiled block also replayed as a CUDA graph (inductor's
                   reduce-overhead; torch.compiler.cudagraph_mark_step_begin() before each
-                  training step or model call): what `python -m diffit train` runs by default
-                  in one process on CUDA, and `python -m diffit sample --compile-mode
-                  reduce-overhead`
+                  training step or model call): what `python -m diffit train` runs in one
+                  process on CUDA when its trial chooses ours, and `python -m diffit sample
+                  --compile-mode reduce-overhead`
     eager         backend="torch": the plain-PyTorch reference ops
     compile       torch.compile of the eager model (static shapes): its whole forward in a full
                   run; in --quick the repeated blocks only (regional compilation: one graph

@@ -53,11 +53,11 @@ IDLE = "GPU idle"
 HOST = "host, our ops"     # CPU time inside this library's custom ops (not a GPU group)
 HOST_PREFIX = OP_PREFIX   # how profiles name our ops' calls
 PROVIDERS = ("ours+graphs", "ours+compile", "compile", "ours", "eager")
-# the training default, the same without CUDA graphs (its host time shows as GPU idle), and the
-# goal's yardstick
+# the training default's configuration with our kernels, the same without CUDA graphs (its host
+# time shows as GPU idle), and the goal's yardstick
 QUICK_PROVIDERS = ("ours+graphs", "ours+compile", "compile")
 # the U-Net (issue: slower than eager while its windowed attention benchmarks faster, cause
-# unknown): the training default against the goal's yardstick
+# unknown): the training default's configuration with our kernels against the goal's yardstick
 UNET_QUICK_PROVIDERS = ("ours+graphs", "compile")
 STEPS = 3          # profiled steps (after the warm-up bench_model does and the timing)
 TOP = 10           # kernels (and eager ops) listed per provider in summary.md

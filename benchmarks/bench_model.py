@@ -36,7 +36,8 @@ the 512 px training step (B8) for ours+graphs, compile and ours+compile; a 10-st
 loop (B16) and the 256 px forward for ours+compile (the sampling default's, with ours), compile
 and ours (and ours+graphs for the sampling loop). Every case's first two providers run before
 any case's others, so the run's time budget, when it runs out, skips extra providers rather
-than a goal's case; the CSV lists rows case by case. The full run has every pass at every size for every provider, with 50-step sampling.
+than a goal's case; the CSV lists rows case by case. The full run has every pass at every size
+for every provider, with 50-step sampling.
 
 Columns: ms (do_bench median, warm-up / compile / autotune excluded), images_per_s, tflops
 (FLOPs counted by torch.utils.flop_counter on the eager model on the meta device: every matmul

@@ -262,23 +262,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_backends(step: Callable[[], None], modules: Sequence[nn.Module],
+def time_backends(step: Callable[[], object], modules: Sequence[nn.Module],
                   candidates: Sequence[str], device: torch.device, *,
                   warmup: Optional[int] = None, steps: Optional[int] = None,
-                  clock: Callable[[], float] = time.perf_counter) -> Dict[str, Union[float, str]]:
+                  clock: Callable[[], float] = time.perf_counter,
+                  start: Optional[Callable[[str], None]] = None,
+                  outputs: Optional[Dict[str, torch.Tensor]] = None
+                  ) -> Dict[str, Union[float, str]]:
     """{backend: the median wall time of one step() in ms, host included (what a training step
     waits for), or why it failed}. Each backend in turn is set on `modules` (set_backend), runs
     `warmup` untimed steps (TRIAL_WARMUP) and `steps` timed ones (TRIAL_STEPS), the device
     synchronised around each. A backend that raises (out of memory, a kernel that does not
-    build) is left out with the error's text; the caller leaves `modules` on its choice."""
+    build) is left out with the error's text; the caller leaves `modules` on its choice.
+    start(backend), when given, runs before a backend's first step (e.g. to put the random
+    state back, so every backend's first step sees the same inputs); `outputs`, when given,
+    receives what each backend's first step returned (a float32 CPU copy), for check_outputs."""
     warmup = TRIAL_WARMUP if warmup is None else warmup
     steps = TRIAL_STEPS if steps is None else steps
     out: Dict[str, Union[float, str]] = {}
     for b in candidates:
         set_backend(modules, b)
         try:
-            for _ in range(warmup):
-                step()
+            if start is not None:
+                start(b)
+            for i in range(warmup):
+                got = step()
+                if i == 0 and outputs is not None and got is not None:
+                    outputs[b] = torch.as_tensor(got).detach().float().cpu()
             times = []
             for _ in range(steps):
                 _sync(device)
@@ -292,6 +302,39 @@ def time_backends(step: Callable[[], None], modules: Sequence[nn.Module],
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # an out-of-memory backend's blocks, for the next
     return out
+
+
+# the most a backend's first trial step may differ from the reference's (relative L2) before it
+# is left out: the two paths differ by rounding (bf16: a few 1e-3 of a training loss), while a
+# kernel computing the wrong thing on a card is off by far more where the output depends on it
+# (not at a zero-initialised start, whose output ignores the blocks)
+TRIAL_RTOL = 0.1
+
+
+def check_outputs(results: Dict[str, Union[float, str]], outputs: Dict[str, torch.Tensor],
+                  reference: str = "torch", rtol: Optional[float] = TRIAL_RTOL) -> None:
+    """Leave out (in `results`, in place) a backend whose first trial step gave a non-finite
+    value where the reference's was finite, or (rtol not None) one further than `rtol` from
+    the reference's, relative L2: the same inputs through our kernels and through the plain
+    ops must agree to rounding, and a card on which they do not should train on the reference
+    (and the disagreement be reported). Nothing is judged without the reference's value."""
+    ref = outputs.get(reference)
+    if ref is None or not bool(torch.isfinite(ref).all()):
+        return
+    for b, got in outputs.items():
+        if b == reference or isinstance(results.get(b), str):
+            continue
+        if not bool(torch.isfinite(got).all()):
+            why = "non-finite values"
+        elif rtol is not None and got.shape == ref.shape:
+            rel = float((got - ref).norm() / ref.norm().clamp_min(1e-12))
+            if rel <= rtol:
+                continue
+            why = f"a relative difference of {rel:.3g} (more than {rtol:g})"
+        else:
+            continue
+        results[b] = (f"its first step gave {why} against the {reference} backend on the same "
+                      f"inputs: a wrong result on this card, please report it")
 
 
 def pick_fastest(per_rank: List[Dict[str, Union[float, str]]]) -> Tuple[str, Dict[str, object]]:
@@ -323,12 +366,15 @@ def agree_fastest(mine: Dict[str, Union[float, str]], world: int
     return pick_fastest(per_rank)
 
 
-def choose_backend(step: Callable[[], None], modules: Sequence[nn.Module],
-                   candidates: Sequence[str], device: torch.device, world: int = 1
-                   ) -> Tuple[str, Dict[str, object], float]:
-    """The trial in one call: time_backends, agree_fastest over the `world` ranks (a collective
-    every rank must reach), and the chosen backend set on `modules`. Returns (chosen, {backend:
-    ms or failure}, the trial's seconds). For a training loop of one's own:
+def choose_backend(step: Callable[[], object], modules: Sequence[nn.Module],
+                   candidates: Sequence[str], device: torch.device, world: int = 1, *,
+                   start: Optional[Callable[[str], None]] = None,
+                   rtol: Optional[float] = TRIAL_RTOL) -> Tuple[str, Dict[str, object], float]:
+    """The trial in one call: time_backends, check_outputs on what each backend's first step
+    returned (when step returns something: a loss, samples), agree_fastest over the `world`
+    ranks (a collective every rank must reach), and the chosen backend set on `modules`.
+    Returns (chosen, {backend: ms or failure}, the trial's seconds). For a training loop of
+    one's own:
 
         candidates = backends_to_time("auto", device)       # () where only one backend runs
         if candidates:
@@ -336,7 +382,10 @@ def choose_backend(step: Callable[[], None], modules: Sequence[nn.Module],
                                            candidates, device)
     """
     t0 = time.perf_counter()
-    chosen, merged = agree_fastest(time_backends(step, modules, candidates, device), world)
+    outputs: Dict[str, torch.Tensor] = {}
+    results = time_backends(step, modules, candidates, device, start=start, outputs=outputs)
+    check_outputs(results, outputs, rtol=rtol)
+    chosen, merged = agree_fastest(results, world)
     set_backend(modules, chosen)
     return chosen, merged, time.perf_counter() - t0
 

@@ -640,6 +640,48 @@ def test_backend_trial_times_each_backend_on_the_model():
     assert all(m.backend == "triton" for m in ours)
 
 
+def test_backend_trial_first_steps_are_compared_with_the_reference():
+    """time_backends hands each backend's first step output to check_outputs (start() before
+    it); ours is left out when that output is non-finite or further than rtol from the
+    reference's (relative L2), with a message asking for a report; nothing is judged without a
+    finite reference value, and a backend already failed keeps its error."""
+    from diffit import accel
+
+    model = torch.nn.Linear(2, 2)
+    order, calls = [], []
+    first = {"triton": torch.tensor([1.0, 2.0]), "torch": torch.ones(2)}
+
+    def step():  # each backend's first step returns first[backend], later ones zeros
+        calls.append(order[-1])
+        return first[order[-1]] if calls.count(order[-1]) == 1 else torch.zeros(2)
+
+    outputs = {}
+    accel.time_backends(step, [model], ("triton", "torch"), torch.device("cpu"), warmup=2,
+                        steps=1, start=order.append, outputs=outputs)
+    assert order == ["triton", "torch"]
+    assert torch.equal(outputs["triton"], torch.tensor([1.0, 2.0]))
+    assert torch.equal(outputs["torch"], torch.ones(2))
+
+    def check(ours, ref, rtol=accel.TRIAL_RTOL, res=None):
+        results = res or {"triton": 1.0, "torch": 2.0}
+        accel.check_outputs(results, {"triton": torch.tensor(ours), "torch": torch.tensor(ref)},
+                            rtol=rtol)
+        return results["triton"]
+
+    assert check([1.0, 2.0], [1.05, 2.0]) == 1.0                      # rounding: kept
+    left = check([1.3, 2.0], [1.0, 2.0])
+    assert left == ("its first step gave a relative difference of 0.134 (more than 0.1) "
+                    "against the torch backend on the same inputs: a wrong result on this "
+                    "card, please report it")
+    assert check([float("nan"), 2.0], [1.0, 2.0]).startswith(
+        "its first step gave non-finite values against the torch backend")
+    assert check([5.0, 2.0], [float("inf"), 2.0]) == 1.0              # no reference to judge by
+    assert check([5.0, 2.0], [1.0, 2.0], rtol=None) == 1.0            # finiteness only
+    assert check([float("nan")], [1.0], rtol=None).startswith("its first step gave non-finite")
+    assert check([5.0], [1.0], res={"triton": "OutOfMemoryError: x", "torch": 1.0}) \
+        == "OutOfMemoryError: x"
+
+
 def test_backend_trial_every_rank_agrees():
     """pick_fastest: a backend is as fast as its slowest rank and out if it failed on any; ties
     go to the first (ours); every backend failed is an error naming each failure."""
@@ -671,6 +713,42 @@ def test_backend_auto_times_only_where_both_run(monkeypatch):
     monkeypatch.setattr(accel, "TRIAL_DEVICES", ("cuda", "cpu"))
     assert accel.backends_to_time("triton", cpu) == accel.backends_to_time("torch", cpu) == ()
     assert accel.backends_to_time("auto", cpu) == ()  # this process: no interpreter
+
+
+@pytest.mark.interpreter
+def test_backend_trial_leaves_out_kernels_that_compute_the_wrong_thing(monkeypatch):
+    """choose_backend on a model whose attention is made wrong on the Triton path only (its
+    output doubled): the first step's loss differs from the reference's on the same inputs, so
+    ours is left out with a message and the reference is chosen, however fast ours timed."""
+    import diffit.layers as layers
+    from diffit import accel
+    from diffit.latent import DiffiT, preset_config
+
+    real = layers.tmsa_attention
+
+    def doubled(*args, backend="auto", **kwargs):
+        out = real(*args, backend=backend, **kwargs)
+        return out * 2 if backend == "triton" else out
+
+    monkeypatch.setattr(layers, "tmsa_attention", doubled)
+    monkeypatch.setattr(accel, "TRIAL_WARMUP", 1)
+    monkeypatch.setattr(accel, "TRIAL_STEPS", 1)
+    model = DiffiT(config=preset_config("DiffiT-tiny", input_size=8, num_classes=10))
+    with torch.no_grad():  # as trained: at its zero-initialised start the output ignores the
+        for prm in model.parameters():  # attention (adaLN-zero gates, zero final layer)
+            prm.add_(torch.randn_like(prm) * 0.05)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([321, 7]), torch.tensor([4, 1])
+
+    def step():
+        loss = model(x, t, y).square().mean()
+        loss.backward()
+        return loss.detach()
+
+    chosen, merged, _ = accel.choose_backend(step, [model], ("triton", "torch"),
+                                             torch.device("cpu"))
+    assert chosen == "torch" and isinstance(merged["torch"], float)
+    assert merged["triton"].startswith("its first step gave a relative difference of "), merged
+    assert model.blocks[0].attn.backend == "torch"
 
 
 @pytest.mark.interpreter

@@ -242,12 +242,15 @@ class Trainer:
     def _choose_backend(self, saved: Optional[dict]) -> str:
         """Backend "auto" where both backends run (CUDA): time the forward + backward of this
         run's step with each and keep the faster on the model and its EMA copy
-        (accel.choose_backend); every rank agrees (the slowest rank's times decide). A resumed run keeps its
-        checkpoint's choice when it was made on a card of the same name. The trial changes
-        nothing a step depends on: one batch read from the dataset, no optimizer step, the
-        gradients dropped, every random state put back; under DDP it runs the bare model (DDP's
-        gradient hooks stay idle outside its forward). Returns the log line, or "" where the
-        choice is fixed."""
+        (accel.choose_backend); every rank agrees (the slowest rank's times decide). A resumed
+        run keeps its checkpoint's choice when it was made on a card of the same name. Our
+        kernels are left out when their first step's loss is not finite or not the reference's
+        to within accel.TRIAL_RTOL on the same batch and noise (a wrong result on this card; at
+        a fresh start the zero-initialised output layers make the loss blind to the blocks, so
+        this bites on resumed runs). The trial changes nothing a step depends on: one batch
+        read from the dataset, no optimizer step, the gradients dropped, every random state put
+        back; under DDP it runs the bare model (DDP's gradient hooks stay idle outside its
+        forward). Returns the log line, or "" where the choice is fixed."""
         from .. import accel
 
         d = self.dist
@@ -264,10 +267,12 @@ class Trainer:
             x, y = self._trial_batch()
             try:
                 # the model itself, not DDP's wrapper: no gradient all-reduce, the same for
-                # both, so a backend failing on one rank cannot leave the others waiting in one
+                # both, so a backend failing on one rank cannot leave the others waiting in one;
+                # each backend's first step from the same random state, so their losses compare
                 chosen, merged, secs = accel.choose_backend(
-                    lambda: self._forward_backward(x, y, self.model),
-                    (self.model, self.ema.module), candidates, d.device, d.world)
+                    lambda: self._forward_backward(x, y, self.model).detach(),
+                    (self.model, self.ema.module), candidates, d.device, d.world,
+                    start=lambda b: set_rng_state(rng, d.device))
             finally:
                 self.optimizer.zero_grad(set_to_none=True)
                 set_rng_state(rng, d.device)

@@ -231,11 +231,13 @@ TRIAL_STEPS = 5
 def set_backend(modules: Iterable[nn.Module], backend: str) -> None:
     """Every layer of ours under `modules` (a model and its EMA copy) that carries a `backend`
     takes `backend`: the next call of each op follows it (compiled blocks recompile once, as
-    Dynamo guards on the attribute). Parameters and state dicts are untouched."""
+    Dynamo guards on the attribute). Parameters and state dicts are untouched. A layer of ours
+    is one whose class or a base of it is defined in `diffit` (FSDP's fully_shard swaps a
+    block's class for a subclass it makes elsewhere)."""
     for root in modules:
         for m in root.modules():
-            if type(m).__module__.startswith("diffit.") and isinstance(
-                    getattr(m, "backend", None), str):
+            if isinstance(getattr(m, "backend", None), str) and any(
+                    c.__module__.startswith("diffit.") for c in type(m).__mro__):
                 m.backend = backend
 
 

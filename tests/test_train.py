@@ -638,6 +638,11 @@ def test_backend_trial_times_each_backend_on_the_model():
     assert all(m.backend == "torch" for m in ours)
     accel.set_backend((model, ema), "triton")
     assert all(m.backend == "triton" for m in ours)
+    # a block whose class FSDP's fully_shard replaced by a subclass defined elsewhere
+    blk = model.blocks[0]
+    blk.__class__ = type(f"FSDP{type(blk).__name__}", (type(blk),), {"__module__": "fsdp"})
+    accel.set_backend([model], "torch")
+    assert blk.backend == "torch"
 
 
 def test_backend_trial_first_steps_are_compared_with_the_reference():

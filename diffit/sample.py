@@ -446,7 +446,7 @@ def _latent_sampler(args, model, ck):
 TRIAL_SAMPLER_STEPS = {"image": "2", "latent": "ddim2"}
 
 
-def _choose_backend(args, model, ck, make, labels, shape, device, amp, world):
+def _choose_backend(args, model, ck, make, family, labels, shape, device, amp, world):
     """(backend, log line or ""): --backend auto where both backends run (accel.backends_to_time:
     CUDA) times a short run of this command's sampler (TRIAL_SAMPLER_STEPS, the first batch's
     size, labels and precision) with each and keeps the faster, every rank agreeing (the slowest
@@ -460,7 +460,6 @@ def _choose_backend(args, model, ck, make, labels, shape, device, amp, world):
     candidates = accel.backends_to_time(args.backend, device)
     if not candidates:
         return args.backend, ""
-    family = "image" if make is _image_sampler else "latent"
     steps = TRIAL_SAMPLER_STEPS[family]
     trial, _ = make(argparse.Namespace(**{**vars(args), "steps": steps}), model, ck)
     b = min(args.batch_size, len(labels))
@@ -573,8 +572,8 @@ def run(args) -> int:
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     channels = model.config.in_channels
     try:
-        backend, choice = _choose_backend(args, model, ck, make, labels, (channels, side, side),
-                                          device, amp, world)
+        backend, choice = _choose_backend(args, model, ck, make, family, labels,
+                                          (channels, side, side), device, amp, world)
     except RuntimeError as e:  # no backend ran the sampler
         return _fail(str(e))
     if rank == 0:

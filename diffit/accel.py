@@ -356,16 +356,22 @@ def pick_fastest(per_rank: List[Dict[str, Union[float, str]]]) -> Tuple[str, Dic
     return min(timed, key=lambda b: merged[b]), merged
 
 
+def all_ranks(obj, world: int) -> list:
+    """[obj of rank 0, ..., obj of rank world - 1]: a gather over the default process group (a
+    collective every rank must reach), or [obj] in one process."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def agree_fastest(mine: Dict[str, Union[float, str]], world: int
                   ) -> Tuple[str, Dict[str, object]]:
-    """pick_fastest over every rank's results (gathered from the `world` ranks of the default
-    process group; a collective every rank must reach)."""
-    per_rank = [mine]
-    if world > 1:
-        import torch.distributed as dist
-        per_rank = [None] * world
-        dist.all_gather_object(per_rank, mine)
-    return pick_fastest(per_rank)
+    """pick_fastest over every rank's results (all_ranks: a collective every rank must
+    reach)."""
+    return pick_fastest(all_ranks(mine, world))
 
 
 def choose_backend(step: Callable[[], object], modules: Sequence[nn.Module],
@@ -380,8 +386,12 @@ def choose_backend(step: Callable[[], object], modules: Sequence[nn.Module],
 
         candidates = backends_to_time("auto", device)       # () where only one backend runs
         if candidates:
-            chosen, ms, _ = choose_backend(lambda: loss_fn(model, x, y).backward(), [model],
-                                           candidates, device)
+            def step():  # returns the loss: each backend's first one is compared
+                loss = loss_fn(model, x, y)
+                loss.backward()
+                return loss.detach()
+            chosen, ms, _ = choose_backend(step, [model], candidates, device,
+                                           start=lambda backend: torch.manual_seed(0))
     """
     t0 = time.perf_counter()
     outputs: Dict[str, torch.Tensor] = {}

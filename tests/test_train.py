@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import exit_after_peers
 
 from diffit import cli
 from diffit.training.ema import EMA
@@ -312,6 +313,7 @@ def _ddp_worker(rank, world, port, out, result_dir):
     torch.save({"init": init, "model": t.model.state_dict(), "ema": t.ema.module.state_dict()},
                Path(result_dir) / f"rank{rank}.pt")
     t.close()
+    exit_after_peers(rank, world, result_dir)
 
 
 def test_ddp_two_processes_gloo_identical_parameters(tmp_path):
@@ -349,7 +351,9 @@ def _trial_worker(rank, world, port, result_dir):
     got = accel.choose_backend(step, [model], ("triton", "torch"), torch.device("cpu"), world)
     torch.save({"chosen": got[0], "ms": got[1], "set": model.backend},
                Path(result_dir) / f"trial{rank}.pt")
+    dist.barrier()
     dist.destroy_process_group()
+    exit_after_peers(rank, world, result_dir)
 
 
 def test_backend_trial_ranks_agree_gloo(tmp_path):

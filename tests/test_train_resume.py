@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import exit_after_peers
 
 from diffit.training.train import (EXIT_STOPPED, StopRequest, TrainConfig, Trainer,
                                    latest_checkpoint, read_checkpoint, train)
@@ -254,6 +255,7 @@ def _two_rank_worker(rank, port, root, lat):
     # an active exception", SIGABRT in CI)
     dist.barrier()
     dist.destroy_process_group()
+    exit_after_peers(rank, 2, root)
 
 
 @pytest.mark.slow

@@ -8,7 +8,10 @@
     mark_graph_steps(model)    inference with CUDA graphs: each model call a new graph step.
     describe_run(...)          the one log line saying which kernels and which compile mode run.
     backends_to_time(backend, device)   what "auto" chooses between by timing (CUDA: both).
-    choose_backend(step, modules, ...)  the trial: time_backends, agree_fastest, set_backend.
+    choose_backend(step, modules, ...)  the trial: check_kernels, time_backends, agree_fastest,
+                               set_backend.
+    check_kernels(probe, modules)       our ops' calls in a model's forward against the
+                               reference, on this card at the run's shapes.
     time_backends(step, modules, ...)   each backend's time per step, measured on this card.
     pick_fastest(per_rank)     the choice every rank agrees on: the least of the slowest ranks.
 
@@ -34,6 +37,7 @@ choice.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import statistics
@@ -339,6 +343,66 @@ def check_outputs(results: Dict[str, Union[float, str]], outputs: Dict[str, torc
                       f"inputs: a wrong result on this card, please report it")
 
 
+# samples of the trial batch the kernel check's forward runs (check_kernels): enough for the
+# kernels' batch-dependent work splits (the attention backward's batch shares), small enough
+# that the reference's [B, H, N, N] scores stay small at N = 1024
+PROBE_SAMPLES = 4
+
+
+@contextlib.contextmanager
+def _eager_stance():
+    """torch.compile'd code (the blocks compile_blocks compiled) runs as plain eager code in
+    the with-block: nothing compiles, or recompiles for a probe's batch."""
+    stance = getattr(torch.compiler, "set_stance", None)  # torch 2.6+
+    if stance is None:  # pragma: no cover - older torch: the probe's calls compile as usual
+        yield
+        return
+    with stance("force_eager"):
+        yield
+
+
+@contextlib.contextmanager
+def _exact_float32():
+    """float32 matmuls without TF32 in the with-block, so the float32 reference is exact and
+    our float32 kernels (which follow the same flag) too."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def check_kernels(probe: Callable[[], object], modules: Sequence[nn.Module]) -> Optional[str]:
+    """Why our kernels must not run this model on this card, or None. With our kernels set on
+    `modules`, probe() runs the model's forward eagerly (compiled blocks too) on a few samples
+    (PROBE_SAMPLES); each distinct call of our ops in it is then checked against the reference
+    on its own inputs, strides and arguments by the numerics rule (FlashAttention's, as the
+    tests apply it: diffit_kernels.testing.check_call), its outputs and the gradients the call
+    needed. A kernel that computes the wrong thing on this card (a miscompile, a config or
+    work split no CPU gate ran) fails here at any point of training, where comparing the
+    losses is blind at a fresh start (zero-initialised output layers). An error is a reason
+    too."""
+    from diffit_kernels import testing
+
+    set_backend(modules, "triton")
+    try:
+        with testing.record_calls() as calls, _eager_stance(), torch.enable_grad():
+            probe()
+        with _exact_float32(), torch.enable_grad():
+            for call in calls:
+                bad = [r for r in testing.check_call(call) if not r.ok]
+                if bad:
+                    r = bad[0]
+                    return (f"its {call.op} at this run's shapes ({call.label()}) gave {r.name} "
+                            f"{r.err:.3g} off the reference, beyond the numerics rule's "
+                            f"{r.bound:.3g} ({r.dtype}): a wrong result on this card, please "
+                            f"report it")
+    except Exception as e:  # noqa: BLE001 - a kernel that fails is left out, said why
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def pick_fastest(per_rank: List[Dict[str, Union[float, str]]]) -> Tuple[str, Dict[str, object]]:
     """(the backend, {backend: ms of the slowest rank, or the first failure}) from every rank's
     time_backends: a backend is as fast as its slowest rank (a step waits for all of them) and
@@ -377,12 +441,14 @@ def agree_fastest(mine: Dict[str, Union[float, str]], world: int
 def choose_backend(step: Callable[[], object], modules: Sequence[nn.Module],
                    candidates: Sequence[str], device: torch.device, world: int = 1, *,
                    start: Optional[Callable[[str], None]] = None,
-                   rtol: Optional[float] = TRIAL_RTOL) -> Tuple[str, Dict[str, object], float]:
-    """The trial in one call: time_backends, check_outputs on what each backend's first step
-    returned (when step returns something: a loss, samples), agree_fastest over the `world`
-    ranks (a collective every rank must reach), and the chosen backend set on `modules`.
-    Returns (chosen, {backend: ms or failure}, the trial's seconds). For a training loop of
-    one's own:
+                   rtol: Optional[float] = TRIAL_RTOL,
+                   probe: Optional[Callable[[], object]] = None
+                   ) -> Tuple[str, Dict[str, object], float]:
+    """The trial in one call: check_kernels with `probe` (when given), time_backends on the
+    backends it left, check_outputs on what each backend's first step returned (when step
+    returns something: a loss, samples), agree_fastest over the `world` ranks (a collective
+    every rank must reach), and the chosen backend set on `modules`. Returns (chosen,
+    {backend: ms or failure}, the trial's seconds). For a training loop of one's own:
 
         candidates = backends_to_time("auto", device)       # () where only one backend runs
         if candidates:
@@ -391,12 +457,20 @@ def choose_backend(step: Callable[[], object], modules: Sequence[nn.Module],
                 loss.backward()
                 return loss.detach()
             chosen, ms, _ = choose_backend(step, [model], candidates, device,
-                                           start=lambda backend: torch.manual_seed(0))
+                                           start=lambda backend: torch.manual_seed(0),
+                                           probe=lambda: loss_fn(model, x[:4], y[:4]))
     """
     t0 = time.perf_counter()
     outputs: Dict[str, torch.Tensor] = {}
-    results = time_backends(step, modules, candidates, device, start=start, outputs=outputs)
+    wrong = {}
+    if probe is not None and "triton" in candidates:
+        why = check_kernels(probe, modules)
+        if why is not None:
+            wrong["triton"] = why
+    results = time_backends(step, modules, [b for b in candidates if b not in wrong], device,
+                            start=start, outputs=outputs)
     check_outputs(results, outputs, rtol=rtol)
+    results = {b: wrong.get(b, results.get(b)) for b in candidates}
     chosen, merged = agree_fastest(results, world)
     set_backend(modules, chosen)
     return chosen, merged, time.perf_counter() - t0

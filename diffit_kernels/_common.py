@@ -23,6 +23,27 @@ FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)                 # the reference 
 _NAN_FILL = False
 
 
+# Set by diffit_kernels.testing.record_calls(): each public op hands it every eager call (the op's
+# name, the op, its arguments, its result), so the calls of a model's forward can be checked
+# against the reference at the model's own shapes and layouts (diffit.accel.check_kernels).
+_CALL_RECORDER: Optional[Callable] = None
+
+
+def recordable(name: str):
+    """Decorator of a public op: its calls reach _CALL_RECORDER while one is set (never while
+    torch.compile traces, whose tensors are fake)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def op(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            rec = _CALL_RECORDER
+            if rec is not None and not torch.compiler.is_compiling():
+                rec(name, fn, args, kwargs, out)
+            return out
+        return op
+    return wrap
+
+
 def interpreting() -> bool:
     """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

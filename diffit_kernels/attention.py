@@ -77,7 +77,7 @@ from ._attention_layout import (_bias_grad, _bias_rows, _bias_strides, _grad_vie
                                 _out_layout, _packs, _packs_for, _rows_aligned, _rows_of,
                                 _strides3, _within_i32)
 from ._common import (batch_slices, call_op, cdiv, check_kernel_dtype, dispatch, dot_upcast,
-                      empty, next_power_of_2, on_tensor_device, resolve_backend,
+                      empty, next_power_of_2, on_tensor_device, recordable, resolve_backend,
                       unit_last_stride)
 
 
@@ -549,6 +549,7 @@ class _TmsaAttentionDirect(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
+@recordable("tmsa_attention")
 def tmsa_attention(
     q: torch.Tensor,
     k: torch.Tensor,

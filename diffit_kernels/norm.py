@@ -27,7 +27,7 @@ from . import _norm_kernels as _kernels
 from . import reference
 from ._common import (autotune_enabled, autotuner, autotuner_repeats, call_op, cdiv,
                       check_kernel_dtype, dispatch, empty, interpreting, launch_tuned,
-                      next_power_of_2, on_tensor_device, overriding, planned_sms,
+                      next_power_of_2, on_tensor_device, overriding, planned_sms, recordable,
                       resolve_backend, row_warps, unit_last_stride, untuned_while_capturing)
 
 MAX_C = 8192
@@ -340,6 +340,7 @@ class _AdaLNNormDirect(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
+@recordable("adaln_norm")
 def adaln_norm(
     x: torch.Tensor,
     shift: Optional[torch.Tensor] = None,

@@ -36,7 +36,8 @@ import torch
 from . import _projection_kernels as _kernels
 from . import reference
 from ._common import (cdiv, check_kernel_dtype, direct_call, dispatch, empty, next_power_of_2,
-                      on_tensor_device, overriding, resolve_backend, unit_last_stride)
+                      on_tensor_device, overriding, recordable, resolve_backend,
+                      unit_last_stride)
 
 # Row kernels (LayerNorm forward / backward): [ROWS, BLOCK_C] tiles of about ROW_TILE elements
 # (~16 per thread, 512 per warp), whole rows up to LN_BLOCK_C channels, wider rows in chunks.
@@ -351,6 +352,7 @@ class _TimeQKV(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
+@recordable("time_qkv")
 def time_qkv(
     x: torch.Tensor,
     temb: Optional[torch.Tensor],

@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import inspect
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -160,6 +161,103 @@ def assert_parity(rows: Sequence[ParityRow]) -> None:
         lines = [f"{r.name} ({r.dtype}): max err {r.err:.3e} > bound {r.bound:.3e} "
                  f"(eager {r.dtype} err {r.pt_err:.3e})" for r in bad]
         raise AssertionError("parity with the reference failed:\n  " + "\n  ".join(lines))
+
+
+# ---- a model's own calls ----------------------------------------------------------------------
+# output names of the public ops, in the order they return them
+_OUT_NAMES = {"tmsa_attention": ("o",), "time_qkv": ("q", "k", "v"), "adaln_norm": ("y", "h")}
+_OP_ONLY = ("backend", "deterministic")  # arguments the reference does not take
+
+
+@dataclasses.dataclass
+class OpCall:
+    """One recorded call of a public op (record_calls)."""
+    op: str                            # public op name
+    fn: Callable                       # the op itself
+    tensors: Dict[str, torch.Tensor]   # copies of its tensor arguments, with the call's strides
+    others: Dict[str, object]          # its other arguments (None tensors and backend included)
+    grads: Tuple[str, ...]             # the floating tensor arguments that required grad
+    outputs: int                       # how many tensors it returned
+
+    def label(self) -> str:
+        """The call as a log names it: tensors by shape, dtype and strides where not
+        contiguous, then the other arguments that shape the work."""
+        def one(name, t):
+            dt = str(t.dtype).split(".")[-1]
+            st = "" if t.is_contiguous() else f" strides {tuple(t.stride())}"
+            return f"{name} {list(t.shape)} {dt}{st}"
+        rest = [f"{k}={v}" for k, v in self.others.items()
+                if v is not None and k not in _OP_ONLY and not isinstance(v, torch.Tensor)]
+        return ", ".join([one(n, t) for n, t in self.tensors.items()] + rest)
+
+
+def _copy_strided(t: torch.Tensor, like: Sequence[int]) -> torch.Tensor:
+    """t's values in a new tensor with strides `like` (a view's gaps included), differentiable:
+    a model hands the ops views of packed buffers, and the kernels take their paths by
+    strides."""
+    out = torch.empty_strided(t.shape, tuple(like), dtype=t.dtype, device=t.device)
+    return out.copy_(t)
+
+
+@contextlib.contextmanager
+def record_calls() -> Iterator[List[OpCall]]:
+    """Collect the public ops' distinct eager calls while active: the first call of each
+    (op, tensor shapes, strides, dtypes and requires_grad, other arguments), with copies of its
+    inputs taken as it returns. Calls traced by torch.compile are not seen."""
+    calls: List[OpCall] = []
+    seen = set()
+
+    def record(name, fn, args, kwargs, out):
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+        bound.apply_defaults()
+        key = [name]
+        for k, v in bound.arguments.items():
+            key.append((k, (tuple(v.shape), v.stride(), v.dtype, v.requires_grad)
+                        if isinstance(v, torch.Tensor) else repr(v)))
+        if tuple(key) in seen:
+            return
+        seen.add(tuple(key))
+        tensors = {k: _copy_strided(v.detach(), v.stride()) for k, v in bound.arguments.items()
+                   if isinstance(v, torch.Tensor)}
+        others = {k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
+        grads = tuple(k for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)
+                      and v.is_floating_point() and v.requires_grad)
+        calls.append(OpCall(name, fn, tensors, others, grads, len(_flatten(out))))
+
+    old, _common._CALL_RECORDER = _common._CALL_RECORDER, record
+    try:
+        yield calls
+    finally:
+        _common._CALL_RECORDER = old
+
+
+def check_call(call: OpCall, seed: int = 0) -> List[ParityRow]:
+    """The numerics rule on a recorded call's own inputs, layouts and arguments: the op as it
+    was called, against the reference in float32 and in the call's precision (its lowest
+    floating dtype; float32 tensors of a 16-bit call stay float32, as autocast's residual
+    stream and float32 tables do), every output and, where the call needed them, the
+    gradients of its inputs for fresh random output gradients."""
+    from . import reference
+
+    floats = {k: t for k, t in call.tensors.items() if t.is_floating_point()}
+    fixed = {k: t for k, t in call.tensors.items() if not t.is_floating_point()}
+    dtype = min((t.dtype for t in floats.values()), key=lambda d: torch.finfo(d).bits,
+                default=torch.float32)
+    keep = [k for k, t in floats.items() if t.dtype == torch.float32]
+    strides = {k: t.stride() for k, t in floats.items()}
+    consts = {k: v for k, v in call.others.items() if k not in _OP_ONLY}
+
+    def build(ls):
+        return {**consts, **fixed, **{k: _copy_strided(v, strides[k]) for k, v in ls.items()}}
+
+    names = _OUT_NAMES.get(call.op, ())
+    if len(names) < call.outputs:
+        names = tuple(f"out{i}" for i in range(call.outputs))
+    return parity(call.fn, getattr(reference, call.op),
+                  {k: t.float() for k, t in floats.items()}, build, dtype=dtype,
+                  out_names=names[:call.outputs], grad_leaves=call.grads,
+                  op_kwargs={k: call.others[k] for k in _OP_ONLY if k in call.others},
+                  seed=seed, keep_fp32=keep if dtype != torch.float32 else ())
 
 
 # ---- CUDA graphs ------------------------------------------------------------------------------

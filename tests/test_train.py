@@ -761,6 +761,98 @@ def test_backend_trial_leaves_out_kernels_that_compute_the_wrong_thing(monkeypat
 
 
 @pytest.mark.interpreter
+def test_kernel_check_leaves_out_a_wrong_kernel_at_a_fresh_start(monkeypatch):
+    """At a DiffiT-style fresh start (adaLN-zero gates, zero final layer) the loss ignores the
+    blocks, so comparing the first steps' losses cannot see a wrong attention kernel; the
+    kernel check can: choose_backend with a probe (the model's forward on its batch) checks
+    each call of our ops in it against the reference and leaves ours out, naming the op, the
+    shapes and the tensor. Here the Triton forward's output is doubled (its backward then
+    sees the doubled output too), as a miscompile on a card would make it."""
+    from diffit import accel
+    from diffit.latent import DiffiT, preset_config
+    from diffit_kernels import attention
+
+    real = attention._tmsa_attention_fwd
+    monkeypatch.setattr(attention, "_tmsa_attention_fwd",
+                        lambda *a: (lambda o, lse: (o * 2, lse))(*real(*a)))
+    monkeypatch.setattr(accel, "TRIAL_WARMUP", 1)
+    monkeypatch.setattr(accel, "TRIAL_STEPS", 1)
+    model = DiffiT(config=preset_config("DiffiT-tiny", input_size=8, num_classes=10))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([321, 7]), torch.tensor([4, 1])
+
+    def step():
+        loss = model(x, t, y).square().mean()
+        loss.backward()
+        return loss.detach()
+
+    args = (step, [model], ("triton", "torch"), torch.device("cpu"))
+    _, blind, _ = accel.choose_backend(*args)
+    assert isinstance(blind["triton"], float)  # the losses agree: the blocks do not count yet
+    chosen, merged, _ = accel.choose_backend(*args, probe=lambda: model(x, t, y))
+    assert chosen == "torch" and isinstance(merged["torch"], float)
+    why = merged["triton"]
+    assert why.startswith("its tmsa_attention at this run's shapes (q [2, 4, 16, 16] float32 "
+                          "strides (3072, 16, 192, 1), "), why
+    assert " gave o " in why and why.endswith(" (float32): a wrong result on this card, please "
+                                              "report it")
+    assert model.blocks[0].attn.backend == "torch"
+
+
+@pytest.mark.interpreter
+def test_trainer_trial_checks_the_kernels_on_its_own_calls(tmp_path, latent_file, monkeypatch,
+                                                           capsys, trial_picks_ours):
+    """The trainer's trial hands choose_backend a probe (its loss's forward on the first
+    samples of its batch): a fresh run whose Triton attention is wrong trains on the reference
+    and its log line says why."""
+    from diffit_kernels import attention
+
+    real = attention._tmsa_attention_fwd
+    monkeypatch.setattr(attention, "_tmsa_attention_fwd",
+                        lambda *a: (lambda o, lse: (o * 2, lse))(*real(*a)))
+    train(_cfg(tmp_path / "run", "latent", latent_file, steps=1))
+    note = [ln for ln in capsys.readouterr().out.splitlines() if "backend auto: " in ln]
+    assert len(note) == 1 and note[0].startswith("diffit train: backend auto: torch (torch ")
+    assert ", triton failed (its tmsa_attention at this run's shapes (q [" in note[0], note
+    assert _final(tmp_path / "run")["backend_choice"]["backend"] == "torch"
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("family", ["latent", "unet"])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_kernel_check_passes_correct_kernels(family, amp):
+    """The kernel check finds nothing wrong with correct kernels on the models' own calls
+    (global attention on the latent grid, windows in the U-Net; float32 and bf16 autocast,
+    whose float32 residual stream and tables stay float32), weights perturbed as trained."""
+    from diffit import accel
+    from diffit.latent import DiffiT, preset_config
+    from diffit.unet import DiffiTUNet
+    from diffit_kernels import testing
+
+    torch.manual_seed(0)
+    if family == "latent":
+        model = DiffiT(config=preset_config("DiffiT-tiny", input_size=8, num_classes=10))
+        inputs = (torch.randn(2, 4, 8, 8), torch.tensor([321, 7]), torch.tensor([4, 1]))
+    else:
+        model = DiffiTUNet.from_preset("tiny")
+        size = model.config.image_size
+        inputs = (torch.randn(2, model.config.in_channels, size, size), torch.rand(2))
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(torch.randn_like(prm) * 0.05)
+
+    def probe():
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            return model(*inputs)
+
+    assert accel.check_kernels(probe, [model]) is None
+    with testing.record_calls() as calls, torch.enable_grad():
+        probe()
+    assert {c.op for c in calls} == {"tmsa_attention", "time_qkv", "adaln_norm"} or (
+        family == "unet" and {c.op for c in calls} >= {"tmsa_attention", "time_qkv"})
+    assert all(c.grads for c in calls)
+
+
+@pytest.mark.interpreter
 def test_backend_auto_picks_by_timing_and_changes_nothing_else(
         tmp_path, latent_file, monkeypatch, capsys, trial_picks_ours):
     """Backend auto where both backends run (here the interpreter's CPU, which stands in for a
@@ -838,3 +930,45 @@ def test_gpu_backend_auto_under_cuda_graphs(tmp_path, latent_file, capsys):
                               "diffit train: runs the plain-PyTorch reference ops"), runs
     losses = [v for _, v in _losses(tmp_path / "auto")]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses), losses
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["DiffiT-XL/2-256", "DiffiT-XL/2-512", "ffhq64"])
+def test_gpu_kernel_check_at_the_benchmarked_models_shapes(model):
+    """On a card, the trainer's kernel check (accel.check_kernels) on the benchmarked models'
+    own calls, 4 samples, bf16 autocast, weights perturbed as trained (DiffiT-XL/2 with 2 of
+    its 28 identical blocks): every call of our ops matches the reference by the numerics
+    rule, outputs and gradients. Each call's rows are printed for the session's log."""
+    from diffit import accel
+    from diffit.latent import DiffiT
+    from diffit.unet import DiffiTUNet
+    from diffit_kernels import testing
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    if model == "ffhq64":
+        net = DiffiTUNet.from_preset("ffhq64").to(dev, memory_format=torch.channels_last)
+        inputs = (torch.randn(4, net.config.in_channels, 64, 64, device=dev),
+                  torch.rand(4, device=dev))
+    else:
+        size = int(model.rsplit("-", 1)[1]) // 8  # the latent's side
+        net = DiffiT.from_preset("DiffiT-XL/2", input_size=size, depth=2).to(dev)
+        inputs = (torch.randn(4, net.in_channels, size, size, device=dev),
+                  torch.randint(0, 1000, (4,), device=dev),
+                  torch.randint(0, net.num_classes, (4,), device=dev))
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.add_(torch.randn_like(prm) * 0.02)
+
+    def probe():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return net(*inputs)
+
+    why = accel.check_kernels(probe, [net])
+    with testing.record_calls() as calls, torch.enable_grad():
+        probe()
+    for call in calls:
+        for r in testing.check_call(call):
+            print(f"{model} {call.op} {r.name} {r.dtype} err {r.err:.3e} bound {r.bound:.3e} "
+                  f"eager {r.pt_err:.3e}  {call.label()[:120]}")
+    assert why is None, why

@@ -58,6 +58,7 @@ must be written within that) and exits 1 when a worker exits 75.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -244,13 +245,16 @@ class Trainer:
         run's step with each and keep the faster on the model and its EMA copy
         (accel.choose_backend); every rank agrees (the slowest rank's times decide). A resumed
         run keeps its checkpoint's choice when it was made on a card of the same name. Our
-        kernels are left out when their first step's loss is not finite or not the reference's
-        to within accel.TRIAL_RTOL on the same batch and noise (a wrong result on this card; at
-        a fresh start the zero-initialised output layers make the loss blind to the blocks, so
-        this bites on resumed runs). The trial changes nothing a step depends on: one batch
-        read from the dataset, no optimizer step, the gradients dropped, every random state put
-        back; under DDP it runs the bare model (DDP's gradient hooks stay idle outside its
-        forward). Returns the log line, or "" where the choice is fixed."""
+        kernels are left out when a call of our ops in the loss's forward on a few samples of
+        the batch does not match the reference by the numerics rule (accel.check_kernels, at
+        this run's shapes, gradients included), or when their first step's loss is not finite
+        or not the reference's to within accel.TRIAL_RTOL on the same batch and noise (a
+        wrong result on this card; at a fresh start the zero-initialised output layers make
+        the loss blind to the blocks, so this bites on resumed runs). The trial changes nothing
+        a step depends on: one batch read from the dataset, no optimizer step, the gradients
+        dropped, every random state put back; under DDP it runs the bare model (DDP's gradient
+        hooks stay idle outside its forward). Returns the log line, or "" where the choice is
+        fixed."""
         from .. import accel
 
         d = self.dist
@@ -265,6 +269,16 @@ class Trainer:
         else:
             rng = rng_state(d.device)
             x, y = self._trial_batch()
+            n = min(accel.PROBE_SAMPLES, len(x))
+
+            def probe():  # the loss's forward on a few samples, for accel.check_kernels
+                # (under FSDP without autograd: a sharded forward whose backward never runs
+                # would leave its gradient hooks waiting; the check is then forward-only)
+                with torch.autocast(d.device.type, dtype=self.amp or torch.float32,
+                                    enabled=self.amp is not None), \
+                        torch.no_grad() if self.fsdp else contextlib.nullcontext():
+                    return self.loss_fn(self.model, x[:n], None if y is None else y[:n])
+
             try:
                 # the model itself, not DDP's wrapper: no gradient all-reduce, the same for
                 # both, so a backend failing on one rank cannot leave the others waiting in one;
@@ -272,7 +286,7 @@ class Trainer:
                 chosen, merged, secs = accel.choose_backend(
                     lambda: self._forward_backward(x, y, self.model).detach(),
                     (self.model, self.ema.module), candidates, d.device, d.world,
-                    start=lambda b: set_rng_state(rng, d.device))
+                    start=lambda b: set_rng_state(rng, d.device), probe=probe)
             finally:
                 self.optimizer.zero_grad(set_to_none=True)
                 set_rng_state(rng, d.device)

@@ -1,0 +1,103 @@
+"""A model's own calls of the ops, recorded and checked against the reference
+(diffit_kernels.testing.record_calls / check_call): what the training and sampling commands'
+kernel check (diffit.accel.check_kernels) runs on the card at the run's shapes."""
+import pytest
+import torch
+
+import diffit_kernels
+from diffit_kernels import _common, attention, testing
+
+
+def _attention_inputs(dtype=torch.float32, grad=True):
+    """q, k, v as head-split views of one packed [B, N, 3, H, D] buffer, as a model passes
+    them, and a float32 table."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 16, 3, 2, 8, generator=g).to(dtype).requires_grad_(grad)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    table = torch.randn(7 * 7, 2, generator=g).requires_grad_(grad)
+    return q, k, v, table
+
+
+def test_record_calls_keeps_each_distinct_call_once_with_its_layout():
+    """The first call of each (op, tensor shapes, strides, dtypes, requires_grad, other
+    arguments) is kept, with copies of its inputs in their own strides (views of a packed
+    buffer stay strided); repeats are dropped; outside the with-block nothing is recorded."""
+    q, k, v, table = _attention_inputs()
+    x = torch.randn(2, 16, 8)
+    with testing.record_calls() as calls:
+        for _ in range(3):  # a repeated block: one record
+            diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(4, 4), backend="torch")
+        diffit_kernels.tmsa_attention(q, k, v, table=table[:9], grid=(4, 4), window=(2, 2),
+                                      backend="torch")
+        diffit_kernels.adaln_norm(x, activation="silu", backend="torch")
+        diffit_kernels.adaln_norm(x.detach(), backend="torch")
+    diffit_kernels.adaln_norm(x, backend="torch")
+    assert [c.op for c in calls] == ["tmsa_attention", "tmsa_attention", "adaln_norm",
+                                     "adaln_norm"]
+    glob = calls[0]
+    assert glob.tensors["q"].stride() == q.stride() != q.contiguous().stride()
+    assert torch.equal(glob.tensors["q"], q.detach()) and not glob.tensors["q"].requires_grad
+    assert glob.tensors["q"].data_ptr() != q.data_ptr()  # a copy: later writes cannot reach it
+    assert glob.grads == ("q", "k", "v", "table") and glob.outputs == 1
+    assert glob.others["grid"] == (4, 4) and glob.others["window"] is None
+    assert glob.others["backend"] == "torch" and glob.others["bias"] is None
+    assert calls[1].others["window"] == (2, 2)
+    assert calls[2].grads == () and calls[2].others["activation"] == "silu"
+    assert calls[3].others["activation"] is None
+    label = glob.label()
+    assert label.startswith("q [2, 2, 16, 8] float32 strides (768, 8, 48, 1), k [2, 2, 16, 8] ")
+    assert "table [49, 2] float32, grid=(4, 4)" in label and "backend" not in label
+    assert _common._CALL_RECORDER is None
+
+
+def test_record_calls_skips_what_torch_compile_traces():
+    """Under torch.compile the ops' Python runs on fake tensors while tracing: not recorded."""
+    x = torch.randn(2, 5, 8)
+
+    def f(t):
+        return diffit_kernels.adaln_norm(t, activation="silu", backend="torch") * 2
+
+    with testing.record_calls() as calls:
+        torch.compile(f, backend="eager", fullgraph=True)(x)
+    assert calls == []
+
+
+def test_check_call_rows_name_each_output_and_gradient():
+    """check_call on a recorded call (the reference against itself under backend torch: every
+    error is zero) gives a row per output and per gradient the call needed."""
+    q, k, v, table = _attention_inputs()
+    with testing.record_calls() as calls:
+        diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(4, 4), backend="torch")
+        diffit_kernels.time_qkv(torch.randn(2, 4, 8), None, torch.randn(24, 8), None, None,
+                                None, 2, backend="torch")
+    rows = testing.check_call(calls[0])
+    assert [r.name for r in rows] == ["o", "dq", "dk", "dv", "dtable"]
+    assert all(r.ok and r.err == 0 for r in rows)
+    assert [r.name for r in testing.check_call(calls[1])] == ["q", "k", "v"]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_check_call_runs_the_kernels_on_the_recorded_layout(dtype):
+    """Under the interpreter: a recorded call of the Triton path passes the rule in float32
+    and bfloat16 with its float32 table kept float32 (as the model passes it), and the
+    kernels see the recorded strides (a forward that copied strided q into a contiguous
+    buffer would still pass; here the kernel is handed q's own strides)."""
+    q, k, v, table = _attention_inputs(dtype)
+    with testing.record_calls() as calls:
+        diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(4, 4), backend="triton")
+    seen = []
+    real = attention._tmsa_attention_fwd
+
+    def spy(q_, *args):
+        seen.append(q_.stride())
+        return real(q_, *args)
+
+    attention._tmsa_attention_fwd = spy
+    try:
+        rows = testing.check_call(calls[0])
+    finally:
+        attention._tmsa_attention_fwd = real
+    testing.assert_parity(rows)
+    assert [r.dtype for r in rows] == [str(dtype).split(".")[-1]] * 5
+    assert seen == [q.stride()]

@@ -444,8 +444,8 @@ def choose_backend(step: Callable[[], object], modules: Sequence[nn.Module],
                    rtol: Optional[float] = TRIAL_RTOL,
                    probe: Optional[Callable[[], object]] = None
                    ) -> Tuple[str, Dict[str, object], float]:
-    """The trial in one call: check_kernels with `probe` (when given), time_backends on the
-    backends it left, check_outputs on what each backend's first step returned (when step
+    """The trial in one call: check_kernels with `probe` (when given; ours out on every rank
+    if it failed on any), time_backends on the backends it left, check_outputs on what each backend's first step returned (when step
     returns something: a loss, samples), agree_fastest over the `world` ranks (a collective
     every rank must reach), and the chosen backend set on `modules`. Returns (chosen,
     {backend: ms or failure}, the trial's seconds). For a training loop of one's own:
@@ -465,6 +465,9 @@ def choose_backend(step: Callable[[], object], modules: Sequence[nn.Module],
     wrong = {}
     if probe is not None and "triton" in candidates:
         why = check_kernels(probe, modules)
+        if world > 1:  # ours out on every rank or none: under FSDP a rank timing it alone
+            whys = [w for w in all_ranks(why, world) if w is not None]  # would wait in vain
+            why = whys[0] if whys else None
         if why is not None:
             wrong["triton"] = why
     results = time_backends(step, modules, [b for b in candidates if b not in wrong], device,

@@ -17,6 +17,7 @@ COMMANDS: List[str] = [
     "diffit.training.train",
     "diffit.training.encode",
     "diffit.training.demo",
+    "diffit.check",
 ]
 
 

@@ -192,11 +192,15 @@ class OpCall:
 
 
 def _copy_strided(t: torch.Tensor, like: Sequence[int]) -> torch.Tensor:
-    """t's values in a new tensor with strides `like` (a view's gaps included), differentiable:
-    a model hands the ops views of packed buffers, and the kernels take their paths by
-    strides."""
-    out = torch.empty_strided(t.shape, tuple(like), dtype=t.dtype, device=t.device)
-    return out.copy_(t)
+    """t's values in a new tensor with strides `like` (a view's gaps included; a dim of stride
+    0, a broadcast, holds t's first entry along it), differentiable: a model hands the ops
+    views of packed buffers, and the kernels take their paths by strides."""
+    src = t
+    for d, (n, st) in enumerate(zip(t.shape, like)):
+        if st == 0 and n > 1:
+            src = src.narrow(d, 0, 1)
+    out = torch.empty_strided(src.shape, tuple(like), dtype=t.dtype, device=t.device)
+    return out.copy_(src).expand(t.shape)
 
 
 @contextlib.contextmanager

@@ -76,6 +76,19 @@ def test_check_call_rows_name_each_output_and_gradient():
     assert [r.name for r in testing.check_call(calls[1])] == ["q", "k", "v"]
 
 
+def test_recorded_broadcast_views_keep_their_zero_strides():
+    """A dense bias shared by the batch handed over as a broadcast view (stride 0 along the
+    batch) is recorded and re-created as one: the same strides, and the check runs."""
+    q, k, v, _ = _attention_inputs()
+    bias = torch.randn(1, 2, 16, 16, requires_grad=True).expand(2, 2, 16, 16)
+    with testing.record_calls() as calls:
+        diffit_kernels.tmsa_attention(q, k, v, bias=bias, backend="torch")
+    got = calls[0].tensors["bias"]
+    assert got.stride() == bias.stride() == (0, 256, 16, 1) and torch.equal(got, bias)
+    rows = testing.check_call(calls[0])
+    assert [r.name for r in rows] == ["o", "dq", "dk", "dv", "dbias"] and all(r.ok for r in rows)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_check_call_runs_the_kernels_on_the_recorded_layout(dtype):
@@ -101,3 +114,49 @@ def test_check_call_runs_the_kernels_on_the_recorded_layout(dtype):
     testing.assert_parity(rows)
     assert [r.dtype for r in rows] == [str(dtype).split(".")[-1]] * 5
     assert seen == [q.stride()]
+
+
+def test_check_command_needs_somewhere_our_kernels_run(capsys):
+    """`python -m diffit check` on a CPU without the interpreter: a usage error naming why."""
+    from diffit import cli
+
+    assert cli.main(["check", "--model", "DiffiT-tiny", "--image-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffit check: error: the forward with our kernels failed: "
+                          "backend='triton' cannot run on tensors on ['cpu']"), err
+    assert cli.main(["check", "--model", "DiffiT-tiny", "--batch-size", "0"]) == 2
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("model", ["DiffiT-tiny", "tiny"])
+def test_check_command_tables_every_call(model, capsys):
+    """`python -m diffit check` on the latent and the image-space model: every distinct call
+    of our ops gets its rows (outputs and gradients), all within the rule, exit status 0."""
+    from diffit import cli
+
+    args = ["check", "--model", model, "--batch-size", "2"]
+    assert cli.main(args + (["--image-size", "64"] if model == "DiffiT-tiny" else [])) == 0
+    out = capsys.readouterr().out
+    calls = [ln for ln in out.splitlines() if ln.startswith("[")]
+    assert {ln.split(":")[0].split()[1] for ln in calls} >= {"tmsa_attention", "time_qkv"}
+    assert out.splitlines()[0].startswith(f"diffit check: randomly initialised {model}, 2 "
+                                          "samples of ")
+    assert f"{len(calls)} distinct calls of our ops" in out.splitlines()[0]
+    assert "  dq " in out and "  dtable " in out and "FAIL" not in out
+    assert out.rstrip().endswith("every output and gradient within the numerics rule")
+
+
+@pytest.mark.interpreter
+def test_check_command_fails_on_a_wrong_kernel(monkeypatch, capsys):
+    """A Triton attention whose output is doubled: its rows fail, exit status 1."""
+    from diffit import cli
+
+    real = attention._tmsa_attention_fwd
+    monkeypatch.setattr(attention, "_tmsa_attention_fwd",
+                        lambda *a: (lambda o, lse: (o * 2, lse))(*real(*a)))
+    assert cli.main(["check", "--model", "DiffiT-tiny", "--image-size", "64",
+                     "--batch-size", "1", "--forward-only"]) == 1
+    out = capsys.readouterr().out
+    bad = [ln.split()[0] for ln in out.splitlines() if ln.endswith("FAIL")]
+    assert bad == ["o"] and "  dq " not in out, out
+    assert "our kernels compute the wrong thing here; please report it" in out

@@ -11,6 +11,8 @@
 #                   at ec83eac; there are more now, with more autotune candidates and backward
 #                   plans to compile; -v prints each test's verdict as it ends, so a stage cut
 #                   short still says which passed)
+#     diffit check  CHECK_TIMEOUT 45 s + 5 s to SIGKILL      50 s  (DiffiT-XL/2's calls at 256 px,
+#                   its table appended to gpu_tests.log; not yet run on a card)
 #     benchmarks    BENCH_TIMEOUT 230 s + 15 s to SIGKILL  245 s  (--budget-s BENCH_BUDGET 180:
 #                   cases that would start later are skipped rows; the speed-of-light rows keep
 #                   a 30 s reserve; a case already running finishes, hence the 50 s margin)
@@ -77,6 +79,19 @@ fi
 env "${threads[@]}" timeout -k 5 "$TESTS_TIMEOUT" "$PY" -m pytest -v -m gpu -rf "${par[@]}" 2>&1 \
     | tee "$LOGS/gpu_tests.log"
 tests_rc=$?
+
+# our kernels against the reference on DiffiT-XL/2's own calls at 256 px (4 samples, bf16,
+# forward + backward): the error of every output and gradient next to its bound, the margins
+# the card leaves (the gpu tests assert the same rule, and print only on a failure)
+echo "== python -m diffit check (stopped at ${CHECK_TIMEOUT:-45} s), into gpu_tests.log"
+if [ "${CPU_CHECK:-0}" = 1 ]; then
+    check=(--model DiffiT-tiny --image-size 64 --batch-size 2) check_env=(TRITON_INTERPRET=1)
+else
+    check=(--model DiffiT-XL/2 --image-size 256) check_env=()
+fi
+env "${check_env[@]}" timeout -k 5 "${CHECK_TIMEOUT:-45}" "$PY" -m diffit check "${check[@]}" \
+    2>&1 | tee -a "$LOGS/gpu_tests.log"
+check_rc=$?
 
 if [ "${CPU_CHECK:-0}" = 1 ]; then
     bench=(--tiny-cpu) prof=(--tiny-cpu) slug=_tmp-tiny-cpu
@@ -153,6 +168,7 @@ fi
 
 echo "== done in ${SECONDS} s"
 echo "gpu tests: exit ${tests_rc} (0 passed, 1 failed, 5 none collected, 124/137 stopped at the limit)"
+echo "diffit check: exit ${check_rc} (0 within the rule, 1 beyond it, 2 usage, 124/137 stopped)"
 echo "benchmarks: exit ${bench_rc} (0 all ran, 1 errors, 2 time budget left cases out, 124/130/137 stopped)"
 echo "profile: exit ${prof_rc} (the same codes)"
 echo "ncu: exit ${ncu_rc} (0 profiled, 124/137 stopped at the limit; its CSVs in ncu.tar.gz)"

@@ -362,7 +362,7 @@ def _eager_stance():
 
 
 @contextlib.contextmanager
-def _exact_float32():
+def exact_float32():
     """float32 matmuls without TF32 in the with-block, so the float32 reference is exact and
     our float32 kernels (which follow the same flag) too."""
     old = torch.backends.cuda.matmul.allow_tf32
@@ -389,7 +389,7 @@ def check_kernels(probe: Callable[[], object], modules: Sequence[nn.Module]) -> 
     try:
         with testing.record_calls() as calls, _eager_stance(), torch.enable_grad():
             probe()
-        with _exact_float32(), torch.enable_grad():
+        with exact_float32(), torch.enable_grad():
             for call in calls:
                 bad = [r for r in testing.check_call(call) if not r.ok]
                 if bad:
@@ -445,10 +445,11 @@ def choose_backend(step: Callable[[], object], modules: Sequence[nn.Module],
                    probe: Optional[Callable[[], object]] = None
                    ) -> Tuple[str, Dict[str, object], float]:
     """The trial in one call: check_kernels with `probe` (when given; ours out on every rank
-    if it failed on any), time_backends on the backends it left, check_outputs on what each backend's first step returned (when step
-    returns something: a loss, samples), agree_fastest over the `world` ranks (a collective
-    every rank must reach), and the chosen backend set on `modules`. Returns (chosen,
-    {backend: ms or failure}, the trial's seconds). For a training loop of one's own:
+    if it failed on any), time_backends on the backends it left, check_outputs on what each
+    backend's first step returned (when step returns something: a loss, samples),
+    agree_fastest over the `world` ranks (a collective every rank must reach), and the chosen
+    backend set on `modules`. Returns (chosen, {backend: ms or failure}, the trial's seconds).
+    For a training loop of one's own:
 
         candidates = backends_to_time("auto", device)       # () where only one backend runs
         if candidates:

@@ -105,7 +105,7 @@ def run(args) -> int:
           f"{accel.device_name(device)}: {len(calls)} distinct calls of our ops", flush=True)
     head = f"  {'tensor':12} {'dtype':9} {'max err':>10} {'bound':>10} {'eager err':>10}  status"
     failed = 0
-    with accel._exact_float32():
+    with accel.exact_float32():
         for i, call in enumerate(calls, 1):
             print(f"[{i}] {call.op}: {call.label()}")
             print(head)

@@ -160,3 +160,21 @@ def test_check_command_fails_on_a_wrong_kernel(monkeypatch, capsys):
     bad = [ln.split()[0] for ln in out.splitlines() if ln.endswith("FAIL")]
     assert bad == ["o"] and "  dq " not in out, out
     assert "our kernels compute the wrong thing here; please report it" in out
+
+
+@pytest.mark.interpreter
+def test_check_command_takes_a_checkpoint(tmp_path, capsys):
+    """`--checkpoint` as `sample` takes it: a DiffiT state dict, its weights and sizes used
+    (the header names the checkpoint; the calls carry its latent grid)."""
+    from diffit import cli
+    from diffit.checkpoint import save_state_dict
+    from diffit.latent import DiffiT
+
+    sd = DiffiT.from_preset("DiffiT-tiny", input_size=16).state_dict()
+    save_state_dict(sd, tmp_path / "tiny.safetensors")
+    assert cli.main(["check", "--checkpoint", str(tmp_path / "tiny.safetensors"),
+                     "--batch-size", "1", "--forward-only", "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    head = out.splitlines()[0]
+    assert "tiny.safetensors" in head and "1 samples of 16x16, fp32, forward on cpu" in head, out
+    assert "grid=(8, 8)" in out and "  dq " not in out

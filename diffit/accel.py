@@ -379,10 +379,11 @@ def check_kernels(probe: Callable[[], object], modules: Sequence[nn.Module]) -> 
     (PROBE_SAMPLES); each distinct call of our ops in it is then checked against the reference
     on its own inputs, strides and arguments by the numerics rule (FlashAttention's, as the
     tests apply it: diffit_kernels.testing.check_call), its outputs and the gradients the call
-    needed. A kernel that computes the wrong thing on this card (a miscompile, a config or
-    work split no CPU gate ran) fails here at any point of training, where comparing the
-    losses is blind at a fresh start (zero-initialised output layers). An error is a reason
-    too."""
+    needed, an attention call once per table read and backward plan it can take (the card
+    times them at the run's batch and may pick any). A kernel that computes the wrong thing
+    on this card (a miscompile, a config or work split no CPU gate ran) fails here at any
+    point of training, where comparing the losses is blind at a fresh start
+    (zero-initialised output layers). An error is a reason too."""
     from diffit_kernels import testing
 
     set_backend(modules, "triton")
@@ -391,7 +392,7 @@ def check_kernels(probe: Callable[[], object], modules: Sequence[nn.Module]) -> 
             probe()
         with exact_float32(), torch.enable_grad():
             for call in calls:
-                bad = [r for r in testing.check_call(call) if not r.ok]
+                bad = [r for r in testing.check_call(call, every_variant=True) if not r.ok]
                 if bad:
                     r = bad[0]
                     return (f"its {call.op} at this run's shapes ({call.label()}) gave {r.name} "

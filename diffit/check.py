@@ -3,7 +3,8 @@
 One forward of the model with our kernels on a few samples (random inputs at the model's
 shapes; gradients on unless --forward-only), every distinct call of our ops in it recorded,
 then each call checked against the reference on its own inputs, strides and arguments by the
-numerics rule (FlashAttention's, as the tests apply it): the op in the call's precision against
+numerics rule (FlashAttention's, as the tests apply it; an attention call once per table read
+and backward plan it can take, as a card may pick any): the op in the call's precision against
 the reference in float32, bounded by twice (outputs) or three times (gradients) the error of
 the reference in that precision. This is the check the training and sampling commands run on
 the card before they time our kernels (diffit.accel.check_kernels), with its table printed.
@@ -103,15 +104,15 @@ def run(args) -> int:
     print(f"diffit check: {what}, {args.batch_size} samples of {side}x{side}, "
           f"{args.precision}, {'forward' if args.forward_only else 'forward + backward'} on "
           f"{accel.device_name(device)}: {len(calls)} distinct calls of our ops", flush=True)
-    head = f"  {'tensor':12} {'dtype':9} {'max err':>10} {'bound':>10} {'eager err':>10}  status"
+    head = f"  {'tensor':36} {'dtype':9} {'max err':>10} {'bound':>10} {'eager err':>10}  status"
     failed = 0
     with accel.exact_float32():
         for i, call in enumerate(calls, 1):
             print(f"[{i}] {call.op}: {call.label()}")
             print(head)
-            for r in testing.check_call(call, seed=args.seed):
+            for r in testing.check_call(call, seed=args.seed, every_variant=True):
                 failed += not r.ok
-                print(f"  {r.name:12} {r.dtype:9} {r.err:10.3e} {r.bound:10.3e} "
+                print(f"  {r.name:36} {r.dtype:9} {r.err:10.3e} {r.bound:10.3e} "
                       f"{r.pt_err:10.3e}  {'ok' if r.ok else 'FAIL'}", flush=True)
     if failed:
         print(f"diffit check: {failed} tensors beyond the numerics rule: our kernels compute "

@@ -594,7 +594,7 @@ def tmsa_attention(
         Triton path lays it over [B, N, H, D] memory, so o.transpose(1, 2).reshape(B, N, H * D)
         (the heads merged into tokens) is a view, not a copy.
     """
-    gh, gw, Gh, Gw = reference.check_attention_inputs(q, k, v, table, grid, window, bias)
+    geometry = _geometry(q, k, v, table, grid, window, bias)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
@@ -608,13 +608,40 @@ def tmsa_attention(
     _check_head_dim(q.shape[-1])
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
-    uses_grid = grid is not None and (table is not None or window is not None)
-    geometry = [Gh, Gw, gh, gw] if uses_grid else []
     q, k, v = (_rows_aligned(t) for t in (q, k, v))
     bias = _within_i32(q, unit_last_stride(bias) if bias is not None else None)
     return call_op(_FWD_OP, _tmsa_attention_fwd_op, _fwd_impl, _TmsaAttentionDirect,
                    (q, k, v, table, bias, geometry, scale, bool(deterministic)),
                    (q, k, v, table, bias))[0]
+
+
+def _geometry(q, k, v, table, grid, window, bias) -> List[int]:
+    """The kernels' geometry argument of a call ([Gh, Gw, gh, gw] where a grid is used, else
+    []), its inputs checked (reference.check_attention_inputs)."""
+    gh, gw, Gh, Gw = reference.check_attention_inputs(q, k, v, table, grid, window, bias)
+    uses_grid = grid is not None and (table is not None or window is not None)
+    return [Gh, Gw, gh, gw] if uses_grid else []
+
+
+def call_variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                  table: Optional[torch.Tensor] = None, grid=None, window=None,
+                  bias: Optional[torch.Tensor] = None, backward: bool = True,
+                  table_grad: bool = True) -> List[Tuple[Optional[str], Optional[str]]]:
+    """The (table read, backward plan) pairs the Triton path can take for a call of these
+    arguments on their device: each a card may choose by timing (None where there is no
+    choice, or no backward). TABLE_READ and _plans.BWD_PLAN force one (the kernel check
+    runs every pair: diffit_kernels.testing.check_call)."""
+    geometry = _geometry(q, k, v, table, grid, window, bias)
+    B, H, N, D = q.shape
+    geom = _Geom(N, geometry)
+    reads = (["slabs", "gather"] if _slab_ok(table, geom, N, q.element_size())
+             else [None])
+    plans: List[Optional[str]] = [None]
+    if backward:
+        shape = (*_head_split(D), q.element_size(), bias is not None)
+        plans = list(_plans._bwd_plans(geom, shape, B, H, N, q.device,
+                                       table is not None and table_grad))
+    return [(r, p) for r in reads for p in plans]
 
 
 def aot_specs():

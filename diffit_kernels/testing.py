@@ -235,12 +235,42 @@ def record_calls() -> Iterator[List[OpCall]]:
         _common._CALL_RECORDER = old
 
 
-def check_call(call: OpCall, seed: int = 0) -> List[ParityRow]:
+@contextlib.contextmanager
+def _setting(module, name: str, value):
+    """module.name = value for the with-block."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def check_call(call: OpCall, seed: int = 0, every_variant: bool = False) -> List[ParityRow]:
     """The numerics rule on a recorded call's own inputs, layouts and arguments: the op as it
     was called, against the reference in float32 and in the call's precision (its lowest
     floating dtype; float32 tensors of a 16-bit call stay float32, as autocast's residual
     stream and float32 tables do), every output and, where the call needed them, the
-    gradients of its inputs for fresh random output gradients."""
+    gradients of its inputs for fresh random output gradients. every_variant: an attention
+    call once per (table read, backward plan) it can take on its device (a card times them
+    and may pick any; attention.call_variants), each row's name followed by them."""
+    if every_variant and call.op == "tmsa_attention" and _common.resolve_backend(
+            call.others.get("backend"), call.tensors["q"]) == "triton":
+        from . import _attention_plans, attention
+
+        t = call.tensors
+        rows = []
+        for read, plan in attention.call_variants(
+                t["q"], t["k"], t["v"], table=t.get("table"), grid=call.others.get("grid"),
+                window=call.others.get("window"), bias=t.get("bias"),
+                backward=bool(call.grads), table_grad="table" in call.grads):
+            with _setting(attention, "TABLE_READ", read), \
+                    _setting(_attention_plans, "BWD_PLAN", plan):
+                got = check_call(call, seed)
+            what = ", ".join(x for x in (read and f"read {read}", plan and f"plan {plan}") if x)
+            rows += [dataclasses.replace(r, name=f"{r.name} [{what}]") if what else r
+                     for r in got]
+        return rows
     from . import reference
 
     floats = {k: t for k, t in call.tensors.items() if t.is_floating_point()}

@@ -178,3 +178,33 @@ def test_check_command_takes_a_checkpoint(tmp_path, capsys):
     head = out.splitlines()[0]
     assert "tiny.safetensors" in head and "1 samples of 16x16, fp32, forward on cpu" in head, out
     assert "grid=(8, 8)" in out and "  dq " not in out
+
+
+@pytest.mark.interpreter
+def test_check_call_runs_every_table_read_and_backward_plan(monkeypatch):
+    """every_variant: an attention call on a 16-wide grid (16-bit: the table's slabs or its
+    gather) past the fused kernel's span, whose backward has several plans, is checked once
+    per (read, plan), each forced as named in its rows; the op's own choice afterwards is
+    untouched."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 48, 16, generator=g).bfloat16().requires_grad_()
+               for _ in range(3))
+    table = (torch.randn(5 * 31, 2, generator=g) * 0.5).requires_grad_()
+    with testing.record_calls() as calls:
+        diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(3, 16), backend="triton")
+    pairs = attention.call_variants(q, k, v, table=table, grid=(3, 16))
+    assert len(pairs) >= 4 and {r for r, _ in pairs} == {"slabs", "gather"}
+    ran = []
+    real_fwd, real_bwd = attention._fwd_run, attention._bwd_run
+    monkeypatch.setattr(attention, "_fwd_run", lambda *a: ran.append(("fwd", a[-1]))
+                        or real_fwd(*a))
+    monkeypatch.setattr(attention, "_bwd_run", lambda plan, *a: ran.append(("bwd", plan))
+                        or real_bwd(plan, *a))
+    rows = testing.check_call(calls[0], every_variant=True)
+    testing.assert_parity(rows)
+    names = [r.name for r in rows]
+    assert names[:5] == [f"{n} [read {pairs[0][0]}, plan {pairs[0][1]}]"
+                         for n in ("o", "dq", "dk", "dv", "dtable")]
+    assert len(rows) == 5 * len(pairs)
+    assert ran == [x for r, p in pairs for x in (("fwd", r == "slabs"), ("bwd", p))]
+    assert attention.TABLE_READ is None and attention._plans.BWD_PLAN is None

@@ -233,14 +233,11 @@ def attention_setting(setting: Optional[Tuple[str, str, Any]]):
     if setting is None:
         yield
         return
+    from diffit_kernels.testing import module_setting
+
     name, attr, value = setting
-    module = importlib.import_module(f"diffit_kernels.{name}")
-    old = getattr(module, attr)
-    setattr(module, attr, value)
-    try:
+    with module_setting(importlib.import_module(f"diffit_kernels.{name}"), attr, value):
         yield
-    finally:
-        setattr(module, attr, old)
 
 
 # ---- torch.compile baselines ------------------------------------------------------------------

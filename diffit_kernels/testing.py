@@ -236,8 +236,9 @@ def record_calls() -> Iterator[List[OpCall]]:
 
 
 @contextlib.contextmanager
-def _setting(module, name: str, value):
-    """module.name = value for the with-block."""
+def module_setting(module, name: str, value):
+    """module.name = value for the with-block, then the old value back (the kernel check's
+    forced attention variants; the benchmarks' A/B rows)."""
     old = getattr(module, name)
     setattr(module, name, value)
     try:
@@ -264,8 +265,8 @@ def check_call(call: OpCall, seed: int = 0, every_variant: bool = False) -> List
                 t["q"], t["k"], t["v"], table=t.get("table"), grid=call.others.get("grid"),
                 window=call.others.get("window"), bias=t.get("bias"),
                 backward=bool(call.grads), table_grad="table" in call.grads):
-            with _setting(attention, "TABLE_READ", read), \
-                    _setting(_attention_plans, "BWD_PLAN", plan):
+            with module_setting(attention, "TABLE_READ", read), \
+                    module_setting(_attention_plans, "BWD_PLAN", plan):
                 got = check_call(call, seed)
             what = ", ".join(x for x in (read and f"read {read}", plan and f"plan {plan}") if x)
             rows += [dataclasses.replace(r, name=f"{r.name} [{what}]") if what else r

@@ -254,20 +254,29 @@ def check_call(call: OpCall, seed: int = 0, every_variant: bool = False) -> List
     stream and float32 tables do), every output and, where the call needed them, the
     gradients of its inputs for fresh random output gradients. every_variant: an attention
     call once per (table read, backward plan) it can take on its device (a card times them
-    and may pick any; attention.call_variants), each row's name followed by them."""
+    and may pick any; attention.call_variants), each row's name followed by them; a variant
+    other than the first that the card cannot build or fit is skipped, as its timed choice
+    skips it."""
     if every_variant and call.op == "tmsa_attention" and _common.resolve_backend(
             call.others.get("backend"), call.tensors["q"]) == "triton":
         from . import _attention_plans, attention
 
         t = call.tensors
+        pairs = attention.call_variants(
+            t["q"], t["k"], t["v"], table=t.get("table"), grid=call.others.get("grid"),
+            window=call.others.get("window"), bias=t.get("bias"), backward=bool(call.grads),
+            table_grad="table" in call.grads)
+        unfit = _attention_plans._misfits() + _attention_plans._compile_errors()
         rows = []
-        for read, plan in attention.call_variants(
-                t["q"], t["k"], t["v"], table=t.get("table"), grid=call.others.get("grid"),
-                window=call.others.get("window"), bias=t.get("bias"),
-                backward=bool(call.grads), table_grad="table" in call.grads):
-            with module_setting(attention, "TABLE_READ", read), \
-                    module_setting(_attention_plans, "BWD_PLAN", plan):
-                got = check_call(call, seed)
+        for read, plan in pairs:
+            try:
+                with module_setting(attention, "TABLE_READ", read), \
+                        module_setting(_attention_plans, "BWD_PLAN", plan):
+                    got = check_call(call, seed)
+            except unfit:
+                if read == pairs[0][0] and plan == pairs[0][1]:
+                    raise  # what runs untimed: its error is the op's
+                continue  # a variant the card cannot build or fit: its choice skips it too
             what = ", ".join(x for x in (read and f"read {read}", plan and f"plan {plan}") if x)
             rows += [dataclasses.replace(r, name=f"{r.name} [{what}]") if what else r
                      for r in got]

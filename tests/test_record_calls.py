@@ -208,3 +208,35 @@ def test_check_call_runs_every_table_read_and_backward_plan(monkeypatch):
     assert len(rows) == 5 * len(pairs)
     assert ran == [x for r, p in pairs for x in (("fwd", r == "slabs"), ("bwd", p))]
     assert attention.TABLE_READ is None and attention._plans.BWD_PLAN is None
+
+
+@pytest.mark.interpreter
+def test_check_call_skips_a_variant_the_card_cannot_fit(monkeypatch):
+    """A backward plan other than the first whose kernel does not fit the card (Triton's
+    OutOfResources at its load) is skipped, as the card's timed choice skips it; the same
+    error in the first plan, which runs untimed, is the check's."""
+    from triton.runtime.errors import OutOfResources
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 1, 48, 16, generator=g).bfloat16().requires_grad_()
+               for _ in range(3))
+    table = (torch.randn(5 * 31, 1, generator=g) * 0.5).requires_grad_()
+    with testing.record_calls() as calls:
+        diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(3, 16), backend="triton")
+    pairs = attention.call_variants(q, k, v, table=table, grid=(3, 16))
+    first, other = pairs[0][1], pairs[1][1]
+    real = attention._bwd_run
+
+    def unfit(plan, *a):
+        if plan == bad:
+            raise OutOfResources(104000, 101376, "shared memory")
+        return real(plan, *a)
+
+    monkeypatch.setattr(attention, "_bwd_run", unfit)
+    bad = other
+    rows = testing.check_call(calls[0], every_variant=True)
+    assert rows and not any(f"plan {other}]" in r.name for r in rows)
+    assert any(f"plan {first}]" in r.name for r in rows)
+    bad = first
+    with pytest.raises(OutOfResources):
+        testing.check_call(calls[0], every_variant=True)

@@ -769,6 +769,24 @@ def test_backend_trial_leaves_out_kernels_that_compute_the_wrong_thing(monkeypat
     assert model.blocks[0].attn.backend == "torch"
 
 
+def test_kernel_check_errors():
+    """An error in the probe leaves ours out with its text; running out of memory is no
+    evidence against the kernels: a warning, and ours stays in."""
+    from diffit import accel
+
+    def fails(err):
+        def probe():
+            raise err
+        return probe
+
+    assert accel.check_kernels(fails(RuntimeError("no kernel image")), []) == (
+        "RuntimeError: no kernel image")
+    with pytest.warns(RuntimeWarning, match="the kernel check ran out of memory and was "
+                      "skipped .our kernels stay in the trial.: CUDA out of memory"):
+        assert accel.check_kernels(fails(torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB")), []) is None
+
+
 def test_kernel_check_probe_runs_compiled_code_eagerly():
     """The kernel check's probe runs compiled blocks as plain eager code: nothing compiles for
     its few samples (and our ops' calls are seen, which tracing would hide); the next real
@@ -842,6 +860,26 @@ def test_trainer_trial_checks_the_kernels_on_its_own_calls(tmp_path, latent_file
     assert len(note) == 1 and note[0].startswith("diffit train: backend auto: torch (torch ")
     assert ", triton failed (its tmsa_attention at this run's shapes (q [" in note[0], note
     assert _final(tmp_path / "run")["backend_choice"]["backend"] == "torch"
+
+
+@pytest.mark.interpreter
+def test_trainer_trial_kernel_check_passes_on_the_image_family(tmp_path, capsys, monkeypatch,
+                                                                trial_picks_ours):
+    """The image-space family's trial probe (EDM's loss with its labelled augmentation on 4
+    samples, the U-Net's windows): correct kernels pass the kernel check, so ours is chosen
+    (the timing itself stubbed: the interpreter's U-Net steps take half a minute)."""
+    from diffit import accel
+
+    checked = []
+    real = accel.check_kernels
+    monkeypatch.setattr(accel, "check_kernels", lambda *a: checked.append(real(*a)) or
+                        checked[-1])
+    monkeypatch.setattr(accel, "time_backends", lambda step, modules, candidates, *a, **k:
+                        {b: 1.0 for b in candidates})
+    train(_cfg(tmp_path / "img", steps=1, augment=0.5, batch_size=4))
+    assert checked == [None]
+    note = [ln for ln in capsys.readouterr().out.splitlines() if "backend auto: " in ln]
+    assert len(note) == 1 and note[0].startswith("diffit train: backend auto: triton ("), note
 
 
 @pytest.mark.interpreter

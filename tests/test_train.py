@@ -594,9 +594,9 @@ def test_compiled_blocks_train_like_eager(tmp_path, latent_file, monkeypatch, ca
 @pytest.mark.gpu
 def test_gpu_cuda_graph_mode_trains_like_the_default(tmp_path, capsys):
     """The default --compile-mode auto (here: reduce-overhead, every block replayed as a CUDA
-    graph) against --compile-mode default, on the card: the same losses within rounding over a few steps of a U-Net
-    with windowed and global attention on the fused kernels (their cached launch plans and
-    autotuning must survive the graphs' memory pool)."""
+    graph) against --compile-mode default, on the card: the same losses within rounding over
+    a few steps of a U-Net with windowed and global attention on the fused kernels (their
+    cached launch plans and autotuning must survive the graphs' memory pool)."""
     kw = dict(batch_size=16, steps=4, compile=True, backend="triton",  # not timed: ours
               model_args={"head_dim": 16})
     torch._dynamo.reset()

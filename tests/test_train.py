@@ -807,6 +807,36 @@ def test_kernel_check_probe_runs_compiled_code_eagerly():
 
 
 @pytest.mark.interpreter
+def test_kernel_check_sees_the_calls_inside_compiled_blocks(monkeypatch):
+    """Blocks compiled in place (as the commands compile them): the probe runs them eagerly,
+    so the check sees and checks every call of our ops in them, and nothing compiles until
+    the next real call."""
+    from torch._dynamo.utils import counters
+
+    from diffit import accel
+    from diffit.latent import DiffiT, preset_config
+    from diffit_kernels import testing
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = DiffiT(config=preset_config("DiffiT-tiny", input_size=8, num_classes=10))
+    accel.compile_blocks(model, backend="aot_eager")
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([321, 7]), torch.tensor([4, 1])
+    checked = []
+    real = testing.check_call
+    monkeypatch.setattr(testing, "check_call",
+                        lambda c, *a, **k: checked.append(c.op) or real(c, *a, **k))
+    try:
+        assert accel.check_kernels(lambda: model(x, t, y), [model]) is None
+        assert {"tmsa_attention", "time_qkv", "adaln_norm"} <= set(checked)
+        assert counters["stats"]["unique_graphs"] == 0
+        model(x, t, y)
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.interpreter
 def test_kernel_check_leaves_out_a_wrong_kernel_at_a_fresh_start(monkeypatch):
     """At a DiffiT-style fresh start (adaLN-zero gates, zero final layer) the loss ignores the
     blocks, so comparing the first steps' losses cannot see a wrong attention kernel; the

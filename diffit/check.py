@@ -5,8 +5,9 @@ shapes; gradients on unless --forward-only), every distinct call of our ops in i
 then each call checked against the reference on its own inputs, strides and arguments by the
 numerics rule (FlashAttention's, as the tests apply it; an attention call once per table read
 and backward plan it can take, as a card may pick any): the op in the call's precision against
-the reference in float32, bounded by twice (outputs) or three times (gradients) the error of
-the reference in that precision. This is the check the training and sampling commands run on
+the reference in float32, within twice (outputs) or three times (gradients) the reference's
+own error in that precision and its rounding near the data (float32: 2e-5 of the largest
+value, summation order only). This is the check the training and sampling commands run on
 the card before they time our kernels (diffit.accel.check_kernels), with its table printed.
 
     python -m diffit check --model DiffiT-XL/2 --image-size 512      # a random-init model

@@ -344,12 +344,6 @@ def check_outputs(results: Dict[str, Union[float, str]], outputs: Dict[str, torc
                       f"inputs: a wrong result on this card, please report it")
 
 
-# samples of the trial batch the kernel check's forward runs (check_kernels): enough for the
-# kernels' batch-dependent work splits (the attention backward's batch shares), small enough
-# that the reference's [B, H, N, N] scores stay small at N = 1024
-PROBE_SAMPLES = 4
-
-
 @contextlib.contextmanager
 def _eager_stance():
     """torch.compile'd code (the blocks compile_blocks compiled) runs as plain eager code in
@@ -376,8 +370,10 @@ def exact_float32():
 
 def check_kernels(probe: Callable[[], object], modules: Sequence[nn.Module]) -> Optional[str]:
     """Why our kernels must not run this model on this card, or None. With our kernels set on
-    `modules`, probe() runs the model's forward eagerly (compiled blocks too) on a few samples
-    (PROBE_SAMPLES); each distinct call of our ops in it is then checked against the reference
+    `modules`, probe() runs the model's forward eagerly (compiled blocks too) on the run's own
+    batch, whose work splits, plans and configs are the ones the run takes (the attention
+    backward's batch shares differ by batch size); each distinct call of our ops in it is then
+    checked against the reference
     on its own inputs, strides and arguments by the numerics rule (FlashAttention's, as the
     tests apply it: diffit_kernels.testing.check_call), its outputs and the gradients the call
     needed, an attention call once per table read and backward plan it can take (the card
@@ -466,7 +462,7 @@ def choose_backend(step: Callable[[], object], modules: Sequence[nn.Module],
                 return loss.detach()
             chosen, ms, _ = choose_backend(step, [model], candidates, device,
                                            start=lambda backend: torch.manual_seed(0),
-                                           probe=lambda: loss_fn(model, x[:4], y[:4]))
+                                           probe=lambda: loss_fn(model, x, y))
     """
     t0 = time.perf_counter()
     outputs: Dict[str, torch.Tensor] = {}

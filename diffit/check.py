@@ -1,8 +1,8 @@
 """`python -m diffit check`: our kernels against the reference on a model's own op calls.
 
-One forward of the model with our kernels on a few samples (random inputs at the model's
-shapes; gradients on unless --forward-only), every distinct call of our ops in it recorded,
-then each call checked against the reference on its own inputs, strides and arguments by the
+One forward of the model with our kernels on a batch (random inputs at the model's shapes;
+gradients on unless --forward-only), every distinct call of our ops in it recorded, then each
+call checked against the reference on its own inputs, strides and arguments by the
 numerics rule (FlashAttention's, as the tests apply it; an attention call once per table read
 and backward plan it can take, as a card may pick any): the op in the call's precision against
 the reference in float32, within twice (outputs) or three times (gradients) the reference's
@@ -38,7 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None,
                    help="image side in pixels (latent models: 8 x the latent side; default: "
                         "the model's, 256 for a random latent model)")
-    p.add_argument("--batch-size", type=int, default=4, help="samples in the forward")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="samples in the forward (a run's per-GPU batch checks the very work "
+                        "splits and backward plans the run takes)")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"),
                    help="autocast dtype of the forward, as training runs it")
     p.add_argument("--forward-only", action="store_true",

@@ -451,7 +451,7 @@ def _choose_backend(args, model, ck, make, family, labels, shape, device, amp, w
     CUDA) times a short run of this command's sampler (TRIAL_SAMPLER_STEPS, the first batch's
     size, labels and precision) with each and keeps the faster, every rank agreeing (the slowest
     rank's times); otherwise args.backend as it is. Our kernels are left out where a call of
-    our ops in that run on a few samples does not match the reference by the numerics rule
+    our ops in that run does not match the reference by the numerics rule
     (accel.check_kernels). The trial draws its own noise and puts the global random state back,
     so the samples are those of the chosen backend fixed. RuntimeError when no backend ran."""
     import torch
@@ -473,17 +473,15 @@ def _choose_backend(args, model, ck, make, family, labels, shape, device, amp, w
                                              enabled=amp is not None):
             return trial(z, y, gen, False)
 
-    n = min(accel.PROBE_SAMPLES, b)
-
-    def probe():  # the sampler on a few samples, forward only, for accel.check_kernels
+    def probe():  # the trial's sampler run, forward only, for accel.check_kernels
         gen = torch.Generator(device=device).manual_seed(0)
         with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32,
                                              enabled=amp is not None):
-            return trial(z[:n], None if y is None else y[:n], gen, False)
+            return trial(z, y, gen, False)
 
     # samples may differ between the backends by more than rounding (a few steps from noise
     # amplify it): only non-finite samples leave a backend out, after the calls of our ops in
-    # a short run on a few samples matched the reference's (accel.check_kernels)
+    # the same short run matched the reference's (accel.check_kernels)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         chosen, merged, secs = accel.choose_backend(run, (model,), candidates, device, world,
                                                     rtol=None, probe=probe)

@@ -789,7 +789,7 @@ def test_kernel_check_errors():
 
 def test_kernel_check_probe_runs_compiled_code_eagerly():
     """The kernel check's probe runs compiled blocks as plain eager code: nothing compiles for
-    its few samples (and our ops' calls are seen, which tracing would hide); the next real
+    its batch (and our ops' calls are seen, which tracing would hide); the next real
     call compiles as before."""
     from torch._dynamo.utils import counters
 

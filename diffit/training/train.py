@@ -245,9 +245,9 @@ class Trainer:
         run's step with each and keep the faster on the model and its EMA copy
         (accel.choose_backend); every rank agrees (the slowest rank's times decide). A resumed
         run keeps its checkpoint's choice when it was made on a card of the same name. Our
-        kernels are left out when a call of our ops in the loss's forward on a few samples of
-        the batch does not match the reference by the numerics rule (accel.check_kernels, at
-        this run's shapes, gradients included), or when their first step's loss is not finite
+        kernels are left out when a call of our ops in the loss's forward on the trial batch
+        does not match the reference by the numerics rule (accel.check_kernels, at this run's
+        shapes, gradients included), or when their first step's loss is not finite
         or not the reference's to within accel.TRIAL_RTOL on the same batch and noise (a
         wrong result on this card; at a fresh start the zero-initialised output layers make
         the loss blind to the blocks, so this bites on resumed runs). The trial changes nothing
@@ -269,15 +269,14 @@ class Trainer:
         else:
             rng = rng_state(d.device)
             x, y = self._trial_batch()
-            n = min(accel.PROBE_SAMPLES, len(x))
 
-            def probe():  # the loss's forward on a few samples, for accel.check_kernels
+            def probe():  # the loss's forward on the trial batch, for accel.check_kernels
                 # (under FSDP without autograd: a sharded forward whose backward never runs
                 # would leave its gradient hooks waiting; the check is then forward-only)
                 with torch.autocast(d.device.type, dtype=self.amp or torch.float32,
                                     enabled=self.amp is not None), \
                         torch.no_grad() if self.fsdp else contextlib.nullcontext():
-                    return self.loss_fn(self.model, x[:n], None if y is None else y[:n])
+                    return self.loss_fn(self.model, x, y)
 
             try:
                 # the model itself, not DDP's wrapper: no gradient all-reduce, the same for

@@ -180,19 +180,26 @@ def test_check_command_takes_a_checkpoint(tmp_path, capsys):
     assert "grid=(8, 8)" in out and "  dq " not in out
 
 
+def _several_variants(heads: int):
+    """(the recorded calls, the (read, plan) pairs) of a 16-bit Triton attention call on a
+    3 x 16 grid with a table: past the fused kernel's span, so its backward has several plans,
+    and 16 wide, so the table is read from slabs or gathered."""
+    g = torch.Generator().manual_seed(heads)
+    q, k, v = (torch.randn(1, heads, 48, 16, generator=g).bfloat16().requires_grad_()
+               for _ in range(3))
+    table = (torch.randn(5 * 31, heads, generator=g) * 0.5).requires_grad_()
+    with testing.record_calls() as calls:
+        diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(3, 16), backend="triton")
+    return calls, attention.call_variants(q, k, v, table=table, grid=(3, 16))
+
+
 @pytest.mark.interpreter
 def test_check_call_runs_every_table_read_and_backward_plan(monkeypatch):
     """every_variant: an attention call on a 16-wide grid (16-bit: the table's slabs or its
     gather) past the fused kernel's span, whose backward has several plans, is checked once
     per (read, plan), each forced as named in its rows; the op's own choice afterwards is
     untouched."""
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, 2, 48, 16, generator=g).bfloat16().requires_grad_()
-               for _ in range(3))
-    table = (torch.randn(5 * 31, 2, generator=g) * 0.5).requires_grad_()
-    with testing.record_calls() as calls:
-        diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(3, 16), backend="triton")
-    pairs = attention.call_variants(q, k, v, table=table, grid=(3, 16))
+    calls, pairs = _several_variants(heads=2)
     assert len(pairs) >= 4 and {r for r, _ in pairs} == {"slabs", "gather"}
     ran = []
     real_fwd, real_bwd = attention._fwd_run, attention._bwd_run
@@ -217,13 +224,7 @@ def test_check_call_skips_a_variant_the_card_cannot_fit(monkeypatch):
     error in the first plan, which runs untimed, is the check's."""
     from triton.runtime.errors import OutOfResources
 
-    g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(1, 1, 48, 16, generator=g).bfloat16().requires_grad_()
-               for _ in range(3))
-    table = (torch.randn(5 * 31, 1, generator=g) * 0.5).requires_grad_()
-    with testing.record_calls() as calls:
-        diffit_kernels.tmsa_attention(q, k, v, table=table, grid=(3, 16), backend="triton")
-    pairs = attention.call_variants(q, k, v, table=table, grid=(3, 16))
+    calls, pairs = _several_variants(heads=1)
     first, other = pairs[0][1], pairs[1][1]
     real = attention._bwd_run
 

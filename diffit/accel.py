@@ -58,6 +58,16 @@ COMPILE_BACKEND = os.environ.get("DIFFIT_COMPILE_BACKEND", "inductor")
 RECOMPILE_LIMIT = 64
 
 
+def amp_dtype(precision: str) -> Optional[torch.dtype]:
+    """The autocast dtype of a command's --precision ("fp32": None, no autocast)."""
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, amp: Optional[torch.dtype]):
+    """torch.autocast to `amp` on the device's type, or disabled where amp is None."""
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+
 def block_modules(model: nn.Module) -> list:
     """The repeated blocks regional compilation compiles: the U-Net's DiffiTResBlocks (GroupNorm,
     conv and the DiffiT block fuse together), else DiffiTBlock / AdaLNBlock (latent model)."""
@@ -373,11 +383,10 @@ def check_kernels(probe: Callable[[], object], modules: Sequence[nn.Module]) -> 
     `modules`, probe() runs the model's forward eagerly (compiled blocks too) on the run's own
     batch, whose work splits, plans and configs are the ones the run takes (the attention
     backward's batch shares differ by batch size); each distinct call of our ops in it is then
-    checked against the reference
-    on its own inputs, strides and arguments by the numerics rule (FlashAttention's, as the
-    tests apply it: diffit_kernels.testing.check_call), its outputs and the gradients the call
-    needed, an attention call once per table read and backward plan it can take (the card
-    times them at the run's batch and may pick any). A kernel that computes the wrong thing
+    checked against the reference on its own inputs, strides and arguments by the numerics
+    rule (FlashAttention's, as the tests apply it: diffit_kernels.testing.check_call), its
+    outputs and the gradients the call needed, an attention call once per table read and
+    backward plan it can take (the card times them at the run's batch and may pick any). A kernel that computes the wrong thing
     on this card (a miscompile, a config or work split no CPU gate ran) fails here at any
     point of training, where comparing the losses is blind at a fresh start
     (zero-initialised output layers). An error is a reason too, except running out of

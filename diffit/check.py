@@ -93,13 +93,13 @@ def run(args) -> int:
     model = model.to(device).eval()  # dropout off: the calls' shapes are training's
     if family == "image":  # as trained and sampled: channels-last activations
         model = model.to(memory_format=torch.channels_last)
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    amp = accel.amp_dtype(args.precision)
     x, t, y = _inputs(model, family, side, args.batch_size, device,
                       torch.Generator().manual_seed(args.seed))
     accel.set_backend([model], "triton")
     try:
         with testing.record_calls() as calls, torch.set_grad_enabled(not args.forward_only), \
-                torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                accel.autocast(device, amp):
             model(x, t, y)
     except RuntimeError as e:  # e.g. our kernels cannot run on this device
         return _fail(f"the forward with our kernels failed: {e}")

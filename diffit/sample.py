@@ -469,22 +469,15 @@ def _choose_backend(args, model, ck, make, family, labels, shape, device, amp, w
 
     def run():
         gen = torch.Generator(device=device).manual_seed(0)
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32,
-                                             enabled=amp is not None):
-            return trial(z, y, gen, False)
-
-    def probe():  # the trial's sampler run, forward only, for accel.check_kernels
-        gen = torch.Generator(device=device).manual_seed(0)
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32,
-                                             enabled=amp is not None):
+        with torch.no_grad(), accel.autocast(device, amp):
             return trial(z, y, gen, False)
 
     # samples may differ between the backends by more than rounding (a few steps from noise
     # amplify it): only non-finite samples leave a backend out, after the calls of our ops in
-    # the same short run matched the reference's (accel.check_kernels)
+    # the same run matched the reference's (the probe of accel.check_kernels: forward only)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         chosen, merged, secs = accel.choose_backend(run, (model,), candidates, device, world,
-                                                    rtol=None, probe=probe)
+                                                    rtol=None, probe=run)
     how = accel.timing_note("runs", device, secs)
     return chosen, accel.describe_choice(chosen, merged, how,
                                          per=f"sampler run ({b} samples, --steps {steps})")
@@ -548,7 +541,7 @@ def run(args) -> int:
     model = model.to(device).eval()
     if family == "image":  # as trained: the token <-> image reshapes are views (diffit/unet.py)
         model = model.to(memory_format=torch.channels_last)
-    from .accel import compile_for_run, mark_graph_steps
+    from .accel import amp_dtype, autocast, compile_for_run, mark_graph_steps
     try:
         # every rank samples on its own (no DDP): CUDA graphs need no single process here
         compiled, mode, describe = compile_for_run(model, args.compile, device,
@@ -577,7 +570,7 @@ def run(args) -> int:
             labels = torch.randint(0, K, (N,), generator=torch.Generator().manual_seed(args.seed))
     else:
         labels = torch.full((N,), -1)
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    amp = amp_dtype(args.precision)
     channels = model.config.in_channels
     try:
         backend, choice = _choose_backend(args, model, ck, make, family, labels,
@@ -604,8 +597,7 @@ def run(args) -> int:
         z = torch.stack([torch.randn((channels, side, side), generator=torch.Generator()
                                      .manual_seed(args.seed * 1_000_003 + i))
                          for i in idx]).to(device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32,
-                                             enabled=amp is not None):
+        with torch.no_grad(), autocast(device, amp):
             x = draw(z, y, gen, not args.no_progress and rank == 0).float()
             if vae is not None:
                 x = vae.decode(x / LATENT_SCALE).sample                 # [b, 3, H, W] in [-1, 1]

@@ -80,6 +80,7 @@ def run(args) -> int:
     import torch
     from torch.utils.data import DataLoader
 
+    from ..accel import amp_dtype, autocast
     from ..checkpoint import save_object
     from .data import ImageFolderDataset
 
@@ -98,7 +99,7 @@ def run(args) -> int:
         vae = load_vae(args.vae, device)
     except VAEUnavailable as e:
         return _fail(str(e))
-    amp = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
+    amp = amp_dtype(args.precision)
     gen = torch.Generator(device).manual_seed(args.seed)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
@@ -107,8 +108,7 @@ def run(args) -> int:
     it = loader
     if not args.no_progress:
         it = progress_bar(loader, total=len(loader), desc="encode", unit="batch")
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32,
-                                         enabled=amp is not None and device.type == "cuda"):
+    with torch.no_grad(), autocast(device, amp if device.type == "cuda" else None):
         for x, y in it:
             x = x.to(device)
             for flipped in views:

@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import torch
 
+from ..accel import autocast
 from ..progress import isatty
 
 
@@ -118,7 +119,7 @@ def sample_images(family, ema_module, dataset, cfg, num_classes: int, amp, devic
                         generator=gen)
     labels = (torch.arange(n) % num_classes).to(device) if num_classes else None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            autocast(device, amp):
         x = family.sample(ema_module, noise.to(device), labels, cfg)
     return to_images(x.float(), cfg)
 

@@ -71,6 +71,7 @@ from typing import Any, Dict, Optional
 import torch
 
 # re-exported: diffit.training.train is where users and tests find the training API
+from ..accel import autocast
 from .config import (_RESUME_FREE, TrainConfig, config_from_dict,  # noqa: F401
                      load_config_file)
 from .families import FAMILIES, Family, family_of
@@ -273,8 +274,7 @@ class Trainer:
             def probe():  # the loss's forward on the trial batch, for accel.check_kernels
                 # (under FSDP without autograd: a sharded forward whose backward never runs
                 # would leave its gradient hooks waiting; the check is then forward-only)
-                with torch.autocast(d.device.type, dtype=self.amp or torch.float32,
-                                    enabled=self.amp is not None), \
+                with accel.autocast(d.device, self.amp), \
                         torch.no_grad() if self.fsdp else contextlib.nullcontext():
                     return self.loss_fn(self.model, x, y)
 
@@ -417,8 +417,7 @@ class Trainer:
             # a new step for inductor's cudagraph trees: the last step's block outputs (all
             # consumed by now) may be overwritten by this step's replays
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(dev.type, dtype=self.amp or torch.float32,
-                            enabled=self.amp is not None):
+        with autocast(dev, self.amp):
             loss = self.loss_fn(self.net if net is None else net, x, y).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -23,6 +23,10 @@ Providers:
                   run; in --quick the repeated blocks only (regional compilation: one graph
                   serves all 28 blocks, the same kernels inside each), as compiling the whole
                   model would eat most of the 10-minute budget
+    compile+graphs  the reference's blocks compiled as ours+graphs compiles ours (regional,
+                  reduce-overhead, a graph step per training step or model call): what
+                  `python -m diffit train` runs in one process on CUDA when its trial chooses
+                  the reference, so ours+graphs against it is the trial's own choice
 The compiled providers compile exactly as the commands do (diffit.accel.compile_blocks). On
 CPU (the harness) "ours", "ours+compile" and "ours+graphs" build the model with backend="auto":
 the reference ops, or the kernels under TRITON_INTERPRET=1 (CUDA graphs exist on CUDA only).
@@ -31,8 +35,9 @@ same seed, inputs and optimizer. The U-Net runs channels_last for every provider
 
 --quick has these cases (the most telling first): the DiffiT-XL/2 256 px training step (B32)
 and the ffhq64 U-Net training step (B64), each for ours+graphs (the training default's
-configuration with ours), compile (blocks, the goal's yardstick), ours+compile, ours and eager;
-the 512 px training step (B8) for ours+graphs, compile and ours+compile; a 10-step guided DDIM
+configuration with ours), compile (blocks, the goal's yardstick), compile+graphs (the training
+default's with the reference), ours+compile, ours and eager; the 512 px training step (B8) for
+the first four of those; a 10-step guided DDIM
 loop (B16) and the 256 px forward for ours+compile (the sampling default's, with ours), compile
 and ours (and ours+graphs for the sampling loop). Every case's first two providers run before
 any case's others, so the run's time budget, when it runs out, skips extra providers rather
@@ -70,12 +75,15 @@ import benchmarks.common as common
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PASSES = ("fwd", "fwd+bwd+adamw", "guided sampling")
-PROVIDERS = ("ours", "ours+compile", "ours+graphs", "eager", "compile")
+PROVIDERS = ("ours", "ours+compile", "ours+graphs", "eager", "compile", "compile+graphs")
 # the model backend of each provider on CUDA (on CPU ours uses "auto", see the docstring)
 BACKENDS = {"ours": "triton", "ours+compile": "triton", "ours+graphs": "triton",
-            "eager": "torch", "compile": "torch"}
-COMPILED = ("ours+compile", "ours+graphs", "compile")
-GRAPHS = "ours+graphs"   # CUDA graphs: one graph step per training step or model call
+            "eager": "torch", "compile": "torch", "compile+graphs": "torch"}
+COMPILED = ("ours+compile", "ours+graphs", "compile", "compile+graphs")
+# CUDA graphs: one graph step per training step or model call
+GRAPHS = ("ours+graphs", "compile+graphs")
+# compiled as the commands compile (diffit.accel.compile_blocks: regional, fullgraph)
+BLOCKS = ("ours+compile",) + GRAPHS
 RING = 3  # input sets cycled between calls
 
 
@@ -112,12 +120,12 @@ def cases(quick: bool = False, tiny_cpu: bool = False) -> List[ModelCase]:
                           rep_ms=1)]
     if quick:
         rep = 400
-        train = ("ours+graphs", "compile", "ours+compile", "ours", "eager")
+        train = ("ours+graphs", "compile", "compile+graphs", "ours+compile", "ours", "eager")
         sample = ("ours+compile", "compile", "ours", "ours+graphs")
         xl256 = dict(model="DiffiT-XL/2", kind="latent", image_size=256, batch=32, rep_ms=rep)
         return [ModelCase(**xl256, pass_="fwd+bwd+adamw", providers=train),
                 ModelCase("ffhq64", "unet", 64, 64, "fwd+bwd+adamw", train, rep_ms=rep),
-                ModelCase("DiffiT-XL/2", "latent", 512, 8, "fwd+bwd+adamw", train[:3],
+                ModelCase("DiffiT-XL/2", "latent", 512, 8, "fwd+bwd+adamw", train[:4],
                           rep_ms=rep),
                 ModelCase("DiffiT-XL/2", "latent", 256, 16, "guided sampling", sample, steps=10,
                           rep_ms=rep),
@@ -257,16 +265,16 @@ def prepared(case: ModelCase, provider: str, dtype: str, device, quick: bool
     try:
         from diffit.accel import compile_blocks
 
-        if provider in ("ours+compile", GRAPHS):
+        if provider in BLOCKS:
             compile_blocks(model, backend=common.COMPILE_BACKEND,
-                           mode="reduce-overhead" if provider == GRAPHS else "default")
+                           mode="reduce-overhead" if provider in GRAPHS else "default")
         elif provider == "compile":
             if quick:
                 compile_blocks(model, backend=common.COMPILE_BACKEND, fullgraph=False)
             else:
                 # the bound forward, not the module: forward_with_cfg calls self.forward
                 model.forward = compiled(model.forward)
-        fn = make_step(case, model, dtype, device, graphs=provider == GRAPHS)
+        fn = make_step(case, model, dtype, device, graphs=provider in GRAPHS)
         fn()
         if torch.device(device).type == "cuda":
             fn()  # AdamW state exists and every input set has passed the compiled graph's guards
@@ -373,7 +381,7 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
         row = dict(op="model", case=case.name, model=case.model, image_size=case.image_size,
                    batch=case.batch, steps=case.steps, provider=provider, dtype=dtype,
                    **{"pass": case.pass_},
-                   compile_scope=("blocks" if quick or provider in ("ours+compile", GRAPHS)
+                   compile_scope=("blocks" if quick or provider in BLOCKS
                                   else "model") if provider in COMPILED else "",
                    ms=nan, images_per_s=nan, tflops=nan, peak_mb=nan, activations_mb=nan,
                    error="")

@@ -52,7 +52,7 @@ GROUPS = ("ours", "cuBLAS", "inductor", "copies and casts", "other")
 IDLE = "GPU idle"
 HOST = "host, our ops"     # CPU time inside this library's custom ops (not a GPU group)
 HOST_PREFIX = OP_PREFIX   # how profiles name our ops' calls
-PROVIDERS = ("ours+graphs", "ours+compile", "compile", "ours", "eager")
+PROVIDERS = ("ours+graphs", "ours+compile", "compile", "compile+graphs", "ours", "eager")
 # the training default's configuration with our kernels, the same without CUDA graphs (its host
 # time shows as GPU idle), and the goal's yardstick
 QUICK_PROVIDERS = ("ours+graphs", "ours+compile", "compile")

@@ -338,6 +338,10 @@ GOALS = [
     # ours+graphs: what `python -m diffit train` runs in one process on CUDA with our kernels
     ("model {case}: compile / ours+graphs", "model", r"256px B32$", "fwd+bwd+adamw",
      "compile", "ours+graphs", "ms", ">=", 1.5),
+    # the same yardstick with CUDA graphs: what the trainer runs when its trial picks the
+    # reference, so also which of the two a run of `python -m diffit train` should pick
+    ("model {case}: compile+graphs / ours+graphs", "model", r"256px B32$", "fwd+bwd+adamw",
+     "compile+graphs", "ours+graphs", "ms", ">=", 1.5),
     ("model {case}: peak memory ours+compile / compile", "model", r"256px B32$",
      "fwd+bwd+adamw", "ours+compile", "compile", "peak_mb", "<=", 1.0),
     ("model {case}: peak memory ours+graphs / compile", "model", r"256px B32$",
@@ -350,6 +354,8 @@ GOALS = [
      "ours+compile", "ms", ">=", 1.3),
     ("model {case}: compile / ours+graphs", "model", r"U-Net", "fwd+bwd+adamw", "compile",
      "ours+graphs", "ms", ">=", 1.3),
+    ("model {case}: compile+graphs / ours+graphs", "model", r"U-Net", "fwd+bwd+adamw",
+     "compile+graphs", "ours+graphs", "ms", ">=", 1.3),
     ("model {case} guided sampling: compile / ours+compile", "model", r"DDIM", "guided sampling",
      "compile", "ours+compile", "ms", ">=", 1.3),
 ]

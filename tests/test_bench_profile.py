@@ -224,27 +224,39 @@ def test_model_ours_compile_provider_is_one_fullgraph_for_every_block(cpu_compil
     assert row["ms"] > 0
 
 
-def test_model_ours_graphs_provider_compiles_like_the_trainer(cpu_compile, monkeypatch):
-    """ours+graphs: diffit.accel.compile_blocks with mode reduce-overhead (on CPU with the
-    aot_eager backend the mode has nothing to replay: one clean graph, as the trainer gets),
-    and a new cudagraph-trees step before every training step, or before every model call of
-    a sampling loop (as `python -m diffit sample --compile-mode reduce-overhead`)."""
+@pytest.mark.parametrize("provider,backend", [("ours+graphs", "auto"),
+                                              ("compile+graphs", "torch")])
+def test_model_graphs_providers_compile_like_the_trainer(
+        cpu_compile, monkeypatch, provider, backend):
+    """ours+graphs and compile+graphs (ours, or the reference ops, as the trainer runs each):
+    diffit.accel.compile_blocks with mode reduce-overhead (on CPU with the aot_eager backend
+    the mode has nothing to replay: one clean graph, as the trainer gets), and a new
+    cudagraph-trees step before every training step, or before every model call of a sampling
+    loop (as `python -m diffit sample --compile-mode reduce-overhead`). On CPU ours builds
+    with backend "auto" (the reference here, the kernels under the interpreter)."""
     import diffit.accel
     from benchmarks import bench_model as bm
 
-    modes, marks = [], []
+    modes, marks, built = [], [], []
     real = diffit.accel.compile_blocks
     monkeypatch.setattr(diffit.accel, "compile_blocks",
                         lambda model, **kw: modes.append(kw.get("mode")) or real(model, **kw))
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    case = bm.ModelCase("DiffiT-tiny", "latent", 32, 2, "fwd+bwd+adamw", ("ours+graphs",),
+    real_build = bm.build_model
+
+    def build(case, b, device):  # the timed model's backend (FLOP counts build on meta)
+        if str(device) != "meta":
+            built.append(b)
+        return real_build(case, b, device)
+    monkeypatch.setattr(bm, "build_model", build)
+    case = bm.ModelCase("DiffiT-tiny", "latent", 32, 2, "fwd+bwd+adamw", (provider,),
                         rep_ms=1)
-    row = bm.measure(case, "ours+graphs", "bf16", torch.device("cpu"), quick=True)
-    assert modes == ["reduce-overhead"] and len(marks) >= 2
+    row = bm.measure(case, provider, "bf16", torch.device("cpu"), quick=True)
+    assert modes == ["reduce-overhead"] and len(marks) >= 2 and built == [backend]
     assert (row["graphs"], row["graph_breaks"], row["recompile_limit_hits"]) == (1, 0, 0)
     marks.clear()
     sampling = dataclasses.replace(case, pass_="guided sampling", steps=3)
-    row = bm.measure(sampling, "ours+graphs", "bf16", torch.device("cpu"), quick=True)
+    row = bm.measure(sampling, provider, "bf16", torch.device("cpu"), quick=True)
     assert row["ms"] > 0 and row["graph_breaks"] == 0
     assert len(marks) >= 2 * 3 and len(marks) % 3 == 0  # one per model call of each loop
 
@@ -305,7 +317,16 @@ def test_goal_ratios_from_the_csvs(tmp_path):
     write_csv(tmp_path / "adaln_norm.csv", [
         dict(op="adaln_norm", case="M65536", provider="ours", **{"pass": "fwd"}, ms=0.2,
              gbps=3600.0)])
+    write_csv(tmp_path / "model.csv", [
+        dict(op="model", case="DiffiT-XL/2 256px B32", provider=p, **{"pass": "fwd+bwd+adamw"},
+             ms=ms) for p, ms in (("ours+graphs", 50.0), ("compile", 75.0),
+                                  ("compile+graphs", 70.0))])
     got = {label: (ratio, status) for label, ratio, _, status in summary.goal_rows(tmp_path)}
+    assert got["model DiffiT-XL/2 256px B32: compile / ours+graphs"] == \
+        (pytest.approx(1.5), "met")
+    # the trainer's two contenders, both with CUDA graphs
+    assert got["model DiffiT-XL/2 256px B32: compile+graphs / ours+graphs"] == \
+        (pytest.approx(1.4), "NOT met")
     r, st = got["attention fwd+bwd latent256-B64: tmsa / flash without bias"]
     assert r == pytest.approx(0.7 / 0.6) and st == "met"
     r, st = got["attention fwd+bwd latent256-B64: SDPA dense bias / tmsa"]

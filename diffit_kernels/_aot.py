@@ -1,9 +1,18 @@
-"""Ahead-of-time compile report: every shipped kernel config, built for sm_80 and sm_90a, no GPU.
+"""Ahead-of-time compile report: every shipped kernel config, built for sm_80 and sm_90a (and
+the tensor-core kernels for sm_100a), no GPU.
 
 Each op module exposes `aot_specs()`, the configs its launchers can pick. Here each one goes
 through `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`; then ptxas -v
 (spill bytes) and cuobjdump (registers, SASS tensor-core instruction counts) read the result.
 Must run in a process without TRITON_INTERPRET (the interpreter replaces the compiler).
+
+The configs are chosen on sm_80 and sm_90a builds, and there the fixed config of each list must
+not spill. Blackwell (sm_100a: B200, B300) builds the kernels whose tiles are tensor-core dots,
+where its compiler path differs most (tcgen05 MMAs from tensor memory, where Hopper issues
+wgmma): each must build, fit the block's shared memory and keep its tensor cores (tcgen05 for
+exactly the tiles that take wgmma on sm_90a); its spills are reported, not gated (no config is
+chosen for it yet: a card's autotuner measures). The row kernels (loads, reductions, stores)
+take the same path on every arch.
 """
 from __future__ import annotations
 
@@ -19,12 +28,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import _common
 
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory per block (A100, H100)
+# bytes of shared memory per block (A100; H100 / H200; B200 / B300)
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
+ARCHS = (80, 90, 100)
+# the archs the configs are chosen on: a list's fixed config must not spill there
+SPILL_GATED = (80, 90)
 # per block on sm_86 / sm_89 cards (RTX 30 / 40 series, A10, A40, L4, L40): each launch list
 # keeps a config within it (the one its AotSpec marks fits_99kb), which such a card's
 # autotuner falls back to (it times a config past the card as not fitting)
 SMEM_99KB = 99 * 1024
-ARCH_NAME = {80: "sm_80", 90: "sm_90a"}
+ARCH_NAME = {80: "sm_80", 90: "sm_90a", 100: "sm_100a"}
+ARCH_OF = {name: arch for arch, name in ARCH_NAME.items()}
 # Scalar 16-bit global loads / stores (LDG / STG .U16) a vectorised kernel may have in its
 # longest loop: a 16-row tile of a head dim's narrow second chunk (d 72 = 64 + 16) spread one
 # element per thread over 8 warps loads 2. Rows whose address hints the compiler misreads
@@ -43,18 +57,24 @@ class AotSpec:
     num_stages: int
     config: str                  # short label: which launch this is ("bf16 D=72 BM=64 BN=64")
     uses_dot: bool               # built on tl.dot with fp16/bf16 operands: tensor cores expected
-    archs: Sequence[int] = (80, 90)
+    # the archs it is built for (None: sm_80 and sm_90a, and sm_100a where it uses_dot)
+    archs: Optional[Sequence[int]] = None
     spill_ok: bool = False       # an autotune candidate after the default: may spill
     # int args given by an example value (a DiffiT launch's), typed and specialised the way
     # Triton's JIT does for that value (jit_int): the build is the one that runs at that shape
     example: Dict[str, int] = dataclasses.field(default_factory=dict)
     vector16: bool = False       # 16-bit rows, vectorised: <= MAX_SCALAR16 scalar in the loop
     # a 16-bit dot tile wgmma takes on sm_90a (a 64+ dimension, one warpgroup or more): HGMMA
-    # expected there, never HMMA alone (smaller tiles and single warps run HMMA by design)
+    # expected there, never HMMA alone (smaller tiles and single warps run HMMA by design);
+    # and on sm_100a tcgen05's MMAs (UTC*MMA), which Triton builds for the same tiles
     hgmma_expected: bool = False
     # the config of its list that a 99 KB card runs (the list's last, or its only one): its
     # sm_80 build must fit SMEM_99KB (earlier, larger candidates may not)
     fits_99kb: bool = True
+
+    def __post_init__(self):
+        if self.archs is None:
+            self.archs = ARCHS if self.uses_dot else SPILL_GATED
 
 
 @dataclasses.dataclass
@@ -71,6 +91,7 @@ class AotRow:
     hgmma: int
     uses_dot: bool
     error: Optional[str] = None
+    utcmma: int = 0              # Blackwell's tensor-core MMAs (tcgen05: UTCHMMA, ...)
     spill_ok: bool = False
     loop: int = 0                # SASS instructions in the longest loop body (loop_body)
     scalar16: int = 0            # scalar 16-bit global loads / stores in that loop
@@ -83,18 +104,22 @@ class AotRow:
         out = []
         if self.error:
             return [self.error]
-        if self.spill_bytes and not self.spill_ok:
+        arch = ARCH_OF[self.arch]
+        if self.spill_bytes and not self.spill_ok and arch in SPILL_GATED:
             out.append(f"{self.spill_bytes} bytes spilled")
-        limit = SMEM_LIMIT[80 if self.arch == "sm_80" else 90]
+        limit = SMEM_LIMIT[arch]
         if self.shared_bytes > limit:
             out.append(f"shared memory {self.shared_bytes} B > {limit} B")
         elif self.fits_99kb and self.arch == "sm_80" and self.shared_bytes > SMEM_99KB:
             out.append(f"shared memory {self.shared_bytes} B > {SMEM_99KB} B: the config its "
                        "list keeps for sm_86 / sm_89 cards must fit them")
-        if self.uses_dot and self.hmma + self.hgmma == 0:
-            out.append("no tensor-core instruction (HMMA/HGMMA) in the SASS")
+        if self.uses_dot and self.hmma + self.hgmma + self.utcmma == 0:
+            out.append("no tensor-core instruction (HMMA/HGMMA/UTC*MMA) in the SASS")
         elif self.hgmma_expected and self.arch == "sm_90a" and self.hgmma == 0:
             out.append("HMMA only on sm_90a: no HGMMA (wgmma) for a 64-wide 16-bit dot tile")
+        elif self.hgmma_expected and self.arch == "sm_100a" and self.utcmma == 0:
+            out.append("HMMA only on sm_100a: no tcgen05 MMA (UTC*MMA) for a 64-wide 16-bit "
+                       "dot tile")
         if self.vector16 and self.scalar16 > MAX_SCALAR16:
             out.append(f"{self.scalar16} scalar 16-bit global loads / stores in the loop: rows "
                        "not vectorised")
@@ -232,6 +257,7 @@ def compile_spec(spec: AotSpec, arch: int) -> AotRow:
                               text=True).stdout
         row.hgmma = len(re.findall(r"\bHGMMA\.", sass))
         row.hmma = len(re.findall(r"\bHMMA\.", sass))
+        row.utcmma = len(re.findall(r"\bUTC\w*MMA\b", sass))
         body = loop_body(sass)
         row.loop, row.scalar16 = len(body), scalar16(body)
     return row
@@ -246,7 +272,7 @@ def all_specs() -> List[AotSpec]:
     return specs
 
 
-def run_report(specs: Optional[Sequence[AotSpec]] = None, archs: Sequence[int] = (80, 90),
+def run_report(specs: Optional[Sequence[AotSpec]] = None, archs: Sequence[int] = ARCHS,
                printer=print) -> List[AotRow]:
     """Compile every spec for every arch, print a table and return the rows."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -255,7 +281,8 @@ def run_report(specs: Optional[Sequence[AotSpec]] = None, archs: Sequence[int] =
     specs = all_specs() if specs is None else specs
     rows = []
     head = (f"{'kernel':34} {'config':34} {'arch':7} {'warps':>5} {'stg':>3} {'regs':>4} "
-            f"{'spill':>5} {'smem KiB':>8} {'HMMA':>5} {'HGMMA':>5} {'loop':>5} {'s16':>3}  status")
+            f"{'spill':>5} {'smem KiB':>8} {'HMMA':>5} {'HGMMA':>5} {'UTC':>4} {'loop':>5} "
+            f"{'s16':>3}  status")
     printer(head)
     printer("-" * len(head))
     jobs = [(spec, arch) for spec in specs for arch in archs if arch in spec.archs]
@@ -266,8 +293,8 @@ def run_report(specs: Optional[Sequence[AotSpec]] = None, archs: Sequence[int] =
             status = "ok" if not r.problems else "FAIL: " + "; ".join(r.problems)
             printer(f"{r.kernel[:34]:34} {r.config[:34]:34} {r.arch:7} {r.num_warps:5d} "
                     f"{r.num_stages:3d} {r.registers:4d} {r.spill_bytes:5d} "
-                    f"{r.shared_bytes / 1024:8.1f} {r.hmma:5d} {r.hgmma:5d} {r.loop:5d} "
-                    f"{r.scalar16:3d}  {status}")
+                    f"{r.shared_bytes / 1024:8.1f} {r.hmma:5d} {r.hgmma:5d} {r.utcmma:4d} "
+                    f"{r.loop:5d} {r.scalar16:3d}  {status}")
     bad = sum(1 for r in rows if r.problems)
     printer(f"{len(rows)} kernel builds, {bad} with problems")
     return rows

@@ -132,7 +132,8 @@ def _kernel_spec(kind: str, dt: str, D: int, flags: str, cfg: tuple, spill_ok: b
     spec.spill_ok = spill_ok
     spec.fits_99kb = fits_99kb
     # wgmma's tiles: 64 rows per warpgroup; every 16-bit tile with a 64+ side in one or more
-    # warpgroups builds HGMMA on sm_90a today (Triton 3.6, 3.8, 3.9)
+    # warpgroups builds HGMMA on sm_90a today (Triton 3.6, 3.8, 3.9), and tcgen05 MMAs on
+    # sm_100a (the same tiles exactly, Triton 3.9: the others build HMMA there)
     spec.hgmma_expected = spec.uses_dot and w >= 4 and max(bm, bn) >= 64
     return spec
 

@@ -230,9 +230,9 @@ def test_every_launch_of_the_gpu_row_op_cases_compiles(op, shape, opts, dtype):
 
 
 def _assert_launches_fit(record):
-    """Every launch fits an H100 / H200: its grid within CUDA's limits (2^31 - 1 programs along
-    x, 65535 along y and z) and its shared memory within the 227 KB a block may take (a launch
-    past it fails on the card, OutOfResources)."""
+    """Every launch fits an H100 / H200 (and a B200): its grid within CUDA's limits (2^31 - 1
+    programs along x, 65535 along y and z) and its shared memory within the 227 KB a block may
+    take (a launch past it fails on the card, OutOfResources)."""
     for name, grid, shared in record["launches"]:
         x, y, z = tuple(grid) + (1,) * (3 - len(grid))
         assert 0 < x < 2 ** 31 and 0 < y <= 65535 and 0 < z <= 65535, (name, grid)
@@ -280,12 +280,18 @@ def test_every_launch_of_the_attention_benchmark_compiles(label, B, H, grid, win
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["DiffiT-XL/2-256", "DiffiT-XL/2-512", "ffhq64"])
-def test_every_launch_of_a_model_training_step_compiles(model):
+@pytest.mark.parametrize("model,arch,sms", [
+    pytest.param("DiffiT-XL/2-256", 90, 132, id="DiffiT-XL/2-256-H100"),
+    pytest.param("DiffiT-XL/2-512", 90, 132, id="DiffiT-XL/2-512-H100"),
+    pytest.param("ffhq64", 90, 132, id="ffhq64-H100"),
+    pytest.param("DiffiT-XL/2-256", 100, 148, id="DiffiT-XL/2-256-B200"),
+    pytest.param("ffhq64", 100, 148, id="ffhq64-B200")])
+def test_every_launch_of_a_model_training_step_compiles(model, arch, sms):
     """A training step of the models the model benchmark trains (bf16 autocast, fp32
     weights; DiffiT-XL/2 at its width and heads with 2 of its 28 identical blocks, 2 samples;
-    the ffhq64 U-Net whole, 1 sample) builds every launch for sm_90a through the card's launch
-    path, each launch within the card's limits."""
+    the ffhq64 U-Net whole, 1 sample) builds every launch through the card's launch path,
+    each launch within the card's limits: for sm_90a with an H100 / H200's 132 SMs, and for
+    sm_100a with a B200's 148 (its own work splits; every kernel, row kernels too)."""
     from diffit.latent import DiffiT
     from diffit.unet import DiffiTUNet
 
@@ -299,7 +305,7 @@ def test_every_launch_of_a_model_training_step_compiles(model):
         net = DiffiT.from_preset("DiffiT-XL/2", input_size=size, depth=2, backend="triton")
         inputs = (torch.randn(2, net.in_channels, size, size), torch.randint(0, 1000, (2,)),
                   torch.randint(0, net.num_classes, (2,)))
-    with testing.compile_only_card(90) as record:
+    with testing.compile_only_card(arch, sms) as record:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = net(*inputs)
         out.float().sum().backward()

@@ -4,6 +4,8 @@
                          [--dtype bf16|fp16|fp32] [--out DIR] [--budget-s SECONDS]
                          [--profile] [--append]
 
+`--ops explore` times a grid of attention tiles beyond the shipped candidate lists at
+DiffiT-XL/2's training shape (benchmarks/explore.py: explore.csv, a section of summary.md).
 --profile adds, after the chosen benchmarks, the per-kernel profile of the DiffiT-XL/2 256 px
 and the ffhq64 U-Net training steps for each model provider (benchmarks/profile_step.py:
 profile_<provider>.csv, profile_unet_<provider>.csv, two plots, a section of summary.md);
@@ -66,12 +68,16 @@ BENCHMARKS: Dict[str, str] = {
 }
 PEAK = ("peak", "benchmarks.peak")
 PROFILE = ("profile", "benchmarks.profile_step")  # only when asked: --profile or --ops profile
+# only when asked (--ops explore): the attention tiles beyond the shipped lists
+# (benchmarks/explore.py), about a minute and a half of a card
+EXPLORE = ("explore", "benchmarks.explore")
+ON_REQUEST = dict((PROFILE, EXPLORE))
 DTYPES = ("bf16", "fp16", "fp32")
 # the fraction of the time budget kept for each benchmark by those before it: about its
 # --quick cost on an H100 (torch.compile and the first Triton compiles dominate; the model's
 # builds and its compiled case most of all); peak takes seconds and keeps nothing
 BUDGET_RESERVE = {"adaln_norm": 0.10, "time_qkv": 0.12, "tmsa_attention": 0.25, "model": 0.45,
-                  "profile": 0.25}
+                  "profile": 0.25, "explore": 0.25}
 QUICK_BUDGET_S = 420.0
 
 
@@ -79,11 +85,11 @@ def _parse_ops(text: str) -> List[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names or names == ["all"]:
         return list(BENCHMARKS)
-    bad = [n for n in names if n not in BENCHMARKS and n != PROFILE[0]]
+    bad = [n for n in names if n not in BENCHMARKS and n not in ON_REQUEST]
     if bad:
         raise argparse.ArgumentTypeError(
             f"unknown benchmark(s) {bad}; choose from {', '.join(BENCHMARKS)}, "
-            f"{PROFILE[0]} or 'all'")
+            f"{', '.join(ON_REQUEST)} or 'all'")
     return list(dict.fromkeys(names))
 
 
@@ -92,7 +98,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", type=_parse_ops, default=list(BENCHMARKS),
                    help="comma-separated subset of: " + ", ".join(BENCHMARKS)
-                   + " (default: all); the speed-of-light rows always run")
+                   + " (default: all), or " + ", ".join(ON_REQUEST) + " (only when named); "
+                   "the speed-of-light rows always run")
     p.add_argument("--quick", action="store_true",
                    help="fewer sizes and providers (sized for under 10 minutes on an H100)")
     p.add_argument("--dtype", default="bf16", choices=DTYPES,
@@ -333,7 +340,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 tiny_cpu=args.tiny_cpu, git=_git_revision(),
                 started=started.strftime("%Y-%m-%d %H:%M UTC"), budget_s=budget,
                 finished=False, benchmarks=[])
-    todo = [PEAK] + [(n, BENCHMARKS.get(n) or PROFILE[1]) for n in ops]
+    todo = [PEAK] + [(n, BENCHMARKS.get(n) or ON_REQUEST[n]) for n in ops]
     if earlier is not None:
         # this run's benchmarks replace the earlier run's entries of the same name; the rest
         # (its peak rows among them: measured on the same card, minutes ago) stay

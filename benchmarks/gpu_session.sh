@@ -20,6 +20,10 @@
 #                   100; ours+graphs, ours+compile and compile of the XL/2 256 px B32 step, ~20 s
 #                   each, then ours+graphs and compile of the ffhq64 U-Net step, ~35 s each: its
 #                   blocks compile one graph per level)
+#     explore       EXPLORE_TIMEOUT 110 s + 10 s to SIGKILL 120 s  (--budget-s EXPLORE_BUDGET 80:
+#                   the attention's tiles beyond the shipped lists at DiffiT-XL/2's training
+#                   shape, 163 candidates compiled in threads and timed, a kind at a time;
+#                   EXPLORE=0 skips it; not yet run on a card)
 #     tar, summary, goal ratios                           ~5 s
 #     ncu           what is left of 530 s, NCU_MIN_S 45 to NCU_TIMEOUT 150 (skipped below the
 #                   minimum; the XL/2 step's three ops alone below 90 s), + 3 exports of 12 s
@@ -40,6 +44,8 @@ BENCH_BUDGET=${BENCH_BUDGET:-180}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-230}
 PROFILE_BUDGET=${PROFILE_BUDGET:-100}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-140}
+EXPLORE_BUDGET=${EXPLORE_BUDGET:-80}
+EXPLORE_TIMEOUT=${EXPLORE_TIMEOUT:-110}
 BENCH_OPS=${BENCH_OPS:-all}  # e.g. tmsa_attention,time_qkv: a shorter session for one question
 LOGS=${OUT:-benchmarks/results/_tmp-session}
 mkdir -p "$LOGS"
@@ -113,6 +119,17 @@ timeout -s TERM -k 10 "$PROFILE_TIMEOUT" "$PY" -m benchmarks --ops profile --app
     "${prof[@]}" 2>&1 | tee "$LOGS/profile.log"
 prof_rc=$?
 
+# the attention tiles beyond the shipped candidate lists, timed at DiffiT-XL/2's training
+# shape (benchmarks/explore.py), added to the same folder: the data to reorder the lists by
+explore_rc=skipped
+if [ "${EXPLORE:-1}" != 0 ]; then
+    if [ "${CPU_CHECK:-0}" = 1 ]; then explore=(--tiny-cpu); else explore=(--budget-s "$EXPLORE_BUDGET"); fi
+    echo "== python -m benchmarks --ops explore --append ${explore[*]} (stopped at ${EXPLORE_TIMEOUT} s), into profile.log"
+    timeout -s TERM -k 10 "$EXPLORE_TIMEOUT" "$PY" -m benchmarks --ops explore --append \
+        "${explore[@]}" 2>&1 | tee -a "$LOGS/profile.log"  # 8 files at most come back
+    explore_rc=$?
+fi
+
 dir=benchmarks/results/$slug
 if [ -f "$dir/run.json" ]; then
     "$PY" -m benchmarks.summary "$dir" >/dev/null || echo "summary.md could not be rebuilt"
@@ -171,6 +188,7 @@ echo "gpu tests: exit ${tests_rc} (0 passed, 1 failed, 5 none collected, 124/137
 echo "diffit check: exit ${check_rc} (0 within the rule, 1 beyond it, 2 usage, 124/137 stopped)"
 echo "benchmarks: exit ${bench_rc} (0 all ran, 1 errors, 2 time budget left cases out, 124/130/137 stopped)"
 echo "profile: exit ${prof_rc} (the same codes)"
+echo "explore: exit ${explore_rc} (the same codes)"
 echo "ncu: exit ${ncu_rc} (0 profiled, 124/137 stopped at the limit; its CSVs in ncu.tar.gz)"
 "$PY" - "$dir" <<'EOF' || true
 import json, sys

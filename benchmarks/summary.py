@@ -275,6 +275,12 @@ def build_summary(out: Path) -> str:
         L.append("")
         if e.get("status", "ok") != "ok":
             L += [f"Status: {e['status']}", ""]
+        if name == "explore":
+            from benchmarks.explore import section
+
+            L.append(section(csvs.get(name, [])))
+            L += ["", "Data: " + ", ".join(f"[{p.name}]({p.name})" for p in csvs[name]), ""]
+            continue
         if name == "profile":
             from benchmarks.profile_step import section
 

@@ -377,6 +377,53 @@ def test_backend_trial_ranks_agree_gloo(tmp_path):
     assert r0["checked"][0] == "torch" and r0["checked"][1]["triton"] == "wrong on rank 1", r0
 
 
+def test_ranks_leave_together_once_every_rank_destroyed_its_groups():
+    """state.leave_together: a rank returns only once every rank has counted in at the store
+    (or the wait times out, or the store fails: a finished run never fails at its exit)."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from diffit.training.state import leave_together
+
+    store = dist.HashStore()
+    done = []
+    first = threading.Thread(target=lambda: done.append(leave_together(store, 2, "k")))
+    first.start()
+    time.sleep(0.3)
+    assert not done and first.is_alive()            # waits for the other rank
+    assert leave_together(store, 2, "k") is True
+    first.join(5)
+    assert done == [True]
+    t0 = time.monotonic()
+    assert leave_together(dist.HashStore(), 2, "alone", timeout_s=0.2) is False
+    assert time.monotonic() - t0 < 5
+
+    class Gone:
+        def add(self, key, n):
+            raise RuntimeError("Connection reset by peer")
+    assert leave_together(Gone(), 2, "k") is False
+
+
+def test_shut_down_destroys_the_groups_then_leaves_together(monkeypatch):
+    import torch.distributed as dist
+
+    from diffit.training import state
+
+    calls = []
+    store = object()
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store",
+                        lambda: calls.append("store") or store)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(state, "leave_together",
+                        lambda s, world, key: calls.append(("leave", s is store, world, key)))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    state.shut_down(state.DistInfo(1, 4, 1, torch.device("cpu"), True))
+    assert calls == ["barrier", "store", "destroy", ("leave", True, 4, "diffit/left/2")]
+
+
 @pytest.mark.slow
 def test_torchrun_cli_gloo(tmp_path):
     out = tmp_path / "run"

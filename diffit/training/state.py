@@ -71,6 +71,42 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+LEAVE_TIMEOUT_S = 60.0
+
+
+def shut_down(info: DistInfo) -> None:
+    """The end of a process group this process made: every rank at a barrier, each destroys
+    its groups, and none returns (so none exits) before every rank has: a rank that exited
+    while a peer still tore its gloo group down left that peer to abort now and then
+    ("terminate called without an active exception", SIGABRT after a finished run, once in
+    CI under torchrun; the spawned test workers met it twice before they left this way)."""
+    import torch.distributed as dist
+
+    barrier(info)
+    store = dist.distributed_c10d._get_default_store()  # outlives the groups: ours to hold
+    dist.destroy_process_group()
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    leave_together(store, info.world, f"diffit/left/{restart}")
+
+
+def leave_together(store, world: int, key: str, timeout_s: float = LEAVE_TIMEOUT_S) -> bool:
+    """Count this rank in at `key` of the group's store and wait until all `world` ranks have
+    (at most timeout_s). Returns whether they all did; a store that fails (its host gone)
+    ends the wait: a finished run never fails at its exit."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        store.add(key, 1)
+        while store.add(key, 0) < world:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+    except Exception:  # noqa: BLE001 - best effort, see above
+        return False
+    return True
+
+
 def gather_objects(obj, info: DistInfo) -> list:
     from ..accel import all_ranks
     return all_ranks(obj, info.world)

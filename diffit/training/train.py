@@ -80,7 +80,7 @@ from .state import (CKPT_PREFIX, FORMAT, STOP_SIGNALS, CheckpointError, DistInfo
                     StopRequest, barrier, check_compatible, fresh_rank_seed, full_state_dicts,
                     gather_objects, ignore_stop_signals, init_distributed, latest_checkpoint,
                     list_checkpoints, load_training_state, read_checkpoint, rng_state, seed_all,
-                    set_rng_state, wrap_model, write_checkpoint)
+                    set_rng_state, shut_down, wrap_model, write_checkpoint)
 
 # exit status of `python -m diffit train` stopped by a signal with its checkpoint complete:
 # sysexits' EX_TEMPFAIL ("try again later"), so a requeue wrapper can tell it from success (0),
@@ -542,9 +542,7 @@ class Trainer:
 
     def close(self) -> None:
         if self.dist.owns_group:
-            import torch.distributed as dist
-            barrier(self.dist)
-            dist.destroy_process_group()
+            shut_down(self.dist)
             self.dist.owns_group = False
 
 

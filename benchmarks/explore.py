@@ -3,14 +3,14 @@
 The attention kernels' shipped candidate lists (diffit_kernels/_attention_launch.py
 `_CONFIG_TABLE`) were chosen without a card, from compile reports: what each tile costs in
 registers, spills, shared memory and SASS instructions per score. Only a card can say which
-tile is fastest, and cards are lent for minutes. This benchmark spends about a minute and a
-half of one to time a whole grid of tiles (SPACE) at the shape that dominates DiffiT training,
-DiffiT-XL/2 at 256 px (B32, 16 heads, 16x16 tokens, d 72, the bias table and its gradient,
-bf16), so a later session can reorder and prune the shipped lists by measurement.
+tile is fastest, and cards are lent for minutes. This benchmark spends about a minute of one to time a whole grid of tiles (SPACE) at the
+shapes that dominate DiffiT training, DiffiT-XL/2 at 256 px (B32, 16 heads, 16x16 tokens, d 72,
+the bias table and its gradient, bf16) and at 512 px (B8, 32x32 tokens), so a later session
+can reorder and prune the shipped lists by measurement.
 
 How: for each kernel kind, the kind's list at d 72 is widened to SPACE plus its shipped
 configs, and one forward (and backward) of tmsa_attention runs with the backward plan that
-launches that kind. The kind's autotuner, a new one for the widened list, compiles every
+launches that kind (KINDS; where a shape lacks that plan, another that launches the kind). The kind's autotuner, a new one for the widened list, compiles every
 candidate in threads and times each on the card as any tuned launch does (do_bench,
 _common.tuning_bench): those times are the rows (explore.csv's only: autotune.csv keeps to the
 shipped lists). A candidate past the card's shared memory or registers is a row that did not
@@ -40,8 +40,9 @@ import torch
 from benchmarks.common import (after_error, cuda_or_explain, environment, error_text,
                                out_of_time, results_dir, skipped_text, write_csv)
 
-# DiffiT-XL/2's training shape at 256 px: (label, B, H, grid, d)
-CASE = ("latent256-B32", 32, 16, (16, 16), 72)
+# DiffiT-XL/2's training shapes (label, B, H, grid, d): 256 px at the trainer's B32, then 512
+# px at B8 (its key's own tiles: N 1024; the builds are the first case's, only timed again)
+CASES = (("latent256-B32", 32, 16, (16, 16), 72), ("latent512-B8", 8, 16, (32, 32), 72))
 TINY_CASE = ("tiny-global", 2, 2, (4, 4), 72)
 SHAPE = (64, 16)  # d 72's head-dim chunks: the lists this explores
 # (kind, backward plan that launches it; None: forward only). dkdv-acc: the dK/dV pass that
@@ -78,6 +79,10 @@ SPACE: Dict[str, List[Tuple[int, int, int, int]]] = {
     "dkdv": _grid("dkdv", (16, 32, 64), (32, 64, 128), (4, 8), (1, 2, 3)),
 }
 TINY_SPACE = 2  # candidates per kind on CPU: the shipped first and one of SPACE
+# the backward plans that launch each backward kind (a shape without the kind's own plan in
+# KINDS runs the first of these it has)
+_RUNS = {"dkdv-acc": ("samples", "shares"), "dq": ("samples", "shares", "separate"),
+         "dkdv": ("separate", "separate-64")}
 
 
 def shipped(kind: str) -> List[Tuple[int, int, int, int]]:
@@ -149,6 +154,10 @@ def _run_kind(kind: str, plan: Optional[str], case: tuple, device, tiny: bool) -
     q, k, v = (t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
     table = (torch.randn((2 * grid[0] - 1) * (2 * grid[1] - 1), H, generator=g) * 0.02).to(
         device=device, dtype=torch.bfloat16).requires_grad_()
+    if plan is not None:  # the kind's plan where the shape has it, else the first that
+        plans = AP._plans_of(B, H, N, d, torch.bfloat16, [*grid, *grid], device)  # runs it
+        plan = plan if plan in plans else next((p for p in plans if p in _RUNS[kind]),
+                                               plans[0])
     n0 = len(_common._TUNED)
     with widened(kind, cfgs), module_setting(AP, "BWD_PLAN", plan), \
             module_setting(A, "TABLE_READ", "slabs"):
@@ -193,16 +202,15 @@ def _shipped(cfg: tuple, ship: List[tuple]) -> str:
 
 def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
         tiny_cpu: bool = False) -> List[dict]:
-    """Tune each kind's widened list at the case; write explore.csv; return the rows. The
-    case is bf16 whatever `dtype` (the training default); quick changes nothing."""
+    """Tune each kind's widened list at each case; write explore.csv; return the rows. The
+    cases are bf16 whatever `dtype` (the training default); quick changes nothing."""
     if not tiny_cpu and not cuda_or_explain("explore"):
         return []
     device = torch.device("cpu" if tiny_cpu else "cuda")
-    case = TINY_CASE if tiny_cpu else CASE
     env = environment()
     out = results_dir(out_dir)
     rows: List[dict] = []
-    for kind, plan in KINDS:
+    for case, (kind, plan) in itertools.product([TINY_CASE] if tiny_cpu else CASES, KINDS):
         base = dict(op="explore", case=f"{case[0]} {kind}", kind=kind, kernel="", key="",
                     provider="", candidate="", ms=math.nan, vs_best=math.nan, shipped="",
                     **{"pass": kind})

@@ -22,7 +22,8 @@
 #                   blocks compile one graph per level)
 #     explore       EXPLORE_TIMEOUT 110 s + 10 s to SIGKILL 120 s  (--budget-s EXPLORE_BUDGET 80:
 #                   the attention's tiles beyond the shipped lists at DiffiT-XL/2's training
-#                   shape, 163 candidates compiled in threads and timed, a kind at a time;
+#                   shapes, 163 candidates compiled in threads and each timed at 256 and 512
+#                   px, a list at a time;
 #                   EXPLORE=0 skips it; not yet run on a card)
 #     tar, summary, goal ratios                           ~5 s
 #     ncu           what is left of 530 s, NCU_MIN_S 45 to NCU_TIMEOUT 150 (skipped below the
@@ -120,7 +121,7 @@ timeout -s TERM -k 10 "$PROFILE_TIMEOUT" "$PY" -m benchmarks --ops profile --app
 prof_rc=$?
 
 # the attention tiles beyond the shipped candidate lists, timed at DiffiT-XL/2's training
-# shape (benchmarks/explore.py), added to the same folder: the data to reorder the lists by
+# shapes (benchmarks/explore.py), added to the same folder: the data to reorder the lists by
 explore_rc=skipped
 if [ "${EXPLORE:-1}" != 0 ]; then
     if [ "${CPU_CHECK:-0}" = 1 ]; then explore=(--tiny-cpu); else explore=(--budget-s "$EXPLORE_BUDGET"); fi

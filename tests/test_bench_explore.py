@@ -86,9 +86,12 @@ def test_a_kind_that_fails_is_a_row_and_the_others_run(monkeypatch, tmp_path):
     monkeypatch.setattr(explore, "_run_kind", run_kind)
     monkeypatch.setattr(explore, "cuda_or_explain", lambda name: True)
     rows = explore.run(out_dir=str(tmp_path))
-    assert calls == [k for k, _ in explore.KINDS]
+    assert calls == [k for _ in explore.CASES for k, _ in explore.KINDS]
     bad = [r for r in rows if r["error"]]
-    assert len(bad) == 1 and bad[0]["kind"] == "dq" and "cannot build" in bad[0]["error"]
+    assert len(bad) == len(explore.CASES) and all(r["kind"] == "dq" for r in bad)
+    assert all("cannot build" in r["error"] for r in bad)
+    assert [r["case"] for r in rows] == [f"{c[0]} {k}" for c in explore.CASES
+                                         for k, _ in explore.KINDS]
     assert (tmp_path / "explore.csv").is_file()
 
 

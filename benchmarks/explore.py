@@ -2,17 +2,19 @@
 
 The attention kernels' shipped candidate lists (diffit_kernels/_attention_launch.py
 `_CONFIG_TABLE`) were chosen without a card, from compile reports: what each tile costs in
-registers, spills, shared memory and SASS instructions per score. Only a card can say which
-tile is fastest, and cards are lent for minutes. This benchmark spends about a minute of one to time a whole grid of tiles (SPACE) at the
-shapes that dominate DiffiT training, DiffiT-XL/2 at 256 px (B32, 16 heads, 16x16 tokens, d 72,
-the bias table and its gradient, bf16) and at 512 px (B8, 32x32 tokens), so a later session
-can reorder and prune the shipped lists by measurement.
+registers, spills, shared memory and SASS instructions per score. Only a card can say which tile
+is fastest, and cards are lent for minutes. This benchmark is sized for about a minute of one
+(an estimate, not yet run on a card: 163 tiles compiled in threads, each timed at two shapes) to
+time a whole grid of tiles (SPACE) at the shapes that dominate DiffiT training, DiffiT-XL/2 at
+256 px (B32, 16 heads, 16x16 tokens, d 72, the bias table and its gradient, bf16) and at 512 px
+(B8, 32x32 tokens), so a later session can reorder and prune the shipped lists by measurement.
 
 How: for each kernel kind, the kind's list at d 72 is widened to SPACE plus its shipped
 configs, and one forward (and backward) of tmsa_attention runs with the backward plan that
-launches that kind (KINDS; where a shape lacks that plan, another that launches the kind). The kind's autotuner, a new one for the widened list, compiles every
-candidate in threads and times each on the card as any tuned launch does (do_bench,
-_common.tuning_bench): those times are the rows (explore.csv's only: autotune.csv keeps to the
+launches that kind (KINDS; where a shape lacks that plan, another that launches the kind). The
+kind's autotuner, a new one for the widened list, compiles every candidate in threads and times
+each on the card as any tuned launch does (do_bench, _common.tuning_bench): those times are the
+rows (explore.csv's only: autotune.csv keeps to the
 shipped lists). A candidate past the card's shared memory or registers is a row that did not
 fit. Each kind runs in its own try, so one that fails (a tile this Triton cannot build) is a
 row with its error and the others still run; the time budget (--budget-s) is checked before

@@ -36,7 +36,7 @@ is missing, 2 only the time budget left cases out, 130 interrupted.
 
 Without CUDA nothing can be timed: the command says so, runs the compile report instead
 (`python -m diffit_kernels report`: every kernel config built for sm_80 and sm_90a, the
-tensor-core ones for sm_100a too) and exits with the report's status (0 when every build is
+tensor-core ones for Blackwell too) and exits with the report's status (0 when every build is
 clean). `--no-report` skips the report.
 """
 from __future__ import annotations
@@ -313,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("--no-report: the compile report was skipped.")
             return 0
         print("Running the compile report instead (python -m diffit_kernels report): every "
-              "kernel config built for sm_80 and sm_90a (the tensor-core ones for sm_100a "
+              "kernel config built for sm_80 and sm_90a (the tensor-core ones for Blackwell "
               "too), no GPU needed.\n")
         rc = compile_report()
         if rc:

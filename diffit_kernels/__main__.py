@@ -3,7 +3,8 @@
 check   every op with a kernel against the reference on random inputs (Triton on CUDA, the
         interpreter on CPU), a table of max errors per output and gradient, then the report.
 report  every kernel config compiled for sm_80 and sm_90a (and the tensor-core kernels for
-        sm_100a) without a GPU: registers, spills, shared memory, tensor-core instructions.
+        Blackwell, sm_100a / sm_120a) without a GPU: registers, spills, shared memory,
+        tensor-core instructions.
 The interpreter and the compiler cannot share a process, so each part runs in its own.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("check", help="kernels vs the reference, then the compile report")
     c.add_argument("--no-report", action="store_true", help="skip the compile report")
     sub.add_parser("report", help="compile every kernel config for sm_80, sm_90a (and "
-                   "sm_100a: the tensor-core kernels)")
+                   "Blackwell: the tensor-core kernels)")
     sub.add_parser("_numerics", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 

@@ -1,5 +1,5 @@
 """Ahead-of-time compile report: every shipped kernel config, built for sm_80 and sm_90a (and
-the tensor-core kernels for sm_100a), no GPU.
+the tensor-core kernels for Blackwell, sm_100a and sm_120a), no GPU.
 
 Each op module exposes `aot_specs()`, the configs its launchers can pick. Here each one goes
 through `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`; then ptxas -v
@@ -11,8 +11,10 @@ not spill. Blackwell (sm_100a: B200, B300) builds the kernels whose tiles are te
 where its compiler path differs most (tcgen05 MMAs from tensor memory, where Hopper issues
 wgmma): each must build, fit the block's shared memory and keep its tensor cores (tcgen05 for
 exactly the tiles that take wgmma on sm_90a); its spills are reported, not gated (no config is
-chosen for it yet: a card's autotuner measures). The row kernels (loads, reductions, stores)
-take the same path on every arch.
+chosen for it yet: a card's autotuner measures). Consumer Blackwell (sm_120a: RTX 50 series,
+RTX PRO 6000) gives a block 99 KB and has no tcgen05: the config each tensor-core list keeps for
+99 KB cards (fits_99kb) builds for it, within 99 KB, with tensor cores. The row kernels (loads,
+reductions, stores) take the same path on every arch.
 """
 from __future__ import annotations
 
@@ -28,16 +30,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import _common
 
-# bytes of shared memory per block (A100; H100 / H200; B200 / B300)
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
-ARCHS = (80, 90, 100)
+# per block on sm_86 / sm_89 / sm_120 cards (RTX 30 / 40 / 50 series, A10, A40, L4, L40, RTX PRO
+# 6000 Blackwell): each launch list keeps a config within it (the one its AotSpec marks
+# fits_99kb), which such a card's autotuner falls back to (it times a config past the card as
+# not fitting)
+SMEM_99KB = 99 * 1024
+# bytes of shared memory per block (A100; H100 / H200; B200 / B300; RTX 50 / RTX PRO 6000)
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: SMEM_99KB}
+ARCHS = (80, 90, 100, 120)
 # the archs the configs are chosen on: a list's fixed config must not spill there
 SPILL_GATED = (80, 90)
-# per block on sm_86 / sm_89 cards (RTX 30 / 40 series, A10, A40, L4, L40): each launch list
-# keeps a config within it (the one its AotSpec marks fits_99kb), which such a card's
-# autotuner falls back to (it times a config past the card as not fitting)
-SMEM_99KB = 99 * 1024
-ARCH_NAME = {80: "sm_80", 90: "sm_90a", 100: "sm_100a"}
+ARCH_NAME = {80: "sm_80", 90: "sm_90a", 100: "sm_100a", 120: "sm_120a"}
 ARCH_OF = {name: arch for arch, name in ARCH_NAME.items()}
 # Scalar 16-bit global loads / stores (LDG / STG .U16) a vectorised kernel may have in its
 # longest loop: a 16-row tile of a head dim's narrow second chunk (d 72 = 64 + 16) spread one
@@ -57,7 +60,7 @@ class AotSpec:
     num_stages: int
     config: str                  # short label: which launch this is ("bf16 D=72 BM=64 BN=64")
     uses_dot: bool               # built on tl.dot with fp16/bf16 operands: tensor cores expected
-    # the archs it is built for (None: sm_80 and sm_90a, and sm_100a where it uses_dot)
+    # the archs it is built for (None: `targets`)
     archs: Optional[Sequence[int]] = None
     spill_ok: bool = False       # an autotune candidate after the default: may spill
     # int args given by an example value (a DiffiT launch's), typed and specialised the way
@@ -72,9 +75,15 @@ class AotSpec:
     # sm_80 build must fit SMEM_99KB (earlier, larger candidates may not)
     fits_99kb: bool = True
 
-    def __post_init__(self):
-        if self.archs is None:
-            self.archs = ARCHS if self.uses_dot else SPILL_GATED
+    @property
+    def targets(self) -> Tuple[int, ...]:
+        """The archs it is built for: sm_80 and sm_90a; where it uses tensor-core dots, sm_100a,
+        and sm_120a for the config its list keeps for 99 KB cards (fits_99kb)."""
+        if self.archs is not None:
+            return tuple(self.archs)
+        if not self.uses_dot:
+            return SPILL_GATED
+        return (80, 90, 100) + ((120,) if self.fits_99kb else ())
 
 
 @dataclasses.dataclass
@@ -117,7 +126,7 @@ class AotRow:
             out.append("no tensor-core instruction (HMMA/HGMMA/UTC*MMA) in the SASS")
         elif self.hgmma_expected and self.arch == "sm_90a" and self.hgmma == 0:
             out.append("HMMA only on sm_90a: no HGMMA (wgmma) for a 64-wide 16-bit dot tile")
-        elif self.hgmma_expected and self.arch == "sm_100a" and self.utcmma == 0:
+        elif self.hgmma_expected and arch == 100 and self.utcmma == 0:
             out.append("HMMA only on sm_100a: no tcgen05 MMA (UTC*MMA) for a 64-wide 16-bit "
                        "dot tile")
         if self.vector16 and self.scalar16 > MAX_SCALAR16:
@@ -285,7 +294,7 @@ def run_report(specs: Optional[Sequence[AotSpec]] = None, archs: Sequence[int] =
             f"{'s16':>3}  status")
     printer(head)
     printer("-" * len(head))
-    jobs = [(spec, arch) for spec in specs for arch in archs if arch in spec.archs]
+    jobs = [(spec, arch) for spec in specs for arch in archs if arch in spec.targets]
     # builds in threads (Triton's compiler, ptxas and cuobjdump release the GIL), printed in order
     with ThreadPoolExecutor(_common.COMPILE_THREADS) as pool:
         for r in pool.map(lambda job: compile_spec(*job), jobs):

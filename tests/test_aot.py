@@ -1,6 +1,7 @@
 """GPU readiness without a GPU: every shipped kernel config compiles for sm_80 and sm_90a with
 no spills, shared memory within the card, and tensor-core instructions where it uses tl.dot;
-the tensor-core kernels for sm_100a too (spills reported there, not gated)."""
+the tensor-core kernels for Blackwell too, sm_100a and (the configs 99 KB cards keep) sm_120a,
+spills reported there, not gated."""
 import pytest
 
 pytestmark = pytest.mark.aot
@@ -13,7 +14,7 @@ def _specs():
 
 
 SPECS = _specs()
-BUILDS = [(s, arch) for s in SPECS for arch in s.archs]
+BUILDS = [(s, arch) for s in SPECS for arch in s.targets]
 
 
 def _build_id(spec, arch):
@@ -100,10 +101,11 @@ def test_hgmma_is_expected_on_sm90a_for_wgmma_sized_tiles_only():
 
 
 def test_spills_are_gated_where_configs_are_chosen_and_blackwell_builds_dot_kernels():
-    """A list's fixed config must not spill on sm_80 / sm_90a; sm_100a reports its spills (no
-    config is chosen for it) and gates the rest: shared memory, tensor cores. The tensor-core
-    kernels build for it, the row kernels for sm_80 / sm_90a only."""
-    from diffit_kernels._aot import SMEM_LIMIT, AotRow
+    """A list's fixed config must not spill on sm_80 / sm_90a; Blackwell reports its spills
+    (no config is chosen for it) and gates the rest: shared memory, tensor cores. The
+    tensor-core kernels build for sm_100a, and the configs their lists keep for 99 KB cards
+    for sm_120a; the row kernels for sm_80 / sm_90a only."""
+    from diffit_kernels._aot import SMEM_99KB, SMEM_LIMIT, AotRow
 
     for arch in ("sm_80", "sm_90a"):
         row = AotRow("k", "c", arch, 4, 2, 96, 12, 0, 16, 0, True)
@@ -114,8 +116,13 @@ def test_spills_are_gated_where_configs_are_chosen_and_blackwell_builds_dot_kern
     assert not row.problems
     row.shared_bytes = SMEM_LIMIT[100] + 1
     assert row.problems == [f"shared memory {SMEM_LIMIT[100] + 1} B > {SMEM_LIMIT[100]} B"]
-    assert all(s.archs == ((80, 90, 100) if s.uses_dot else (80, 90)) for s in SPECS)
-    assert sum(100 in s.archs for s in SPECS) > 100
+    assert all(s.targets == ((80, 90, 100) + ((120,) if s.fits_99kb else ()) if s.uses_dot
+                             else (80, 90)) for s in SPECS)
+    assert sum(100 in s.targets for s in SPECS) > 100
+    assert 50 < sum(120 in s.targets for s in SPECS) < sum(100 in s.targets for s in SPECS)
+    # consumer Blackwell: 99 KB per block
+    row = AotRow("k", "c", "sm_120a", 4, 2, 96, 0, SMEM_99KB + 1024, 16, 0, True)
+    assert row.problems == [f"shared memory {SMEM_99KB + 1024} B > {SMEM_99KB} B"]
 
 
 def test_each_list_keeps_a_config_for_99kb_cards():
@@ -232,8 +239,8 @@ def test_readme_states_the_gates_build_counts():
 
     m = re.search(r"\((\d+) builds; the (\d+) sm_80 / sm_90a builds that are", text)
     assert m, "the README no longer states the compile gate's build counts"
-    builds = sum(len(s.archs) for s in SPECS)
-    strict = sum(len(set(s.archs) & set(SPILL_GATED)) for s in SPECS if not s.spill_ok)
+    builds = sum(len(s.targets) for s in SPECS)
+    strict = sum(len(set(s.targets) & set(SPILL_GATED)) for s in SPECS if not s.spill_ok)
     assert (int(m.group(1)), int(m.group(2))) == (builds, strict)
 
 

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import (after_error, bench, bench_main, compile_counts, compiled,
                                counts_since, cuda_or_explain, environment, error_text,
-                               out_of_time, results_dir, skipped_text,
+                               out_of_time, results_dir, save_figure, skipped_text,
                                write_csv)
 import benchmarks.common as common
 
@@ -416,9 +416,6 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
 def bar_plot(path, rows: List[dict], title: str) -> None:
     """images/s per case, one bar per provider, one panel per pass. Bars, not lines: the cases
     are different models, not points on a size axis."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -445,12 +442,7 @@ def bar_plot(path, rows: List[dict], title: str) -> None:
         if ax.get_legend_handles_labels()[0]:  # every row failed or was skipped: none
             ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=path.name, suffix=".tmp.png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -399,13 +399,26 @@ def plot(path: Path, rows: List[dict], x: str, y: str, line: str, title: str,
         if ax.get_legend_handles_labels()[0]:  # every row failed or was skipped: none
             ax.legend(fontsize=7)
     fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path) -> None:
+    """Write a matplotlib figure to path atomically (a temporary file renamed over it, readable
+    by all, as every result file) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
     os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def bench_main(run: Callable, doc: str, quick_help: str, dtypes, argv=None) -> int:

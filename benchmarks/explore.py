@@ -40,7 +40,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from benchmarks.common import (after_error, cuda_or_explain, environment, error_text,
-                               out_of_time, results_dir, skipped_text, write_csv)
+                               out_of_time, results_dir, save_figure, skipped_text,
+                               write_csv)
 
 # DiffiT-XL/2's training shapes (label, B, H, grid, d): 256 px at the trainer's B32, then 512
 # px at B8 (its key's own tiles: N 1024; the builds are the first case's, only timed again)
@@ -235,7 +236,47 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
                  f"{min(r['ms'] for r in timed):.4g} ms" if timed else
                  f": {got[0]['error']}" if got and got[0]["error"] else ""), flush=True)
         write_csv(out / "explore.csv", rows)  # after every kind: a killed run keeps them
+    rank_plot(out / "explore.png", rows)
     return rows
+
+
+def rank_plot(path, rows: List[dict]) -> None:
+    """One panel per list and case: every timed candidate's ms over the fastest's, ranked
+    fastest first, the shipped ones marked (the first, what runs untuned, apart): how far the
+    shipped list is from the best tile, and how many tiles are near it. Atomic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: Dict[str, List[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["case"], []).append(r)
+    cols = max(1, min(4, len(groups)))
+    fig, axes = plt.subplots(-(-len(groups) // cols) or 1, cols, squeeze=False,
+                             figsize=(4.2 * cols, 3.4 * (-(-len(groups) // cols) or 1)))
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for ax, (case, sub) in zip(axes.flat, groups.items()):
+        ax.set_visible(True)
+        timed = sorted((r for r in sub if not math.isnan(r["ms"])), key=lambda r: r["ms"])
+        ax.set_title(case, fontsize=9)
+        if not timed:
+            ax.text(0.5, 0.5, "none timed", ha="center", va="center", transform=ax.transAxes)
+            continue
+        best = timed[0]["ms"]
+        ax.plot(range(len(timed)), [r["ms"] / best for r in timed], ".", color="0.6",
+                label="explored")
+        for mark, which, color in (("o", "listed", "tab:blue"), ("*", "first", "tab:red")):
+            got = [(i, r["ms"] / best) for i, r in enumerate(timed) if r["shipped"] == which]
+            if got:
+                ax.plot(*zip(*got), mark, color=color, markersize=8,
+                        label="shipped first (untuned)" if which == "first" else "shipped")
+        ax.set_xlabel("candidates, fastest first", fontsize=8)
+        ax.set_ylabel("ms / fastest", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle("attention tiles explored (benchmarks/explore.py)")
+    save_figure(fig, path)
 
 
 TOP = 5  # fastest candidates listed per list in summary.md

@@ -20,12 +20,12 @@
 #                   100; ours+graphs, ours+compile and compile of the XL/2 256 px B32 step, ~20 s
 #                   each, then ours+graphs and compile of the ffhq64 U-Net step, ~35 s each: its
 #                   blocks compile one graph per level)
-#     explore       EXPLORE_TIMEOUT 110 s + 10 s to SIGKILL 120 s  (--budget-s EXPLORE_BUDGET 80:
-#                   the attention's tiles beyond the shipped lists at DiffiT-XL/2's training
-#                   shapes, 163 candidates compiled in threads and each timed at 256 and 512
-#                   px, a list at a time;
-#                   EXPLORE=0 skips it; not yet run on a card)
 #     tar, summary, goal ratios                           ~5 s
+#     explore       what is left of 460 s, EXPLORE_TIMEOUT 110 at most (skipped below 40 s;
+#                   --budget-s 30 s less, EXPLORE_BUDGET 80 at most): the attention's tiles
+#                   beyond the shipped lists at DiffiT-XL/2's training shapes, 163 candidates
+#                   compiled in threads and each timed at 256 and 512 px, a list at a time;
+#                   EXPLORE=0 skips it; not yet run on a card. Packed again after it
 #     ncu           what is left of 530 s, NCU_MIN_S 45 to NCU_TIMEOUT 150 (skipped below the
 #                   minimum; the XL/2 step's three ops alone below 90 s), + 3 exports of 12 s
 #     total                                              585 s  (expected ~8 minutes, ncu's
@@ -120,24 +120,40 @@ timeout -s TERM -k 10 "$PROFILE_TIMEOUT" "$PY" -m benchmarks --ops profile --app
     "${prof[@]}" 2>&1 | tee "$LOGS/profile.log"
 prof_rc=$?
 
-# the attention tiles beyond the shipped candidate lists, timed at DiffiT-XL/2's training
-# shapes (benchmarks/explore.py), added to the same folder: the data to reorder the lists by
-explore_rc=skipped
-if [ "${EXPLORE:-1}" != 0 ]; then
-    if [ "${CPU_CHECK:-0}" = 1 ]; then explore=(--tiny-cpu); else explore=(--budget-s "$EXPLORE_BUDGET"); fi
-    echo "== python -m benchmarks --ops explore --append ${explore[*]} (stopped at ${EXPLORE_TIMEOUT} s), into profile.log"
-    timeout -s TERM -k 10 "$EXPLORE_TIMEOUT" "$PY" -m benchmarks --ops explore --append \
-        "${explore[@]}" 2>&1 | tee -a "$LOGS/profile.log"  # 8 files at most come back
-    explore_rc=$?
-fi
-
+# the results so far, packed for the device tool to bring back (again after the exploration,
+# so an outer time limit hit during it loses only the exploration)
 dir=benchmarks/results/$slug
-if [ -f "$dir/run.json" ]; then
+pack() {
+    [ -f "$dir/run.json" ] || return 0
     "$PY" -m benchmarks.summary "$dir" >/dev/null || echo "summary.md could not be rebuilt"
-    tar -czf "$LOGS/results.tar.gz" -C benchmarks/results "$slug"
+    tar -czf "$LOGS/results.tar.gz.tmp" -C benchmarks/results "$slug" \
+        && mv "$LOGS/results.tar.gz.tmp" "$LOGS/results.tar.gz"
     cp "$dir/summary.md" "$LOGS/summary.md"
     "$PY" -m benchmarks.summary --goals "$dir" > "$LOGS/goals.txt" 2>&1 \
         || echo "the goal ratios could not be computed" >> "$LOGS/goals.txt"
+}
+pack
+
+# the attention tiles beyond the shipped candidate lists, timed at DiffiT-XL/2's training
+# shapes (benchmarks/explore.py), added to the same folder: the data to reorder the lists by.
+# It gets what is left of 460 s, EXPLORE_TIMEOUT at most (skipped below 40 s), so the session
+# keeps its margin under the device's 600 s whatever the stages before it took.
+explore_rc=skipped
+left=$((460 - SECONDS))
+[ "$left" -gt "$EXPLORE_TIMEOUT" ] && left=$EXPLORE_TIMEOUT
+if [ "${EXPLORE:-1}" = 0 ]; then
+    echo "== explore: EXPLORE=0, skipped" | tee -a "$LOGS/profile.log"
+elif [ "$left" -lt 40 ]; then
+    echo "== explore: ${left} s left, skipped" | tee -a "$LOGS/profile.log"
+else
+    budget=$((left - 30)); [ "$budget" -gt "$EXPLORE_BUDGET" ] && budget=$EXPLORE_BUDGET
+    if [ "${CPU_CHECK:-0}" = 1 ]; then explore=(--tiny-cpu); else explore=(--budget-s "$budget"); fi
+    echo "== python -m benchmarks --ops explore --append ${explore[*]} (stopped at ${left} s), into profile.log" \
+        | tee -a "$LOGS/profile.log"
+    timeout -s TERM -k 10 "$left" "$PY" -m benchmarks --ops explore --append \
+        "${explore[@]}" 2>&1 | tee -a "$LOGS/profile.log"  # 8 files at most come back
+    explore_rc=$?
+    pack
 fi
 
 # Nsight Compute on one fwd+bwd of each op at its costliest shapes (benchmarks/ncu_kernels.py):

@@ -35,17 +35,15 @@ CPU ops stand in for kernels.
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 import re
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from benchmarks.common import (after_error, bench, environment, error_text, out_of_time,
-                               results_dir, skipped_text, write_csv)
+                               results_dir, save_figure, skipped_text, write_csv)
 from diffit_kernels._common import OP_PREFIX
 
 GROUPS = ("ours", "cuBLAS", "inductor", "copies and casts", "other")
@@ -345,13 +343,7 @@ def stacked_plot(path: Path, aggs: Dict[str, dict], title: str) -> None:
     ax.set_ylabel("ms per step (lower is better)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=path.name, suffix=".tmp.png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def section(csvs: Sequence[Path]) -> str:

@@ -122,3 +122,15 @@ def test_the_readme_states_the_grid_size():
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     n = sum(len(explore.candidates(kind)) for kind, _ in explore.KINDS)
     assert re.search(rf"times a grid of {n} attention\s+tiles", text)
+
+
+def test_the_rank_plot_is_written_with_untimed_lists_too(tmp_path):
+    cfgs = explore.candidates("fwd")
+    ship = explore.shipped("fwd")
+    rows = [dict(case="latent256-B32 fwd", ms=1.0 + i, shipped=explore._shipped(c, ship))
+            for i, c in enumerate(cfgs)]
+    rows += [dict(case="latent256-B32 dq", ms=math.nan, shipped="")]
+    explore.rank_plot(tmp_path / "explore.png", rows)
+    png = tmp_path / "explore.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and oct(png.stat().st_mode)[-3:] == "644"
+    assert [p.name for p in tmp_path.iterdir()] == ["explore.png"]    # no temporary left

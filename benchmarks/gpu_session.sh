@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-shot GPU session: install check, the gpu-marked tests, `python -m benchmarks --quick`,
-# the profiles of the XL/2 and U-Net training steps, Nsight Compute's counters of our kernels,
-# results handed back and the goal ratios printed. Run from anywhere on the CUDA machine, as ONE
+# the profiles of the XL/2 and U-Net training steps, the attention tile exploration, Nsight
+# Compute's counters of our kernels, results handed back and the goal ratios printed. Run from anywhere on the CUDA machine, as ONE
 # command (one device call, 585 s at most):
 #     bash benchmarks/gpu_session.sh
 # Each stage runs under `timeout`, so a hang in one cannot eat the others' time. The worst case
@@ -16,20 +16,22 @@
 #     benchmarks    BENCH_TIMEOUT 230 s + 15 s to SIGKILL  245 s  (--budget-s BENCH_BUDGET 180:
 #                   cases that would start later are skipped rows; the speed-of-light rows keep
 #                   a 30 s reserve; a case already running finishes, hence the 50 s margin)
-#     profile       PROFILE_TIMEOUT 140 s + 10 s to SIGKILL 150 s  (--budget-s PROFILE_BUDGET
-#                   100; ours+graphs, ours+compile and compile of the XL/2 256 px B32 step, ~20 s
-#                   each, then ours+graphs and compile of the ffhq64 U-Net step, ~35 s each: its
-#                   blocks compile one graph per level)
-#     tar, summary, goal ratios                           ~5 s
-#     explore       what is left of 460 s, EXPLORE_TIMEOUT 110 at most (skipped below 40 s;
+#     tar, summary, goal ratios (the results packed)      ~5 s, again after each later stage
+#     profile       what is left of 550 s, PROFILE_TIMEOUT 140 at most, + 10 s to SIGKILL
+#                   (skipped below 60 s; --budget-s 40 s less, PROFILE_BUDGET 100 at most):
+#                   ours+graphs, ours+compile and compile of the XL/2 256 px B32 step, ~20 s
+#                   each, then ours+graphs and compile of the ffhq64 U-Net step, ~35 s each (its
+#                   blocks compile one graph per level); PROFILE=0 skips it
+#     explore       what is left of 520 s, EXPLORE_TIMEOUT 110 at most (skipped below 40 s;
 #                   --budget-s 30 s less, EXPLORE_BUDGET 80 at most): the attention's tiles
 #                   beyond the shipped lists at DiffiT-XL/2's training shapes, 163 candidates
 #                   compiled in threads and each timed at 256 and 512 px, a list at a time;
-#                   EXPLORE=0 skips it; not yet run on a card. Packed again after it
+#                   EXPLORE=0 skips it; not yet run on a card
 #     ncu           what is left of 530 s, NCU_MIN_S 45 to NCU_TIMEOUT 150 (skipped below the
 #                   minimum; the XL/2 step's three ops alone below 90 s), + 3 exports of 12 s
-#     total                                              585 s  (expected ~8 minutes, ncu's
-#                   share included)
+#     total         590 s at most (the last stage's exports past 530 s); expected: ~540 s to
+#                   the profile's end at the stages' expected times, which leaves the
+#                   exploration and ncu little or nothing: PROFILE=0 gives them its ~2 minutes
 # With $OUT set, it gets results.tar.gz (benchmarks/results/<gpu-slug>/ including the profile
 # CSVs and plot), summary.md, goals.txt, the four logs and ncu.tar.gz (ncu's details, raw and
 # SASS pages as CSV; the device tool returns at most 8 files). Afterwards, on the development machine (the old
@@ -107,21 +109,8 @@ else
     prof=(--quick --budget-s "$PROFILE_BUDGET")
     slug=$("$PY" -c "from benchmarks.common import gpu_slug; print(gpu_slug())")
 fi
-echo "== python -m benchmarks ${bench[*]} (stopped at ${BENCH_TIMEOUT} s)"
-# the autotune picks of each key go into the log, and every candidate's time into
-# autotune.csv (summary.md's Autotune section): the data for choosing the shipped defaults
-TRITON_PRINT_AUTOTUNING=1 timeout -s TERM -k 15 "$BENCH_TIMEOUT" "$PY" -m benchmarks "${bench[@]}" 2>&1 \
-    | tee "$LOGS/benchmarks.log"
-bench_rc=$?
-
-# in a process of its own, added to the same folder (its peak rows reused)
-echo "== python -m benchmarks --ops profile --append ${prof[*]} (stopped at ${PROFILE_TIMEOUT} s)"
-timeout -s TERM -k 10 "$PROFILE_TIMEOUT" "$PY" -m benchmarks --ops profile --append \
-    "${prof[@]}" 2>&1 | tee "$LOGS/profile.log"
-prof_rc=$?
-
-# the results so far, packed for the device tool to bring back (again after the exploration,
-# so an outer time limit hit during it loses only the exploration)
+# the results so far, packed for the device tool to bring back: after the benchmarks, the
+# profile and the exploration, so an outer time limit loses only the stage it cut short
 dir=benchmarks/results/$slug
 pack() {
     [ -f "$dir/run.json" ] || return 0
@@ -132,15 +121,41 @@ pack() {
     "$PY" -m benchmarks.summary --goals "$dir" > "$LOGS/goals.txt" 2>&1 \
         || echo "the goal ratios could not be computed" >> "$LOGS/goals.txt"
 }
+# seconds a stage may take: what is left until $1 s into the session, $2 at most
+left_until() { local n=$(($1 - SECONDS)); [ "$n" -gt "$2" ] && n=$2; echo "$n"; }
+
+echo "== python -m benchmarks ${bench[*]} (stopped at ${BENCH_TIMEOUT} s)"
+# the autotune picks of each key go into the log, and every candidate's time into
+# autotune.csv (summary.md's Autotune section): the data for choosing the shipped defaults
+TRITON_PRINT_AUTOTUNING=1 timeout -s TERM -k 15 "$BENCH_TIMEOUT" "$PY" -m benchmarks "${bench[@]}" 2>&1 \
+    | tee "$LOGS/benchmarks.log"
+bench_rc=$?
 pack
+
+# in a process of its own, added to the same folder (its peak rows reused); what is left of
+# 550 s, PROFILE_TIMEOUT at most (its budget 40 s less, PROFILE_BUDGET at most)
+left=$(left_until 550 "$PROFILE_TIMEOUT")
+if [ "${PROFILE:-1}" = 0 ]; then  # a session that wants the exploration and ncu's time
+    echo "== profile: PROFILE=0, skipped" | tee "$LOGS/profile.log"
+    prof_rc=0
+elif [ "$left" -lt 60 ]; then
+    echo "== profile: ${left} s left, skipped" | tee "$LOGS/profile.log"
+    prof_rc=skipped
+else
+    budget=$((left - 40)); [ "$budget" -gt "$PROFILE_BUDGET" ] && budget=$PROFILE_BUDGET
+    [ "${CPU_CHECK:-0}" = 1 ] || prof=(--quick --budget-s "$budget")
+    echo "== python -m benchmarks --ops profile --append ${prof[*]} (stopped at ${left} s)"
+    timeout -s TERM -k 10 "$left" "$PY" -m benchmarks --ops profile --append \
+        "${prof[@]}" 2>&1 | tee "$LOGS/profile.log"
+    prof_rc=$?
+    pack
+fi
 
 # the attention tiles beyond the shipped candidate lists, timed at DiffiT-XL/2's training
 # shapes (benchmarks/explore.py), added to the same folder: the data to reorder the lists by.
-# It gets what is left of 460 s, EXPLORE_TIMEOUT at most (skipped below 40 s), so the session
-# keeps its margin under the device's 600 s whatever the stages before it took.
+# What is left of 520 s, EXPLORE_TIMEOUT at most (skipped below 40 s).
 explore_rc=skipped
-left=$((460 - SECONDS))
-[ "$left" -gt "$EXPLORE_TIMEOUT" ] && left=$EXPLORE_TIMEOUT
+left=$(left_until 520 "$EXPLORE_TIMEOUT")
 if [ "${EXPLORE:-1}" = 0 ]; then
     echo "== explore: EXPLORE=0, skipped" | tee -a "$LOGS/profile.log"
 elif [ "$left" -lt 40 ]; then

@@ -120,6 +120,8 @@ def widened(kind: str, configs: Sequence[tuple]) -> Iterator[None]:
 
 
 def _short(cfg: tuple) -> str:
+    """'64x32 w4 s3': a (BLOCK_M, BLOCK_N, warps, stages) config as summary.short_candidate
+    writes the autotuners' names of it."""
     bm, bn, w, s = cfg
     return f"{bm}x{bn} w{w} s{s}"
 
@@ -176,13 +178,15 @@ def _run_kind(kind: str, plan: Optional[str], case: tuple, device, tiny: bool) -
                      ms=math.nan, vs_best=math.nan, shipped=_shipped(c, ship),
                      error="" if device.type != "cuda" else "not tuned")
                 for c in cfgs]
+    from benchmarks.summary import short_candidate
+
     rows = []
     for rec in recs:
-        times = {cand: t for cand, t in rec["candidates"]}
+        times = {short_candidate(cand): t for cand, t in rec["candidates"]}
         finite = [t for t in times.values() if t is not None and math.isfinite(t)]
         best = min(finite, default=math.nan)
         for c in cfgs:
-            t = times.get(_tuner_name(c))
+            t = times.get(_short(c))
             ok = t is not None and math.isfinite(t)
             rows.append(dict(base, kernel=rec["kernel"], key=rec["key"], provider=_short(c),
                              candidate=_short(c), ms=t if ok else math.nan,
@@ -191,12 +195,6 @@ def _run_kind(kind: str, plan: Optional[str], case: tuple, device, tiny: bool) -
                              error="" if ok else ("did not fit the card" if t is not None
                                                   else "not measured")))
     return rows
-
-
-def _tuner_name(cfg: tuple) -> str:
-    """The name _common.record_tuning gives the config (its triton.Config)."""
-    bm, bn, w, s = cfg
-    return f"BLOCK_M={bm} BLOCK_N={bn} w{w} s{s}"
 
 
 def _shipped(cfg: tuple, ship: List[tuple]) -> str:

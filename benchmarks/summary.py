@@ -156,7 +156,7 @@ def table(rows: List[dict], peaks: Dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _short(candidate: str) -> str:
+def short_candidate(candidate: str) -> str:
     """'BLOCK_M=64 BLOCK_N=32 w4 s3' -> '64x32 w4 s3' (the attention kernels' tiles)."""
     return re.sub(r"BLOCK_M=(\d+) BLOCK_N=(\d+)", r"\1x\2", candidate)
 
@@ -180,11 +180,11 @@ def autotune_section(out: Path) -> List[str]:
          "the shape's first backward or forward (_attention_plans.py `_choose_plan`).", "",
          "| kernel | list | key | chosen | candidates: ms (x fastest) |", "|---|---|---|---|---|"]
     for (kernel, kind, key), rows in groups.items():
-        chosen = next((_short(r["candidate"]) for r in rows if r.get("chosen") == "yes"), "-")
+        chosen = next((short_candidate(r["candidate"]) for r in rows if r.get("chosen") == "yes"), "-")
         cells = []
         for r in rows:
             t = _num(r.get("ms"))
-            cells.append(f"{_short(r['candidate'])}: " + (
+            cells.append(f"{short_candidate(r['candidate'])}: " + (
                 f"{_fmt(t)} ({_num(r.get('vs_fastest')) or 0:.2f})" if t is not None
                 else (r.get("note") or "-")))
         L.append(f"| {kernel} | {kind} | {key} | {chosen} | {'; '.join(cells)} |")

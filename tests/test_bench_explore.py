@@ -29,6 +29,8 @@ def test_each_explored_list_is_the_shipped_one_then_the_space():
 def test_rows_are_the_autotuners_times_of_the_widened_list(monkeypatch, tmp_path):
     """Each candidate's row carries the time the kind's autotuner recorded for it, its ratio to
     the fastest, whether the shipped list has it (and first), and why it has no time."""
+    import triton
+
     import diffit_kernels
     from diffit_kernels import _attention_launch as AL
     from diffit_kernels import _common
@@ -39,12 +41,15 @@ def test_rows_are_the_autotuners_times_of_the_widened_list(monkeypatch, tmp_path
     times[cfgs[1]] = 0.5                    # a shipped candidate is the fastest
     times[cfgs[-1]] = math.inf              # past the card's shared memory
 
+    def name(c):  # what _common.record_tuning names a candidate: its triton.Config's
+        return _common._candidate(triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]},
+                                                num_warps=c[2], num_stages=c[3]))
+
     def fake_op(q, k, v, **kw):
         # what a card's launcher records: the widened list the launch took, its times
         listed = AL._card_list(kind, 64, 16, True, 2, False)
         _common.record_choice("_tmsa_attention_bwd_kernel_dq", kind, "N_BUCKET=256",
-                              explore._tuner_name(listed[0]),
-                              [(explore._tuner_name(c), times[c]) for c in listed])
+                              name(listed[0]), [(name(c), times[c]) for c in listed])
         return (q * 1.0).transpose(1, 2)
 
     monkeypatch.setattr(diffit_kernels, "tmsa_attention", fake_op)

@@ -33,16 +33,15 @@ the reference ops, or the kernels under TRITON_INTERPRET=1 (CUDA graphs exist on
 All providers run fp32 weights under autocast to the run's dtype (fp32: no autocast) with the
 same seed, inputs and optimizer. The U-Net runs channels_last for every provider.
 
---quick has these cases (the most telling first): the DiffiT-XL/2 256 px training step (B32)
-and the ffhq64 U-Net training step (B64), each for ours+graphs (the training default's
-configuration with ours), compile (blocks, the goal's yardstick), compile+graphs (the training
-default's with the reference), ours+compile, ours and eager; the 512 px training step (B8) for
-the first four of those; a 10-step guided DDIM
-loop (B16) and the 256 px forward for ours+compile (the sampling default's, with ours), compile
-and ours (and ours+graphs for the sampling loop). Every case's first two providers run before
-any case's others, so the run's time budget, when it runs out, skips extra providers rather
-than a goal's case; the CSV lists rows case by case. The full run has every pass at every size
-for every provider, with 50-step sampling.
+--quick has these cases (the most telling first): the DiffiT-XL/2 256 px training step (B32) and
+the ffhq64 U-Net training step (B64), each for ours+graphs (the training default's configuration
+with ours), compile (blocks, the goal's yardstick), compile+graphs (the training default's with
+the reference), ours+compile, ours and eager; the 512 px training step (B8) for the first four
+of those; a 10-step guided DDIM loop (B16) and the 256 px forward for ours+compile (the sampling
+default's, with ours), compile and ours (and ours+graphs for the sampling loop). Every case's
+first two providers run before any case's others, so the run's time budget, when it runs out,
+skips extra providers rather than a goal's case; the CSV lists rows case by case. The full run
+has every pass at every size for every provider, with 50-step sampling.
 
 Columns: ms (do_bench median, warm-up / compile / autotune excluded), images_per_s, tflops
 (FLOPs counted by torch.utils.flop_counter on the eager model on the meta device: every matmul

@@ -85,18 +85,3 @@ def trial_picks_ours(monkeypatch):
     monkeypatch.setattr(accel, "pick_fastest", ours_win)
     yield timed
 
-
-def exit_after_peers(rank: int, world: int, flag_dir) -> None:
-    """The end of a torch.multiprocessing.spawn worker, after it destroyed its process group:
-    rank 0, which hosts the group's TCPStore, returns (and its process exits) only once every
-    rank has torn its group down. A store host that exited first left a peer still tearing
-    down to abort now and then ("terminate called without an active exception", SIGABRT in
-    CI, twice, with a barrier before the teardown)."""
-    import time
-    from pathlib import Path
-
-    Path(flag_dir, f"left{rank}").touch()
-    deadline = time.monotonic() + 60
-    while rank == 0 and time.monotonic() < deadline and not all(
-            Path(flag_dir, f"left{r}").exists() for r in range(world)):
-        time.sleep(0.05)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import exit_after_peers
 
 from diffit import cli
 from diffit.training.ema import EMA
@@ -312,8 +311,7 @@ def _ddp_worker(rank, world, port, out, result_dir):
     t.fit()
     torch.save({"init": init, "model": t.model.state_dict(), "ema": t.ema.module.state_dict()},
                Path(result_dir) / f"rank{rank}.pt")
-    t.close()
-    exit_after_peers(rank, world, result_dir)
+    t.close()  # the group's end: every rank leaves together (state.shut_down)
 
 
 def test_ddp_two_processes_gloo_identical_parameters(tmp_path):
@@ -339,6 +337,7 @@ def _trial_worker(rank, world, port, result_dir):
 
     from diffit import accel
     from diffit.latent import DiffiT, preset_config
+    from diffit.training.state import DistInfo, shut_down
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -357,9 +356,7 @@ def _trial_worker(rank, world, port, result_dir):
                                    probe=lambda: None)
     torch.save({"chosen": got[0], "ms": got[1], "set": model.backend, "ran": sorted(set(ran)),
                 "checked": checked[:2]}, Path(result_dir) / f"trial{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_after_peers(rank, world, result_dir)
+    shut_down(DistInfo(rank, world, rank, torch.device("cpu"), True))
 
 
 def test_backend_trial_ranks_agree_gloo(tmp_path):

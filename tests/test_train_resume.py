@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import exit_after_peers
 
 from diffit.training.train import (EXIT_STOPPED, StopRequest, TrainConfig, Trainer,
                                    latest_checkpoint, read_checkpoint, train)
-from diffit.training.state import fresh_rank_seed, rekey_optimizer_state, seed_all
+from diffit.training.state import (DistInfo, fresh_rank_seed, rekey_optimizer_state, seed_all,
+                                   shut_down)
 
 ROOT = Path(__file__).resolve().parents[1]
 STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -250,12 +250,10 @@ def _two_rank_worker(rank, port, root, lat):
         for i, n in enumerate(names) for k in ("exp_avg", "exp_avg_sq"))
     res["fsdp_step"] = t.fit()["step"]
     torch.save(res, root / f"rank{rank}.pt")
-    # both ranks past every collective before either tears the group down: a rank that
-    # destroyed it while the other still talked to it aborted once ("terminate called without
-    # an active exception", SIGABRT in CI)
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_after_peers(rank, 2, root)
+    # both ranks past every collective before either tears the group down, and neither gone
+    # before both have: otherwise a rank aborted now and then ("terminate called without an
+    # active exception", SIGABRT in CI)
+    shut_down(DistInfo(rank, 2, rank, torch.device("cpu"), True))
 
 
 @pytest.mark.slow

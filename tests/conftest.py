@@ -84,4 +84,3 @@ def trial_picks_ours(monkeypatch):
 
     monkeypatch.setattr(accel, "pick_fastest", ours_win)
     yield timed
-

@@ -150,15 +150,14 @@ def _run_kind(kind: str, plan: Optional[str], case: tuple, device, tiny: bool) -
     from diffit_kernels import _common
     from diffit_kernels.testing import module_setting
 
+    from benchmarks.bench_attention import _inputs
+
     label, B, H, grid, d = case
     N = grid[0] * grid[1]
     cfgs = candidates(kind, tiny)
     ship = shipped(kind)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    qkv = torch.randn(B, N, 3, H, d, generator=g).to(device=device, dtype=torch.bfloat16)
-    q, k, v = (t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
-    table = (torch.randn((2 * grid[0] - 1) * (2 * grid[1] - 1), H, generator=g) * 0.02).to(
-        device=device, dtype=torch.bfloat16).requires_grad_()
+    # the attention benchmark's inputs: q, k, v views of one packed projection, the table
+    q, k, v, table = _inputs(B, H, grid, None, d, torch.bfloat16, device)
     if plan is not None:  # the kind's plan where the shape has it, else the first that
         plans = AP._plans_of(B, H, N, d, torch.bfloat16, [*grid, *grid], device)  # runs it
         plan = plan if plan in plans else next((p for p in plans if p in _RUNS[kind]),
@@ -172,12 +171,9 @@ def _run_kind(kind: str, plan: Optional[str], case: tuple, device, tiny: bool) -
     if device.type == "cuda":
         torch.cuda.synchronize()
     recs = _take_tuned(n0, kind, len(cfgs))
-    base = dict(op="explore", case=f"{label} {kind}", kind=kind, **{"pass": kind})
     if not recs:  # nothing tuned: no CUDA (or one config): the candidates, untimed
-        return [dict(base, kernel="", key="", provider=_short(c), candidate=_short(c),
-                     ms=math.nan, vs_best=math.nan, shipped=_shipped(c, ship),
-                     error="" if device.type != "cuda" else "not tuned")
-                for c in cfgs]
+        return [_row(label, kind, candidate=_short(c), shipped=_shipped(c, ship),
+                     error="" if device.type != "cuda" else "not tuned") for c in cfgs]
     from benchmarks.summary import short_candidate
 
     rows = []
@@ -188,13 +184,24 @@ def _run_kind(kind: str, plan: Optional[str], case: tuple, device, tiny: bool) -
         for c in cfgs:
             t = times.get(_short(c))
             ok = t is not None and math.isfinite(t)
-            rows.append(dict(base, kernel=rec["kernel"], key=rec["key"], provider=_short(c),
+            rows.append(_row(label, kind, kernel=rec["kernel"], key=rec["key"],
                              candidate=_short(c), ms=t if ok else math.nan,
                              vs_best=t / best if ok and best > 0 else math.nan,
                              shipped=_shipped(c, ship),
                              error="" if ok else ("did not fit the card" if t is not None
                                                   else "not measured")))
     return rows
+
+
+def _row(label: str, kind: str, **fields) -> dict:
+    """One explore.csv row of a case's list: every column, `fields` over the defaults (the
+    candidate is also the row's provider, the column summary tables read)."""
+    row = dict(op="explore", case=f"{label} {kind}", kind=kind, kernel="", key="",
+               candidate="", ms=math.nan, vs_best=math.nan, shipped="", error="",
+               **{"pass": kind})
+    row.update(fields)
+    row["provider"] = row["candidate"]
+    return row
 
 
 def _shipped(cfg: tuple, ship: List[tuple]) -> str:
@@ -212,26 +219,23 @@ def run(quick: bool = False, dtype: str = "bf16", out_dir: Optional[str] = None,
     out = results_dir(out_dir)
     rows: List[dict] = []
     for case, (kind, plan) in itertools.product([TINY_CASE] if tiny_cpu else CASES, KINDS):
-        base = dict(op="explore", case=f"{case[0]} {kind}", kind=kind, kernel="", key="",
-                    provider="", candidate="", ms=math.nan, vs_best=math.nan, shipped="",
-                    **{"pass": kind})
         if out_of_time():
-            got = [dict(base, error=skipped_text())]
+            got = [_row(case[0], kind, error=skipped_text())]
         else:
             try:
                 got = _run_kind(kind, plan, case, device, tiny_cpu)
             except Exception as e:  # noqa: BLE001 - recorded in the row, the others still run
                 if tiny_cpu:
                     raise
-                got = [dict(base, error=error_text(e))]
+                got = [_row(case[0], kind, error=error_text(e))]
                 del e
                 after_error()
         rows += [dict(r, card=env["card"], torch=env["torch"], triton=env["triton"])
                  for r in got]
         timed = [r for r in got if not math.isnan(r["ms"])]
+        fastest = min(timed, key=lambda r: r["ms"], default=None)
         print(f"explore {case[0]} {kind:9} {len(got)} candidates, {len(timed)} timed"
-              + (f", fastest {min(timed, key=lambda r: r['ms'])['candidate']} "
-                 f"{min(r['ms'] for r in timed):.4g} ms" if timed else
+              + (f", fastest {fastest['candidate']} {fastest['ms']:.4g} ms" if fastest else
                  f": {got[0]['error']}" if got and got[0]["error"] else ""), flush=True)
         write_csv(out / "explore.csv", rows)  # after every kind: a killed run keeps them
     rank_plot(out / "explore.png", rows)
@@ -251,8 +255,8 @@ def rank_plot(path, rows: List[dict]) -> None:
     for r in rows:
         groups.setdefault(r["case"], []).append(r)
     cols = max(1, min(4, len(groups)))
-    fig, axes = plt.subplots(-(-len(groups) // cols) or 1, cols, squeeze=False,
-                             figsize=(4.2 * cols, 3.4 * (-(-len(groups) // cols) or 1)))
+    lines = max(1, -(-len(groups) // cols))
+    fig, axes = plt.subplots(lines, cols, squeeze=False, figsize=(4.2 * cols, 3.4 * lines))
     for ax in axes.flat:
         ax.set_visible(False)
     for ax, (case, sub) in zip(axes.flat, groups.items()):

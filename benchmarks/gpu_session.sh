@@ -179,8 +179,7 @@ fi
 # 12 s: the details page, the raw page (every metric, one row per kernel) and the SASS page
 # (per-instruction stall samples), packed as ncu.tar.gz.
 ncu_rc=skipped
-left=$((530 - SECONDS))
-[ "$left" -gt "${NCU_TIMEOUT:-150}" ] && left=${NCU_TIMEOUT:-150}
+left=$(left_until 530 "${NCU_TIMEOUT:-150}")
 ncu_cases=()
 [ "$left" -lt 90 ] && ncu_cases=(--cases "attention latent256-B32,time_qkv xl256-B32,adaln_norm xl256-B32")
 if [ "${CPU_CHECK:-0}" = 1 ]; then

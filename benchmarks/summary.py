@@ -180,7 +180,8 @@ def autotune_section(out: Path) -> List[str]:
          "the shape's first backward or forward (_attention_plans.py `_choose_plan`).", "",
          "| kernel | list | key | chosen | candidates: ms (x fastest) |", "|---|---|---|---|---|"]
     for (kernel, kind, key), rows in groups.items():
-        chosen = next((short_candidate(r["candidate"]) for r in rows if r.get("chosen") == "yes"), "-")
+        chosen = next((short_candidate(r["candidate"]) for r in rows
+                       if r.get("chosen") == "yes"), "-")
         cells = []
         for r in rows:
             t = _num(r.get("ms"))

@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # The one-shot GPU session: install check, the gpu-marked tests, `python -m benchmarks --quick`,
 # the profiles of the XL/2 and U-Net training steps, the attention tile exploration, Nsight
-# Compute's counters of our kernels, results handed back and the goal ratios printed. Run from anywhere on the CUDA machine, as ONE
-# command (one device call, 585 s at most):
+# Compute's counters of our kernels, results handed back and the goal ratios printed. Run from
+# anywhere on the CUDA machine, as ONE command (one device call, 590 s at most):
 #     bash benchmarks/gpu_session.sh
+# STAGES (comma-separated; all six by default, the install check always runs) picks stages of
+# tests, check, bench, profile, explore, ncu; SESSION_S (600 by default) is the call's own
+# limit, the later stages' deadlines below (550, 520, 530 s) counted back from it. A session's
+# 15 device minutes hold the full call and, on the machine still warm (it waits ~30 s for the
+# next call), a short second one for what the first left no time for, e.g. the exploration:
+#     SESSION_S=150 STAGES=explore bash benchmarks/gpu_session.sh
+# (a stage that is the call's last runs until 10 s before SESSION_S; the kernels the first call
+# built load from the machine's Triton cache where it kept it)
 # Each stage runs under `timeout`, so a hang in one cannot eat the others' time. The worst case
 # at the default limits (each can be set in the environment):
 #     install check                                     ~15 s
@@ -51,6 +59,23 @@ EXPLORE_BUDGET=${EXPLORE_BUDGET:-80}
 EXPLORE_TIMEOUT=${EXPLORE_TIMEOUT:-110}
 BENCH_OPS=${BENCH_OPS:-all}  # e.g. tmsa_attention,time_qkv: a shorter session for one question
 LOGS=${OUT:-benchmarks/results/_tmp-session}
+SESSION_S=${SESSION_S:-600}
+ALL_STAGES=tests,check,bench,profile,explore,ncu
+STAGES=${STAGES-$ALL_STAGES}
+[ "${PROFILE:-1}" = 0 ] && STAGES=$(echo ",$STAGES," | sed 's/,profile,/,/; s/^,//; s/,$//')
+[ "${EXPLORE:-1}" = 0 ] && STAGES=$(echo ",$STAGES," | sed 's/,explore,/,/; s/^,//; s/,$//')
+for st in ${STAGES//,/ }; do
+    case ",$ALL_STAGES," in *",$st,"*) ;; *)
+        echo "STAGES: unknown stage '$st' (the stages: $ALL_STAGES)"; exit 2 ;; esac
+done
+want() { case ",$STAGES," in *",$1,"*) return 0 ;; esac; return 1; }
+# the deadline of a stage: SESSION_S less its margin (the time later stages keep), or 10 s
+# less when no later stage is in STAGES
+deadline() {
+    local later
+    for later in "${@:3}"; do want "$later" && { echo $((SESSION_S - $2)); return; }; done
+    echo $((SESSION_S - 10))
+}
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 MPLBACKEND=Agg
 unset TRITON_INTERPRET
@@ -78,29 +103,39 @@ elif os.environ.get("CPU_CHECK") != "1":
 import benchmarks.__main__, diffit, diffit_kernels  # noqa: E401,F401 - they import cleanly
 EOF
 
-echo "== gpu tests (stopped at ${TESTS_TIMEOUT} s)"
-par=() threads=()
-if "$PY" -c "import xdist" 2>/dev/null; then
-    # the kernels' compiles in parallel: 8 test processes, each compiling an autotuned
-    # launch's candidates in 2 threads (16 cores)
-    par=(-n 8) threads=(DIFFIT_KERNELS_COMPILE_THREADS=2)
+tests_rc=skipped
+if ! want tests; then
+    echo "== gpu tests: not in STAGES, skipped"
+else
+    echo "== gpu tests (stopped at ${TESTS_TIMEOUT} s)"
+    par=() threads=()
+    if "$PY" -c "import xdist" 2>/dev/null; then
+        # the kernels' compiles in parallel: 8 test processes, each compiling an autotuned
+        # launch's candidates in 2 threads (16 cores)
+        par=(-n 8) threads=(DIFFIT_KERNELS_COMPILE_THREADS=2)
+    fi
+    env "${threads[@]}" timeout -k 5 "$TESTS_TIMEOUT" "$PY" -m pytest -v -m gpu -rf "${par[@]}" \
+        2>&1 | tee "$LOGS/gpu_tests.log"
+    tests_rc=$?
 fi
-env "${threads[@]}" timeout -k 5 "$TESTS_TIMEOUT" "$PY" -m pytest -v -m gpu -rf "${par[@]}" 2>&1 \
-    | tee "$LOGS/gpu_tests.log"
-tests_rc=$?
 
 # our kernels against the reference on DiffiT-XL/2's own calls at 256 px (4 samples, bf16,
 # forward + backward): the error of every output and gradient next to its bound, the margins
 # the card leaves (the gpu tests assert the same rule, and print only on a failure)
-echo "== python -m diffit check (stopped at ${CHECK_TIMEOUT:-45} s), into gpu_tests.log"
-if [ "${CPU_CHECK:-0}" = 1 ]; then
-    check=(--model DiffiT-tiny --image-size 64 --batch-size 2) check_env=(TRITON_INTERPRET=1)
+check_rc=skipped
+if ! want check; then
+    echo "== diffit check: not in STAGES, skipped"
 else
-    check=(--model DiffiT-XL/2 --image-size 256) check_env=()
+    echo "== python -m diffit check (stopped at ${CHECK_TIMEOUT:-45} s), into gpu_tests.log"
+    if [ "${CPU_CHECK:-0}" = 1 ]; then
+        check=(--model DiffiT-tiny --image-size 64 --batch-size 2) check_env=(TRITON_INTERPRET=1)
+    else
+        check=(--model DiffiT-XL/2 --image-size 256) check_env=()
+    fi
+    env "${check_env[@]}" timeout -k 5 "${CHECK_TIMEOUT:-45}" "$PY" -m diffit check "${check[@]}" \
+        2>&1 | tee -a "$LOGS/gpu_tests.log"
+    check_rc=$?
 fi
-env "${check_env[@]}" timeout -k 5 "${CHECK_TIMEOUT:-45}" "$PY" -m diffit check "${check[@]}" \
-    2>&1 | tee -a "$LOGS/gpu_tests.log"
-check_rc=$?
 
 if [ "${CPU_CHECK:-0}" = 1 ]; then
     bench=(--tiny-cpu) prof=(--tiny-cpu) slug=_tmp-tiny-cpu
@@ -124,20 +159,25 @@ pack() {
 # seconds a stage may take: what is left until $1 s into the session, $2 at most
 left_until() { local n=$(($1 - SECONDS)); [ "$n" -gt "$2" ] && n=$2; echo "$n"; }
 
-echo "== python -m benchmarks ${bench[*]} (stopped at ${BENCH_TIMEOUT} s)"
-# the autotune picks of each key go into the log, and every candidate's time into
-# autotune.csv (summary.md's Autotune section): the data for choosing the shipped defaults
-TRITON_PRINT_AUTOTUNING=1 timeout -s TERM -k 15 "$BENCH_TIMEOUT" "$PY" -m benchmarks "${bench[@]}" 2>&1 \
-    | tee "$LOGS/benchmarks.log"
-bench_rc=$?
-pack
+bench_rc=skipped
+if ! want bench; then
+    echo "== benchmarks: not in STAGES, skipped"
+else
+    echo "== python -m benchmarks ${bench[*]} (stopped at ${BENCH_TIMEOUT} s)"
+    # the autotune picks of each key go into the log, and every candidate's time into
+    # autotune.csv (summary.md's Autotune section): the data for choosing the shipped defaults
+    TRITON_PRINT_AUTOTUNING=1 timeout -s TERM -k 15 "$BENCH_TIMEOUT" "$PY" -m benchmarks \
+        "${bench[@]}" 2>&1 | tee "$LOGS/benchmarks.log"
+    bench_rc=$?
+    pack
+fi
 
 # in a process of its own, added to the same folder (its peak rows reused); what is left of
 # 550 s, PROFILE_TIMEOUT at most (its budget 40 s less, PROFILE_BUDGET at most)
-left=$(left_until 550 "$PROFILE_TIMEOUT")
-if [ "${PROFILE:-1}" = 0 ]; then  # a session that wants the exploration and ncu's time
-    echo "== profile: PROFILE=0, skipped" | tee "$LOGS/profile.log"
-    prof_rc=0
+left=$(left_until "$(deadline profile 50 explore ncu)" "$PROFILE_TIMEOUT")
+if ! want profile; then  # PROFILE=0: a session that wants the exploration and ncu's time
+    echo "== profile: not in STAGES, skipped" | tee "$LOGS/profile.log"
+    prof_rc=skipped
 elif [ "$left" -lt 60 ]; then
     echo "== profile: ${left} s left, skipped" | tee "$LOGS/profile.log"
     prof_rc=skipped
@@ -155,9 +195,9 @@ fi
 # shapes (benchmarks/explore.py), added to the same folder: the data to reorder the lists by.
 # What is left of 520 s, EXPLORE_TIMEOUT at most (skipped below 40 s).
 explore_rc=skipped
-left=$(left_until 520 "$EXPLORE_TIMEOUT")
-if [ "${EXPLORE:-1}" = 0 ]; then
-    echo "== explore: EXPLORE=0, skipped" | tee -a "$LOGS/profile.log"
+left=$(left_until "$(deadline explore 80 ncu)" "$EXPLORE_TIMEOUT")
+if ! want explore; then
+    echo "== explore: not in STAGES, skipped" | tee -a "$LOGS/profile.log"
 elif [ "$left" -lt 40 ]; then
     echo "== explore: ${left} s left, skipped" | tee -a "$LOGS/profile.log"
 else
@@ -179,10 +219,12 @@ fi
 # 12 s: the details page, the raw page (every metric, one row per kernel) and the SASS page
 # (per-instruction stall samples), packed as ncu.tar.gz.
 ncu_rc=skipped
-left=$(left_until 530 "${NCU_TIMEOUT:-150}")
+left=$(left_until $((SESSION_S - 70)) "${NCU_TIMEOUT:-150}")
 ncu_cases=()
 [ "$left" -lt 90 ] && ncu_cases=(--cases "attention latent256-B32,time_qkv xl256-B32,adaln_norm xl256-B32")
-if [ "${CPU_CHECK:-0}" = 1 ]; then
+if ! want ncu; then
+    echo "== ncu: not in STAGES, skipped"
+elif [ "${CPU_CHECK:-0}" = 1 ]; then
     echo "== benchmarks.ncu_kernels --tiny-cpu (the harness, no ncu)"
     TRITON_INTERPRET=1 timeout -k 5 120 "$PY" -m benchmarks.ncu_kernels --tiny-cpu 2>&1 \
         | tee "$LOGS/ncu.log"
@@ -215,6 +257,7 @@ else
 fi
 
 echo "== done in ${SECONDS} s"
+echo "stages: ${STAGES:-none} (skipped: not in STAGES, or no time left)"
 echo "gpu tests: exit ${tests_rc} (0 passed, 1 failed, 5 none collected, 124/137 stopped at the limit)"
 echo "diffit check: exit ${check_rc} (0 within the rule, 1 beyond it, 2 usage, 124/137 stopped)"
 echo "benchmarks: exit ${bench_rc} (0 all ran, 1 errors, 2 time budget left cases out, 124/130/137 stopped)"
@@ -223,7 +266,10 @@ echo "explore: exit ${explore_rc} (the same codes)"
 echo "ncu: exit ${ncu_rc} (0 profiled, 124/137 stopped at the limit; its CSVs in ncu.tar.gz)"
 "$PY" - "$dir" <<'EOF' || true
 import json, sys
-m = json.load(open(sys.argv[1] + "/run.json"))
+try:
+    m = json.load(open(sys.argv[1] + "/run.json"))
+except FileNotFoundError:
+    sys.exit(f"{sys.argv[1]}: no run.json (no benchmark stage ran)")
 print(f"{sys.argv[1]}: {m.get('seconds')} s, finished={m.get('finished')}")
 for e in m["benchmarks"]:
     print(f"  {e['name']:15} {e.get('seconds', '-'):>6} s  {e.get('rows', 0):>3} rows  {e['status']}")
@@ -231,4 +277,5 @@ EOF
 echo "== the goals, as ratios measured in this run"
 cat "$LOGS/goals.txt" 2>/dev/null || echo "no results folder: no ratios"
 echo "files: $(cd "$LOGS" && ls | tr '\n' ' ')"
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$prof_rc" = 0 ]
+ok() { [ "$1" = 0 ] || [ "$1" = skipped ]; }
+ok "$tests_rc" && ok "$bench_rc" && ok "$prof_rc"

@@ -574,6 +574,22 @@ def test_gpu_session_script_parses():
     assert p.returncode == 0, p.stderr
 
 
+def test_gpu_session_runs_the_stages_asked(tmp_path):
+    """STAGES picks the session's stages (a second, short device call runs one of them): with
+    none, each says it was skipped and the call still ends 0; an unknown name stops it before
+    anything runs, naming the known ones."""
+    script = str(ROOT / "benchmarks" / "gpu_session.sh")
+    env = dict(os.environ, CPU_CHECK="1", OUT=str(tmp_path / "out"), STAGES="")
+    p = subprocess.run(["bash", script], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for stage in ("gpu tests", "diffit check", "benchmarks", "profile", "explore", "ncu"):
+        assert f"== {stage}: not in STAGES, skipped" in p.stdout, stage
+    env["STAGES"] = "tests,explor"
+    p = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 2
+    assert "unknown stage 'explor'" in p.stdout and "== install check" not in p.stdout
+
+
 def test_op_timing_by_cuda_graph_with_a_named_fallback(monkeypatch):
     """bench(graph=True): do_bench_cudagraph's median with the leaves' gradients reset inside
     every captured call; a capture the call refuses falls back to do_bench and says why."""

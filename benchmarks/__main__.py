@@ -5,7 +5,8 @@
                          [--profile] [--append]
 
 `--ops explore` times a grid of attention tiles beyond the shipped candidate lists at
-DiffiT-XL/2's training shapes (benchmarks/explore.py: explore.csv, a section of summary.md).
+DiffiT-XL/2's training shapes and the ffhq64 U-Net's windows (benchmarks/explore.py:
+explore.csv, a section of summary.md).
 --profile adds, after the chosen benchmarks, the per-kernel profile of the DiffiT-XL/2 256 px
 and the ffhq64 U-Net training steps for each model provider (benchmarks/profile_step.py:
 profile_<provider>.csv, profile_unet_<provider>.csv, two plots, a section of summary.md);
@@ -70,7 +71,7 @@ BENCHMARKS: Dict[str, str] = {
 PEAK = ("peak", "benchmarks.peak")
 PROFILE = ("profile", "benchmarks.profile_step")  # only when asked: --profile or --ops profile
 # only when asked (--ops explore): the attention tiles beyond the shipped lists
-# (benchmarks/explore.py), about a minute of a card
+# (benchmarks/explore.py), a minute or two of a card
 EXPLORE = ("explore", "benchmarks.explore")
 ON_REQUEST = dict((PROFILE, EXPLORE))
 DTYPES = ("bf16", "fp16", "fp32")

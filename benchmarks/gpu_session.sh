@@ -30,11 +30,12 @@
 #                   ours+graphs, ours+compile and compile of the XL/2 256 px B32 step, ~20 s
 #                   each, then ours+graphs and compile of the ffhq64 U-Net step, ~35 s each (its
 #                   blocks compile one graph per level); PROFILE=0 skips it
-#     explore       what is left of 520 s, EXPLORE_TIMEOUT 110 at most (skipped below 40 s;
-#                   --budget-s 30 s less, EXPLORE_BUDGET 80 at most): the attention's tiles
-#                   beyond the shipped lists at DiffiT-XL/2's training shapes, 163 candidates
-#                   compiled in threads and each timed at 256 and 512 px, a list at a time;
-#                   EXPLORE=0 skips it; not yet run on a card
+#     explore       what is left of 520 s, EXPLORE_TIMEOUT 150 at most (skipped below 40 s;
+#                   --budget-s 30 s less, EXPLORE_BUDGET 120 at most): the attention's tiles
+#                   beyond the shipped lists, 163 candidates compiled in threads and each timed
+#                   at DiffiT-XL/2's 256 and 512 px, then 129 at the ffhq64 U-Net's 8x8
+#                   windows, a list at a time; EXPLORE=0 skips it; not yet run on a card (the
+#                   full call leaves it little time: a second call, SESSION_S=150 STAGES=explore)
 #     ncu           what is left of 530 s, NCU_MIN_S 45 to NCU_TIMEOUT 150 (skipped below the
 #                   minimum; the XL/2 step's three ops alone below 90 s), + 3 exports of 12 s
 #     total         590 s at most (the last stage's exports past 530 s); expected: ~540 s to
@@ -55,8 +56,8 @@ BENCH_BUDGET=${BENCH_BUDGET:-180}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-230}
 PROFILE_BUDGET=${PROFILE_BUDGET:-100}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-140}
-EXPLORE_BUDGET=${EXPLORE_BUDGET:-80}
-EXPLORE_TIMEOUT=${EXPLORE_TIMEOUT:-110}
+EXPLORE_BUDGET=${EXPLORE_BUDGET:-120}
+EXPLORE_TIMEOUT=${EXPLORE_TIMEOUT:-150}
 BENCH_OPS=${BENCH_OPS:-all}  # e.g. tmsa_attention,time_qkv: a shorter session for one question
 LOGS=${OUT:-benchmarks/results/_tmp-session}
 SESSION_S=${SESSION_S:-600}

@@ -12,49 +12,67 @@ from benchmarks import explore
 def test_each_explored_list_is_the_shipped_one_then_the_space():
     from diffit_kernels import _attention_launch as AL
 
-    for kind, _ in explore.KINDS:
-        ship, cfgs = explore.shipped(kind), explore.candidates(kind)
-        assert cfgs[:len(ship)] == ship and len(set(cfgs)) == len(cfgs)
+    assert {(k, d) for k, _, d in explore.LISTS} == {
+        (k, c[5]) for c in explore.CASES for k, _ in c[6]}
+    for kind, _, d in explore.LISTS:
+        ship, cfgs = explore.shipped(kind, d), explore.candidates(kind, d)
+        assert ship and cfgs[:len(ship)] == ship and len(set(cfgs)) == len(cfgs)
         assert set(explore.SPACE[kind]) <= set(cfgs)
-        assert explore.candidates(kind, tiny=True) == [ship[0], next(
+        assert explore.candidates(kind, d, tiny=True) == [ship[0], next(
             c for c in explore.SPACE[kind] if c not in ship)]
         saved = AL._CONFIG_TABLE[(kind, False, 2)]
-        with explore.widened(kind, cfgs):
-            assert AL._card_list(kind, 64, 16, True, 2, False) == cfgs
+        with explore.widened(kind, cfgs, d):
+            assert AL._card_list(kind, *AL._head_split(d), 2, False) == cfgs
             assert AL._card_list(kind, 32, 16, True, 2, False) == \
                 saved[1].get((32, 16), saved[0])                      # other head dims kept
         assert AL._CONFIG_TABLE[(kind, False, 2)] is saved
 
 
-def test_rows_are_the_autotuners_times_of_the_widened_list(monkeypatch, tmp_path):
+def test_the_windowed_grids_keep_to_the_window():
+    """The U-Net's lists: tiles within its 8x8 windows, enough scores per warp, a second stage
+    only where the loop has a tile to prefetch; the fused backward's tile is the window."""
+    for kind in ("fwd-win", "dkdv-win-acc", "dq-win", "dkdv-win"):
+        loop = 0 if kind.startswith("dkdv") else 1
+        for bm, bn, w, st in explore.SPACE[kind]:
+            assert max(bm, bn) <= 64 and w * explore.MIN_SCORES_PER_WARP <= bm * bn
+            assert st == 1 or (bm, bn)[loop] < 64
+            assert explore.live_per_thread(kind, bm, bn, w, 64) <= explore.LIVE_MAX
+    assert {c[:2] for c in explore.SPACE["window-wide"]} == {(64, 64)}
+    assert explore.padded(72) == 80 and explore.padded(64) == 64
+
+
+@pytest.mark.parametrize("kind,case", [("dq", 0), ("window-wide", 1)])
+def test_rows_are_the_autotuners_times_of_the_widened_list(monkeypatch, tmp_path, kind, case):
     """Each candidate's row carries the time the kind's autotuner recorded for it, its ratio to
-    the fastest, whether the shipped list has it (and first), and why it has no time."""
+    the fastest, whether the shipped list has it (and first), and why it has no time (the
+    fused backward's records name warps and stages only: its tile is the window)."""
     import triton
 
     import diffit_kernels
     from diffit_kernels import _attention_launch as AL
     from diffit_kernels import _common
 
-    kind = "dq"
-    cfgs = explore.candidates(kind)
+    case = explore.TINY_CASES[case]
+    d = case[5]
+    cfgs = explore.candidates(kind, d)
     times = {c: 1.0 + 0.01 * i for i, c in enumerate(cfgs)}
     times[cfgs[1]] = 0.5                    # a shipped candidate is the fastest
     times[cfgs[-1]] = math.inf              # past the card's shared memory
 
     def name(c):  # what _common.record_tuning names a candidate: its triton.Config's
-        return _common._candidate(triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]},
-                                                num_warps=c[2], num_stages=c[3]))
+        tile = {} if kind == "window-wide" else {"BLOCK_M": c[0], "BLOCK_N": c[1]}
+        return _common._candidate(triton.Config(tile, num_warps=c[2], num_stages=c[3]))
 
     def fake_op(q, k, v, **kw):
         # what a card's launcher records: the widened list the launch took, its times
-        listed = AL._card_list(kind, 64, 16, True, 2, False)
+        listed = AL._card_list(kind, *AL._head_split(d), 2, False)
         _common.record_choice("_tmsa_attention_bwd_kernel_dq", kind, "N_BUCKET=256",
                               name(listed[0]), [(name(c), times[c]) for c in listed])
         return (q * 1.0).transpose(1, 2)
 
     monkeypatch.setattr(diffit_kernels, "tmsa_attention", fake_op)
     monkeypatch.setattr(_common, "_TUNED", [])
-    rows = explore._run_kind(kind, "samples", explore.TINY_CASE, torch.device("cpu"), False)
+    rows = explore._run_kind(kind, "samples", case, torch.device("cpu"), False)
     assert [r["candidate"] for r in rows] == [explore._short(c) for c in cfgs]
     by = {r["candidate"]: r for r in rows}
     first, fastest, last = (by[explore._short(c)] for c in (cfgs[0], cfgs[1], cfgs[-1]))
@@ -68,7 +86,7 @@ def test_rows_are_the_autotuners_times_of_the_widened_list(monkeypatch, tmp_path
     from benchmarks.common import write_csv
     write_csv(tmp_path / "explore.csv", rows)
     text = explore.section([tmp_path / "explore.csv"])
-    line = next(x for x in text.splitlines() if x.startswith("| tiny-global dq"))
+    line = next(x for x in text.splitlines() if x.startswith(f"| {case[0]} {kind} |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     top = explore._short(cfgs[1])
     assert cells[1].startswith(f"{top} 0.5 (1.00); ") and cells[1].count(";") == explore.TOP - 1
@@ -82,7 +100,7 @@ def test_a_kind_that_fails_is_a_row_and_the_others_run(monkeypatch, tmp_path):
 
     def run_kind(kind, plan, case, device, tiny):
         calls.append(kind)
-        if kind == "dq":
+        if kind.startswith("dq"):
             raise RuntimeError("a tile this Triton cannot build")
         return [dict(op="explore", case=f"{case[0]} {kind}", kind=kind, kernel="k", key="",
                      provider="a", candidate="a", ms=1.0, vs_best=1.0, shipped="first",
@@ -91,32 +109,35 @@ def test_a_kind_that_fails_is_a_row_and_the_others_run(monkeypatch, tmp_path):
     monkeypatch.setattr(explore, "_run_kind", run_kind)
     monkeypatch.setattr(explore, "cuda_or_explain", lambda name: True)
     rows = explore.run(out_dir=str(tmp_path))
-    assert calls == [k for _ in explore.CASES for k, _ in explore.KINDS]
+    assert calls == [k for c in explore.CASES for k, _ in c[6]]
     bad = [r for r in rows if r["error"]]
-    assert len(bad) == len(explore.CASES) and all(r["kind"] == "dq" for r in bad)
+    assert len(bad) == len(explore.CASES) and all(r["kind"].startswith("dq") for r in bad)
     assert all("cannot build" in r["error"] for r in bad)
-    assert [r["case"] for r in rows] == [f"{c[0]} {k}" for c in explore.CASES
-                                         for k, _ in explore.KINDS]
+    assert [r["case"] for r in rows] == [f"{c[0]} {k}" for c in explore.CASES for k, _ in c[6]]
     assert (tmp_path / "explore.csv").is_file()
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("kind,plan", explore.KINDS, ids=[k for k, _ in explore.KINDS])
-def test_a_widened_list_runs_its_tiles(kind, plan, monkeypatch):
+@pytest.mark.parametrize("kind,plan,d", explore.LISTS, ids=[k for k, _, _ in explore.LISTS])
+def test_a_widened_list_runs_its_tiles(kind, plan, d, monkeypatch):
     """Under the interpreter with a card's 16-bit lists (entry `pick` of each), a tile only
     SPACE has is what the kind's launch runs, and its results are the reference's (float32
-    operands on the 16-bit tiles, as the config-table tests run them)."""
+    operands on the 16-bit tiles, as the config-table tests run them): global attention at
+    d 72, 8x8 windows at d 64."""
     from test_attention import _check
 
     from diffit_kernels import _attention_plans as AP
     from diffit_kernels import attention as A
 
-    cfgs = explore.candidates(kind)
-    i = len(explore.shipped(kind))           # the first tile the shipped list lacks
+    cfgs = explore.candidates(kind, d)
+    i = len(explore.shipped(kind, d))        # the first tile the shipped list lacks
     log = []
     monkeypatch.setattr(AP, "BWD_PLAN", plan)
-    with explore.widened(kind, cfgs), A._emulate_card(132, elt=2, pick=i, log=log):
-        _check(torch.float32, 2, 1, 64, 72, grid=(8, 8), table=True)
+    shape = (dict(grid=(16, 8), window=(8, 8)) if kind in dict(explore.WINDOW_KINDS)
+             else dict(grid=(8, 8)))
+    with explore.widened(kind, cfgs, d), A._emulate_card(132, elt=2, pick=i, log=log):
+        _check(torch.float32, 2 if d == 72 else 1, 1, 64 if d == 72 else 128, d, table=True,
+               **shape)
     assert any(e[0] == kind and cfgs[i] in e[1:] for e in log), (kind, cfgs[i], log)
 
 
@@ -125,7 +146,7 @@ def test_the_readme_states_the_grid_size():
     from pathlib import Path
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    n = sum(len(explore.candidates(kind)) for kind, _ in explore.KINDS)
+    n = sum(len(explore.candidates(kind, d)) for kind, _, d in explore.LISTS)
     assert re.search(rf"times a grid of {n} attention\s+tiles", text)
 
 

@@ -129,6 +129,25 @@ def test_rows_with_large_mean_and_tiny_variance():
 
 
 @pytest.mark.interpreter
+def test_one_channel_rows_held_to_the_float64_truth():
+    """A LayerNorm over one channel: every row's variance is 0, so rstd = 1 / sqrt(eps) (1000)
+    amplifies eager float32's cancellation in its backward (dres off by ~1e-4, where the exact
+    gradient of the normalised part is 0). The kernel is checked against the float64 reference,
+    within the tight bound or eager float32's own error; its residual gradient is the exact
+    one, the output gradient of h passed through."""
+    leaves, build, outs, grads = _case(2, 33, 1, True, True, False, True, False)
+    rows = parity(diffit_kernels.adaln_norm, reference.adaln_norm, leaves, build,
+                  dtype=torch.float32, out_names=outs, grad_leaves=grads,
+                  op_kwargs={"backend": "triton"})
+    assert_parity(rows)
+    assert max(r.pt_err for r in rows if r.name == "dres") > 1e-5   # eager float32's own error
+    x, res = (leaves[k].requires_grad_() for k in ("x", "res"))
+    y, h = diffit_kernels.adaln_norm(**build(dict(leaves, x=x, res=res)), backend="triton")
+    dh = torch.randn_like(h)
+    assert torch.equal(torch.autograd.grad((y, h), res, (torch.randn_like(y), dh))[0], dh)
+
+
+@pytest.mark.interpreter
 def test_non_unit_channel_stride_is_copied_and_correct():
     x = torch.randn(2, 64, 6).transpose(1, 2)  # [2, 6, 64], channel stride 6
     y = diffit_kernels.adaln_norm(x, backend="triton")

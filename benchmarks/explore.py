@@ -14,10 +14,9 @@ lists by measurement. The cases run in that order, each list's time budget check
 How: for each kernel kind, the kind's list at the case's head dim is widened to SPACE plus its
 shipped configs, and one forward (and backward) of tmsa_attention runs with the backward plan
 that launches that kind (the case's kinds; where a shape lacks that plan, another that
-launches the kind). The
-kind's autotuner, a new one for the widened list, compiles every candidate in threads and times
-each on the card as any tuned launch does (do_bench, _common.tuning_bench): those times are the
-rows (explore.csv's only: autotune.csv keeps to the
+launches the kind). The kind's autotuner, a new one for the widened list, compiles every
+candidate in threads and times each on the card as any tuned launch does (do_bench,
+_common.tuning_bench): those times are the rows (explore.csv's only: autotune.csv keeps to the
 shipped lists). A candidate past the card's shared memory or registers is a row that did not
 fit. Each kind runs in its own try, so one that fails (a tile this Triton cannot build) is a
 row with its error and the others still run; the time budget (--budget-s) is checked before

@@ -259,11 +259,10 @@ def check_call(call: OpCall, seed: int = 0, every_variant: bool = False) -> List
     call's precision (its lowest floating dtype; float32 tensors of a 16-bit call stay float32,
     as autocast's residual stream and float32 tables do), every output and, where the call
     needed them, the gradients of its inputs for fresh random output gradients. every_variant:
-    an attention
-    call once per (table read, backward plan) it can take on its device (a card times them
-    and may pick any; attention.call_variants), each row's name followed by them; a variant
-    other than the first that the card cannot build or fit is skipped, as its timed choice
-    skips it."""
+    an attention call once per (table read, backward plan) it can take on its device (a card
+    times them and may pick any; attention.call_variants), each row's name followed by them; a
+    variant other than the first that the card cannot build or fit is skipped, as its timed
+    choice skips it."""
     if every_variant and call.op == "tmsa_attention" and _common.resolve_backend(
             call.others.get("backend"), call.tensors["q"]) == "triton":
         from . import _attention_plans, attention

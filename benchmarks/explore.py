@@ -76,12 +76,17 @@ LIVE_MAX = 160
 MIN_SCORES_PER_WARP = 256
 
 
-def padded(d: int) -> int:
-    """The head dim as the kernels hold it: its one or two power-of-two chunks."""
+def shape_of(d: int) -> Tuple[int, int]:
+    """The _CONFIG_TABLE key of head dim d: its chunks (D0, D1), D1 0 for one chunk."""
     from diffit_kernels._attention_launch import _head_split
 
     D0, D1, has_d1 = _head_split(d)
-    return D0 + (D1 if has_d1 else 0)
+    return D0, D1 if has_d1 else 0
+
+
+def padded(d: int) -> int:
+    """The head dim as the kernels hold it: its one or two power-of-two chunks."""
+    return sum(shape_of(d))
 
 
 def live_per_thread(kind: str, bm: int, bn: int, warps: int, d: int = 72) -> float:
@@ -128,14 +133,6 @@ _RUNS = {"dkdv-acc": ("samples", "shares"), "dq": ("samples", "shares", "separat
          "dkdv": ("separate", "separate-64"), "dkdv-win-acc": ("samples", "shares"),
          "dq-win": ("samples", "shares", "separate"), "dkdv-win": ("separate",),
          "window-wide": ("wide",)}
-
-
-def shape_of(d: int) -> Tuple[int, int]:
-    """The _CONFIG_TABLE key of head dim d: its chunks (D0, D1), D1 0 for one chunk."""
-    from diffit_kernels._attention_launch import _head_split
-
-    D0, D1, has_d1 = _head_split(d)
-    return D0, D1 if has_d1 else 0
 
 
 def shipped(kind: str, d: int = 72) -> List[Tuple[int, int, int, int]]:

@@ -1,8 +1,10 @@
 """tests/fuzz.py, the randomized parity run: a few cases of each family pass, and a kernel
 made wrong is reported with its case."""
 import pytest
+import torch
 
 import fuzz
+import test_adaln_norm
 
 
 @pytest.mark.interpreter
@@ -24,8 +26,8 @@ def test_a_wrong_kernel_is_reported_with_its_case(monkeypatch):
 
     monkeypatch.setattr(norm, "_adaln_norm_fwd", doubled)
     monkeypatch.setitem(fuzz.FAMILIES, "only", lambda rng: (
-        "adaln_norm doubled", lambda: __import__("test_adaln_norm")._run(
-            __import__("torch").float32, 2, 3, 8, True, False, True, True, False)))
+        "adaln_norm doubled",
+        lambda: test_adaln_norm._run(torch.float32, 2, 3, 8, True, False, True, True, False)))
     lines = []
     assert fuzz.fuzz(["only"], cases=2, out=lines.append) == 2
     assert lines[0].startswith("FAIL adaln_norm doubled") and "parity" in lines[0]

@@ -5,8 +5,10 @@
 # accepts, and register allocation differs between releases, so a config clean on one can
 # spill on another. CI runs it for 3.6 (torch 2.11's pin, the common GPU image); any other:
 #     bash tests/aot_triton.sh 3.4.0
-# WITH_INTERPRETER=1 runs the interpreter tests under that release too (its interpreter is what
-# the tests hook to make GPU-only faults fail there: testing.interpreter_guard).
+# WITH_INTERPRETER=1 runs the kernel files' interpreter tests under that release too, the
+# first and the last case of each (--ends-only: every test and launch path at both ends of its
+# dtype and size grid; its interpreter is what the guard hooks to make GPU-only faults fail
+# there, testing.interpreter_guard); WITH_INTERPRETER=all runs every interpreter test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${1:?usage: bash tests/aot_triton.sh TRITON_VERSION}
@@ -20,7 +22,11 @@ venv=.venv-triton-$version
 par=()
 if "$venv/bin/python" -c "import xdist" 2>/dev/null; then par=(-n "$(nproc)"); fi
 env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 "$venv/bin/python" -m pytest -q "${par[@]}" -m aot tests/
-if [ "${WITH_INTERPRETER:-0}" = 1 ]; then
-    TRITON_INTERPRET=1 TRITON_DEFAULT_FP_FUSION=1 "$venv/bin/python" -m pytest -q "${par[@]}" \
-        -m interpreter tests/
-fi
+case "${WITH_INTERPRETER:-0}" in
+    0) ;;
+    all) TRITON_INTERPRET=1 TRITON_DEFAULT_FP_FUSION=1 "$venv/bin/python" -m pytest -q "${par[@]}" \
+             -m interpreter tests/ ;;
+    *) TRITON_INTERPRET=1 TRITON_DEFAULT_FP_FUSION=1 "$venv/bin/python" -m pytest -q "${par[@]}" \
+           -m interpreter --ends-only tests/test_interpreter_guard.py tests/test_attention.py \
+           tests/test_adaln_norm.py tests/test_time_qkv.py tests/test_direct_calls.py ;;
+esac

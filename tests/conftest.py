@@ -21,7 +21,28 @@ def pytest_configure(config):
             pytest.exit(f"interpreter tests cannot run: {problem}", returncode=3)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--ends-only", action="store_true",
+        help="run only the first and the last case of each parametrized test (the interpreter "
+             "tests under a second Triton release: every test and code path, its cases' two ends "
+             "of the dtype and size grid, at a fraction of the time)")
+
+
+def ends_only(items):
+    """(kept, dropped): of each test function's cases, the first and the last in collection
+    order (the simplest and, by the usual parametrize order, the widest 16-bit one)."""
+    cases: dict = {}
+    for item in items:
+        cases.setdefault(item.nodeid.split("[")[0], []).append(item)
+    ends = {id(c[0]) for c in cases.values()} | {id(c[-1]) for c in cases.values()}
+    return ([i for i in items if id(i) in ends], [i for i in items if id(i) not in ends])
+
+
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("ends_only"):
+        items[:], dropped = ends_only(items)
+        config.hook.pytest_deselected(items=dropped)
     for item in items:
         if "interpreter" in item.keywords and not INTERPRET:
             item.add_marker(pytest.mark.skip(

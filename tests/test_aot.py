@@ -27,7 +27,7 @@ def _build_id(spec, arch):
 def test_config_compiles_clean(spec, arch):
     from diffit_kernels._aot import compile_spec
 
-    row = compile_spec(spec, arch)
+    row = compile_spec(spec, arch, loop=False)  # the gate: SASS read where a check needs it
     assert not row.problems, f"{spec.kernel} [{spec.config}] on {row.arch}: {row.problems}"
 
 
@@ -70,6 +70,20 @@ def test_scalar_16bit_accesses_are_counted_in_the_loop_only():
                             "loop: rows not vectorised"]
     row.vector16 = False
     assert not row.problems
+
+
+def test_spills_are_the_local_loads_and_stores_of_the_sass():
+    """Spill bytes are read from the shipped cubin's SASS, each local store / load at its width
+    (the .LU last-use mark is no width); global and shared accesses are not spills."""
+    from diffit_kernels._aot import local_bytes
+
+    code = ["STL [R1+0x4], R3", "STL.64 [R1+0x8], R4", "LDL.LU R12, [R1+0x8]",
+            "@P0 LDL.128 R8, [R1+0x10]", "STL.U16 [R1+0x20], R2", "LDG.E.64 R2, desc[UR4][R6.64]",
+            "STS.128 [R5], R8", "LDS R3, [R5]"]
+    sass = "\n".join(f"        /*{16 * i:04x}*/                   {t} ;    /* 0x0 */"
+                     for i, t in enumerate(code))
+    assert local_bytes(sass) == 4 + 8 + 4 + 16 + 2
+    assert local_bytes("") == 0
 
 
 def test_hgmma_is_expected_on_sm90a_for_wgmma_sized_tiles_only():
@@ -259,3 +273,18 @@ def test_the_report_builds_in_threads_and_prints_in_order(monkeypatch, tmp_path)
         out[threads] = ([vars(r) for r in rows], lines)
     assert [r["kernel"] for r in out[3][0]] == [s.kernel for s in specs]
     assert out[1] == out[3]
+
+
+def test_the_gate_skips_the_sass_listing_only_where_no_check_reads_it():
+    """The gate's builds (loop=False) list the SASS only where a check reads it (reads_sass):
+    a plain row kernel's build skips it and keeps every other reading; a 16-bit dot keeps it."""
+    from diffit_kernels._aot import compile_spec, reads_sass
+
+    plain = next(s for s in SPECS if not reads_sass(s))
+    dot = next(s for s in SPECS if s.uses_dot and 80 in s.targets)
+    full, gate = compile_spec(plain, 80), compile_spec(plain, 80, loop=False)
+    assert full.loop > 0 and gate.loop == -1 and not gate.problems
+    assert (gate.registers, gate.spill_bytes, gate.shared_bytes) == (
+        full.registers, full.spill_bytes, full.shared_bytes)
+    row = compile_spec(dot, 80, loop=False)
+    assert row.loop > 0 and row.hmma > 0

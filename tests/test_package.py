@@ -97,3 +97,22 @@ def test_check_command_on_a_cpu_machine():
     for op in ("tmsa_attention", "adaln_norm", "time_qkv"):
         assert f"\n{op} " in out.stdout, op
     assert "FAIL" not in out.stdout
+
+
+def test_ends_only_keeps_the_first_and_last_case_of_each_test():
+    """The second Triton release's interpreter run (tests/aot_triton.sh): --ends-only keeps
+    each parametrized test's first and last case, and every unparametrized test."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def collected(*extra):
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", *extra,
+                              os.path.join(here, "test_package.py")], capture_output=True,
+                             text=True, timeout=300, cwd=os.path.dirname(here))
+        return [ln.split("::", 1)[1] for ln in out.stdout.splitlines() if "::" in ln]
+
+    every, ends = collected(), collected("--ends-only")
+    cases = [t for t in every if t.startswith("test_relative_position_index_formula[")]
+    assert len(cases) > 2
+    assert [t for t in ends if t.startswith("test_relative_position_index_formula[")] == [
+        cases[0], cases[-1]]
+    assert [t for t in ends if "[" not in t] == [t for t in every if "[" not in t]

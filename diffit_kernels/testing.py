@@ -650,6 +650,60 @@ def reload_problem(stored: list, lanes, addrs, shape) -> Optional[str]:
     return None
 
 
+class _Patched:
+    """The scope a helper's skipped language patch returns: nothing to restore."""
+
+    @staticmethod
+    def restore() -> None:
+        pass
+
+
+@contextlib.contextmanager
+def language_patched_once():
+    """Triton's interpreter (3.4-3.9) patches triton.language for each launch, and again on
+    every call of a @triton.jit helper inside the kernel (inspect.getmembers over tl, tl.tensor
+    and tl.math each time, never restored), though the launch patched the same modules: ~30% of
+    an attention kernel's interpreter time. Inside a launch, a helper's patch of no module
+    beyond those patched since the launch began is skipped (what it would set is set); the
+    launch's own patch and its restore, and the first patch of each other module (the
+    language's own jit functions see triton.language.core), are Triton's unchanged."""
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    orig = interp._patch_lang
+    launch = {"langs": None}  # the modules the running launch patched (None: no launch)
+
+    def langs_of(fn) -> frozenset:
+        return frozenset(id(v) for v in fn.__globals__.values()
+                         if inspect.ismodule(v) and v in (tl, tl.core))
+
+    def patch_lang(fn):
+        langs = langs_of(fn)
+        if launch["langs"] is not None and langs <= launch["langs"]:
+            return _Patched
+        scope = orig(fn)
+        if not hasattr(scope, "restore"):  # a Triton whose launches restore otherwise: as is
+            return scope
+        if launch["langs"] is not None:  # a helper reaching another module: patched now too
+            launch["langs"] = launch["langs"] | langs
+        else:  # the first since a restore: GridExecutor's, for its launch
+            launch["langs"] = langs
+            restore = scope.restore
+
+            def restore_and_end():
+                launch["langs"] = None
+                restore()
+
+            scope.restore = restore_and_end
+        return scope
+
+    interp._patch_lang = patch_lang
+    try:
+        yield
+    finally:
+        interp._patch_lang = orig
+
+
 @contextlib.contextmanager
 def interpreter_guard():
     """Make the Triton interpreter fail where a GPU would go wrong and it would not.
@@ -796,7 +850,8 @@ def interpreter_guard():
     builder_cls.create_masked_load = load
     builder_cls.create_masked_store = store
     try:
-        yield
+        with language_patched_once():  # speed only: the same patches, once per launch
+            yield
     finally:
         interp.TensorHandle.set_attr = orig_set_attr
         builder_cls.create_barrier = orig_barrier

@@ -1,6 +1,8 @@
 """The interpreter's guard (diffit_kernels.testing.interpreter_guard), which every
 interpreter test runs under (conftest): it must fire on what a GPU would get wrong and the
 interpreter silently gets right (or reads as garbage), and stay quiet on what is correct."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -45,6 +47,19 @@ if triton_importable():
         # copies X[START : START + BLOCK], claiming START is a multiple of HINT
         offs = tl.max_contiguous(tl.multiple_of(START + tl.arange(0, BLOCK), HINT), BLOCK)
         tl.store(Y + tl.arange(0, BLOCK), tl.load(X + offs))
+
+    @triton.jit
+    def _twice(x):
+        return x * 2.0 + tl.zeros_like(x)
+
+    @triton.jit
+    def _helper_kernel(X, Y, BLOCK: tl.constexpr):
+        # three calls of a @triton.jit helper inside the kernel
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(X + offs)
+        for _ in range(3):
+            x = _twice(x)
+        tl.store(Y + offs, x)
 
     @triton.jit
     def _scatter_kernel(X, Y, BLOCK: tl.constexpr, SAME: tl.constexpr):
@@ -280,3 +295,32 @@ def test_repeated_first_launches_catch_an_accumulating_launch(monkeypatch):
     dq2, dtable2 = grads()
     assert torch.equal(dq, dq2)   # dQ stores: repeats change nothing
     assert not torch.allclose(dtable2, dtable_ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.interpreter
+def test_helpers_inside_a_launch_reuse_its_language_patch(monkeypatch):
+    """language_patched_once: a launch patches triton.language once, its helpers' calls skip
+    the interpreter's repatch (without it, every call of a helper or of a jit function of the
+    language, tl.zeros_like here, repatches), and the results are the same."""
+    from triton.runtime import interpreter as interp
+
+    calls = []
+    below = interp._patch_lang
+
+    def counted(fn):
+        calls.append(fn.__name__)
+        return below(fn)
+
+    monkeypatch.setattr(interp, "_patch_lang", counted)
+    x = torch.randn(16)
+    for once in (False, True):
+        calls.clear()
+        y = torch.full((16,), float("nan"))
+        with testing.language_patched_once() if once else contextlib.nullcontext():
+            _helper_kernel[(1,)](x, y, BLOCK=16)
+            _helper_kernel[(1,)](x, y, BLOCK=16)
+        assert torch.equal(y, x * 8)
+        if once:  # each launch, and the first call reaching triton.language.core in it
+            assert calls == ["_helper_kernel", "zeros_like"] * 2, calls
+        else:  # the helper's calls, and those of the language's own jit functions in it
+            assert calls.count("_helper_kernel") == 2 and calls.count("_twice") == 6, calls

@@ -498,7 +498,27 @@ def precompile(tuner, named: dict, kwargs: dict) -> int:
         finally:
             if module.active_mode.get() is mode:  # left set by an error (Triton 3.6's exit)
                 module.active_mode.set(None)
+            drop_failed_compiles(tuner, module)
     return len(configs)
+
+
+def drop_failed_compiles(tuner, module) -> int:
+    """Remove from the kernel's JIT caches the compiles that failed in threads: Triton 3.7 and
+    3.8 file each threaded compile in the cache before it ends and keep it there when it fails
+    (3.6 files only successes, 3.9 removes failures), so the autotuner's launch of that
+    candidate would raise the thread's error instead of compiling it. Returns how many."""
+    fn = tuner.fn
+    while not hasattr(fn, "device_caches"):
+        fn = fn.fn
+    dropped = 0
+    for caches in list(fn.device_caches.values()):
+        cache = caches[0]
+        for key, kernel in list(cache.items()):
+            if isinstance(kernel, module.FutureKernel) and kernel.kernel is None and \
+                    kernel.future.done() and kernel.future.exception() is not None:
+                del cache[key]
+                dropped += 1
+    return dropped
 
 
 def launch_tuned(key, build: Callable[[], object], kernel: str, kind: str, grid, args: tuple,

@@ -5,6 +5,7 @@ every op, the attention benchmark's shapes under each backward plan and a traini
 benchmarked model compile and fit the card; an autotuned launch's candidates compile in threads
 before the autotuner times them (_common.precompile)."""
 import contextvars
+import inspect
 import os
 import types
 import warnings
@@ -90,6 +91,64 @@ def test_threaded_builds_are_the_builds_of_one_thread(monkeypatch, tmp_path, one
             _first_step()
         builds.append(record["kernels"])
     assert len(builds[0]) >= 20 and builds[0] == builds[1]
+
+
+@pytest.mark.skipif(not THREADED, reason="this Triton has no AsyncCompileMode that skips a "
+                                         "failed compile (3.6+): candidates compile one by one")
+def test_a_compile_failing_once_in_a_thread_is_compiled_again_at_the_launch(monkeypatch,
+                                                                            tmp_path):
+    """CPython's ast.parse now and then fails in threads (python/cpython#106905; Triton parses
+    every @jit function it compiles): a candidate whose threaded compile failed is compiled
+    again by the autotuner's look-up, not raised from the kernel's cache (where Triton 3.7 and
+    3.8 keep a failed threaded compile)."""
+    import threading
+
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def triple(X, N, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(X + offs, tl.load(X + offs, mask=offs < N) * 3, mask=offs < N)
+
+    import triton.compiler
+
+    real, failed = triton.compiler.compile, []
+
+    def flaky(*args, **kwargs):
+        if not failed and threading.current_thread().name.startswith("diffit-compile"):
+            failed.append(1)
+            raise SystemError("AST constructor recursion depth mismatch (a stand-in)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton.compiler, "compile", flaky)  # what a jit function compiles with
+    monkeypatch.setattr(_common, "COMPILE_THREADS", 2)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    tuner = _common.autotuner([triton.Config({"BLOCK": b}) for b in (16, 32)], ["N"], triple)
+    with testing.compile_only_card(90) as record:
+        tuner[(1,)](torch.empty(16), 10)
+    assert failed and record["tuned"] == [("triple", 2, 1)]  # the failed one, compiled again
+
+
+def test_failed_threaded_compiles_leave_the_kernel_cache():
+    """drop_failed_compiles removes exactly the failed threaded compiles from a kernel's
+    caches: finished compiles and ones still running stay."""
+    from concurrent.futures import Future
+
+    module = pytest.importorskip("triton.runtime._async_compile")
+    if not hasattr(module, "FutureKernel"):
+        pytest.skip("this Triton has no threaded compile")
+    futures = {name: Future() for name in ("failed", "done", "running")}
+    futures["failed"].set_exception(SystemError("stand-in"))
+    futures["done"].set_result("a kernel")
+    hooks = [p for p in inspect.signature(module.FutureKernel).parameters if p != "future"]
+    cache = {name: module.FutureKernel(**{h: lambda kernel: None for h in hooks}, future=f)
+             for name, f in futures.items()}  # its compile hooks differ between releases
+    cache["compiled"] = "a compiled kernel"
+    jit_fn = types.SimpleNamespace(device_caches={0: (cache, None)})
+    tuner = types.SimpleNamespace(fn=types.SimpleNamespace(fn=jit_fn))  # under heuristics
+    assert _common.drop_failed_compiles(tuner, module) == 1
+    assert sorted(cache) == ["compiled", "done", "running"]
 
 
 @pytest.mark.skipif(not THREADED, reason="this Triton has no AsyncCompileMode that skips a "

@@ -660,13 +660,14 @@ class _Patched:
 
 @contextlib.contextmanager
 def language_patched_once():
-    """Triton's interpreter (3.4-3.9) patches triton.language for each launch, and again on
+    """Triton's interpreter (3.6-3.9) patches triton.language for each launch, and again on
     every call of a @triton.jit helper inside the kernel (inspect.getmembers over tl, tl.tensor
     and tl.math each time, never restored), though the launch patched the same modules: ~30% of
     an attention kernel's interpreter time. Inside a launch, a helper's patch of no module
     beyond those patched since the launch began is skipped (what it would set is set); the
     launch's own patch and its restore, and the first patch of each other module (the
-    language's own jit functions see triton.language.core), are Triton's unchanged."""
+    language's own jit functions see triton.language.core), are Triton's unchanged. Triton 3.4
+    and 3.5 patch with no scope to restore: there it changes nothing."""
     import triton.language as tl
     from triton.runtime import interpreter as interp
 

@@ -507,14 +507,17 @@ def drop_failed_compiles(tuner, module) -> int:
     3.8 file each threaded compile in the cache before it ends and keep it there when it fails
     (3.6 files only successes, 3.9 removes failures), so the autotuner's launch of that
     candidate would raise the thread's error instead of compiling it. Returns how many."""
-    fn = tuner.fn
-    while not hasattr(fn, "device_caches"):
-        fn = fn.fn
+    fn = getattr(tuner, "fn", None)
+    while fn is not None and not hasattr(fn, "device_caches"):
+        fn = getattr(fn, "fn", None)
+    future_kernel = getattr(module, "FutureKernel", None)
+    if fn is None or future_kernel is None:  # no JIT cache or no threaded compile to clean up
+        return 0
     dropped = 0
     for caches in list(fn.device_caches.values()):
         cache = caches[0]
         for key, kernel in list(cache.items()):
-            if isinstance(kernel, module.FutureKernel) and kernel.kernel is None and \
+            if isinstance(kernel, future_kernel) and kernel.kernel is None and \
                     kernel.future.done() and kernel.future.exception() is not None:
                 del cache[key]
                 dropped += 1

@@ -683,7 +683,7 @@ def language_patched_once():
         if launch["langs"] is not None and langs <= launch["langs"]:
             return _Patched
         scope = orig(fn)
-        if not hasattr(scope, "restore"):  # a Triton whose launches restore otherwise: as is
+        if not hasattr(scope, "restore"):  # Triton 3.4, 3.5: patches without a scope, as is
             return scope
         if launch["langs"] is not None:  # a helper reaching another module: patched now too
             launch["langs"] = launch["langs"] | langs

@@ -502,14 +502,21 @@ def precompile(tuner, named: dict, kwargs: dict) -> int:
     return len(configs)
 
 
+def jit_function(tuner):
+    """The @triton.jit function under an autotuner (and heuristics), or None where there is
+    none (a stand-in)."""
+    fn = getattr(tuner, "fn", None)
+    while fn is not None and not hasattr(fn, "device_caches"):
+        fn = getattr(fn, "fn", None)
+    return fn
+
+
 def drop_failed_compiles(tuner, module) -> int:
     """Remove from the kernel's JIT caches the compiles that failed in threads: Triton 3.7 and
     3.8 file each threaded compile in the cache before it ends and keep it there when it fails
     (3.6 files only successes, 3.9 removes failures), so the autotuner's launch of that
     candidate would raise the thread's error instead of compiling it. Returns how many."""
-    fn = getattr(tuner, "fn", None)
-    while fn is not None and not hasattr(fn, "device_caches"):
-        fn = getattr(fn, "fn", None)
+    fn = jit_function(tuner)
     future_kernel = getattr(module, "FutureKernel", None)
     if fn is None or future_kernel is None:  # no JIT cache or no threaded compile to clean up
         return 0

@@ -361,14 +361,6 @@ class _CompileOnlyDriver:
         return 0
 
 
-def _jit_function(tuner):
-    """The @triton.jit function under an autotuner (and heuristics)."""
-    fn = tuner.fn
-    while not hasattr(fn, "device_caches"):
-        fn = fn.fn
-    return fn
-
-
 @contextlib.contextmanager
 def triton_path_anywhere():
     """The ops take their Triton path whatever their tensors' device (their resolve_backend
@@ -426,7 +418,7 @@ def compile_only_card(arch: int = 90, sms: int = 132):
             # as Triton's Autotuner.run: the prune hooks (ours precompile), then each candidate
             self.nargs = dict(zip(self.arg_names, args))
             configs = self.prune_configs(kwargs)
-            cache = _jit_function(self).device_caches[0][0]
+            cache = _common.jit_function(self).device_caches[0][0]
             before = len(cache)
             for cfg in configs:
                 self.fn.run(*args, **dict(kwargs, warmup=True), **cfg.all_kwargs())

@@ -104,14 +104,13 @@ def test_a_compile_failing_once_in_a_thread_is_compiled_again_at_the_launch(monk
     import threading
 
     import triton
+    import triton.compiler
     import triton.language as tl
 
     @triton.jit
     def triple(X, N, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
         tl.store(X + offs, tl.load(X + offs, mask=offs < N) * 3, mask=offs < N)
-
-    import triton.compiler
 
     real, failed = triton.compiler.compile, []
 
